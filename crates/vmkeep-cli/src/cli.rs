@@ -1,0 +1,217 @@
+//! The command-line surface (a contract: see DESIGN.md). Help, completions and the man
+//! page are generated from these definitions.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmkeep",
+    version,
+    about = "Block-level backups of VM disks: the newest generation a plain sparse image, older ones compressed reverse diffs",
+    after_help = "Exit status: 0 success, 1 failure, 2 usage error, 3 check found damage.\nDocumentation: docs/ in the source tree, or man vmkeep."
+)]
+pub struct Cli {
+    /// Repository folder [default: from the config file, else /var/lib/vmkeep]
+    #[arg(long, global = true, env = "VMKEEP_REPO", value_name = "DIR")]
+    pub repo: Option<PathBuf>,
+    /// Config file [default: /etc/vmkeep/vmkeep.toml if it exists]
+    #[arg(long, global = true, env = "VMKEEP_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print machine-readable JSON on stdout
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Print only errors
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// More detail (repeat for debug output); RUST_LOG works too
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a repository (idempotent)
+    #[command(after_help = "Example:\n  vmkeep --repo /backup/vmkeep init")]
+    Init,
+    /// Back up VMs or disk images
+    #[command(
+        after_help = "Examples:\n  vmkeep backup web1 db1                       live backup of libvirt domains\n  vmkeep backup --all --if-due                 every VM whose schedule says so\n  vmkeep backup demo --disk vda=/dev/vg/demo   a block device\n  vmkeep backup demo --disk vda=disk.qcow2?bitmap=vmkeep --mode incr"
+    )]
+    Backup(BackupArgs),
+    /// Show generations and health
+    #[command(after_help = "Example:\n  vmkeep status web1\n  vmkeep status --json")]
+    Status(StatusArgs),
+    /// Restore a generation of a disk to a file or block device
+    #[command(
+        after_help = "Examples:\n  vmkeep restore web1 --disk vda --to /tmp/vda.raw\n  vmkeep restore web1 --generation 3 --disk vda --to /dev/vg/web1-restore"
+    )]
+    Restore(RestoreArgs),
+    /// Verify archives; exit 3 when damage is found
+    #[command(
+        after_help = "Examples:\n  vmkeep check --all\n  vmkeep check web1 --deep --generation all"
+    )]
+    Check(CheckArgs),
+    /// Drop generations that a retention schedule no longer keeps
+    #[command(
+        after_help = "Example:\n  vmkeep prune --all --keep-daily 7 --keep-weekly 4 --keep-monthly 6 --dry-run"
+    )]
+    Prune(PruneArgs),
+    /// Write a past generation of a disk as a sparse raw image
+    #[command(
+        after_help = "Example:\n  vmkeep merge web1 --generation 2 --disk vda --out /tmp/vda-2.raw"
+    )]
+    Merge(MergeArgs),
+    /// Print any archive file in human-readable form
+    #[command(after_help = "Example:\n  vmkeep print /backup/vmkeep/web1/latest/vda.digest")]
+    Print(PrintArgs),
+    /// Protect a generation from prune, or lift the protection
+    #[command(after_help = "Example:\n  vmkeep protect web1 --generation 0")]
+    Protect(ProtectArgs),
+    /// Print shell completions
+    #[command(after_help = "Example:\n  vmkeep completions bash > /etc/bash_completion.d/vmkeep")]
+    Completions(CompletionsArgs),
+    /// Write the man pages to a folder
+    #[command(hide = true)]
+    Manpages(ManpagesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct Targets {
+    /// VMs to act on
+    #[arg(value_name = "VM")]
+    pub vms: Vec<String>,
+    /// Every VM of a group from the config file
+    #[arg(long, value_name = "G", conflicts_with = "all")]
+    pub group: Option<String>,
+    /// Every VM
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    #[command(flatten)]
+    pub targets: Targets,
+    /// auto (incr where tracked, else diff, else full), full, diff or incr
+    #[arg(long, value_name = "MODE")]
+    pub mode: Option<String>,
+    /// Back up disk NAME from SOURCE (a raw file or device, an image file for qemu-nbd,
+    /// PATH?bitmap=NAME, or an NBD URI); repeat for more disks
+    #[arg(long = "disk", value_name = "NAME=SOURCE")]
+    pub disks: Vec<String>,
+    /// Changed-block list for disk NAME (lines "OFFSET LENGTH", or vSphere changedArea JSON)
+    #[arg(long = "changed-blocks", value_name = "NAME=FILE")]
+    pub changed_blocks: Vec<String>,
+    /// Block size of a VM's first backup (4K to 4M, a power of two)
+    #[arg(long, value_name = "SIZE")]
+    pub block_size: Option<String>,
+    /// zstd level of reverse diffs (0 = none, 1-19)
+    #[arg(long, value_name = "N")]
+    pub compression: Option<i32>,
+    /// Skip VMs whose newest generation is younger than their interval
+    #[arg(long)]
+    pub if_due: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// VMs to show (all by default)
+    #[arg(value_name = "VM")]
+    pub vms: Vec<String>,
+    /// Exit 0/1/2 (OK/WARNING/CRITICAL) from the age of the newest generations and the last check
+    #[arg(long)]
+    pub check_health: bool,
+    /// Write metrics for node_exporter's textfile collector to FILE
+    #[arg(long, value_name = "FILE")]
+    pub prometheus: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    pub vm: String,
+    /// Generation: id or unique prefix, N (0 = newest), or latest
+    #[arg(long, short = 'g', value_name = "REV", default_value = "latest")]
+    pub generation: String,
+    /// Disk to restore (may be left out when the generation has one disk)
+    #[arg(long, value_name = "NAME")]
+    pub disk: Option<String>,
+    /// Target: a file, block device, .qcow2 path or NBD URI
+    #[arg(long, value_name = "TARGET")]
+    pub to: String,
+    /// Write what can be read where blocks are damaged, and list the ranges
+    #[arg(long)]
+    pub ignore_damage: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub targets: Targets,
+    /// Generations a deep check reconstructs: REV or all
+    #[arg(long, short = 'g', value_name = "REV", default_value = "all")]
+    pub generation: String,
+    /// Reconstruct generations and prove their digest roots
+    #[arg(long)]
+    pub deep: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    pub targets: Targets,
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Print what would be removed, remove nothing
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    pub vm: String,
+    #[arg(long, short = 'g', value_name = "REV")]
+    pub generation: String,
+    #[arg(long, value_name = "NAME")]
+    pub disk: Option<String>,
+    #[arg(long, value_name = "PATH")]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct PrintArgs {
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ProtectArgs {
+    pub vm: String,
+    #[arg(long, short = 'g', value_name = "REV")]
+    pub generation: String,
+    /// Lift the protection
+    #[arg(long)]
+    pub off: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManpagesArgs {
+    pub dir: PathBuf,
+}

@@ -1,0 +1,235 @@
+//! `vmkeep backup`
+
+use std::time::{Duration, SystemTime};
+
+use anyhow::Result;
+use serde::Serialize;
+use vmkeep::archive::profile::parse_time;
+use vmkeep::archive::Repository;
+use vmkeep::engine::backup::{BackupOptions, BackupReport, BackupRun, DiskInput};
+use vmkeep::engine::Mode;
+use vmkeep::source::open::{format_of, open_raw, SourceSpec};
+use vmkeep::source::{changed, BlockSource};
+use vmkeep::Error;
+
+use super::{name_value, Ctx};
+use crate::cli::BackupArgs;
+use crate::config::parse_size;
+use crate::output::{bytes, EXIT_FAILURE};
+
+#[derive(Serialize)]
+struct JsonVm {
+    name: String,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    generation: Option<vmkeep::archive::profile::GenerationProfile>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    warnings: Vec<String>,
+    recovered: Vec<String>,
+}
+
+pub fn run(ctx: &Ctx, a: BackupArgs) -> Result<i32> {
+    let repo = ctx.open_repo()?;
+    let vms = if a.targets.all {
+        all_vms(ctx, &repo)?
+    } else {
+        ctx.named_targets(&a.targets)?
+    };
+    if !a.disks.is_empty() && vms.len() != 1 {
+        return Err(Error::usage("--disk needs exactly one VM").into());
+    }
+    let single = vms.len() == 1;
+    let mut failed = 0;
+    let mut out = Vec::new();
+    for vm in &vms {
+        if a.if_due && !is_due(ctx, &repo, vm)? {
+            continue;
+        }
+        match backup_vm(ctx, &repo, vm, &a) {
+            Ok(r) => {
+                for w in &r.warnings {
+                    vmkeep::progress::Progress::warn(&ctx.progress, &format!("{vm}: {w}"));
+                }
+                for line in &r.recovered {
+                    vmkeep::progress::Progress::warn(&ctx.progress, &format!("{vm}: {line}"));
+                }
+                ctx.say(summary(&r));
+                out.push(JsonVm {
+                    name: vm.clone(),
+                    ok: true,
+                    generation: Some(r.generation),
+                    error: None,
+                    warnings: r.warnings,
+                    recovered: r.recovered,
+                });
+            }
+            Err(e) if single && !ctx.json => return Err(e),
+            Err(e) => {
+                failed += 1;
+                crate::output::error_line(&e.context(format!("VM {vm}")));
+                out.push(JsonVm {
+                    name: vm.clone(),
+                    ok: false,
+                    generation: None,
+                    error: Some(format!("{vm}")),
+                    warnings: vec![],
+                    recovered: vec![],
+                });
+            }
+        }
+    }
+    if ctx.json {
+        crate::output::json(&serde_json::json!({ "vms": out }));
+    }
+    Ok(if failed > 0 { EXIT_FAILURE } else { 0 })
+}
+
+/// `--all`: every VM the config file defines.
+fn all_vms(ctx: &Ctx, _repo: &Repository) -> Result<Vec<String>> {
+    let vms: Vec<String> = ctx
+        .config
+        .vm
+        .iter()
+        .filter(|(_, v)| !v.disks.is_empty())
+        .map(|(n, _)| n.clone())
+        .collect();
+    if vms.is_empty() {
+        return Err(Error::usage("--all: the config file defines no VMs with disks").into());
+    }
+    Ok(vms)
+}
+
+/// Is the VM's newest generation older than its interval (or is there none)?
+fn is_due(ctx: &Ctx, repo: &Repository, vm: &str) -> Result<bool> {
+    let Some(interval) = ctx.config.interval_for(vm)? else {
+        return Ok(true);
+    };
+    let Ok(archive) = repo.vm(vm) else {
+        return Ok(true);
+    };
+    let Some(id) = archive.generation_ids()?.pop() else {
+        return Ok(true);
+    };
+    let g = archive.generation(&id)?;
+    let Some(t) = parse_time(&g.profile.time) else {
+        return Ok(true);
+    };
+    let when = SystemTime::UNIX_EPOCH + Duration::from_secs(t.unix_timestamp().max(0) as u64);
+    let age = SystemTime::now().duration_since(when).unwrap_or_default();
+    // A little slack so that a daily timer that fires a few seconds early still runs.
+    Ok(age.as_secs() + 300 >= interval)
+}
+
+fn summary(r: &BackupReport) -> String {
+    let g = &r.generation;
+    format!(
+        "{}: generation {} {} read {} changed {} stored {} in {:.1}s",
+        r.vm,
+        g.id,
+        g.mode,
+        bytes(r.read_bytes()),
+        bytes(r.changed_bytes()),
+        bytes(r.stored_bytes()),
+        g.duration_secs
+    )
+}
+
+fn options(ctx: &Ctx, vm: &str, a: &BackupArgs) -> Result<BackupOptions> {
+    let vmc = ctx.config.vm(vm);
+    let mode = a
+        .mode
+        .clone()
+        .or(vmc.mode.clone())
+        .or(ctx.config.mode.clone())
+        .unwrap_or_else(|| "auto".into());
+    let block_size = a
+        .block_size
+        .as_deref()
+        .map(parse_size)
+        .transpose()?
+        .map(|b| b as u32);
+    let default_block_size = match &ctx.config.block_size {
+        Some(b) => b.bytes()? as u32,
+        None => vmkeep::archive::format::DEFAULT_BLOCK_SIZE,
+    };
+    let level = a.compression.or(ctx.config.compression_level).unwrap_or(3);
+    if !(0..=19).contains(&level) {
+        return Err(Error::usage(format!("compression level {level} is not in 0..=19")).into());
+    }
+    Ok(BackupOptions {
+        mode: mode.parse::<Mode>()?,
+        block_size,
+        default_block_size,
+        compression_level: level,
+        kind: "image".into(),
+        domain_xml: None,
+        checkpoint: None,
+    })
+}
+
+fn backup_vm(ctx: &Ctx, repo: &Repository, vm: &str, a: &BackupArgs) -> Result<BackupReport> {
+    vmkeep::archive::names::check_vm(vm)?;
+    let opts = options(ctx, vm, a)?;
+    let specs: Vec<(String, String)> = if !a.disks.is_empty() {
+        a.disks
+            .iter()
+            .map(|d| name_value(d, "--disk").map(|(n, v)| (n.to_string(), v.to_string())))
+            .collect::<Result<_>>()?
+    } else {
+        let vmc = ctx.config.vm(vm);
+        if vmc.disks.is_empty() {
+            return Err(Error::usage(format!("VM {vm}: no disks given (use --disk NAME=SOURCE or define [vm.{vm}] disks in the config)")).into());
+        }
+        vmc.disks.into_iter().collect()
+    };
+    let mut changed_lists = std::collections::HashMap::new();
+    for c in &a.changed_blocks {
+        let (name, file) = name_value(c, "--changed-blocks")?;
+        if !specs.iter().any(|(n, _)| n == name) {
+            return Err(Error::usage(format!(
+                "--changed-blocks names disk {name:?}, which is not backed up"
+            ))
+            .into());
+        }
+        let path = std::path::Path::new(file);
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::usage(format!("changed-block list {file}: {e}")))?;
+        changed_lists.insert(name.to_string(), changed::parse(path, &text)?);
+    }
+    let mut disks = Vec::new();
+    for (name, spec) in &specs {
+        vmkeep::archive::names::check_disk(name)?;
+        let source = open_source(spec)?;
+        let mut input = DiskInput::new(name, source);
+        input.changed = changed_lists.remove(name);
+        disks.push(input);
+    }
+    let run = BackupRun::begin(repo, vm)?;
+    Ok(run.execute(disks, &opts, &ctx.progress)?)
+}
+
+/// Open a SOURCE string.
+pub fn open_source(spec: &str) -> Result<Box<dyn BlockSource>> {
+    match SourceSpec::parse(spec)? {
+        SourceSpec::Path {
+            path,
+            format,
+            bitmap,
+        } => {
+            let fmt = format_of(&path, format.as_deref())?;
+            if fmt == "raw" && bitmap.is_none() {
+                Ok(open_raw(&path)?)
+            } else {
+                Err(Error::source(
+                    path.display(),
+                    format!("{fmt} images need qemu-nbd, which this build cannot start yet"),
+                )
+                .into())
+            }
+        }
+        SourceSpec::Nbd(uri) => {
+            Err(Error::source(uri, "NBD sources are not supported by this build yet").into())
+        }
+    }
+}

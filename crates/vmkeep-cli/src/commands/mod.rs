@@ -1,0 +1,121 @@
+//! One file per subcommand; this module holds what they share.
+
+mod backup;
+mod check;
+mod init;
+mod manpages;
+mod merge;
+mod print;
+mod protect;
+mod prune;
+mod restore;
+mod status;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use vmkeep::archive::Repository;
+use vmkeep::Error;
+
+use crate::cli::{Cli, Command, Targets};
+use crate::config::Config;
+use crate::output::CliProgress;
+
+/// Everything a command needs besides its own arguments.
+pub struct Ctx {
+    pub repo_flag: Option<PathBuf>,
+    pub config: Config,
+    pub json: bool,
+    pub quiet: bool,
+    pub progress: CliProgress,
+}
+
+/// Default repository when neither flag nor config names one.
+pub const DEFAULT_REPO: &str = "/var/lib/vmkeep";
+
+impl Ctx {
+    pub fn repo_path(&self) -> PathBuf {
+        self.repo_flag
+            .clone()
+            .or_else(|| self.config.repository.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_REPO))
+    }
+
+    pub fn open_repo(&self) -> Result<Repository> {
+        Ok(Repository::open(&self.repo_path())?)
+    }
+
+    /// Print a line unless quiet or printing JSON.
+    pub fn say(&self, line: impl AsRef<str>) {
+        if !self.quiet && !self.json {
+            crate::output::say(line);
+        }
+    }
+
+    /// VM names for a command that takes `VM... | --group G | --all`, from the repository.
+    pub fn archived_targets(&self, repo: &Repository, t: &Targets) -> Result<Vec<String>> {
+        if t.all {
+            return Ok(repo.vm_names()?);
+        }
+        self.named_targets(t)
+    }
+
+    /// VM names given by name or group.
+    pub fn named_targets(&self, t: &Targets) -> Result<Vec<String>> {
+        let mut out = t.vms.clone();
+        if let Some(g) = &t.group {
+            let members = self.config.groups.get(g).ok_or_else(|| {
+                Error::usage(format!(
+                    "unknown group {g:?} (groups come from the config file)"
+                ))
+            })?;
+            out.extend(members.iter().cloned());
+        }
+        if out.is_empty() {
+            return Err(Error::usage("name at least one VM, or use --group G or --all").into());
+        }
+        for vm in &out {
+            vmkeep::archive::names::check_vm(vm)?;
+        }
+        out.dedup();
+        Ok(out)
+    }
+}
+
+/// Run the parsed command line; returns the exit status.
+pub fn run(cli: Cli) -> Result<i32> {
+    if let Command::Completions(a) = &cli.command {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(a.shell, &mut cmd, "vmkeep", &mut std::io::stdout());
+        return Ok(0);
+    }
+    let config = Config::load(cli.config.as_deref())?;
+    let ctx = Ctx {
+        repo_flag: cli.repo.clone(),
+        config,
+        json: cli.json,
+        quiet: cli.quiet,
+        progress: CliProgress::new(cli.quiet, cli.json),
+    };
+    match cli.command {
+        Command::Init => init::run(&ctx),
+        Command::Backup(a) => backup::run(&ctx, a),
+        Command::Status(a) => status::run(&ctx, a),
+        Command::Restore(a) => restore::run(&ctx, a),
+        Command::Check(a) => check::run(&ctx, a),
+        Command::Prune(a) => prune::run(&ctx, a),
+        Command::Merge(a) => merge::run(&ctx, a),
+        Command::Print(a) => print::run(&ctx, a),
+        Command::Protect(a) => protect::run(&ctx, a),
+        Command::Manpages(a) => manpages::run(a),
+        Command::Completions(_) => unreachable!("handled above"),
+    }
+}
+
+/// Split `NAME=VALUE`.
+pub fn name_value<'a>(s: &'a str, what: &str) -> Result<(&'a str, &'a str)> {
+    match s.split_once('=') {
+        Some((n, v)) if !v.is_empty() => Ok((n, v)),
+        _ => Err(Error::usage(format!("{what} must be NAME=VALUE, got {s:?}")).into()),
+    }
+}

@@ -1,0 +1,245 @@
+//! The config file (`/etc/vmkeep/vmkeep.toml` by default; every key in docs/config.md).
+//! Unknown keys are errors naming the file, line and key; command-line flags override it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use vmkeep::archive::retention::Schedule;
+use vmkeep::Error;
+
+pub const DEFAULT_PATH: &str = "/etc/vmkeep/vmkeep.toml";
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Repository folder.
+    pub repository: Option<PathBuf>,
+    /// Block size of new VM archives ("64K", "1M" or bytes).
+    pub block_size: Option<SizeValue>,
+    /// zstd level of reverse diffs.
+    pub compression_level: Option<i32>,
+    /// libvirt URI.
+    pub connect: Option<String>,
+    /// Default backup mode.
+    pub mode: Option<String>,
+    /// Minimum age of the newest generation before `backup --if-due` makes another ("1d").
+    pub interval: Option<String>,
+    /// libvirt checkpoint bitmap granularity (bytes or "64K").
+    pub bitmap_granularity: Option<SizeValue>,
+    #[serde(default)]
+    pub retention: Schedule,
+    #[serde(default)]
+    pub groups: BTreeMap<String, Vec<String>>,
+    #[serde(default)]
+    pub vm: BTreeMap<String, VmConfig>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Disks read from files, devices or NBD URIs instead of libvirt: name = source.
+    #[serde(default)]
+    pub disks: BTreeMap<String, String>,
+    /// libvirt disks (targets) not to back up.
+    #[serde(default)]
+    pub skip_disks: Vec<String>,
+    pub mode: Option<String>,
+    pub interval: Option<String>,
+    pub retention: Option<Schedule>,
+    pub bitmap_granularity: Option<SizeValue>,
+}
+
+/// A size given as a number of bytes or a string with a K/M/G suffix.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeValue {
+    pub fn bytes(&self) -> Result<u64, Error> {
+        match self {
+            SizeValue::Bytes(n) => Ok(*n),
+            SizeValue::Text(s) => parse_size(s),
+        }
+    }
+}
+
+/// "64K", "64KiB", "1M", "4096" → bytes.
+pub fn parse_size(s: &str) -> Result<u64, Error> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| Error::usage(format!("invalid size {s:?}")))?;
+    let mult: u64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KB" | "KIB" => 1 << 10,
+        "M" | "MB" | "MIB" => 1 << 20,
+        "G" | "GB" | "GIB" => 1 << 30,
+        _ => return Err(Error::usage(format!("invalid size {s:?} (use K, M or G)"))),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| Error::usage(format!("size {s:?} is too large")))
+}
+
+/// "30m", "12h", "1d", "2w", or seconds → seconds.
+pub fn parse_duration(s: &str) -> Result<u64, Error> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| Error::usage(format!("invalid interval {s:?}")))?;
+    let mult = match unit.trim() {
+        "" | "s" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        "w" => 7 * 86400,
+        _ => {
+            return Err(Error::usage(format!(
+                "invalid interval {s:?} (use s, m, h, d or w)"
+            )))
+        }
+    };
+    Ok(n * mult)
+}
+
+impl Config {
+    /// Load `path`, or the default file if it exists, or an empty config.
+    pub fn load(path: Option<&Path>) -> Result<Config, Error> {
+        let (path, required) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_PATH), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                return Ok(Config::default())
+            }
+            Err(e) => return Err(Error::usage(format!("config file {}: {e}", path.display()))),
+        };
+        let cfg: Config = toml::from_str(&text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            let at = line.map(|l| format!(":{l}")).unwrap_or_default();
+            let msg = e
+                .message()
+                .replace("unknown field", "unknown key")
+                .replace('\n', " ");
+            Error::usage(format!("config file {}{at}: {msg}", path.display()))
+        })?;
+        cfg.validate(&path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), Error> {
+        let bad = |what: String| Error::usage(format!("config file {}: {what}", path.display()));
+        if let Some(bs) = &self.block_size {
+            let n = bs.bytes()?;
+            if !vmkeep::archive::format::valid_block_size(n) {
+                return Err(bad(format!(
+                    "block_size {n} is not a power of two from 4K to 4M"
+                )));
+            }
+        }
+        for s in [&self.interval].into_iter().flatten() {
+            parse_duration(s).map_err(|e| bad(e.to_string()))?;
+        }
+        for (name, vm) in &self.vm {
+            vmkeep::archive::names::check_vm(name).map_err(|e| bad(e.to_string()))?;
+            for d in vm.disks.keys() {
+                vmkeep::archive::names::check_disk(d)
+                    .map_err(|e| bad(format!("vm {name}: {e}")))?;
+            }
+            if let Some(i) = &vm.interval {
+                parse_duration(i).map_err(|e| bad(format!("vm {name}: {e}")))?;
+            }
+            if let Some(m) = &vm.mode {
+                m.parse::<vmkeep::engine::Mode>()
+                    .map_err(|e| bad(format!("vm {name}: {e}")))?;
+            }
+        }
+        if let Some(m) = &self.mode {
+            m.parse::<vmkeep::engine::Mode>()
+                .map_err(|e| bad(e.to_string()))?;
+        }
+        for (g, members) in &self.groups {
+            if g == "all" {
+                return Err(bad("group 'all' is built in and cannot be redefined".into()));
+            }
+            for m in members {
+                vmkeep::archive::names::check_vm(m).map_err(|e| bad(format!("group {g}: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn vm(&self, name: &str) -> VmConfig {
+        self.vm.get(name).cloned().unwrap_or_default()
+    }
+
+    /// The retention schedule of a VM: the global one with the VM's options over it.
+    pub fn retention_for(&self, name: &str) -> Schedule {
+        match self.vm.get(name).and_then(|v| v.retention.as_ref()) {
+            Some(over) => self.retention.overridden_by(over),
+            None => self.retention,
+        }
+    }
+
+    /// Seconds a VM's newest generation must reach before `--if-due` backs it up again.
+    pub fn interval_for(&self, name: &str) -> Result<Option<u64>, Error> {
+        let s = self
+            .vm
+            .get(name)
+            .and_then(|v| v.interval.clone())
+            .or_else(|| self.interval.clone());
+        s.map(|s| parse_duration(&s)).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str) -> Result<Config, Error> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        Config::load(Some(&p))
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let err = load_text("repository = \"/r\"\n\n[vm.web1]\ncolour = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("c.toml:4"), "{err}");
+        assert!(err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn full_example_parses() {
+        let c = load_text(
+            "repository = \"/r\"\nblock_size = \"64K\"\ninterval = \"1d\"\n[retention]\nkeep_daily = 7\n[groups]\nweb = [\"a\", \"b\"]\n[vm.a]\ndisks = { vda = \"/dev/vg/a\" }\nretention = { keep_last = 3 }\n",
+        )
+        .unwrap();
+        assert_eq!(c.block_size.unwrap().bytes().unwrap(), 65536);
+        assert_eq!(c.retention_for("a").keep_last, Some(3));
+        assert_eq!(c.retention_for("a").keep_daily, Some(7));
+        assert_eq!(c.interval_for("b").unwrap(), Some(86400));
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size("4K").unwrap(), 4096);
+        assert_eq!(parse_size("1MiB").unwrap(), 1 << 20);
+        assert!(parse_size("1X").is_err());
+        assert_eq!(parse_duration("12h").unwrap(), 43200);
+    }
+}

@@ -1,0 +1,146 @@
+//! On-disk constants and the little helpers that encode fixed-size headers.
+//!
+//! The layouts are described byte for byte in `docs/FORMAT.md`; a change to anything here
+//! is a format change and needs a new version number there.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// Magic of a digest file. Do not modify: archives in the field carry it.
+pub const DIGEST_MAGIC: [u8; 8] = *b"VMKDGST\0";
+/// Magic of a reverse-diff file. Do not modify.
+pub const RDIFF_MAGIC: [u8; 8] = *b"VMKRDIF\0";
+/// Magic of a reverse-diff footer. Do not modify.
+pub const RDIFF_END_MAGIC: [u8; 8] = *b"VMKRDEND";
+/// Magic of a reverse-diff record header. Do not modify.
+pub const RECORD_MAGIC: [u8; 4] = *b"VKR1";
+
+/// Version of the binary files this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Size of every fixed header and footer.
+pub const HEADER_LEN: usize = 64;
+/// Digest entries start here, so that the entry area is page aligned and can stay sparse.
+pub const DIGEST_DATA_OFFSET: u64 = 4096;
+/// Bytes of one block digest (BLAKE3-256).
+pub const DIGEST_LEN: usize = 32;
+/// Bytes of one reverse-diff index entry: block number and record offset.
+pub const INDEX_ENTRY_LEN: usize = 16;
+
+/// Smallest and largest block sizes.
+pub const MIN_BLOCK_SIZE: u32 = 4096;
+pub const MAX_BLOCK_SIZE: u32 = 4 << 20;
+/// Default block size; see docs/FORMAT.md for the measurements behind it.
+pub const DEFAULT_BLOCK_SIZE: u32 = 64 << 10;
+
+const _: () = assert!(DIGEST_DATA_OFFSET as usize >= HEADER_LEN);
+const _: () = assert!(DEFAULT_BLOCK_SIZE.is_power_of_two());
+
+/// Check a block size read from a file or given on the command line.
+pub fn valid_block_size(bs: u64) -> bool {
+    bs.is_power_of_two() && bs >= MIN_BLOCK_SIZE as u64 && bs <= MAX_BLOCK_SIZE as u64
+}
+
+/// Number of blocks of a disk of `size` bytes.
+pub fn block_count(size: u64, block_size: u32) -> u64 {
+    size.div_ceil(block_size as u64)
+}
+
+/// Length of block `b` of a disk of `size` bytes (the last one may be short).
+pub fn block_len(b: u64, size: u64, block_size: u32) -> usize {
+    let start = b * block_size as u64;
+    (size.saturating_sub(start)).min(block_size as u64) as usize
+}
+
+/// The first eight bytes of the BLAKE3 hash of `bytes`, as a u64: the check value of
+/// every fixed header.
+pub fn check64(bytes: &[u8]) -> u64 {
+    let h = blake3::hash(bytes);
+    u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// A cursor for writing little-endian fields into a fixed buffer.
+pub struct Put<'a> {
+    buf: &'a mut [u8],
+    pos: usize,
+}
+
+impl<'a> Put<'a> {
+    pub fn new(buf: &'a mut [u8]) -> Self {
+        Put { buf, pos: 0 }
+    }
+    pub fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        self.buf[self.pos..self.pos + b.len()].copy_from_slice(b);
+        self.pos += b.len();
+        self
+    }
+    pub fn u16(&mut self, v: u16) -> &mut Self {
+        self.bytes(&v.to_le_bytes())
+    }
+    pub fn u32(&mut self, v: u32) -> &mut Self {
+        self.bytes(&v.to_le_bytes())
+    }
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        self.bytes(&v.to_le_bytes())
+    }
+}
+
+/// A cursor for reading little-endian fields from a fixed buffer.
+pub struct Get<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Get<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Get { buf, pos: 0 }
+    }
+    pub fn bytes<const N: usize>(&mut self) -> [u8; N] {
+        let v = self.buf[self.pos..self.pos + N]
+            .try_into()
+            .expect("N bytes");
+        self.pos += N;
+        v
+    }
+    pub fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.bytes())
+    }
+    pub fn u32(&mut self) -> u32 {
+        u32::from_le_bytes(self.bytes())
+    }
+    pub fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.bytes())
+    }
+}
+
+/// Reject a file whose header check value does not match.
+pub fn verify_check64(path: &Path, what: &str, covered: &[u8], stored: u64) -> Result<()> {
+    if check64(covered) != stored {
+        return Err(Error::corrupt(path, format!("{what} checksum mismatch")));
+    }
+    Ok(())
+}
+
+/// Reject a file that is not of the expected kind or version.
+pub fn verify_magic(
+    path: &Path,
+    found: &[u8],
+    expected: &[u8],
+    version: u32,
+    what: &str,
+) -> Result<()> {
+    if found != expected {
+        return Err(Error::corrupt(
+            path,
+            format!("not a vmkeep {what} file (bad magic)"),
+        ));
+    }
+    if version != FORMAT_VERSION {
+        return Err(Error::format(
+            path,
+            format!("{what} format version {version} is not supported (this vmkeep reads {FORMAT_VERSION})"),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,71 @@
+//! One writer per VM: an `flock` on `REPO/VM/lock`.
+//!
+//! The lock file holds the holder's pid and command so that a second writer can say who
+//! is busy with the VM. The kernel drops the lock when the holder dies, however it dies,
+//! so there is never a stale lock to clean up.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::FILE_MODE;
+
+/// A held VM lock; dropping it releases the lock.
+#[derive(Debug)]
+pub struct VmLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl VmLock {
+    /// Take the lock of the VM whose folder is `dir`, or fail at once naming the holder.
+    pub fn acquire(dir: &Path, vm: &str, what: &str) -> Result<VmLock> {
+        let path = dir.join("lock");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(FILE_MODE)
+            .open(&path)
+            .at(&path)?;
+        // SAFETY: flock on a descriptor we own; no pointers.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let holder = if holder.is_empty() {
+                    "locked by another process".to_string()
+                } else {
+                    format!("locked by {holder}")
+                };
+                return Err(Error::Busy {
+                    vm: vm.to_string(),
+                    holder,
+                });
+            }
+            return Err(Error::io(&path, err));
+        }
+        file.set_len(0).at(&path)?;
+        file.rewind().at(&path)?;
+        write!(file, "pid {} ({what})", std::process::id()).at(&path)?;
+        Ok(VmLock { file, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for VmLock {
+    fn drop(&mut self) {
+        // The holder line is cleared so that nobody reads a dead pid from it.
+        let _ = self.file.set_len(0);
+    }
+}

@@ -1,0 +1,326 @@
+//! The archive: a repository of VMs, each a folder of generations.
+//!
+//! ```text
+//! REPO/repo.toml                 repository identity
+//! REPO/allvm.toml                hypervisor inventory (`update`)
+//! REPO/VM/vm.toml                block size, health
+//! REPO/VM/lock                   writer lock (flock)
+//! REPO/VM/txn.toml               present only while a change is in flight
+//! REPO/VM/latest -> GEN          newest generation
+//! REPO/VM/GEN/generation.toml    what the run made
+//! REPO/VM/GEN/DISK.raw|.digest   newest generation only
+//! REPO/VM/GEN/DISK.rdiff         older generations only
+//! ```
+//! See `docs/FORMAT.md` for every byte.
+
+pub mod digest;
+pub mod format;
+pub mod lock;
+pub mod names;
+pub mod profile;
+pub mod rdiff;
+pub mod retention;
+pub mod txn;
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil;
+use profile::{GenerationProfile, RepoProfile, VmProfile, PROFILE_VERSION};
+
+/// Name of the link to the newest generation.
+pub const LATEST: &str = "latest";
+/// Suffix of a generation folder that is being made.
+pub const PARTIAL: &str = ".partial";
+/// Suffix of a generation folder that is being deleted.
+pub const DELETING: &str = ".deleting";
+
+/// A repository folder.
+#[derive(Debug, Clone)]
+pub struct Repository {
+    root: PathBuf,
+    pub profile: RepoProfile,
+}
+
+impl Repository {
+    /// Create a repository at `root`, or open the one that is there.
+    pub fn init(root: &Path) -> Result<Repository> {
+        let marker = root.join("repo.toml");
+        if marker.exists() {
+            return Repository::open(root);
+        }
+        if root.exists() {
+            let non_empty = std::fs::read_dir(root).at(root)?.next().is_some();
+            if non_empty {
+                return Err(Error::usage(format!(
+                    "{} is not empty and not a vmkeep repository; refusing to init there",
+                    root.display()
+                )));
+            }
+        } else {
+            std::fs::create_dir_all(fsutil::parent(root)).at(root)?;
+        }
+        fsutil::create_dir(root)?;
+        let profile = RepoProfile {
+            format: PROFILE_VERSION,
+            id: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+            created: profile::now_rfc3339(),
+        };
+        profile::store(&marker, "vmkeep repository", &profile)?;
+        Ok(Repository {
+            root: root.to_path_buf(),
+            profile,
+        })
+    }
+
+    /// Open an existing repository.
+    pub fn open(root: &Path) -> Result<Repository> {
+        let marker = root.join("repo.toml");
+        if !marker.exists() {
+            return Err(Error::usage(format!(
+                "{} is not a vmkeep repository (run 'vmkeep --repo {} init')",
+                root.display(),
+                root.display()
+            )));
+        }
+        let profile = profile::load(&marker)?;
+        Ok(Repository {
+            root: root.to_path_buf(),
+            profile,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Names of the VMs that have at least a VM profile, sorted.
+    pub fn vm_names(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(&self.root).at(&self.root)? {
+            let entry = entry.at(&self.root)?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if names::check_vm(&name).is_ok() && entry.path().join("vm.toml").exists() {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The folder of VM `name` (which may not exist yet).
+    pub fn vm_dir(&self, name: &str) -> Result<PathBuf> {
+        names::check_vm(name)?;
+        Ok(self.root.join(name))
+    }
+
+    /// Open the archive of VM `name`; an unknown VM is a usage error.
+    pub fn vm(&self, name: &str) -> Result<VmArchive> {
+        let dir = self.vm_dir(name)?;
+        if !dir.join("vm.toml").exists() {
+            return Err(Error::usage(format!(
+                "unknown VM {name:?}: no backups of it in {}",
+                self.root.display()
+            )));
+        }
+        VmArchive::open(dir, name)
+    }
+}
+
+/// One VM's folder.
+#[derive(Debug, Clone)]
+pub struct VmArchive {
+    pub dir: PathBuf,
+    pub name: String,
+    pub profile: VmProfile,
+}
+
+/// One generation, as listed from its folder.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub id: String,
+    pub dir: PathBuf,
+    pub profile: GenerationProfile,
+}
+
+impl Generation {
+    pub fn image_path(&self, disk: &str) -> PathBuf {
+        self.dir.join(format!("{disk}.raw"))
+    }
+    pub fn digest_path(&self, disk: &str) -> PathBuf {
+        self.dir.join(format!("{disk}.digest"))
+    }
+    pub fn rdiff_path(&self, disk: &str) -> PathBuf {
+        self.dir.join(format!("{disk}.rdiff"))
+    }
+    pub fn profile_path(&self) -> PathBuf {
+        self.dir.join("generation.toml")
+    }
+}
+
+/// Is `name` a generation folder name (a UUID)?
+pub fn is_generation_name(name: &str) -> bool {
+    uuid::Uuid::try_parse(name).is_ok() && name.len() == 36 && name == name.to_ascii_lowercase()
+}
+
+/// A new generation id that sorts after `after` (UUIDv7: time first, then random).
+pub fn new_generation_id(after: Option<&str>) -> String {
+    loop {
+        let id = uuid::Uuid::now_v7().hyphenated().to_string();
+        if after.is_none_or(|a| id.as_str() > a) {
+            return id;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// The 16 bytes of a generation id, as stored in file headers.
+pub fn generation_bytes(id: &str) -> [u8; 16] {
+    uuid::Uuid::try_parse(id)
+        .map(|u| *u.as_bytes())
+        .unwrap_or([0; 16])
+}
+
+impl VmArchive {
+    pub fn open(dir: PathBuf, name: &str) -> Result<VmArchive> {
+        let profile: VmProfile = profile::load(&dir.join("vm.toml"))?;
+        if profile.name != name {
+            return Err(Error::corrupt(
+                dir.join("vm.toml"),
+                format!("profile names VM {:?}", profile.name),
+            ));
+        }
+        Ok(VmArchive {
+            dir,
+            name: name.to_string(),
+            profile,
+        })
+    }
+
+    pub fn profile_path(&self) -> PathBuf {
+        self.dir.join("vm.toml")
+    }
+
+    pub fn save_profile(&self) -> Result<()> {
+        profile::store(&self.profile_path(), "vmkeep VM profile", &self.profile)
+    }
+
+    /// Ids of the finished generations, oldest first.
+    pub fn generation_ids(&self) -> Result<Vec<String>> {
+        let mut ids = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).at(&self.dir)? {
+            let entry = entry.at(&self.dir)?;
+            if let Ok(name) = entry.file_name().into_string() {
+                if is_generation_name(&name) && entry.path().is_dir() {
+                    ids.push(name);
+                }
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Load generation `id`.
+    pub fn generation(&self, id: &str) -> Result<Generation> {
+        let dir = self.dir.join(id);
+        let profile: GenerationProfile = profile::load(&dir.join("generation.toml"))?;
+        if profile.id != id {
+            return Err(Error::corrupt(
+                dir.join("generation.toml"),
+                format!("profile names generation {}", profile.id),
+            ));
+        }
+        Ok(Generation {
+            id: id.to_string(),
+            dir,
+            profile,
+        })
+    }
+
+    /// Every generation, oldest first.
+    pub fn generations(&self) -> Result<Vec<Generation>> {
+        self.generation_ids()?
+            .iter()
+            .map(|id| self.generation(id))
+            .collect()
+    }
+
+    /// The generation `latest` points at, if any.
+    pub fn latest_target(&self) -> Option<String> {
+        std::fs::read_link(self.dir.join(LATEST))
+            .ok()
+            .and_then(|p| p.to_str().map(str::to_string))
+    }
+
+    /// Resolve a REV: a generation id or unique prefix, N (0 = newest), or `latest`.
+    pub fn resolve(&self, rev: &str) -> Result<String> {
+        let ids = self.generation_ids()?;
+        resolve_rev(&ids, rev).map_err(|e| Error::usage(format!("VM {}: {e}", self.name)))
+    }
+}
+
+/// Resolve `rev` among `ids` (oldest first); the message says what is wrong.
+pub fn resolve_rev(ids: &[String], rev: &str) -> std::result::Result<String, String> {
+    if ids.is_empty() {
+        return Err("has no generations".into());
+    }
+    if rev == "latest" {
+        return Ok(ids[ids.len() - 1].clone());
+    }
+    if let Ok(n) = rev.parse::<usize>() {
+        if rev.len() < 8 {
+            return ids
+                .len()
+                .checked_sub(n + 1)
+                .map(|i| ids[i].clone())
+                .ok_or_else(|| {
+                    format!(
+                        "unknown generation {rev}: there are only {} generations",
+                        ids.len()
+                    )
+                });
+        }
+    }
+    let matches: Vec<&String> = ids.iter().filter(|id| id.starts_with(rev)).collect();
+    match matches.len() {
+        1 => Ok(matches[0].clone()),
+        0 => Err(format!("unknown generation {rev:?}")),
+        n => Err(format!(
+            "generation prefix {rev:?} is ambiguous ({n} generations match)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revs_resolve() {
+        let ids: Vec<String> = vec![
+            "0193a000-0000-7000-8000-000000000001".into(),
+            "0193a000-0000-7000-8000-000000000002".into(),
+            "0193b000-0000-7000-8000-000000000003".into(),
+        ];
+        assert_eq!(resolve_rev(&ids, "0").unwrap(), ids[2]);
+        assert_eq!(resolve_rev(&ids, "latest").unwrap(), ids[2]);
+        assert_eq!(resolve_rev(&ids, "2").unwrap(), ids[0]);
+        assert!(resolve_rev(&ids, "3").unwrap_err().contains("only 3"));
+        assert_eq!(resolve_rev(&ids, "0193b").unwrap(), ids[2]);
+        assert!(resolve_rev(&ids, "0193a")
+            .unwrap_err()
+            .contains("ambiguous"));
+        assert!(resolve_rev(&ids, "ffff").unwrap_err().contains("unknown"));
+    }
+
+    #[test]
+    fn generation_ids_sort_by_time() {
+        let a = new_generation_id(None);
+        let b = new_generation_id(Some(&a));
+        assert!(b > a);
+        assert!(is_generation_name(&a));
+        assert!(!is_generation_name("latest"));
+    }
+}

@@ -1,0 +1,238 @@
+//! Human-readable profiles: the repository, VM and generation descriptions (TOML).
+//!
+//! Each profile ends with a `checksum = "blake3:…"` line over every byte before it, so
+//! that a flipped bit in a profile is found by `check`; unknown keys are rejected so that a
+//! profile written by a newer vmkeep is never half-understood. Keys added later get
+//! `#[serde(default)]`.
+
+use std::path::Path;
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::fsutil;
+
+/// Version of the profile formats this build writes and reads.
+pub const PROFILE_VERSION: u32 = 1;
+
+const CHECKSUM_KEY: &str = "checksum = \"blake3:";
+
+/// Serialize `value` with a header comment and the trailing checksum line.
+pub fn render<T: Serialize>(title: &str, value: &T) -> Result<String> {
+    let body = toml::to_string_pretty(value)
+        .map_err(|e| Error::usage(format!("cannot serialize {title}: {e}")))?;
+    let mut text = format!("# {title} (written by vmkeep; edits break the checksum)\n{body}");
+    if !text.ends_with('\n') {
+        text.push('\n');
+    }
+    let sum = blake3::hash(text.as_bytes()).to_hex();
+    text.push_str(&format!("{CHECKSUM_KEY}{sum}\"\n"));
+    Ok(text)
+}
+
+/// Parse a profile written by [`render`], verifying its checksum and version.
+pub fn parse<T: DeserializeOwned + Versioned>(path: &Path, text: &str) -> Result<T> {
+    let Some(pos) = text.rfind(CHECKSUM_KEY) else {
+        return Err(Error::corrupt(path, "checksum line is missing"));
+    };
+    let (body, line) = text.split_at(pos);
+    let sum = line[CHECKSUM_KEY.len()..].trim_end().trim_end_matches('"');
+    if blake3::hash(body.as_bytes()).to_hex().as_str() != sum || !line.ends_with("\"\n") {
+        return Err(Error::corrupt(path, "checksum mismatch"));
+    }
+    let value: T =
+        toml::from_str(body).map_err(|e| Error::corrupt(path, one_line(&e.to_string())))?;
+    if value.version() != PROFILE_VERSION {
+        return Err(Error::format(
+            path,
+            format!(
+                "profile format {} is not supported (this vmkeep reads {PROFILE_VERSION})",
+                value.version()
+            ),
+        ));
+    }
+    Ok(value)
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Read and parse a profile file.
+pub fn load<T: DeserializeOwned + Versioned>(path: &Path) -> Result<T> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::corrupt(path, "file is missing"))
+        }
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    let text = String::from_utf8(text).map_err(|_| Error::corrupt(path, "not UTF-8 text"))?;
+    parse(path, &text)
+}
+
+/// Write a profile atomically.
+pub fn store<T: Serialize>(path: &Path, title: &str, value: &T) -> Result<()> {
+    fsutil::atomic_write(path, render(title, value)?.as_bytes())
+}
+
+pub trait Versioned {
+    fn version(&self) -> u32;
+}
+
+/// `REPO/repo.toml`: marks a folder as a vmkeep repository.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RepoProfile {
+    pub format: u32,
+    /// Stable identity of this repository (names its checkpoints and bitmaps).
+    pub id: String,
+    pub created: String,
+}
+
+/// `REPO/VM/vm.toml`: settings fixed at a VM's first backup, and its health record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmProfile {
+    pub format: u32,
+    pub name: String,
+    pub block_size: u32,
+    pub created: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_check: Option<CheckRecord>,
+}
+
+/// The outcome of the last `check` of a VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckRecord {
+    pub time: String,
+    pub deep: bool,
+    pub ok: bool,
+    pub problems: u64,
+}
+
+/// `REPO/VM/GEN/generation.toml`: what one backup run made.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationProfile {
+    pub format: u32,
+    pub id: String,
+    pub vm: String,
+    /// Start of the backup (RFC 3339, UTC).
+    pub time: String,
+    /// The mode actually used: full, diff or incr.
+    pub mode: String,
+    pub duration_secs: f64,
+    #[serde(default)]
+    pub protected: bool,
+    pub block_size: u32,
+    /// Where the disks came from: "image", "nbd" or "libvirt".
+    #[serde(default)]
+    pub kind: String,
+    /// libvirt checkpoint made with this generation (incr basis for the next run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+    #[serde(default, rename = "disk")]
+    pub disks: Vec<DiskRecord>,
+}
+
+/// One disk of a generation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskRecord {
+    pub name: String,
+    pub size: u64,
+    /// Mode used for this disk (a disk may fall back from incr to diff).
+    pub mode: String,
+    pub source: String,
+    pub read_bytes: u64,
+    pub changed_bytes: u64,
+    pub stored_bytes: u64,
+    pub digest_root: String,
+    /// Persistent bitmap (qcow2) that tracks writes after this generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bitmap: Option<String>,
+}
+
+impl Versioned for RepoProfile {
+    fn version(&self) -> u32 {
+        self.format
+    }
+}
+impl Versioned for VmProfile {
+    fn version(&self) -> u32 {
+        self.format
+    }
+}
+impl Versioned for GenerationProfile {
+    fn version(&self) -> u32 {
+        self.format
+    }
+}
+
+impl GenerationProfile {
+    pub fn disk(&self, name: &str) -> Option<&DiskRecord> {
+        self.disks.iter().find(|d| d.name == name)
+    }
+}
+
+/// Current time in RFC 3339 (UTC, second precision).
+pub fn now_rfc3339() -> String {
+    format_time(time::OffsetDateTime::now_utc())
+}
+
+pub fn format_time(t: time::OffsetDateTime) -> String {
+    let f = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+    t.to_offset(time::UtcOffset::UTC)
+        .format(&f)
+        .unwrap_or_default()
+}
+
+/// Parse a time written by [`format_time`] (or any RFC 3339 time).
+pub fn parse_time(s: &str) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profile_round_trip_and_checksum() {
+        let p = RepoProfile {
+            format: 1,
+            id: "abc".into(),
+            created: now_rfc3339(),
+        };
+        let text = render("repository", &p).unwrap();
+        let back: RepoProfile = parse(Path::new("x"), &text).unwrap();
+        assert_eq!(back, p);
+        let flipped = text.replacen("abc", "abd", 1);
+        let err = parse::<RepoProfile>(Path::new("x"), &flipped).unwrap_err();
+        assert!(err.to_string().contains("checksum mismatch"), "{err}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let body = "format = 1\nid = \"a\"\ncreated = \"b\"\ncolour = 3\n";
+        let text = format!(
+            "{body}checksum = \"blake3:{}\"\n",
+            blake3::hash(body.as_bytes()).to_hex()
+        );
+        let err = parse::<RepoProfile>(Path::new("x"), &text).unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn newer_versions_are_refused() {
+        let p = RepoProfile {
+            format: 2,
+            id: "a".into(),
+            created: "b".into(),
+        };
+        let text = render("repository", &p).unwrap();
+        let err = parse::<RepoProfile>(Path::new("x"), &text).unwrap_err();
+        assert!(matches!(err, Error::Format { .. }), "{err}");
+    }
+}

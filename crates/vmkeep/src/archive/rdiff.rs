@@ -1,0 +1,563 @@
+//! Reverse-diff files (`DISK.rdiff`): the blocks of one generation that differ from the
+//! next newer one, each with its digest, compressed one by one so that any block can be
+//! read on its own (restore, serve).
+//!
+//! While a backup runs, the new reverse diff of the previous generation is also the undo
+//! journal: records are appended and fsynced before the image blocks they save are
+//! overwritten. Such a *partial* file has the header and records but no index or footer;
+//! [`scan_partial`] reads back its valid prefix.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use crate::archive::digest::{Digest, ZERO_DIGEST};
+use crate::archive::format::*;
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil;
+
+/// Header flag: the next newer generation has no such disk, so the chain ends here and
+/// blocks without a record are zero.
+pub const FLAG_BASE: u32 = 1;
+
+/// Record flag: the block is all zeros; there is no body.
+pub const REC_ZERO: u16 = 1;
+/// Record flag: the body is a zstd frame.
+pub const REC_ZSTD: u16 = 2;
+/// Record flag: when the record was made the block already failed its digest (the image
+/// was damaged); the body holds what was read, the digest what should have been.
+pub const REC_DAMAGED: u16 = 4;
+const REC_KNOWN: u16 = REC_ZERO | REC_ZSTD | REC_DAMAGED;
+
+/// Compression codes in the header.
+pub const COMPRESSION_NONE: u32 = 0;
+pub const COMPRESSION_ZSTD: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RdiffHeader {
+    pub flags: u32,
+    pub block_size: u32,
+    pub compression: u32,
+    /// Size of the disk at this generation.
+    pub disk_size: u64,
+    /// Size of the disk at the next newer generation (0 with [`FLAG_BASE`]).
+    pub next_size: u64,
+    pub generation: [u8; 16],
+}
+
+impl RdiffHeader {
+    pub fn is_base(&self) -> bool {
+        self.flags & FLAG_BASE != 0
+    }
+
+    pub fn blocks(&self) -> u64 {
+        block_count(self.disk_size, self.block_size)
+    }
+
+    fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        Put::new(&mut b)
+            .bytes(&RDIFF_MAGIC)
+            .u32(FORMAT_VERSION)
+            .u32(self.flags)
+            .u32(self.block_size)
+            .u32(self.compression)
+            .u64(self.disk_size)
+            .u64(self.next_size)
+            .bytes(&self.generation);
+        let c = check64(&b[..56]);
+        b[56..].copy_from_slice(&c.to_le_bytes());
+        b
+    }
+
+    fn decode(path: &Path, b: &[u8; HEADER_LEN]) -> Result<Self> {
+        let mut g = Get::new(b);
+        let magic: [u8; 8] = g.bytes();
+        let version = g.u32();
+        verify_magic(path, &magic, &RDIFF_MAGIC, version, "reverse diff")?;
+        let h = RdiffHeader {
+            flags: g.u32(),
+            block_size: g.u32(),
+            compression: g.u32(),
+            disk_size: g.u64(),
+            next_size: g.u64(),
+            generation: g.bytes(),
+        };
+        verify_check64(path, "header", &b[..56], g.u64())?;
+        if h.flags & !FLAG_BASE != 0 {
+            return Err(Error::format(
+                path,
+                format!("unknown header flags {:#x}", h.flags),
+            ));
+        }
+        if !valid_block_size(h.block_size as u64) {
+            return Err(Error::corrupt(
+                path,
+                format!("invalid block size {}", h.block_size),
+            ));
+        }
+        if h.compression > COMPRESSION_ZSTD {
+            return Err(Error::format(
+                path,
+                format!("unknown compression {}", h.compression),
+            ));
+        }
+        Ok(h)
+    }
+}
+
+/// One block of a reverse diff.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub block: u64,
+    pub flags: u16,
+    /// Length of the block's bytes (the last block of a disk may be short).
+    pub raw_len: u32,
+    pub digest: Digest,
+    /// The stored body: empty for zero blocks, else raw or zstd-compressed bytes.
+    pub body: Vec<u8>,
+}
+
+impl Record {
+    /// A record of an all-zero block.
+    pub fn zero(block: u64, raw_len: u32) -> Self {
+        Record {
+            block,
+            flags: REC_ZERO,
+            raw_len,
+            digest: ZERO_DIGEST,
+            body: Vec::new(),
+        }
+    }
+
+    /// A record holding `data`, compressed at `level` when that saves space (level 0:
+    /// stored raw). `digest` is the digest the block should have.
+    pub fn with_data(block: u64, data: &[u8], digest: Digest, level: i32, damaged: bool) -> Self {
+        let mut flags = if damaged { REC_DAMAGED } else { 0 };
+        if digest == ZERO_DIGEST && !damaged {
+            return Record::zero(block, data.len() as u32);
+        }
+        let body = if level > 0 {
+            match zstd::bulk::compress(data, level) {
+                Ok(c) if c.len() < data.len() => {
+                    flags |= REC_ZSTD;
+                    c
+                }
+                _ => data.to_vec(),
+            }
+        } else {
+            data.to_vec()
+        };
+        Record {
+            block,
+            flags,
+            raw_len: data.len() as u32,
+            digest,
+            body,
+        }
+    }
+
+    pub fn is_zero(&self) -> bool {
+        self.flags & REC_ZERO != 0
+    }
+
+    pub fn is_damaged(&self) -> bool {
+        self.flags & REC_DAMAGED != 0
+    }
+
+    fn encode_header(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        Put::new(&mut b)
+            .bytes(&RECORD_MAGIC)
+            .u16(self.flags)
+            .u16(0)
+            .u64(self.block)
+            .u32(self.body.len() as u32)
+            .u32(self.raw_len)
+            .bytes(&self.digest);
+        let c = check64(&b[..56]);
+        b[56..].copy_from_slice(&c.to_le_bytes());
+        b
+    }
+
+    /// The block's bytes; `Err` when the body is not what its header says.
+    pub fn data(&self, path: &Path) -> Result<Vec<u8>> {
+        if self.is_zero() {
+            return Ok(vec![0; self.raw_len as usize]);
+        }
+        let bad = |d: String| Error::corrupt(path, format!("block {}: {d}", self.block));
+        if self.flags & REC_ZSTD != 0 {
+            let out = zstd::bulk::decompress(&self.body, self.raw_len as usize)
+                .map_err(|e| bad(format!("cannot decompress: {e}")))?;
+            if out.len() != self.raw_len as usize {
+                return Err(bad("decompressed length differs from the header".into()));
+            }
+            Ok(out)
+        } else if self.body.len() != self.raw_len as usize {
+            Err(bad("stored length differs from the block length".into()))
+        } else {
+            Ok(self.body.clone())
+        }
+    }
+}
+
+/// A parsed record header: everything but the body.
+#[derive(Debug, Clone, Copy)]
+struct RecordHead {
+    flags: u16,
+    block: u64,
+    stored_len: u32,
+    raw_len: u32,
+    digest: Digest,
+}
+
+fn decode_record_head(
+    path: &Path,
+    off: u64,
+    b: &[u8; HEADER_LEN],
+    h: &RdiffHeader,
+) -> Result<RecordHead> {
+    let bad = |d: &str| Error::corrupt(path, format!("record at byte {off}: {d}"));
+    let mut g = Get::new(b);
+    let magic: [u8; 4] = g.bytes();
+    if magic != RECORD_MAGIC {
+        return Err(bad("bad record magic"));
+    }
+    let flags = g.u16();
+    let _reserved = g.u16();
+    let block = g.u64();
+    let stored_len = g.u32();
+    let raw_len = g.u32();
+    let digest = g.bytes();
+    if check64(&b[..56]) != g.u64() {
+        return Err(bad("record header checksum mismatch"));
+    }
+    if flags & !REC_KNOWN != 0 {
+        return Err(bad("unknown record flags"));
+    }
+    if block >= h.blocks() {
+        return Err(bad(&format!("block {block} is past the end of the disk")));
+    }
+    if raw_len as usize != block_len(block, h.disk_size, h.block_size) {
+        return Err(bad("block length does not match the disk size"));
+    }
+    let max_stored = zstd::zstd_safe::compress_bound(raw_len as usize);
+    if flags & REC_ZERO != 0 && stored_len != 0 || stored_len as usize > max_stored {
+        return Err(bad("impossible stored length"));
+    }
+    Ok(RecordHead {
+        flags,
+        block,
+        stored_len,
+        raw_len,
+        digest,
+    })
+}
+
+/// Appends records to a new reverse diff.
+pub struct RdiffWriter {
+    out: BufWriter<File>,
+    path: PathBuf,
+    header: RdiffHeader,
+    hasher: blake3::Hasher,
+    pos: u64,
+    index: Vec<(u64, u64)>,
+    data_bytes: u64,
+}
+
+impl RdiffWriter {
+    /// Create `path` (it must not exist) and write its header.
+    pub fn create(path: &Path, header: RdiffHeader) -> Result<Self> {
+        let file = fsutil::create_new(path)?;
+        let mut w = RdiffWriter {
+            out: BufWriter::with_capacity(1 << 20, file),
+            path: path.to_path_buf(),
+            header,
+            hasher: blake3::Hasher::new(),
+            pos: 0,
+            index: Vec::new(),
+            data_bytes: 0,
+        };
+        let hb = w.header.encode();
+        w.put(&hb)?;
+        Ok(w)
+    }
+
+    pub fn header(&self) -> &RdiffHeader {
+        &self.header
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> Result<()> {
+        fsutil::append(&mut self.out, bytes, &self.path)?;
+        self.hasher.update(bytes);
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Append one record; blocks must come in increasing order.
+    pub fn append(&mut self, rec: &Record) -> Result<()> {
+        if let Some(&(last, _)) = self.index.last() {
+            assert!(rec.block > last, "reverse-diff records out of order");
+        }
+        debug_assert_eq!(
+            rec.raw_len as usize,
+            block_len(rec.block, self.header.disk_size, self.header.block_size)
+        );
+        self.index.push((rec.block, self.pos));
+        if !rec.is_zero() {
+            self.data_bytes += rec.raw_len as u64;
+        }
+        self.put(&rec.encode_header())?;
+        self.put(&rec.body)
+    }
+
+    pub fn records(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn last_block(&self) -> Option<u64> {
+        self.index.last().map(|&(b, _)| b)
+    }
+
+    /// Make every record appended so far durable (the undo-journal barrier).
+    pub fn sync(&mut self) -> Result<()> {
+        self.out.flush().at(&self.path)?;
+        fsutil::sync_data(self.out.get_ref(), &self.path)
+    }
+
+    /// Write the index and footer and fsync; returns the file's size.
+    pub fn finish(mut self) -> Result<u64> {
+        let index_offset = self.pos;
+        let mut ib = Vec::with_capacity(self.index.len() * INDEX_ENTRY_LEN);
+        for &(b, off) in &self.index {
+            ib.extend_from_slice(&b.to_le_bytes());
+            ib.extend_from_slice(&off.to_le_bytes());
+        }
+        self.put(&ib)?;
+        let mut footer = [0u8; HEADER_LEN];
+        Put::new(&mut footer)
+            .bytes(&RDIFF_END_MAGIC)
+            .u64(self.index.len() as u64)
+            .u64(index_offset)
+            .u64(self.data_bytes);
+        self.hasher.update(&footer[..32]);
+        let h = self.hasher.finalize();
+        footer[32..].copy_from_slice(h.as_bytes());
+        fsutil::append(&mut self.out, &footer, &self.path)?;
+        self.out.flush().at(&self.path)?;
+        fsutil::sync_all(self.out.get_ref(), &self.path)?;
+        Ok(self.pos + HEADER_LEN as u64)
+    }
+}
+
+/// Random access to a finished reverse diff.
+pub struct RdiffReader {
+    file: File,
+    path: PathBuf,
+    pub header: RdiffHeader,
+    index: Vec<(u64, u64)>,
+    index_offset: u64,
+    file_hash: [u8; 32],
+    footer_head: [u8; 32],
+    pub data_bytes: u64,
+    pub file_len: u64,
+}
+
+impl RdiffReader {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = fsutil::open_ro(path)?;
+        let len = file.metadata().at(path)?.len();
+        if len < 2 * HEADER_LEN as u64 {
+            return Err(Error::corrupt(
+                path,
+                format!("file is truncated ({len} bytes)"),
+            ));
+        }
+        let mut hb = [0u8; HEADER_LEN];
+        fsutil::read_exact_at(&file, &mut hb, 0, path)?;
+        let header = RdiffHeader::decode(path, &hb)?;
+        let mut fb = [0u8; HEADER_LEN];
+        fsutil::read_exact_at(&file, &mut fb, len - HEADER_LEN as u64, path)?;
+        let mut g = Get::new(&fb);
+        let magic: [u8; 8] = g.bytes();
+        if magic != RDIFF_END_MAGIC {
+            return Err(Error::corrupt(
+                path,
+                "footer missing (truncated or unfinished file)",
+            ));
+        }
+        let count = g.u64();
+        let index_offset = g.u64();
+        let data_bytes = g.u64();
+        let file_hash: [u8; 32] = g.bytes();
+        let index_len = count.checked_mul(INDEX_ENTRY_LEN as u64);
+        let consistent = index_len
+            .and_then(|l| l.checked_add(index_offset))
+            .and_then(|l| l.checked_add(HEADER_LEN as u64))
+            == Some(len)
+            && index_offset >= HEADER_LEN as u64
+            && count <= header.blocks();
+        if !consistent {
+            return Err(Error::corrupt(
+                path,
+                "footer does not match the file's length",
+            ));
+        }
+        let mut ib = vec![0u8; (count as usize) * INDEX_ENTRY_LEN];
+        fsutil::read_exact_at(&file, &mut ib, index_offset, path)?;
+        let mut index = Vec::with_capacity(count as usize);
+        let mut prev: Option<(u64, u64)> = None;
+        for e in ib.chunks_exact(INDEX_ENTRY_LEN) {
+            let b = u64::from_le_bytes(e[..8].try_into().expect("8"));
+            let off = u64::from_le_bytes(e[8..].try_into().expect("8"));
+            let ordered = prev.is_none_or(|(pb, po)| b > pb && off > po);
+            if !ordered
+                || b >= header.blocks()
+                || off < HEADER_LEN as u64
+                || off + HEADER_LEN as u64 > index_offset
+            {
+                return Err(Error::corrupt(path, "index is damaged"));
+            }
+            prev = Some((b, off));
+            index.push((b, off));
+        }
+        Ok(RdiffReader {
+            file,
+            path: path.to_path_buf(),
+            header,
+            index,
+            index_offset,
+            file_hash,
+            footer_head: fb[..32].try_into().expect("32"),
+            data_bytes,
+            file_len: len,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// Block numbers with a record, in increasing order.
+    pub fn blocks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.index.iter().map(|&(b, _)| b)
+    }
+
+    /// Position in the index of the record for block `b`.
+    pub fn find(&self, b: u64) -> Option<usize> {
+        self.index.binary_search_by_key(&b, |&(blk, _)| blk).ok()
+    }
+
+    pub fn block_at(&self, i: usize) -> u64 {
+        self.index[i].0
+    }
+
+    /// Read record `i` (by index position), checking its header against the index.
+    pub fn read(&self, i: usize) -> Result<Record> {
+        let (b, off) = self.index[i];
+        let end = self
+            .index
+            .get(i + 1)
+            .map(|&(_, o)| o)
+            .unwrap_or(self.index_offset);
+        let mut hb = [0u8; HEADER_LEN];
+        fsutil::read_exact_at(&self.file, &mut hb, off, &self.path)?;
+        let head = decode_record_head(&self.path, off, &hb, &self.header)?;
+        if head.block != b || off + HEADER_LEN as u64 + head.stored_len as u64 != end {
+            return Err(Error::corrupt(
+                &self.path,
+                format!("record for block {b} does not match the index"),
+            ));
+        }
+        let mut body = vec![0u8; head.stored_len as usize];
+        fsutil::read_exact_at(&self.file, &mut body, off + HEADER_LEN as u64, &self.path)?;
+        Ok(Record {
+            block: b,
+            flags: head.flags,
+            raw_len: head.raw_len,
+            digest: head.digest,
+            body,
+        })
+    }
+
+    /// Read the record for block `b`, if there is one.
+    pub fn get(&self, b: u64) -> Result<Option<Record>> {
+        self.find(b).map(|i| self.read(i)).transpose()
+    }
+
+    /// Re-hash the whole file against the checksum in its footer.
+    pub fn verify_file_hash(&self) -> Result<()> {
+        let mut h = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let end = self.file_len - HEADER_LEN as u64;
+        let mut pos = 0;
+        while pos < end {
+            let n = (end - pos).min(buf.len() as u64) as usize;
+            fsutil::read_exact_at(&self.file, &mut buf[..n], pos, &self.path)?;
+            h.update(&buf[..n]);
+            pos += n as u64;
+        }
+        h.update(&self.footer_head);
+        if h.finalize().as_bytes() != &self.file_hash {
+            return Err(Error::corrupt(&self.path, "file checksum mismatch"));
+        }
+        Ok(())
+    }
+}
+
+/// The valid prefix of a partial reverse diff (an interrupted backup's undo journal).
+pub struct PartialRdiff {
+    pub header: RdiffHeader,
+    pub records: Vec<Record>,
+}
+
+/// Read back every complete, intact record of a partial reverse diff. A torn record at the
+/// end (the crash happened while it was written) ends the scan: its image block was never
+/// overwritten, because image writes wait for the journal's fsync.
+pub fn scan_partial(path: &Path) -> Result<PartialRdiff> {
+    let file = fsutil::open_ro(path)?;
+    let len = file.metadata().at(path)?.len();
+    let mut hb = [0u8; HEADER_LEN];
+    fsutil::read_exact_at(&file, &mut hb, 0, path)?;
+    let header = RdiffHeader::decode(path, &hb)?;
+    let mut records = Vec::new();
+    let mut off = HEADER_LEN as u64;
+    while off + HEADER_LEN as u64 <= len {
+        fsutil::read_exact_at(&file, &mut hb, off, path)?;
+        let Ok(head) = decode_record_head(path, off, &hb, &header) else {
+            break;
+        };
+        let body_end = off + HEADER_LEN as u64 + head.stored_len as u64;
+        if body_end > len {
+            break;
+        }
+        let mut body = vec![0u8; head.stored_len as usize];
+        fsutil::read_exact_at(&file, &mut body, off + HEADER_LEN as u64, path)?;
+        let rec = Record {
+            block: head.block,
+            flags: head.flags,
+            raw_len: head.raw_len,
+            digest: head.digest,
+            body,
+        };
+        let Ok(data) = rec.data(path) else { break };
+        if !rec.is_damaged() && crate::archive::digest::block_digest(&data) != rec.digest {
+            break;
+        }
+        records.push(rec);
+        off = body_end;
+    }
+    Ok(PartialRdiff { header, records })
+}

@@ -1,0 +1,1030 @@
+//! Backup: make a new generation from the disks' current contents.
+//!
+//! The newest image is updated in place. Before any of its blocks is overwritten, the old
+//! content is appended to the previous generation's new reverse diff (its undo journal) and
+//! fsynced; the transaction record in the VM folder tells recovery whether to roll back or
+//! forward (see [`crate::archive::txn`]). A run is split into [`BackupRun::begin`], which
+//! takes the lock and picks the new generation's id (libvirt names its checkpoint after
+//! it), and [`BackupRun::execute`], which reads the sources.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::archive::digest::{
+    block_digest, Digest, DigestHeader, DigestReader, DigestWriter, ZERO_DIGEST,
+};
+use crate::archive::format::{
+    block_count, block_len, valid_block_size, DEFAULT_BLOCK_SIZE, DIGEST_LEN,
+};
+use crate::archive::lock::VmLock;
+use crate::archive::profile::{self, DiskRecord, GenerationProfile, VmProfile, PROFILE_VERSION};
+use crate::archive::rdiff::{RdiffHeader, RdiffWriter, Record, COMPRESSION_ZSTD, FLAG_BASE};
+use crate::archive::txn::{self, Txn};
+use crate::archive::{self, names, Generation, Repository, VmArchive, PARTIAL};
+use crate::engine::{cpu_threads, pipeline, Mode};
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::progress::Progress;
+use crate::source::changed::{merge_ranges, to_block_ranges};
+use crate::source::{BlockSource, ExtentKind};
+
+/// One disk to back up.
+pub struct DiskInput {
+    pub name: String,
+    pub source: Box<dyn BlockSource>,
+    /// Byte ranges changed since the previous generation, when a trusted tracker says so.
+    pub changed: Option<Vec<(u64, u64)>>,
+    /// Why `changed` is absent, for the message when incr falls back to diff.
+    pub untracked_reason: Option<String>,
+    /// Persistent bitmap that records writes after this generation (qcow2 sources).
+    pub bitmap: Option<String>,
+}
+
+impl DiskInput {
+    pub fn new(name: &str, source: Box<dyn BlockSource>) -> DiskInput {
+        DiskInput {
+            name: name.to_string(),
+            source,
+            changed: None,
+            untracked_reason: None,
+            bitmap: None,
+        }
+    }
+}
+
+/// Settings of one backup run.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub mode: Mode,
+    /// Block size for a VM's first backup; an error if it differs from an existing VM's.
+    pub block_size: Option<u32>,
+    /// Block size for a VM's first backup when none is given (from the config file).
+    pub default_block_size: u32,
+    /// zstd level for reverse diffs (0 stores blocks uncompressed).
+    pub compression_level: i32,
+    /// "image", "nbd" or "libvirt".
+    pub kind: String,
+    pub domain_xml: Option<String>,
+    pub checkpoint: Option<String>,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions {
+            mode: Mode::Auto,
+            block_size: None,
+            default_block_size: DEFAULT_BLOCK_SIZE,
+            compression_level: 3,
+            kind: "image".into(),
+            domain_xml: None,
+            checkpoint: None,
+        }
+    }
+}
+
+/// What a run made.
+#[derive(Debug, Clone)]
+pub struct BackupReport {
+    pub vm: String,
+    pub generation: GenerationProfile,
+    /// Lines describing what recovery did before the run.
+    pub recovered: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+impl BackupReport {
+    pub fn read_bytes(&self) -> u64 {
+        self.generation.disks.iter().map(|d| d.read_bytes).sum()
+    }
+    pub fn changed_bytes(&self) -> u64 {
+        self.generation.disks.iter().map(|d| d.changed_bytes).sum()
+    }
+    pub fn stored_bytes(&self) -> u64 {
+        self.generation.disks.iter().map(|d| d.stored_bytes).sum()
+    }
+}
+
+/// A backup that holds the VM lock and knows its generation id.
+pub struct BackupRun {
+    vm: String,
+    vm_dir: PathBuf,
+    existing: Option<VmArchive>,
+    prev: Option<Generation>,
+    gen_id: String,
+    recovered: Vec<String>,
+    started: Instant,
+    start_time: String,
+    _lock: VmLock,
+}
+
+impl BackupRun {
+    /// Lock the VM, recover what an interrupted run left, and pick the new generation id.
+    pub fn begin(repo: &Repository, vm: &str) -> Result<BackupRun> {
+        let vm_dir = repo.vm_dir(vm)?;
+        fsutil::create_dir(&vm_dir)?;
+        let lock = VmLock::acquire(&vm_dir, vm, "backup")?;
+        let recovered = txn::recover(&vm_dir)?;
+        let existing = if vm_dir.join("vm.toml").exists() {
+            Some(VmArchive::open(vm_dir.clone(), vm)?)
+        } else {
+            None
+        };
+        let prev = match &existing {
+            Some(a) => match a.generation_ids()?.last() {
+                Some(id) => Some(a.generation(id)?),
+                None => None,
+            },
+            None => None,
+        };
+        let gen_id = archive::new_generation_id(prev.as_ref().map(|g| g.id.as_str()));
+        Ok(BackupRun {
+            vm: vm.to_string(),
+            vm_dir,
+            existing,
+            prev,
+            gen_id,
+            recovered,
+            started: Instant::now(),
+            start_time: profile::now_rfc3339(),
+            _lock: lock,
+        })
+    }
+
+    pub fn generation_id(&self) -> &str {
+        &self.gen_id
+    }
+
+    pub fn previous(&self) -> Option<&Generation> {
+        self.prev.as_ref()
+    }
+
+    pub fn recovered(&self) -> &[String] {
+        &self.recovered
+    }
+
+    /// Read every disk and commit the new generation; on failure the archive is left
+    /// exactly as it was.
+    pub fn execute(
+        self,
+        disks: Vec<DiskInput>,
+        opts: &BackupOptions,
+        progress: &dyn Progress,
+    ) -> Result<BackupReport> {
+        let block_size = self.block_size(opts)?;
+        let mut seen = std::collections::HashSet::new();
+        for d in &disks {
+            names::check_disk(&d.name)?;
+            if !seen.insert(d.name.clone()) {
+                return Err(Error::usage(format!("disk {} is given twice", d.name)));
+            }
+        }
+        if disks.is_empty() {
+            return Err(Error::usage(format!("VM {}: no disks to back up", self.vm)));
+        }
+        let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
+        let txn = Txn::backup(
+            self.prev.as_ref().map(|g| g.id.clone()),
+            self.gen_id.clone(),
+            names,
+        );
+        txn.store(&self.vm_dir)?;
+        let new_dir = self.vm_dir.join(format!("{}{PARTIAL}", self.gen_id));
+        let result = self
+            .write_generation(&new_dir, disks, block_size, opts, progress)
+            .and_then(|(gp, warnings)| {
+                self.commit(txn, &new_dir, gp, block_size, opts)
+                    .map(|gp| (gp, warnings))
+            });
+        match result {
+            Ok((generation, warnings)) => Ok(BackupReport {
+                vm: self.vm.clone(),
+                generation,
+                recovered: self.recovered.clone(),
+                warnings,
+            }),
+            Err(e) => {
+                if let Err(undo) = txn::recover(&self.vm_dir) {
+                    progress.warn(&format!("VM {}: the failed run could not be rolled back yet ({undo}); the next command will", self.vm));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn block_size(&self, opts: &BackupOptions) -> Result<u32> {
+        match (&self.existing, opts.block_size) {
+            (Some(a), Some(bs)) if bs != a.profile.block_size => Err(Error::usage(format!(
+                "VM {} has block size {}; --block-size applies only to a VM's first backup",
+                self.vm, a.profile.block_size
+            ))),
+            (Some(a), _) => Ok(a.profile.block_size),
+            (None, bs) => {
+                let bs = bs.unwrap_or(opts.default_block_size);
+                if !valid_block_size(bs as u64) {
+                    return Err(Error::usage(format!(
+                        "block size {bs} is not a power of two from 4 KiB to 4 MiB"
+                    )));
+                }
+                Ok(bs)
+            }
+        }
+    }
+
+    fn write_generation(
+        &self,
+        new_dir: &Path,
+        disks: Vec<DiskInput>,
+        block_size: u32,
+        opts: &BackupOptions,
+        progress: &dyn Progress,
+    ) -> Result<(GenerationProfile, Vec<String>)> {
+        fsutil::create_dir(new_dir)?;
+        let ctx = RunCtx {
+            block_size,
+            level: opts.compression_level,
+            new_dir,
+            prev: self.prev.as_ref(),
+            gen: archive::generation_bytes(&self.gen_id),
+            progress,
+        };
+        let results: Vec<Result<(DiskRecord, Vec<String>)>> = if disks.len() == 1 {
+            disks.into_iter().map(|d| ctx.disk(d, opts.mode)).collect()
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = disks
+                    .into_iter()
+                    .map(|d| s.spawn(|| ctx.disk(d, opts.mode)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("disk thread panicked"))
+                    .collect()
+            })
+        };
+        let mut records = Vec::new();
+        let mut warnings = Vec::new();
+        for r in results {
+            let (rec, w) = r?;
+            records.push(rec);
+            warnings.extend(w);
+        }
+        if let Some(prev) = &self.prev {
+            for old in &prev.profile.disks {
+                if !records.iter().any(|r| r.name == old.name) {
+                    ctx.retire_disk(&old.name)?;
+                    warnings.push(format!(
+                        "disk {} is no longer backed up; its last image moved into generation {}",
+                        old.name, prev.id
+                    ));
+                }
+            }
+        }
+        let modes: Vec<&str> = records.iter().map(|r| r.mode.as_str()).collect();
+        let mode = ["full", "diff", "incr"]
+            .into_iter()
+            .find(|m| modes.contains(m))
+            .unwrap_or("full");
+        if let Some(xml) = &opts.domain_xml {
+            let p = new_dir.join("domain.xml");
+            let f = fsutil::create_new(&p)?;
+            fsutil::write_at(&f, xml.as_bytes(), 0, &p)?;
+            fsutil::sync_all(&f, &p)?;
+        }
+        let gp = GenerationProfile {
+            format: PROFILE_VERSION,
+            id: self.gen_id.clone(),
+            vm: self.vm.clone(),
+            time: self.start_time.clone(),
+            mode: mode.to_string(),
+            duration_secs: 0.0,
+            protected: false,
+            block_size,
+            kind: opts.kind.clone(),
+            checkpoint: opts.checkpoint.clone(),
+            disks: records,
+        };
+        Ok((gp, warnings))
+    }
+
+    fn commit(
+        &self,
+        mut txn: Txn,
+        new_dir: &Path,
+        mut gp: GenerationProfile,
+        block_size: u32,
+        _opts: &BackupOptions,
+    ) -> Result<GenerationProfile> {
+        gp.duration_secs = (self.started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
+        profile::store(
+            &new_dir.join("generation.toml"),
+            "vmkeep generation profile",
+            &gp,
+        )?;
+        if self.existing.is_none() {
+            let vp = VmProfile {
+                format: PROFILE_VERSION,
+                name: self.vm.clone(),
+                block_size,
+                created: self.start_time.clone(),
+                last_check: None,
+            };
+            profile::store(&self.vm_dir.join("vm.toml"), "vmkeep VM profile", &vp)?;
+        }
+        txn.state = "commit".into();
+        txn.store(&self.vm_dir)?;
+        txn::roll_forward_backup(&self.vm_dir, &txn)?;
+        Txn::clear(&self.vm_dir)?;
+        Ok(gp)
+    }
+}
+
+/// What every disk of a run shares.
+struct RunCtx<'a> {
+    block_size: u32,
+    level: i32,
+    new_dir: &'a Path,
+    prev: Option<&'a Generation>,
+    gen: [u8; 16],
+    progress: &'a dyn Progress,
+}
+
+/// The previous generation's files of one disk.
+struct OldDisk {
+    image: File,
+    image_path: PathBuf,
+    digest: DigestReader,
+    size: u64,
+    blocks: u64,
+}
+
+impl OldDisk {
+    fn digest_of(&self, b: u64) -> Result<Digest> {
+        let mut d = [0u8; DIGEST_LEN];
+        self.digest.read_range(b, &mut d)?;
+        Ok(d)
+    }
+}
+
+/// Pending image writes, applied after the journal records that save their old contents
+/// are durable.
+#[derive(Default)]
+struct PendingWrites {
+    runs: Vec<Run>,
+    bytes: usize,
+}
+
+struct Run {
+    pos: u64,
+    data: Option<Arc<Vec<u8>>>,
+    off: usize,
+    len: usize,
+}
+
+const JOURNAL_BATCH: usize = 32 << 20;
+
+impl RunCtx<'_> {
+    fn open_old(&self, name: &str, write: bool) -> Result<Option<OldDisk>> {
+        let Some(prev) = self.prev else {
+            return Ok(None);
+        };
+        let Some(rec) = prev.profile.disk(name) else {
+            return Ok(None);
+        };
+        let image_path = prev.image_path(name);
+        let image = if write {
+            fsutil::open_rw(&image_path)?
+        } else {
+            fsutil::open_ro(&image_path)?
+        };
+        let digest = DigestReader::open(&prev.digest_path(name))?;
+        let actual = image
+            .metadata()
+            .map_err(|e| Error::io(&image_path, e))?
+            .len();
+        if digest.header.disk_size != rec.size || actual != rec.size {
+            return Err(Error::corrupt(
+                &image_path,
+                format!(
+                    "size {actual} (digest says {}, profile {}); run 'vmkeep check'",
+                    digest.header.disk_size, rec.size
+                ),
+            ));
+        }
+        if digest.header.block_size != self.block_size {
+            return Err(Error::corrupt(
+                digest.path(),
+                "block size differs from the VM's",
+            ));
+        }
+        Ok(Some(OldDisk {
+            image,
+            image_path,
+            blocks: digest.blocks(),
+            digest,
+            size: rec.size,
+        }))
+    }
+
+    /// Back up one disk into the new generation.
+    fn disk(&self, input: DiskInput, requested: Mode) -> Result<(DiskRecord, Vec<String>)> {
+        let bs = self.block_size;
+        let size = input.source.size();
+        let new_blocks = block_count(size, bs);
+        let old = self.open_old(&input.name, true)?;
+        let mut warnings = Vec::new();
+        let mode = match (requested, &old, &input.changed) {
+            (_, None, _) => Mode::Full,
+            (Mode::Full, Some(_), _) => Mode::Full,
+            (Mode::Diff, Some(_), _) => Mode::Diff,
+            (Mode::Incr | Mode::Auto, Some(_), Some(_)) => Mode::Incr,
+            (Mode::Incr, Some(_), None) => {
+                let why = input
+                    .untracked_reason
+                    .clone()
+                    .unwrap_or_else(|| "no change tracking for this source".into());
+                warnings.push(format!(
+                    "disk {}: incr not possible ({why}); reading it all (diff)",
+                    input.name
+                ));
+                Mode::Diff
+            }
+            (Mode::Auto, Some(_), None) => Mode::Diff,
+        };
+        let ranges = match (&mode, &old) {
+            (Mode::Incr, Some(o)) => {
+                let mut r =
+                    to_block_ranges(input.changed.as_deref().unwrap_or(&[]), bs, new_blocks);
+                if o.size != size {
+                    // The block at the old end and everything past it changed length.
+                    r.push((o.blocks.min(new_blocks).saturating_sub(1), new_blocks));
+                    r.retain(|&(a, b)| a < b);
+                    merge_ranges(&mut r);
+                }
+                r
+            }
+            _ => vec![(0, new_blocks)]
+                .into_iter()
+                .filter(|&(a, b)| a < b)
+                .collect(),
+        };
+        let examined: u64 = ranges
+            .iter()
+            .map(|&(a, b)| (b - a) * bs as u64)
+            .sum::<u64>()
+            .min(size);
+        let task = self.progress.task(&input.name, examined);
+
+        let image_path = self.new_dir.join(format!("{}.raw", input.name));
+        let digest_path = self.new_dir.join(format!("{}.digest", input.name));
+        let dh = DigestHeader {
+            block_size: bs,
+            disk_size: size,
+            generation: self.gen,
+        };
+        let mut sink = match old.as_ref() {
+            Some(o) => {
+                let prev = self.prev.expect("old disk implies a previous generation");
+                let journal_path = prev.dir.join(format!("{}.rdiff.partial", input.name));
+                let rh = RdiffHeader {
+                    flags: 0,
+                    block_size: bs,
+                    compression: COMPRESSION_ZSTD,
+                    disk_size: o.size,
+                    next_size: size,
+                    generation: archive::generation_bytes(&prev.id),
+                };
+                let journal = RdiffWriter::create(&journal_path, rh)?;
+                let digests = DigestWriter::create_from(&digest_path, dh, &o.digest)?;
+                let alloc_before = fsutil::allocated_bytes(&o.image_path);
+                if size > o.size {
+                    // Growing first is safe: rollback truncates to the size in the journal.
+                    fsutil::set_len(&o.image, size, &o.image_path)?;
+                }
+                Sink::new(
+                    SinkTarget::Update {
+                        old: o,
+                        journal,
+                        alloc_before,
+                    },
+                    digests,
+                    bs,
+                    size,
+                )
+            }
+            None => {
+                let image = fsutil::create_new(&image_path)?;
+                fsutil::set_len(&image, size, &image_path)?;
+                let digests = DigestWriter::create(&digest_path, dh)?;
+                Sink::new(
+                    SinkTarget::Fresh {
+                        image,
+                        path: image_path.clone(),
+                    },
+                    digests,
+                    bs,
+                    size,
+                )
+            }
+        };
+        let read_bytes = AtomicU64::new(0);
+        let level = self.level;
+        let full_compare = mode == Mode::Full;
+        {
+            let source = input.source.as_ref();
+            let old_ref = old.as_ref();
+            let mut planner = Planner::new(source, &ranges, bs, size);
+            let workers = cpu_threads().max(source.parallelism());
+            let work = |job: Job| -> Result<Done> {
+                let done = examine(job, source, old_ref, bs, size, level, full_compare)?;
+                read_bytes.fetch_add(done.read_bytes, Ordering::Relaxed);
+                task.advance(done.count * bs as u64);
+                Ok(done)
+            };
+            pipeline::ordered(
+                workers,
+                workers * 3,
+                || planner.next(),
+                work,
+                |done| sink.accept(done),
+            )?;
+        }
+        let (stored, changed, damaged) = sink.finish()?;
+        task.finish();
+        if damaged > 0 {
+            warnings.push(format!(
+                "disk {}: {damaged} blocks of the previous image failed their digests; they are marked damaged in the previous generation (run 'vmkeep check')",
+                input.name
+            ));
+        }
+        let digest_root = DigestReader::open(&digest_path)?.root()?;
+        let rec = DiskRecord {
+            name: input.name.clone(),
+            size,
+            mode: mode.to_string(),
+            source: input.source.describe(),
+            read_bytes: read_bytes.load(Ordering::Relaxed),
+            changed_bytes: changed,
+            stored_bytes: stored,
+            digest_root,
+            bitmap: input.bitmap.clone(),
+        };
+        Ok((rec, warnings))
+    }
+
+    /// A disk the new generation no longer has: its whole last image becomes the
+    /// previous generation's reverse diff (a base of the chain).
+    fn retire_disk(&self, name: &str) -> Result<()> {
+        let Some(old) = self.open_old(name, false)? else {
+            return Ok(());
+        };
+        let prev = self.prev.expect("old disk implies a previous generation");
+        let rh = RdiffHeader {
+            flags: FLAG_BASE,
+            block_size: self.block_size,
+            compression: COMPRESSION_ZSTD,
+            disk_size: old.size,
+            next_size: 0,
+            generation: archive::generation_bytes(&prev.id),
+        };
+        let mut w = RdiffWriter::create(&prev.dir.join(format!("{name}.rdiff.partial")), rh)?;
+        for b in 0..old.blocks {
+            let d = old.digest_of(b)?;
+            if d != ZERO_DIGEST {
+                w.append(&old_record(&old, b, d, self.block_size, self.level)?.0)?;
+            }
+        }
+        w.finish()?;
+        Ok(())
+    }
+}
+
+/// A run of blocks for one worker.
+struct Job {
+    first: u64,
+    count: u64,
+    kind: ExtentKind,
+}
+
+/// A job's outcome.
+struct Done {
+    first: u64,
+    count: u64,
+    read_bytes: u64,
+    data: Option<Arc<Vec<u8>>>,
+    digests: Vec<Digest>,
+    /// Changed blocks (index within the job) with the journal record of their old content
+    /// (none for blocks the previous generation did not have).
+    changes: Vec<(usize, Option<Record>)>,
+    damaged: u64,
+}
+
+/// Read and digest one job, and prepare the journal records of the blocks it changes.
+fn examine(
+    job: Job,
+    source: &dyn BlockSource,
+    old: Option<&OldDisk>,
+    bs: u32,
+    size: u64,
+    level: i32,
+    full_compare: bool,
+) -> Result<Done> {
+    let start = job.first * bs as u64;
+    let end = ((job.first + job.count) * bs as u64).min(size);
+    let mut read_bytes = 0;
+    let data = match job.kind {
+        ExtentKind::Data => {
+            let mut buf = vec![0u8; (end - start) as usize];
+            source.read_at(&mut buf, start)?;
+            read_bytes = buf.len() as u64;
+            Some(buf)
+        }
+        ExtentKind::Zero => None,
+    };
+    let n = job.count as usize;
+    let mut digests = Vec::with_capacity(n);
+    for i in 0..n {
+        digests.push(match &data {
+            Some(d) => block_digest(block_slice(d, i, bs)),
+            None => ZERO_DIGEST,
+        });
+    }
+    let mut changes = Vec::new();
+    let mut damaged = 0;
+    match old {
+        None => {
+            for (i, d) in digests.iter().enumerate() {
+                if *d != ZERO_DIGEST {
+                    changes.push((i, None));
+                }
+            }
+        }
+        Some(o) => {
+            let shared = o.blocks.saturating_sub(job.first).min(job.count) as usize;
+            let mut old_digests = vec![0u8; shared * DIGEST_LEN];
+            o.digest.read_range(job.first, &mut old_digests)?;
+            for (i, d) in digests.iter().enumerate() {
+                let b = job.first + i as u64;
+                if i >= shared {
+                    if *d != ZERO_DIGEST {
+                        changes.push((i, None));
+                    }
+                    continue;
+                }
+                let od: Digest = old_digests[i * DIGEST_LEN..(i + 1) * DIGEST_LEN]
+                    .try_into()
+                    .expect("32");
+                if od == *d && !full_compare {
+                    continue;
+                }
+                let (rec, old_bytes) = old_record(o, b, od, bs, level)?;
+                if od == *d {
+                    // Full mode: trust the image bytes, not the stored digest.
+                    let new_bytes = data.as_ref().map(|v| block_slice(v, i, bs));
+                    let same = match (&old_bytes, new_bytes) {
+                        (Some(ob), Some(nb)) => ob.as_slice() == nb,
+                        (None, None) => true,
+                        (None, Some(nb)) => fsutil::is_zero(nb),
+                        (Some(ob), None) => fsutil::is_zero(ob),
+                    };
+                    if same {
+                        continue;
+                    }
+                }
+                damaged += rec.is_damaged() as u64;
+                changes.push((i, Some(rec)));
+            }
+        }
+    }
+    Ok(Done {
+        first: job.first,
+        count: job.count,
+        read_bytes,
+        data: data.map(Arc::new),
+        digests,
+        changes,
+        damaged,
+    })
+}
+
+/// The journal record of block `b` of the previous image (digest `od`), and the bytes read.
+fn old_record(
+    o: &OldDisk,
+    b: u64,
+    od: Digest,
+    bs: u32,
+    level: i32,
+) -> Result<(Record, Option<Vec<u8>>)> {
+    let len = block_len(b, o.size, bs);
+    if od == ZERO_DIGEST {
+        // A hole in the image: nothing to read unless the image was damaged there, which
+        // full mode and check look for.
+        let mut buf = vec![0u8; len];
+        fsutil::read_exact_at(&o.image, &mut buf, b * bs as u64, &o.image_path)?;
+        if fsutil::is_zero(&buf) {
+            return Ok((Record::zero(b, len as u32), None));
+        }
+        return Ok((Record::with_data(b, &buf, od, level, true), Some(buf)));
+    }
+    let mut buf = vec![0u8; len];
+    fsutil::read_exact_at(&o.image, &mut buf, b * bs as u64, &o.image_path)?;
+    let damaged = block_digest(&buf) != od;
+    Ok((Record::with_data(b, &buf, od, level, damaged), Some(buf)))
+}
+
+fn block_slice(data: &[u8], i: usize, bs: u32) -> &[u8] {
+    let s = i * bs as usize;
+    &data[s..(s + bs as usize).min(data.len())]
+}
+
+enum SinkTarget<'a> {
+    /// First backup of this disk: a new sparse image.
+    Fresh { image: File, path: PathBuf },
+    /// Update the previous image in place, journaling old blocks first.
+    Update {
+        old: &'a OldDisk,
+        journal: RdiffWriter,
+        alloc_before: u64,
+    },
+}
+
+/// The ordered end of the pipeline: journal, image and digest writes.
+struct Sink<'a> {
+    target: SinkTarget<'a>,
+    digests: DigestWriter,
+    pending: PendingWrites,
+    unsynced_records: bool,
+    bs: u32,
+    size: u64,
+    changed: u64,
+    damaged: u64,
+}
+
+impl<'a> Sink<'a> {
+    fn new(target: SinkTarget<'a>, digests: DigestWriter, bs: u32, size: u64) -> Sink<'a> {
+        Sink {
+            target,
+            digests,
+            pending: PendingWrites::default(),
+            unsynced_records: false,
+            bs,
+            size,
+            changed: 0,
+            damaged: 0,
+        }
+    }
+
+    fn accept(&mut self, done: Done) -> Result<()> {
+        self.damaged += done.damaged;
+        let bs = self.bs;
+        for (i, rec) in &done.changes {
+            let b = done.first + *i as u64;
+            self.changed += block_len(b, self.size, bs) as u64;
+            self.digests.put(b, &done.digests[*i])?;
+            if let (Some(rec), SinkTarget::Update { journal, .. }) = (rec, &mut self.target) {
+                journal.append(rec)?;
+                self.unsynced_records = true;
+            }
+            let len = block_len(b, self.size, bs);
+            let data = done
+                .data
+                .as_ref()
+                .filter(|_| done.digests[*i] != ZERO_DIGEST)
+                .cloned();
+            self.pending
+                .push(b * bs as u64, data, *i * bs as usize, len);
+        }
+        if self.pending.bytes >= JOURNAL_BATCH || self.pending.runs.len() >= 4096 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The undo-journal barrier: records first, durable; then the image writes.
+    fn flush(&mut self) -> Result<()> {
+        let fresh = matches!(self.target, SinkTarget::Fresh { .. });
+        let (image, path) = match &mut self.target {
+            SinkTarget::Fresh { image, path } => (&*image, path.as_path()),
+            SinkTarget::Update { old, journal, .. } => {
+                if self.unsynced_records {
+                    journal.sync()?;
+                    self.unsynced_records = false;
+                }
+                (&old.image, old.image_path.as_path())
+            }
+        };
+        for run in self.pending.runs.drain(..) {
+            match run.data {
+                Some(d) => fsutil::write_at(image, &d[run.off..run.off + run.len], run.pos, path)?,
+                None if fresh => {}
+                None => fsutil::punch_hole(image, run.pos, run.len as u64, path)?,
+            }
+        }
+        self.pending.bytes = 0;
+        Ok(())
+    }
+
+    /// Finish the disk: journal the tail a shrink cuts off, apply the last writes, set
+    /// the size, make everything durable. Returns (stored, changed, damaged).
+    fn finish(mut self) -> Result<(u64, u64, u64)> {
+        if let SinkTarget::Update { old, journal, .. } = &mut self.target {
+            let new_blocks = block_count(self.size, self.bs);
+            for b in new_blocks..old.blocks {
+                let d = old.digest_of(b)?;
+                if d != ZERO_DIGEST {
+                    let (rec, _) = old_record(old, b, d, self.bs, 3)?;
+                    self.damaged += rec.is_damaged() as u64;
+                    journal.append(&rec)?;
+                    self.unsynced_records = true;
+                }
+            }
+        }
+        self.flush()?;
+        let size = self.size;
+        let stored = match self.target {
+            SinkTarget::Fresh { image, path } => {
+                fsutil::sync_all(&image, &path)?;
+                fsutil::allocated_bytes(&path)
+            }
+            SinkTarget::Update {
+                old,
+                journal,
+                alloc_before,
+            } => {
+                if size < old.size {
+                    fsutil::set_len(&old.image, size, &old.image_path)?;
+                }
+                fsutil::sync_all(&old.image, &old.image_path)?;
+                let rdiff_len = journal.finish()?;
+                rdiff_len + fsutil::allocated_bytes(&old.image_path).saturating_sub(alloc_before)
+            }
+        };
+        self.digests.finish()?;
+        Ok((stored, self.changed, self.damaged))
+    }
+}
+
+impl PendingWrites {
+    /// Queue a write of `len` bytes at disk position `pos`: `data[off..off+len]`, or a
+    /// hole when `data` is `None`.
+    fn push(&mut self, pos: u64, data: Option<Arc<Vec<u8>>>, off: usize, len: usize) {
+        if data.is_some() {
+            self.bytes += len;
+        }
+        // Adjacent blocks from the same buffer become one write.
+        if let Some(last) = self.runs.last_mut() {
+            let contiguous = last.pos + last.len as u64 == pos;
+            let same = match (&last.data, &data) {
+                (Some(a), Some(d)) => Arc::ptr_eq(a, d) && last.off + last.len == off,
+                (None, None) => true,
+                _ => false,
+            };
+            if contiguous && same {
+                last.len += len;
+                return;
+            }
+        }
+        self.runs.push(Run {
+            pos,
+            data,
+            off,
+            len,
+        });
+    }
+}
+
+/// Hands out jobs: runs of blocks of one kind (data to read, or known zeros), following
+/// the block ranges to examine and the source's allocation map.
+struct Planner<'a> {
+    source: &'a dyn BlockSource,
+    ranges: &'a [(u64, u64)],
+    range: usize,
+    next: u64,
+    bs: u32,
+    size: u64,
+    max_data_blocks: u64,
+    /// Zero byte ranges known for `[map_start, map_end)`.
+    zeros: Vec<(u64, u64)>,
+    map_start: u64,
+    map_end: u64,
+}
+
+const MAP_WINDOW: u64 = 1 << 30;
+const MAX_ZERO_BLOCKS: u64 = 1 << 16;
+
+impl<'a> Planner<'a> {
+    fn new(source: &'a dyn BlockSource, ranges: &'a [(u64, u64)], bs: u32, size: u64) -> Self {
+        let chunk = (source.max_read().min(4 << 20) as u64).max(bs as u64);
+        Planner {
+            source,
+            ranges,
+            range: 0,
+            next: ranges.first().map(|r| r.0).unwrap_or(0),
+            bs,
+            size,
+            max_data_blocks: (chunk / bs as u64).max(1),
+            zeros: Vec::new(),
+            map_start: 0,
+            map_end: 0,
+        }
+    }
+
+    fn next(&mut self) -> Result<Option<Job>> {
+        let bs = self.bs as u64;
+        loop {
+            let Some(&(_, end)) = self.ranges.get(self.range) else {
+                return Ok(None);
+            };
+            if self.next >= end {
+                self.range += 1;
+                if let Some(&(start, _)) = self.ranges.get(self.range) {
+                    self.next = start;
+                }
+                continue;
+            }
+            let first = self.next;
+            let pos = first * bs;
+            if pos < self.map_start || pos >= self.map_end {
+                self.map(pos, (end * bs).min(self.size))?;
+            }
+            let kind = self.kind_of(first);
+            let limit = if kind == ExtentKind::Zero {
+                MAX_ZERO_BLOCKS
+            } else {
+                self.max_data_blocks
+            };
+            let mut count = 1;
+            while count < limit && first + count < end {
+                let b = first + count;
+                if ((b + 1) * bs).min(self.size) > self.map_end {
+                    break;
+                }
+                if self.kind_of(b) != kind {
+                    break;
+                }
+                count += 1;
+            }
+            self.next = first + count;
+            return Ok(Some(Job { first, count, kind }));
+        }
+    }
+
+    /// Whether block `b` lies wholly in a zero range of the current map.
+    fn kind_of(&self, b: u64) -> ExtentKind {
+        let s = b * self.bs as u64;
+        let e = (s + self.bs as u64).min(self.size);
+        let i = self.zeros.partition_point(|&(_, ze)| ze <= s);
+        match self.zeros.get(i) {
+            Some(&(zs, ze)) if zs <= s && ze >= e => ExtentKind::Zero,
+            _ => ExtentKind::Data,
+        }
+    }
+
+    /// Learn the allocation map from `pos` up to a window's length (block aligned).
+    fn map(&mut self, pos: u64, range_end: u64) -> Result<()> {
+        let bs = self.bs as u64;
+        let want = (pos + MAP_WINDOW).min(range_end);
+        let want = if want < range_end {
+            (want / bs * bs).max(pos + bs)
+        } else {
+            want
+        };
+        self.zeros.clear();
+        let mut at = pos;
+        while at < want {
+            let extents = self.source.extents(at, want - at)?;
+            let mut progressed = false;
+            for e in extents {
+                if e.offset != at || e.length == 0 {
+                    return Err(Error::source(
+                        self.source.describe(),
+                        format!("allocation map has a gap or overlap at byte {at}"),
+                    ));
+                }
+                let e_end = (e.offset + e.length).min(want);
+                if e.kind == ExtentKind::Zero {
+                    match self.zeros.last_mut() {
+                        Some(last) if last.1 == at => last.1 = e_end,
+                        _ => self.zeros.push((at, e_end)),
+                    }
+                }
+                at = e_end;
+                progressed = true;
+                if at >= want {
+                    break;
+                }
+            }
+            if !progressed {
+                return Err(Error::source(
+                    self.source.describe(),
+                    format!("allocation map is empty at byte {at}"),
+                ));
+            }
+        }
+        self.map_start = pos;
+        self.map_end = want;
+        Ok(())
+    }
+}

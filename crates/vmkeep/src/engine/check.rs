@@ -1,0 +1,578 @@
+//! `check`: find damage anywhere in a VM's archive. Read-only apart from finishing an
+//! interrupted command (which it reports) and recording its own result in `vm.toml`.
+//!
+//! Fast mode validates every file's structure and checksum and the newest image against
+//! its digests. Deep mode also decompresses every reverse-diff record and proves its digest,
+//! then, for each requested generation, resolves every block to where a restore would take
+//! it from and proves that the digests of those sources hash to the generation's recorded
+//! digest root. Because every source block is verified against its digest, the two together
+//! prove that a restore of that generation returns what was read at backup time.
+
+use std::collections::HashSet;
+
+use serde::Serialize;
+
+use crate::archive::digest::{block_digest, DigestReader, RootHasher, ZERO_DIGEST};
+use crate::archive::format::{block_len, DIGEST_LEN};
+use crate::archive::lock::VmLock;
+use crate::archive::profile::{self, CheckRecord};
+use crate::archive::rdiff::RdiffReader;
+use crate::archive::{txn, Generation, Repository, VmArchive};
+use crate::engine::pipeline;
+use crate::engine::reader::{DiskView, Loc};
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+
+/// Which generations a deep check reconstructs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GenSelect {
+    All,
+    Rev(String),
+}
+
+/// One piece of damage.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Problem {
+    pub vm: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generation: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
+    /// The damaged file, relative to the repository.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// Damaged bytes of the disk, `[start, end)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub range: Option<(u64, u64)>,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VM {}", self.vm)?;
+        if let Some(g) = &self.generation {
+            write!(f, " generation {g}")?;
+        }
+        if let Some(d) = &self.disk {
+            write!(f, " disk {d}")?;
+        }
+        if let Some((a, b)) = self.range {
+            write!(f, " bytes {a}..{b}")?;
+        }
+        write!(f, ": {}", self.detail)?;
+        if let Some(file) = &self.file {
+            write!(f, " ({file})")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a check found.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    pub vm: String,
+    pub deep: bool,
+    pub generations: usize,
+    pub generations_proven: usize,
+    pub bytes_verified: u64,
+    pub recovered: Vec<String>,
+    pub problems: Vec<Problem>,
+}
+
+impl CheckReport {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+struct Checker<'a> {
+    repo: &'a Repository,
+    vm: String,
+    problems: Vec<Problem>,
+    bytes: u64,
+    /// Damaged image blocks of the newest generation: (disk, block).
+    bad_image: HashSet<(String, u64)>,
+    /// Damaged reverse-diff records: (generation, disk, block).
+    bad_records: HashSet<(String, String, u64)>,
+    progress: &'a dyn Progress,
+}
+
+/// Check one VM.
+pub fn check(
+    repo: &Repository,
+    vm: &str,
+    deep: bool,
+    select: &GenSelect,
+    progress: &dyn Progress,
+) -> Result<CheckReport> {
+    let dir = repo.vm_dir(vm)?;
+    if !dir.join("vm.toml").exists() && !dir.join(txn::TXN_FILE).exists() {
+        return Err(Error::usage(format!(
+            "unknown VM {vm:?}: no backups of it in {}",
+            repo.root().display()
+        )));
+    }
+    let _lock = VmLock::acquire(&dir, vm, "check")?;
+    let recovered = txn::recover(&dir)?;
+    let mut c = Checker {
+        repo,
+        vm: vm.to_string(),
+        problems: Vec::new(),
+        bytes: 0,
+        bad_image: HashSet::new(),
+        bad_records: HashSet::new(),
+        progress,
+    };
+    let archive = match VmArchive::open(dir.clone(), vm) {
+        Ok(a) => a,
+        Err(e) => {
+            c.problem(None, None, Some(&dir.join("vm.toml")), None, e.to_string());
+            return Ok(c.report(deep, 0, 0, recovered));
+        }
+    };
+    let ids = archive.generation_ids()?;
+    if let GenSelect::Rev(rev) = select {
+        archive.resolve(rev)?;
+    }
+    let mut gens = Vec::new();
+    for id in &ids {
+        match archive.generation(id) {
+            Ok(g) => gens.push(g),
+            Err(e) => c.problem(
+                Some(id),
+                None,
+                None,
+                None,
+                format!("generation profile unreadable: {e}"),
+            ),
+        }
+    }
+    if gens.len() != ids.len() {
+        // Without every profile the chains cannot be followed; report what was found.
+        return Ok(c.report(deep, ids.len(), 0, recovered));
+    }
+    if let Some(newest) = ids.last() {
+        if archive.latest_target().as_deref() != Some(newest.as_str()) {
+            c.problem(
+                None,
+                None,
+                Some(&dir.join("latest")),
+                None,
+                format!("'latest' does not point at the newest generation {newest}"),
+            );
+        }
+        c.check_newest(&gens[gens.len() - 1]);
+    }
+    for g in &gens[..gens.len().saturating_sub(1)] {
+        c.check_rdiffs(g, deep);
+    }
+    let mut proven = 0;
+    if deep {
+        for (k, g) in gens.iter().enumerate() {
+            let wanted = match select {
+                GenSelect::All => true,
+                GenSelect::Rev(rev) => archive.resolve(rev)? == g.id,
+            };
+            if wanted {
+                if c.prove(&archive, &gens, k) {
+                    proven += 1;
+                }
+            }
+        }
+    }
+    let report = c.report(deep, ids.len(), proven, recovered);
+    let mut a = archive;
+    a.profile.last_check = Some(CheckRecord {
+        time: profile::now_rfc3339(),
+        deep,
+        ok: report.ok(),
+        problems: report.problems.len() as u64,
+    });
+    if let Err(e) = a.save_profile() {
+        progress.warn(&format!("VM {vm}: could not record the check result: {e}"));
+    }
+    Ok(report)
+}
+
+impl Checker<'_> {
+    fn report(
+        self,
+        deep: bool,
+        generations: usize,
+        proven: usize,
+        recovered: Vec<String>,
+    ) -> CheckReport {
+        CheckReport {
+            vm: self.vm,
+            deep,
+            generations,
+            generations_proven: proven,
+            bytes_verified: self.bytes,
+            recovered,
+            problems: self.problems,
+        }
+    }
+
+    fn rel(&self, path: &std::path::Path) -> String {
+        path.strip_prefix(self.repo.root())
+            .unwrap_or(path)
+            .display()
+            .to_string()
+    }
+
+    fn problem(
+        &mut self,
+        gen: Option<&str>,
+        disk: Option<&str>,
+        file: Option<&std::path::Path>,
+        range: Option<(u64, u64)>,
+        detail: String,
+    ) {
+        let file = file.map(|f| self.rel(f));
+        let p = Problem {
+            vm: self.vm.clone(),
+            generation: gen.map(str::to_string),
+            disk: disk.map(str::to_string),
+            file,
+            range,
+            detail,
+        };
+        self.progress.warn(&p.to_string());
+        self.problems.push(p);
+    }
+
+    /// Newest generation: digest file against the root, image against the digests.
+    fn check_newest(&mut self, g: &Generation) {
+        for d in &g.profile.disks {
+            let dpath = g.digest_path(&d.name);
+            let digest = match DigestReader::open(&dpath) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.problem(
+                        Some(&g.id),
+                        Some(&d.name),
+                        Some(&dpath),
+                        None,
+                        strip_path(&e),
+                    );
+                    continue;
+                }
+            };
+            match digest.root() {
+                Ok(root) if root == d.digest_root && digest.header.disk_size == d.size => {}
+                Ok(_) => self.problem(
+                    Some(&g.id),
+                    Some(&d.name),
+                    Some(&dpath),
+                    None,
+                    "digests do not match the generation's digest root".into(),
+                ),
+                Err(e) => self.problem(
+                    Some(&g.id),
+                    Some(&d.name),
+                    Some(&dpath),
+                    None,
+                    strip_path(&e),
+                ),
+            }
+            let ipath = g.image_path(&d.name);
+            match std::fs::metadata(&ipath) {
+                Ok(m) if m.len() == d.size => {}
+                Ok(m) => {
+                    let detail =
+                        format!("image is {} bytes, the generation says {}", m.len(), d.size);
+                    self.problem(Some(&g.id), Some(&d.name), Some(&ipath), None, detail);
+                    continue;
+                }
+                Err(_) => {
+                    self.problem(
+                        Some(&g.id),
+                        Some(&d.name),
+                        Some(&ipath),
+                        None,
+                        "image file is missing".into(),
+                    );
+                    continue;
+                }
+            }
+            if let Err(e) = self.verify_image(g, &d.name, d.size, &digest) {
+                self.problem(
+                    Some(&g.id),
+                    Some(&d.name),
+                    Some(&ipath),
+                    None,
+                    strip_path(&e),
+                );
+            }
+        }
+    }
+
+    fn verify_image(
+        &mut self,
+        g: &Generation,
+        disk: &str,
+        size: u64,
+        digest: &DigestReader,
+    ) -> Result<()> {
+        let ipath = g.image_path(disk);
+        let file = crate::fsutil::open_ro(&ipath)?;
+        let bs = digest.header.block_size;
+        let blocks = digest.blocks();
+        let per = ((4u64 << 20) / bs as u64).max(1);
+        let mut next = 0u64;
+        let task = self.progress.task(&format!("{disk} image"), size);
+        let mut bad = Vec::new();
+        let work = |start: u64| -> Result<(u64, Vec<u64>)> {
+            let end = (start + per).min(blocks);
+            let from = start * bs as u64;
+            let to = (end * bs as u64).min(size);
+            let mut buf = vec![0u8; (to - from) as usize];
+            crate::fsutil::read_exact_at(&file, &mut buf, from, &ipath)?;
+            let mut want = vec![0u8; (end - start) as usize * DIGEST_LEN];
+            digest.read_range(start, &mut want)?;
+            let mut bad = Vec::new();
+            for (i, chunk) in buf.chunks(bs as usize).enumerate() {
+                if block_digest(chunk)[..] != want[i * DIGEST_LEN..(i + 1) * DIGEST_LEN] {
+                    bad.push(start + i as u64);
+                }
+            }
+            task.advance(to - from);
+            Ok((to - from, bad))
+        };
+        let plan = || {
+            let s = next;
+            next += per;
+            Ok((s < blocks).then_some(s))
+        };
+        let mut verified = 0;
+        pipeline::ordered(crate::engine::cpu_threads(), 6, plan, work, |(n, b)| {
+            verified += n;
+            bad.extend(b);
+            Ok(())
+        })?;
+        task.finish();
+        self.bytes += verified;
+        for (a, b) in coalesce(&bad) {
+            let range = (a * bs as u64, (b * bs as u64).min(size));
+            self.problem(
+                Some(&g.id),
+                Some(disk),
+                Some(&ipath),
+                Some(range),
+                "image blocks fail their digests".into(),
+            );
+        }
+        for b in bad {
+            self.bad_image.insert((disk.to_string(), b));
+        }
+        Ok(())
+    }
+
+    /// An older generation: each reverse diff's structure and checksum; deep also proves
+    /// every record's digest.
+    fn check_rdiffs(&mut self, g: &Generation, deep: bool) {
+        for d in &g.profile.disks {
+            let path = g.rdiff_path(&d.name);
+            let r = match RdiffReader::open(&path) {
+                Ok(r) => r,
+                Err(e) => {
+                    self.problem(
+                        Some(&g.id),
+                        Some(&d.name),
+                        Some(&path),
+                        None,
+                        strip_path(&e),
+                    );
+                    continue;
+                }
+            };
+            if r.header.disk_size != d.size {
+                self.problem(
+                    Some(&g.id),
+                    Some(&d.name),
+                    Some(&path),
+                    None,
+                    "disk size differs from the generation profile".into(),
+                );
+            }
+            if let Err(e) = r.verify_file_hash() {
+                self.problem(
+                    Some(&g.id),
+                    Some(&d.name),
+                    Some(&path),
+                    None,
+                    strip_path(&e),
+                );
+            }
+            self.bytes += r.file_len;
+            if !deep {
+                continue;
+            }
+            let bs = r.header.block_size as u64;
+            let mut bad = Vec::new();
+            for i in 0..r.len() {
+                let b = r.block_at(i);
+                let ok = match r.read(i) {
+                    Ok(rec) => {
+                        !rec.is_damaged()
+                            && rec
+                                .data(&path)
+                                .is_ok_and(|data| block_digest(&data) == rec.digest)
+                    }
+                    Err(_) => false,
+                };
+                if !ok {
+                    bad.push(b);
+                }
+            }
+            for &b in &bad {
+                self.bad_records.insert((g.id.clone(), d.name.clone(), b));
+                let range = (
+                    b * bs,
+                    b * bs + block_len(b, d.size, r.header.block_size) as u64,
+                );
+                self.problem(
+                    Some(&g.id),
+                    Some(&d.name),
+                    Some(&path),
+                    Some(range),
+                    "reverse-diff record fails its digest".into(),
+                );
+            }
+        }
+    }
+
+    /// Resolve every block of generation `gens[k]` and prove its digest root.
+    fn prove(&mut self, archive: &VmArchive, gens: &[Generation], k: usize) -> bool {
+        let g = &gens[k];
+        let mut ok = true;
+        for d in &g.profile.disks {
+            let view = match DiskView::open(archive, gens, k, &d.name) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.problem(
+                        Some(&g.id),
+                        Some(&d.name),
+                        None,
+                        None,
+                        format!("cannot be reconstructed: {e}"),
+                    );
+                    ok = false;
+                    continue;
+                }
+            };
+            match self.root_of(&view, gens, k) {
+                Ok((root, damaged)) => {
+                    if root != d.digest_root {
+                        self.problem(
+                            Some(&g.id),
+                            Some(&d.name),
+                            None,
+                            None,
+                            "reconstructed digests do not match the generation's digest root"
+                                .into(),
+                        );
+                        ok = false;
+                    }
+                    let bs = view.block_size as u64;
+                    for (a, b) in coalesce(&damaged) {
+                        if k + 1 < gens.len() {
+                            let range = (a * bs, (b * bs).min(view.size));
+                            self.problem(
+                                Some(&g.id),
+                                Some(&d.name),
+                                None,
+                                Some(range),
+                                "a restore of this generation would meet damaged blocks".into(),
+                            );
+                        }
+                        ok = false;
+                    }
+                }
+                Err(e) => {
+                    self.problem(
+                        Some(&g.id),
+                        Some(&d.name),
+                        None,
+                        None,
+                        format!("cannot be reconstructed: {e}"),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        ok
+    }
+
+    /// The digest root of a view's generation, and the blocks whose source is damaged.
+    fn root_of(
+        &self,
+        view: &DiskView,
+        gens: &[Generation],
+        k: usize,
+    ) -> Result<(String, Vec<u64>)> {
+        let mut rh = RootHasher::new(view.block_size, view.size);
+        let mut damaged = Vec::new();
+        let chain_gen = |c: u32| -> &str { &gens[k + c as usize].id };
+        let mut buf = Vec::new();
+        for seg in view.segments() {
+            match seg.loc {
+                Loc::Zero => {
+                    for _ in seg.start..seg.end {
+                        rh.push(&ZERO_DIGEST);
+                    }
+                }
+                Loc::Image => {
+                    let mut s = seg.start;
+                    while s < seg.end {
+                        let e = (s + 65536).min(seg.end);
+                        buf.resize((e - s) as usize * DIGEST_LEN, 0);
+                        view.image_digests(s, &mut buf)?;
+                        rh.push_many(&buf);
+                        for b in s..e {
+                            if self.bad_image.contains(&(view.disk.clone(), b)) {
+                                damaged.push(b);
+                            }
+                        }
+                        s = e;
+                    }
+                }
+                Loc::Record { chain, rec } => {
+                    let r = &view.chain()[chain as usize];
+                    let record = r.read(rec as usize)?;
+                    rh.push(&record.digest);
+                    if self.bad_records.contains(&(
+                        chain_gen(chain).to_string(),
+                        view.disk.clone(),
+                        seg.start,
+                    )) {
+                        damaged.push(seg.start);
+                    }
+                }
+            }
+        }
+        Ok((rh.finish(), damaged))
+    }
+}
+
+/// Sorted block numbers as runs `[a, b)`.
+fn coalesce(blocks: &[u64]) -> Vec<(u64, u64)> {
+    let mut v = blocks.to_vec();
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for b in v {
+        match out.last_mut() {
+            Some(last) if last.1 == b => last.1 = b + 1,
+            _ => out.push((b, b + 1)),
+        }
+    }
+    out
+}
+
+/// An error's text without the path prefix (the problem names the file already).
+fn strip_path(e: &Error) -> String {
+    match e {
+        Error::Corrupt { detail, .. } | Error::Format { detail, .. } => detail.clone(),
+        other => other.to_string(),
+    }
+}

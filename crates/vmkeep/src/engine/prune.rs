@@ -1,0 +1,188 @@
+//! `prune`: drop generations a retention schedule no longer keeps.
+//!
+//! Dropping the oldest generation deletes its folder. Dropping a middle one merges its
+//! reverse diffs into the next older generation's (the older record wins, as the older
+//! generation's content is what that record holds) under a transaction, so that a crash
+//! leaves either the old or the new chain, never a mix.
+
+use serde::Serialize;
+
+use crate::archive::format::{block_count, block_len};
+use crate::archive::lock::VmLock;
+use crate::archive::profile::parse_time;
+use crate::archive::rdiff::{RdiffHeader, RdiffReader, RdiffWriter, Record, FLAG_BASE};
+use crate::archive::retention::{self, Item, Schedule};
+use crate::archive::txn::{self, Txn};
+use crate::archive::{Generation, Repository};
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+
+/// What a prune did (or would do, with `dry_run`).
+#[derive(Debug, Clone, Serialize)]
+pub struct PruneReport {
+    pub vm: String,
+    pub dry_run: bool,
+    pub kept: Vec<String>,
+    pub removed: Vec<String>,
+    pub recovered: Vec<String>,
+}
+
+/// Apply `schedule` to VM `vm`.
+pub fn prune(
+    repo: &Repository,
+    vm: &str,
+    schedule: &Schedule,
+    dry_run: bool,
+    _progress: &dyn Progress,
+) -> Result<PruneReport> {
+    let archive = repo.vm(vm)?;
+    let _lock = VmLock::acquire(&archive.dir, vm, "prune")?;
+    let recovered = if dry_run {
+        Vec::new()
+    } else {
+        txn::recover(&archive.dir)?
+    };
+    let gens = archive.generations()?;
+    let items: Vec<Item> = gens
+        .iter()
+        .map(|g| {
+            let time = parse_time(&g.profile.time).ok_or_else(|| {
+                Error::corrupt(
+                    g.profile_path(),
+                    format!("unreadable time {:?}", g.profile.time),
+                )
+            })?;
+            Ok(Item {
+                time,
+                protected: g.profile.protected,
+            })
+        })
+        .collect::<Result<_>>()?;
+    let keep = retention::keep(&items, schedule);
+    let mut report = PruneReport {
+        vm: vm.to_string(),
+        dry_run,
+        kept: vec![],
+        removed: vec![],
+        recovered,
+    };
+    for (g, k) in gens.iter().zip(&keep) {
+        if *k {
+            report.kept.push(g.id.clone())
+        } else {
+            report.removed.push(g.id.clone())
+        }
+    }
+    if dry_run {
+        return Ok(report);
+    }
+    for id in &report.removed {
+        let current = archive.generations()?;
+        let m = current
+            .iter()
+            .position(|g| &g.id == id)
+            .expect("generation listed a moment ago");
+        drop_generation(&archive.dir, &current, m)?;
+    }
+    Ok(report)
+}
+
+/// Remove generation `gens[m]` (never the newest) from the chain.
+pub fn drop_generation(vm_dir: &std::path::Path, gens: &[Generation], m: usize) -> Result<()> {
+    assert!(m + 1 < gens.len(), "the newest generation is never dropped");
+    if m == 0 {
+        return txn::delete_generation(vm_dir, &gens[0].id);
+    }
+    let (older, dropped) = (&gens[m - 1], &gens[m]);
+    let mut merged = Vec::new();
+    for d in &older.profile.disks {
+        let a = RdiffReader::open(&older.rdiff_path(&d.name))?;
+        if a.header.is_base() {
+            continue; // the older generation's chain already ends at itself
+        }
+        let b = RdiffReader::open(&dropped.rdiff_path(&d.name))?;
+        merge(&a, &b, &older.dir.join(format!("{}.rdiff.merge", d.name)))?;
+        merged.push(d.name.clone());
+    }
+    let t = Txn::prune(older.id.clone(), dropped.id.clone(), merged);
+    t.store(vm_dir)?;
+    txn::roll_forward_prune(vm_dir, &t)?;
+    Txn::clear(vm_dir)
+}
+
+/// Write rdiff(A: g vs g+1) ∘ rdiff(B: g+1 vs g+2) = rdiff(g vs g+2) to `out`.
+pub fn merge(a: &RdiffReader, b: &RdiffReader, out: &std::path::Path) -> Result<u64> {
+    let bs = a.header.block_size;
+    if b.header.block_size != bs || b.header.disk_size != a.header.next_size {
+        return Err(Error::corrupt(
+            b.path(),
+            "does not continue the older generation's reverse diff",
+        ));
+    }
+    let header = RdiffHeader {
+        flags: b.header.flags & FLAG_BASE,
+        block_size: bs,
+        compression: a.header.compression.max(b.header.compression),
+        disk_size: a.header.disk_size,
+        next_size: if b.header.is_base() {
+            0
+        } else {
+            b.header.next_size
+        },
+        generation: a.header.generation,
+    };
+    let _ = std::fs::remove_file(out);
+    let mut w = RdiffWriter::create(out, header)?;
+    let n_a = block_count(a.header.disk_size, bs);
+    let n_mid = block_count(a.header.next_size, bs);
+    // Blocks past the middle generation's end read as zero from A; past it, B and the
+    // newer chain know nothing of them, so they need explicit zero records.
+    let zero_end = if b.header.is_base() {
+        n_mid
+    } else {
+        n_a.min(block_count(b.header.next_size, bs))
+    };
+    let (mut ia, mut ib) = (0usize, 0usize);
+    let mut z = n_mid;
+    loop {
+        let na = (ia < a.len()).then(|| a.block_at(ia));
+        let nb = (ib < b.len())
+            .then(|| b.block_at(ib))
+            .filter(|&x| x < n_mid.min(n_a));
+        let nz = (z < zero_end).then_some(z);
+        let Some(next) = [na, nb, nz].into_iter().flatten().min() else {
+            break;
+        };
+        if na == Some(next) {
+            w.append(&a.read(ia)?)?;
+        } else if nb == Some(next) {
+            let rec = b.read(ib)?;
+            let len = block_len(next, a.header.disk_size, bs) as u32;
+            if rec.raw_len == len {
+                w.append(&rec)?;
+            } else if rec.is_zero() {
+                w.append(&Record::zero(next, len))?;
+            } else {
+                return Err(Error::corrupt(
+                    b.path(),
+                    format!("block {next} has a length the older generation cannot hold"),
+                ));
+            }
+        } else {
+            w.append(&Record::zero(
+                next,
+                block_len(next, a.header.disk_size, bs) as u32,
+            ))?;
+        }
+        if na == Some(next) {
+            ia += 1;
+        }
+        if nb == Some(next) {
+            ib += 1;
+        }
+        if nz == Some(next) {
+            z += 1;
+        }
+    }
+    w.finish()
+}

@@ -1,0 +1,412 @@
+//! Reading any generation of a disk: the newest image plus the chain of reverse diffs.
+//!
+//! Numbering generations oldest first, block `b` of generation `k` is the first record for
+//! `b` in rdiff(k), rdiff(k+1), …, else the newest image. Two rules end a walk early: a
+//! reverse diff marked *base* (the next generation lacked the disk) means "no record: zero",
+//! and a block at or past the next generation's size with no record so far is zero.
+//!
+//! Every block is verified against its digest before it is returned. Readers take no lock:
+//! if a backup updates the newest image while a reader runs, a block that no longer
+//! matches the digest the reader started with is looked up in the reverse diffs that
+//! backup is writing (its undo journal holds exactly the overwritten content).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use crate::archive::digest::{block_digest, Digest, DigestReader, ZERO_DIGEST};
+use crate::archive::format::{block_count, block_len, DIGEST_LEN};
+use crate::archive::rdiff::{self, RdiffReader, Record};
+use crate::archive::{Generation, VmArchive};
+use crate::error::{Error, Result};
+use crate::fsutil;
+
+/// Where a block of the generation comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Loc {
+    /// Record `rec` of reverse diff `chain` (0 = the generation's own).
+    Record { chain: u32, rec: u32 },
+    /// The newest image.
+    Image,
+    /// All zeros.
+    Zero,
+}
+
+/// A run of blocks with one location kind (records are single blocks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub start: u64,
+    pub end: u64,
+    pub loc: Loc,
+}
+
+/// One block as read: its bytes, the digest it must have, and whether it matched.
+pub struct Block {
+    pub data: Vec<u8>,
+    pub digest: Digest,
+    pub ok: bool,
+}
+
+/// One disk of one generation, ready to be read.
+pub struct DiskView {
+    pub disk: String,
+    pub generation: String,
+    pub size: u64,
+    pub block_size: u32,
+    chain: Vec<RdiffReader>,
+    image: Option<(File, PathBuf)>,
+    digest: Option<DigestReader>,
+    image_size: u64,
+    /// Blocks resolved to a record, sorted: (block, chain index, record index).
+    map: Vec<(u64, u32, u32)>,
+    /// Blocks below this with no record come from the image; the rest are zero.
+    image_limit: u64,
+    vm_dir: PathBuf,
+    newest: String,
+}
+
+impl DiskView {
+    /// Open disk `disk` of generation `gens[k]` (`gens` is every generation, oldest first).
+    pub fn open(vm: &VmArchive, gens: &[Generation], k: usize, disk: &str) -> Result<DiskView> {
+        let target = &gens[k];
+        let Some(rec) = target.profile.disk(disk) else {
+            let have: Vec<&str> = target
+                .profile
+                .disks
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect();
+            return Err(Error::usage(format!(
+                "generation {} of VM {} has no disk {disk:?} (it has: {})",
+                target.id,
+                vm.name,
+                have.join(", ")
+            )));
+        };
+        let bs = target.profile.block_size;
+        let size = rec.size;
+        let mut chain = Vec::new();
+        let mut ends_at_base = false;
+        for j in k..gens.len() - 1 {
+            let g = &gens[j];
+            let path = g.rdiff_path(disk);
+            let r = RdiffReader::open(&path)?;
+            let own = g.profile.disk(disk).map(|d| d.size);
+            if own != Some(r.header.disk_size) || r.header.block_size != bs {
+                return Err(Error::corrupt(
+                    &path,
+                    "header does not match the generation profile",
+                ));
+            }
+            let is_base = r.header.is_base();
+            let next = gens[j + 1].profile.disk(disk).map(|d| d.size);
+            if is_base != next.is_none() || (!is_base && next != Some(r.header.next_size)) {
+                return Err(Error::corrupt(
+                    &path,
+                    "header does not match the next generation",
+                ));
+            }
+            chain.push(r);
+            if is_base {
+                ends_at_base = true;
+                break;
+            }
+        }
+        let newest = &gens[gens.len() - 1];
+        let (image, digest, image_size) = if ends_at_base {
+            (None, None, 0)
+        } else {
+            let nrec = newest.profile.disk(disk).ok_or_else(|| {
+                Error::corrupt(&newest.dir, format!("newest generation lacks disk {disk}"))
+            })?;
+            let dpath = newest.digest_path(disk);
+            let d = DigestReader::open(&dpath)?;
+            if d.header.disk_size != nrec.size || d.header.block_size != bs {
+                return Err(Error::corrupt(
+                    &dpath,
+                    "header does not match the generation profile",
+                ));
+            }
+            let ipath = newest.image_path(disk);
+            let f = fsutil::open_ro(&ipath)?;
+            (Some((f, ipath)), Some(d), nrec.size)
+        };
+        let mut view = DiskView {
+            disk: disk.to_string(),
+            generation: target.id.clone(),
+            size,
+            block_size: bs,
+            chain,
+            image,
+            digest,
+            image_size,
+            map: Vec::new(),
+            image_limit: 0,
+            vm_dir: vm.dir.clone(),
+            newest: newest.id.clone(),
+        };
+        view.build_map();
+        Ok(view)
+    }
+
+    fn build_map(&mut self) {
+        let mut limit = block_count(self.size, self.block_size);
+        let mut map: Vec<(u64, u32, u32)> = Vec::new();
+        for (ci, r) in self.chain.iter().enumerate() {
+            let mut merged = Vec::with_capacity(map.len() + r.len());
+            let mut old = map.into_iter().peekable();
+            for (ri, b) in r.blocks().enumerate() {
+                if b >= limit {
+                    break;
+                }
+                while let Some(&e) = old.peek() {
+                    if e.0 < b {
+                        merged.push(e);
+                        old.next();
+                    } else {
+                        break;
+                    }
+                }
+                if old.peek().is_some_and(|e| e.0 == b) {
+                    continue; // a record of an older generation wins
+                }
+                merged.push((b, ci as u32, ri as u32));
+            }
+            merged.extend(old);
+            map = merged;
+            if r.header.is_base() {
+                limit = 0;
+                break;
+            }
+            limit = limit.min(block_count(r.header.next_size, self.block_size));
+        }
+        self.map = map;
+        self.image_limit = if self.image.is_some() { limit } else { 0 };
+    }
+
+    pub fn blocks(&self) -> u64 {
+        block_count(self.size, self.block_size)
+    }
+
+    /// Number of blocks served by reverse-diff records.
+    pub fn record_blocks(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn locate(&self, b: u64) -> Loc {
+        match self.map.binary_search_by_key(&b, |e| e.0) {
+            Ok(i) => Loc::Record {
+                chain: self.map[i].1,
+                rec: self.map[i].2,
+            },
+            Err(_) if b < self.image_limit => Loc::Image,
+            Err(_) => Loc::Zero,
+        }
+    }
+
+    /// The generation's blocks as runs, in order.
+    pub fn segments(&self) -> Vec<Segment> {
+        let n = self.blocks();
+        let mut out = Vec::new();
+        let mut pos = 0;
+        let push_gap = |out: &mut Vec<Segment>, from: u64, to: u64| {
+            let mid = self.image_limit.clamp(from, to);
+            if from < mid {
+                out.push(Segment {
+                    start: from,
+                    end: mid,
+                    loc: Loc::Image,
+                });
+            }
+            if mid < to {
+                out.push(Segment {
+                    start: mid,
+                    end: to,
+                    loc: Loc::Zero,
+                });
+            }
+        };
+        for &(b, c, r) in &self.map {
+            push_gap(&mut out, pos, b);
+            out.push(Segment {
+                start: b,
+                end: b + 1,
+                loc: Loc::Record { chain: c, rec: r },
+            });
+            pos = b + 1;
+        }
+        push_gap(&mut out, pos, n);
+        out
+    }
+
+    /// The digest the generation records for block `b`, without reading data.
+    pub fn digest_of(&self, b: u64) -> Result<Digest> {
+        match self.locate(b) {
+            Loc::Record { chain, rec } => {
+                let r = &self.chain[chain as usize];
+                Ok(r.read(rec as usize)?.digest)
+            }
+            Loc::Image => self.image_digest(b),
+            Loc::Zero => Ok(ZERO_DIGEST),
+        }
+    }
+
+    fn image_digest(&self, b: u64) -> Result<Digest> {
+        let mut d = [0u8; DIGEST_LEN];
+        self.digest
+            .as_ref()
+            .expect("image implies digest")
+            .read_range(b, &mut d)?;
+        Ok(d)
+    }
+
+    /// Read the digests of image blocks `[start, start + n)` into `out`.
+    pub fn image_digests(&self, start: u64, out: &mut [u8]) -> Result<()> {
+        self.digest
+            .as_ref()
+            .expect("image implies digest")
+            .read_range(start, out)
+    }
+
+    /// Read record `rec` of chain member `chain`, as the generation's block.
+    pub fn read_record(&self, chain: u32, rec: u32) -> Result<Block> {
+        let r = &self.chain[chain as usize];
+        let record = r.read(rec as usize)?;
+        Ok(self.record_block(&record, r.path()))
+    }
+
+    fn record_block(&self, record: &Record, path: &Path) -> Block {
+        let len = block_len(record.block, self.size, self.block_size);
+        match record.data(path) {
+            Ok(mut data) => {
+                let ok = !record.is_damaged() && block_digest(&data) == record.digest;
+                data.resize(len, 0);
+                Block {
+                    data,
+                    digest: record.digest,
+                    ok,
+                }
+            }
+            Err(_) => Block {
+                data: vec![0; len],
+                digest: record.digest,
+                ok: false,
+            },
+        }
+    }
+
+    /// Read image blocks `[start, end)` into one buffer (sized to this generation) and
+    /// verify each; returns the buffer and the blocks that failed.
+    pub fn read_image_run(&self, start: u64, end: u64) -> Result<(Vec<u8>, Vec<u64>)> {
+        let bs = self.block_size as u64;
+        let (file, path) = self.image.as_ref().expect("image run without image");
+        let from = start * bs;
+        let to = (end * bs).min(self.size);
+        let mut buf = vec![0u8; (to - from) as usize];
+        let avail = self.image_size.min(to).saturating_sub(from) as usize;
+        fsutil::read_exact_at(file, &mut buf[..avail], from, path)?;
+        let mut digests = vec![0u8; ((end - start) as usize) * DIGEST_LEN];
+        self.image_digests(start, &mut digests)?;
+        let mut bad = Vec::new();
+        for b in start..end {
+            let i = (b - start) as usize;
+            let s = i * bs as usize;
+            let e = ((i + 1) * bs as usize).min(buf.len());
+            // The image's block may be longer than this generation's (the disk grew
+            // later); its digest covers the image's own length.
+            let img_len = block_len(b, self.image_size, self.block_size);
+            let want: Digest = digests[i * DIGEST_LEN..(i + 1) * DIGEST_LEN]
+                .try_into()
+                .expect("32");
+            let got = if img_len == e - s {
+                block_digest(&buf[s..e])
+            } else {
+                let mut full = vec![0u8; img_len];
+                fsutil::read_exact_at(file, &mut full, b * bs, path)?;
+                block_digest(&full)
+            };
+            if got != want {
+                match self.moved_on(b, want)? {
+                    Some(data) => {
+                        let n = (e - s).min(data.len());
+                        buf[s..s + n].copy_from_slice(&data[..n]);
+                        buf[s + n..e].fill(0);
+                    }
+                    None => bad.push(b),
+                }
+            }
+        }
+        Ok((buf, bad))
+    }
+
+    /// Read one block of the generation, verified.
+    pub fn read_block(&self, b: u64) -> Result<Block> {
+        match self.locate(b) {
+            Loc::Record { chain, rec } => self.read_record(chain, rec),
+            Loc::Image => {
+                let digest = self.image_digest(b)?;
+                let (data, bad) = self.read_image_run(b, b + 1)?;
+                Ok(Block {
+                    data,
+                    digest,
+                    ok: bad.is_empty(),
+                })
+            }
+            Loc::Zero => Ok(Block {
+                data: vec![0; block_len(b, self.size, self.block_size)],
+                digest: ZERO_DIGEST,
+                ok: true,
+            }),
+        }
+    }
+
+    /// The image no longer holds block `b` as the newest generation had it: a backup that
+    /// started after this view was opened has overwritten it, and its old content (digest
+    /// `want`) is in that backup's reverse diff of our newest generation, or in a newer
+    /// one's. Returns the bytes if found and intact.
+    fn moved_on(&self, b: u64, want: Digest) -> Result<Option<Vec<u8>>> {
+        let ids = match VmArchive::generation_ids_in(&self.vm_dir) {
+            Ok(ids) => ids,
+            Err(_) => return Ok(None),
+        };
+        for id in ids.iter().filter(|id| **id >= self.newest) {
+            let dir = self.vm_dir.join(id);
+            let fin = dir.join(format!("{}.rdiff", self.disk));
+            let part = dir.join(format!("{}.rdiff.partial", self.disk));
+            let record = if let Ok(r) = RdiffReader::open(&fin) {
+                r.get(b)?
+            } else if part.exists() {
+                rdiff::scan_partial(&part)
+                    .ok()
+                    .and_then(|p| p.records.into_iter().find(|r| r.block == b))
+            } else {
+                None
+            };
+            if let Some(record) = record {
+                let path = if fin.exists() { fin } else { part };
+                let blk = self.record_block(&record, &path);
+                if blk.ok && blk.digest == want {
+                    return Ok(Some(blk.data));
+                }
+                return Ok(None);
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn chain(&self) -> &[RdiffReader] {
+        &self.chain
+    }
+}
+
+impl VmArchive {
+    /// Generation ids in a VM folder, oldest first (for readers that hold no archive).
+    pub fn generation_ids_in(dir: &Path) -> Result<Vec<String>> {
+        let mut ids: Vec<String> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| crate::archive::is_generation_name(n))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+}

@@ -1,0 +1,311 @@
+//! Small file-system primitives with the durability rules the archive relies on.
+//!
+//! Every write, truncate, rename and fsync that changes the repository goes through this
+//! module, so that the crash tests can stop the process at any one of them
+//! (see [`crate::fault`]) and so that ENOSPC is reported the same way everywhere.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+
+use crate::error::{Error, IoContext, Result};
+use crate::fault;
+
+/// Mode of every file vmkeep creates: backups hold whole disks, so only the owner reads them.
+pub const FILE_MODE: u32 = 0o600;
+/// Mode of every folder vmkeep creates.
+pub const DIR_MODE: u32 = 0o700;
+
+/// Write all of `buf` at `off`.
+pub fn write_at(file: &File, buf: &[u8], off: u64, path: &Path) -> Result<()> {
+    fault::point(path)?;
+    file.write_all_at(buf, off).at(path)
+}
+
+/// Append to a buffered writer (counted as one write for the crash tests).
+pub fn append(w: &mut impl Write, buf: &[u8], path: &Path) -> Result<()> {
+    fault::point(path)?;
+    w.write_all(buf).at(path)
+}
+
+/// Read exactly `buf.len()` bytes at `off`; a short file is corruption of `path`.
+pub fn read_exact_at(file: &File, buf: &mut [u8], off: u64, path: &Path) -> Result<()> {
+    match file.read_exact_at(buf, off) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(Error::corrupt(
+            path,
+            format!("file ends before byte {}", off + buf.len() as u64),
+        )),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// Make a file's data durable.
+pub fn sync_data(file: &File, path: &Path) -> Result<()> {
+    fault::point(path)?;
+    file.sync_data().at(path)
+}
+
+/// Make a file's data and metadata (its size) durable.
+pub fn sync_all(file: &File, path: &Path) -> Result<()> {
+    fault::point(path)?;
+    file.sync_all().at(path)
+}
+
+/// Make a folder's entries (creations, renames, removals) durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    fault::point(dir)?;
+    File::open(dir).and_then(|d| d.sync_all()).at(dir)
+}
+
+/// Change a file's length.
+pub fn set_len(file: &File, len: u64, path: &Path) -> Result<()> {
+    fault::point(path)?;
+    file.set_len(len).at(path)
+}
+
+/// Rename `from` to `to` (atomic within one file system).
+pub fn rename(from: &Path, to: &Path) -> Result<()> {
+    fault::point(to)?;
+    fs::rename(from, to)
+        .map_err(|e| Error::io_ctx(format!("rename {} -> {}", from.display(), to.display()), e))
+}
+
+/// Remove a file if it exists.
+pub fn remove_file(path: &Path) -> Result<()> {
+    fault::point(path)?;
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// Remove a folder and everything in it if it exists.
+pub fn remove_dir_all(path: &Path) -> Result<()> {
+    fault::point(path)?;
+    match fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// Create a folder (mode 0700); an existing one is fine.
+pub fn create_dir(path: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match fs::DirBuilder::new().mode(DIR_MODE).create(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// Create a new file for writing (mode 0600); it must not exist yet.
+pub fn create_new(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(FILE_MODE)
+        .open(path)
+        .at(path)
+}
+
+/// Create or truncate a file for writing (mode 0600).
+pub fn create_truncate(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(FILE_MODE)
+        .open(path)
+        .at(path)
+}
+
+/// Open an existing file for reading and writing.
+pub fn open_rw(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| not_found_is_corrupt(path, e))
+}
+
+/// Open an existing archive file for reading; a missing one is damage to the archive.
+pub fn open_ro(path: &Path) -> Result<File> {
+    File::open(path).map_err(|e| not_found_is_corrupt(path, e))
+}
+
+fn not_found_is_corrupt(path: &Path, e: io::Error) -> Error {
+    if e.kind() == io::ErrorKind::NotFound {
+        Error::corrupt(path, "file is missing")
+    } else {
+        Error::io(path, e)
+    }
+}
+
+/// Replace `path` with `data` atomically: write beside, fsync, rename, fsync the folder.
+pub fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = tmp_path(path);
+    let f = create_truncate(&tmp)?;
+    write_at(&f, data, 0, &tmp)?;
+    sync_all(&f, &tmp)?;
+    drop(f);
+    rename(&tmp, path)?;
+    sync_dir(parent(path))
+}
+
+/// Point the symlink `link` at `target` atomically.
+pub fn atomic_symlink(target: &Path, link: &Path) -> Result<()> {
+    let tmp = tmp_path(link);
+    let _ = fs::remove_file(&tmp);
+    fault::point(&tmp)?;
+    std::os::unix::fs::symlink(target, &tmp).at(&tmp)?;
+    rename(&tmp, link)?;
+    sync_dir(parent(link))
+}
+
+/// The name a file is written under before it is renamed into place.
+pub fn tmp_path(path: &Path) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+pub fn parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Free a range of a file so that it reads as zeros and takes no space.
+pub fn punch_hole(file: &File, off: u64, len: u64, path: &Path) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    fault::point(path)?;
+    // SAFETY: fallocate on a valid open descriptor; it takes no pointers.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        // File systems (and block devices) without hole punching get explicit zeros.
+        Some(libc::EOPNOTSUPP) | Some(libc::ENODEV) | Some(libc::EINVAL) => {
+            write_zeros(file, off, len, path)
+        }
+        _ => Err(Error::io(path, err)),
+    }
+}
+
+/// Write zeros over a range (where holes cannot be made).
+pub fn write_zeros(file: &File, off: u64, len: u64, path: &Path) -> Result<()> {
+    const CHUNK: usize = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(len as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(CHUNK as u64) as usize;
+        write_at(file, &zeros[..n], off + done, path)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// Data ranges of `file` within `[start, end)`, found with `SEEK_DATA`/`SEEK_HOLE`.
+/// Where the file system cannot say, the whole range is data.
+pub fn data_extents(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut out = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        // SAFETY: lseek on a valid descriptor; no pointers involved.
+        let data = unsafe { libc::lseek(fd, pos as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(out),
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+                    out.push((pos, end - pos));
+                    Ok(out)
+                }
+                _ => Err(e),
+            };
+        }
+        let data = data as u64;
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        let hole = if hole < 0 {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
+        out.push((data, hole - data));
+        pos = hole;
+    }
+    Ok(out)
+}
+
+/// True when every byte of `buf` is zero.
+pub fn is_zero(buf: &[u8]) -> bool {
+    // OR-ing 64-byte chunks into one word vectorises well and exits early on data.
+    let mut chunks = buf.chunks_exact(64);
+    for chunk in &mut chunks {
+        let acc = chunk.chunks_exact(8).fold(0u64, |acc, w| {
+            acc | u64::from_ne_bytes(w.try_into().expect("8 bytes"))
+        });
+        if acc != 0 {
+            return false;
+        }
+    }
+    chunks.remainder().iter().all(|&b| b == 0)
+}
+
+/// Size of a file or block device opened as `file`.
+pub fn file_or_device_size(file: &File, path: &Path) -> Result<u64> {
+    let meta = file.metadata().at(path)?;
+    use std::os::unix::fs::FileTypeExt;
+    if meta.file_type().is_block_device() {
+        let mut size: u64 = 0;
+        // SAFETY: BLKGETSIZE64 writes one u64 through the pointer we pass, which lives on
+        // our stack for the duration of the call.
+        let rc = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size as *mut u64) };
+        if rc != 0 {
+            return Err(Error::io(path, io::Error::last_os_error()));
+        }
+        Ok(size)
+    } else {
+        Ok(meta.len())
+    }
+}
+
+/// `_IOR(0x12, 114, size_t)`
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+
+/// Bytes a file really occupies on disk.
+pub fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+/// Make `to` a second name of the file `from` (same file system).
+pub fn hard_link(from: &Path, to: &Path) -> Result<()> {
+    fault::point(to)?;
+    fs::hard_link(from, to)
+        .map_err(|e| Error::io_ctx(format!("link {} -> {}", from.display(), to.display()), e))
+}
