@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod fault;
 pub mod fsutil;
+pub mod nbd;
 pub mod progress;
 pub mod source;
 pub mod target;
