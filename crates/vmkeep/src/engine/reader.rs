@@ -99,7 +99,10 @@ impl DiskView {
             }
             let is_base = r.header.is_base();
             let next = gens[j + 1].profile.disk(disk).map(|d| d.size);
-            if is_base != next.is_none() || (!is_base && next != Some(r.header.next_size)) {
+            // A base reverse diff is self-contained (the disk was absent from the next
+            // generation when it was made; a later generation may hold a new disk of the
+            // same name). Any other must continue into the next generation's disk.
+            if !is_base && next != Some(r.header.next_size) {
                 return Err(Error::corrupt(
                     &path,
                     "header does not match the next generation",
