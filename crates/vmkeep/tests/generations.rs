@@ -22,14 +22,29 @@ use vmkeep::target::file::FileTarget;
 #[derive(Debug, Clone)]
 enum Op {
     /// Write `len` bytes at `off` (fractions of the disk size), random or compressible.
-    Write { at: f64, len: usize, seed: u64, text: bool },
+    Write {
+        at: f64,
+        len: usize,
+        seed: u64,
+        text: bool,
+    },
     /// Fill with zeros (by writing zeros, or by punching a hole).
-    Zero { at: f64, len: usize, punch: bool },
+    Zero {
+        at: f64,
+        len: usize,
+        punch: bool,
+    },
     /// Change the disk size to this many bytes.
-    Resize { size: u64 },
-    Backup { mode: Mode },
+    Resize {
+        size: u64,
+    },
+    Backup {
+        mode: Mode,
+    },
     /// Drop the k-th oldest generation (never the newest).
-    Drop { k: usize },
+    Drop {
+        k: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -55,9 +70,20 @@ struct Disk {
 
 impl Disk {
     fn new(path: PathBuf, size: u64) -> Disk {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
         file.set_len(size).unwrap();
-        Disk { path, file, model: vec![0; size as usize], dirty: Vec::new() }
+        Disk {
+            path,
+            file,
+            model: vec![0; size as usize],
+            dirty: Vec::new(),
+        }
     }
 
     fn span(&self, at: f64, len: usize) -> (usize, usize) {
@@ -68,7 +94,12 @@ impl Disk {
 
     fn apply(&mut self, op: &Op) {
         match *op {
-            Op::Write { at, len, seed, text } => {
+            Op::Write {
+                at,
+                len,
+                seed,
+                text,
+            } => {
                 let (off, len) = self.span(at, len);
                 let data = content(seed, len, text);
                 self.file.write_all_at(&data, off as u64).unwrap();
@@ -114,7 +145,12 @@ fn punch_hole(f: &File, off: u64, len: u64) {
     use std::os::unix::io::AsRawFd;
     // SAFETY: fallocate on a valid descriptor; no pointers.
     let rc = unsafe {
-        libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off as i64, len as i64)
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            off as i64,
+            len as i64,
+        )
     };
     if rc != 0 {
         f.write_all_at(&vec![0; len as usize], off).unwrap();
@@ -127,7 +163,11 @@ fn backup(repo: &Repository, disk: &mut Disk, mode: Mode, block_size: u32) {
     if mode == Mode::Incr {
         input.changed = Some(std::mem::take(&mut disk.dirty));
     }
-    let opts = BackupOptions { mode, block_size: Some(block_size), ..Default::default() };
+    let opts = BackupOptions {
+        mode,
+        block_size: Some(block_size),
+        ..Default::default()
+    };
     let run = BackupRun::begin(repo, "vm").unwrap();
     run.execute(vec![input], &opts, &NoProgress).unwrap();
     disk.dirty.clear();
@@ -137,21 +177,40 @@ fn restore_to(repo: &Repository, k: usize, out: &Path) -> Vec<u8> {
     let archive = repo.vm("vm").unwrap();
     let gens = archive.generations().unwrap();
     let view = DiskView::open(&archive, &gens, k, "vda").unwrap();
-    restore(&view, Box::new(FileTarget::create(out, view.size).unwrap()), false, &NoProgress).unwrap();
+    restore(
+        &view,
+        Box::new(FileTarget::create(out, view.size).unwrap()),
+        false,
+        &NoProgress,
+    )
+    .unwrap();
     std::fs::read(out).unwrap()
 }
 
 /// Every generation restores to its snapshot; the newest image is the disk; check --deep ok.
-fn verify(repo: &Repository, dir: &Path, snapshots: &[Vec<u8>], disk: &Disk) -> Result<(), TestCaseError> {
+fn verify(
+    repo: &Repository,
+    dir: &Path,
+    snapshots: &[Vec<u8>],
+    disk: &Disk,
+) -> Result<(), TestCaseError> {
     let archive = repo.vm("vm").unwrap();
     let gens = archive.generations().unwrap();
     prop_assert_eq!(gens.len(), snapshots.len());
     for (k, snap) in snapshots.iter().enumerate() {
         let got = restore_to(repo, k, &dir.join(format!("restore-{k}.raw")));
-        prop_assert!(got == *snap, "generation {} of {} differs from the disk it was made of", k, snapshots.len());
+        prop_assert!(
+            got == *snap,
+            "generation {} of {} differs from the disk it was made of",
+            k,
+            snapshots.len()
+        );
     }
     let newest = std::fs::read(archive.dir.join("latest/vda.raw")).unwrap();
-    prop_assert!(newest == *snapshots.last().unwrap(), "latest/vda.raw differs from the newest snapshot");
+    prop_assert!(
+        newest == *snapshots.last().unwrap(),
+        "latest/vda.raw differs from the newest snapshot"
+    );
     let _ = disk;
     let report = check(repo, "vm", true, &GenSelect::All, &NoProgress).unwrap();
     prop_assert!(report.ok(), "deep check found: {:?}", report.problems);
@@ -177,7 +236,8 @@ fn run_ops(ops: &[Op], block_size: u32) -> Result<(), TestCaseError> {
                 let archive = repo.vm("vm").unwrap();
                 let gens = archive.generations().unwrap();
                 {
-                    let _lock = vmkeep::archive::lock::VmLock::acquire(&archive.dir, "vm", "test").unwrap();
+                    let _lock =
+                        vmkeep::archive::lock::VmLock::acquire(&archive.dir, "vm", "test").unwrap();
                     vmkeep::engine::prune::drop_generation(&archive.dir, &gens, k).unwrap();
                 }
                 snapshots.remove(k);
@@ -208,12 +268,22 @@ fn shrink_then_grow_with_a_dropped_middle_generation() {
     // Pins the merge rule for blocks past a middle generation's end: after dropping the
     // small middle generation, the old tail must still read as it was, not as the new tail.
     let ops = vec![
-        Op::Write { at: 0.0, len: 2 << 20, seed: 1, text: false },
+        Op::Write {
+            at: 0.0,
+            len: 2 << 20,
+            seed: 1,
+            text: false,
+        },
         Op::Backup { mode: Mode::Full },
         Op::Resize { size: 1 << 20 },
         Op::Backup { mode: Mode::Diff },
         Op::Resize { size: 4 << 20 },
-        Op::Write { at: 0.6, len: 1 << 20, seed: 2, text: false },
+        Op::Write {
+            at: 0.6,
+            len: 1 << 20,
+            seed: 2,
+            text: false,
+        },
         Op::Backup { mode: Mode::Incr },
         Op::Drop { k: 1 },
         Op::Backup { mode: Mode::Auto },
@@ -227,8 +297,18 @@ fn disks_appear_and_disappear() {
     let repo = Repository::init(&dir.path().join("repo")).unwrap();
     let mut a = Disk::new(dir.path().join("a.raw"), 1 << 20);
     let mut b = Disk::new(dir.path().join("b.raw"), 512 << 10);
-    a.apply(&Op::Write { at: 0.1, len: 300 << 10, seed: 5, text: true });
-    b.apply(&Op::Write { at: 0.0, len: 100 << 10, seed: 6, text: false });
+    a.apply(&Op::Write {
+        at: 0.1,
+        len: 300 << 10,
+        seed: 5,
+        text: true,
+    });
+    b.apply(&Op::Write {
+        at: 0.0,
+        len: 100 << 10,
+        seed: 6,
+        text: false,
+    });
     let run_with = |disks: &[&Disk]| {
         let inputs = disks
             .iter()
@@ -237,23 +317,42 @@ fn disks_appear_and_disappear() {
                 DiskInput::new(name, Box::new(FileSource::open(&d.path).unwrap()))
             })
             .collect();
-        BackupRun::begin(&repo, "vm").unwrap().execute(inputs, &BackupOptions::default(), &NoProgress).unwrap()
+        BackupRun::begin(&repo, "vm")
+            .unwrap()
+            .execute(inputs, &BackupOptions::default(), &NoProgress)
+            .unwrap()
     };
     run_with(&[&a]); // g0: a
     let a0 = a.model.clone();
     run_with(&[&a, &b]); // g1: a, b
     let b1 = b.model.clone();
-    a.apply(&Op::Write { at: 0.5, len: 64 << 10, seed: 7, text: false });
+    a.apply(&Op::Write {
+        at: 0.5,
+        len: 64 << 10,
+        seed: 7,
+        text: false,
+    });
     run_with(&[&b]); // g2: b only — a's last image becomes a base reverse diff of g1
     let a1 = a.model.clone();
-    b.apply(&Op::Write { at: 0.2, len: 8 << 10, seed: 8, text: false });
+    b.apply(&Op::Write {
+        at: 0.2,
+        len: 8 << 10,
+        seed: 8,
+        text: false,
+    });
     run_with(&[&a, &b]); // g3: a (changed since g1) and b
     let archive = repo.vm("vm").unwrap();
     let gens = archive.generations().unwrap();
     let read = |k: usize, disk: &str| {
         let view = DiskView::open(&archive, &gens, k, disk).unwrap();
         let out = dir.path().join(format!("r-{k}-{disk}"));
-        restore(&view, Box::new(FileTarget::create(&out, view.size).unwrap()), false, &NoProgress).unwrap();
+        restore(
+            &view,
+            Box::new(FileTarget::create(&out, view.size).unwrap()),
+            false,
+            &NoProgress,
+        )
+        .unwrap();
         std::fs::read(out).unwrap()
     };
     assert!(read(0, "a") == a0);
@@ -262,7 +361,10 @@ fn disks_appear_and_disappear() {
     assert!(read(2, "b") == b1);
     assert!(read(3, "a") == a1);
     assert!(read(3, "b") == b.model);
-    assert!(DiskView::open(&archive, &gens, 2, "a").is_err(), "generation 2 has no disk a");
+    assert!(
+        DiskView::open(&archive, &gens, 2, "a").is_err(),
+        "generation 2 has no disk a"
+    );
     let report = check(&repo, "vm", true, &GenSelect::All, &NoProgress).unwrap();
     assert!(report.ok(), "{:?}", report.problems);
     // Dropping g2 (the one without a) keeps g1's a readable.
@@ -272,7 +374,13 @@ fn disks_appear_and_disappear() {
     let gens = archive.generations().unwrap();
     let view = DiskView::open(&archive, &gens, 1, "a").unwrap();
     let out = dir.path().join("after-drop");
-    restore(&view, Box::new(FileTarget::create(&out, view.size).unwrap()), false, &NoProgress).unwrap();
+    restore(
+        &view,
+        Box::new(FileTarget::create(&out, view.size).unwrap()),
+        false,
+        &NoProgress,
+    )
+    .unwrap();
     assert!(std::fs::read(out).unwrap() == a0);
     let report = check(&repo, "vm", true, &GenSelect::All, &NoProgress).unwrap();
     assert!(report.ok(), "{:?}", report.problems);

@@ -222,7 +222,13 @@ mod tests {
 
     #[test]
     fn request_round_trip() {
-        let r = Request { flags: CMD_FLAG_REQ_ONE, kind: CMD_BLOCK_STATUS, cookie: 7, offset: 1 << 40, length: 65536 };
+        let r = Request {
+            flags: CMD_FLAG_REQ_ONE,
+            kind: CMD_BLOCK_STATUS,
+            cookie: 7,
+            offset: 1 << 40,
+            length: 65536,
+        };
         assert_eq!(Request::decode(&r.encode()), Some(r));
         let mut bad = r.encode();
         bad[0] ^= 1;
