@@ -96,7 +96,12 @@ impl Env {
 
     /// The generation ids of `vm`, oldest first.
     pub fn generations(&self, vm: &str) -> Vec<String> {
-        let mut ids: Vec<String> = std::fs::read_dir(self.repo().join(vm))
+        Env::generations_in(&self.repo(), vm)
+    }
+
+    /// The generation ids of `vm` in repository `repo`, oldest first.
+    pub fn generations_in(repo: &Path, vm: &str) -> Vec<String> {
+        let mut ids: Vec<String> = std::fs::read_dir(repo.join(vm))
             .unwrap()
             .filter_map(|e| e.ok()?.file_name().into_string().ok())
             .filter(|n| n.len() == 36 && n.matches('-').count() == 4)

@@ -526,12 +526,21 @@ pub struct PartialRdiff {
 /// Read back every complete, intact record of a partial reverse diff. A torn record at the
 /// end (the crash happened while it was written) ends the scan: its image block was never
 /// overwritten, because image writes wait for the journal's fsync.
-pub fn scan_partial(path: &Path) -> Result<PartialRdiff> {
+///
+/// A journal whose header is incomplete or unreadable was never synced, so no image block
+/// was overwritten under it: it reads as `None` (nothing to undo).
+pub fn scan_partial(path: &Path) -> Result<Option<PartialRdiff>> {
     let file = fsutil::open_ro(path)?;
     let len = file.metadata().at(path)?.len();
     let mut hb = [0u8; HEADER_LEN];
+    if len < HEADER_LEN as u64 {
+        return Ok(None);
+    }
     fsutil::read_exact_at(&file, &mut hb, 0, path)?;
-    let header = RdiffHeader::decode(path, &hb)?;
+    let Ok(header) = RdiffHeader::decode(path, &hb) else {
+        tracing::warn!("{}: journal header unreadable; nothing was overwritten under it", path.display());
+        return Ok(None);
+    };
     let mut records = Vec::new();
     let mut off = HEADER_LEN as u64;
     while off + HEADER_LEN as u64 <= len {
@@ -559,5 +568,5 @@ pub fn scan_partial(path: &Path) -> Result<PartialRdiff> {
         records.push(rec);
         off = body_end;
     }
-    Ok(PartialRdiff { header, records })
+    Ok(Some(PartialRdiff { header, records }))
 }

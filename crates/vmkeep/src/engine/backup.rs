@@ -496,7 +496,10 @@ impl RunCtx<'_> {
                     next_size: size,
                     generation: archive::generation_bytes(&prev.id),
                 };
-                let journal = RdiffWriter::create(&journal_path, rh)?;
+                let mut journal = RdiffWriter::create(&journal_path, rh)?;
+                // The header (with the old size) must be durable before the image changes
+                // at all, growth included: recovery reads the size to restore from it.
+                journal.sync()?;
                 let digests = DigestWriter::create_from(&digest_path, dh, &o.digest)?;
                 let alloc_before = fsutil::allocated_bytes(&o.image_path);
                 if size > o.size {

@@ -380,6 +380,7 @@ impl DiskView {
             } else if part.exists() {
                 rdiff::scan_partial(&part)
                     .ok()
+                    .flatten()
                     .and_then(|p| p.records.into_iter().find(|r| r.block == b))
             } else {
                 None

@@ -1,0 +1,172 @@
+//! Crash safety, with the fault hook compiled in (`--features fault-injection`): a backup
+//! or prune killed with SIGKILL at every durable operation (write, truncate, rename, fsync,
+//! removal), or hitting ENOSPC there, leaves an archive whose deep check passes, whose newest
+//! generation is the old or the new disk and never a mix, whose older generations are
+//! unchanged, and on which the next backup works.
+
+#![cfg(feature = "fault-injection")]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+/// Copy a repository (sparse, hard links kept).
+fn copy_repo(from: &Path, to: &Path) {
+    let _ = std::fs::remove_dir_all(to);
+    let st = Command::new("cp").args(["-a", "--sparse=always"]).arg(from).arg(to).status().unwrap();
+    assert!(st.success());
+}
+
+fn restore_all(env: &Env, repo: &Path, n: usize, tag: &str) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|k| {
+            let out = env.path(&format!("{tag}-{k}.raw"));
+            let g = k.to_string();
+            let st = vmkeep_at(env, repo, &["restore", "vm", "-g", &g, "--to", out.to_str().unwrap()]);
+            assert!(st.status.success(), "restore -g {k}: {}", String::from_utf8_lossy(&st.stderr));
+            std::fs::read(out).unwrap()
+        })
+        .collect()
+}
+
+fn vmkeep_at(env: &Env, repo: &Path, args: &[&str]) -> std::process::Output {
+    vmkeep_env(env, repo, args, &[])
+}
+
+fn vmkeep_env(env: &Env, repo: &Path, args: &[&str], vars: &[(&str, String)]) -> std::process::Output {
+    let mut c = Command::new(assert_cmd::cargo::cargo_bin("vmkeep"));
+    c.env("VMKEEP_CONFIG", env.path("no-config.toml")).env_remove("VMKEEP_FAULT").arg("--repo").arg(repo).args(args);
+    for (k, v) in vars {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+/// Count the durable operations of a command on a copy of `base`.
+fn count_points(env: &Env, base: &Path, args: &[&str]) -> u64 {
+    let scratch = env.path("count-repo");
+    copy_repo(base, &scratch);
+    let counter = env.path("count");
+    let out = vmkeep_env(env, &scratch, args, &[("VMKEEP_FAULT_COUNT", counter.display().to_string())]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::read_to_string(counter).unwrap().parse().unwrap()
+}
+
+/// A VM with three generations, and a disk changed (grown, rewritten, zeroed) after them.
+fn setup() -> (Env, std::path::PathBuf, Vec<Vec<u8>>) {
+    let env = Env::new();
+    let disk = env.disk("disk.raw", 2 << 20);
+    write_at(&disk, 0, &noise(1, 1 << 20));
+    env.backup("vm", &disk, &["--block-size", "16K"]);
+    write_at(&disk, 300 << 10, &text(200 << 10));
+    env.backup("vm", &disk, &[]);
+    write_at(&disk, 100 << 10, &noise(2, 64 << 10));
+    env.backup("vm", &disk, &[]);
+    let before = restore_all(&env, &env.repo(), 3, "before");
+    // The change the crashing backup records: overwrite, zero, grow.
+    write_at(&disk, 0, &noise(3, 48 << 10));
+    write_at(&disk, 600 << 10, &[0u8; 128 << 10]);
+    let f = std::fs::OpenOptions::new().write(true).open(&disk).unwrap();
+    f.set_len(3 << 20).unwrap();
+    write_at(&disk, (5 << 19) + 4096, &noise(4, 300 << 10));
+    (env, disk, before)
+}
+
+fn assert_consistent(env: &Env, repo: &Path, before: &[Vec<u8>], new_disk: &[u8], point: &str) {
+    let out = vmkeep_at(env, repo, &["check", "vm", "--deep"]);
+    assert!(out.status.success(), "{point}: check --deep failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let n = Env::generations_in(repo, "vm").len();
+    assert!(n == before.len() || n == before.len() + 1, "{point}: {n} generations");
+    let now = restore_all(env, repo, n, "after");
+    let newest = &now[0];
+    if n == before.len() {
+        assert!(newest == &before[0], "{point}: rolled back, but the newest generation is not the old disk");
+    } else {
+        assert!(newest == new_disk, "{point}: committed, but the newest generation is not the new disk");
+    }
+    for (k, old) in before.iter().enumerate() {
+        assert!(&now[k + (n - before.len())] == old, "{point}: generation {k} of the old archive changed");
+    }
+    let latest = std::fs::read(repo.join("vm/latest/vda.raw")).unwrap();
+    assert!(&latest == newest, "{point}: latest/vda.raw is not the newest generation");
+}
+
+#[test]
+fn backup_killed_at_every_durable_operation() {
+    let (env, disk, before) = setup();
+    let new_disk = std::fs::read(&disk).unwrap();
+    let spec = format!("vda={}", disk.display());
+    let args = ["backup", "vm", "--disk", spec.as_str()];
+    let n = count_points(&env, &env.repo(), &args);
+    assert!(n > 20, "only {n} durable operations counted");
+    let repo = env.path("crash-repo");
+    for k in 1..=n {
+        copy_repo(&env.repo(), &repo);
+        let out = vmkeep_env(&env, &repo, &args, &[("VMKEEP_FAULT", format!("kill:{k}"))]);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(9), "point {k} of {n}: not killed ({:?})", out.status);
+        assert_consistent(&env, &repo, &before, &new_disk, &format!("kill at {k}/{n}"));
+        // The next backup works and records the disk.
+        let out = vmkeep_at(&env, &repo, &args);
+        assert!(out.status.success(), "kill at {k}: next backup failed: {}", String::from_utf8_lossy(&out.stderr));
+        let latest = std::fs::read(repo.join("vm/latest/vda.raw")).unwrap();
+        assert!(latest == new_disk, "kill at {k}: the next backup did not record the disk");
+    }
+}
+
+#[test]
+fn backup_meeting_enospc_fails_cleanly_and_loses_nothing() {
+    let (env, disk, before) = setup();
+    let new_disk = std::fs::read(&disk).unwrap();
+    let spec = format!("vda={}", disk.display());
+    let args = ["backup", "vm", "--disk", spec.as_str()];
+    let n = count_points(&env, &env.repo(), &args);
+    let repo = env.path("enospc-repo");
+    for k in (1..=n).step_by(3) {
+        copy_repo(&env.repo(), &repo);
+        let out = vmkeep_env(&env, &repo, &args, &[("VMKEEP_FAULT", format!("enospc:{k}"))]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            continue; // the fault hit after the commit's last needed step
+        }
+        assert_eq!(out.status.code(), Some(1), "enospc at {k}: {err}");
+        assert!(err.contains("no space left"), "enospc at {k}: {err}");
+        assert_eq!(err.trim_end().lines().filter(|l| l.starts_with("vmkeep: error")).count(), 1, "{err}");
+        assert_consistent(&env, &repo, &before, &new_disk, &format!("enospc at {k}/{n}"));
+    }
+}
+
+#[test]
+fn prune_killed_at_every_durable_operation() {
+    let (env, disk, _) = setup();
+    env.backup("vm", &disk, &[]);
+    env.backup("vm", &disk, &["--mode", "full"]);
+    let before = restore_all(&env, &env.repo(), 5, "pbefore");
+    // Keep the newest and the oldest: both middle generations are merged away.
+    let ids = env.generations("vm");
+    env.ok(&["protect", "vm", "-g", &ids[0]]);
+    let args = ["prune", "vm", "--keep-last", "2"];
+    let n = count_points(&env, &env.repo(), &args);
+    let repo = env.path("prune-repo");
+    for k in 1..=n {
+        copy_repo(&env.repo(), &repo);
+        let out = vmkeep_env(&env, &repo, &args, &[("VMKEEP_FAULT", format!("kill:{k}"))]);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(9), "prune point {k}: not killed");
+        let out = vmkeep_at(&env, &repo, &["check", "vm", "--deep"]);
+        assert!(out.status.success(), "prune kill at {k}: check failed: {}", String::from_utf8_lossy(&out.stdout));
+        // Every generation that is left still restores to what it was.
+        let left = Env::generations_in(&repo, "vm");
+        for (i, id) in left.iter().enumerate() {
+            let orig = ids.iter().position(|x| x == id).expect("no new generations appear");
+            let out_path = env.path(&format!("p-{i}.raw"));
+            let o = vmkeep_at(&env, &repo, &["restore", "vm", "-g", id, "--to", out_path.to_str().unwrap()]);
+            assert!(o.status.success());
+            assert!(std::fs::read(out_path).unwrap() == before[ids.len() - 1 - orig], "prune kill at {k}: generation {id} changed");
+        }
+    }
+}
+
