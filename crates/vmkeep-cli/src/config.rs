@@ -19,14 +19,10 @@ pub struct Config {
     pub block_size: Option<SizeValue>,
     /// zstd level of reverse diffs.
     pub compression_level: Option<i32>,
-    /// libvirt URI.
-    pub connect: Option<String>,
     /// Default backup mode.
     pub mode: Option<String>,
     /// Minimum age of the newest generation before `backup --if-due` makes another ("1d").
     pub interval: Option<String>,
-    /// libvirt checkpoint bitmap granularity (bytes or "64K").
-    pub bitmap_granularity: Option<SizeValue>,
     #[serde(default)]
     pub retention: Schedule,
     #[serde(default)]
@@ -41,13 +37,9 @@ pub struct VmConfig {
     /// Disks read from files, devices or NBD URIs instead of libvirt: name = source.
     #[serde(default)]
     pub disks: BTreeMap<String, String>,
-    /// libvirt disks (targets) not to back up.
-    #[serde(default)]
-    pub skip_disks: Vec<String>,
     pub mode: Option<String>,
     pub interval: Option<String>,
     pub retention: Option<Schedule>,
-    pub bitmap_granularity: Option<SizeValue>,
 }
 
 /// A size given as a number of bytes or a string with a K/M/G suffix.

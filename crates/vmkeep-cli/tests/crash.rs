@@ -16,7 +16,12 @@ use common::*;
 /// Copy a repository (sparse, hard links kept).
 fn copy_repo(from: &Path, to: &Path) {
     let _ = std::fs::remove_dir_all(to);
-    let st = Command::new("cp").args(["-a", "--sparse=always"]).arg(from).arg(to).status().unwrap();
+    let st = Command::new("cp")
+        .args(["-a", "--sparse=always"])
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
     assert!(st.success());
 }
 
@@ -25,8 +30,16 @@ fn restore_all(env: &Env, repo: &Path, n: usize, tag: &str) -> Vec<Vec<u8>> {
         .map(|k| {
             let out = env.path(&format!("{tag}-{k}.raw"));
             let g = k.to_string();
-            let st = vmkeep_at(env, repo, &["restore", "vm", "-g", &g, "--to", out.to_str().unwrap()]);
-            assert!(st.status.success(), "restore -g {k}: {}", String::from_utf8_lossy(&st.stderr));
+            let st = vmkeep_at(
+                env,
+                repo,
+                &["restore", "vm", "-g", &g, "--to", out.to_str().unwrap()],
+            );
+            assert!(
+                st.status.success(),
+                "restore -g {k}: {}",
+                String::from_utf8_lossy(&st.stderr)
+            );
             std::fs::read(out).unwrap()
         })
         .collect()
@@ -36,9 +49,18 @@ fn vmkeep_at(env: &Env, repo: &Path, args: &[&str]) -> std::process::Output {
     vmkeep_env(env, repo, args, &[])
 }
 
-fn vmkeep_env(env: &Env, repo: &Path, args: &[&str], vars: &[(&str, String)]) -> std::process::Output {
+fn vmkeep_env(
+    env: &Env,
+    repo: &Path,
+    args: &[&str],
+    vars: &[(&str, String)],
+) -> std::process::Output {
     let mut c = Command::new(assert_cmd::cargo::cargo_bin("vmkeep"));
-    c.env("VMKEEP_CONFIG", env.path("no-config.toml")).env_remove("VMKEEP_FAULT").arg("--repo").arg(repo).args(args);
+    c.env("VMKEEP_CONFIG", env.path("no-config.toml"))
+        .env_remove("VMKEEP_FAULT")
+        .arg("--repo")
+        .arg(repo)
+        .args(args);
     for (k, v) in vars {
         c.env(k, v);
     }
@@ -50,8 +72,17 @@ fn count_points(env: &Env, base: &Path, args: &[&str]) -> u64 {
     let scratch = env.path("count-repo");
     copy_repo(base, &scratch);
     let counter = env.path("count");
-    let out = vmkeep_env(env, &scratch, args, &[("VMKEEP_FAULT_COUNT", counter.display().to_string())]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = vmkeep_env(
+        env,
+        &scratch,
+        args,
+        &[("VMKEEP_FAULT_COUNT", counter.display().to_string())],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::read_to_string(counter).unwrap().parse().unwrap()
 }
 
@@ -77,21 +108,41 @@ fn setup() -> (Env, std::path::PathBuf, Vec<Vec<u8>>) {
 
 fn assert_consistent(env: &Env, repo: &Path, before: &[Vec<u8>], new_disk: &[u8], point: &str) {
     let out = vmkeep_at(env, repo, &["check", "vm", "--deep"]);
-    assert!(out.status.success(), "{point}: check --deep failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{point}: check --deep failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let n = Env::generations_in(repo, "vm").len();
-    assert!(n == before.len() || n == before.len() + 1, "{point}: {n} generations");
+    assert!(
+        n == before.len() || n == before.len() + 1,
+        "{point}: {n} generations"
+    );
     let now = restore_all(env, repo, n, "after");
     let newest = &now[0];
     if n == before.len() {
-        assert!(newest == &before[0], "{point}: rolled back, but the newest generation is not the old disk");
+        assert!(
+            newest == &before[0],
+            "{point}: rolled back, but the newest generation is not the old disk"
+        );
     } else {
-        assert!(newest == new_disk, "{point}: committed, but the newest generation is not the new disk");
+        assert!(
+            newest == new_disk,
+            "{point}: committed, but the newest generation is not the new disk"
+        );
     }
     for (k, old) in before.iter().enumerate() {
-        assert!(&now[k + (n - before.len())] == old, "{point}: generation {k} of the old archive changed");
+        assert!(
+            &now[k + (n - before.len())] == old,
+            "{point}: generation {k} of the old archive changed"
+        );
     }
     let latest = std::fs::read(repo.join("vm/latest/vda.raw")).unwrap();
-    assert!(&latest == newest, "{point}: latest/vda.raw is not the newest generation");
+    assert!(
+        &latest == newest,
+        "{point}: latest/vda.raw is not the newest generation"
+    );
 }
 
 #[test]
@@ -107,13 +158,25 @@ fn backup_killed_at_every_durable_operation() {
         copy_repo(&env.repo(), &repo);
         let out = vmkeep_env(&env, &repo, &args, &[("VMKEEP_FAULT", format!("kill:{k}"))]);
         use std::os::unix::process::ExitStatusExt;
-        assert_eq!(out.status.signal(), Some(9), "point {k} of {n}: not killed ({:?})", out.status);
+        assert_eq!(
+            out.status.signal(),
+            Some(9),
+            "point {k} of {n}: not killed ({:?})",
+            out.status
+        );
         assert_consistent(&env, &repo, &before, &new_disk, &format!("kill at {k}/{n}"));
         // The next backup works and records the disk.
         let out = vmkeep_at(&env, &repo, &args);
-        assert!(out.status.success(), "kill at {k}: next backup failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "kill at {k}: next backup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let latest = std::fs::read(repo.join("vm/latest/vda.raw")).unwrap();
-        assert!(latest == new_disk, "kill at {k}: the next backup did not record the disk");
+        assert!(
+            latest == new_disk,
+            "kill at {k}: the next backup did not record the disk"
+        );
     }
 }
 
@@ -127,15 +190,33 @@ fn backup_meeting_enospc_fails_cleanly_and_loses_nothing() {
     let repo = env.path("enospc-repo");
     for k in (1..=n).step_by(3) {
         copy_repo(&env.repo(), &repo);
-        let out = vmkeep_env(&env, &repo, &args, &[("VMKEEP_FAULT", format!("enospc:{k}"))]);
+        let out = vmkeep_env(
+            &env,
+            &repo,
+            &args,
+            &[("VMKEEP_FAULT", format!("enospc:{k}"))],
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         if out.status.success() {
             continue; // the fault hit after the commit's last needed step
         }
         assert_eq!(out.status.code(), Some(1), "enospc at {k}: {err}");
         assert!(err.contains("no space left"), "enospc at {k}: {err}");
-        assert_eq!(err.trim_end().lines().filter(|l| l.starts_with("vmkeep: error")).count(), 1, "{err}");
-        assert_consistent(&env, &repo, &before, &new_disk, &format!("enospc at {k}/{n}"));
+        assert_eq!(
+            err.trim_end()
+                .lines()
+                .filter(|l| l.starts_with("vmkeep: error"))
+                .count(),
+            1,
+            "{err}"
+        );
+        assert_consistent(
+            &env,
+            &repo,
+            &before,
+            &new_disk,
+            &format!("enospc at {k}/{n}"),
+        );
     }
 }
 
@@ -157,16 +238,36 @@ fn prune_killed_at_every_durable_operation() {
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(out.status.signal(), Some(9), "prune point {k}: not killed");
         let out = vmkeep_at(&env, &repo, &["check", "vm", "--deep"]);
-        assert!(out.status.success(), "prune kill at {k}: check failed: {}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "prune kill at {k}: check failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         // Every generation that is left still restores to what it was.
         let left = Env::generations_in(&repo, "vm");
         for (i, id) in left.iter().enumerate() {
-            let orig = ids.iter().position(|x| x == id).expect("no new generations appear");
+            let orig = ids
+                .iter()
+                .position(|x| x == id)
+                .expect("no new generations appear");
             let out_path = env.path(&format!("p-{i}.raw"));
-            let o = vmkeep_at(&env, &repo, &["restore", "vm", "-g", id, "--to", out_path.to_str().unwrap()]);
+            let o = vmkeep_at(
+                &env,
+                &repo,
+                &[
+                    "restore",
+                    "vm",
+                    "-g",
+                    id,
+                    "--to",
+                    out_path.to_str().unwrap(),
+                ],
+            );
             assert!(o.status.success());
-            assert!(std::fs::read(out_path).unwrap() == before[ids.len() - 1 - orig], "prune kill at {k}: generation {id} changed");
+            assert!(
+                std::fs::read(out_path).unwrap() == before[ids.len() - 1 - orig],
+                "prune kill at {k}: generation {id} changed"
+            );
         }
     }
 }
-

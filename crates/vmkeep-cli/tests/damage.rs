@@ -35,7 +35,12 @@ fn damaged(env: &Env, deep: bool, needles: &[&str]) -> String {
     }
     let out = env.run(&args);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(out.status.code(), Some(3), "check {args:?} should find damage:\n{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "check {args:?} should find damage:\n{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let line = stdout
         .lines()
         .find(|l| l.starts_with("DAMAGE:") && needles.iter().all(|n| l.contains(n)))
@@ -51,13 +56,18 @@ fn len(p: &Path) -> u64 {
 fn flipped_byte_in_the_newest_image_is_found_with_its_range() {
     let (env, ids) = archive();
     flip_byte(&file(&env, &ids[2], "vda.raw"), 70_000);
-    let line = damaged(&env, false, &["generation", &ids[2], "disk vda", "bytes 65536..81920"]);
+    let line = damaged(
+        &env,
+        false,
+        &["generation", &ids[2], "disk vda", "bytes 65536..81920"],
+    );
     assert!(line.contains("vda.raw"), "{line}");
     // Deep check names every generation whose restore would meet the block.
     let out = String::from_utf8(env.run(&["check", "vm", "--deep"]).stdout).unwrap();
     assert!(out.contains(&ids[2]), "{out}");
     // The JSON report carries the same facts.
-    let js: serde_json::Value = serde_json::from_slice(&env.run(&["check", "vm", "--json"]).stdout).unwrap();
+    let js: serde_json::Value =
+        serde_json::from_slice(&env.run(&["check", "vm", "--json"]).stdout).unwrap();
     assert_eq!(js["ok"], false);
     let p = &js["vms"][0]["problems"][0];
     assert_eq!(p["disk"], "vda");
@@ -119,18 +129,31 @@ fn flipped_bytes_in_profiles_are_found() {
 fn truncated_and_missing_files_are_found() {
     let (env, ids) = archive();
     let rdiff = file(&env, &ids[0], "vda.rdiff");
-    let f = std::fs::OpenOptions::new().write(true).open(&rdiff).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&rdiff)
+        .unwrap();
     f.set_len(len(&rdiff) - 10).unwrap();
     damaged(&env, false, &[&ids[0], "vda.rdiff"]);
 
     let (env, ids) = archive();
     let img = file(&env, &ids[2], "vda.raw");
-    std::fs::OpenOptions::new().write(true).open(&img).unwrap().set_len(500_000).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(500_000)
+        .unwrap();
     damaged(&env, false, &[&ids[2], "vda.raw", "bytes"]);
 
     let (env, ids) = archive();
     let dg = file(&env, &ids[2], "vda.digest");
-    std::fs::OpenOptions::new().write(true).open(&dg).unwrap().set_len(4096 + 32).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&dg)
+        .unwrap()
+        .set_len(4096 + 32)
+        .unwrap();
     damaged(&env, false, &[&ids[2], "vda.digest"]);
 
     let (env, ids) = archive();
@@ -148,7 +171,17 @@ fn damage_in_an_old_generation_fails_only_the_restores_that_need_it() {
     let rdiff = file(&env, &ids[1], "vda.rdiff");
     flip_byte(&rdiff, 64 + 64 + 10);
     let out = env.path("r.raw");
-    let e = env.fails(&["restore", "vm", "-g", &ids[1], "--to", out.to_str().unwrap()], 1);
+    let e = env.fails(
+        &[
+            "restore",
+            "vm",
+            "-g",
+            &ids[1],
+            "--to",
+            out.to_str().unwrap(),
+        ],
+        1,
+    );
     assert!(e.contains("digest"), "{e}");
     assert!(!out.exists());
     // The newest generation does not depend on it.
@@ -163,9 +196,18 @@ fn restore_refuses_damaged_blocks_unless_told() {
     flip_byte(&env.repo().join("vm/latest/vda.raw"), 200_000);
     let out = env.path("r.raw");
     let e = env.fails(&["restore", "vm", "--to", out.to_str().unwrap()], 1);
-    assert!(e.contains("bytes 196608..262144") && e.contains("digest"), "{e}");
+    assert!(
+        e.contains("bytes 196608..262144") && e.contains("digest"),
+        "{e}"
+    );
     assert!(!out.exists(), "a failed restore leaves no file");
-    let o = env.run(&["restore", "vm", "--to", out.to_str().unwrap(), "--ignore-damage"]);
+    let o = env.run(&[
+        "restore",
+        "vm",
+        "--to",
+        out.to_str().unwrap(),
+        "--ignore-damage",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stdout).contains("damaged: bytes 196608..262144"));
     let got = std::fs::read(&out).unwrap();

@@ -538,7 +538,10 @@ pub fn scan_partial(path: &Path) -> Result<Option<PartialRdiff>> {
     }
     fsutil::read_exact_at(&file, &mut hb, 0, path)?;
     let Ok(header) = RdiffHeader::decode(path, &hb) else {
-        tracing::warn!("{}: journal header unreadable; nothing was overwritten under it", path.display());
+        tracing::warn!(
+            "{}: journal header unreadable; nothing was overwritten under it",
+            path.display()
+        );
         return Ok(None);
     };
     let mut records = Vec::new();

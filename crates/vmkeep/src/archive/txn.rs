@@ -163,7 +163,9 @@ fn files_with_suffix(dir: &Path, suffix: &str) -> Result<Vec<(String, PathBuf)>>
 
 /// Put back into `image` the old blocks journaled in the partial reverse diff `journal`.
 pub fn apply_undo(image: &Path, journal: &Path) -> Result<usize> {
-    let Some(partial) = rdiff::scan_partial(journal)? else { return Ok(0) };
+    let Some(partial) = rdiff::scan_partial(journal)? else {
+        return Ok(0);
+    };
     if !image.exists() {
         return Ok(0);
     }

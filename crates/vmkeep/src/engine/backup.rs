@@ -509,7 +509,7 @@ impl RunCtx<'_> {
                 Sink::new(
                     SinkTarget::Update {
                         old: o,
-                        journal,
+                        journal: Box::new(journal),
                         alloc_before,
                     },
                     digests,
@@ -748,7 +748,7 @@ enum SinkTarget<'a> {
     /// Update the previous image in place, journaling old blocks first.
     Update {
         old: &'a OldDisk,
-        journal: RdiffWriter,
+        journal: Box<RdiffWriter>,
         alloc_before: u64,
     },
 }

@@ -173,10 +173,8 @@ pub fn check(
                 GenSelect::All => true,
                 GenSelect::Rev(rev) => archive.resolve(rev)? == g.id,
             };
-            if wanted {
-                if c.prove(&archive, &gens, k) {
-                    proven += 1;
-                }
+            if wanted && c.prove(&archive, &gens, k) {
+                proven += 1;
             }
         }
     }

@@ -152,7 +152,7 @@ mod tests {
             2,
             4,
             || Err::<Option<u8>, _>(Error::usage("plan")),
-            |j| Ok(j),
+            Ok,
             |_| Ok(()),
         )
         .unwrap_err();

@@ -133,7 +133,10 @@ fn print_rdiff(path: &Path, out: &mut dyn Write) -> Result<(), PErr> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     if name.ends_with(".partial") {
         let Some(p) = rdiff::scan_partial(path)? else {
-            writeln!(out, "file: reverse diff, partial, with no complete header (nothing to undo)")?;
+            writeln!(
+                out,
+                "file: reverse diff, partial, with no complete header (nothing to undo)"
+            )?;
             return Ok(());
         };
         writeln!(

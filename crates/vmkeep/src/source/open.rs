@@ -87,7 +87,7 @@ pub fn probe_format(path: &Path) -> Result<&'static str> {
     Ok(fmt)
 }
 
-/// Open a raw file or device. Other formats go through qemu-nbd ([`crate::source::qemu`]).
+/// Open a raw file or device. Other formats go through qemu-nbd (the `qemu` source).
 pub fn open_raw(path: &Path) -> Result<Box<dyn BlockSource>> {
     Ok(Box::new(FileSource::open(path)?))
 }
