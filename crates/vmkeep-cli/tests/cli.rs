@@ -127,8 +127,6 @@ fn incr_from_changed_block_list_reads_only_listed_blocks() {
         format!("{} 8192\n{} 100000\n", 4 << 20, 9 << 20),
     )
     .unwrap();
-    let spec = format!("vda=cbt.txt");
-    let _ = spec;
     let cbt = format!("vda={}", env.path("cbt.txt").display());
     env.backup("vm", &disk, &["--mode", "incr", "--changed-blocks", &cbt]);
     let js: serde_json::Value = serde_json::from_str(&env.ok(&["status", "vm", "--json"])).unwrap();
