@@ -221,7 +221,7 @@ mod tests {
             "repository = \"/r\"\nblock_size = \"64K\"\ninterval = \"1d\"\n[retention]\nkeep_daily = 7\n[groups]\nweb = [\"a\", \"b\"]\n[vm.a]\ndisks = { vda = \"/dev/vg/a\" }\nretention = { keep_last = 3 }\n",
         )
         .unwrap();
-        assert_eq!(c.block_size.unwrap().bytes().unwrap(), 65536);
+        assert_eq!(c.block_size.as_ref().unwrap().bytes().unwrap(), 65536);
         assert_eq!(c.retention_for("a").keep_last, Some(3));
         assert_eq!(c.retention_for("a").keep_daily, Some(7));
         assert_eq!(c.interval_for("b").unwrap(), Some(86400));

@@ -67,12 +67,13 @@ pub fn run(ctx: &Ctx, a: BackupArgs) -> Result<i32> {
             Err(e) if single && !ctx.json => return Err(e),
             Err(e) => {
                 failed += 1;
+                let msg = e.to_string();
                 crate::output::error_line(&e.context(format!("VM {vm}")));
                 out.push(JsonVm {
                     name: vm.clone(),
                     ok: false,
                     generation: None,
-                    error: Some(format!("{vm}")),
+                    error: Some(msg),
                     warnings: vec![],
                     recovered: vec![],
                 });
