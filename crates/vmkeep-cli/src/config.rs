@@ -101,6 +101,27 @@ pub fn parse_duration(s: &str) -> Result<u64, Error> {
     Ok(n * mult)
 }
 
+/// The line of a parse error: for an unknown key, the line naming that key (the parser
+/// points at the table that holds it), else where the parser points.
+fn error_line(text: &str, span: Option<std::ops::Range<usize>>, message: &str) -> Option<usize> {
+    let start = span?.start.min(text.len());
+    let first = text[..start].matches('\n').count() + 1;
+    let key = message
+        .strip_prefix("unknown field `")
+        .and_then(|m| m.split('`').next());
+    if let Some(key) = key {
+        for (i, line) in text.lines().enumerate().skip(first - 1) {
+            let l = line.trim_start();
+            if l.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+            {
+                return Some(i + 1);
+            }
+        }
+    }
+    Some(first)
+}
+
 impl Config {
     /// Load `path`, or the default file if it exists, or an empty config.
     pub fn load(path: Option<&Path>) -> Result<Config, Error> {
@@ -116,10 +137,9 @@ impl Config {
             Err(e) => return Err(Error::usage(format!("config file {}: {e}", path.display()))),
         };
         let cfg: Config = toml::from_str(&text).map_err(|e| {
-            let line = e
-                .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
-            let at = line.map(|l| format!(":{l}")).unwrap_or_default();
+            let at = error_line(&text, e.span(), e.message())
+                .map(|l| format!(":{l}"))
+                .unwrap_or_default();
             let msg = e
                 .message()
                 .replace("unknown field", "unknown key")
