@@ -176,6 +176,8 @@ impl Hypervisor {
     /// Connect read-write to `uri` ([`DEFAULT_URI`] when `None`).
     pub fn connect(uri: Option<&str>) -> Result<Self> {
         let uri = uri.unwrap_or(DEFAULT_URI).to_string();
+        // libvirt's default handler prints every error on stderr; vmkeep reports them.
+        virt::error::clear_error_callback();
         let conn = Connect::open(Some(&uri))
             .map_err(|e| lv_error("", format!("cannot connect to {uri}: {}", e.message())))?;
         Ok(Hypervisor { conn, uri })
