@@ -396,3 +396,25 @@ fn define_copy_makes_a_new_startable_vm() {
         "{err}"
     );
 }
+
+#[test]
+fn socket_folder_closed_to_qemu_is_reported_with_a_hint() {
+    let vm = TestVm::start("perm", &[("vda", "qcow2", 16)]);
+    let hv = hypervisor();
+    let dom = hv.domain(&vm.name).unwrap();
+    let closed = vm.path("closed");
+    std::fs::create_dir(&closed).unwrap();
+    support::libvirt::set_mode(&closed, 0o700);
+    let socket = closed.join("nbd.sock");
+    let err = dom.begin_backup(&plan(&socket, &[])).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Source);
+    assert!(
+        err.to_string()
+            .contains("must be able to create the NBD socket"),
+        "{err}"
+    );
+    assert!(
+        virsh(&["domjobinfo", &vm.name]).contains("None"),
+        "no job left behind"
+    );
+}

@@ -471,7 +471,7 @@ impl Domain {
         let checkpoint = plan.checkpoint.filter(|_| !tracked.is_empty());
         let checkpoint_xml = checkpoint.map(|name| xml::checkpoint_xml(name, &tracked, &untracked));
         ffi::backup_begin(&self.dom, &backup_xml, checkpoint_xml.as_deref(), 0)
-            .map_err(|e| self.err(format!("cannot start the backup: {e}")))?;
+            .map_err(|e| self.err(backup_begin_failure(&e.message, live.qemu_ids)))?;
         let mut backup = PullBackup {
             dom: self.dom.clone(),
             vm: self.name.clone(),
@@ -842,9 +842,13 @@ impl PullBackup {
                 "the VM stopped during the backup".into(),
             ));
         }
-        if backup_job_active(&self.dom) {
-            let job = ffi::backup_xml_desc(&self.dom).map_err(|e| self.err(e))?;
-            let job = xml::parse_backup_job(&job)?;
+        // A job that ends between the two calls leaves no XML: it is then no longer
+        // running, which the completed-job check below reports.
+        if let Some(Ok(job)) = backup_job_active(&self.dom)
+            .then(|| ffi::backup_xml_desc(&self.dom))
+            .and_then(Result::ok)
+            .map(|x| xml::parse_backup_job(&x))
+        {
             if job.socket.as_deref() == Some(self.socket.as_path()) {
                 return Ok(BackupJobState::Running);
             }
@@ -939,6 +943,22 @@ impl Drop for PullBackup {
         }
         self.remove_files();
     }
+}
+
+/// The message for a failed `virDomainBackupBegin`, with a hint when QEMU could not
+/// create its socket or scratch file.
+fn backup_begin_failure(message: &str, qemu_ids: Option<(u32, u32)>) -> String {
+    let mut text = format!("cannot start the backup: {message}");
+    if message.contains("Permission denied") {
+        let who = qemu_ids.map_or("QEMU".to_string(), |(uid, gid)| {
+            format!("QEMU (uid {uid}, gid {gid})")
+        });
+        text.push_str(&format!(
+            " ({who} must be able to create the NBD socket and the scratch files; \
+             see the permissions notes of vmkeep::libvirt, and AppArmor)"
+        ));
+    }
+    text
 }
 
 /// Whether the domain has an active backup job.
