@@ -11,6 +11,8 @@ pub mod engine;
 pub mod error;
 pub mod fault;
 pub mod fsutil;
+#[cfg(feature = "libvirt")]
+pub mod libvirt;
 pub mod nbd;
 pub mod progress;
 pub mod source;

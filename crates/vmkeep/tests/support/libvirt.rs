@@ -1,0 +1,230 @@
+//! Test support for libvirt: start the daemons when none runs, and throw-away VMs that
+//! need no guest OS (TCG, an idle BIOS, qcow2 or raw disks) and remove themselves.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const URI: &str = "qemu:///system";
+
+/// Run a command; panic with its stderr when it fails. Returns stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is it installed?)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn virsh(args: &[&str]) -> String {
+    run(Command::new("virsh").arg("-c").arg(URI).args(args))
+}
+
+/// `virsh` whose failure is expected or irrelevant (cleanup).
+pub fn virsh_quiet(args: &[&str]) -> bool {
+    Command::new("virsh")
+        .arg("-c")
+        .arg(URI)
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn libvirtd_answers() -> bool {
+    virsh_quiet(&["version"])
+}
+
+/// Make sure libvirtd (and virtlogd, which QEMU's log goes through) runs; start both
+/// when nothing answers on qemu:///system. Safe to call from every test.
+pub fn ensure_libvirtd() {
+    static READY: OnceLock<()> = OnceLock::new();
+    READY.get_or_init(|| {
+        if libvirtd_answers() {
+            return;
+        }
+        for daemon in ["virtlogd", "libvirtd"] {
+            // `-d` daemonizes; a daemon already running just fails to take its pid file.
+            let _ = Command::new(daemon).arg("-d").status();
+        }
+        let start = Instant::now();
+        while !libvirtd_answers() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "libvirtd did not answer on {URI} within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+}
+
+/// A disk of a test VM.
+pub struct TestDisk {
+    pub target: &'static str,
+    pub format: &'static str,
+    pub size_mib: u64,
+    pub path: PathBuf,
+}
+
+/// A running throw-away VM; destroyed, undefined (with checkpoint metadata) and its
+/// files removed on drop, also when the test panics.
+pub struct TestVm {
+    pub name: String,
+    pub dir: tempfile::TempDir,
+    pub disks: Vec<TestDisk>,
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl TestVm {
+    /// Define and start a VM with the given disks (target, format, MiB); virtio, so the
+    /// targets are vda, vdb… and QEMU's devices virtio-disk0, virtio-disk1…
+    pub fn start(tag: &str, disks: &[(&'static str, &'static str, u64)]) -> TestVm {
+        let vm = TestVm::define(tag, disks, "");
+        virsh(&["start", &vm.name]);
+        vm
+    }
+
+    /// Define (not start) a VM; `extra_devices` is spliced into `<devices>`.
+    pub fn define(
+        tag: &str,
+        disks: &[(&'static str, &'static str, u64)],
+        extra_devices: &str,
+    ) -> TestVm {
+        ensure_libvirtd();
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("vmkeep-test-{tag}-{}-{n}", std::process::id());
+        let dir = tempfile::Builder::new()
+            .prefix("vmkeep-lv-")
+            .tempdir()
+            .unwrap();
+        // QEMU runs as libvirt-qemu and must traverse to the images.
+        set_mode(dir.path(), 0o755);
+        let mut vm = TestVm {
+            name,
+            dir,
+            disks: Vec::new(),
+        };
+        let mut devices = String::new();
+        for &(target, format, size_mib) in disks {
+            let path = vm.dir.path().join(format!("{target}.{format}"));
+            run(Command::new("qemu-img")
+                .args(["create", "-q", "-f", format])
+                .arg(&path)
+                .arg(format!("{size_mib}M")));
+            devices.push_str(&format!(
+                "<disk type='file' device='disk'><driver name='qemu' type='{format}'/>\
+                 <source file='{}'/><target dev='{target}' bus='virtio'/></disk>\n",
+                path.display()
+            ));
+            vm.disks.push(TestDisk {
+                target,
+                format,
+                size_mib,
+                path,
+            });
+        }
+        let xml = format!(
+            "<domain type='qemu'><name>{}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+             <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>\
+             <on_poweroff>destroy</on_poweroff><devices>{devices}{extra_devices}</devices></domain>",
+            vm.name
+        );
+        let file = vm.dir.path().join("domain.xml");
+        std::fs::write(&file, xml).unwrap();
+        virsh(&["define", file.to_str().unwrap()]);
+        vm
+    }
+
+    pub fn disk(&self, target: &str) -> &TestDisk {
+        self.disks.iter().find(|d| d.target == target).unwrap()
+    }
+
+    /// Write `len` bytes of `pattern` at `offset` of disk `index` (0 = vda) as the guest
+    /// would: QEMU's qemu-io on the virtio device, through the HMP monitor.
+    pub fn guest_write(&self, index: usize, pattern: u8, offset: &str, len: &str) {
+        let cmd = format!(
+            "qemu-io -d /machine/peripheral/virtio-disk{index}/virtio-backend \"write -P {pattern:#x} {offset} {len}\""
+        );
+        let out = virsh(&["qemu-monitor-command", &self.name, "--hmp", &cmd]);
+        assert!(
+            !out.contains("error") && !out.contains("failed"),
+            "qemu-io: {out}"
+        );
+    }
+
+    /// Path for a file of the test in the VM's folder.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        virsh_quiet(&["destroy", &self.name]);
+        virsh_quiet(&[
+            "undefine",
+            &self.name,
+            "--checkpoints-metadata",
+            "--snapshots-metadata",
+        ]);
+    }
+}
+
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A whole disk as raw bytes: `qemu-img convert` from an image (`-U`: the VM holds the
+/// lock) or from an NBD URI.
+pub fn read_all(source: &str, format: &str, scratch: &Path) -> Vec<u8> {
+    let _ = std::fs::remove_file(scratch);
+    let mut cmd = Command::new("qemu-img");
+    cmd.arg("convert");
+    if !source.starts_with("nbd") {
+        cmd.arg("-U");
+    }
+    run(cmd.args(["-f", format, "-O", "raw", source]).arg(scratch));
+    let data = std::fs::read(scratch).unwrap();
+    std::fs::remove_file(scratch).unwrap();
+    data
+}
+
+/// `nbdinfo --map=CONTEXT`: the (offset, length) ranges whose type has bit 0 set
+/// (dirty for a dirty bitmap, hole for base:allocation).
+pub fn map_ranges(uri: &str, context: &str) -> Vec<(u64, u64)> {
+    let out = run(Command::new("nbdinfo")
+        .arg(format!("--map={context}"))
+        .arg(uri));
+    out.lines()
+        .filter_map(|line| {
+            let mut cols = line.split_whitespace();
+            let offset: u64 = cols.next()?.parse().ok()?;
+            let length: u64 = cols.next()?.parse().ok()?;
+            let kind: u32 = cols.next()?.parse().ok()?;
+            (kind & 1 == 1).then_some((offset, length))
+        })
+        .collect()
+}
+
+/// Undefines (and stops) a VM a test created by other means, on drop.
+pub struct Undefine(pub String);
+
+impl Drop for Undefine {
+    fn drop(&mut self) {
+        virsh_quiet(&["destroy", &self.0]);
+        virsh_quiet(&[
+            "undefine",
+            &self.0,
+            "--checkpoints-metadata",
+            "--snapshots-metadata",
+        ]);
+    }
+}
