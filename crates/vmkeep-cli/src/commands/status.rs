@@ -1,6 +1,9 @@
 //! `vmkeep status`
 
+use std::fmt::Write as _;
+
 use anyhow::Result;
+use vmkeep::archive::profile::parse_time;
 use vmkeep::engine::status::{vm_status, VmStatus};
 
 use super::Ctx;
@@ -18,6 +21,12 @@ pub fn run(ctx: &Ctx, a: StatusArgs) -> Result<i32> {
         .iter()
         .map(|n| vm_status(&repo, n))
         .collect::<Result<_, _>>()?;
+    if let Some(path) = &a.prometheus {
+        write_prometheus(path, &vms)?;
+    }
+    if a.check_health {
+        return health(ctx, &vms);
+    }
     if ctx.json {
         crate::output::json(&serde_json::json!({ "repository": repo.root(), "vms": vms }));
         return Ok(0);
@@ -83,4 +92,119 @@ pub fn table(vm: &VmStatus) -> String {
         None => out.push_str("last check: never\n"),
     }
     out.trim_end().to_string()
+}
+
+/// Seconds since the newest generation of `vm` was made, if it has one.
+fn age_secs(vm: &VmStatus) -> Option<i64> {
+    let t = parse_time(&vm.generations.first()?.time)?;
+    Some((time::OffsetDateTime::now_utc() - t).whole_seconds().max(0))
+}
+
+/// Nagios/Icinga plugin output: one status line, then details; exit 0 OK, 1 WARNING,
+/// 2 CRITICAL. Thresholds from each VM's interval (default one day): WARNING past 1.5
+/// intervals, CRITICAL past 3 or with no generation; a last check that found damage is
+/// CRITICAL, an interrupted command awaiting recovery a WARNING.
+fn health(ctx: &Ctx, vms: &[VmStatus]) -> Result<i32> {
+    const WORDS: [&str; 3] = ["OK", "WARNING", "CRITICAL"];
+    let mut worst = 0;
+    let mut details = Vec::new();
+    for vm in vms {
+        let interval = ctx.config.interval_for(&vm.name)?.unwrap_or(86400) as i64;
+        let (level, why) = match age_secs(vm) {
+            None => (2, "no generation".to_string()),
+            Some(age) if age > 3 * interval => {
+                (2, format!("newest generation is {}h old", age / 3600))
+            }
+            Some(age) if age * 2 > 3 * interval => {
+                (1, format!("newest generation is {}h old", age / 3600))
+            }
+            Some(age) => (0, format!("newest generation is {}h old", age / 3600)),
+        };
+        let (level, why) = match &vm.last_check {
+            Some(c) if !c.ok => (
+                2,
+                format!("{why}; last check found {} problems", c.problems),
+            ),
+            _ if vm.interrupted => (
+                level.max(1),
+                format!("{why}; an interrupted command awaits recovery"),
+            ),
+            _ => (level, why),
+        };
+        worst = worst.max(level);
+        details.push((level, format!("{} {}: {why}", WORDS[level], vm.name)));
+    }
+    let bad = details.iter().filter(|(l, _)| *l > 0).count();
+    crate::output::say(format!(
+        "VMKEEP {} - {} VMs, {bad} need attention",
+        WORDS[worst],
+        vms.len()
+    ));
+    for (_, d) in details {
+        crate::output::say(d);
+    }
+    Ok(worst as i32)
+}
+
+/// Metrics for node_exporter's textfile collector, written atomically.
+fn write_prometheus(path: &std::path::Path, vms: &[VmStatus]) -> Result<()> {
+    type Getter = fn(&VmStatus) -> Option<f64>;
+    let metrics: [(&str, &str, Getter); 7] = [
+        ("vmkeep_generations", "Generations kept.", |v| {
+            Some(v.generations.len() as f64)
+        }),
+        (
+            "vmkeep_space_used_bytes",
+            "Bytes the VM's archive occupies.",
+            |v| Some(v.space_used as f64),
+        ),
+        (
+            "vmkeep_last_backup_timestamp_seconds",
+            "Start of the newest generation (Unix time).",
+            |v| parse_time(&v.generations.first()?.time).map(|t| t.unix_timestamp() as f64),
+        ),
+        (
+            "vmkeep_last_backup_duration_seconds",
+            "Duration of the newest backup.",
+            |v| Some(v.generations.first()?.duration_secs),
+        ),
+        (
+            "vmkeep_last_backup_stored_bytes",
+            "Bytes the newest backup added.",
+            |v| {
+                Some(
+                    v.generations
+                        .first()?
+                        .disks
+                        .iter()
+                        .map(|d| d.stored_bytes)
+                        .sum::<u64>() as f64,
+                )
+            },
+        ),
+        (
+            "vmkeep_last_check_ok",
+            "1 if the last check found no damage.",
+            |v| v.last_check.as_ref().map(|c| c.ok as u8 as f64),
+        ),
+        (
+            "vmkeep_last_check_timestamp_seconds",
+            "Time of the last check (Unix time).",
+            |v| parse_time(&v.last_check.as_ref()?.time).map(|t| t.unix_timestamp() as f64),
+        ),
+    ];
+    let mut m = String::new();
+    for (name, help, get) in metrics {
+        let _ = writeln!(m, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for vm in vms {
+            if let Some(v) = get(vm) {
+                let label = vm.name.replace('\\', "\\\\").replace('"', "\\\"");
+                let _ = writeln!(m, "{name}{{vm=\"{label}\"}} {v}");
+            }
+        }
+    }
+    let tmp = path.with_extension("prom.tmp");
+    std::fs::write(&tmp, m).map_err(|e| vmkeep::Error::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| vmkeep::Error::io(path, e))?;
+    Ok(())
 }

@@ -190,7 +190,9 @@ mod tests {
 
     #[test]
     fn daily_keeps_newest_of_each_day() {
-        // Three backups a day for ten days.
+        // Every 8 hours from 08:00 on 1 January: 08:00, 16:00, then 00:00 the next day.
+        // The newest three days are 11 January (item 29 alone at 00:00), 10 January
+        // (26, 27, 28) and 9 January (23, 24, 25).
         let items = calendar(&[(479, false); 30]);
         let s = Schedule {
             keep_daily: Some(3),
@@ -198,7 +200,7 @@ mod tests {
         };
         let kept = keep(&items, &s);
         let idx: Vec<usize> = (0..30).filter(|&i| kept[i]).collect();
-        assert_eq!(idx, vec![23, 26, 29]);
+        assert_eq!(idx, vec![25, 28, 29]);
     }
 
     #[test]
