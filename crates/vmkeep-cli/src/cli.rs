@@ -92,6 +92,13 @@ pub struct Targets {
     pub all: bool,
 }
 
+impl Targets {
+    /// `--all`, or the built-in group `all`.
+    pub fn is_all(&self) -> bool {
+        self.all || self.group.as_deref() == Some("all")
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct BackupArgs {
     #[command(flatten)]

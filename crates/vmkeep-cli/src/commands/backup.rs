@@ -31,7 +31,7 @@ struct JsonVm {
 
 pub fn run(ctx: &Ctx, a: BackupArgs) -> Result<i32> {
     let repo = ctx.open_repo()?;
-    let vms = if a.targets.all {
+    let vms = if a.targets.is_all() {
         all_vms(ctx, &repo)?
     } else {
         ctx.named_targets(&a.targets)?

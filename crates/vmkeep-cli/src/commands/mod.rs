@@ -54,7 +54,7 @@ impl Ctx {
 
     /// VM names for a command that takes `VM... | --group G | --all`, from the repository.
     pub fn archived_targets(&self, repo: &Repository, t: &Targets) -> Result<Vec<String>> {
-        if t.all {
+        if t.is_all() {
             return Ok(repo.vm_names()?);
         }
         self.named_targets(t)
