@@ -18,6 +18,7 @@ use crate::cli::ServeArgs;
 
 pub fn run(ctx: &Ctx, a: ServeArgs) -> Result<i32> {
     let signals = block_signals()?;
+    raise_fd_limit();
     let listen = endpoint(&a)?;
     let repo = ctx.open_repo()?;
     let served = open_generation(&repo, &a.vm, &a.generation)?;
@@ -84,6 +85,25 @@ fn announce(ctx: &Ctx, served: &ServedGeneration, server: &Server) {
             served.generation,
             list.join(" ")
         ));
+    }
+}
+
+/// Each connection holds three descriptors; a 1024 soft limit would cap the server well
+/// below its own connection limit, so take what the hard limit allows (up to 64Ki).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit on our stack.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            let want = lim.rlim_max.min(65536);
+            if lim.rlim_cur < want {
+                lim.rlim_cur = want;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+        }
     }
 }
 
