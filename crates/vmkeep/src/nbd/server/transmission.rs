@@ -155,7 +155,8 @@ impl Conn<'_> {
         let mut guard = self.out.lock().unwrap_or_else(|e| e.into_inner());
         let mut w = BufWriter::with_capacity(64 << 10, &mut *guard);
         let result = f(&mut w).and_then(|_| w.flush());
-        drop(w);
+        // Dropping would flush again (another full write timeout) after a failure.
+        let _ = w.into_parts();
         if let Err(e) = result {
             tracing::debug!("cannot send a reply: {e}");
             self.broken.store(true, Ordering::SeqCst);
