@@ -25,6 +25,8 @@ use crate::nbd::server::{Export, Extent};
 const RUN_BYTES: u64 = 4 << 20;
 /// One block-status answer looks at no more blocks than this (clients ask for the rest).
 const STATUS_BLOCKS: u64 = 1 << 16;
+/// ... and reads no more reverse-diff records than this (each is a read of the file).
+const STATUS_RECORDS: usize = 1024;
 
 /// A generation opened for serving: its exports, and the pin that keeps it.
 pub struct ServedGeneration {
@@ -223,7 +225,14 @@ impl Export for ArchiveExport {
         let first = offset / self.bs();
         let last = ((end - 1) / self.bs() + 1).min(first + STATUS_BLOCKS);
         let mut out: Vec<Extent> = Vec::new();
+        let mut records = 0;
         for seg in self.segments_in(first, last) {
+            if matches!(seg.loc, Loc::Record { .. }) {
+                if records == STATUS_RECORDS && !out.is_empty() {
+                    break;
+                }
+                records += 1;
+            }
             for (a, b, zero) in self.zero_runs(seg)? {
                 let from = (a * self.bs()).max(offset);
                 let to = (b * self.bs()).min(end);
@@ -268,6 +277,87 @@ fn fill_zero(from: u64, to: u64, dst_off: u64, dst: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::archive::pin::pinned_generations;
+    use crate::engine::backup::{BackupOptions, BackupRun, DiskInput};
+    use crate::progress::NoProgress;
+    use crate::source::file::FileSource;
+
+    const BS: usize = 64 << 10;
+
+    fn noise(seed: u8, len: usize) -> Vec<u8> {
+        let mut x = (seed as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn backup(repo: &Repository, img: &std::path::Path, data: &[u8]) {
+        std::fs::write(img, data).unwrap();
+        let run = BackupRun::begin(repo, "vm").unwrap();
+        let disk = DiskInput::new("vda", Box::new(FileSource::open(img).unwrap()));
+        run.execute(vec![disk], &BackupOptions::default(), &NoProgress)
+            .unwrap();
+    }
+
+    #[test]
+    fn an_older_generation_reads_reports_holes_and_catches_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(&dir.path().join("repo")).unwrap();
+        let img = dir.path().join("vda.raw");
+        let mut old = vec![0u8; 8 * BS];
+        old[BS..3 * BS].copy_from_slice(&noise(1, 2 * BS));
+        backup(&repo, &img, &old);
+        let mut new = noise(2, 10 * BS);
+        new[5 * BS..6 * BS].fill(0);
+        backup(&repo, &img, &new);
+
+        let served = open_generation(&repo, "vm", "1").unwrap();
+        let vm_dir = repo.vm_dir("vm").unwrap();
+        assert_eq!(
+            pinned_generations(&vm_dir).unwrap(),
+            vec![served.generation.clone()]
+        );
+        let e = &served.exports[0];
+        assert_eq!((e.name(), e.size()), ("vda", old.len() as u64));
+        let mut buf = vec![0u8; old.len() - 1000];
+        e.read(500, &mut buf).unwrap();
+        assert!(buf == old[500..old.len() - 500]);
+        let flags: Vec<(u64, u32)> = e
+            .extents(0, old.len() as u64)
+            .unwrap()
+            .iter()
+            .map(|x| (x.len, x.flags))
+            .collect();
+        let hole = STATE_HOLE | STATE_ZERO;
+        let bs = BS as u64;
+        assert_eq!(flags, vec![(bs, hole), (2 * bs, 0), (5 * bs, hole)]);
+
+        // Damage the stored copy of block 2 in the reverse diff.
+        let rdiff = vm_dir.join(&served.generation).join("vda.rdiff");
+        let mut bytes = std::fs::read(&rdiff).unwrap();
+        let needle = &old[2 * BS + 100..2 * BS + 164];
+        let at = bytes
+            .windows(64)
+            .position(|w| w == needle)
+            .expect("stored raw");
+        bytes[at] ^= 1;
+        std::fs::write(&rdiff, &bytes).unwrap();
+        drop(served);
+        let served = open_generation(&repo, "vm", "1").unwrap();
+        let e = &served.exports[0];
+        let err = e.read(2 * bs + 10, &mut [0u8; 100]).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Corrupt, "{err}");
+        let mut ok = vec![0u8; BS];
+        e.read(bs, &mut ok).unwrap();
+        assert!(ok == old[BS..2 * BS]);
+        drop(served);
+        assert!(pinned_generations(&vm_dir).unwrap().is_empty());
+    }
 
     #[test]
     fn place_copies_only_the_overlap() {
