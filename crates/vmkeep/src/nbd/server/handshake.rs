@@ -356,7 +356,7 @@ fn meta_context<S: Write>(
     };
     let base = META_BASE_ALLOCATION.as_bytes();
     let hit = if set {
-        queries.iter().any(|q| *q == base)
+        queries.contains(&base)
     } else {
         queries.is_empty() || queries.iter().any(|q| *q == base || *q == b"base:")
     };
