@@ -71,6 +71,11 @@ pub enum Command {
     /// Protect a generation from prune, or lift the protection
     #[command(after_help = "Example:\n  vmkeep protect web1 --generation 0")]
     Protect(ProtectArgs),
+    /// Export a generation's disks read-only over NBD until interrupted
+    #[command(
+        after_help = "Examples:\n  vmkeep serve web1 --socket /run/vmkeep/web1.sock\n  vmkeep serve web1 --generation 3 --listen 127.0.0.1:10809\n  nbdcopy 'nbd+unix:///vda?socket=/run/vmkeep/web1.sock' vda.raw\n  qemu-img convert -O qcow2 nbd://127.0.0.1:10809/vda vda.qcow2\n\nThe served generation is pinned: prune keeps it until the server stops.\nStops on SIGINT or SIGTERM."
+    )]
+    Serve(ServeArgs),
     /// Print shell completions
     #[command(after_help = "Example:\n  vmkeep completions bash > /etc/bash_completion.d/vmkeep")]
     Completions(CompletionsArgs),
@@ -152,6 +157,27 @@ pub struct RestoreArgs {
     /// Write what can be read where blocks are damaged, and list the ranges
     #[arg(long)]
     pub ignore_damage: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("endpoint").required(true).args(["socket", "listen"])))]
+pub struct ServeArgs {
+    pub vm: String,
+    /// Generation: id or unique prefix, N (0 = newest), or latest
+    #[arg(long, short = 'g', value_name = "REV", default_value = "latest")]
+    pub generation: String,
+    /// Listen on a unix socket at PATH (created mode 0600, removed on exit)
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Listen on TCP at HOST[:PORT] (loopback only; port 10809 by default, 0 picks a free one)
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Serve beyond loopback (refused: that needs TLS, which is not supported yet)
+    #[arg(long, requires = "listen")]
+    pub allow_remote: bool,
+    /// Close a connection after this many seconds without a request (0: never)
+    #[arg(long, value_name = "SECONDS", default_value_t = 900)]
+    pub idle_timeout: u64,
 }
 
 #[derive(Debug, Args)]

@@ -9,6 +9,7 @@ mod print;
 mod protect;
 mod prune;
 mod restore;
+mod serve;
 mod status;
 
 use std::path::PathBuf;
@@ -107,6 +108,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Merge(a) => merge::run(&ctx, a),
         Command::Print(a) => print::run(&ctx, a),
         Command::Protect(a) => protect::run(&ctx, a),
+        Command::Serve(a) => serve::run(&ctx, a),
         Command::Manpages(a) => manpages::run(a),
         Command::Completions(_) => unreachable!("handled above"),
     }

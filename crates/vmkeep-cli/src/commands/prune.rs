@@ -35,6 +35,11 @@ pub fn run(ctx: &Ctx, a: PruneArgs) -> Result<i32> {
                 for id in &r.removed {
                     ctx.say(format!("{vm}: {verb} generation {id}"));
                 }
+                for id in &r.pinned {
+                    ctx.say(format!(
+                        "{vm}: kept generation {id}: pinned by a running serve"
+                    ));
+                }
                 ctx.say(format!(
                     "{vm}: {} kept, {} {verb}",
                     r.kept.len(),

@@ -6,6 +6,7 @@
 //! REPO/VM/vm.toml                block size, health
 //! REPO/VM/lock                   writer lock (flock)
 //! REPO/VM/txn.toml               present only while a change is in flight
+//! REPO/VM/pins/PID-GEN           generations held by readers (`serve`); prune skips them
 //! REPO/VM/latest -> GEN          newest generation
 //! REPO/VM/GEN/generation.toml    what the run made
 //! REPO/VM/GEN/DISK.raw|.digest   newest generation only
@@ -17,6 +18,7 @@ pub mod digest;
 pub mod format;
 pub mod lock;
 pub mod names;
+pub mod pin;
 pub mod profile;
 pub mod rdiff;
 pub mod retention;

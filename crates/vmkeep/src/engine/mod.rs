@@ -7,6 +7,7 @@ pub mod print;
 pub mod prune;
 pub mod reader;
 pub mod restore;
+pub mod serve;
 pub mod status;
 
 use std::fmt;

@@ -4,11 +4,16 @@
 //! reverse diffs into the next older generation's (the older record wins, as the older
 //! generation's content is what that record holds) under a transaction, so that a crash
 //! leaves either the old or the new chain, never a mix.
+//!
+//! A generation that a running `serve` has pinned ([`crate::archive::pin`]) is kept
+//! whatever the schedule says, and listed as `pinned` in the report; pins are looked at
+//! again right before each generation is dropped.
 
 use serde::Serialize;
 
 use crate::archive::format::{block_count, block_len};
 use crate::archive::lock::VmLock;
+use crate::archive::pin::pinned_generations;
 use crate::archive::profile::parse_time;
 use crate::archive::rdiff::{RdiffHeader, RdiffReader, RdiffWriter, Record, FLAG_BASE};
 use crate::archive::retention::{self, Item, Schedule};
@@ -24,6 +29,8 @@ pub struct PruneReport {
     pub dry_run: bool,
     pub kept: Vec<String>,
     pub removed: Vec<String>,
+    /// Generations the schedule would drop but a running reader has pinned (also in `kept`).
+    pub pinned: Vec<String>,
     pub recovered: Vec<String>,
 }
 
@@ -59,32 +66,52 @@ pub fn prune(
         })
         .collect::<Result<_>>()?;
     let keep = retention::keep(&items, schedule);
+    let pinned = pinned_generations(&archive.dir)?;
     let mut report = PruneReport {
         vm: vm.to_string(),
         dry_run,
         kept: vec![],
         removed: vec![],
+        pinned: vec![],
         recovered,
     };
+    let mut doomed = Vec::new();
     for (g, k) in gens.iter().zip(&keep) {
         if *k {
             report.kept.push(g.id.clone())
+        } else if pinned.contains(&g.id) {
+            report.keep_pinned(&g.id);
         } else {
-            report.removed.push(g.id.clone())
+            doomed.push(g.id.clone())
         }
     }
     if dry_run {
+        report.removed = doomed;
         return Ok(report);
     }
-    for id in &report.removed {
+    for id in doomed {
+        // A serve may have pinned it since the first look.
+        if pinned_generations(&archive.dir)?.contains(&id) {
+            report.keep_pinned(&id);
+            continue;
+        }
         let current = archive.generations()?;
         let m = current
             .iter()
-            .position(|g| &g.id == id)
+            .position(|g| g.id == id)
             .expect("generation listed a moment ago");
         drop_generation(&archive.dir, &current, m)?;
+        report.removed.push(id);
     }
+    report.kept.sort();
     Ok(report)
+}
+
+impl PruneReport {
+    fn keep_pinned(&mut self, id: &str) {
+        self.kept.push(id.to_string());
+        self.pinned.push(id.to_string());
+    }
 }
 
 /// Remove generation `gens[m]` (never the newest) from the chain.
@@ -185,4 +212,57 @@ pub fn merge(a: &RdiffReader, b: &RdiffReader, out: &std::path::Path) -> Result<
         }
     }
     w.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::archive::pin::Pin;
+    use crate::engine::backup::{BackupOptions, BackupRun, DiskInput};
+    use crate::engine::reader::DiskView;
+    use crate::progress::NoProgress;
+    use crate::source::file::FileSource;
+
+    fn backup(repo: &Repository, img: &Path, fill: u8) -> String {
+        std::fs::write(img, vec![fill; 200 << 10]).unwrap();
+        let run = BackupRun::begin(repo, "vm").unwrap();
+        let disk = DiskInput::new("vda", Box::new(FileSource::open(img).unwrap()));
+        let opts = BackupOptions::default();
+        run.execute(vec![disk], &opts, &NoProgress)
+            .unwrap()
+            .generation
+            .id
+    }
+
+    #[test]
+    fn prune_skips_pinned_generations() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(&dir.path().join("repo")).unwrap();
+        let img = dir.path().join("vda.raw");
+        let ids: Vec<String> = (1..=3).map(|i| backup(&repo, &img, i)).collect();
+        let pin = Pin::acquire(&repo.vm_dir("vm").unwrap(), &ids[1], "test").unwrap();
+        let last = Schedule {
+            keep_last: Some(1),
+            ..Default::default()
+        };
+
+        let r = prune(&repo, "vm", &last, false, &NoProgress).unwrap();
+        assert_eq!(r.removed, vec![ids[0].clone()]);
+        assert_eq!(r.pinned, vec![ids[1].clone()]);
+        let vm = repo.vm("vm").unwrap();
+        assert_eq!(vm.generation_ids().unwrap(), ids[1..].to_vec());
+        // The pinned generation still reads as it was backed up.
+        let gens = vm.generations().unwrap();
+        let view = DiskView::open(&vm, &gens, 0, "vda").unwrap();
+        let blk = view.read_block(0).unwrap();
+        assert!(blk.ok && blk.data.iter().all(|&b| b == 2));
+
+        drop(pin);
+        let r = prune(&repo, "vm", &last, false, &NoProgress).unwrap();
+        assert_eq!(r.removed, vec![ids[1].clone()]);
+        assert!(r.pinned.is_empty());
+        assert_eq!(vm.generation_ids().unwrap(), ids[2..].to_vec());
+    }
 }

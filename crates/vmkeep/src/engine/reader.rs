@@ -306,7 +306,7 @@ impl DiskView {
         let to = (end * bs).min(self.size);
         let mut buf = vec![0u8; (to - from) as usize];
         let avail = self.image_size.min(to).saturating_sub(from) as usize;
-        fsutil::read_exact_at(file, &mut buf[..avail], from, path)?;
+        read_image_at(file, &mut buf[..avail], from, path)?;
         let mut digests = vec![0u8; ((end - start) as usize) * DIGEST_LEN];
         self.image_digests(start, &mut digests)?;
         let mut bad = Vec::new();
@@ -324,7 +324,7 @@ impl DiskView {
                 block_digest(&buf[s..e])
             } else {
                 let mut full = vec![0u8; img_len];
-                fsutil::read_exact_at(file, &mut full, b * bs, path)?;
+                read_image_at(file, &mut full, b * bs, path)?;
                 block_digest(&full)
             };
             if got != want {
@@ -400,6 +400,27 @@ impl DiskView {
     pub fn chain(&self) -> &[RdiffReader] {
         &self.chain
     }
+}
+
+/// Read image bytes at `off`; bytes past the file's end read as zeros. A backup that
+/// shrinks the disk truncates the image under a running reader: the cut blocks then fail
+/// their digests and [`DiskView::moved_on`] finds them in that backup's journal, instead
+/// of the whole read failing on a short file.
+fn read_image_at(file: &File, buf: &mut [u8], off: u64, path: &Path) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], off + got as u64) {
+            Ok(0) => {
+                buf[got..].fill(0);
+                break;
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(path, e)),
+        }
+    }
+    Ok(())
 }
 
 impl VmArchive {

@@ -3,3 +3,4 @@
 //! connections), and a read-only server that exports archived generations.
 
 pub mod proto;
+pub mod server;

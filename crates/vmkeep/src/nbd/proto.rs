@@ -124,6 +124,24 @@ pub const MAX_OPTION_LEN: u32 = 64 << 10;
 /// Longest string (export name, context name) the protocol allows.
 pub const MAX_STRING_LEN: usize = 4096;
 
+/// Size of an option request header (magic, option, length).
+pub const OPTION_HEADER_LEN: usize = 16;
+/// Size of an option reply header (magic, option, reply type, length).
+pub const OPTION_REPLY_LEN: usize = 20;
+/// Largest READ/WRITE payload: the spec says no length below 2^25 may be treated as a
+/// denial of service, and no common client sends more.
+pub const MAX_BLOCK_SIZE: u32 = 32 << 20;
+
+/// Encode an option reply header.
+pub fn option_reply(option: u32, kind: u32, length: u32) -> [u8; OPTION_REPLY_LEN] {
+    let mut b = [0u8; OPTION_REPLY_LEN];
+    b[0..8].copy_from_slice(&REPLY_MAGIC_OPT.to_be_bytes());
+    b[8..12].copy_from_slice(&option.to_be_bytes());
+    b[12..16].copy_from_slice(&kind.to_be_bytes());
+    b[16..20].copy_from_slice(&length.to_be_bytes());
+    b
+}
+
 /// A transmission-phase request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {

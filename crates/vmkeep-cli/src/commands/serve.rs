@@ -1,0 +1,136 @@
+//! `vmkeep serve`: export one generation's disks read-only over NBD until SIGINT or
+//! SIGTERM.
+//!
+//! The signals are blocked before any thread starts and taken by one thread with
+//! `sigwait`, which asks the server to stop; the server then removes its socket, lets
+//! requests in flight finish and returns, and the pin on the generation goes with it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use vmkeep::engine::serve::{open_generation, ServedGeneration};
+use vmkeep::nbd::server::{resolve_listen, Export, Listen, Server, ServerConfig};
+use vmkeep::Error;
+
+use super::Ctx;
+use crate::cli::ServeArgs;
+
+pub fn run(ctx: &Ctx, a: ServeArgs) -> Result<i32> {
+    let signals = block_signals()?;
+    raise_fd_limit();
+    let listen = endpoint(&a)?;
+    let repo = ctx.open_repo()?;
+    let served = open_generation(&repo, &a.vm, &a.generation)?;
+    let exports: Vec<Arc<dyn Export>> = served
+        .exports
+        .iter()
+        .map(|e| e.clone() as Arc<dyn Export>)
+        .collect();
+    let config = ServerConfig {
+        idle_timeout: (a.idle_timeout > 0).then(|| Duration::from_secs(a.idle_timeout)),
+        ..ServerConfig::default()
+    };
+    let server = Server::bind(&listen, exports, config)?;
+    announce(ctx, &served, &server);
+    let stop = server.shutdown_handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let sig = wait_signal(&signals);
+            tracing::info!("signal {sig}: stopping");
+            stop.shutdown();
+        })?;
+    server.run()?;
+    drop(served); // releases the pin
+    Ok(0)
+}
+
+/// Where to listen; `--allow-remote` is refused until TLS exists.
+fn endpoint(a: &ServeArgs) -> Result<Listen> {
+    if a.allow_remote {
+        return Err(Error::usage(
+            "--allow-remote needs TLS, which vmkeep serve does not support yet; \
+             listen on --socket or a loopback --listen address and tunnel it (ssh -L)",
+        )
+        .into());
+    }
+    Ok(match (&a.socket, &a.listen) {
+        (Some(path), None) => Listen::Unix(path.clone()),
+        (None, Some(addr)) => resolve_listen(addr)?,
+        _ => return Err(Error::usage("give one of --socket PATH or --listen ADDR").into()),
+    })
+}
+
+/// One line (or a JSON object) naming every export's URI.
+fn announce(ctx: &Ctx, served: &ServedGeneration, server: &Server) {
+    let uris: Vec<(String, u64, String)> = served
+        .exports
+        .iter()
+        .map(|e| (e.name().to_string(), e.size(), server.uri(e.name())))
+        .collect();
+    if ctx.json {
+        let exports: Vec<_> = uris
+            .iter()
+            .map(|(disk, size, uri)| serde_json::json!({ "disk": disk, "size": size, "uri": uri }))
+            .collect();
+        crate::output::json(&serde_json::json!({
+            "vm": served.vm, "generation": served.generation, "exports": exports,
+        }));
+    } else {
+        let list: Vec<&str> = uris.iter().map(|(_, _, u)| u.as_str()).collect();
+        ctx.say(format!(
+            "{}: serving generation {} read-only: {}",
+            served.vm,
+            served.generation,
+            list.join(" ")
+        ));
+    }
+}
+
+/// Each connection holds three descriptors; a 1024 soft limit would cap the server well
+/// below its own connection limit, so take what the hard limit allows (up to 64Ki).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit on our stack.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            let want = lim.rlim_max.min(65536);
+            if lim.rlim_cur < want {
+                lim.rlim_cur = want;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+        }
+    }
+}
+
+/// Block SIGINT and SIGTERM in this thread and every thread it starts later.
+fn block_signals() -> std::io::Result<libc::sigset_t> {
+    // SAFETY: `set` is plain data that sigemptyset initialises before use; the calls
+    // only read and write it through the pointers we pass, valid for their duration.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        Ok(set)
+    }
+}
+
+/// Wait for one of the blocked signals; returns its number.
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    loop {
+        // SAFETY: `set` was initialised by block_signals; `sig` is a valid out pointer.
+        if unsafe { libc::sigwait(set, &mut sig) } == 0 {
+            return sig;
+        }
+    }
+}

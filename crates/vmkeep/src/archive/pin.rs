@@ -1,0 +1,210 @@
+//! Pins: a reader that needs a generation for a long time (`serve`) keeps `prune` from
+//! dropping it.
+//!
+//! A pin is the file `REPO/VM/pins/<pid>-<generation>` on which its holder keeps a shared
+//! `flock` for as long as it reads. The kernel drops the lock when the holder dies,
+//! however it dies, so a pin whose lock can be taken exclusively is stale and is removed
+//! by whoever notices. Readers take no VM lock (a backup may run while a generation is
+//! served), so pins are advisory between readers and `prune` only; `prune` checks them
+//! under its VM lock just before it drops each generation.
+//!
+//! Taking a pin is the classic lock-file dance: create, lock, then make sure the path
+//! still names the locked file (a pruner may have removed it as stale in between), else
+//! start over. Removing a stale pin happens under an exclusive lock and after the same
+//! check, so a live pin is never removed.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::FILE_MODE;
+
+/// Folder of the pins, inside the VM folder.
+pub const PINS: &str = "pins";
+
+/// A held pin; dropping it releases the lock and removes the file.
+#[derive(Debug)]
+pub struct Pin {
+    _file: File,
+    path: PathBuf,
+    pub generation: String,
+}
+
+/// Distinguishes several pins of one generation in one process.
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl Pin {
+    /// Pin generation `generation` of the VM whose folder is `vm_dir`.
+    pub fn acquire(vm_dir: &Path, generation: &str, holder: &str) -> Result<Pin> {
+        let dir = vm_dir.join(PINS);
+        std::fs::create_dir_all(&dir).at(&dir)?;
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let mut name = format!("{}-{generation}", std::process::id());
+        if seq > 0 {
+            name.push_str(&format!(".{seq}"));
+        }
+        let path = dir.join(name);
+        loop {
+            let mut file = open(&path)?;
+            flock(&file, libc::LOCK_SH, &path)?;
+            if same_file(&file, &path) {
+                file.set_len(0).at(&path)?;
+                write!(file, "pid {} ({holder})", std::process::id()).at(&path)?;
+                return Ok(Pin {
+                    _file: file,
+                    path,
+                    generation: generation.to_string(),
+                });
+            }
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Generations pinned by live holders, sorted and without repeats. Stale pins (their
+/// holder died) are removed on the way.
+pub fn pinned_generations(vm_dir: &Path) -> Result<Vec<String>> {
+    let dir = vm_dir.join(PINS);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(&dir, e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.at(&dir)?;
+        let Some(generation) = entry.file_name().to_str().and_then(generation_of) else {
+            continue;
+        };
+        if is_live(&entry.path())? {
+            out.push(generation);
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// The generation a pin file name names: `<pid>-<generation>[.<n>]`.
+fn generation_of(name: &str) -> Option<String> {
+    let (pid, rest) = name.split_once('-')?;
+    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let generation = rest.split('.').next()?;
+    crate::archive::is_generation_name(generation).then(|| generation.to_string())
+}
+
+/// Is the pin at `path` held? A stale one is removed.
+fn is_live(path: &Path) -> Result<bool> {
+    let file = match OpenOptions::new().read(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io(path, e)),
+    };
+    // SAFETY: flock on a descriptor we own; no pointers.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Ok(true);
+        }
+        return Err(Error::io(path, err));
+    }
+    if same_file(&file, path) {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(false)
+}
+
+fn open(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(FILE_MODE)
+        .open(path)
+        .at(path)
+}
+
+fn flock(file: &File, op: libc::c_int, path: &Path) -> Result<()> {
+    loop {
+        // SAFETY: flock on a descriptor we own; no pointers.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(Error::io(path, err));
+        }
+    }
+}
+
+/// Does `path` still name the open `file`?
+fn same_file(file: &File, path: &Path) -> bool {
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const G1: &str = "0193a000-0000-7000-8000-000000000001";
+    const G2: &str = "0193a000-0000-7000-8000-000000000002";
+
+    #[test]
+    fn held_pins_are_listed_and_released_ones_are_not() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(pinned_generations(dir.path()).unwrap().is_empty());
+        let a = Pin::acquire(dir.path(), G1, "test").unwrap();
+        let b = Pin::acquire(dir.path(), G1, "test").unwrap();
+        let c = Pin::acquire(dir.path(), G2, "test").unwrap();
+        assert_ne!(a.path(), b.path());
+        assert_eq!(pinned_generations(dir.path()).unwrap(), vec![G1, G2]);
+        drop(a);
+        assert_eq!(pinned_generations(dir.path()).unwrap(), vec![G1, G2]);
+        drop(b);
+        drop(c);
+        assert!(pinned_generations(dir.path()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn stale_pins_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = dir.path().join(PINS);
+        std::fs::create_dir_all(&pins).unwrap();
+        // What a holder killed with SIGKILL leaves: the file, no lock.
+        let stale = pins.join(format!("999999-{G1}"));
+        std::fs::write(&stale, b"pid 999999").unwrap();
+        std::fs::write(pins.join("unrelated"), b"").unwrap();
+        assert!(pinned_generations(dir.path()).unwrap().is_empty());
+        assert!(!stale.exists());
+        assert!(pins.join("unrelated").exists());
+    }
+
+    #[test]
+    fn pin_names_parse() {
+        assert_eq!(generation_of(&format!("12-{G1}")).as_deref(), Some(G1));
+        assert_eq!(generation_of(&format!("12-{G1}.3")).as_deref(), Some(G1));
+        assert_eq!(generation_of(&format!("x-{G1}")), None);
+        assert_eq!(generation_of("12-latest"), None);
+    }
+}

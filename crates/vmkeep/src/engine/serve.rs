@@ -1,0 +1,372 @@
+//! `serve`: one generation of a VM as read-only NBD exports, one per disk.
+//!
+//! Nothing is materialised: every read is assembled on the fly from the newest image and
+//! the reverse diffs through [`DiskView`], and every block is checked against its digest
+//! before a byte of it is sent. A block that fails its digest fails the request with
+//! `EIO`; the client never sees wrong bytes. Blocks whose digest is the zero digest are
+//! zeros by definition, so they are answered without reading and reported as holes.
+//!
+//! While it serves, the generation is pinned ([`crate::archive::pin`]) so that `prune`
+//! leaves it alone. A backup of the same VM may run meanwhile: it updates the newest image
+//! in place, and the view finds the overwritten blocks in that backup's undo journal.
+
+use std::sync::Arc;
+
+use crate::archive::digest::ZERO_DIGEST;
+use crate::archive::format::DIGEST_LEN;
+use crate::archive::pin::Pin;
+use crate::archive::Repository;
+use crate::engine::reader::{DiskView, Loc, Segment};
+use crate::error::{Error, Result};
+use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
+use crate::nbd::server::{Export, Extent};
+
+/// Image blocks are read and verified in runs of at most this many bytes.
+const RUN_BYTES: u64 = 4 << 20;
+/// One block-status answer looks at no more blocks than this (clients ask for the rest).
+const STATUS_BLOCKS: u64 = 1 << 16;
+/// ... and reads no more reverse-diff records than this (each is a read of the file).
+const STATUS_RECORDS: usize = 1024;
+
+/// A generation opened for serving: its exports, and the pin that keeps it.
+pub struct ServedGeneration {
+    pub vm: String,
+    pub generation: String,
+    pub exports: Vec<Arc<ArchiveExport>>,
+    pin: Pin,
+}
+
+impl ServedGeneration {
+    pub fn pin(&self) -> &Pin {
+        &self.pin
+    }
+}
+
+/// Pin generation `rev` of `vm` and open every disk of it.
+pub fn open_generation(repo: &Repository, vm: &str, rev: &str) -> Result<ServedGeneration> {
+    let archive = repo.vm(vm)?;
+    let id = archive.resolve(rev)?;
+    // Pin first, then open: once pinned, prune no longer drops it under us.
+    let pin = Pin::acquire(&archive.dir, &id, "serve")?;
+    let gens = archive.generations()?;
+    let k = gens.iter().position(|g| g.id == id).ok_or_else(|| {
+        Error::usage(format!(
+            "generation {id} of VM {vm} was removed while it was being opened"
+        ))
+    })?;
+    let exports = gens[k]
+        .profile
+        .disks
+        .iter()
+        .map(|d| {
+            let view = DiskView::open(&archive, &gens, k, &d.name)?;
+            Ok(Arc::new(ArchiveExport::new(vm, view)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ServedGeneration {
+        vm: vm.to_string(),
+        generation: id,
+        exports,
+        pin,
+    })
+}
+
+/// One disk of one generation, as an NBD export named after the disk.
+pub struct ArchiveExport {
+    view: DiskView,
+    /// The view's segments, computed once: every request looks its blocks up here.
+    segments: Vec<Segment>,
+    description: String,
+}
+
+impl ArchiveExport {
+    pub fn new(vm: &str, view: DiskView) -> ArchiveExport {
+        let description = format!(
+            "vmkeep: VM {vm}, generation {}, disk {}",
+            view.generation, view.disk
+        );
+        ArchiveExport {
+            segments: view.segments(),
+            view,
+            description,
+        }
+    }
+
+    fn bs(&self) -> u64 {
+        self.view.block_size as u64
+    }
+
+    /// The segments that overlap blocks `[first, last)`, clipped to them.
+    fn segments_in(&self, first: u64, last: u64) -> impl Iterator<Item = Segment> + '_ {
+        let i = self.segments.partition_point(|s| s.end <= first);
+        self.segments[i..]
+            .iter()
+            .take_while(move |s| s.start < last)
+            .map(move |s| Segment {
+                start: s.start.max(first),
+                end: s.end.min(last),
+                loc: s.loc,
+            })
+    }
+
+    fn damaged(&self, b: u64) -> Error {
+        let from = b * self.bs();
+        let to = (from + self.bs()).min(self.view.size);
+        Error::corrupt(
+            format!("{}/{}", self.view.generation, self.view.disk),
+            format!("bytes {from}..{to} fail their digest"),
+        )
+    }
+
+    /// The digests of image blocks `[s, e)`.
+    fn image_digests(&self, s: u64, e: u64) -> Result<Vec<[u8; DIGEST_LEN]>> {
+        let mut raw = vec![0u8; ((e - s) as usize) * DIGEST_LEN];
+        self.view.image_digests(s, &mut raw)?;
+        Ok(raw
+            .chunks_exact(DIGEST_LEN)
+            .map(|d| d.try_into().expect("32 bytes"))
+            .collect())
+    }
+
+    /// Runs `[start, end)` of image blocks `[s, e)` that are all zero or all not, at most
+    /// [`RUN_BYTES`] long.
+    fn image_runs(&self, s: u64, e: u64) -> Result<Vec<(u64, u64, bool)>> {
+        let digests = self.image_digests(s, e)?;
+        let max = (RUN_BYTES / self.bs()).max(1);
+        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+        for (i, d) in digests.iter().enumerate() {
+            let b = s + i as u64;
+            let zero = *d == ZERO_DIGEST;
+            match out.last_mut() {
+                Some(r) if r.2 == zero && r.1 - r.0 < max => r.1 = b + 1,
+                _ => out.push((b, b + 1, zero)),
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_image(&self, s: u64, e: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
+        for (a, b, zero) in self.image_runs(s, e)? {
+            if zero {
+                fill_zero(a * self.bs(), b * self.bs(), offset, buf);
+                continue;
+            }
+            let (data, bad) = self.view.read_image_run(a, b)?;
+            if let Some(&x) = bad.first() {
+                return Err(self.damaged(x));
+            }
+            place(a * self.bs(), &data, offset, buf);
+        }
+        Ok(())
+    }
+
+    fn read_record(&self, b: u64, chain: u32, rec: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let blk = self.view.read_record(chain, rec)?;
+        if !blk.ok {
+            return Err(self.damaged(b));
+        }
+        place(b * self.bs(), &blk.data, offset, buf);
+        Ok(())
+    }
+
+    /// Whether each block of a segment is zero, as runs `(start, end, zero)`.
+    fn zero_runs(&self, seg: Segment) -> Result<Vec<(u64, u64, bool)>> {
+        Ok(match seg.loc {
+            Loc::Zero => vec![(seg.start, seg.end, true)],
+            Loc::Record { chain, rec } => {
+                let r = self.view.chain()[chain as usize].read(rec as usize)?;
+                vec![(seg.start, seg.end, r.digest == ZERO_DIGEST)]
+            }
+            Loc::Image => self.image_runs(seg.start, seg.end)?,
+        })
+    }
+}
+
+impl Export for ArchiveExport {
+    fn name(&self) -> &str {
+        &self.view.disk
+    }
+
+    fn description(&self) -> String {
+        self.description.clone()
+    }
+
+    fn size(&self) -> u64 {
+        self.view.size
+    }
+
+    fn preferred_block_size(&self) -> u32 {
+        self.view.block_size
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let end = offset + buf.len() as u64;
+        let (first, last) = (offset / self.bs(), (end - 1) / self.bs() + 1);
+        for seg in self.segments_in(first, last) {
+            match seg.loc {
+                Loc::Zero => fill_zero(seg.start * self.bs(), seg.end * self.bs(), offset, buf),
+                Loc::Record { chain, rec } => {
+                    self.read_record(seg.start, chain, rec, offset, buf)?
+                }
+                Loc::Image => self.read_image(seg.start, seg.end, offset, buf)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let end = (offset + len).min(self.view.size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let first = offset / self.bs();
+        let last = ((end - 1) / self.bs() + 1).min(first + STATUS_BLOCKS);
+        let mut out: Vec<Extent> = Vec::new();
+        let mut records = 0;
+        for seg in self.segments_in(first, last) {
+            if matches!(seg.loc, Loc::Record { .. }) {
+                if records == STATUS_RECORDS && !out.is_empty() {
+                    break;
+                }
+                records += 1;
+            }
+            for (a, b, zero) in self.zero_runs(seg)? {
+                let from = (a * self.bs()).max(offset);
+                let to = (b * self.bs()).min(end);
+                let flags = if zero { STATE_HOLE | STATE_ZERO } else { 0 };
+                match out.last_mut() {
+                    Some(x) if x.flags == flags => x.len += to - from,
+                    _ => out.push(Extent {
+                        len: to - from,
+                        flags,
+                    }),
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Copy the part of `src` (disk bytes from `src_off`) that overlaps `dst` (disk bytes
+/// from `dst_off`).
+fn place(src_off: u64, src: &[u8], dst_off: u64, dst: &mut [u8]) {
+    let from = src_off.max(dst_off);
+    let to = (src_off + src.len() as u64).min(dst_off + dst.len() as u64);
+    if from < to {
+        let (s, d, n) = (
+            (from - src_off) as usize,
+            (from - dst_off) as usize,
+            (to - from) as usize,
+        );
+        dst[d..d + n].copy_from_slice(&src[s..s + n]);
+    }
+}
+
+/// Zero the part of `dst` (disk bytes from `dst_off`) within disk bytes `[from, to)`.
+fn fill_zero(from: u64, to: u64, dst_off: u64, dst: &mut [u8]) {
+    let from = from.max(dst_off);
+    let to = to.min(dst_off + dst.len() as u64);
+    if from < to {
+        dst[(from - dst_off) as usize..(to - dst_off) as usize].fill(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::pin::pinned_generations;
+    use crate::engine::backup::{BackupOptions, BackupRun, DiskInput};
+    use crate::progress::NoProgress;
+    use crate::source::file::FileSource;
+
+    const BS: usize = 64 << 10;
+
+    fn noise(seed: u8, len: usize) -> Vec<u8> {
+        let mut x = (seed as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn backup(repo: &Repository, img: &std::path::Path, data: &[u8]) {
+        std::fs::write(img, data).unwrap();
+        let run = BackupRun::begin(repo, "vm").unwrap();
+        let disk = DiskInput::new("vda", Box::new(FileSource::open(img).unwrap()));
+        run.execute(vec![disk], &BackupOptions::default(), &NoProgress)
+            .unwrap();
+    }
+
+    #[test]
+    fn an_older_generation_reads_reports_holes_and_catches_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(&dir.path().join("repo")).unwrap();
+        let img = dir.path().join("vda.raw");
+        let mut old = vec![0u8; 8 * BS];
+        old[BS..3 * BS].copy_from_slice(&noise(1, 2 * BS));
+        backup(&repo, &img, &old);
+        let mut new = noise(2, 10 * BS);
+        new[5 * BS..6 * BS].fill(0);
+        backup(&repo, &img, &new);
+
+        let served = open_generation(&repo, "vm", "1").unwrap();
+        let vm_dir = repo.vm_dir("vm").unwrap();
+        assert_eq!(
+            pinned_generations(&vm_dir).unwrap(),
+            vec![served.generation.clone()]
+        );
+        let e = &served.exports[0];
+        assert_eq!((e.name(), e.size()), ("vda", old.len() as u64));
+        let mut buf = vec![0u8; old.len() - 1000];
+        e.read(500, &mut buf).unwrap();
+        assert!(buf == old[500..old.len() - 500]);
+        let flags: Vec<(u64, u32)> = e
+            .extents(0, old.len() as u64)
+            .unwrap()
+            .iter()
+            .map(|x| (x.len, x.flags))
+            .collect();
+        let hole = STATE_HOLE | STATE_ZERO;
+        let bs = BS as u64;
+        assert_eq!(flags, vec![(bs, hole), (2 * bs, 0), (5 * bs, hole)]);
+
+        // Damage the stored copy of block 2 in the reverse diff.
+        let rdiff = vm_dir.join(&served.generation).join("vda.rdiff");
+        let mut bytes = std::fs::read(&rdiff).unwrap();
+        let needle = &old[2 * BS + 100..2 * BS + 164];
+        let at = bytes
+            .windows(64)
+            .position(|w| w == needle)
+            .expect("stored raw");
+        bytes[at] ^= 1;
+        std::fs::write(&rdiff, &bytes).unwrap();
+        drop(served);
+        let served = open_generation(&repo, "vm", "1").unwrap();
+        let e = &served.exports[0];
+        let err = e.read(2 * bs + 10, &mut [0u8; 100]).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Corrupt, "{err}");
+        let mut ok = vec![0u8; BS];
+        e.read(bs, &mut ok).unwrap();
+        assert!(ok == old[BS..2 * BS]);
+        drop(served);
+        assert!(pinned_generations(&vm_dir).unwrap().is_empty());
+    }
+
+    #[test]
+    fn place_copies_only_the_overlap() {
+        let mut dst = [9u8; 8];
+        place(4, &[1, 2, 3, 4, 5, 6], 6, &mut dst); // src 4..10, dst 6..14
+        assert_eq!(dst, [3, 4, 5, 6, 9, 9, 9, 9]);
+        place(0, &[7; 4], 6, &mut dst); // no overlap
+        assert_eq!(dst[0], 3);
+        fill_zero(8, 100, 6, &mut dst);
+        assert_eq!(dst, [3, 4, 0, 0, 0, 0, 0, 0]);
+    }
+}
