@@ -46,6 +46,10 @@ const MAX_ZERO_REQUEST: u64 = 1 << 30;
 const WINDOW: usize = 8;
 /// Round trips one `block_status` call makes before it returns what it has.
 const MAX_STATUS_ROUNDS: usize = 64;
+/// Handshake deadline of the optional extra connections: a server with all its client
+/// slots taken (qemu-nbd `--shared=N`) accepts the socket but stays silent, and that
+/// must not hold up the backup for a whole reply timeout.
+const EXTRA_HANDSHAKE: Duration = Duration::from_secs(2);
 
 /// How to connect.
 #[derive(Debug, Clone)]
@@ -102,7 +106,9 @@ impl BlockSizes {
         if ok {
             Ok(self)
         } else {
-            Err(format!("the server advertised invalid block sizes {self:?}"))
+            Err(format!(
+                "the server advertised invalid block sizes {self:?}"
+            ))
         }
     }
 }
@@ -148,7 +154,8 @@ impl NbdClient {
                 Err(e) => return Err(Error::source(&name, format!("cannot connect: {e}"))),
             }
         };
-        let (n, conn) = open(first, uri, opts).map_err(|e| Error::source(&name, e))?;
+        let (n, conn) =
+            open(first, uri, opts, opts.timeout).map_err(|e| Error::source(&name, e))?;
         let mut client = NbdClient::new(name, n, conn, opts);
         if client.can_multi_conn() {
             client.add_connections(uri, opts);
@@ -186,20 +193,28 @@ impl NbdClient {
 
     /// Open up to `opts.connections - 1` more connections; a failure only means fewer.
     fn add_connections(&mut self, uri: &NbdUri, opts: &NbdOptions) {
+        let deadline = opts.timeout.min(EXTRA_HANDSHAKE);
         while self.conns.len() < opts.connections {
-            let extra = Transport::connect(&uri.address, opts.timeout)
+            let extra = Transport::connect(&uri.address, deadline)
                 .map_err(|e| format!("cannot connect: {e}"))
-                .and_then(|t| open(t, uri, opts));
+                .and_then(|t| open(t, uri, opts, deadline));
             match extra {
                 Ok((n, conn)) if n.size == self.size && n.contexts == self.contexts => {
                     self.conns.push(conn)
                 }
                 Ok(_) => {
-                    tracing::warn!("{}: a second connection saw another export; using one", self.name);
+                    tracing::warn!(
+                        "{}: a second connection saw another export; using one",
+                        self.name
+                    );
                     break;
                 }
                 Err(e) => {
-                    tracing::warn!("{}: extra connection failed ({e}); using {}", self.name, self.conns.len());
+                    tracing::warn!(
+                        "{}: extra connection failed ({e}); using {}",
+                        self.name,
+                        self.conns.len()
+                    );
                     break;
                 }
             }
@@ -289,16 +304,18 @@ impl NbdClient {
 
     fn read_aligned(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let pieces = split(offset, buf.len() as u64, u64::from(self.max_payload));
-        self.pipeline(&pieces, |conn, off, len| {
-            conn.submit(CMD_READ, 0, off, len as u32, None)
-        }, |off, reply| match reply {
-            Reply::Data(d) => {
-                let at = (off - offset) as usize;
-                buf[at..at + d.len()].copy_from_slice(&d);
-                Ok(())
-            }
-            _ => Err("a read got a reply without data".into()),
-        })
+        self.pipeline(
+            pieces,
+            |conn, off, len| conn.submit(CMD_READ, 0, off, len as u32, None),
+            |off, reply| match reply {
+                Reply::Data(d) => {
+                    let at = (off - offset) as usize;
+                    buf[at..at + d.len()].copy_from_slice(&d);
+                    Ok(())
+                }
+                _ => Err("a read got a reply without data".into()),
+            },
+        )
     }
 
     /// Extents of metadata context `context` from `offset`: (length, flags) in order,
@@ -340,11 +357,12 @@ impl NbdClient {
             .unwrap_or_default();
         let mut at = start;
         for (len, flags) in extents {
-            let (s, e) = (at.max(pos), (at + u64::from(len)).min(end));
+            let next = at.saturating_add(u64::from(len));
+            let (s, e) = (at.max(pos), next.min(end));
             if e > s {
                 push_extent(out, e - s, flags);
             }
-            at += u64::from(len);
+            at = next;
             if at >= end {
                 break;
             }
@@ -361,10 +379,20 @@ impl NbdClient {
         self.check_range("write", offset, data.len() as u64)?;
         self.check_aligned("write", offset, data.len() as u64)?;
         let pieces = split(offset, data.len() as u64, u64::from(self.max_payload));
-        self.pipeline(&pieces, |conn, off, len| {
-            let at = (off - offset) as usize;
-            conn.submit(CMD_WRITE, 0, off, len as u32, Some(&data[at..at + len as usize]))
-        }, |_, _| Ok(()))
+        self.pipeline(
+            pieces,
+            |conn, off, len| {
+                let at = (off - offset) as usize;
+                conn.submit(
+                    CMD_WRITE,
+                    0,
+                    off,
+                    len as u32,
+                    Some(&data[at..at + len as usize]),
+                )
+            },
+            |_, _| Ok(()),
+        )
     }
 
     /// Make `[offset, offset + len)` read as zeros; `no_hole` asks the server to keep it
@@ -394,7 +422,9 @@ impl NbdClient {
             return Err(self.err("the server does not support flush"));
         }
         let conn = self.pick();
-        let t = conn.submit(CMD_FLUSH, 0, 0, 0, None).map_err(|e| self.err(e))?;
+        let t = conn
+            .submit(CMD_FLUSH, 0, 0, 0, None)
+            .map_err(|e| self.err(e))?;
         conn.wait(t).map(|_| ()).map_err(|e| self.err(e))
     }
 
@@ -417,19 +447,23 @@ impl NbdClient {
         let min = u64::from(self.block_sizes.minimum);
         let limit = u64::from(self.block_sizes.maximum).min(MAX_ZERO_REQUEST) / min * min;
         let pieces = split(offset, len, limit);
-        self.pipeline(&pieces, |conn, off, l| conn.submit(kind, flags, off, l as u32, None), |_, _| Ok(()))
+        self.pipeline(
+            pieces,
+            |conn, off, l| conn.submit(kind, flags, off, l as u32, None),
+            |_, _| Ok(()),
+        )
     }
 
     /// Keep up to [`WINDOW`] of `pieces` in flight, spread over the connections, and
     /// hand each reply to `done` (in order).
     fn pipeline(
         &self,
-        pieces: &[(u64, u64)],
+        pieces: impl Iterator<Item = (u64, u64)>,
         mut send: impl FnMut(&Conn, u64, u64) -> std::result::Result<Ticket, String>,
         mut done: impl FnMut(u64, Reply) -> std::result::Result<(), String>,
     ) -> Result<()> {
         let mut in_flight: VecDeque<(&Conn, u64, Ticket)> = VecDeque::new();
-        for &(off, len) in pieces {
+        for (off, len) in pieces {
             if in_flight.len() == WINDOW {
                 let (c, o, t) = in_flight.pop_front().expect("window is full");
                 done(o, c.wait(t).map_err(|e| self.err(e))?).map_err(|e| self.err(e))?;
@@ -466,7 +500,11 @@ impl NbdClient {
             .iter()
             .find(|(n, _)| n == context)
             .map(|(_, id)| *id)
-            .ok_or_else(|| self.err(format!("the server did not select metadata context {context}")))
+            .ok_or_else(|| {
+                self.err(format!(
+                    "the server did not select metadata context {context}"
+                ))
+            })
     }
 
     fn check_range(&self, what: &str, offset: u64, len: u64) -> Result<()> {
@@ -512,16 +550,17 @@ impl Drop for NbdClient {
     }
 }
 
-/// Negotiate on a fresh socket and start its connection.
+/// Negotiate on a fresh socket (within `handshake_timeout`) and start its connection.
 fn open(
     mut t: Transport,
     uri: &NbdUri,
     opts: &NbdOptions,
+    handshake_timeout: Duration,
 ) -> std::result::Result<(handshake::Negotiated, Conn), String> {
     let n = {
         let mut s = Deadline {
             inner: &mut t,
-            deadline: Instant::now() + opts.timeout,
+            deadline: Instant::now() + handshake_timeout,
         };
         handshake::negotiate(&mut s, &uri.export, &opts.contexts)?
     };
@@ -539,7 +578,11 @@ fn check_options(name: &str, uri: &NbdUri, opts: &NbdOptions) -> Result<()> {
     if uri.export.len() > MAX_STRING_LEN {
         return bad("export name longer than 4096 bytes".into());
     }
-    if let Some(c) = opts.contexts.iter().find(|c| c.len() > MAX_STRING_LEN || c.is_empty()) {
+    if let Some(c) = opts
+        .contexts
+        .iter()
+        .find(|c| c.len() > MAX_STRING_LEN || c.is_empty())
+    {
         return bad(format!("bad metadata context name {c:?}"));
     }
     Ok(())
@@ -553,17 +596,15 @@ fn retryable(e: &std::io::Error) -> bool {
     )
 }
 
-/// `[offset, offset + len)` in pieces of at most `max` bytes.
-fn split(offset: u64, len: u64, max: u64) -> Vec<(u64, u64)> {
+/// `[offset, offset + len)` in pieces of at most `max` bytes (lazily: a trim of a whole
+/// huge export must not allocate a list of pieces).
+fn split(offset: u64, len: u64, max: u64) -> impl Iterator<Item = (u64, u64)> {
     let max = max.max(1);
-    let mut out = Vec::with_capacity(len.div_ceil(max) as usize);
-    let mut at = offset;
-    while at < offset + len {
-        let n = (offset + len - at).min(max);
-        out.push((at, n));
-        at += n;
-    }
-    out
+    let end = offset + len;
+    (0..len.div_ceil(max)).map(move |i| {
+        let at = offset + i * max;
+        (at, (end - at).min(max))
+    })
 }
 
 /// Append an extent, merging it into the last one when the flags are equal.
@@ -580,9 +621,11 @@ mod tests {
 
     #[test]
     fn split_covers_the_range() {
-        assert_eq!(split(10, 25, 10), vec![(10, 10), (20, 10), (30, 5)]);
-        assert_eq!(split(0, 0, 10), vec![]);
-        assert_eq!(split(0, 4, 0), vec![(0, 1), (1, 1), (2, 1), (3, 1)]);
+        let v = |it: &mut dyn Iterator<Item = (u64, u64)>| it.collect::<Vec<_>>();
+        assert_eq!(v(&mut split(10, 25, 10)), vec![(10, 10), (20, 10), (30, 5)]);
+        assert_eq!(v(&mut split(0, 0, 10)), vec![]);
+        assert_eq!(v(&mut split(0, 4, 0)), vec![(0, 1), (1, 1), (2, 1), (3, 1)]);
+        assert_eq!(split(0, u64::MAX, 1 << 30).size_hint().0, 1 << 34);
     }
 
     #[test]
@@ -596,9 +639,19 @@ mod tests {
         assert!(BlockSizes::DEFAULT.validated().is_ok());
         for bad in [
             BlockSizes { minimum: 3, ..ok },
-            BlockSizes { minimum: 1 << 17, preferred: 1 << 17, ..ok },
-            BlockSizes { preferred: 256, ..ok },
-            BlockSizes { maximum: 1000, ..ok },
+            BlockSizes {
+                minimum: 1 << 17,
+                preferred: 1 << 17,
+                ..ok
+            },
+            BlockSizes {
+                preferred: 256,
+                ..ok
+            },
+            BlockSizes {
+                maximum: 1000,
+                ..ok
+            },
             BlockSizes { maximum: 256, ..ok },
         ] {
             assert!(bad.validated().is_err(), "{bad:?}");

@@ -8,7 +8,7 @@
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
 /// Second magic of the oldstyle handshake (no options, no export names).
-pub const CLISERV_MAGIC: u64 = 0x0042_0281_8612_53;
+pub const CLISERV_MAGIC: u64 = 0x0000_4202_8186_1253;
 pub const REPLY_MAGIC_OPT: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
@@ -334,7 +334,10 @@ mod tests {
         };
         let b = c.encode();
         assert_eq!(be32(&b[0..4]), STRUCTURED_REPLY_MAGIC);
-        assert_eq!(ChunkHeader::decode_after_magic(b[4..].try_into().unwrap()), c);
+        assert_eq!(
+            ChunkHeader::decode_after_magic(b[4..].try_into().unwrap()),
+            c
+        );
         let o = OptionReply {
             option: OPT_GO,
             kind: REP_INFO,

@@ -152,7 +152,7 @@ impl Conn {
         {
             let mut st = lock(&self.shared.state);
             if let Some(why) = &st.dead {
-                return Err(why.clone());
+                return Err(format!("the connection failed earlier: {why}"));
             }
             st.pending.insert(
                 cookie,
@@ -458,9 +458,11 @@ impl Reader {
         let mlen = be16(&b[4..6]) as usize;
         let rest = b.len() - 6;
         if mlen > rest {
-            return Err(format!("error message of {mlen} bytes in a {len}-byte chunk"));
+            return Err(format!(
+                "error message of {mlen} bytes in a {len}-byte chunk"
+            ));
         }
-        let msg = String::from_utf8_lossy(&b[6..6 + mlen]);
+        let msg = printable(&b[6..6 + mlen]);
         let mut text = server_error(error, &msg);
         match kind {
             REPLY_TYPE_ERROR => {}
@@ -511,7 +513,9 @@ impl Pending {
         let before = self.covered.range(..=rel).next_back();
         let after = self.covered.range(rel..).next();
         if before.is_some_and(|(_, &e)| e > rel) || after.is_some_and(|(&s, _)| s < end) {
-            return Err(format!("{chunk} chunk for bytes {offset}+{n} overlaps an earlier one"));
+            return Err(format!(
+                "{chunk} chunk for bytes {offset}+{n} overlaps an earlier one"
+            ));
         }
         self.covered.insert(rel, end);
         self.covered_bytes += n;
@@ -555,6 +559,15 @@ fn read_exact(t: &mut Transport, b: &mut [u8]) -> Result<(), String> {
     })
 }
 
+/// Server-supplied text made safe for a terminal: no control characters (escape
+/// sequences), invalid UTF-8 replaced.
+pub(super) fn printable(b: &[u8]) -> String {
+    String::from_utf8_lossy(b)
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 /// A server-reported error, for messages.
 pub(super) fn server_error(error: u32, msg: &str) -> String {
     let name = error_name(error);
@@ -562,5 +575,18 @@ pub(super) fn server_error(error: u32, msg: &str) -> String {
         format!("server error {error} {name}")
     } else {
         format!("server error {error} {name}: {msg}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_text_cannot_drive_the_terminal() {
+        assert_eq!(
+            printable(b"disk \x1b[2Jgone\n\xff"),
+            "disk ?[2Jgone?\u{fffd}"
+        );
     }
 }

@@ -9,6 +9,7 @@
 
 use std::io::{self, Read, Write};
 
+use super::conn::printable;
 use super::BlockSizes;
 use crate::nbd::proto::*;
 
@@ -92,7 +93,9 @@ fn structured_replies<S: Read + Write>(s: &mut S) -> Result<bool, String> {
     match kind {
         REP_ACK => Ok(true),
         k if k & REP_FLAG_ERROR != 0 => Ok(false),
-        k => Err(format!("unexpected reply type {k} to the structured-reply option")),
+        k => Err(format!(
+            "unexpected reply type {k} to the structured-reply option"
+        )),
     }
 }
 
@@ -116,7 +119,7 @@ fn set_meta_context<S: Read + Write>(
                 if data.len() < 4 || data.len() > 4 + MAX_STRING_LEN {
                     return Err(format!("metadata context reply of {} bytes", data.len()));
                 }
-                let name = String::from_utf8_lossy(&data[4..]).into_owned();
+                let name = printable(&data[4..]);
                 out.push((name, be32(&data[0..4])));
             }
             REP_ACK => return Ok(out),
@@ -147,13 +150,16 @@ fn go<S: Read + Write>(s: &mut S, export: &str) -> Result<Option<ExportInfo>, St
         match kind {
             REP_INFO => info(&data, &mut export_info, &mut block_sizes)?,
             REP_ACK => {
-                let (size, flags) = export_info
-                    .ok_or("the server accepted the export without describing it")?;
+                let (size, flags) =
+                    export_info.ok_or("the server accepted the export without describing it")?;
                 return Ok(Some((size, flags, block_sizes)));
             }
             REP_ERR_UNSUP => return Ok(None),
             REP_ERR_UNKNOWN => {
-                return Err(format!("export {export:?} does not exist{}", message(&data)))
+                return Err(format!(
+                    "export {export:?} does not exist{}",
+                    message(&data)
+                ))
             }
             REP_ERR_TLS_REQD => {
                 return Err("the server requires TLS, which vmkeep does not speak yet".into())
@@ -253,8 +259,7 @@ fn message(data: &[u8]) -> String {
     if data.is_empty() {
         return String::new();
     }
-    let text = String::from_utf8_lossy(&data[..data.len().min(MAX_STRING_LEN)]);
-    format!(": {text}")
+    format!(": {}", printable(&data[..data.len().min(MAX_STRING_LEN)]))
 }
 
 fn read_array<S: Read, const N: usize>(s: &mut S) -> Result<[u8; N], String> {
@@ -269,7 +274,9 @@ fn write_all<S: Write>(s: &mut S, b: &[u8]) -> Result<(), String> {
 
 fn io_error(e: io::Error) -> String {
     match e.kind() {
-        io::ErrorKind::UnexpectedEof => "the server closed the connection during the handshake".into(),
+        io::ErrorKind::UnexpectedEof => {
+            "the server closed the connection during the handshake".into()
+        }
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => "the handshake timed out".into(),
         _ => format!("handshake failed: {e}"),
     }

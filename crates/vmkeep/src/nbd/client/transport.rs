@@ -122,7 +122,10 @@ impl Deadline<'_> {
     fn arm(&mut self) -> io::Result<()> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"));
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake timed out",
+            ));
         }
         self.inner.set_timeouts(Some(left), Some(left))
     }

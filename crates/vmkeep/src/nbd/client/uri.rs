@@ -199,7 +199,10 @@ mod tests {
             NbdUri::parse("nbd://[::1]:99/a%20b/c").unwrap(),
             tcp("::1", 99, "a b/c")
         );
-        assert_eq!(NbdUri::parse("nbd://[fe80::1]").unwrap(), tcp("fe80::1", 10809, ""));
+        assert_eq!(
+            NbdUri::parse("nbd://[fe80::1]").unwrap(),
+            tcp("fe80::1", 10809, "")
+        );
     }
 
     #[test]
