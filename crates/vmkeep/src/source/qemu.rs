@@ -101,7 +101,8 @@ impl QemuImage {
             &nbd_opts,
             Instant::now() + opts.start_timeout,
             &mut || still_running(&mut helper, path, &log),
-        )?;
+        )
+        .map_err(|e| explain_failure(&mut helper, path, &log).unwrap_or(e))?;
         Ok(QemuImage {
             source: NbdSource::from_client(client, bitmap),
             helper,
@@ -234,6 +235,22 @@ fn still_running(helper: &mut Helper, path: &Path, log: &Path) -> Result<()> {
             ))
         }
         _ => Ok(()),
+    }
+}
+
+/// qemu-nbd listens before it has checked everything (a missing `--bitmap`, say), so a
+/// connection can fail because qemu-nbd is exiting: then its own message is the one to
+/// show. Waits briefly for it to exit.
+fn explain_failure(helper: &mut Helper, path: &Path, log: &Path) -> Option<Error> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        if let Err(e) = still_running(helper, path, log) {
+            return Some(e);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
