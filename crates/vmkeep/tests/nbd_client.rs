@@ -8,7 +8,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nbd_support::{nbdcopy_hash, nbdinfo_map, nbdkit, process_exists, qemu_nbd, run, Rng};
+use nbd_support::{
+    nbdcopy_hash, nbdinfo_map, nbdkit, process_exists, process_running, qemu_nbd, run, Rng,
+};
 use proptest::prelude::*;
 use vmkeep::error::{Error, ErrorKind};
 use vmkeep::nbd::client::{NbdClient, NbdOptions, NbdUri};
@@ -674,5 +676,67 @@ proptest! {
     #[test]
     fn hostile_server_never_panics_or_hangs_the_client(seed in any::<u64>()) {
         fuzz_session(seed);
+    }
+}
+
+/// Child mode of `a_signal_stops_qemu_nbd_and_fails_the_run`: open an image, report the
+/// helper's pid and folder, and wait to be signalled.
+#[test]
+#[ignore = "run by a_signal_stops_qemu_nbd_and_fails_the_run in a child process"]
+fn signal_child() {
+    let Some(image) = std::env::var_os("VMKEEP_TEST_SIGNAL_IMAGE") else {
+        return;
+    };
+    let source = QemuImage::open(Path::new(&image), "raw", None).unwrap();
+    println!("READY {} {}", source.pid(), source.private_dir().display());
+    std::thread::sleep(Duration::from_secs(30));
+    panic!("no signal came");
+}
+
+#[test]
+fn a_signal_stops_qemu_nbd_and_fails_the_run() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let raw = tmp.path().join("a.raw");
+    std::fs::write(&raw, vec![0u8; MIB as usize]).unwrap();
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "signal_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("VMKEEP_TEST_SIGNAL_IMAGE", &raw)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        // libtest prints "test signal_child ... " before it, on the same line.
+        let ready = lines
+            .find_map(|l| {
+                l.ok()
+                    .and_then(|l| l.find("READY ").map(|i| l[i..].to_string()))
+            })
+            .expect("the child opened the image");
+        let mut f = ready.split(' ').skip(1);
+        let pid: u32 = f.next().unwrap().parse().unwrap();
+        let dir = std::path::PathBuf::from(f.next().unwrap());
+        assert!(process_exists(pid) && dir.exists());
+        // SAFETY: signalling our own child process.
+        unsafe {
+            libc::kill(child.id() as libc::pid_t, sig);
+        }
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(1), "signal {sig}");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // qemu-nbd was the child's child: once killed, reaping it is init's business.
+        while process_running(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!process_running(pid), "qemu-nbd outlived the run");
+        assert!(!dir.exists(), "the private folder was left behind");
     }
 }

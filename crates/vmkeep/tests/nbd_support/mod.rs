@@ -211,3 +211,17 @@ impl Rng {
 pub fn process_exists(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
+
+/// Whether process `pid` is running (a zombie waiting for its reaper is not).
+pub fn process_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => {
+            stat.rsplit(')')
+                .next()
+                .map(|r| r.trim_start().starts_with('Z'))
+                == Some(false)
+        }
+        Err(_) => false,
+    }
+}
