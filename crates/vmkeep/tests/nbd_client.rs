@@ -629,6 +629,28 @@ fn connect_errors_name_the_server() {
     );
 }
 
+#[test]
+fn metadata_context_ids_are_per_connection() {
+    let (_dir, sock) = nbd_support::fake::per_connection_context_ids(META_BASE_ALLOCATION);
+    let opts = NbdOptions {
+        connections: 2,
+        ..NbdOptions::default()
+    };
+    let client = NbdClient::connect(&NbdUri::unix(&sock, ""), &opts).unwrap();
+    assert_eq!(client.connections(), 2);
+    // Round robin: both connections answer, each with its own id and flags.
+    let mut seen: Vec<u32> = (0..4)
+        .map(|_| client.block_status(META_BASE_ALLOCATION, 0, 4096).unwrap())
+        .map(|st| {
+            assert_eq!(st.len(), 1);
+            assert_eq!(st[0].0, 4096);
+            st[0].1
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(seen, vec![0, 0, 1, 1]);
+}
+
 /// Run one client session against a hostile fake server; every call must return.
 fn fuzz_session(seed: u64) {
     let fake = nbd_support::fake::Fake::start(seed);

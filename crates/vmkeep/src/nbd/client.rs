@@ -119,7 +119,8 @@ pub struct NbdClient {
     size: u64,
     flags: u16,
     structured: bool,
-    contexts: Vec<(String, u32)>,
+    /// Names of the selected metadata contexts (ids are per connection).
+    contexts: Vec<String>,
     block_sizes: BlockSizes,
     max_payload: u32,
     conns: Vec<Conn>,
@@ -182,7 +183,7 @@ impl NbdClient {
             size: n.size,
             flags: n.flags,
             structured: n.structured,
-            contexts: n.contexts,
+            contexts: context_names(&n.contexts),
             block_sizes,
             max_payload,
             conns: vec![conn],
@@ -199,7 +200,9 @@ impl NbdClient {
                 .map_err(|e| format!("cannot connect: {e}"))
                 .and_then(|t| open(t, uri, opts, deadline));
             match extra {
-                Ok((n, conn)) if n.size == self.size && n.contexts == self.contexts => {
+                Ok((n, conn))
+                    if n.size == self.size && context_names(&n.contexts) == self.contexts =>
+                {
                     self.conns.push(conn)
                 }
                 Ok(_) => {
@@ -263,12 +266,12 @@ impl NbdClient {
 
     /// Whether the server selected metadata context `name`.
     pub fn has_context(&self, name: &str) -> bool {
-        self.contexts.iter().any(|(n, _)| n == name)
+        self.contexts.iter().any(|n| n == name)
     }
 
     /// The selected metadata contexts.
     pub fn contexts(&self) -> impl Iterator<Item = &str> {
-        self.contexts.iter().map(|(n, _)| n.as_str())
+        self.contexts.iter().map(|n| n.as_str())
     }
 
     pub fn block_sizes(&self) -> BlockSizes {
@@ -323,7 +326,11 @@ impl NbdClient {
     /// (or past the end of the export). Short answers are followed up, up to a bound;
     /// callers ask again for whatever is left.
     pub fn block_status(&self, context: &str, offset: u64, length: u64) -> Result<Vec<(u64, u32)>> {
-        let id = self.context_id(context)?;
+        if !self.has_context(context) {
+            return Err(self.err(format!(
+                "the server did not select metadata context {context}"
+            )));
+        }
         let end = offset.saturating_add(length).min(self.size);
         if offset >= end {
             return Ok(Vec::new());
@@ -334,15 +341,25 @@ impl NbdClient {
             if pos >= end {
                 break;
             }
-            pos = self.status_round(id, pos, end, &mut out)?;
+            pos = self.status_round(context, pos, end, &mut out)?;
         }
         Ok(out)
     }
 
     /// One block status request from `pos`; appends to `out`, returns the new position.
-    fn status_round(&self, id: u32, pos: u64, end: u64, out: &mut Vec<(u64, u32)>) -> Result<u64> {
+    fn status_round(
+        &self,
+        context: &str,
+        pos: u64,
+        end: u64,
+        out: &mut Vec<(u64, u32)>,
+    ) -> Result<u64> {
         let (start, stop) = self.widen(pos, (end - pos).min(MAX_STATUS_QUERY));
         let conn = self.pick();
+        // Context ids are per connection.
+        let id = conn
+            .context_id(context)
+            .ok_or_else(|| self.err(format!("a connection lacks metadata context {context}")))?;
         let ticket = conn
             .submit(CMD_BLOCK_STATUS, 0, start, (stop - start) as u32, None)
             .map_err(|e| self.err(e))?;
@@ -495,18 +512,6 @@ impl NbdClient {
         (start, end.min(self.size))
     }
 
-    fn context_id(&self, context: &str) -> Result<u32> {
-        self.contexts
-            .iter()
-            .find(|(n, _)| n == context)
-            .map(|(_, id)| *id)
-            .ok_or_else(|| {
-                self.err(format!(
-                    "the server did not select metadata context {context}"
-                ))
-            })
-    }
-
     fn check_range(&self, what: &str, offset: u64, len: u64) -> Result<()> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(self.err("the client is disconnected"));
@@ -564,8 +569,7 @@ fn open(
         };
         handshake::negotiate(&mut s, &uri.export, &opts.contexts)?
     };
-    let ids = n.contexts.iter().map(|(_, id)| *id).collect();
-    let conn = Conn::start(t, n.structured, ids, opts.timeout)
+    let conn = Conn::start(t, n.structured, n.contexts.clone(), opts.timeout)
         .map_err(|e| format!("cannot start the connection: {e}"))?;
     Ok((n, conn))
 }
@@ -586,6 +590,14 @@ fn check_options(name: &str, uri: &NbdUri, opts: &NbdOptions) -> Result<()> {
         return bad(format!("bad metadata context name {c:?}"));
     }
     Ok(())
+}
+
+/// Context names, sorted: what must agree between connections (their ids need not).
+fn context_names(contexts: &[(String, u32)]) -> Vec<String> {
+    let mut v: Vec<String> = contexts.iter().map(|(n, _)| n.clone()).collect();
+    v.sort();
+    v.dedup();
+    v
 }
 
 /// Whether a connect error means "the server is not listening yet".

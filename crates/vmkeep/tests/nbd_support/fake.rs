@@ -503,3 +503,81 @@ fn parse_queries(data: &[u8]) -> Vec<String> {
     }
     out
 }
+
+/// A well-behaved scripted server whose connection `i` (0, 1, …) numbers the metadata
+/// context `ctx` as `100 + i` and reports every block status range with flags `i`.
+/// Context ids are per connection; a client must not reuse one connection's id on another.
+pub fn per_connection_context_ids(ctx: &'static str) -> (TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("ids");
+    let listener = UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        for (i, s) in listener.incoming().enumerate() {
+            let Ok(s) = s else { break };
+            std::thread::spawn(move || {
+                let _ = scripted(s, ctx, i as u32);
+            });
+        }
+    });
+    (dir, sock)
+}
+
+fn scripted(mut s: UnixStream, ctx: &str, i: u32) -> Io<()> {
+    let mut g = NBDMAGIC.to_be_bytes().to_vec();
+    g.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    g.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    s.write_all(&g)?;
+    s.read_exact(&mut [0u8; 4])?;
+    let reply = |s: &mut UnixStream, option, kind, data: &[u8]| {
+        let r = OptionReply {
+            option,
+            kind,
+            length: data.len() as u32,
+        };
+        s.write_all(&r.encode())?;
+        s.write_all(data)
+    };
+    loop {
+        let mut h = [0u8; OPTION_LEN];
+        s.read_exact(&mut h)?;
+        let opt = be32(&h[8..12]);
+        s.read_exact(&mut vec![0u8; be32(&h[12..16]) as usize])?;
+        match opt {
+            OPT_SET_META_CONTEXT => {
+                let mut d = (100 + i).to_be_bytes().to_vec();
+                d.extend_from_slice(ctx.as_bytes());
+                reply(&mut s, opt, REP_META_CONTEXT, &d)?;
+                reply(&mut s, opt, REP_ACK, &[])?;
+            }
+            OPT_GO => {
+                let mut d = INFO_EXPORT.to_be_bytes().to_vec();
+                d.extend_from_slice(&(1u64 << 20).to_be_bytes());
+                let flags = TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_CAN_MULTI_CONN;
+                d.extend_from_slice(&flags.to_be_bytes());
+                reply(&mut s, opt, REP_INFO, &d)?;
+                reply(&mut s, opt, REP_ACK, &[])?;
+                break;
+            }
+            _ => reply(&mut s, opt, REP_ACK, &[])?,
+        }
+    }
+    loop {
+        let mut h = [0u8; REQUEST_LEN];
+        s.read_exact(&mut h)?;
+        let req = Request::decode(&h).unwrap();
+        if req.kind != CMD_BLOCK_STATUS {
+            return Ok(());
+        }
+        let mut d = (100 + i).to_be_bytes().to_vec();
+        d.extend_from_slice(&req.length.to_be_bytes());
+        d.extend_from_slice(&i.to_be_bytes());
+        let c = ChunkHeader {
+            flags: REPLY_FLAG_DONE,
+            kind: REPLY_TYPE_BLOCK_STATUS,
+            cookie: req.cookie,
+            length: d.len() as u32,
+        };
+        s.write_all(&c.encode())?;
+        s.write_all(&d)?;
+    }
+}

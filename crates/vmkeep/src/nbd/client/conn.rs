@@ -61,6 +61,9 @@ pub(super) struct Conn {
     reader: Mutex<Option<JoinHandle<()>>>,
     next_cookie: AtomicU64,
     timeout: Duration,
+    /// Metadata contexts selected on this connection: (name, id). Ids are transient and
+    /// may differ between connections.
+    contexts: Vec<(String, u32)>,
 }
 
 struct Shared {
@@ -106,7 +109,7 @@ impl Conn {
     pub fn start(
         t: Transport,
         structured: bool,
-        contexts: Vec<u32>,
+        contexts: Vec<(String, u32)>,
         timeout: Duration,
     ) -> io::Result<Conn> {
         // Replies may be far apart (an idle client); callers keep their own deadlines.
@@ -114,7 +117,7 @@ impl Conn {
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
             structured,
-            contexts,
+            contexts: contexts.iter().map(|(_, id)| *id).collect(),
         });
         let reader = Reader {
             t: t.try_clone()?,
@@ -130,7 +133,16 @@ impl Conn {
             reader: Mutex::new(Some(handle)),
             next_cookie: AtomicU64::new(1),
             timeout,
+            contexts,
         })
+    }
+
+    /// This connection's id for metadata context `name`.
+    pub fn context_id(&self, name: &str) -> Option<u32> {
+        self.contexts
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, id)| *id)
     }
 
     /// Send a request; `payload` follows the header (writes).
