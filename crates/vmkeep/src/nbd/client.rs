@@ -2,18 +2,18 @@
 //!
 //! No maintained Rust crate speaks structured replies and block status, and the engine is
 //! built on threads, so the client is our own and needs no async runtime: every
-//! connection has one reader thread that matches replies to cookies ([`conn`]), callers
-//! block on their own reply with a deadline, and many requests share a socket. When the
-//! server sets `NBD_FLAG_CAN_MULTI_CONN`, up to [`NbdOptions::connections`] connections
-//! are opened and requests are spread over them.
+//! connection has one reader thread that matches replies to cookies (`client/conn.rs`),
+//! callers block on their own reply with a deadline, and many requests share a socket.
+//! When the server sets `NBD_FLAG_CAN_MULTI_CONN`, up to [`NbdOptions::connections`]
+//! connections are opened and requests are spread over them.
 //!
 //! Every answer from the server is checked; a misbehaving server produces an
 //! [`Error::Source`] naming it, never a panic or a hang (every wait has a deadline).
 //! Large requests are split to the server's maximum block size (32 MiB when it gives
 //! none) and unaligned reads are widened to its minimum block size.
 //!
-//! Not spoken yet: TLS (`nbds://`) and extended headers; see [`transport`] and
-//! [`handshake`] for where they go.
+//! Not spoken yet: TLS (`nbds://`) and extended headers; see `client/transport.rs` and
+//! `client/handshake.rs` for where they go.
 
 mod conn;
 mod handshake;

@@ -7,7 +7,7 @@
 //!
 //! The server is started `--read-only` on a unix socket in a fresh folder only we can
 //! enter (mode 0700, under `$XDG_RUNTIME_DIR` or `/tmp`), so no other user can connect
-//! to it. It is stopped on every exit path (see [`super::children`]). It runs without
+//! to it. It is stopped on every exit path (see `source/children.rs`). It runs without
 //! `--persistent`: once our last connection closes it exits by itself, one more way for
 //! it not to outlive us.
 
