@@ -2,5 +2,6 @@
 //! nbdkit exports (structured replies, block status, several requests in flight, several
 //! connections), and a read-only server that exports archived generations.
 
+pub mod client;
 pub mod proto;
 pub mod server;

@@ -7,6 +7,8 @@
 
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
+/// Second magic of the oldstyle handshake (no options, no export names).
+pub const CLISERV_MAGIC: u64 = 0x0000_4202_8186_1253;
 pub const REPLY_MAGIC_OPT: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
@@ -119,6 +121,10 @@ pub const REQUEST_LEN: usize = 28;
 pub const SIMPLE_REPLY_LEN: usize = 16;
 /// Size of a structured reply chunk header.
 pub const STRUCTURED_REPLY_LEN: usize = 20;
+/// Size of an option request header (magic, option, length).
+pub const OPTION_LEN: usize = 16;
+/// Size of an option reply header (magic, option, reply type, length).
+pub const OPTION_REPLY_LEN: usize = 20;
 /// Longest option payload either side accepts (names, contexts).
 pub const MAX_OPTION_LEN: u32 = 64 << 10;
 /// Longest string (export name, context name) the protocol allows.
@@ -200,6 +206,89 @@ impl ChunkHeader {
     }
 }
 
+impl ChunkHeader {
+    /// Parse the 16 bytes that follow the structured reply magic.
+    pub fn decode_after_magic(b: &[u8; STRUCTURED_REPLY_LEN - 4]) -> ChunkHeader {
+        ChunkHeader {
+            flags: be16(&b[0..2]),
+            kind: be16(&b[2..4]),
+            cookie: be64(&b[4..12]),
+            length: be32(&b[12..16]),
+        }
+    }
+}
+
+/// Encode an option request header (the option's data follows it).
+pub fn option_header(option: u32, length: u32) -> [u8; OPTION_LEN] {
+    let mut b = [0u8; OPTION_LEN];
+    b[0..8].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    b[8..12].copy_from_slice(&option.to_be_bytes());
+    b[12..16].copy_from_slice(&length.to_be_bytes());
+    b
+}
+
+/// The header of an option reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionReply {
+    pub option: u32,
+    pub kind: u32,
+    pub length: u32,
+}
+
+impl OptionReply {
+    /// Parse an option reply header; `None` when the magic is wrong.
+    pub fn decode(b: &[u8; OPTION_REPLY_LEN]) -> Option<OptionReply> {
+        if be64(&b[0..8]) != REPLY_MAGIC_OPT {
+            return None;
+        }
+        Some(OptionReply {
+            option: be32(&b[8..12]),
+            kind: be32(&b[12..16]),
+            length: be32(&b[16..20]),
+        })
+    }
+
+    pub fn encode(&self) -> [u8; OPTION_REPLY_LEN] {
+        let mut b = [0u8; OPTION_REPLY_LEN];
+        b[0..8].copy_from_slice(&REPLY_MAGIC_OPT.to_be_bytes());
+        b[8..12].copy_from_slice(&self.option.to_be_bytes());
+        b[12..16].copy_from_slice(&self.kind.to_be_bytes());
+        b[16..20].copy_from_slice(&self.length.to_be_bytes());
+        b
+    }
+}
+
+/// Name of an option reply error, for messages.
+pub fn rep_error_name(kind: u32) -> &'static str {
+    match kind {
+        REP_ERR_UNSUP => "unsupported",
+        REP_ERR_POLICY => "refused by policy",
+        REP_ERR_INVALID => "invalid",
+        REP_ERR_PLATFORM => "not supported on this platform",
+        REP_ERR_TLS_REQD => "TLS required",
+        REP_ERR_UNKNOWN => "unknown export",
+        REP_ERR_SHUTDOWN => "server shutting down",
+        REP_ERR_BLOCK_SIZE_REQD => "block size negotiation required",
+        REP_ERR_TOO_BIG => "request too big",
+        _ => "error",
+    }
+}
+
+/// Name of a command, for messages.
+pub fn command_name(kind: u16) -> &'static str {
+    match kind {
+        CMD_READ => "read",
+        CMD_WRITE => "write",
+        CMD_DISC => "disconnect",
+        CMD_FLUSH => "flush",
+        CMD_TRIM => "trim",
+        CMD_CACHE => "cache",
+        CMD_WRITE_ZEROES => "write-zeroes",
+        CMD_BLOCK_STATUS => "block-status",
+        _ => "unknown command",
+    }
+}
+
 /// Encode a simple reply header.
 pub fn simple_reply(error: u32, cookie: u64) -> [u8; SIMPLE_REPLY_LEN] {
     let mut b = [0u8; SIMPLE_REPLY_LEN];
@@ -251,5 +340,31 @@ mod tests {
         let mut bad = r.encode();
         bad[0] ^= 1;
         assert_eq!(Request::decode(&bad), None);
+    }
+
+    #[test]
+    fn chunk_and_option_headers_round_trip() {
+        let c = ChunkHeader {
+            flags: REPLY_FLAG_DONE,
+            kind: REPLY_TYPE_OFFSET_DATA,
+            cookie: 9,
+            length: 4104,
+        };
+        let b = c.encode();
+        assert_eq!(be32(&b[0..4]), STRUCTURED_REPLY_MAGIC);
+        assert_eq!(
+            ChunkHeader::decode_after_magic(b[4..].try_into().unwrap()),
+            c
+        );
+        let o = OptionReply {
+            option: OPT_GO,
+            kind: REP_INFO,
+            length: 12,
+        };
+        assert_eq!(OptionReply::decode(&o.encode()), Some(o));
+        let mut bad = o.encode();
+        bad[3] ^= 1;
+        assert_eq!(OptionReply::decode(&bad), None);
+        assert_eq!(be64(&option_header(OPT_GO, 6)[0..8]), IHAVEOPT);
     }
 }

@@ -2,8 +2,11 @@
 //! engine never knows whether the bytes come from a file, an NBD server or libvirt.
 
 pub mod changed;
+mod children;
 pub mod file;
+pub mod nbd;
 pub mod open;
+pub mod qemu;
 
 use crate::error::Result;
 
