@@ -37,6 +37,9 @@ pub enum Command {
     /// Create a repository (idempotent)
     #[command(after_help = "Example:\n  vmkeep --repo /backup/vmkeep init")]
     Init,
+    /// Record the hypervisor's inventory of VMs in the repository (allvm.toml)
+    #[command(after_help = "Example:\n  vmkeep update --connect qemu:///system")]
+    Update(UpdateArgs),
     /// Back up VMs or disk images
     #[command(
         after_help = "Examples:\n  vmkeep backup web1 db1                       live backup of libvirt domains\n  vmkeep backup --all --if-due                 every VM whose schedule says so\n  vmkeep backup demo --disk vda=/dev/vg/demo   a block device\n  vmkeep backup demo --disk vda=disk.qcow2?bitmap=vmkeep --mode incr"
@@ -45,9 +48,9 @@ pub enum Command {
     /// Show generations and health
     #[command(after_help = "Example:\n  vmkeep status web1\n  vmkeep status --json")]
     Status(StatusArgs),
-    /// Restore a generation of a disk to a file or block device
+    /// Restore a generation to a file, device, qcow2 image or NBD server, or as a new VM
     #[command(
-        after_help = "Examples:\n  vmkeep restore web1 --disk vda --to /tmp/vda.raw\n  vmkeep restore web1 --generation 3 --disk vda --to /dev/vg/web1-restore"
+        after_help = "Examples:\n  vmkeep restore web1 --disk vda --to /tmp/vda.raw\n  vmkeep restore web1 --generation 3 --disk vda --to /dev/vg/web1-restore\n  vmkeep restore web1 --generation 1 --disk vda --to /tmp/vda.qcow2\n  vmkeep restore web1 --generation 1 --as-vm web1-restored --start"
     )]
     Restore(RestoreArgs),
     /// Verify archives; exit 3 when damage is found
@@ -105,6 +108,13 @@ impl Targets {
 }
 
 #[derive(Debug, Args)]
+pub struct UpdateArgs {
+    /// libvirt connection URI [default: from the config file, else qemu:///system]
+    #[arg(long, value_name = "URI")]
+    pub connect: Option<String>,
+}
+
+#[derive(Debug, Args)]
 pub struct BackupArgs {
     #[command(flatten)]
     pub targets: Targets,
@@ -124,6 +134,9 @@ pub struct BackupArgs {
     /// zstd level of reverse diffs (0 = none, 1-19)
     #[arg(long, value_name = "N")]
     pub compression: Option<i32>,
+    /// libvirt connection URI [default: from the config file, else qemu:///system]
+    #[arg(long, value_name = "URI")]
+    pub connect: Option<String>,
     /// Skip VMs whose newest generation is younger than their interval
     #[arg(long)]
     pub if_due: bool,
@@ -152,8 +165,34 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "NAME")]
     pub disk: Option<String>,
     /// Target: a file, block device, .qcow2 path or NBD URI
-    #[arg(long, value_name = "TARGET")]
-    pub to: String,
+    #[arg(
+        long,
+        value_name = "TARGET",
+        required_unless_present = "as_vm",
+        conflicts_with = "as_vm"
+    )]
+    pub to: Option<String>,
+    /// Define a new libvirt VM from the generation, named NEWNAME
+    #[arg(long, value_name = "NEWNAME")]
+    pub as_vm: Option<String>,
+    /// Folder for the new VM's disks [default: /var/lib/libvirt/images]
+    #[arg(long, value_name = "DIR", requires = "as_vm")]
+    pub disk_dir: Option<PathBuf>,
+    /// Disk format for --as-vm: qcow2 (default) or raw
+    #[arg(long, value_name = "FMT", requires = "as_vm", default_value = "qcow2")]
+    pub format: String,
+    /// Start the new VM
+    #[arg(long, requires = "as_vm")]
+    pub start: bool,
+    /// Redefine an existing shut-off VM of that name (a running one is never touched)
+    #[arg(long, requires = "as_vm")]
+    pub replace: bool,
+    /// Use network NEW where the saved VM used OLD: OLD=NEW
+    #[arg(long = "network", value_name = "OLD=NEW", requires = "as_vm")]
+    pub networks: Vec<String>,
+    /// libvirt connection URI
+    #[arg(long, value_name = "URI")]
+    pub connect: Option<String>,
     /// Write what can be read where blocks are damaged, and list the ranges
     #[arg(long)]
     pub ignore_damage: bool,

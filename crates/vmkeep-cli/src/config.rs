@@ -19,6 +19,12 @@ pub struct Config {
     pub block_size: Option<SizeValue>,
     /// zstd level of reverse diffs.
     pub compression_level: Option<i32>,
+    /// libvirt URI.
+    pub connect: Option<String>,
+    /// Folder for the NBD sockets of live backups (short; closed to other users).
+    pub run_dir: Option<PathBuf>,
+    /// Folder for QEMU's copy-before-write scratch files during live backups.
+    pub scratch_dir: Option<PathBuf>,
     /// Default backup mode.
     pub mode: Option<String>,
     /// Minimum age of the newest generation before `backup --if-due` makes another ("1d").
@@ -37,6 +43,9 @@ pub struct VmConfig {
     /// Disks read from files, devices or NBD URIs instead of libvirt: name = source.
     #[serde(default)]
     pub disks: BTreeMap<String, String>,
+    /// libvirt disks (targets) not to back up.
+    #[serde(default)]
+    pub skip_disks: Vec<String>,
     pub mode: Option<String>,
     pub interval: Option<String>,
     pub retention: Option<Schedule>,

@@ -25,7 +25,10 @@ fn have(tools: &[&str]) -> bool {
         .iter()
         .filter(|t| Command::new(t).arg("--version").output().is_err())
         .collect();
-    assert!(missing.is_empty(), "{missing:?} not installed: run scripts/test.sh, which installs them");
+    assert!(
+        missing.is_empty(),
+        "{missing:?} not installed: run scripts/test.sh, which installs them"
+    );
     true
 }
 

@@ -1,5 +1,6 @@
 //! `vmkeep backup`
 
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Result;
@@ -8,8 +9,9 @@ use vmkeep::archive::profile::parse_time;
 use vmkeep::archive::Repository;
 use vmkeep::engine::backup::{BackupOptions, BackupReport, BackupRun, DiskInput};
 use vmkeep::engine::Mode;
+use vmkeep::source::nbd::NbdSource;
 use vmkeep::source::open::{format_of, open_raw, SourceSpec};
-use vmkeep::source::{changed, BlockSource};
+use vmkeep::source::{bitmap, changed, qemu, BlockSource};
 use vmkeep::Error;
 
 use super::{name_value, Ctx};
@@ -32,7 +34,7 @@ struct JsonVm {
 pub fn run(ctx: &Ctx, a: BackupArgs) -> Result<i32> {
     let repo = ctx.open_repo()?;
     let vms = if a.targets.is_all() {
-        all_vms(ctx, &repo)?
+        all_vms(ctx, &a)?
     } else {
         ctx.named_targets(&a.targets)?
     };
@@ -86,19 +88,97 @@ pub fn run(ctx: &Ctx, a: BackupArgs) -> Result<i32> {
     Ok(if failed > 0 { EXIT_FAILURE } else { 0 })
 }
 
-/// `--all`: every VM the config file defines.
-fn all_vms(ctx: &Ctx, _repo: &Repository) -> Result<Vec<String>> {
-    let vms: Vec<String> = ctx
+/// `--all`: every VM the config file defines with disks, and every libvirt domain when
+/// libvirt is configured (or nothing else is).
+fn all_vms(ctx: &Ctx, a: &BackupArgs) -> Result<Vec<String>> {
+    let mut vms: Vec<String> = ctx
         .config
         .vm
         .iter()
         .filter(|(_, v)| !v.disks.is_empty())
         .map(|(n, _)| n.clone())
         .collect();
+    // Image-only hosts configure no `connect`: their --all is the configured VMs, with no
+    // libvirt warning on every run. Otherwise libvirt's domains are part of "all".
+    let ask_libvirt = vms.is_empty() || a.connect.is_some() || ctx.config.connect.is_some();
+    if !ask_libvirt {
+        return Ok(vms);
+    }
+    match libvirt_domains(ctx, a) {
+        Ok(domains) => {
+            for d in domains {
+                if !vms.contains(&d) {
+                    vms.push(d);
+                }
+            }
+        }
+        Err(e) if !vms.is_empty() => vmkeep::progress::Progress::warn(
+            &ctx.progress,
+            &format!("libvirt: {e}; backing up the configured images only"),
+        ),
+        Err(e) => return Err(e),
+    }
     if vms.is_empty() {
-        return Err(Error::usage("--all: the config file defines no VMs with disks").into());
+        return Err(
+            Error::usage("--all: no VMs (none in the config file, none in libvirt)").into(),
+        );
     }
     Ok(vms)
+}
+
+#[cfg(feature = "libvirt")]
+fn libvirt_domains(ctx: &Ctx, a: &BackupArgs) -> Result<Vec<String>> {
+    let hv = vmkeep::libvirt::Hypervisor::connect(Some(&ctx.connect_uri(a.connect.as_deref())))?;
+    Ok(hv.list_domains()?.into_iter().map(|d| d.name).collect())
+}
+
+#[cfg(not(feature = "libvirt"))]
+fn libvirt_domains(_ctx: &Ctx, _a: &BackupArgs) -> Result<Vec<String>> {
+    Ok(Vec::new())
+}
+
+/// A VM with no disks given: a libvirt domain.
+#[cfg(feature = "libvirt")]
+fn backup_domain(
+    ctx: &Ctx,
+    repo: &Repository,
+    vm: &str,
+    a: &BackupArgs,
+    opts: &BackupOptions,
+) -> Result<BackupReport> {
+    use vmkeep::engine::live::{backup_domain, LiveOptions};
+    if !a.changed_blocks.is_empty() {
+        return Err(Error::usage(
+            "--changed-blocks goes with --disk; libvirt VMs are tracked by checkpoints",
+        )
+        .into());
+    }
+    let hv = vmkeep::libvirt::Hypervisor::connect(Some(&ctx.connect_uri(a.connect.as_deref())))?;
+    let defaults = LiveOptions::default();
+    let live = LiveOptions {
+        skip_disks: ctx.config.vm(vm).skip_disks,
+        run_dir: ctx.config.run_dir.clone().unwrap_or(defaults.run_dir),
+        scratch_dir: ctx
+            .config
+            .scratch_dir
+            .clone()
+            .unwrap_or(defaults.scratch_dir),
+    };
+    Ok(backup_domain(repo, &hv, vm, opts, &live, &ctx.progress)?)
+}
+
+#[cfg(not(feature = "libvirt"))]
+fn backup_domain(
+    _ctx: &Ctx,
+    _repo: &Repository,
+    vm: &str,
+    _a: &BackupArgs,
+    _opts: &BackupOptions,
+) -> Result<BackupReport> {
+    Err(Error::usage(format!(
+        "VM {vm}: no disks given (use --disk NAME=SOURCE or define [vm.{vm}] disks in the config; this build has no libvirt support)"
+    ))
+    .into())
 }
 
 /// Is the VM's newest generation older than its interval (or is there none)?
@@ -180,7 +260,7 @@ fn backup_vm(ctx: &Ctx, repo: &Repository, vm: &str, a: &BackupArgs) -> Result<B
     } else {
         let vmc = ctx.config.vm(vm);
         if vmc.disks.is_empty() {
-            return Err(Error::usage(format!("VM {vm}: no disks given (use --disk NAME=SOURCE or define [vm.{vm}] disks in the config)")).into());
+            return backup_domain(ctx, repo, vm, a, &opts);
         }
         vmc.disks.into_iter().collect()
     };
@@ -198,39 +278,109 @@ fn backup_vm(ctx: &Ctx, repo: &Repository, vm: &str, a: &BackupArgs) -> Result<B
             .map_err(|e| Error::usage(format!("changed-block list {file}: {e}")))?;
         changed_lists.insert(name.to_string(), changed::parse(path, &text)?);
     }
+    let recorded = newest_bitmaps(repo, vm);
     let mut disks = Vec::new();
+    let mut bitmaps = Vec::new();
     for (name, spec) in &specs {
         vmkeep::archive::names::check_disk(name)?;
-        let source = open_source(spec)?;
-        let mut input = DiskInput::new(name, source);
-        input.changed = changed_lists.remove(name);
+        let mut input = open_disk(
+            name,
+            spec,
+            recorded.get(name.as_str()).map(String::as_str),
+            &mut bitmaps,
+        )?;
+        if let Some(list) = changed_lists.remove(name) {
+            input.changed = Some(list);
+        }
         disks.push(input);
     }
-    let run = BackupRun::begin(repo, vm)?;
-    Ok(run.execute(disks, &opts, &ctx.progress)?)
+    let result =
+        BackupRun::begin(repo, vm).and_then(|run| run.execute(disks, &opts, &ctx.progress));
+    for (path, name) in &bitmaps {
+        match &result {
+            Ok(_) => {
+                if let Err(e) = bitmap::commit(path, name) {
+                    let msg = format!(
+                        "{vm}: bitmap {name} not renewed ({e}); the next incr run reads more"
+                    );
+                    vmkeep::progress::Progress::warn(&ctx.progress, &msg);
+                }
+            }
+            Err(_) => bitmap::abandon(path, name),
+        }
+    }
+    Ok(result?)
 }
 
-/// Open a SOURCE string.
+/// The persistent bitmap each disk of the newest generation recorded.
+fn newest_bitmaps(repo: &Repository, vm: &str) -> std::collections::HashMap<String, String> {
+    let newest = repo.vm(vm).ok().and_then(|a| {
+        let id = a.generation_ids().ok()?.pop()?;
+        a.generation(&id).ok()
+    });
+    newest
+        .map(|g| {
+            g.profile
+                .disks
+                .into_iter()
+                .filter_map(|d| Some((d.name, d.bitmap?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Open one disk's SOURCE; a qcow2 `?bitmap=NAME` gets its life cycle (see
+/// `vmkeep::source::bitmap`) and is remembered in `bitmaps` for the end of the run.
+fn open_disk(
+    name: &str,
+    spec: &str,
+    recorded: Option<&str>,
+    bitmaps: &mut Vec<(PathBuf, String)>,
+) -> Result<DiskInput> {
+    let SourceSpec::Path {
+        path,
+        format,
+        bitmap: Some(bm),
+    } = SourceSpec::parse(spec)?
+    else {
+        return Ok(DiskInput::new(name, open_source(spec)?));
+    };
+    let fmt = format_of(&path, format.as_deref())?;
+    if fmt != "qcow2" {
+        return Err(Error::usage(format!(
+            "{}: ?bitmap= needs a qcow2 image (this is {fmt})",
+            path.display()
+        ))
+        .into());
+    }
+    let plan = bitmap::prepare(&path, &bm, recorded)?;
+    bitmaps.push((path.clone(), bm.clone()));
+    let incremental = plan == bitmap::Plan::Incremental;
+    let source = qemu::open_image(&path, "qcow2", incremental.then_some(bm.as_str()))?;
+    let mut input = DiskInput::new(name, source);
+    input.bitmap = Some(bm);
+    match plan {
+        bitmap::Plan::Incremental => input.changed = input.source.changed_extents()?,
+        bitmap::Plan::Full(why) => input.untracked_reason = Some(why),
+    }
+    Ok(input)
+}
+
+/// Open a SOURCE string: a raw file or device, an image for qemu-nbd, or an NBD URI.
 pub fn open_source(spec: &str) -> Result<Box<dyn BlockSource>> {
     match SourceSpec::parse(spec)? {
         SourceSpec::Path {
             path,
             format,
-            bitmap,
+            bitmap: _,
         } => {
             let fmt = format_of(&path, format.as_deref())?;
-            if fmt == "raw" && bitmap.is_none() {
+            if fmt == "raw" {
                 Ok(open_raw(&path)?)
             } else {
-                Err(Error::source(
-                    path.display(),
-                    format!("{fmt} images need qemu-nbd, which this build cannot start yet"),
-                )
-                .into())
+                Ok(qemu::open_image(&path, &fmt, None)?)
             }
         }
-        SourceSpec::Nbd(uri) => {
-            Err(Error::source(uri, "NBD sources are not supported by this build yet").into())
-        }
+        SourceSpec::Nbd(uri) => Ok(Box::new(NbdSource::open(&uri, None)?)),
     }
 }

@@ -11,6 +11,7 @@ mod prune;
 mod restore;
 mod serve;
 mod status;
+mod update;
 
 use std::path::PathBuf;
 
@@ -51,6 +52,13 @@ impl Ctx {
         if !self.quiet && !self.json {
             crate::output::say(line);
         }
+    }
+
+    /// The libvirt URI: the flag, else the config file, else qemu:///system.
+    pub fn connect_uri(&self, flag: Option<&str>) -> String {
+        flag.map(str::to_string)
+            .or_else(|| self.config.connect.clone())
+            .unwrap_or_else(|| "qemu:///system".to_string())
     }
 
     /// VM names for a command that takes `VM... | --group G | --all`, from the repository.
@@ -100,6 +108,7 @@ pub fn run(cli: Cli) -> Result<i32> {
     };
     match cli.command {
         Command::Init => init::run(&ctx),
+        Command::Update(a) => update::run(&ctx, a),
         Command::Backup(a) => backup::run(&ctx, a),
         Command::Status(a) => status::run(&ctx, a),
         Command::Restore(a) => restore::run(&ctx, a),
@@ -120,4 +129,10 @@ pub fn name_value<'a>(s: &'a str, what: &str) -> Result<(&'a str, &'a str)> {
         Some((n, v)) if !v.is_empty() => Ok((n, v)),
         _ => Err(Error::usage(format!("{what} must be NAME=VALUE, got {s:?}")).into()),
     }
+}
+
+/// The error for libvirt features in a build without them.
+#[cfg(not(feature = "libvirt"))]
+pub fn no_libvirt() -> vmkeep::Error {
+    Error::usage("this vmkeep was built without libvirt support (cargo feature 'libvirt')")
 }

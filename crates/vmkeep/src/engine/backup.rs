@@ -173,6 +173,19 @@ impl BackupRun {
         opts: &BackupOptions,
         progress: &dyn Progress,
     ) -> Result<BackupReport> {
+        self.execute_with(disks, opts, progress, &mut || Ok(()))
+    }
+
+    /// [`BackupRun::execute`], calling `before_commit` once every disk is read and written
+    /// and before the generation is committed; its error fails the run (a libvirt backup
+    /// job confirms there that it did not fail while vmkeep read it).
+    pub fn execute_with(
+        self,
+        disks: Vec<DiskInput>,
+        opts: &BackupOptions,
+        progress: &dyn Progress,
+        before_commit: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<BackupReport> {
         let block_size = self.block_size(opts)?;
         let mut seen = std::collections::HashSet::new();
         for d in &disks {
@@ -194,6 +207,7 @@ impl BackupRun {
         let new_dir = self.vm_dir.join(format!("{}{PARTIAL}", self.gen_id));
         let result = self
             .write_generation(&new_dir, disks, block_size, opts, progress)
+            .and_then(|written| before_commit().map(|()| written))
             .and_then(|(gp, warnings)| {
                 self.commit(txn, &new_dir, gp, block_size, opts)
                     .map(|gp| (gp, warnings))

@@ -2,6 +2,10 @@
 
 pub mod backup;
 pub mod check;
+#[cfg(feature = "libvirt")]
+pub mod inventory;
+#[cfg(feature = "libvirt")]
+pub mod live;
 pub mod pipeline;
 pub mod print;
 pub mod prune;

@@ -179,6 +179,10 @@ fn print_profile(path: &Path, out: &mut dyn Write) -> Result<(), PErr> {
             profile::parse::<profile::GenerationProfile>(path, &text).map(|_| ())
         }
         "vmkeep transaction" => profile::parse::<crate::archive::txn::Txn>(path, &text).map(|_| ()),
+        #[cfg(feature = "libvirt")]
+        "vmkeep inventory" => {
+            profile::parse::<crate::engine::inventory::Inventory>(path, &text).map(|_| ())
+        }
         _ => Err(Error::usage(format!(
             "{}: unknown profile kind {kind:?}",
             path.display()

@@ -121,10 +121,6 @@ pub const REQUEST_LEN: usize = 28;
 pub const SIMPLE_REPLY_LEN: usize = 16;
 /// Size of a structured reply chunk header.
 pub const STRUCTURED_REPLY_LEN: usize = 20;
-/// Size of an option request header (magic, option, length).
-pub const OPTION_LEN: usize = 16;
-/// Size of an option reply header (magic, option, reply type, length).
-pub const OPTION_REPLY_LEN: usize = 20;
 /// Longest option payload either side accepts (names, contexts).
 pub const MAX_OPTION_LEN: u32 = 64 << 10;
 /// Longest string (export name, context name) the protocol allows.
@@ -219,8 +215,8 @@ impl ChunkHeader {
 }
 
 /// Encode an option request header (the option's data follows it).
-pub fn option_header(option: u32, length: u32) -> [u8; OPTION_LEN] {
-    let mut b = [0u8; OPTION_LEN];
+pub fn option_header(option: u32, length: u32) -> [u8; OPTION_HEADER_LEN] {
+    let mut b = [0u8; OPTION_HEADER_LEN];
     b[0..8].copy_from_slice(&IHAVEOPT.to_be_bytes());
     b[8..12].copy_from_slice(&option.to_be_bytes());
     b[12..16].copy_from_slice(&length.to_be_bytes());

@@ -38,6 +38,8 @@ pub struct QemuOptions {
     pub timeout: Duration,
     /// How long qemu-nbd may take to open the image and listen.
     pub start_timeout: Duration,
+    /// Serve the image writable (a restore target) instead of `--read-only`.
+    pub writable: bool,
 }
 
 impl Default for QemuOptions {
@@ -47,6 +49,7 @@ impl Default for QemuOptions {
             connections: 4,
             timeout: Duration::from_secs(60),
             start_timeout: Duration::from_secs(30),
+            writable: false,
         }
     }
 }
@@ -192,8 +195,13 @@ fn command(
     let mut socket_arg = OsString::from("--socket=");
     socket_arg.push(sock);
     let mut cmd = Command::new(&opts.program);
-    cmd.arg("--read-only")
-        .arg(format!("--format={format}"))
+    if opts.writable {
+        // Zero writes become unallocated clusters rather than written zeros.
+        cmd.arg("--discard=unmap").arg("--detect-zeroes=unmap");
+    } else {
+        cmd.arg("--read-only");
+    }
+    cmd.arg(format!("--format={format}"))
         .arg(format!("--shared={}", opts.connections))
         .arg(socket_arg);
     if let Some(b) = bitmap {

@@ -1,6 +1,7 @@
-//! Where restores write: a raw file, a block device (later also qcow2 and NBD).
+//! Where restores write: a raw file, a block device, a new qcow2 image, an NBD export.
 
 pub mod file;
+pub mod nbd;
 
 use crate::error::Result;
 
@@ -16,4 +17,17 @@ pub trait Target: Send {
     fn finish(self: Box<Self>) -> Result<()>;
     /// Give up: remove whatever partial result can be removed.
     fn abort(self: Box<Self>);
+}
+
+/// Open TARGET for a disk of `size` bytes: an NBD URI, a path ending in `.qcow2` (a new
+/// qcow2 image), or a raw file or block device.
+pub fn open(to: &str, size: u64) -> Result<Box<dyn Target>> {
+    if to.starts_with("nbd://") || to.starts_with("nbd+unix://") || to.starts_with("nbds://") {
+        return Ok(Box::new(nbd::NbdTarget::connect(to, size)?));
+    }
+    let path = std::path::Path::new(to);
+    if to.ends_with(".qcow2") && !crate::source::open::is_block_device(path) {
+        return Ok(Box::new(nbd::NbdTarget::qcow2(path, size)?));
+    }
+    Ok(Box::new(file::FileTarget::create(path, size)?))
 }

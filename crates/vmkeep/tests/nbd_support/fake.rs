@@ -441,7 +441,7 @@ impl<'a> Session<'a> {
     }
 
     fn read_option(&mut self) -> Io<(u32, Vec<u8>)> {
-        let mut h = [0u8; OPTION_LEN];
+        let mut h = [0u8; OPTION_HEADER_LEN];
         self.s.read_exact(&mut h)?;
         let (opt, len) = (be32(&h[8..12]), be32(&h[12..16]));
         let mut data = vec![0u8; len.min(1 << 20) as usize];
@@ -538,7 +538,7 @@ fn scripted(mut s: UnixStream, ctx: &str, i: u32) -> Io<()> {
         s.write_all(data)
     };
     loop {
-        let mut h = [0u8; OPTION_LEN];
+        let mut h = [0u8; OPTION_HEADER_LEN];
         s.read_exact(&mut h)?;
         let opt = be32(&h[8..12]);
         s.read_exact(&mut vec![0u8; be32(&h[12..16]) as usize])?;

@@ -1,0 +1,277 @@
+//! vmkeep as cron, systemd and monitoring see it: quiet runs, JSON that parses back, health
+//! checks in the Nagios convention, Prometheus metrics, a quiet end on a closed pipe,
+//! completions, the config file and the status table.
+
+mod common;
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+fn with_config(env: &Env, text: &str) {
+    std::fs::write(env.path("no-config.toml"), text).unwrap();
+}
+
+#[test]
+fn quiet_runs_print_nothing_under_cron_conditions() {
+    let env = Env::new();
+    let disk = env.disk("disk.raw", 1 << 20);
+    write_at(&disk, 0, &noise(1, 100_000));
+    let spec = format!("vda={}", disk.display());
+    for _ in 0..2 {
+        let out = env.run(&["-q", "backup", "vm", "--disk", &spec]);
+        assert!(out.status.success());
+        assert!(out.stdout.is_empty() && out.stderr.is_empty(), "{:?}", out);
+    }
+    let out = env.run(&["-q", "prune", "vm", "--keep-last", "1"]);
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "{out:?}"
+    );
+    let out = env.run(&["-q", "check", "vm"]);
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "{out:?}"
+    );
+    // Errors still get their one line.
+    let out = env.run(&["-q", "backup", "vm", "--disk", "vda=/nonexistent"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent"));
+}
+
+#[test]
+fn backup_if_due_skips_silently() {
+    let env = Env::new();
+    let disk = env.disk("disk.raw", 1 << 20);
+    with_config(
+        &env,
+        &format!(
+            "interval = \"1d\"\n[vm.vm]\ndisks = {{ vda = \"{}\" }}\n",
+            disk.display()
+        ),
+    );
+    env.ok(&["backup", "--all", "--if-due"]);
+    assert_eq!(env.generations("vm").len(), 1);
+    let out = env.run(&["backup", "--all", "--if-due"]);
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "{out:?}"
+    );
+    assert_eq!(env.generations("vm").len(), 1, "nothing was due");
+    env.ok(&["backup", "--group", "all"]);
+    assert_eq!(env.generations("vm").len(), 2);
+}
+
+#[test]
+fn json_outputs_parse_back() {
+    let env = Env::new();
+    let disk = env.disk("disk.raw", 1 << 20);
+    let spec = format!("vda={}", disk.display());
+    let js: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "backup", "vm", "--disk", &spec])).unwrap();
+    assert_eq!(js["vms"][0]["name"], "vm");
+    assert_eq!(js["vms"][0]["ok"], true);
+    assert_eq!(js["vms"][0]["generation"]["mode"], "full");
+    env.ok(&["backup", "vm", "--disk", &spec]);
+    let js: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "check", "vm", "--deep"])).unwrap();
+    assert_eq!(js["ok"], true);
+    assert_eq!(js["vms"][0]["generations_proven"], 2);
+    let js: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "prune", "vm", "--keep-last", "1", "--dry-run"]))
+            .unwrap();
+    assert_eq!(js["vms"][0]["removed"].as_array().unwrap().len(), 1);
+    assert_eq!(env.generations("vm").len(), 2, "dry run removes nothing");
+}
+
+#[test]
+fn health_follows_the_nagios_convention() {
+    let env = Env::new();
+    let disk = env.disk("disk.raw", 1 << 20);
+    with_config(&env, "interval = \"2s\"\n");
+    let out = env.run(&["status", "--check-health"]);
+    assert_eq!(out.status.code(), Some(0), "no VMs: nothing to worry about");
+    env.backup("vm", &disk, &[]);
+    let out = env.run(&["status", "--check-health"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("VMKEEP OK"));
+    // Generation times have second precision: 4.2 s after the backup the age is 4 or 5 s
+    // (past 1.5 intervals of 2 s), 7.5 s after it 7 or 8 s (past 3 intervals).
+    std::thread::sleep(std::time::Duration::from_millis(4200));
+    let out = env.run(&["status", "--check-health"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "older than 1.5 intervals: WARNING"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(3300));
+    let out = env.run(&["status", "--check-health"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "older than 3 intervals: CRITICAL"
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("VMKEEP CRITICAL") && text.contains("CRITICAL vm"),
+        "{text}"
+    );
+
+    with_config(&env, "");
+    flip_byte(&env.repo().join("vm/latest/vda.raw"), 10);
+    env.fails(&["check", "vm"], 3);
+    let out = env.run(&["status", "--check-health"]);
+    assert_eq!(out.status.code(), Some(2), "a damaged archive is CRITICAL");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("problems"));
+}
+
+#[test]
+fn prometheus_textfile() {
+    let env = Env::new();
+    let disk = env.disk("disk.raw", 1 << 20);
+    env.backup("web1", &disk, &[]);
+    env.ok(&["check", "web1"]);
+    let prom = env.path("vmkeep.prom");
+    env.ok(&["status", "--prometheus", prom.to_str().unwrap()]);
+    let text = std::fs::read_to_string(prom).unwrap();
+    for needle in [
+        "vmkeep_generations{vm=\"web1\"} 1",
+        "vmkeep_last_check_ok{vm=\"web1\"} 1",
+        "# TYPE vmkeep_last_backup_timestamp_seconds gauge",
+        "vmkeep_space_used_bytes{vm=\"web1\"}",
+    ] {
+        assert!(text.contains(needle), "{needle} missing:\n{text}");
+    }
+}
+
+#[test]
+fn closed_pipe_ends_quietly() {
+    let env = Env::new();
+    let disk = env.disk("disk.raw", 4 << 20);
+    write_at(&disk, 0, &noise(2, 4 << 20));
+    env.backup("vm", &disk, &["--block-size", "4K"]);
+    let digest = env.repo().join("vm/latest/vda.digest");
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin("vmkeep"))
+        .args(["print", digest.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{status:?} {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "{err}"
+    );
+}
+
+#[test]
+fn completions_and_help() {
+    let env = Env::new();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = env.ok(&["completions", shell]);
+        assert!(out.contains("vmkeep") && out.contains("backup"), "{shell}");
+    }
+    for cmd in [
+        "backup", "restore", "check", "prune", "status", "merge", "print", "init",
+    ] {
+        let out = env.ok(&[cmd, "--help"]);
+        assert!(out.contains("Example"), "{cmd} --help has no example");
+    }
+    let man = env.path("man");
+    env.ok(&["manpages", man.to_str().unwrap()]);
+    assert!(man.join("vmkeep.1").exists() && man.join("vmkeep-backup.1").exists());
+}
+
+#[test]
+fn malformed_config_is_one_line_with_file_and_line() {
+    let env = Env::new();
+    with_config(&env, "repository = \"/x\"\n[retention]\nkeep_dayly = 3\n");
+    let e = env.fails(&["status"], 2);
+    assert!(
+        e.contains("no-config.toml:3") && e.contains("keep_dayly"),
+        "{e}"
+    );
+    assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+    with_config(&env, "repository = [\n");
+    let e = env.fails(&["status"], 2);
+    assert!(e.contains("no-config.toml:"), "{e}");
+    with_config(&env, "[groups]\nweb = [\"a/b\"]\n");
+    let e = env.fails(&["status"], 2);
+    assert!(e.contains("invalid VM name"), "{e}");
+    with_config(&env, "");
+    let e = env.fails(&["backup", "--group", "nosuch"], 2);
+    assert!(e.contains("unknown group"), "{e}");
+}
+
+#[test]
+fn shipped_example_config_parses() {
+    let env = Env::new();
+    let example = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../contrib/vmkeep.toml"
+    ))
+    .unwrap();
+    // Point the repository at the test's own.
+    let example = example.replace("/var/lib/vmkeep", env.repo().to_str().unwrap());
+    with_config(&env, &example);
+    env.ok(&["status"]);
+}
+
+#[test]
+fn status_table_is_pinned() {
+    let env = Env::new();
+    let disk = env.disk("disk.raw", 2 << 20);
+    write_at(&disk, 0, &text(300 << 10));
+    env.backup("web1", &disk, &[]);
+    write_at(&disk, 1 << 20, &text(64 << 10));
+    env.backup("web1", &disk, &[]);
+    let ids = env.generations("web1");
+    env.ok(&["protect", "web1", "-g", &ids[0]]);
+    let out = env.ok(&["status", "web1"]);
+    let mut t = out.clone();
+    for (i, id) in ids.iter().enumerate() {
+        t = t.replace(id.as_str(), &format!("<gen{i}>"));
+    }
+    // Times, durations and space vary between runs; the layout and the numbers do not.
+    let t: String = t
+        .lines()
+        .map(|l| {
+            let mut words: Vec<String> = l.split_whitespace().map(str::to_string).collect();
+            for w in words.iter_mut() {
+                if w.ends_with('Z') && w.contains('T') {
+                    *w = "<time>".into();
+                }
+                if w.ends_with('s') && w[..w.len() - 1].parse::<f64>().is_ok() {
+                    *w = "<took>".into();
+                }
+            }
+            words.join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let t = t.replace(
+        &t.lines().next().unwrap().to_string(),
+        "VM web1 — 2 generations, <space> on disk, block size 64.0 KiB",
+    );
+    let expected = "VM web1 — 2 generations, <space> on disk, block size 64.0 KiB
+N GENERATION TIME MODE SIZE CHANGED STORED TOOK FLAGS
+0 <gen1> <time> diff 2.0 MiB 64.0 KiB 64.2 KiB <took>
+1 <gen0> <time> full 2.0 MiB 320.0 KiB 320.0 KiB <took> protected
+last check: never";
+    assert_eq!(t, expected, "status table changed:\n{out}");
+}

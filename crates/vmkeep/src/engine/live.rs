@@ -1,0 +1,373 @@
+//! Backups of libvirt domains: running ones through a pull-mode backup job, shut-off ones
+//! from their disk files.
+//!
+//! Each generation gets a libvirt checkpoint `vmkeep.<repository id>.<generation>`; the
+//! repository id keeps the chains of two repositories backing up the same VM apart (a
+//! *branch* each), and vmkeep never trusts or deletes a checkpoint of another branch or
+//! another tool. The next run is incremental from that checkpoint's dirty bitmap when the
+//! checkpoint still exists and is the one the newest generation recorded; any other state
+//! (missing, foreign, not matching) makes the run a diff — read everything, store only
+//! changes — and starts a fresh chain. Disks that cannot carry bitmaps (raw) are read in
+//! diff mode. After a successful generation only the new checkpoint of this branch is
+//! kept; after a failed one, the new checkpoint is deleted.
+
+use std::path::PathBuf;
+
+use crate::archive::Repository;
+use crate::engine::backup::{BackupOptions, BackupReport, BackupRun, DiskInput};
+use crate::error::{Error, Result};
+use crate::libvirt::{
+    BackupJobState, BackupPlan, CheckpointDelete, DiskDevice, DiskInfo, DiskSource, Domain,
+    Hypervisor,
+};
+use crate::nbd::proto::META_DIRTY_BITMAP_PREFIX;
+use crate::progress::Progress;
+use crate::source::nbd::NbdSource;
+use crate::source::{file::FileSource, qemu, BlockSource};
+
+/// Where live backups put their sockets and scratch files.
+#[derive(Debug, Clone)]
+pub struct LiveOptions {
+    /// Disks (targets) not to back up.
+    pub skip_disks: Vec<String>,
+    /// Parent of the per-run socket folder (short: unix socket paths hold 107 bytes).
+    pub run_dir: PathBuf,
+    /// Parent of the per-run scratch folder (copy-before-write data; needs disk space).
+    pub scratch_dir: PathBuf,
+}
+
+impl Default for LiveOptions {
+    fn default() -> Self {
+        LiveOptions {
+            skip_disks: Vec::new(),
+            run_dir: PathBuf::from("/run/vmkeep"),
+            scratch_dir: PathBuf::from("/var/tmp/vmkeep"),
+        }
+    }
+}
+
+/// The checkpoint-name prefix of this repository's branch.
+pub fn branch_prefix(repo: &Repository) -> String {
+    format!("vmkeep.{}.", repo.profile.id)
+}
+
+/// Back up domain `name`.
+pub fn backup_domain(
+    repo: &Repository,
+    hv: &Hypervisor,
+    name: &str,
+    opts: &BackupOptions,
+    live: &LiveOptions,
+    progress: &dyn Progress,
+) -> Result<BackupReport> {
+    let dom = hv.domain(name)?;
+    let info = dom.info()?;
+    let xml = dom.xml()?;
+    let disks = select_disks(&info.disks, live, progress, name)?;
+    let run = BackupRun::begin(repo, name)?;
+    let prefix = branch_prefix(repo);
+    let new_checkpoint = format!("{prefix}{}", run.generation_id());
+    let basis = incr_basis(&dom, &run, &prefix, progress)?;
+    let mut opts = opts.clone();
+    opts.kind = "libvirt".into();
+    opts.domain_xml = Some(xml);
+    let result = if info.state.is_active() {
+        backup_running(
+            &dom,
+            run,
+            &disks,
+            &new_checkpoint,
+            basis.as_deref(),
+            &opts,
+            live,
+            progress,
+        )
+    } else {
+        backup_shut_off(
+            &dom,
+            run,
+            &disks,
+            &new_checkpoint,
+            basis.as_deref(),
+            &opts,
+            progress,
+        )
+    };
+    match &result {
+        Ok(_) => forget_old_checkpoints(&dom, &prefix, &new_checkpoint, progress),
+        Err(_) => {
+            if dom.checkpoint_exists(&new_checkpoint).unwrap_or(false) {
+                let _ = dom.delete_checkpoint(&new_checkpoint, CheckpointDelete::default());
+            }
+        }
+    }
+    result
+}
+
+/// The disks to back up: real disks with a local source, minus the skipped ones.
+fn select_disks(
+    disks: &[DiskInfo],
+    live: &LiveOptions,
+    progress: &dyn Progress,
+    vm: &str,
+) -> Result<Vec<DiskInfo>> {
+    let mut out = Vec::new();
+    for d in disks {
+        if !matches!(d.device, DiskDevice::Disk | DiskDevice::Lun) {
+            let kind = format!("{:?}", d.device).to_lowercase();
+            progress.warn(&format!(
+                "VM {vm}: skipping {} ({kind}): not a disk",
+                d.target
+            ));
+            continue;
+        }
+        if live.skip_disks.contains(&d.target) {
+            continue;
+        }
+        if matches!(d.source, DiskSource::None) {
+            progress.warn(&format!("VM {vm}: skipping {}: no medium", d.target));
+            continue;
+        }
+        crate::archive::names::check_disk(&d.target)?;
+        out.push(d.clone());
+    }
+    if out.is_empty() {
+        return Err(Error::usage(format!("VM {vm} has no disks to back up")));
+    }
+    Ok(out)
+}
+
+/// The checkpoint to be incremental from, if it can be trusted: it is this branch's, the
+/// newest generation recorded it, and libvirt still has it.
+fn incr_basis(
+    dom: &Domain,
+    run: &BackupRun,
+    prefix: &str,
+    progress: &dyn Progress,
+) -> Result<Option<String>> {
+    let Some(prev) = run.previous() else {
+        return Ok(None);
+    };
+    let Some(cp) = prev.profile.checkpoint.clone() else {
+        if prev.profile.kind == "libvirt" {
+            progress.warn(&format!(
+                "VM {}: the newest generation has no checkpoint; reading all disks (diff)",
+                dom.name()
+            ));
+        }
+        return Ok(None);
+    };
+    if !cp.starts_with(prefix) {
+        progress.warn(&format!(
+            "VM {}: checkpoint {cp} is not this repository's; reading all disks (diff)",
+            dom.name()
+        ));
+        return Ok(None);
+    }
+    if !dom.checkpoint_exists(&cp)? {
+        progress.warn(&format!(
+            "VM {}: checkpoint {cp} of the newest generation is gone; reading all disks (diff) and starting a new checkpoint chain",
+            dom.name()
+        ));
+        return Ok(None);
+    }
+    Ok(Some(cp))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backup_running(
+    dom: &Domain,
+    run: BackupRun,
+    disks: &[DiskInfo],
+    new_checkpoint: &str,
+    basis: Option<&str>,
+    opts: &BackupOptions,
+    live: &LiveOptions,
+    progress: &dyn Progress,
+) -> Result<BackupReport> {
+    let tag = format!("{}-{}", &run.generation_id()[..13], std::process::id());
+    let socket_dir = live.run_dir.join(&tag);
+    let scratch_dir = live.scratch_dir.join(&tag);
+    let targets: Vec<&str> = disks.iter().map(|d| d.target.as_str()).collect();
+    let socket = socket_dir.join("nbd.sock");
+    let plan = BackupPlan {
+        disks: &targets,
+        socket: &socket,
+        scratch_dir: &scratch_dir,
+        checkpoint: Some(new_checkpoint),
+        incremental_from: basis,
+    };
+    let job = dom.begin_backup(&plan)?;
+    let _cleanup = RemoveDirs(vec![socket_dir.clone(), scratch_dir.clone()]);
+    let mut inputs = Vec::new();
+    for d in job.disks() {
+        let bitmap = d
+            .dirty_bitmap_context
+            .as_deref()
+            .and_then(|c| c.strip_prefix(META_DIRTY_BITMAP_PREFIX));
+        let source = NbdSource::open(&job.nbd_uri(d), bitmap)?;
+        let mut input = DiskInput::new(
+            &d.target,
+            Box::new(LabelledSource {
+                inner: Box::new(source),
+                label: disk_label(disks, &d.target),
+            }),
+        );
+        if bitmap.is_some() {
+            input.changed = input.source.changed_extents()?;
+        } else {
+            input.untracked_reason = Some(untracked_reason(disks, &d.target, basis));
+        }
+        inputs.push(input);
+    }
+    let mut opts = opts.clone();
+    opts.checkpoint = job.checkpoint().map(str::to_string);
+    let mut job = Some(job);
+    let mut confirm = || -> Result<()> {
+        let job = job.take().expect("confirmed once");
+        match job.state()? {
+            BackupJobState::Running => job.end(),
+            BackupJobState::Completed => Err(Error::source(
+                format!("libvirt VM {}", dom.name()),
+                "the backup job ended before vmkeep finished reading",
+            )),
+            BackupJobState::Failed(why) => Err(Error::source(
+                format!("libvirt VM {}", dom.name()),
+                format!("the backup job failed: {why}"),
+            )),
+        }
+    };
+    run.execute_with(inputs, &opts, progress, &mut confirm)
+}
+
+fn backup_shut_off(
+    dom: &Domain,
+    run: BackupRun,
+    disks: &[DiskInfo],
+    new_checkpoint: &str,
+    basis: Option<&str>,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+) -> Result<BackupReport> {
+    let mut opts = opts.clone();
+    let qcow2: Vec<&str> = disks
+        .iter()
+        .filter(|d| d.format.as_deref() == Some("qcow2"))
+        .map(|d| d.target.as_str())
+        .collect();
+    // The VM is off, so nothing writes between this checkpoint and the read below; writes
+    // after it (the VM started meanwhile) land in the new bitmap and the next run.
+    if !qcow2.is_empty() {
+        match dom.create_checkpoint(new_checkpoint, &qcow2) {
+            Ok(_) => opts.checkpoint = Some(new_checkpoint.to_string()),
+            Err(e) => progress.warn(&format!("VM {}: cannot create checkpoint {new_checkpoint} ({e}); the next run will be a diff", dom.name())),
+        }
+    }
+    let mut inputs = Vec::new();
+    for d in disks {
+        let path = match &d.source {
+            DiskSource::File(p) | DiskSource::Block(p) => p.clone(),
+            _ => {
+                return Err(Error::source(
+                    format!("libvirt VM {}", dom.name()),
+                    format!("disk {} has no local file or device", d.target),
+                ))
+            }
+        };
+        let format = d.format.clone().unwrap_or_else(|| "raw".into());
+        let tracked = basis.filter(|_| format == "qcow2");
+        let source: Box<dyn BlockSource> = if format == "raw" {
+            Box::new(FileSource::open(&path)?)
+        } else {
+            qemu::open_image(&path, &format, tracked)?
+        };
+        let mut input = DiskInput::new(&d.target, source);
+        if tracked.is_some() {
+            input.changed = input.source.changed_extents()?;
+        } else {
+            input.untracked_reason = Some(untracked_reason(disks, &d.target, basis));
+        }
+        inputs.push(input);
+    }
+    run.execute(inputs, &opts, progress)
+}
+
+fn disk_label(disks: &[DiskInfo], target: &str) -> String {
+    match disks.iter().find(|d| d.target == target).map(|d| &d.source) {
+        Some(DiskSource::File(p)) | Some(DiskSource::Block(p)) => p.display().to_string(),
+        _ => target.to_string(),
+    }
+}
+
+fn untracked_reason(disks: &[DiskInfo], target: &str, basis: Option<&str>) -> String {
+    let format = disks
+        .iter()
+        .find(|d| d.target == target)
+        .and_then(|d| d.format.clone())
+        .unwrap_or_default();
+    match basis {
+        _ if format != "qcow2" => format!("a {format} disk cannot carry a dirty bitmap"),
+        None => "no checkpoint of this repository to start from".into(),
+        Some(cp) => format!("checkpoint {cp} does not track this disk"),
+    }
+}
+
+/// Delete this branch's checkpoints other than `keep` (the next run needs only it).
+fn forget_old_checkpoints(dom: &Domain, prefix: &str, keep: &str, progress: &dyn Progress) {
+    let Ok(all) = dom.list_checkpoints() else {
+        return;
+    };
+    for cp in all
+        .iter()
+        .filter(|c| c.name.starts_with(prefix) && c.name != keep)
+    {
+        if let Err(e) = dom.delete_checkpoint(&cp.name, CheckpointDelete::default()) {
+            progress.warn(&format!(
+                "VM {}: cannot delete old checkpoint {}: {e}",
+                dom.name(),
+                cp.name
+            ));
+        }
+    }
+}
+
+/// A source described by the disk's path rather than the temporary NBD socket.
+struct LabelledSource {
+    inner: Box<dyn BlockSource>,
+    label: String,
+}
+
+impl BlockSource for LabelledSource {
+    fn describe(&self) -> String {
+        self.label.clone()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn extents(&self, offset: u64, length: u64) -> Result<Vec<crate::source::Extent>> {
+        self.inner.extents(offset, length)
+    }
+    fn changed_extents(&self) -> Result<Option<Vec<(u64, u64)>>> {
+        self.inner.changed_extents()
+    }
+    fn parallelism(&self) -> usize {
+        self.inner.parallelism()
+    }
+    fn max_read(&self) -> usize {
+        self.inner.max_read()
+    }
+}
+
+/// Removes folders when dropped (per-run socket and scratch folders).
+struct RemoveDirs(Vec<PathBuf>);
+
+impl Drop for RemoveDirs {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! Restore to an NBD export (any server that accepts writes), and to a new qcow2 image
+//! written through a private writable qemu-nbd.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::Target;
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::nbd::client::{NbdClient, NbdOptions, NbdUri};
+use crate::source::qemu::{QemuImage, QemuOptions};
+
+/// Largest single WRITE_ZEROES/TRIM request (their length field is 32 bits).
+const MAX_ZERO_REQUEST: u64 = 1 << 30;
+
+enum Conn {
+    Direct(NbdClient),
+    /// A qcow2 image behind its own qemu-nbd, with the file's temporary and final paths.
+    Qemu {
+        image: Box<QemuImage>,
+        tmp: PathBuf,
+        path: PathBuf,
+    },
+}
+
+pub struct NbdTarget {
+    conn: Conn,
+    name: String,
+    /// A freshly created image reads as zeros: zero ranges need no request.
+    fresh: bool,
+}
+
+impl NbdTarget {
+    /// Write to an NBD export that holds at least `size` bytes.
+    pub fn connect(uri: &str, size: u64) -> Result<NbdTarget> {
+        let parsed = NbdUri::parse(uri)?;
+        let client = NbdClient::connect(
+            &parsed,
+            &NbdOptions {
+                connections: 1,
+                ..NbdOptions::default()
+            },
+        )?;
+        if client.read_only() {
+            return Err(Error::usage(format!("{uri} is read-only")));
+        }
+        if client.size() < size {
+            return Err(Error::usage(format!(
+                "{uri} holds {} bytes; the disk needs {size}",
+                client.size()
+            )));
+        }
+        Ok(NbdTarget {
+            conn: Conn::Direct(client),
+            name: uri.to_string(),
+            fresh: false,
+        })
+    }
+
+    /// Create a qcow2 image of `size` bytes at `path` (written beside, renamed at the end).
+    pub fn qcow2(path: &Path, size: u64) -> Result<NbdTarget> {
+        let mut name = path
+            .file_name()
+            .ok_or_else(|| Error::usage(format!("{} is not a file name", path.display())))?
+            .to_os_string();
+        name.push(".vmkeep-partial");
+        let tmp = path.with_file_name(name);
+        let _ = std::fs::remove_file(&tmp);
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&tmp)
+            .arg(size.to_string())
+            .output()
+            .map_err(|e| Error::io_ctx("qemu-img (install qemu-utils)", e))?;
+        if !out.status.success() {
+            return Err(Error::io_ctx(
+                format!("qemu-img create {}", tmp.display()),
+                std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+            ));
+        }
+        let opts = QemuOptions {
+            writable: true,
+            connections: 1,
+            ..QemuOptions::default()
+        };
+        let image = match QemuImage::open_with(&tmp, "qcow2", None, &opts) {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        Ok(NbdTarget {
+            conn: Conn::Qemu {
+                image: Box::new(image),
+                tmp,
+                path: path.to_path_buf(),
+            },
+            name: path.display().to_string(),
+            fresh: true,
+        })
+    }
+
+    fn client(&self) -> &NbdClient {
+        match &self.conn {
+            Conn::Direct(c) => c,
+            Conn::Qemu { image, .. } => image.nbd().client(),
+        }
+    }
+}
+
+impl Target for NbdTarget {
+    fn describe(&self) -> String {
+        self.name.clone()
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let max = self.client().max_payload().max(4096) as usize;
+        for (i, chunk) in data.chunks(max).enumerate() {
+            self.client().write(offset + (i * max) as u64, chunk)?;
+        }
+        Ok(())
+    }
+
+    fn zero(&mut self, offset: u64, len: u64) -> Result<()> {
+        if self.fresh || len == 0 {
+            return Ok(());
+        }
+        let c = self.client();
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(MAX_ZERO_REQUEST);
+            if c.can_write_zeroes() {
+                c.write_zeroes(offset + done, n, false)?;
+            } else {
+                // TRIM does not promise zeros: write them.
+                let zeros = vec![0u8; (n as usize).min(4 << 20)];
+                let mut w = 0;
+                while w < n {
+                    let k = (n - w).min(zeros.len() as u64) as usize;
+                    c.write(offset + done + w, &zeros[..k])?;
+                    w += k as u64;
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>) -> Result<()> {
+        if self.client().can_flush() {
+            self.client().flush()?;
+        }
+        self.client().disconnect()?;
+        match self.conn {
+            Conn::Direct(_) => Ok(()),
+            Conn::Qemu { image, tmp, path } => {
+                drop(image); // stops qemu-nbd, which has written everything out
+                fsutil::sync_all(
+                    &std::fs::File::open(&tmp).map_err(|e| Error::io(&tmp, e))?,
+                    &tmp,
+                )?;
+                fsutil::rename(&tmp, &path)?;
+                fsutil::sync_dir(fsutil::parent(&path))
+            }
+        }
+    }
+
+    fn abort(self: Box<Self>) {
+        if let Conn::Qemu { image, tmp, .. } = self.conn {
+            drop(image);
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
