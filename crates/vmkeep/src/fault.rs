@@ -84,3 +84,23 @@ pub fn report() {
         let _ = std::fs::write(file, imp::count().to_string());
     }
 }
+
+/// Test hook: with `VMKEEP_FAULT_PAUSE=NAME:SECONDS`, stop at the point called `name` for
+/// that long, after creating the file named by `VMKEEP_FAULT_PAUSE_MARK` (so a test knows
+/// the process is there and can, say, destroy the VM under it).
+pub fn pause(name: &str) {
+    #[cfg(feature = "fault-injection")]
+    if let Ok(v) = std::env::var("VMKEEP_FAULT_PAUSE") {
+        if let Some((point, secs)) = v.split_once(':') {
+            if point == name {
+                if let Ok(mark) = std::env::var("VMKEEP_FAULT_PAUSE_MARK") {
+                    let _ = std::fs::write(mark, name);
+                }
+                let secs: f64 = secs.parse().unwrap_or(0.0);
+                std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+            }
+        }
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    let _ = name;
+}

@@ -43,6 +43,19 @@ impl Env {
         c
     }
 
+    /// The same as [`Env::cmd`], as a plain `std::process::Command` (to spawn).
+    pub fn std_cmd(&self, args: &[&str]) -> std::process::Command {
+        let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("vmkeep"));
+        c.env_remove("VMKEEP_REPO")
+            .env_remove("RUST_LOG")
+            .env("VMKEEP_CONFIG", self.path("no-config.toml"));
+        c.arg("--repo")
+            .arg(self.repo())
+            .args(args)
+            .stdin(std::process::Stdio::null());
+        c
+    }
+
     pub fn run(&self, args: &[&str]) -> Output {
         self.cmd(args).output().unwrap()
     }

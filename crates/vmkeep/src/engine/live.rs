@@ -197,8 +197,61 @@ fn backup_running(
         checkpoint: Some(new_checkpoint),
         incremental_from: basis,
     };
-    let job = dom.begin_backup(&plan)?;
+    for base in [&live.run_dir, &live.scratch_dir] {
+        traversable_base(base)?;
+    }
     let _cleanup = RemoveDirs(vec![socket_dir.clone(), scratch_dir.clone()]);
+    let job = std::cell::RefCell::new(Some(dom.begin_backup(&plan)?));
+    crate::fault::pause("after-backup-begin");
+    // A job that failed (aborted from outside, the VM stopped, scratch space exhausted)
+    // surfaces as a broken NBD connection; say what really happened.
+    let explain = |e: Error| -> Error {
+        let state = job.borrow().as_ref().map(|j| j.state());
+        match state {
+            Some(Ok(BackupJobState::Completed)) => job_failed(
+                dom,
+                "the backup job ended before vmkeep finished reading".into(),
+            ),
+            Some(Ok(BackupJobState::Failed(why))) => {
+                job_failed(dom, format!("the backup job failed: {why}"))
+            }
+            _ => e,
+        }
+    };
+    let inputs = open_exports(job.borrow().as_ref().expect("job just began"), disks, basis)
+        .map_err(explain)?;
+    let mut opts = opts.clone();
+    opts.checkpoint = job
+        .borrow()
+        .as_ref()
+        .and_then(|j| j.checkpoint().map(str::to_string));
+    let mut confirm = || -> Result<()> {
+        let j = job.borrow_mut().take().expect("confirmed once");
+        match j.state()? {
+            BackupJobState::Running => j.end(),
+            BackupJobState::Completed => Err(job_failed(
+                dom,
+                "the backup job ended before vmkeep finished reading".into(),
+            )),
+            BackupJobState::Failed(why) => {
+                Err(job_failed(dom, format!("the backup job failed: {why}")))
+            }
+        }
+    };
+    run.execute_with(inputs, &opts, progress, &mut confirm)
+        .map_err(explain)
+}
+
+fn job_failed(dom: &Domain, detail: String) -> Error {
+    Error::source(format!("libvirt VM {}", dom.name()), detail)
+}
+
+/// Connect to every export of the job; incremental where it exports a dirty bitmap.
+fn open_exports(
+    job: &crate::libvirt::PullBackup,
+    disks: &[DiskInfo],
+    basis: Option<&str>,
+) -> Result<Vec<DiskInput>> {
     let mut inputs = Vec::new();
     for d in job.disks() {
         let bitmap = d
@@ -206,11 +259,12 @@ fn backup_running(
             .as_deref()
             .and_then(|c| c.strip_prefix(META_DIRTY_BITMAP_PREFIX));
         let source = NbdSource::open(&job.nbd_uri(d), bitmap)?;
+        let label = disk_label(disks, &d.target);
         let mut input = DiskInput::new(
             &d.target,
             Box::new(LabelledSource {
                 inner: Box::new(source),
-                label: disk_label(disks, &d.target),
+                label,
             }),
         );
         if bitmap.is_some() {
@@ -220,24 +274,7 @@ fn backup_running(
         }
         inputs.push(input);
     }
-    let mut opts = opts.clone();
-    opts.checkpoint = job.checkpoint().map(str::to_string);
-    let mut job = Some(job);
-    let mut confirm = || -> Result<()> {
-        let job = job.take().expect("confirmed once");
-        match job.state()? {
-            BackupJobState::Running => job.end(),
-            BackupJobState::Completed => Err(Error::source(
-                format!("libvirt VM {}", dom.name()),
-                "the backup job ended before vmkeep finished reading",
-            )),
-            BackupJobState::Failed(why) => Err(Error::source(
-                format!("libvirt VM {}", dom.name()),
-                format!("the backup job failed: {why}"),
-            )),
-        }
-    };
-    run.execute_with(inputs, &opts, progress, &mut confirm)
+    Ok(inputs)
 }
 
 fn backup_shut_off(
@@ -275,7 +312,9 @@ fn backup_shut_off(
             }
         };
         let format = d.format.clone().unwrap_or_else(|| "raw".into());
-        let tracked = basis.filter(|_| format == "qcow2");
+        // The checkpoint's bitmap must be in the image and consistent: a VM killed without
+        // shutting down leaves it marked in-use, and then only a full read is safe.
+        let tracked = basis.filter(|cp| format == "qcow2" && bitmap_usable(&path, cp));
         let source: Box<dyn BlockSource> = if format == "raw" {
             Box::new(FileSource::open(&path)?)
         } else {
@@ -290,6 +329,11 @@ fn backup_shut_off(
         inputs.push(input);
     }
     run.execute(inputs, &opts, progress)
+}
+
+fn bitmap_usable(path: &std::path::Path, name: &str) -> bool {
+    crate::source::bitmap::list(path)
+        .is_ok_and(|bs| bs.iter().any(|b| b.name == name && b.consistent()))
 }
 
 fn disk_label(disks: &[DiskInfo], target: &str) -> String {
@@ -359,6 +403,22 @@ impl BlockSource for LabelledSource {
     fn max_read(&self) -> usize {
         self.inner.max_read()
     }
+}
+
+/// Create a parent of the per-run folders if missing: mode 0711, so that QEMU (another
+/// user) can reach its own per-run folder inside without seeing the others.
+fn traversable_base(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(dir)
+        .map_err(|e| Error::io(dir, e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .map_err(|e| Error::io(dir, e))
 }
 
 /// Removes folders when dropped (per-run socket and scratch folders).

@@ -159,6 +159,13 @@ impl TestVm {
         );
     }
 
+    /// Make QEMU write its cached image metadata (qcow2 L2 tables) to disk `index`'s file,
+    /// so that reading the file from outside (`qemu-img convert -U`) sees the guest's writes.
+    pub fn flush(&self, index: usize) {
+        let cmd = format!("qemu-io -d /machine/peripheral/virtio-disk{index}/virtio-backend flush");
+        virsh(&["qemu-monitor-command", &self.name, "--hmp", &cmd]);
+    }
+
     /// Path for a file of the test in the VM's folder.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)

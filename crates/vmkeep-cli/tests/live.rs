@@ -1,0 +1,473 @@
+//! Live backups of libvirt domains through the real binary, against a real libvirtd and
+//! QEMU (started by the harness when none runs): full then incremental from checkpoints,
+//! lost checkpoints, added disks, shut-off domains, failures of the backup job, restore as
+//! a new VM, and two repositories keeping independent checkpoint chains of one VM.
+
+#![cfg(feature = "libvirt")]
+
+mod common;
+#[path = "../../vmkeep/tests/support/libvirt.rs"]
+mod lv;
+
+use common::*;
+use lv::{virsh, TestVm};
+
+fn status(env: &Env, vm: &str) -> serde_json::Value {
+    serde_json::from_str(&env.ok(&["status", vm, "--json"])).unwrap()
+}
+
+/// (mode, read_bytes) of disk `disk` in the newest generation.
+fn newest(env: &Env, vm: &str, disk: &str) -> (String, u64) {
+    let js = status(env, vm);
+    let g = &js["vms"][0]["generations"][0];
+    let d = g["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == disk)
+        .unwrap();
+    (
+        d["mode"].as_str().unwrap().to_string(),
+        d["read_bytes"].as_u64().unwrap(),
+    )
+}
+
+/// The disk as the guest sees it now (QEMU's caches flushed to the file first).
+fn disk_now(vm: &TestVm, target: &str) -> Vec<u8> {
+    if lv::virsh(&["domstate", &vm.name]).contains("running") {
+        vm.flush(vm.disks.iter().position(|d| d.target == target).unwrap());
+    }
+    let d = vm.disk(target);
+    lv::read_all(d.path.to_str().unwrap(), d.format, &vm.path("now.raw"))
+}
+
+fn restored(env: &Env, vm: &str, rev: &str, disk: &str) -> Vec<u8> {
+    let out = env.path(&format!("restore-{vm}-{rev}-{disk}.raw"));
+    env.ok(&[
+        "restore",
+        vm,
+        "-g",
+        rev,
+        "--disk",
+        disk,
+        "--to",
+        out.to_str().unwrap(),
+    ]);
+    std::fs::read(out).unwrap()
+}
+
+/// A per-test environment whose live-backup folders are private to it.
+fn live_env() -> Env {
+    let env = Env::new();
+    let run = env.path("run");
+    let scratch = env.path("scratch");
+    std::fs::write(
+        env.path("no-config.toml"),
+        format!(
+            "run_dir = \"{}\"\nscratch_dir = \"{}\"\n",
+            run.display(),
+            scratch.display()
+        ),
+    )
+    .unwrap();
+    // QEMU (another user) must traverse to the per-run folders.
+    lv::set_mode(env.dir.path(), 0o711);
+    env
+}
+
+fn checkpoints(vm: &str) -> Vec<String> {
+    virsh(&["checkpoint-list", vm, "--name"])
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn full_then_incremental_from_guest_writes() {
+    let vm = TestVm::start("incr", &[("vda", "qcow2", 64)]);
+    let env = live_env();
+    vm.guest_write(0, 0x11, "1M", "4M");
+    env.ok(&["backup", &vm.name]);
+    assert_eq!(newest(&env, &vm.name, "vda").0, "full");
+    assert!(
+        std::fs::read(env.repo().join(&vm.name).join("latest/vda.raw")).unwrap()
+            == disk_now(&vm, "vda")
+    );
+    let gen0 = disk_now(&vm, "vda");
+
+    vm.guest_write(0, 0x22, "8M", "1M");
+    vm.guest_write(0, 0x33, "20M", "64k");
+    env.ok(&["backup", &vm.name]);
+    let (mode, read) = newest(&env, &vm.name, "vda");
+    assert_eq!(mode, "incr");
+    assert!(
+        read <= (1 << 20) + 65536,
+        "incr read {read} bytes for 1 MiB + 64 KiB written"
+    );
+    assert!(
+        read >= (1 << 20) + 65536,
+        "incr read {read}: less than was written"
+    );
+    assert!(
+        std::fs::read(env.repo().join(&vm.name).join("latest/vda.raw")).unwrap()
+            == disk_now(&vm, "vda")
+    );
+    assert!(restored(&env, &vm.name, "1", "vda") == gen0);
+    // The saved XML, and only the newest checkpoint of this repository is kept.
+    assert!(
+        std::fs::read_to_string(env.repo().join(&vm.name).join("latest/domain.xml"))
+            .unwrap()
+            .contains(&vm.name)
+    );
+    let cps = checkpoints(&vm.name);
+    assert_eq!(cps.len(), 1, "{cps:?}");
+    let ids = env.generations(&vm.name);
+    assert!(cps[0].ends_with(&ids[1]), "{cps:?} vs {ids:?}");
+    env.ok(&["check", &vm.name, "--deep"]);
+    // No socket or scratch file is left.
+    for d in ["run", "scratch"] {
+        let left: Vec<_> = std::fs::read_dir(env.path(d)).unwrap().collect();
+        assert!(left.is_empty(), "{d}: {left:?}");
+    }
+}
+
+#[test]
+fn lost_checkpoint_means_diff_not_a_second_full_copy() {
+    let vm = TestVm::start("lost", &[("vda", "qcow2", 64)]);
+    let env = live_env();
+    vm.guest_write(0, 0x11, "0", "8M");
+    env.ok(&["backup", &vm.name]);
+    for cp in checkpoints(&vm.name) {
+        virsh(&["checkpoint-delete", &vm.name, &cp]);
+    }
+    vm.guest_write(0, 0x44, "2M", "64k");
+    let out = env.run(&["backup", &vm.name]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is gone"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (mode, read) = newest(&env, &vm.name, "vda");
+    assert_eq!(mode, "diff");
+    assert!(read >= 8 << 20, "a diff reads every allocated block");
+    let js = status(&env, &vm.name);
+    let stored = js["vms"][0]["generations"][0]["disks"][0]["stored_bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        stored < 1 << 20,
+        "diff stored {stored}: only the change, not a second copy"
+    );
+    assert!(
+        std::fs::read(env.repo().join(&vm.name).join("latest/vda.raw")).unwrap()
+            == disk_now(&vm, "vda")
+    );
+    vm.guest_write(0, 0x55, "3M", "64k");
+    env.ok(&["backup", &vm.name]);
+    assert_eq!(
+        newest(&env, &vm.name, "vda").0,
+        "incr",
+        "a fresh chain started"
+    );
+    assert!(
+        std::fs::read(env.repo().join(&vm.name).join("latest/vda.raw")).unwrap()
+            == disk_now(&vm, "vda")
+    );
+}
+
+#[test]
+fn a_disk_added_after_the_first_generation() {
+    let vm = TestVm::start("two", &[("vda", "qcow2", 32)]);
+    let env = live_env();
+    vm.guest_write(0, 0x11, "0", "1M");
+    env.ok(&["backup", &vm.name]);
+    let vdb = vm.path("vdb.qcow2");
+    lv::run(
+        std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&vdb)
+            .arg("16M"),
+    );
+    // TCG's pc machine has no PCI hotplug here: add the disk to the definition and restart
+    // (gracefully, so QEMU saves vda's bitmap and the next run stays incremental).
+    virsh(&[
+        "attach-disk",
+        &vm.name,
+        vdb.to_str().unwrap(),
+        "vdb",
+        "--driver",
+        "qemu",
+        "--subdriver",
+        "qcow2",
+        "--targetbus",
+        "virtio",
+        "--config",
+    ]);
+    virsh(&["destroy", &vm.name, "--graceful"]);
+    virsh(&["start", &vm.name]);
+    vm.guest_write(1, 0x66, "1M", "1M");
+    vm.guest_write(0, 0x22, "2M", "64k");
+    env.ok(&["backup", &vm.name]);
+    assert_eq!(newest(&env, &vm.name, "vda").0, "incr");
+    assert_eq!(newest(&env, &vm.name, "vdb").0, "full");
+    vm.flush(1);
+    let vdb_now = lv::read_all(vdb.to_str().unwrap(), "qcow2", &vm.path("b.raw"));
+    assert!(std::fs::read(env.repo().join(&vm.name).join("latest/vdb.raw")).unwrap() == vdb_now);
+    vm.guest_write(1, 0x77, "3M", "64k");
+    env.ok(&["backup", &vm.name]);
+    assert_eq!(newest(&env, &vm.name, "vdb").0, "incr");
+    vm.flush(1);
+    let vdb_now = lv::read_all(vdb.to_str().unwrap(), "qcow2", &vm.path("b.raw"));
+    assert!(std::fs::read(env.repo().join(&vm.name).join("latest/vdb.raw")).unwrap() == vdb_now);
+    // The first generation has no vdb.
+    let e = env.fails(
+        &[
+            "restore", &vm.name, "-g", "2", "--disk", "vdb", "--to", "/tmp/x",
+        ],
+        2,
+    );
+    assert!(e.contains("no disk"), "{e}");
+    env.ok(&["check", &vm.name, "--deep"]);
+}
+
+#[test]
+fn shut_off_domain_is_read_from_its_files() {
+    let vm = TestVm::start("off", &[("vda", "qcow2", 32)]);
+    let env = live_env();
+    vm.guest_write(0, 0x11, "0", "2M");
+    env.ok(&["backup", &vm.name]);
+    vm.guest_write(0, 0x22, "4M", "64k");
+    virsh(&["shutdown", &vm.name]);
+    // A guest without an OS ignores ACPI: stop it the hard way, but let QEMU save bitmaps.
+    virsh(&["destroy", &vm.name, "--graceful"]);
+    env.ok(&["backup", &vm.name]);
+    let (mode, read) = newest(&env, &vm.name, "vda");
+    // QEMU saved the checkpoint's bitmap when it stopped: qemu-nbd exports it.
+    assert_eq!(mode, "incr");
+    assert_eq!(read, 65536);
+    assert!(
+        std::fs::read(env.repo().join(&vm.name).join("latest/vda.raw")).unwrap()
+            == disk_now(&vm, "vda")
+    );
+    env.ok(&["check", &vm.name, "--deep"]);
+}
+
+#[test]
+fn restore_as_a_new_vm() {
+    let nic = "<interface type='user'><mac address='52:54:00:12:34:56'/><model type='virtio'/></interface>";
+    let vm = TestVm::define("asvm", &[("vda", "qcow2", 32)], nic);
+    virsh(&["start", &vm.name]);
+    let env = live_env();
+    vm.guest_write(0, 0x11, "0", "1M");
+    env.ok(&["backup", &vm.name]);
+    let gen0 = disk_now(&vm, "vda");
+    vm.guest_write(0, 0x22, "0", "64k");
+    env.ok(&["backup", &vm.name]);
+    let new = format!("{}-copy", vm.name);
+    let _guard = lv::Undefine(new.clone());
+    let dir = env.path("disks");
+    std::fs::create_dir(&dir).unwrap();
+    lv::set_mode(&dir, 0o755);
+    env.ok(&[
+        "restore",
+        &vm.name,
+        "-g",
+        "1",
+        "--as-vm",
+        &new,
+        "--disk-dir",
+        dir.to_str().unwrap(),
+        "--start",
+    ]);
+    let xml = virsh(&["dumpxml", &new]);
+    let orig = virsh(&["dumpxml", &vm.name]);
+    let uuid = |x: &str| {
+        x.split("<uuid>")
+            .nth(1)
+            .and_then(|s| s.split("</uuid>").next())
+            .map(str::to_string)
+    };
+    assert_ne!(uuid(&xml), uuid(&orig), "new UUID");
+    assert!(orig.contains("52:54:00:12:34:56"));
+    assert!(
+        !xml.contains("52:54:00:12:34:56") && xml.contains("<mac address='52:54:00:"),
+        "new MAC:\n{xml}"
+    );
+    assert!(
+        xml.contains(dir.to_str().unwrap()),
+        "disk paths point into --disk-dir"
+    );
+    assert!(virsh(&["domstate", &new]).contains("running"));
+    let copy = lv::read_all(
+        dir.join(format!("{new}-vda.qcow2")).to_str().unwrap(),
+        "qcow2",
+        &vm.path("copy.raw"),
+    );
+    assert!(copy == gen0, "the new VM's disk is the generation");
+    let e = env.fails(
+        &[
+            "restore",
+            &vm.name,
+            "--as-vm",
+            &new,
+            "--disk-dir",
+            dir.to_str().unwrap(),
+        ],
+        2,
+    );
+    assert!(e.contains("already exists"), "{e}");
+}
+
+#[test]
+fn two_repositories_keep_independent_incremental_chains() {
+    let vm = TestVm::start("branch", &[("vda", "qcow2", 32)]);
+    let a = live_env();
+    let b = live_env();
+    vm.guest_write(0, 0x01, "0", "1M");
+    a.ok(&["backup", &vm.name]);
+    let mut snaps_a = vec![disk_now(&vm, "vda")];
+    vm.guest_write(0, 0x02, "2M", "64k");
+    b.ok(&["backup", &vm.name]);
+    let mut snaps_b = vec![disk_now(&vm, "vda")];
+    let offsets = ["4M", "6M", "8M", "10M"];
+    for (i, off) in offsets.iter().enumerate() {
+        vm.guest_write(0, 0x10 + i as u8, off, "64k");
+        let (env, snaps) = if i % 2 == 0 {
+            (&a, &mut snaps_a)
+        } else {
+            (&b, &mut snaps_b)
+        };
+        env.ok(&["backup", &vm.name]);
+        let (mode, read) = newest(env, &vm.name, "vda");
+        assert_eq!(mode, "incr", "run {i}");
+        // Everything written since this repository's own previous run: two 64 KiB writes
+        // (one before the other repository's turn, one after), and no more.
+        assert_eq!(read, 2 * 65536, "run {i}");
+        snaps.push(disk_now(&vm, "vda"));
+    }
+    for (env, snaps) in [(&a, &snaps_a), (&b, &snaps_b)] {
+        let n = snaps.len();
+        for (k, snap) in snaps.iter().enumerate() {
+            assert!(
+                &restored(env, &vm.name, &(n - 1 - k).to_string(), "vda") == snap,
+                "generation {k}"
+            );
+        }
+    }
+    // Each repository keeps exactly its own checkpoint.
+    let cps = checkpoints(&vm.name);
+    assert_eq!(cps.len(), 2, "{cps:?}");
+    // Deleting A's checkpoints leaves B incremental.
+    let profile = std::fs::read_to_string(a.repo().join("repo.toml")).unwrap();
+    let a_id = profile
+        .lines()
+        .find_map(|l| l.strip_prefix("id = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let a_cps: Vec<&String> = cps
+        .iter()
+        .filter(|c| c.starts_with(&format!("vmkeep.{a_id}.")))
+        .collect();
+    assert_eq!(a_cps.len(), 1, "{cps:?}");
+    for cp in a_cps {
+        virsh(&["checkpoint-delete", &vm.name, cp]);
+    }
+    vm.guest_write(0, 0x40, "12M", "64k");
+    b.ok(&["backup", &vm.name]);
+    assert_eq!(newest(&b, &vm.name, "vda").0, "incr");
+    a.ok(&["backup", &vm.name]);
+    assert_eq!(newest(&a, &vm.name, "vda").0, "diff");
+}
+
+#[cfg(feature = "fault-injection")]
+mod failures {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// Start a backup that pauses after the libvirt job began, do `act`, and return its
+    /// output.
+    fn interrupted(env: &Env, vm: &TestVm, act: impl FnOnce()) -> std::process::Output {
+        let mark = env.path("paused");
+        let child = env
+            .std_cmd(&["backup", &vm.name])
+            .env("VMKEEP_FAULT_PAUSE", "after-backup-begin:4")
+            .env("VMKEEP_FAULT_PAUSE_MARK", &mark)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !mark.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the backup never reached the pause"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        act();
+        child.wait_with_output().unwrap()
+    }
+
+    fn assert_clean_failure(
+        env: &Env,
+        vm: &TestVm,
+        out: &std::process::Output,
+        before: usize,
+        needle: &str,
+    ) {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(needle), "{err}");
+        assert_eq!(
+            env.generations(&vm.name).len(),
+            before,
+            "no generation was added"
+        );
+        env.ok(&["check", &vm.name, "--deep"]);
+        for d in ["run", "scratch"] {
+            let left: Vec<_> = std::fs::read_dir(env.path(d)).unwrap().collect();
+            assert!(left.is_empty(), "{d}: {left:?}");
+        }
+        if virsh(&["domstate", &vm.name]).contains("running") {
+            assert!(
+                !virsh(&["domjobinfo", &vm.name]).contains("Backup"),
+                "no backup job is left"
+            );
+        }
+    }
+
+    #[test]
+    fn job_aborted_from_outside_fails_the_run() {
+        let vm = TestVm::start("abort", &[("vda", "qcow2", 32)]);
+        let env = live_env();
+        vm.guest_write(0, 0x11, "0", "1M");
+        env.ok(&["backup", &vm.name]);
+        vm.guest_write(0, 0x22, "0", "64k");
+        let out = interrupted(&env, &vm, || {
+            virsh(&["domjobabort", &vm.name]);
+        });
+        assert_clean_failure(&env, &vm, &out, 1, "backup job");
+        // The next run works.
+        env.ok(&["backup", &vm.name]);
+        assert!(
+            std::fs::read(env.repo().join(&vm.name).join("latest/vda.raw")).unwrap()
+                == disk_now(&vm, "vda")
+        );
+    }
+
+    #[test]
+    fn domain_destroyed_mid_backup_fails_the_run() {
+        let vm = TestVm::start("destroy", &[("vda", "qcow2", 32)]);
+        let env = live_env();
+        vm.guest_write(0, 0x11, "0", "1M");
+        env.ok(&["backup", &vm.name]);
+        let out = interrupted(&env, &vm, || {
+            virsh(&["destroy", &vm.name]);
+        });
+        assert_clean_failure(&env, &vm, &out, 1, "backup job");
+    }
+}
