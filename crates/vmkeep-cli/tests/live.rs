@@ -7,6 +7,7 @@
 
 mod common;
 #[path = "../../vmkeep/tests/support/libvirt.rs"]
+#[allow(dead_code)]
 mod lv;
 
 use common::*;
