@@ -1,54 +1,94 @@
 #!/usr/bin/env bash
-# Set up a fresh Debian machine (as root), build and install vmkeep, and run its main job
-# on a demo disk: several generations (full, diff, incr), a restore, a deep check and the
-# status table. Everything lives under $DEMO_DIR (default /var/tmp/vmkeep-demo).
+# Set up a fresh Debian machine (as root) and run vmkeep's main job on a demo VM:
+# a throwaway libvirt domain (no OS needed) backed up live, guest writes, an incremental
+# backup from the checkpoint's dirty bitmap, a generation restored as a new VM and
+# compared, a deep check and the status table. The domains are removed at the end; the
+# repository stays in $DEMO_DIR (default /var/tmp/vmkeep-demo) for a look around.
 source "$(dirname "$0")/lib.sh"
 as_root
 ensure_packages "${BASE_PACKAGES[@]}"
 ensure_cargo
+ensure_libvirtd
 cd "$REPO_ROOT"
-log "building vmkeep (release)"
+log "building and installing vmkeep (release)"
 cargo build --release --locked -p vmkeep-cli
-install -m 0755 target/release/vmkeep /usr/local/bin/vmkeep
+install_vmkeep target/release/vmkeep
 
 DEMO_DIR=${DEMO_DIR:-/var/tmp/vmkeep-demo}
+DOM=vmkeep-demo-$$
+COPY=$DOM-restored
 rm -rf "$DEMO_DIR"
 mkdir -p "$DEMO_DIR"
-export VMKEEP_REPO=$DEMO_DIR/repo
-disk=$DEMO_DIR/demo-vda.raw
+chmod 0711 "$DEMO_DIR" # QEMU (libvirt-qemu) must reach the disks inside
+export VMKEEP_REPO=$DEMO_DIR/repo VMKEEP_CONFIG=$DEMO_DIR/vmkeep.toml
+cat >"$VMKEEP_CONFIG" <<EOF
+repository = "$VMKEEP_REPO"
+connect = "qemu:///system"
+EOF
 vk() { echo "+ vmkeep $*" >&2; vmkeep "$@"; }
+cleanup() {
+    for d in "$DOM" "$COPY"; do
+        virsh -q destroy "$d" >/dev/null 2>&1 || true
+        virsh -q undefine "$d" --checkpoints-metadata >/dev/null 2>&1 || true
+    done
+    rm -f "$DEMO_DIR"/*.qcow2 "$DEMO_DIR"/*.raw
+}
+trap cleanup EXIT
 
-log "a 256 MiB demo disk: data, text and holes"
-truncate -s 256M "$disk"
-dd if=/dev/urandom of="$disk" bs=1M count=32 seek=16 conv=notrunc status=none
-{ yes "vmkeep demo text" || true; } | head -c $((16 << 20)) | dd of="$disk" bs=1M seek=100 conv=notrunc status=none
+log "a throwaway VM: $DOM (TCG, no OS, one 256 MiB qcow2 disk)"
+qemu-img create -q -f qcow2 "$DEMO_DIR/$DOM-vda.qcow2" 256M
+cat >"$DEMO_DIR/$DOM.xml" <<EOF
+<domain type='qemu'>
+  <name>$DOM</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source file='$DEMO_DIR/$DOM-vda.qcow2'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <interface type='user'><model type='virtio'/></interface>
+  </devices>
+</domain>
+EOF
+virsh -q define "$DEMO_DIR/$DOM.xml" >/dev/null
+virsh -q start "$DOM" >/dev/null
+
+guest_write() { # PATTERN OFFSET LENGTH: what the guest's own writes look like to QEMU
+    virsh -q qemu-monitor-command "$DOM" --hmp \
+        "qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend \"write -P $1 $2 $3\"" >/dev/null
+}
+flush() {
+    virsh -q qemu-monitor-command "$DOM" --hmp \
+        "qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend flush" >/dev/null
+}
 
 vk init
-vk backup demo --disk vda="$disk"
-cp --sparse=always "$disk" "$DEMO_DIR/at-generation-0.raw"
+log "the guest writes 32 MiB; the first backup is full (a pull-mode backup job, live)"
+guest_write 0x11 16M 32M
+vk backup "$DOM"
+flush
+qemu-img convert -U -O raw "$DEMO_DIR/$DOM-vda.qcow2" "$DEMO_DIR/at-first-backup.raw"
 
-log "the guest writes (scattered 4 KiB blocks); a diff backup reads all, stores the changes"
-for i in $(seq 1 40); do
-    dd if=/dev/urandom of="$disk" bs=4k count=1 seek=$((RANDOM * 2 % 65536)) conv=notrunc status=none
-done
-vk backup demo --disk vda="$disk"
-
-log "a changed-block tracker names what changed; an incr backup reads only that"
-: >"$DEMO_DIR/changed.txt"
-for i in $(seq 1 10); do
-    off=$(( (RANDOM % 60000) * 4096 ))
-    dd if=/dev/urandom of="$disk" bs=4k count=1 seek=$((off / 4096)) conv=notrunc status=none
-    echo "$off 4096" >>"$DEMO_DIR/changed.txt"
-done
-vk backup demo --disk vda="$disk" --changed-blocks vda="$DEMO_DIR/changed.txt" --mode incr
+log "the guest writes 1 MiB here and there; the next backup reads only what the dirty bitmap names"
+guest_write 0x22 100M 512k
+guest_write 0x33 200M 512k
+vk backup "$DOM"
+virsh -q checkpoint-list "$DOM" --name | sed 's/^/checkpoint kept for the next run: /'
 
 log "the newest generation is a plain raw image"
-cmp "$disk" "$VMKEEP_REPO/demo/latest/vda.raw" && echo "latest/vda.raw equals the disk"
+flush
+qemu-img convert -U -O raw "$DEMO_DIR/$DOM-vda.qcow2" "$DEMO_DIR/now.raw"
+cmp "$DEMO_DIR/now.raw" "$VMKEEP_REPO/$DOM/latest/vda.raw" && echo "latest/vda.raw equals the running VM's disk"
 
-log "restore the oldest generation and compare"
-vk restore demo --generation 2 --disk vda --to "$DEMO_DIR/restored-0.raw"
-cmp "$DEMO_DIR/at-generation-0.raw" "$DEMO_DIR/restored-0.raw" && echo "generation 2 (the first backup) restored bit for bit"
+log "restore the first generation as a new VM and start it"
+vk restore "$DOM" --generation 1 --as-vm "$COPY" --disk-dir "$DEMO_DIR" --start
+qemu-img compare -q -U "$DEMO_DIR/at-first-backup.raw" "$DEMO_DIR/$COPY-vda.qcow2" &&
+    echo "$COPY's disk equals $DOM's disk at the first backup"
+virsh -q domstate "$COPY" | sed "s/^/$COPY is /"
 
-vk check demo --deep
-vk status demo
-log "done: repository in $VMKEEP_REPO"
+vk check "$DOM" --deep
+vk status "$DOM"
+log "done: the demo VMs are removed; the repository stays in $VMKEEP_REPO"

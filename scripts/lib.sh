@@ -64,3 +64,14 @@ ensure_libvirtd() {
     echo "libvirtd did not start" >&2
     exit 1
 }
+
+# Install the binary, its shell completions and man pages.
+install_vmkeep() {
+    install -m 0755 "$1" /usr/local/bin/vmkeep
+    mkdir -p /usr/share/bash-completion/completions /usr/share/zsh/vendor-completions \
+        /usr/share/fish/vendor_completions.d /usr/local/share/man/man1
+    vmkeep completions bash >/usr/share/bash-completion/completions/vmkeep
+    vmkeep completions zsh >/usr/share/zsh/vendor-completions/_vmkeep
+    vmkeep completions fish >/usr/share/fish/vendor_completions.d/vmkeep.fish
+    vmkeep manpages /usr/local/share/man/man1
+}
