@@ -71,6 +71,11 @@ pub enum Command {
     /// Print any archive file in human-readable form
     #[command(after_help = "Example:\n  vmkeep print /backup/vmkeep/web1/latest/vda.digest")]
     Print(PrintArgs),
+    /// List a VM's vmkeep checkpoints (libvirt) and whose they are; remove orphaned ones
+    #[command(
+        after_help = "Examples:\n  vmkeep checkpoints web1\n  vmkeep checkpoints web1 --remove-orphans"
+    )]
+    Checkpoints(CheckpointsArgs),
     /// Protect a generation from prune, or lift the protection
     #[command(after_help = "Example:\n  vmkeep protect web1 --generation 0")]
     Protect(ProtectArgs),
@@ -266,6 +271,18 @@ pub struct MergeArgs {
 #[derive(Debug, Args)]
 pub struct PrintArgs {
     pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckpointsArgs {
+    pub vm: String,
+    /// Delete checkpoints whose repository is gone, and this repository's that no
+    /// generation needs
+    #[arg(long)]
+    pub remove_orphans: bool,
+    /// libvirt connection URI
+    #[arg(long, value_name = "URI")]
+    pub connect: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -12,6 +12,7 @@ pub const DEFAULT_PATH: &str = "/etc/vmkeep/vmkeep.toml";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
 pub struct Config {
     /// Repository folder.
     pub repository: Option<PathBuf>,
@@ -39,6 +40,7 @@ pub struct Config {
 
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
 pub struct VmConfig {
     /// Disks read from files, devices or NBD URIs instead of libvirt: name = source.
     #[serde(default)]

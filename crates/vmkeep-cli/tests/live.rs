@@ -382,6 +382,23 @@ fn two_repositories_keep_independent_incremental_chains() {
     assert_eq!(newest(&b, &vm.name, "vda").0, "incr");
     a.ok(&["backup", &vm.name]);
     assert_eq!(newest(&a, &vm.name, "vda").0, "diff");
+
+    // A chain that outlives its repository is found and removed by the other one.
+    let out = b.ok(&["checkpoints", &vm.name]);
+    assert!(
+        out.contains("this repository's") && out.contains("another branch"),
+        "{out}"
+    );
+    std::fs::remove_dir_all(a.repo()).unwrap();
+    let out = b.ok(&["checkpoints", &vm.name]);
+    assert!(out.contains("orphan: repository"), "{out}");
+    b.ok(&["checkpoints", &vm.name, "--remove-orphans"]);
+    let left = checkpoints(&vm.name);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(!left[0].contains(&a_id), "{left:?}");
+    vm.guest_write(0, 0x41, "14M", "64k");
+    b.ok(&["backup", &vm.name]);
+    assert_eq!(newest(&b, &vm.name, "vda").0, "incr");
 }
 
 #[cfg(feature = "fault-injection")]

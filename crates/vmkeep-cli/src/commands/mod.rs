@@ -2,6 +2,7 @@
 
 mod backup;
 mod check;
+mod checkpoints;
 mod init;
 mod manpages;
 mod merge;
@@ -55,6 +56,7 @@ impl Ctx {
     }
 
     /// The libvirt URI: the flag, else the config file, else qemu:///system.
+    #[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
     pub fn connect_uri(&self, flag: Option<&str>) -> String {
         flag.map(str::to_string)
             .or_else(|| self.config.connect.clone())
@@ -116,6 +118,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Prune(a) => prune::run(&ctx, a),
         Command::Merge(a) => merge::run(&ctx, a),
         Command::Print(a) => print::run(&ctx, a),
+        Command::Checkpoints(a) => checkpoints::run(&ctx, a),
         Command::Protect(a) => protect::run(&ctx, a),
         Command::Serve(a) => serve::run(&ctx, a),
         Command::Manpages(a) => manpages::run(a),

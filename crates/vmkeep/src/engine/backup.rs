@@ -161,6 +161,11 @@ impl BackupRun {
         self.prev.as_ref()
     }
 
+    /// The repository folder.
+    pub fn repository(&self) -> &Path {
+        self.vm_dir.parent().unwrap_or(Path::new("."))
+    }
+
     pub fn recovered(&self) -> &[String] {
         &self.recovered
     }

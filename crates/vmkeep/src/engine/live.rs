@@ -196,6 +196,7 @@ fn backup_running(
         scratch_dir: &scratch_dir,
         checkpoint: Some(new_checkpoint),
         incremental_from: basis,
+        checkpoint_description: Some(&description(run.repository())),
     };
     for base in [&live.run_dir, &live.scratch_dir] {
         traversable_base(base)?;
@@ -295,7 +296,7 @@ fn backup_shut_off(
     // The VM is off, so nothing writes between this checkpoint and the read below; writes
     // after it (the VM started meanwhile) land in the new bitmap and the next run.
     if !qcow2.is_empty() {
-        match dom.create_checkpoint(new_checkpoint, &qcow2) {
+        match dom.create_checkpoint_with(new_checkpoint, Some(&description(run.repository())), &qcow2) {
             Ok(_) => opts.checkpoint = Some(new_checkpoint.to_string()),
             Err(e) => progress.warn(&format!("VM {}: cannot create checkpoint {new_checkpoint} ({e}); the next run will be a diff", dom.name())),
         }
@@ -430,4 +431,80 @@ impl Drop for RemoveDirs {
             let _ = std::fs::remove_dir_all(d);
         }
     }
+}
+
+/// The description vmkeep gives its checkpoints: which repository made them, so that a
+/// chain that outlives its repository can be recognised.
+fn description(repo: &std::path::Path) -> String {
+    let abs = repo.canonicalize().unwrap_or_else(|_| repo.to_path_buf());
+    format!("vmkeep repository {}", abs.display())
+}
+
+/// One vmkeep checkpoint of a VM, and whose it is.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BranchCheckpoint {
+    pub name: String,
+    /// The repository id in the name.
+    pub repository_id: String,
+    /// The repository folder the checkpoint's description names, if any.
+    pub repository: Option<PathBuf>,
+    /// "this", "other" (a live repository elsewhere), "orphan" (its repository is gone, or
+    /// it is this repository's but no generation needs it) or "unknown" (no description).
+    pub owner: String,
+}
+
+/// Every `vmkeep.*` checkpoint of `dom`, classified against `repo`.
+pub fn branch_checkpoints(repo: &Repository, dom: &Domain) -> Result<Vec<BranchCheckpoint>> {
+    let archive = repo.vm(dom.name()).ok();
+    let needed = archive.as_ref().and_then(|a| {
+        let id = a.generation_ids().ok()?.pop()?;
+        a.generation(&id).ok()?.profile.checkpoint
+    });
+    let mut out = Vec::new();
+    for cp in dom.list_checkpoints()? {
+        let Some(rest) = cp.name.strip_prefix("vmkeep.") else {
+            continue;
+        };
+        let repository_id = rest.split('.').next().unwrap_or("").to_string();
+        let repository = cp
+            .description
+            .as_deref()
+            .and_then(|d| d.strip_prefix("vmkeep repository "))
+            .map(PathBuf::from);
+        let owner = if repository_id == repo.profile.id {
+            if needed.as_deref() == Some(cp.name.as_str()) {
+                "this"
+            } else {
+                "orphan"
+            }
+        } else {
+            match &repository {
+                None => "unknown",
+                Some(path) => match Repository::open(path) {
+                    Ok(other) if other.profile.id == repository_id => "other",
+                    _ => "orphan",
+                },
+            }
+        };
+        out.push(BranchCheckpoint {
+            name: cp.name,
+            repository_id,
+            repository,
+            owner: owner.to_string(),
+        });
+    }
+    Ok(out)
+}
+
+/// Delete the orphaned vmkeep checkpoints of `dom`; returns their names.
+pub fn remove_orphans(repo: &Repository, dom: &Domain) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for cp in branch_checkpoints(repo, dom)?
+        .into_iter()
+        .filter(|c| c.owner == "orphan")
+    {
+        dom.delete_checkpoint(&cp.name, CheckpointDelete::default())?;
+        removed.push(cp.name);
+    }
+    Ok(removed)
 }

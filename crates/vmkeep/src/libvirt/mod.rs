@@ -469,7 +469,9 @@ impl Domain {
             .collect();
         // A checkpoint over no disk would be metadata tracking nothing.
         let checkpoint = plan.checkpoint.filter(|_| !tracked.is_empty());
-        let checkpoint_xml = checkpoint.map(|name| xml::checkpoint_xml(name, &tracked, &untracked));
+        let checkpoint_xml = checkpoint.map(|name| {
+            xml::checkpoint_xml(name, plan.checkpoint_description, &tracked, &untracked)
+        });
         ffi::backup_begin(&self.dom, &backup_xml, checkpoint_xml.as_deref(), 0)
             .map_err(|e| self.err(backup_begin_failure(&e.message, live.qemu_ids)))?;
         let mut backup = PullBackup {
@@ -623,6 +625,16 @@ impl Domain {
     /// Create a checkpoint outside a backup, tracking `disks` (all qcow2 disks when
     /// empty). Needs a running VM.
     pub fn create_checkpoint(&self, name: &str, disks: &[&str]) -> Result<CheckpointInfo> {
+        self.create_checkpoint_with(name, None, disks)
+    }
+
+    /// [`Domain::create_checkpoint`] with a description.
+    pub fn create_checkpoint_with(
+        &self,
+        name: &str,
+        description: Option<&str>,
+        disks: &[&str],
+    ) -> Result<CheckpointInfo> {
         let live = xml::parse_domain(&self.live_xml()?)?;
         let tracked: Vec<&str> = live
             .disks
@@ -639,7 +651,7 @@ impl Domain {
             .map(|d| d.target.as_str())
             .filter(|t| !tracked.contains(t))
             .collect();
-        let text = xml::checkpoint_xml(name, &tracked, &untracked);
+        let text = xml::checkpoint_xml(name, description, &tracked, &untracked);
         let handle = ffi::checkpoint_create_xml(&self.dom, &text, 0)
             .map_err(|e| self.err(format!("cannot create checkpoint '{name}': {e}")))?;
         xml::parse_checkpoint(
@@ -748,6 +760,8 @@ pub struct BackupPlan<'a> {
     /// Export only what changed since this checkpoint: each disk it tracks offers the
     /// dirty bitmap; disks it does not track (added since) are exported in full.
     pub incremental_from: Option<&'a str>,
+    /// Description of the new checkpoint (vmkeep names its repository there).
+    pub checkpoint_description: Option<&'a str>,
 }
 
 /// A disk of a running pull backup.

@@ -275,9 +275,17 @@ pub fn backup_xml(socket: &Path, disks: &[BackupDiskSpec], other_disks: &[&str])
 /// The `<domaincheckpoint>` document: a bitmap on each of `tracked`, `checkpoint='no'` on
 /// `untracked`. libvirt 9.0 has no way to choose the bitmap granularity (QEMU picks it
 /// from the cluster size, 64 KiB for default qcow2).
-pub fn checkpoint_xml(name: &str, tracked: &[&str], untracked: &[&str]) -> String {
+pub fn checkpoint_xml(
+    name: &str,
+    description: Option<&str>,
+    tracked: &[&str],
+    untracked: &[&str],
+) -> String {
     let mut xml = String::from("<domaincheckpoint>\n");
     let _ = writeln!(xml, "  <name>{}</name>", escape(name));
+    if let Some(d) = description {
+        let _ = writeln!(xml, "  <description>{}</description>", escape(d));
+    }
     xml.push_str("  <disks>\n");
     for disk in tracked {
         let _ = writeln!(
@@ -353,6 +361,8 @@ pub struct CheckpointInfo {
     pub creation_time: Option<i64>,
     /// Disks with a bitmap, as (disk target, bitmap name).
     pub disks: Vec<(String, String)>,
+    /// Free text; vmkeep writes the repository that made the checkpoint.
+    pub description: Option<String>,
 }
 
 /// Parse `virDomainCheckpointGetXMLDesc` output.
@@ -379,6 +389,7 @@ pub fn parse_checkpoint(xml: &str) -> Result<CheckpointInfo> {
     Ok(CheckpointInfo {
         parent: child(root, "parent").and_then(|p| child_text(p, "name")),
         creation_time: child_text(root, "creationTime").and_then(|t| t.parse().ok()),
+        description: child_text(root, "description"),
         disks,
         name,
     })
@@ -750,7 +761,7 @@ mod tests {
 
     #[test]
     fn checkpoint_xml_tracks_only_the_named_disks() {
-        let xml = checkpoint_xml("g2", &["vda"], &["vdb"]);
+        let xml = checkpoint_xml("g2", None, &["vda"], &["vdb"]);
         let doc = Document::parse(&xml).unwrap();
         assert_eq!(
             child_text(doc.root_element(), "name").as_deref(),
