@@ -23,6 +23,8 @@ pub struct GenerationStatus {
     pub mode: String,
     pub duration_secs: f64,
     pub protected: bool,
+    /// libvirt checkpoint made with this generation (this repository's branch).
+    pub checkpoint: Option<String>,
     pub disks: Vec<DiskStatus>,
 }
 
@@ -51,6 +53,7 @@ pub fn vm_status(repo: &Repository, name: &str) -> Result<VmStatus> {
             mode: g.profile.mode,
             duration_secs: g.profile.duration_secs,
             protected: g.profile.protected,
+            checkpoint: g.profile.checkpoint,
             disks: g
                 .profile
                 .disks
