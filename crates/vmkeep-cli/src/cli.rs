@@ -195,6 +195,10 @@ pub struct RestoreArgs {
     /// Use network NEW where the saved VM used OLD: OLD=NEW
     #[arg(long = "network", value_name = "OLD=NEW", requires = "as_vm")]
     pub networks: Vec<String>,
+    /// Boot the new VM at once from qcow2 overlays over an NBD export of the archive
+    /// (instant recovery; `vmkeep serve` keeps running in the background)
+    #[arg(long, requires = "as_vm")]
+    pub instant: bool,
     /// libvirt connection URI
     #[arg(long, value_name = "URI")]
     pub connect: Option<String>,
@@ -222,6 +226,9 @@ pub struct ServeArgs {
     /// Close a connection after this many seconds without a request (0: never)
     #[arg(long, value_name = "SECONDS", default_value_t = 900)]
     pub idle_timeout: u64,
+    /// Make the socket 0660 with this group (name or id) so that, say, QEMU can connect
+    #[arg(long, value_name = "GROUP", requires = "socket")]
+    pub socket_group: Option<String>,
 }
 
 #[derive(Debug, Args)]

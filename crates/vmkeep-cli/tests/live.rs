@@ -323,6 +323,86 @@ fn restore_as_a_new_vm() {
 }
 
 #[test]
+fn instant_recovery_boots_from_the_archive_and_blockpull_makes_it_permanent() {
+    let vm = TestVm::start("instant", &[("vda", "qcow2", 32)]);
+    let env = live_env();
+    vm.guest_write(0, 0x11, "1M", "2M");
+    env.ok(&["backup", &vm.name]);
+    let gen0 = disk_now(&vm, "vda");
+    vm.guest_write(0, 0x22, "1M", "64k");
+    env.ok(&["backup", &vm.name]);
+    let new = format!("{}-instant", vm.name);
+    let _guard = lv::Undefine(new.clone());
+    let dir = env.path("disks");
+    std::fs::create_dir(&dir).unwrap();
+    lv::set_mode(&dir, 0o755);
+    let out = env.ok(&[
+        "restore",
+        &vm.name,
+        "-g",
+        "1",
+        "--as-vm",
+        &new,
+        "--instant",
+        "--disk-dir",
+        dir.to_str().unwrap(),
+        "--start",
+    ]);
+    let pid: u32 = out
+        .split("(pid ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    struct Kill(u32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on the server this test started.
+            unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
+        }
+    }
+    let _server = Kill(pid);
+    assert!(virsh(&["domstate", &new]).contains("running"));
+    let overlay = dir.join(format!("{new}-vda.qcow2"));
+    let info = lv::run(
+        std::process::Command::new("qemu-img")
+            .args(["info", "-U"])
+            .arg(&overlay),
+    );
+    assert!(
+        info.contains("backing file: nbd+unix:///vda?socket="),
+        "{info}"
+    );
+    // Reading the overlay chain reads the generation from the archive.
+    let through = lv::read_all(overlay.to_str().unwrap(), "qcow2", &vm.path("through.raw"));
+    assert!(through == gen0, "the instant VM's disk is the generation");
+    virsh(&["blockpull", &new, "vda", "--wait"]);
+    let info = lv::run(
+        std::process::Command::new("qemu-img")
+            .args(["info", "-U"])
+            .arg(&overlay),
+    );
+    assert!(
+        !info.contains("backing file"),
+        "blockpull left a backing file: {info}"
+    );
+    drop(_server);
+    // QEMU keeps the overlay's new metadata in memory until it flushes.
+    virsh(&[
+        "qemu-monitor-command",
+        &new,
+        "--hmp",
+        "qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend flush",
+    ]);
+    let pulled = lv::read_all(overlay.to_str().unwrap(), "qcow2", &vm.path("pulled.raw"));
+    assert!(
+        pulled == gen0,
+        "after blockpull the disk no longer needs the archive"
+    );
+}
+
+#[test]
 fn two_repositories_keep_independent_incremental_chains() {
     let vm = TestVm::start("branch", &[("vda", "qcow2", 32)]);
     let a = live_env();

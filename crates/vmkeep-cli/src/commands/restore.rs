@@ -110,13 +110,19 @@ fn as_vm(ctx: &Ctx, repo: &Repository, a: &RestoreArgs, new_name: &str) -> Resul
         .unwrap_or_else(|| std::path::PathBuf::from("/var/lib/libvirt/images"));
     std::fs::create_dir_all(&dir).map_err(|e| vmkeep::Error::io(&dir, e))?;
     let mut disks = BTreeMap::new();
+    // Instant recovery boots from qcow2 overlays whatever --format says.
+    let format = if a.instant {
+        "qcow2".to_string()
+    } else {
+        a.format.clone()
+    };
     for d in &gen.profile.disks {
-        let path = dir.join(format!("{new_name}-{}.{}", d.name, a.format));
+        let path = dir.join(format!("{new_name}-{}.{format}", d.name));
         disks.insert(
             d.name.clone(),
             NewDisk {
                 path,
-                format: a.format.clone(),
+                format: format.clone(),
                 block: false,
             },
         );
@@ -153,6 +159,9 @@ fn as_vm(ctx: &Ctx, repo: &Repository, a: &RestoreArgs, new_name: &str) -> Resul
         n = n.wrapping_add(1);
         [0, 0, n]
     })?;
+    if a.instant {
+        return instant(ctx, repo, a, &id, gen, spec, &saved, &hv);
+    }
     for d in &gen.profile.disks {
         let path = &spec.disks[&d.name].path;
         if path.exists() && !a.replace {
@@ -184,4 +193,168 @@ fn as_vm(ctx: &Ctx, repo: &Repository, a: &RestoreArgs, new_name: &str) -> Resul
 #[cfg(not(feature = "libvirt"))]
 fn as_vm(_ctx: &Ctx, _repo: &Repository, _a: &RestoreArgs, _new_name: &str) -> Result<i32> {
     Err(super::no_libvirt().into())
+}
+
+/// Instant recovery: `vmkeep serve` in the background exports the generation; each new
+/// disk is a qcow2 overlay whose backing file is that export, so the VM boots at once and
+/// reads what it has not written from the archive. Its writes stay in the overlays.
+#[cfg(feature = "libvirt")]
+#[allow(clippy::too_many_arguments)]
+fn instant(
+    ctx: &Ctx,
+    repo: &Repository,
+    a: &RestoreArgs,
+    id: &str,
+    gen: &vmkeep::archive::Generation,
+    spec: vmkeep::libvirt::CopySpec,
+    saved: &str,
+    hv: &vmkeep::libvirt::Hypervisor,
+) -> Result<i32> {
+    let new_name = &spec.new_name;
+    let (socket, log, mut child) = start_server(ctx, repo, &a.vm, id, new_name)?;
+    let stop = |child: &mut std::process::Child| {
+        let _ = child.kill();
+        let _ = child.wait();
+    };
+    for d in &gen.profile.disks {
+        let overlay = &spec.disks[&d.name].path;
+        if overlay.exists() && !a.replace {
+            stop(&mut child);
+            return Err(Error::usage(format!(
+                "{} exists (remove it, or use --replace)",
+                overlay.display()
+            ))
+            .into());
+        }
+        let _ = std::fs::remove_file(overlay);
+        let backing = format!("nbd+unix:///{}?socket={}", d.name, socket.display());
+        let out = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing])
+            .arg(overlay)
+            .output()?;
+        if !out.status.success() {
+            stop(&mut child);
+            return Err(Error::source(
+                "qemu-img create",
+                String::from_utf8_lossy(&out.stderr).trim(),
+            )
+            .into());
+        }
+    }
+    let dom = match hv.define_copy(saved, &spec) {
+        Ok(d) => d,
+        Err(e) => {
+            stop(&mut child);
+            return Err(e.into());
+        }
+    };
+    ctx.say(format!(
+        "VM {new_name} defined on overlays over generation {id} of {} (UUID {})",
+        a.vm,
+        dom.uuid()?
+    ));
+    if a.start {
+        dom.start()?;
+        ctx.say(format!("VM {new_name} started"));
+    }
+    let pid = child.id();
+    ctx.say(format!(
+        "vmkeep serve (pid {pid}) exports the generation on {} (log: {})",
+        socket.display(),
+        log.display()
+    ));
+    ctx.say("The VM's unwritten data stays in the archive. To make the copy permanent:");
+    for d in &gen.profile.disks {
+        ctx.say(format!(
+            "  virsh blockpull {new_name} {} --wait --verbose",
+            d.name
+        ));
+    }
+    ctx.say(format!(
+        "  kill {pid}    # once every blockpull has finished, or the VM is gone"
+    ));
+    ctx.say("  (or, shut off: qemu-img convert -O qcow2 OVERLAY FULL.qcow2 and point the VM at FULL.qcow2)");
+    Ok(0)
+}
+
+/// Start `vmkeep serve` for generation `id` of `vm`, detached, on a socket QEMU may use;
+/// returns the socket, the server's log file and the process.
+#[cfg(feature = "libvirt")]
+fn start_server(
+    ctx: &Ctx,
+    repo: &Repository,
+    vm: &str,
+    id: &str,
+    new_name: &str,
+) -> Result<(std::path::PathBuf, std::path::PathBuf, std::process::Child)> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    use std::os::unix::process::CommandExt;
+
+    let gid = super::serve::group_id("libvirt-qemu").or_else(|_| super::serve::group_id("qemu"))?;
+    let base = ctx
+        .config
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| "/run/vmkeep".into());
+    let io = |p: &std::path::Path, e| vmkeep::Error::io(p, e);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(&base)
+        .map_err(|e| io(&base, e))?;
+    let tag = blake3::hash(format!("{}/{new_name}", repo.root().display()).as_bytes()).to_hex()
+        [..12]
+        .to_string();
+    // Root-owned, QEMU's group may enter (to connect), nobody else.
+    let run = base.join(format!("instant-{tag}"));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o750)
+        .create(&run)
+        .map_err(|e| io(&run, e))?;
+    std::os::unix::fs::chown(&run, None, Some(gid)).map_err(|e| io(&run, e))?;
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o750))
+        .map_err(|e| io(&run, e))?;
+    let socket = run.join("nbd.sock");
+    let log = run.join("serve.log");
+    let log_file = std::fs::File::create(&log).map_err(|e| io(&log, e))?;
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("--repo")
+        .arg(repo.root())
+        .args(["serve", vm, "-g", id, "--idle-timeout", "0"]);
+    cmd.arg("--socket-group")
+        .arg(gid.to_string())
+        .arg("--socket")
+        .arg(&socket);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file);
+    // SAFETY: setsid() is async-signal-safe and touches no memory; it detaches the server
+    // from this terminal's session so that it outlives this command.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        if let Some(status) = child.try_wait()? {
+            let msg = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(Error::source(
+                "vmkeep serve",
+                format!("exited ({status}): {}", msg.trim()),
+            )
+            .into());
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(
+                Error::source("vmkeep serve", "did not start listening within 20 s").into(),
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok((socket, log, child))
 }

@@ -29,6 +29,7 @@ pub fn run(ctx: &Ctx, a: ServeArgs) -> Result<i32> {
         .collect();
     let config = ServerConfig {
         idle_timeout: (a.idle_timeout > 0).then(|| Duration::from_secs(a.idle_timeout)),
+        socket_group: a.socket_group.as_deref().map(group_id).transpose()?,
         ..ServerConfig::default()
     };
     let server = Server::bind(&listen, exports, config)?;
@@ -133,4 +134,21 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
             return sig;
         }
     }
+}
+
+/// A group given by name or number.
+pub fn group_id(group: &str) -> Result<u32, Error> {
+    if let Ok(n) = group.parse() {
+        return Ok(n);
+    }
+    let name = std::ffi::CString::new(group)
+        .map_err(|_| Error::usage(format!("bad group name {group:?}")))?;
+    // SAFETY: getgrnam takes a NUL-terminated string we own for the call and returns a
+    // pointer to static storage (or NULL) that we read once, before any other call.
+    let gr = unsafe { libc::getgrnam(name.as_ptr()) };
+    if gr.is_null() {
+        return Err(Error::usage(format!("unknown group {group:?}")));
+    }
+    // SAFETY: non-NULL pointer to a valid `struct group` (see above).
+    Ok(unsafe { (*gr).gr_gid })
 }

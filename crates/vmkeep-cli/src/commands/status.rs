@@ -74,7 +74,9 @@ pub fn table(vm: &VmStatus) -> String {
         ));
     }
     if let Some(cp) = vm.generations.first().and_then(|g| g.checkpoint.as_ref()) {
-        out.push_str(&format!("libvirt checkpoint of this repository: {cp} (the next backup starts from it)\n"));
+        out.push_str(&format!(
+            "libvirt checkpoint of this repository: {cp} (the next backup starts from it)\n"
+        ));
     }
     if vm.interrupted {
         out.push_str(

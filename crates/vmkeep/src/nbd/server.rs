@@ -86,6 +86,9 @@ pub struct ServerConfig {
     pub write_timeout: Duration,
     /// At shutdown, how long requests in flight may take to finish.
     pub drain_timeout: Duration,
+    /// A unix socket is made 0660 with this group instead of 0600: QEMU (another user)
+    /// connects to it for instant recovery.
+    pub socket_group: Option<u32>,
 }
 
 impl Default for ServerConfig {
@@ -99,6 +102,7 @@ impl Default for ServerConfig {
             idle_timeout: Some(Duration::from_secs(15 * 60)),
             write_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(5),
+            socket_group: None,
         }
     }
 }
@@ -165,7 +169,7 @@ impl Server {
                 dup.name()
             )));
         }
-        let listener = Listener::bind(listen)?;
+        let listener = Listener::bind(listen, config.socket_group)?;
         let budget = Budget::new(config.max_buffered_bytes);
         Ok(Server {
             listener,

@@ -143,9 +143,9 @@ pub(crate) enum Listener {
 }
 
 impl Listener {
-    pub(crate) fn bind(listen: &Listen) -> Result<Listener> {
+    pub(crate) fn bind(listen: &Listen, group: Option<u32>) -> Result<Listener> {
         let l = match listen {
-            Listen::Unix(path) => bind_unix(path)?,
+            Listen::Unix(path) => bind_unix(path, group)?,
             Listen::Tcp(addrs) => {
                 let l = TcpListener::bind(&addrs[..])
                     .map_err(|e| Error::io_ctx(format!("listen on {}", addrs[0]), e))?;
@@ -215,7 +215,7 @@ impl Listener {
 /// Longest path a unix socket address holds (`sun_path` less its NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
-fn bind_unix(path: &Path) -> Result<Listener> {
+fn bind_unix(path: &Path, group: Option<u32>) -> Result<Listener> {
     clear_stale_socket(path)?;
     let dir = fsutil::parent(path);
     let private = dir.join(format!(".vmkeep-serve-{}", std::process::id()));
@@ -231,16 +231,21 @@ fn bind_unix(path: &Path) -> Result<Listener> {
         .mode(0o700)
         .create(&private)
         .at(&private)?;
-    let result = bind_private(&tmp, path);
+    let result = bind_private(&tmp, path, group);
     let _ = std::fs::remove_file(&tmp);
     let _ = std::fs::remove_dir(&private);
     result
 }
 
-/// Bind at `tmp` (inside a private folder), make it 0600, move it to `path`.
-fn bind_private(tmp: &Path, path: &Path) -> Result<Listener> {
+/// Bind at `tmp` (inside a private folder), make it 0600 (or 0660 for `group`), move it
+/// to `path`.
+fn bind_private(tmp: &Path, path: &Path, group: Option<u32>) -> Result<Listener> {
     let inner = UnixListener::bind(tmp).at(tmp)?;
-    std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o600)).at(tmp)?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(tmp, None, Some(gid)).at(tmp)?;
+    }
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode)).at(tmp)?;
     std::fs::rename(tmp, path).at(path)?;
     let m = std::fs::symlink_metadata(path).at(path)?;
     Ok(Listener::Unix {
@@ -345,12 +350,12 @@ mod tests {
     fn unix_socket_is_private_and_removed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nbd.sock");
-        let l = Listener::bind(&Listen::Unix(path.clone())).unwrap();
+        let l = Listener::bind(&Listen::Unix(path.clone()), None).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(UnixStream::connect(&path).is_ok());
         // A second server on the same path is refused while the first one lives.
-        assert!(Listener::bind(&Listen::Unix(path.clone())).is_err());
+        assert!(Listener::bind(&Listen::Unix(path.clone()), None).is_err());
         l.remove_socket();
         assert!(!path.exists());
         let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
@@ -362,10 +367,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nbd.sock");
         drop(UnixListener::bind(&path).unwrap()); // a dead server's leftover
-        let l = Listener::bind(&Listen::Unix(path.clone())).unwrap();
+        let l = Listener::bind(&Listen::Unix(path.clone()), None).unwrap();
         l.remove_socket();
         std::fs::write(&path, b"not a socket").unwrap();
-        assert!(Listener::bind(&Listen::Unix(path.clone())).is_err());
+        assert!(Listener::bind(&Listen::Unix(path.clone()), None).is_err());
         assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
     }
 }
