@@ -11,6 +11,7 @@ use cli::Cli;
 
 fn main() {
     let cli = Cli::parse();
+    vmkeep::interrupt::install();
     output::init_logging(cli.quiet, cli.verbose);
     let code = match commands::run(cli) {
         Ok(code) => code,

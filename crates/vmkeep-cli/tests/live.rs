@@ -13,6 +13,13 @@ mod lv;
 use common::*;
 use lv::{virsh, TestVm};
 
+/// Tests share libvirtd; the one that restarts it runs alone.
+static LIBVIRTD: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    LIBVIRTD.read().unwrap_or_else(|e| e.into_inner())
+}
+
 fn status(env: &Env, vm: &str) -> serde_json::Value {
     serde_json::from_str(&env.ok(&["status", vm, "--json"])).unwrap()
 }
@@ -87,6 +94,7 @@ fn checkpoints(vm: &str) -> Vec<String> {
 
 #[test]
 fn full_then_incremental_from_guest_writes() {
+    let _shared = shared();
     let vm = TestVm::start("incr", &[("vda", "qcow2", 64)]);
     let env = live_env();
     vm.guest_write(0, 0x11, "1M", "4M");
@@ -136,6 +144,7 @@ fn full_then_incremental_from_guest_writes() {
 
 #[test]
 fn lost_checkpoint_means_diff_not_a_second_full_copy() {
+    let _shared = shared();
     let vm = TestVm::start("lost", &[("vda", "qcow2", 64)]);
     let env = live_env();
     vm.guest_write(0, 0x11, "0", "8M");
@@ -181,6 +190,7 @@ fn lost_checkpoint_means_diff_not_a_second_full_copy() {
 
 #[test]
 fn a_disk_added_after_the_first_generation() {
+    let _shared = shared();
     let vm = TestVm::start("two", &[("vda", "qcow2", 32)]);
     let env = live_env();
     vm.guest_write(0, 0x11, "0", "1M");
@@ -236,6 +246,7 @@ fn a_disk_added_after_the_first_generation() {
 
 #[test]
 fn shut_off_domain_is_read_from_its_files() {
+    let _shared = shared();
     let vm = TestVm::start("off", &[("vda", "qcow2", 32)]);
     let env = live_env();
     vm.guest_write(0, 0x11, "0", "2M");
@@ -258,6 +269,7 @@ fn shut_off_domain_is_read_from_its_files() {
 
 #[test]
 fn restore_as_a_new_vm() {
+    let _shared = shared();
     let nic = "<interface type='user'><mac address='52:54:00:12:34:56'/><model type='virtio'/></interface>";
     let vm = TestVm::define("asvm", &[("vda", "qcow2", 32)], nic);
     virsh(&["start", &vm.name]);
@@ -324,6 +336,7 @@ fn restore_as_a_new_vm() {
 
 #[test]
 fn instant_recovery_boots_from_the_archive_and_blockpull_makes_it_permanent() {
+    let _shared = shared();
     let vm = TestVm::start("instant", &[("vda", "qcow2", 32)]);
     let env = live_env();
     vm.guest_write(0, 0x11, "1M", "2M");
@@ -404,6 +417,7 @@ fn instant_recovery_boots_from_the_archive_and_blockpull_makes_it_permanent() {
 
 #[test]
 fn two_repositories_keep_independent_incremental_chains() {
+    let _shared = shared();
     let vm = TestVm::start("branch", &[("vda", "qcow2", 32)]);
     let a = live_env();
     let b = live_env();
@@ -540,6 +554,7 @@ mod failures {
 
     #[test]
     fn job_aborted_from_outside_fails_the_run() {
+        let _shared = shared();
         let vm = TestVm::start("abort", &[("vda", "qcow2", 32)]);
         let env = live_env();
         vm.guest_write(0, 0x11, "0", "1M");
@@ -558,7 +573,54 @@ mod failures {
     }
 
     #[test]
+    fn libvirtd_restarted_mid_backup_fails_the_run_cleanly() {
+        let _exclusive = LIBVIRTD.write().unwrap_or_else(|e| e.into_inner());
+        let vm = TestVm::start("restart", &[("vda", "qcow2", 32)]);
+        let env = live_env();
+        vm.guest_write(0, 0x11, "0", "1M");
+        env.ok(&["backup", &vm.name]);
+        vm.guest_write(0, 0x22, "0", "64k");
+        let out = interrupted(&env, &vm, || {
+            let st = std::process::Command::new("pkill")
+                .args(["-x", "libvirtd"])
+                .status()
+                .unwrap();
+            assert!(st.success());
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while std::process::Command::new("pgrep")
+                .args(["-x", "libvirtd"])
+                .status()
+                .unwrap()
+                .success()
+            {
+                assert!(Instant::now() < deadline, "libvirtd did not stop");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let st = std::process::Command::new("libvirtd")
+                .arg("-d")
+                .status()
+                .unwrap();
+            assert!(st.success());
+            lv::ensure_libvirtd();
+            while !lv::virsh_quiet(&["domstate", &vm.name]) {
+                assert!(Instant::now() < deadline, "libvirtd did not come back");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        // vmkeep lost its connection in the middle: the run fails, and what it began (the
+        // job, the new checkpoint) is ended through a fresh connection.
+        assert_clean_failure(&env, &vm, &out, 1, &vm.name);
+        env.ok(&["backup", &vm.name]);
+        assert_eq!(newest(&env, &vm.name, "vda").0, "incr");
+        assert!(
+            std::fs::read(env.repo().join(&vm.name).join("latest/vda.raw")).unwrap()
+                == disk_now(&vm, "vda")
+        );
+    }
+
+    #[test]
     fn domain_destroyed_mid_backup_fails_the_run() {
+        let _shared = shared();
         let vm = TestVm::start("destroy", &[("vda", "qcow2", 32)]);
         let env = live_env();
         vm.guest_write(0, 0x11, "0", "1M");

@@ -24,6 +24,8 @@ pub enum ErrorKind {
     Busy,
     /// A file is in a format or version this build does not read (exit 1).
     Format,
+    /// SIGINT or SIGTERM stopped the command (exit 1).
+    Interrupted,
 }
 
 /// Every error the library returns.
@@ -47,6 +49,8 @@ pub enum Error {
     Busy { vm: String, holder: String },
     #[error("{path}: {detail}")]
     Format { path: PathBuf, detail: String },
+    #[error("interrupted by {0}; what the command started was undone")]
+    Interrupted(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -60,6 +64,7 @@ impl Error {
             Error::Source { .. } => ErrorKind::Source,
             Error::Busy { .. } => ErrorKind::Busy,
             Error::Format { .. } => ErrorKind::Format,
+            Error::Interrupted(_) => ErrorKind::Interrupted,
         }
     }
 

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod error;
 pub mod fault;
 pub mod fsutil;
+pub mod interrupt;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
 pub mod nbd;

@@ -45,6 +45,7 @@ pub fn run(ctx: &Ctx, a: BackupArgs) -> Result<i32> {
     let mut failed = 0;
     let mut out = Vec::new();
     for vm in &vms {
+        vmkeep::interrupt::check()?;
         if a.if_due && !is_due(ctx, &repo, vm)? {
             continue;
         }

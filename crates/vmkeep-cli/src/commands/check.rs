@@ -19,6 +19,7 @@ pub fn run(ctx: &Ctx, a: CheckArgs) -> Result<i32> {
     let mut reports: Vec<CheckReport> = Vec::new();
     let mut errors = Vec::new();
     for vm in &vms {
+        vmkeep::interrupt::check()?;
         match check(&repo, vm, a.deep, &select, &ctx.progress) {
             Ok(r) => {
                 for line in &r.recovered {

@@ -23,6 +23,7 @@ pub fn run(ctx: &Ctx, a: PruneArgs) -> Result<i32> {
     let mut reports = Vec::new();
     let mut failed = 0;
     for vm in &vms {
+        vmkeep::interrupt::check()?;
         let schedule = ctx.config.retention_for(vm).overridden_by(&flags);
         if schedule.is_empty() {
             ctx.say(format!(

@@ -845,6 +845,7 @@ impl<'a> Sink<'a> {
             }
         }
         self.pending.bytes = 0;
+        crate::fault::pause("backup-flushed");
         Ok(())
     }
 
@@ -989,6 +990,9 @@ impl<'a> Planner<'a> {
                 count += 1;
             }
             self.next = first + count;
+            if first == self.ranges[0].0 {
+                crate::fault::pause("backup-planned");
+            }
             return Ok(Some(Job { first, count, kind }));
         }
     }

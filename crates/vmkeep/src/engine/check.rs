@@ -112,8 +112,18 @@ pub fn check(
             repo.root().display()
         )));
     }
-    let _lock = VmLock::acquire(&dir, vm, "check")?;
-    let recovered = txn::recover(&dir)?;
+    // A read-only repository (an offsite copy mounted ro, say) is checked as it is: no
+    // lock, no recovery, no result recorded.
+    let lock = match VmLock::acquire(&dir, vm, "check") {
+        Ok(l) => Some(l),
+        Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EROFS) => None,
+        Err(e) => return Err(e),
+    };
+    let recovered = if lock.is_some() {
+        txn::recover(&dir)?
+    } else {
+        Vec::new()
+    };
     let mut c = Checker {
         repo,
         vm: vm.to_string(),
@@ -123,6 +133,17 @@ pub fn check(
         bad_records: HashSet::new(),
         progress,
     };
+    if lock.is_none() && dir.join(txn::TXN_FILE).exists() {
+        let detail =
+            "an interrupted command awaits recovery, which a read-only repository cannot do";
+        c.problem(
+            None,
+            None,
+            Some(&dir.join(txn::TXN_FILE)),
+            None,
+            detail.into(),
+        );
+    }
     let archive = match VmArchive::open(dir.clone(), vm) {
         Ok(a) => a,
         Err(e) => {
@@ -186,6 +207,9 @@ pub fn check(
         ok: report.ok(),
         problems: report.problems.len() as u64,
     });
+    if lock.is_none() {
+        return Ok(report);
+    }
     if let Err(e) = a.save_profile() {
         progress.warn(&format!("VM {vm}: could not record the check result: {e}"));
     }

@@ -96,6 +96,11 @@ pub fn backup_domain(
     match &result {
         Ok(_) => forget_old_checkpoints(&dom, &prefix, &new_checkpoint, progress),
         Err(_) => {
+            // The connection may be what failed (libvirtd restarted): use a fresh one to
+            // end a job that is still running and to drop the new checkpoint.
+            let fresh = Hypervisor::connect(Some(hv.uri())).and_then(|h| h.domain(name));
+            let dom = fresh.as_ref().unwrap_or(&dom);
+            let _ = dom.end_stale_backup(&live.run_dir);
             if dom.checkpoint_exists(&new_checkpoint).unwrap_or(false) {
                 let _ = dom.delete_checkpoint(&new_checkpoint, CheckpointDelete::default());
             }
@@ -202,6 +207,7 @@ fn backup_running(
         traversable_base(base)?;
     }
     let _cleanup = RemoveDirs(vec![socket_dir.clone(), scratch_dir.clone()]);
+    dom.end_stale_backup(&live.run_dir)?;
     let job = std::cell::RefCell::new(Some(dom.begin_backup(&plan)?));
     crate::fault::pause("after-backup-begin");
     // A job that failed (aborted from outside, the VM stopped, scratch space exhausted)

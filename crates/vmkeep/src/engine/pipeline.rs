@@ -54,6 +54,7 @@ fn plan<J>(
         if tokens.recv().is_err() {
             return Ok(()); // the consumer stopped: its error is reported there
         }
+        crate::interrupt::check()?;
         match next_job()? {
             None => return Ok(()),
             Some(job) => {
@@ -72,7 +73,8 @@ fn run_jobs<J, O>(
     work: &impl Fn(J) -> Result<O>,
 ) {
     for (seq, job) in rx {
-        if tx.send((seq, work(job))).is_err() {
+        let out = crate::interrupt::check().and_then(|()| work(job));
+        if tx.send((seq, out)).is_err() {
             return;
         }
     }

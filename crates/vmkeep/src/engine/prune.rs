@@ -122,14 +122,25 @@ pub fn drop_generation(vm_dir: &std::path::Path, gens: &[Generation], m: usize) 
     }
     let (older, dropped) = (&gens[m - 1], &gens[m]);
     let mut merged = Vec::new();
-    for d in &older.profile.disks {
-        let a = RdiffReader::open(&older.rdiff_path(&d.name))?;
-        if a.header.is_base() {
-            continue; // the older generation's chain already ends at itself
+    let written = (|| -> Result<()> {
+        for d in &older.profile.disks {
+            let a = RdiffReader::open(&older.rdiff_path(&d.name))?;
+            if a.header.is_base() {
+                continue; // the older generation's chain already ends at itself
+            }
+            let b = RdiffReader::open(&dropped.rdiff_path(&d.name))?;
+            merge(&a, &b, &older.dir.join(format!("{}.rdiff.merge", d.name)))?;
+            merged.push(d.name.clone());
         }
-        let b = RdiffReader::open(&dropped.rdiff_path(&d.name))?;
-        merge(&a, &b, &older.dir.join(format!("{}.rdiff.merge", d.name)))?;
-        merged.push(d.name.clone());
+        crate::fault::pause("prune-merged");
+        crate::interrupt::check()
+    })();
+    if let Err(e) = written {
+        // Nothing is committed yet: the merged files are only drafts.
+        for d in &merged {
+            let _ = std::fs::remove_file(older.dir.join(format!("{d}.rdiff.merge")));
+        }
+        return Err(e);
     }
     let t = Txn::prune(older.id.clone(), dropped.id.clone(), merged);
     t.store(vm_dir)?;

@@ -163,6 +163,7 @@ fn run(
             Some(data) => write_runs(target, &p, data, bs, &mut report.written)?,
         }
         task.advance(to - from);
+        crate::fault::pause("restore-wrote");
         Ok(())
     };
     let workers = crate::engine::cpu_threads();

@@ -569,6 +569,23 @@ impl Domain {
         Ok(())
     }
 
+    /// End a backup job whose NBD socket lies under `run_dir`: one a vmkeep run left
+    /// behind when it died or lost its connection (libvirtd restarted). Returns whether
+    /// there was one. Jobs of anyone else are left alone.
+    pub fn end_stale_backup(&self, run_dir: &Path) -> Result<bool> {
+        match self.running_backup_socket()? {
+            Some(Some(socket)) if socket.starts_with(run_dir) => {
+                tracing::warn!(vm = %self.name, "ending a backup job left behind by an earlier vmkeep run");
+                ffi::abort_job(&self.dom)
+                    .map_err(|e| self.err(format!("cannot end the stale backup job: {e}")))?;
+                wait_job_end(&self.dom);
+                let _ = std::fs::remove_file(&socket);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
     /// `Some(socket)` when a backup job is active.
     fn running_backup_socket(&self) -> Result<Option<Option<PathBuf>>> {
         if !backup_job_active(&self.dom) {

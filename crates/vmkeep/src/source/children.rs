@@ -184,6 +184,12 @@ fn unregister(i: usize) {
 }
 
 extern "C" fn on_signal(_sig: libc::c_int) {
+    emergency_exit();
+}
+
+/// Stop every registered helper, remove its files, and exit 1 at once. Async-signal-safe:
+/// called from signal handlers.
+pub(crate) fn emergency_exit() -> ! {
     for s in &REGISTRY {
         let pid = s.pid.load(Ordering::Acquire);
         if pid > 0 {

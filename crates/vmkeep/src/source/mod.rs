@@ -3,7 +3,7 @@
 
 pub mod bitmap;
 pub mod changed;
-mod children;
+pub(crate) mod children;
 pub mod file;
 pub mod nbd;
 pub mod open;
