@@ -417,3 +417,36 @@ fn print_output_is_pinned_for_every_file_kind() {
     let e = env.fails(&["print", disk.to_str().unwrap()], 2);
     assert!(e.contains("not a vmkeep archive file"), "{e}");
 }
+
+#[test]
+fn probed_image_with_a_backing_file_is_refused_unless_the_format_is_given() {
+    // A guest that owns a raw image file could write a qcow2 header into it naming a host
+    // file as backing file; vmkeep must not follow that on its own.
+    let env = Env::new();
+    let base = env.path("secret.raw");
+    std::fs::write(&base, b"host secret").unwrap();
+    let top = env.path("guest.img");
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&base)
+        .arg(&top)
+        .arg("1M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let e = env.fails(
+        &["backup", "vm", "--disk", &format!("vda={}", top.display())],
+        2,
+    );
+    assert!(
+        e.contains("backing file") && e.contains("?format=qcow2"),
+        "{e}"
+    );
+    assert!(!env.repo().join("vm/vm.toml").exists());
+    env.ok(&[
+        "backup",
+        "vm",
+        "--disk",
+        &format!("vda={}?format=qcow2", top.display()),
+    ]);
+}
