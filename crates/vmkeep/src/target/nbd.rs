@@ -78,6 +78,12 @@ impl NbdTarget {
                 std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
             ));
         }
+        {
+            use std::os::unix::fs::PermissionsExt;
+            // A restored disk is as private as the archive it came from.
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(fsutil::FILE_MODE))
+                .map_err(|e| Error::io(&tmp, e))?;
+        }
         let opts = QemuOptions {
             writable: true,
             connections: 1,
