@@ -39,13 +39,19 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
     }
 }
 
-/// One line on stderr for an error.
+/// One line on stderr for an error: its contexts and causes joined by ": ", each cause
+/// only when the text so far does not already say it.
 pub fn error_line(e: &anyhow::Error) {
-    let mut msg = e.to_string();
-    if let Some(src) = e.source() {
-        if !msg.contains(&src.to_string()) && e.downcast_ref::<Error>().is_none() {
-            msg = format!("{msg}: {src}");
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
         }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
     }
     let msg = msg.replace('\n', " ");
     let _ = writeln!(std::io::stderr(), "vmkeep: error: {msg}");

@@ -143,6 +143,28 @@ fn full_then_incremental_from_guest_writes() {
 }
 
 #[test]
+fn update_records_the_inventory() {
+    let _shared = shared();
+    let vm = TestVm::start("inventory", &[("vda", "qcow2", 16), ("vdb", "raw", 8)]);
+    let env = live_env();
+    let out = env.ok(&["update"]);
+    assert!(out.contains(&vm.name), "{out}");
+    let text = std::fs::read_to_string(env.repo().join("allvm.toml")).unwrap();
+    assert!(text.contains(&format!("name = \"{}\"", vm.name)), "{text}");
+    assert!(
+        text.contains("format = \"qcow2\"") && text.contains("format = \"raw\""),
+        "{text}"
+    );
+    assert!(
+        text.contains(vm.disk("vdb").path.to_str().unwrap()),
+        "{text}"
+    );
+    assert!(env
+        .ok(&["print", env.repo().join("allvm.toml").to_str().unwrap()])
+        .contains("checksum: ok"));
+}
+
+#[test]
 fn lost_checkpoint_means_diff_not_a_second_full_copy() {
     let _shared = shared();
     let vm = TestVm::start("lost", &[("vda", "qcow2", 64)]);

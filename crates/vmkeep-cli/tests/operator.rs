@@ -275,3 +275,41 @@ N GENERATION TIME MODE SIZE CHANGED STORED TOOK FLAGS
 last check: never";
     assert_eq!(t, expected, "status table changed:\n{out}");
 }
+
+#[test]
+fn one_vm_failing_does_not_stop_the_others() {
+    let env = Env::new();
+    let disk = env.disk("good.raw", 1 << 20);
+    with_config(
+        &env,
+        &format!(
+            "[groups]\npair = [\"bad\", \"good\"]\n[vm.good]\ndisks = {{ vda = \"{}\" }}\n[vm.bad]\ndisks = {{ vda = \"/nonexistent.raw\" }}\n",
+            disk.display()
+        ),
+    );
+    for args in [&["backup", "--group", "pair"][..], &["backup", "--all"][..]] {
+        let out = env.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{args:?}: a failed VM makes the run fail"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("bad") && err.contains("/nonexistent.raw"),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        env.generations("good").len(),
+        2,
+        "the good VM was backed up both times"
+    );
+    let js: serde_json::Value =
+        serde_json::from_slice(&env.run(&["--json", "backup", "--group", "pair"]).stdout).unwrap();
+    let vms = js["vms"].as_array().unwrap();
+    assert_eq!(vms.iter().filter(|v| v["ok"] == true).count(), 1);
+    assert!(vms
+        .iter()
+        .any(|v| v["name"] == "bad" && v["error"].as_str().unwrap().contains("/nonexistent.raw")));
+}
