@@ -142,6 +142,10 @@ pub struct BackupArgs {
     /// libvirt connection URI [default: from the config file, else qemu:///system]
     #[arg(long, value_name = "URI")]
     pub connect: Option<String>,
+    /// Bytes per bit of new persistent bitmaps (`?bitmap=` qcow2 sources; libvirt's
+    /// checkpoints always use the qcow2 cluster size)
+    #[arg(long, value_name = "SIZE")]
+    pub bitmap_granularity: Option<String>,
     /// Skip VMs whose newest generation is younger than their interval
     #[arg(long)]
     pub if_due: bool,

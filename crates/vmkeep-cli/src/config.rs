@@ -26,6 +26,8 @@ pub struct Config {
     pub run_dir: Option<PathBuf>,
     /// Folder for QEMU's copy-before-write scratch files during live backups.
     pub scratch_dir: Option<PathBuf>,
+    /// Bytes per bit of new persistent bitmaps ("64K").
+    pub bitmap_granularity: Option<SizeValue>,
     /// Default backup mode.
     pub mode: Option<String>,
     /// Minimum age of the newest generation before `backup --if-due` makes another ("1d").
@@ -51,6 +53,7 @@ pub struct VmConfig {
     pub mode: Option<String>,
     pub interval: Option<String>,
     pub retention: Option<Schedule>,
+    pub bitmap_granularity: Option<SizeValue>,
 }
 
 /// A size given as a number of bytes or a string with a K/M/G suffix.

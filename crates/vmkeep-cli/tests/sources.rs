@@ -285,3 +285,53 @@ fn restore_to_an_nbd_server_and_to_qcow2() {
         .arg(&disk)
         .arg(&q));
 }
+
+#[test]
+fn bitmap_granularity_is_chosen_for_new_bitmaps() {
+    let env = Env::new();
+    let img = env.path("g.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("16M"));
+    let spec = format!("vda={}?bitmap=fine", img.display());
+    env.ok(&[
+        "backup",
+        "vm",
+        "--disk",
+        &spec,
+        "--bitmap-granularity",
+        "16K",
+    ]);
+    let info = String::from_utf8(
+        Command::new("qemu-img")
+            .args(["info", "-U"])
+            .arg(&img)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(info.contains("granularity: 16384"), "{info}");
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x1 1M 4k"])
+        .arg(&img));
+    env.ok(&["backup", "vm", "--disk", &spec]);
+    let js: serde_json::Value = serde_json::from_str(&env.ok(&["status", "vm", "--json"])).unwrap();
+    let d = &js["vms"][0]["generations"][0]["disks"][0];
+    assert_eq!(d["mode"], "incr");
+    // A 4 KiB write dirties one 16 KiB bit; the 64 KiB block holding it is what is read.
+    assert_eq!(d["read_bytes"], 65536);
+    let e = env.fails(
+        &[
+            "backup",
+            "vm",
+            "--disk",
+            &spec,
+            "--bitmap-granularity",
+            "1000",
+        ],
+        2,
+    );
+    assert!(e.contains("power of two"), "{e}");
+}

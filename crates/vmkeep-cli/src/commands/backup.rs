@@ -154,6 +154,12 @@ fn backup_domain(
         )
         .into());
     }
+    if a.bitmap_granularity.is_some() {
+        return Err(Error::usage(
+            "--bitmap-granularity: libvirt cannot set a checkpoint's granularity (its checkpoint XML has no such setting); QEMU uses the disk's qcow2 cluster size",
+        )
+        .into());
+    }
     let hv = vmkeep::libvirt::Hypervisor::connect(Some(&ctx.connect_uri(a.connect.as_deref())))?;
     let defaults = LiveOptions::default();
     let live = LiveOptions {
@@ -280,6 +286,7 @@ fn backup_vm(ctx: &Ctx, repo: &Repository, vm: &str, a: &BackupArgs) -> Result<B
         changed_lists.insert(name.to_string(), changed::parse(path, &text)?);
     }
     let recorded = newest_bitmaps(repo, vm);
+    let granularity = bitmap_granularity(ctx, vm, a)?;
     let mut disks = Vec::new();
     let mut bitmaps = Vec::new();
     for (name, spec) in &specs {
@@ -288,6 +295,7 @@ fn backup_vm(ctx: &Ctx, repo: &Repository, vm: &str, a: &BackupArgs) -> Result<B
             name,
             spec,
             recorded.get(name.as_str()).map(String::as_str),
+            granularity,
             &mut bitmaps,
         )?;
         if let Some(list) = changed_lists.remove(name) {
@@ -336,6 +344,7 @@ fn open_disk(
     name: &str,
     spec: &str,
     recorded: Option<&str>,
+    granularity: Option<u64>,
     bitmaps: &mut Vec<(PathBuf, String)>,
 ) -> Result<DiskInput> {
     let SourceSpec::Path {
@@ -354,7 +363,7 @@ fn open_disk(
         ))
         .into());
     }
-    let plan = bitmap::prepare(&path, &bm, recorded)?;
+    let plan = bitmap::prepare(&path, &bm, recorded, granularity)?;
     bitmaps.push((path.clone(), bm.clone()));
     let incremental = plan == bitmap::Plan::Incremental;
     let source = qemu::open_image(&path, "qcow2", incremental.then_some(bm.as_str()))?;
@@ -413,4 +422,29 @@ fn refuse_probed_backing_file(path: &std::path::Path, fmt: &str) -> Result<()> {
         .into());
     }
     Ok(())
+}
+
+/// Bytes per bit for new persistent bitmaps: the flag, the VM's config, the global config.
+fn bitmap_granularity(ctx: &Ctx, vm: &str, a: &BackupArgs) -> Result<Option<u64>> {
+    let g = match &a.bitmap_granularity {
+        Some(s) => Some(parse_size(s)?),
+        None => match ctx
+            .config
+            .vm(vm)
+            .bitmap_granularity
+            .or_else(|| ctx.config.bitmap_granularity.clone())
+        {
+            Some(v) => Some(v.bytes()?),
+            None => None,
+        },
+    };
+    if let Some(g) = g {
+        if !g.is_power_of_two() || !(512..=(1 << 31)).contains(&g) {
+            return Err(Error::usage(format!(
+                "bitmap granularity {g} is not a power of two from 512 bytes to 2 GiB"
+            ))
+            .into());
+        }
+    }
+    Ok(g)
 }

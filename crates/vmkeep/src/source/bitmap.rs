@@ -85,12 +85,16 @@ pub fn list(path: &Path) -> Result<Vec<BitmapInfo>> {
         .collect())
 }
 
-/// Add bitmap `name` to the image (enabled, persistent).
-pub fn add(path: &Path, name: &str) -> Result<()> {
-    let p = path.to_path_buf();
-    let out = Command::new("qemu-img")
-        .args(["bitmap", "--add", "--enable"])
-        .arg(&p)
+/// Add bitmap `name` to the image (enabled, persistent), with `granularity` bytes per bit
+/// (QEMU's default, the cluster size, when `None`).
+pub fn add(path: &Path, name: &str, granularity: Option<u64>) -> Result<()> {
+    let mut cmd = Command::new("qemu-img");
+    cmd.args(["bitmap", "--add", "--enable"]);
+    if let Some(g) = granularity {
+        cmd.arg("-g").arg(g.to_string());
+    }
+    let out = cmd
+        .arg(path)
         .arg(name)
         .output()
         .map_err(|e| Error::source(path.display(), format!("cannot run qemu-img: {e}")))?;
@@ -141,7 +145,12 @@ pub fn next_name(name: &str) -> String {
 
 /// Decide what this run may do, and start `NAME-next`. `recorded` is the bitmap the newest
 /// generation of this disk recorded (if any).
-pub fn prepare(path: &Path, name: &str, recorded: Option<&str>) -> Result<Plan> {
+pub fn prepare(
+    path: &Path,
+    name: &str,
+    recorded: Option<&str>,
+    granularity: Option<u64>,
+) -> Result<Plan> {
     let bitmaps = list(path)?;
     let next = next_name(name);
     if bitmaps.iter().any(|b| b.name == next) {
@@ -158,17 +167,23 @@ pub fn prepare(path: &Path, name: &str, recorded: Option<&str>) -> Result<Plan> 
         )),
         Some(_) => Plan::Incremental,
     };
-    add(path, &next)?;
+    add(path, &next, granularity)?;
     Ok(plan)
 }
 
 /// After a successful generation: `NAME` becomes what `NAME-next` tracked.
 pub fn commit(path: &Path, name: &str) -> Result<()> {
     let next = next_name(name);
-    if list(path)?.iter().any(|b| b.name == name) {
+    let bitmaps = list(path)?;
+    let granularity = bitmaps
+        .iter()
+        .find(|b| b.name == next)
+        .map(|b| b.granularity)
+        .filter(|&g| g > 0);
+    if bitmaps.iter().any(|b| b.name == name) {
         bitmap_op(path, "--remove", name)?;
     }
-    add(path, name)?;
+    add(path, name, granularity)?;
     let out = Command::new("qemu-img")
         .args(["bitmap", "--merge", &next])
         .arg(path)
