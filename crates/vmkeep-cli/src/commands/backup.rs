@@ -402,17 +402,7 @@ pub fn open_source(spec: &str) -> Result<Box<dyn BlockSource>> {
 /// following it would copy that file into the backup. `?format=FMT` says the format is
 /// known, and then the chain is followed.
 fn refuse_probed_backing_file(path: &std::path::Path, fmt: &str) -> Result<()> {
-    let out = std::process::Command::new("qemu-img")
-        .args(["info", "-U", "--output=json", &format!("--format={fmt}")])
-        .arg(path)
-        .output()
-        .map_err(|e| {
-            Error::source(
-                path.display(),
-                format!("cannot run qemu-img (install qemu-utils): {e}"),
-            )
-        })?;
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let info = bitmap::info(path, Some(fmt))?;
     if let Some(backing) = info.get("backing-filename").and_then(|b| b.as_str()) {
         return Err(Error::usage(format!(
             "{} looks like a {fmt} image with backing file {backing}; vmkeep follows backing files only when the format is given: use {}?format={fmt}",

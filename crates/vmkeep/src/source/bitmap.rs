@@ -34,10 +34,12 @@ impl BitmapInfo {
     }
 }
 
-fn qemu_img(args: &[&str], path: &Path) -> Result<Vec<u8>> {
+/// Run `qemu-img BEFORE… PATH AFTER…`; its stdout, or its message as a source error.
+fn qemu_img(path: &Path, before: &[&str], after: &[&str]) -> Result<Vec<u8>> {
     let out = Command::new("qemu-img")
-        .args(args)
+        .args(before)
         .arg(path)
+        .args(after)
         .output()
         .map_err(|e| {
             Error::source(
@@ -46,20 +48,34 @@ fn qemu_img(args: &[&str], path: &Path) -> Result<Vec<u8>> {
             )
         })?;
     if !out.status.success() {
+        let what = before
+            .iter()
+            .chain(after)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" ");
         let msg = String::from_utf8_lossy(&out.stderr);
         return Err(Error::source(
             path.display(),
-            format!("qemu-img {}: {}", args[0], msg.trim()),
+            format!("qemu-img {what}: {}", msg.trim()),
         ));
     }
     Ok(out.stdout)
 }
 
+/// `qemu-img info` of an image (read with shared locks, so a running VM may hold it).
+pub fn info(path: &Path, format: Option<&str>) -> Result<serde_json::Value> {
+    let fmt = format.map(|f| format!("--format={f}"));
+    let mut args = vec!["info", "-U", "--output=json"];
+    args.extend(fmt.as_deref());
+    let out = qemu_img(path, &args, &[])?;
+    serde_json::from_slice(&out)
+        .map_err(|e| Error::source(path.display(), format!("qemu-img info: {e}")))
+}
+
 /// The persistent bitmaps of a qcow2 image.
 pub fn list(path: &Path) -> Result<Vec<BitmapInfo>> {
-    let out = qemu_img(&["info", "-U", "--output=json"], path)?;
-    let v: serde_json::Value = serde_json::from_slice(&out)
-        .map_err(|e| Error::source(path.display(), format!("qemu-img info: {e}")))?;
+    let v = info(path, None)?;
     let bitmaps = v
         .pointer("/format-specific/data/bitmaps")
         .and_then(|b| b.as_array())
@@ -88,45 +104,16 @@ pub fn list(path: &Path) -> Result<Vec<BitmapInfo>> {
 /// Add bitmap `name` to the image (enabled, persistent), with `granularity` bytes per bit
 /// (QEMU's default, the cluster size, when `None`).
 pub fn add(path: &Path, name: &str, granularity: Option<u64>) -> Result<()> {
-    let mut cmd = Command::new("qemu-img");
-    cmd.args(["bitmap", "--add", "--enable"]);
-    if let Some(g) = granularity {
-        cmd.arg("-g").arg(g.to_string());
+    let g = granularity.map(|g| g.to_string());
+    let mut before = vec!["bitmap", "--add", "--enable"];
+    if let Some(g) = &g {
+        before.extend(["-g", g.as_str()]);
     }
-    let out = cmd
-        .arg(path)
-        .arg(name)
-        .output()
-        .map_err(|e| Error::source(path.display(), format!("cannot run qemu-img: {e}")))?;
-    if !out.status.success() {
-        return Err(Error::source(
-            path.display(),
-            format!(
-                "qemu-img bitmap --add {name}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        ));
-    }
-    Ok(())
+    qemu_img(path, &before, &[name]).map(drop)
 }
 
 fn bitmap_op(path: &Path, op: &str, name: &str) -> Result<()> {
-    let out = Command::new("qemu-img")
-        .args(["bitmap", op])
-        .arg(path)
-        .arg(name)
-        .output()
-        .map_err(|e| Error::source(path.display(), format!("cannot run qemu-img: {e}")))?;
-    if !out.status.success() {
-        return Err(Error::source(
-            path.display(),
-            format!(
-                "qemu-img bitmap {op} {name}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        ));
-    }
-    Ok(())
+    qemu_img(path, &["bitmap", op], &[name]).map(drop)
 }
 
 /// What the coming run may do with the bitmap.
@@ -184,21 +171,7 @@ pub fn commit(path: &Path, name: &str) -> Result<()> {
         bitmap_op(path, "--remove", name)?;
     }
     add(path, name, granularity)?;
-    let out = Command::new("qemu-img")
-        .args(["bitmap", "--merge", &next])
-        .arg(path)
-        .arg(name)
-        .output()
-        .map_err(|e| Error::source(path.display(), format!("cannot run qemu-img: {e}")))?;
-    if !out.status.success() {
-        return Err(Error::source(
-            path.display(),
-            format!(
-                "qemu-img bitmap --merge: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        ));
-    }
+    qemu_img(path, &["bitmap", "--merge", &next], &[name])?;
     bitmap_op(path, "--remove", &next)
 }
 

@@ -48,13 +48,7 @@ impl FileTarget {
         if meta.as_ref().is_some_and(|m| m.is_dir()) {
             return Err(Error::usage(format!("{} is a directory", path.display())));
         }
-        let mut name = path
-            .file_name()
-            .ok_or_else(|| Error::usage(format!("{} is not a file name", path.display())))?
-            .to_os_string();
-        name.push(".vmkeep-partial");
-        let tmp = path.with_file_name(name);
-        let _ = std::fs::remove_file(&tmp);
+        let tmp = super::partial_path(path)?;
         let file = fsutil::create_new(&tmp)?;
         fsutil::set_len(&file, size, &tmp)?;
         Ok(FileTarget {

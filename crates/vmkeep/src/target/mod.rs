@@ -31,3 +31,16 @@ pub fn open(to: &str, size: u64) -> Result<Box<dyn Target>> {
     }
     Ok(Box::new(file::FileTarget::create(path, size)?))
 }
+
+/// Where a new file target is written before it is renamed into place (a stale one from an
+/// interrupted restore is removed).
+pub(crate) fn partial_path(path: &std::path::Path) -> Result<std::path::PathBuf> {
+    let mut name = path
+        .file_name()
+        .ok_or_else(|| crate::Error::usage(format!("{} is not a file name", path.display())))?
+        .to_os_string();
+    name.push(".vmkeep-partial");
+    let tmp = path.with_file_name(name);
+    let _ = std::fs::remove_file(&tmp);
+    Ok(tmp)
+}

@@ -59,13 +59,7 @@ impl NbdTarget {
 
     /// Create a qcow2 image of `size` bytes at `path` (written beside, renamed at the end).
     pub fn qcow2(path: &Path, size: u64) -> Result<NbdTarget> {
-        let mut name = path
-            .file_name()
-            .ok_or_else(|| Error::usage(format!("{} is not a file name", path.display())))?
-            .to_os_string();
-        name.push(".vmkeep-partial");
-        let tmp = path.with_file_name(name);
-        let _ = std::fs::remove_file(&tmp);
+        let tmp = super::partial_path(path)?;
         let out = Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2"])
             .arg(&tmp)
