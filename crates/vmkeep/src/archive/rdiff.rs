@@ -96,6 +96,9 @@ impl RdiffHeader {
                 format!("invalid block size {}", h.block_size),
             ));
         }
+        if !valid_disk_size(h.disk_size) || !valid_disk_size(h.next_size) {
+            return Err(Error::corrupt(path, "impossible disk size"));
+        }
         if h.compression > COMPRESSION_ZSTD {
             return Err(Error::format(
                 path,
@@ -414,16 +417,19 @@ impl RdiffReader {
         for e in ib.chunks_exact(INDEX_ENTRY_LEN) {
             let b = u64::from_le_bytes(e[..8].try_into().expect("8"));
             let off = u64::from_le_bytes(e[8..].try_into().expect("8"));
-            let ordered = prev.is_none_or(|(pb, po)| b > pb && off > po);
-            if !ordered
+            // The records are contiguous: the first starts right after the header.
+            let placed = prev.map_or(off == HEADER_LEN as u64, |(pb, po)| b > pb && off > po);
+            if !placed
                 || b >= header.blocks()
-                || off < HEADER_LEN as u64
-                || off + HEADER_LEN as u64 > index_offset
+                || off > index_offset.saturating_sub(HEADER_LEN as u64)
             {
                 return Err(Error::corrupt(path, "index is damaged"));
             }
             prev = Some((b, off));
             index.push((b, off));
+        }
+        if index.is_empty() && index_offset != HEADER_LEN as u64 {
+            return Err(Error::corrupt(path, "index is damaged"));
         }
         Ok(RdiffReader {
             file,

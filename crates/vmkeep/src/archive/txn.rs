@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::profile::{self, Versioned, PROFILE_VERSION};
-use super::rdiff;
+use super::{is_generation_name, names, rdiff};
 use super::{DELETING, LATEST, PARTIAL};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
@@ -89,6 +89,42 @@ impl Txn {
         fsutil::remove_file(&vm_dir.join(TXN_FILE))?;
         fsutil::sync_dir(vm_dir)
     }
+
+    /// Refuse a record that no run of vmkeep could have written. Recovery renames, links
+    /// and deletes what the record names, so every name must be a generation or a disk of
+    /// this VM folder, and every generation the state relies on must be there.
+    pub fn validate(&self, vm_dir: &Path) -> Result<()> {
+        let path = vm_dir.join(TXN_FILE);
+        let bad = |why: String| Err(Error::corrupt(&path, why));
+        let ids = [self.old.as_ref(), self.older.as_ref(), Some(&self.new)];
+        if let Some(id) = ids.into_iter().flatten().find(|id| !is_generation_name(id)) {
+            return bad(format!("{id:?} is not a generation id"));
+        }
+        for d in &self.disks {
+            names::check_disk(d).map_err(|e| Error::corrupt(&path, e))?;
+        }
+        let exists = |id: &str| gen_dir(vm_dir, id).is_dir();
+        let (base, needed) = match self.op.as_str() {
+            "backup" if self.older.is_none() => (self.old.as_ref(), self.old.as_ref()),
+            "prune" if self.old.is_none() => match &self.older {
+                Some(older) => (Some(older), Some(older)),
+                None => return bad("prune without older".into()),
+            },
+            "backup" | "prune" => return bad(format!("{} with a stray field", self.op)),
+            _ => return Ok(()), // an unknown kind is refused by `recover`
+        };
+        if let Some(b) = base.filter(|b| **b >= self.new) {
+            return bad(format!("generation {} does not follow {b}", self.new));
+        }
+        if let Some(id) = needed.filter(|id| !exists(id)) {
+            return bad(format!("generation {id} does not exist"));
+        }
+        let made = exists(&self.new) || partial_dir(vm_dir, &self.new).is_dir();
+        if self.op == "backup" && self.state == "commit" && !made {
+            return bad(format!("generation {} does not exist", self.new));
+        }
+        Ok(())
+    }
 }
 
 /// Finish or undo whatever an interrupted command left in `vm_dir`; returns one line per
@@ -98,6 +134,7 @@ pub fn recover(vm_dir: &Path) -> Result<Vec<String>> {
     let txn_path = vm_dir.join(TXN_FILE);
     if txn_path.exists() {
         let txn: Txn = profile::load(&txn_path)?;
+        txn.validate(vm_dir)?;
         match (txn.op.as_str(), txn.state.as_str()) {
             ("backup", "running") => {
                 rollback_backup(vm_dir, &txn)?;
@@ -284,7 +321,7 @@ fn cleanup_strays(vm_dir: &Path) -> Result<Vec<String>> {
             done.push(format!("removed the leftover folder {name}"));
         } else if name.ends_with(".tmp") {
             fsutil::remove_file(&path)?;
-        } else if super::is_generation_name(&name) && path.is_dir() {
+        } else if is_generation_name(&name) && path.is_dir() {
             for (disk, journal) in files_with_suffix(&path, ".rdiff.partial")? {
                 // Without a transaction nothing can have been overwritten yet; applying
                 // the journal anyway is harmless and is the safe reading.

@@ -16,10 +16,9 @@ use crate::archive::digest::{block_digest, DigestReader, RootHasher, ZERO_DIGEST
 use crate::archive::format::{block_len, DIGEST_LEN};
 use crate::archive::lock::VmLock;
 use crate::archive::profile::{self, CheckRecord};
-use crate::archive::rdiff::RdiffReader;
 use crate::archive::{txn, Generation, Repository, VmArchive};
 use crate::engine::pipeline;
-use crate::engine::reader::{DiskView, Loc};
+use crate::engine::reader::{open_rdiff, DiskView, Loc};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 
@@ -113,7 +112,6 @@ pub fn check(
         )));
     }
     let _lock = VmLock::acquire(&dir, vm, "check")?;
-    let recovered = txn::recover(&dir)?;
     let mut c = Checker {
         repo,
         vm: vm.to_string(),
@@ -122,6 +120,16 @@ pub fn check(
         bad_image: HashSet::new(),
         bad_records: HashSet::new(),
         progress,
+    };
+    let recovered = match txn::recover(&dir) {
+        Ok(r) => r,
+        Err(Error::Corrupt { path, detail }) => {
+            // A damaged transaction record is left alone: nothing else can be trusted
+            // until someone looks at it.
+            c.problem(None, None, Some(&path), None, detail);
+            return Ok(c.report(deep, 0, 0, Vec::new()));
+        }
+        Err(e) => return Err(e),
     };
     let archive = match VmArchive::open(dir.clone(), vm) {
         Ok(a) => a,
@@ -163,8 +171,8 @@ pub fn check(
         }
         c.check_newest(&gens[gens.len() - 1]);
     }
-    for g in &gens[..gens.len().saturating_sub(1)] {
-        c.check_rdiffs(g, deep);
+    for j in 0..gens.len().saturating_sub(1) {
+        c.check_rdiffs(&gens, j, deep);
     }
     let mut proven = 0;
     if deep {
@@ -368,10 +376,11 @@ impl Checker<'_> {
 
     /// An older generation: each reverse diff's structure and checksum; deep also proves
     /// every record's digest.
-    fn check_rdiffs(&mut self, g: &Generation, deep: bool) {
+    fn check_rdiffs(&mut self, gens: &[Generation], j: usize, deep: bool) {
+        let g = &gens[j];
         for d in &g.profile.disks {
             let path = g.rdiff_path(&d.name);
-            let r = match RdiffReader::open(&path) {
+            let r = match open_rdiff(gens, j, &d.name) {
                 Ok(r) => r,
                 Err(e) => {
                     self.problem(
@@ -384,15 +393,6 @@ impl Checker<'_> {
                     continue;
                 }
             };
-            if r.header.disk_size != d.size {
-                self.problem(
-                    Some(&g.id),
-                    Some(&d.name),
-                    Some(&path),
-                    None,
-                    "disk size differs from the generation profile".into(),
-                );
-            }
             if let Err(e) = r.verify_file_hash() {
                 self.problem(
                     Some(&g.id),
