@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::profile::{self, Versioned, PROFILE_VERSION};
+use super::profile::{self, GenerationProfile, Versioned, PROFILE_VERSION};
 use super::{is_generation_name, names, rdiff};
 use super::{DELETING, LATEST, PARTIAL};
 use crate::error::{Error, IoContext, Result};
@@ -198,34 +198,48 @@ fn files_with_suffix(dir: &Path, suffix: &str) -> Result<Vec<(String, PathBuf)>>
     Ok(out)
 }
 
-/// Put back into `image` the old blocks journaled in the partial reverse diff `journal`.
-pub fn apply_undo(image: &Path, journal: &Path) -> Result<usize> {
-    let Some(partial) = rdiff::scan_partial(journal)? else {
+/// Put back into `DISK.raw` of the generation folder `dir` the old blocks journaled in its
+/// `DISK.rdiff.partial`, one record at a time. The journal must describe the disk as the
+/// generation's profile does: one claiming another size or block size would resize the
+/// image or write blocks at the wrong places, so it is refused as corrupt and left alone.
+pub fn apply_undo(dir: &Path, disk: &str) -> Result<usize> {
+    let image = dir.join(format!("{disk}.raw"));
+    let journal = dir.join(format!("{disk}.rdiff.partial"));
+    let Some(mut scan) = rdiff::PartialScan::open(&journal)? else {
         return Ok(0);
     };
     if !image.exists() {
         return Ok(0);
     }
-    let file = fsutil::open_rw(image)?;
-    let h = &partial.header;
-    fsutil::set_len(&file, h.disk_size, image)?;
-    for rec in &partial.records {
+    let h = scan.header.clone();
+    let gp: GenerationProfile = profile::load(&dir.join("generation.toml"))?;
+    if gp.disk(disk).map(|d| d.size) != Some(h.disk_size) || gp.block_size != h.block_size {
+        return Err(Error::corrupt(
+            &journal,
+            "header does not match the generation profile",
+        ));
+    }
+    let file = fsutil::open_rw(&image)?;
+    fsutil::set_len(&file, h.disk_size, &image)?;
+    let mut applied = 0;
+    while let Some(rec) = scan.next_record()? {
         let off = rec.block * h.block_size as u64;
         if rec.is_zero() {
-            fsutil::punch_hole(&file, off, rec.raw_len as u64, image)?;
+            fsutil::punch_hole(&file, off, rec.raw_len as u64, &image)?;
         } else {
-            fsutil::write_at(&file, &rec.data(journal)?, off, image)?;
+            fsutil::write_at(&file, &rec.data(&journal)?, off, &image)?;
         }
+        applied += 1;
     }
-    fsutil::sync_all(&file, image)?;
-    Ok(partial.records.len())
+    fsutil::sync_all(&file, &image)?;
+    Ok(applied)
 }
 
 fn rollback_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
     if let Some(old) = &txn.old {
         let old_dir = gen_dir(vm_dir, old);
         for (disk, journal) in files_with_suffix(&old_dir, ".rdiff.partial")? {
-            apply_undo(&old_dir.join(format!("{disk}.raw")), &journal)?;
+            apply_undo(&old_dir, &disk)?;
             fsutil::remove_file(&journal)?;
         }
         fsutil::sync_dir(&old_dir)?;
@@ -325,7 +339,7 @@ fn cleanup_strays(vm_dir: &Path) -> Result<Vec<String>> {
             for (disk, journal) in files_with_suffix(&path, ".rdiff.partial")? {
                 // Without a transaction nothing can have been overwritten yet; applying
                 // the journal anyway is harmless and is the safe reading.
-                apply_undo(&path.join(format!("{disk}.raw")), &journal)?;
+                apply_undo(&path, &disk)?;
                 fsutil::remove_file(&journal)?;
                 done.push(format!(
                     "undid the leftover journal {name}/{disk}.rdiff.partial"

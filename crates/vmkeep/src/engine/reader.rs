@@ -365,10 +365,7 @@ impl DiskView {
             let record = if let Ok(r) = RdiffReader::open(&fin) {
                 r.get(b)?
             } else if part.exists() {
-                rdiff::scan_partial(&part)
-                    .ok()
-                    .flatten()
-                    .and_then(|p| p.records.into_iter().find(|r| r.block == b))
+                journal_record(&part, b)
             } else {
                 None
             };
@@ -387,6 +384,18 @@ impl DiskView {
     pub fn chain(&self) -> &[RdiffReader] {
         &self.chain
     }
+}
+
+/// The record for block `b` in the valid prefix of a journal (whose records come in
+/// increasing block order), read one at a time.
+fn journal_record(path: &Path, b: u64) -> Option<Record> {
+    let mut scan = rdiff::PartialScan::open(path).ok()??;
+    while let Ok(Some(rec)) = scan.next_record() {
+        if rec.block >= b {
+            return (rec.block == b).then_some(rec);
+        }
+    }
+    None
 }
 
 /// Open the reverse diff of `disk` in generation `gens[j]` and check that its header
