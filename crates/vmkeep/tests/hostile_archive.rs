@@ -1097,6 +1097,27 @@ fn recovery_reads_a_large_journal_one_record_at_a_time() {
     assert!(grown < 64 << 20, "recovery held {grown} bytes at once");
 }
 
+#[test]
+fn lock_file_of_a_gigabyte_is_not_read_whole() {
+    let a = Archive::new();
+    let held = VmLock::acquire(&a.vm_dir(), "vm", "test").unwrap();
+    // The holder line is read when the lock is busy; this one is 1 GiB of (sparse) zeros.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(held.path())
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let e = BackupRun::begin(&a.repo, "vm").map(|_| ()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+    assert!(
+        e.to_string().len() < 1024,
+        "{} bytes of message",
+        e.to_string().len()
+    );
+    assert_no_huge_allocation();
+}
+
 // ---------------------------------------------------------------------------------------
 // Sources that lie about their size
 
