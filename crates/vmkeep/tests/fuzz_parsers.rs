@@ -190,7 +190,7 @@ fn config(cases: u32) -> ProptestConfig {
 }
 
 proptest! {
-    #![proptest_config(config(4096))]
+    #![proptest_config(config(8192))]
 
     #[test]
     fn rdiff_reader_takes_any_bytes(data in prop_oneof![random(b"VMKRDIF\0\x01\0\0\0"), mutated("rdiff")]) {
@@ -283,7 +283,7 @@ fn nbd_session() -> impl Strategy<Value = Vec<u8>> {
 }
 
 proptest! {
-    #![proptest_config(config(768))]
+    #![proptest_config(config(1024))]
 
     #[test]
     fn nbd_server_takes_any_bytes(data in prop_oneof![

@@ -41,7 +41,10 @@ pub const GEN_ID: &str = "01900000-0000-7000-8000-000000000001";
 pub const GEN_ID2: &str = "01900000-0000-7000-8000-000000000002";
 
 thread_local! {
-    static SCRATCH: tempfile::TempDir = tempfile::tempdir().expect("scratch folder");
+    /// In memory where there is a tmpfs: thousands of small files are written per second.
+    static SCRATCH: tempfile::TempDir = tempfile::tempdir_in("/dev/shm")
+        .or_else(|_| tempfile::tempdir())
+        .expect("scratch folder");
 }
 
 /// The scratch folder of this thread: `vm/GEN_ID/` and `vm/GEN_ID2/` exist in it.
