@@ -861,6 +861,21 @@ fn oversized_profile_is_refused_without_reading_it() {
     assert_no_huge_allocation();
 }
 
+#[test]
+fn print_of_a_huge_profile_is_refused_without_reading_it() {
+    let a = Archive::new();
+    let path = a.file(1, "generation.toml");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let e = vmkeep::engine::print::print_file(&path, &mut std::io::sink()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert_no_huge_allocation();
+}
+
 // ---------------------------------------------------------------------------------------
 // Transaction records
 
