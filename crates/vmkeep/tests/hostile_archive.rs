@@ -11,6 +11,10 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use proptest::prelude::*;
+use proptest::sample::Index;
 
 use vmkeep::archive::format::{block_count, check64, HEADER_LEN};
 use vmkeep::archive::lock::VmLock;
@@ -135,6 +139,21 @@ struct Archive {
 }
 
 impl Archive {
+    /// A copy of one archive built once per run (for the many cases of a property).
+    fn copied() -> Archive {
+        static TEMPLATE: OnceLock<Archive> = OnceLock::new();
+        let t = TEMPLATE.get_or_init(Archive::new);
+        let tmp = tempfile::tempdir().unwrap();
+        copy_tree(t.repo.root(), &tmp.path().join("repo"));
+        std::fs::copy(t.tmp.path().join("disk.raw"), tmp.path().join("disk.raw")).unwrap();
+        Archive {
+            repo: Repository::open(&tmp.path().join("repo")).unwrap(),
+            tmp,
+            ids: t.ids.clone(),
+            snaps: t.snaps.clone(),
+        }
+    }
+
     fn new() -> Archive {
         let tmp = tempfile::tempdir().unwrap();
         let repo = Repository::init(&tmp.path().join("repo")).unwrap();
@@ -390,6 +409,23 @@ fn forge_text(path: &Path, f: impl FnOnce(&str) -> String) {
     let body = f(&text[..text.rfind("checksum = \"blake3:").unwrap()]);
     let sum = blake3::hash(body.as_bytes()).to_hex();
     std::fs::write(path, format!("{body}checksum = \"blake3:{sum}\"\n")).unwrap();
+}
+
+/// Copy a folder tree, symlinks as symlinks.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        let kind = e.file_type().unwrap();
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&src).unwrap(), &dst).unwrap();
+        } else if kind.is_dir() {
+            copy_tree(&src, &dst);
+        } else {
+            std::fs::copy(&src, &dst).unwrap();
+        }
+    }
 }
 
 /// The names in a folder, sorted.
@@ -970,6 +1006,172 @@ fn txn_of_an_unknown_kind_is_corrupt() {
     t.op = "rm -rf".into();
     write_txn(&a, &t);
     txn_refused(&a);
+}
+
+// ---------------------------------------------------------------------------------------
+// Any file, any lie
+
+#[path = "support/fuzz.rs"]
+#[allow(unused)]
+mod harness;
+
+/// The archive's files that a lie can be put in (every file but the lock), sorted.
+fn archive_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let kind = e.file_type().unwrap();
+        if kind.is_dir() {
+            out.extend(archive_files(&e.path()));
+        } else if kind.is_file() && e.file_name() != "lock" {
+            out.push(e.path());
+        }
+    }
+    out.sort();
+    out
+}
+
+#[derive(Debug, Clone)]
+enum Lie {
+    Flip(Index, u8),
+    Set64(Index, u64),
+    Set32(Index, u32),
+    Truncate(Index),
+    /// Profiles: the value of the n-th `key = value` line.
+    Value(Index, &'static str),
+}
+
+fn lie() -> impl Strategy<Value = Lie> {
+    let edge = prop_oneof![
+        prop::sample::select(vec![0u64, 1, 64, 4096, 1 << 60, u64::MAX, i64::MAX as u64]),
+        any::<u64>(),
+    ];
+    prop_oneof![
+        3 => (any::<Index>(), 0u8..8).prop_map(|(i, b)| Lie::Flip(i, b)),
+        3 => (any::<Index>(), edge.clone()).prop_map(|(i, v)| Lie::Set64(i, v)),
+        2 => (any::<Index>(), edge).prop_map(|(i, v)| Lie::Set32(i, v as u32)),
+        1 => any::<Index>().prop_map(Lie::Truncate),
+        3 => (any::<Index>(), prop::sample::select(vec![
+            "0", "3", "1152921504606846977", "9223372036854775807", "-1", "\"../../escape\"",
+            "\"vda\"", "\"vdb\"", "\"\"", "[]", "true", "\"01900000-0000-7000-8000-000000000001\"",
+        ])).prop_map(|(i, v)| Lie::Value(i, v)),
+    ]
+}
+
+/// Tell `lie` in `path`, then recompute every checksum the file has.
+fn tell(path: &Path, lie: &Lie) {
+    let mut b = std::fs::read(path).unwrap();
+    let name = path.file_name().unwrap().to_string_lossy().into_owned();
+    if name.ends_with(".toml") {
+        let at = b
+            .windows(19)
+            .rposition(|w| w == b"checksum = \"blake3:")
+            .unwrap();
+        b.truncate(at);
+    }
+    let n = b.len().max(1);
+    match lie {
+        Lie::Flip(i, bit) if !b.is_empty() => b[i.index(n)] ^= 1 << bit,
+        Lie::Set64(i, v) => {
+            let at = i.index(n) & !7;
+            let end = (at + 8).min(b.len());
+            b[at..end].copy_from_slice(&v.to_le_bytes()[..end - at]);
+        }
+        Lie::Set32(i, v) => {
+            let at = i.index(n) & !3;
+            let end = (at + 4).min(b.len());
+            b[at..end].copy_from_slice(&v.to_le_bytes()[..end - at]);
+        }
+        Lie::Truncate(i) => b.truncate(i.index(n)),
+        Lie::Value(i, v) => {
+            let lines: Vec<usize> = (0..b.len().saturating_sub(2))
+                .filter(|&p| &b[p..p + 3] == b" = ")
+                .map(|p| p + 3)
+                .collect();
+            if !lines.is_empty() {
+                let at = lines[i.index(lines.len())];
+                let end = b[at..]
+                    .iter()
+                    .position(|&c| c == b'\n')
+                    .map_or(b.len(), |e| at + e);
+                b.splice(at..end, v.bytes());
+            }
+        }
+        _ => {}
+    }
+    if name.ends_with(".toml") {
+        b = harness::seal_profile(&b);
+    } else if name.ends_with(".rdiff") {
+        harness::seal_rdiff(&mut b, true);
+    } else if name.ends_with(".digest") && b.len() >= HEADER_LEN {
+        seal_header(&mut b, 0);
+    }
+    std::fs::write(path, &b).unwrap();
+}
+
+/// A typed error that says the archive is damaged (or in a format this build refuses).
+fn damage_or_ok<T>(r: &Result<T>, what: &str) -> std::result::Result<(), TestCaseError> {
+    if let Err(e) = r {
+        prop_assert!(
+            matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Format),
+            "{}: {:?}: {}",
+            what,
+            e.kind(),
+            e
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// One lie, with its checksums forged, in any file of the archive: every reader either
+    /// gives the right bytes or a typed corruption error, a deep check that passes means
+    /// every generation restores as it was backed up, nothing outside the repository
+    /// changes, and no allocation is huge.
+    #[test]
+    fn any_lie_in_any_file_is_found_or_harmless(file in any::<Index>(), lies in prop::collection::vec(lie(), 1..3)) {
+        let a = Archive::copied();
+        let files = archive_files(&a.vm_dir());
+        let target = &files[file.index(files.len())];
+        for l in &lies {
+            tell(target, l);
+        }
+        let outside = listing(a.tmp.path());
+        let mut restored = Vec::new();
+        for k in 0..3 {
+            let r = a.restore(k);
+            // A lie can rename the disk: then the generation has no disk vda to restore.
+            if !r.as_ref().is_err_and(|e| e.kind() == ErrorKind::Usage) {
+                damage_or_ok(&r, &format!("restore {k}"))?;
+            }
+            restored.push(r.ok());
+        }
+        let deep = a.check(true);
+        damage_or_ok(&deep, "deep check")?;
+        damage_or_ok(&a.check(false), "check")?;
+        if deep.as_ref().is_ok_and(|r| r.ok()) {
+            for (k, r) in restored.iter().enumerate() {
+                prop_assert!(r.as_ref() == Some(&a.snaps[k]), "generation {} restored wrong after a passing deep check", k);
+            }
+        }
+        for (k, r) in restored.iter().enumerate() {
+            if let Some(bytes) = r {
+                prop_assert!(*bytes == a.snaps[k] || !deep.as_ref().is_ok_and(|r| r.ok()));
+            }
+        }
+        damage_or_ok(&a.merge(), "merge")?;
+        damage_or_ok(&a.drop_middle(), "drop")?;
+        let disk = a.tmp.path().join("disk.raw");
+        let backup = BackupRun::begin(&a.repo, "vm").and_then(|run| {
+            let input = DiskInput::new("vda", Box::new(FileSource::open(&disk)?));
+            run.execute(vec![input], &BackupOptions::default(), &NoProgress)
+        });
+        damage_or_ok(&backup, "backup")?;
+        prop_assert_eq!(listing(a.tmp.path()), outside);
+        assert_no_huge_allocation();
+    }
 }
 
 // ---------------------------------------------------------------------------------------
