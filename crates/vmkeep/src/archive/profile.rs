@@ -58,8 +58,9 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Profiles are a few KiB; a larger file is not read into memory.
-pub const MAX_PROFILE_LEN: u64 = 1 << 20;
+/// Profiles are a few KiB (an inventory of thousands of VMs stays under a MiB); a file
+/// larger than this is damage, and is not read into memory.
+pub const MAX_PROFILE_LEN: u64 = 16 << 20;
 
 /// Read and parse a profile file.
 pub fn load<T: DeserializeOwned + Versioned>(path: &Path) -> Result<T> {
