@@ -18,7 +18,7 @@ ensure_cargo
 SECONDS_EACH=${1:-60}
 [ $# -gt 0 ] && shift
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(rdiff partial digest profile txn nbd)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(rdiff partial digest profile txn changed nbd)
 
 TOOLCHAIN=()
 if rustup run nightly rustc --version >/dev/null 2>&1; then

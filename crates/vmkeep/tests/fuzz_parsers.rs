@@ -1,6 +1,6 @@
 //! The fuzzing that CI runs: every archive parser (reverse diffs finished and partial,
-//! digest files, the four kinds of profile, transaction records) and the NBD server's
-//! option and request parsing, fed random bytes, mutations of real archive files and
+//! digest files, the four kinds of profile, transaction records), changed-block lists, and
+//! the NBD server's option and request parsing, fed random bytes, mutations of real archive files and
 //! sessions, and every file of the checked-in cargo-fuzz corpus (`fuzz/corpus/`). Nothing
 //! may panic, hang or make the server stop serving. The harness is shared with the
 //! cargo-fuzz targets (`fuzz/`, run by `scripts/fuzz.sh`), which grow the corpus.
@@ -23,6 +23,7 @@ fn target(name: &str) -> Option<fn(&[u8])> {
         "digest" => harness::digest,
         "profile" => harness::profile,
         "txn" => harness::txn,
+        "changed" => harness::changed,
         "nbd" => harness::nbd,
         _ => return None,
     })
@@ -38,7 +39,8 @@ fn seeds_of(name: &str) -> Vec<(u8, Vec<u8>)> {
     seeds()
         .iter()
         .filter_map(|(t, bytes)| match t.split_once(':') {
-            None if *t == name => Some((0, bytes.clone())),
+            // A changed-block list's mode byte is the disk size, in thousands of blocks.
+            None if *t == name => Some((if name == "changed" { 16 } else { 0 }, bytes.clone())),
             Some(("profile", k)) if name == "profile" => {
                 Some((k.parse::<u8>().unwrap() << 1, bytes.clone()))
             }
@@ -214,6 +216,18 @@ proptest! {
     ]) {
         harness::profile(&data);
     }
+
+    #[test]
+    fn changed_block_list_takes_any_text(data in prop_oneof![
+        random(b"{\"changedArea\": [{\"start\": "),
+        mutated("changed"),
+        (any::<u8>(), prop::collection::vec((interesting64(), interesting64()), 0..20)).prop_map(|(m, v)| {
+            let lines: String = v.iter().map(|(o, l)| format!("{o} {l}\n")).collect();
+            [vec![m], lines.into_bytes()].concat()
+        }),
+    ]) {
+        harness::changed(&data);
+    }
 }
 
 /// A handshake option with random contents, biased to the ones the server knows.
@@ -342,7 +356,7 @@ fn checked_in_corpus_replays() {
 #[ignore]
 fn write_seed_corpus() {
     let mut files: Vec<(&str, Vec<u8>)> = Vec::new();
-    for name in ["rdiff", "partial", "digest", "profile"] {
+    for name in ["rdiff", "partial", "digest", "profile", "changed"] {
         for (mode, bytes) in seeds_of(name) {
             for seal in [0, 1] {
                 files.push((name, [vec![mode | seal], bytes.clone()].concat()));

@@ -272,6 +272,23 @@ pub fn txn(data: &[u8]) {
     profile(&d);
 }
 
+/// A changed-block list (`--changed-blocks`: text or vSphere JSON), turned into the block
+/// ranges a backup reads. The mode byte picks the disk's size in blocks.
+pub fn changed(data: &[u8]) {
+    let blocks = data.first().map_or(0, |&m| m as u64 * 1000);
+    let text = String::from_utf8_lossy(data.get(1..).unwrap_or_default());
+    let Ok(extents) = vmkeep::source::changed::parse(Path::new("list"), &text) else {
+        return;
+    };
+    let ranges = vmkeep::source::changed::to_block_ranges(&extents, BS, blocks);
+    for w in ranges.windows(2) {
+        assert!(w[0].1 < w[1].0, "ranges overlap or touch: {w:?}");
+    }
+    for &(a, b) in &ranges {
+        assert!(a < b && b <= blocks, "range {a}..{b} of {blocks} blocks");
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Seeds: real files of a small archive
 
@@ -317,6 +334,15 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     p.started = t.started.clone();
     p.store(tmp.path()).expect("seed txn");
     out.push(("profile:3", read(tmp.path().join("txn.toml"))));
+    out.push((
+        "changed",
+        b"# offset length\n0 4096\n0x10000 0x2000\n\n65536 1\n".to_vec(),
+    ));
+    out.push((
+        "changed",
+        br#"{"changedArea": [{"start": 0, "length": 65536}, {"start": 1048576, "length": 4096}]}"#
+            .to_vec(),
+    ));
     out
 }
 
