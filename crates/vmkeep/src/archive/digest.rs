@@ -115,6 +115,9 @@ impl DigestHeader {
                 format!("invalid block size {block_size}"),
             ));
         }
+        if !valid_disk_size(disk_size) {
+            return Err(Error::corrupt(path, "impossible disk size"));
+        }
         let h = DigestHeader {
             block_size,
             disk_size,

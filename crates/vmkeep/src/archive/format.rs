@@ -33,6 +33,9 @@ pub const MIN_BLOCK_SIZE: u32 = 4096;
 pub const MAX_BLOCK_SIZE: u32 = 4 << 20;
 /// Default block size; see docs/FORMAT.md for the measurements behind it.
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 << 10;
+/// Largest disk size accepted (1 EiB), from a file or a source: far beyond any real disk,
+/// and small enough that no block or byte arithmetic on a disk can overflow a u64.
+pub const MAX_DISK_SIZE: u64 = 1 << 60;
 
 const _: () = assert!(DIGEST_DATA_OFFSET as usize >= HEADER_LEN);
 const _: () = assert!(DEFAULT_BLOCK_SIZE.is_power_of_two());
@@ -40,6 +43,11 @@ const _: () = assert!(DEFAULT_BLOCK_SIZE.is_power_of_two());
 /// Check a block size read from a file or given on the command line.
 pub fn valid_block_size(bs: u64) -> bool {
     bs.is_power_of_two() && bs >= MIN_BLOCK_SIZE as u64 && bs <= MAX_BLOCK_SIZE as u64
+}
+
+/// Check a disk size read from a file or reported by a source.
+pub fn valid_disk_size(size: u64) -> bool {
+    size <= MAX_DISK_SIZE
 }
 
 /// Number of blocks of a disk of `size` bytes.

@@ -37,9 +37,11 @@ impl VmLock {
         if rc != 0 {
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                // The holder line is short; a lock file grown by anything else is not
+                // read whole.
                 let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = holder.trim();
+                let _ = (&mut file).take(256).read_to_string(&mut holder);
+                let holder = holder.trim_matches(|c: char| c.is_whitespace() || c == '\0');
                 let holder = if holder.is_empty() {
                     "locked by another process".to_string()
                 } else {

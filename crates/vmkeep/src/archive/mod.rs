@@ -194,6 +194,12 @@ impl VmArchive {
                 format!("profile names VM {:?}", profile.name),
             ));
         }
+        if !format::valid_block_size(profile.block_size as u64) {
+            return Err(Error::corrupt(
+                dir.join("vm.toml"),
+                format!("invalid block size {}", profile.block_size),
+            ));
+        }
         Ok(VmArchive {
             dir,
             name: name.to_string(),
@@ -227,13 +233,15 @@ impl VmArchive {
     /// Load generation `id`.
     pub fn generation(&self, id: &str) -> Result<Generation> {
         let dir = self.dir.join(id);
-        let profile: GenerationProfile = profile::load(&dir.join("generation.toml"))?;
+        let path = dir.join("generation.toml");
+        let profile: GenerationProfile = profile::load(&path)?;
         if profile.id != id {
             return Err(Error::corrupt(
-                dir.join("generation.toml"),
+                &path,
                 format!("profile names generation {}", profile.id),
             ));
         }
+        check_generation(&path, &profile)?;
         Ok(Generation {
             id: id.to_string(),
             dir,
@@ -261,6 +269,34 @@ impl VmArchive {
         let ids = self.generation_ids()?;
         resolve_rev(&ids, rev).map_err(|e| Error::usage(format!("VM {}: {e}", self.name)))
     }
+}
+
+/// What a generation profile says must be possible: its disk names become file names and
+/// its sizes drive every reader's arithmetic.
+fn check_generation(path: &Path, p: &GenerationProfile) -> Result<()> {
+    if !format::valid_block_size(p.block_size as u64) {
+        return Err(Error::corrupt(
+            path,
+            format!("invalid block size {}", p.block_size),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for d in &p.disks {
+        names::check_disk(&d.name).map_err(|e| Error::corrupt(path, e))?;
+        if !seen.insert(d.name.as_str()) {
+            return Err(Error::corrupt(
+                path,
+                format!("disk {} is listed twice", d.name),
+            ));
+        }
+        if !format::valid_disk_size(d.size) {
+            return Err(Error::corrupt(
+                path,
+                format!("disk {} has an impossible size", d.name),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Resolve `rev` among `ids` (oldest first); the message says what is wrong.

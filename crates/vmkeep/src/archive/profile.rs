@@ -58,10 +58,20 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// Profiles are a few KiB (an inventory of thousands of VMs stays under a MiB); a file
+/// larger than this is damage, and is not read into memory.
+pub const MAX_PROFILE_LEN: u64 = 16 << 20;
+
 /// Read and parse a profile file.
 pub fn load<T: DeserializeOwned + Versioned>(path: &Path) -> Result<T> {
-    let text = match std::fs::read(path) {
-        Ok(t) => t,
+    let text = match std::fs::metadata(path).and_then(|m| {
+        if m.len() > MAX_PROFILE_LEN {
+            return Ok(None);
+        }
+        std::fs::read(path).map(Some)
+    }) {
+        Ok(Some(t)) => t,
+        Ok(None) => return Err(Error::corrupt(path, "file is too large for a profile")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(Error::corrupt(path, "file is missing"))
         }

@@ -96,6 +96,9 @@ impl RdiffHeader {
                 format!("invalid block size {}", h.block_size),
             ));
         }
+        if !valid_disk_size(h.disk_size) || !valid_disk_size(h.next_size) {
+            return Err(Error::corrupt(path, "impossible disk size"));
+        }
         if h.compression > COMPRESSION_ZSTD {
             return Err(Error::format(
                 path,
@@ -414,16 +417,19 @@ impl RdiffReader {
         for e in ib.chunks_exact(INDEX_ENTRY_LEN) {
             let b = u64::from_le_bytes(e[..8].try_into().expect("8"));
             let off = u64::from_le_bytes(e[8..].try_into().expect("8"));
-            let ordered = prev.is_none_or(|(pb, po)| b > pb && off > po);
-            if !ordered
+            // The records are contiguous: the first starts right after the header.
+            let placed = prev.map_or(off == HEADER_LEN as u64, |(pb, po)| b > pb && off > po);
+            if !placed
                 || b >= header.blocks()
-                || off < HEADER_LEN as u64
-                || off + HEADER_LEN as u64 > index_offset
+                || off > index_offset.saturating_sub(HEADER_LEN as u64)
             {
                 return Err(Error::corrupt(path, "index is damaged"));
             }
             prev = Some((b, off));
             index.push((b, off));
+        }
+        if index.is_empty() && index_offset != HEADER_LEN as u64 {
+            return Err(Error::corrupt(path, "index is damaged"));
         }
         Ok(RdiffReader {
             file,
@@ -523,40 +529,77 @@ pub struct PartialRdiff {
     pub records: Vec<Record>,
 }
 
-/// Read back every complete, intact record of a partial reverse diff. A torn record at the
-/// end (the crash happened while it was written) ends the scan: its image block was never
-/// overwritten, because image writes wait for the journal's fsync.
+/// Reads the valid prefix of a partial reverse diff one record at a time, so that
+/// recovery holds one block in memory however much the interrupted backup journaled.
 ///
-/// A journal whose header is incomplete or unreadable was never synced, so no image block
-/// was overwritten under it: it reads as `None` (nothing to undo).
-pub fn scan_partial(path: &Path) -> Result<Option<PartialRdiff>> {
-    let file = fsutil::open_ro(path)?;
-    let len = file.metadata().at(path)?.len();
-    let mut hb = [0u8; HEADER_LEN];
-    if len < HEADER_LEN as u64 {
-        return Ok(None);
+/// The prefix is every complete, intact record, in increasing block order as the writer
+/// appends them. A torn record at the end (the crash happened while it was written) ends
+/// it: its image block was never overwritten, because image writes wait for the journal's
+/// fsync.
+pub struct PartialScan {
+    file: File,
+    path: PathBuf,
+    len: u64,
+    /// Where the next record starts; the file's length once the prefix has ended.
+    off: u64,
+    last: Option<u64>,
+    pub header: RdiffHeader,
+}
+
+impl PartialScan {
+    /// Open a journal. One whose header is incomplete or unreadable was never synced, so
+    /// no image block was overwritten under it: it opens as `None` (nothing to undo).
+    pub fn open(path: &Path) -> Result<Option<PartialScan>> {
+        let file = fsutil::open_ro(path)?;
+        let len = file.metadata().at(path)?.len();
+        if len < HEADER_LEN as u64 {
+            return Ok(None);
+        }
+        let mut hb = [0u8; HEADER_LEN];
+        fsutil::read_exact_at(&file, &mut hb, 0, path)?;
+        let Ok(header) = RdiffHeader::decode(path, &hb) else {
+            tracing::warn!(
+                "{}: journal header unreadable; nothing was overwritten under it",
+                path.display()
+            );
+            return Ok(None);
+        };
+        Ok(Some(PartialScan {
+            file,
+            path: path.to_path_buf(),
+            len,
+            off: HEADER_LEN as u64,
+            last: None,
+            header,
+        }))
     }
-    fsutil::read_exact_at(&file, &mut hb, 0, path)?;
-    let Ok(header) = RdiffHeader::decode(path, &hb) else {
-        tracing::warn!(
-            "{}: journal header unreadable; nothing was overwritten under it",
-            path.display()
-        );
-        return Ok(None);
-    };
-    let mut records = Vec::new();
-    let mut off = HEADER_LEN as u64;
-    while off + HEADER_LEN as u64 <= len {
-        fsutil::read_exact_at(&file, &mut hb, off, path)?;
-        let Ok(head) = decode_record_head(path, off, &hb, &header) else {
-            break;
+
+    /// The next record of the valid prefix; `None` once it has ended.
+    pub fn next_record(&mut self) -> Result<Option<Record>> {
+        let rec = self.read_next()?;
+        match &rec {
+            Some(r) => self.last = Some(r.block),
+            None => self.off = self.len,
+        }
+        Ok(rec)
+    }
+
+    fn read_next(&mut self) -> Result<Option<Record>> {
+        let (off, path) = (self.off, self.path.as_path());
+        if self.len - off < HEADER_LEN as u64 {
+            return Ok(None);
+        }
+        let mut hb = [0u8; HEADER_LEN];
+        fsutil::read_exact_at(&self.file, &mut hb, off, path)?;
+        let Ok(head) = decode_record_head(path, off, &hb, &self.header) else {
+            return Ok(None);
         };
         let body_end = off + HEADER_LEN as u64 + head.stored_len as u64;
-        if body_end > len {
-            break;
+        if body_end > self.len || self.last.is_some_and(|l| head.block <= l) {
+            return Ok(None);
         }
         let mut body = vec![0u8; head.stored_len as usize];
-        fsutil::read_exact_at(&file, &mut body, off + HEADER_LEN as u64, path)?;
+        fsutil::read_exact_at(&self.file, &mut body, off + HEADER_LEN as u64, path)?;
         let rec = Record {
             block: head.block,
             flags: head.flags,
@@ -564,12 +607,29 @@ pub fn scan_partial(path: &Path) -> Result<Option<PartialRdiff>> {
             digest: head.digest,
             body,
         };
-        let Ok(data) = rec.data(path) else { break };
+        let Ok(data) = rec.data(path) else {
+            return Ok(None);
+        };
         if !rec.is_damaged() && crate::archive::digest::block_digest(&data) != rec.digest {
-            break;
+            return Ok(None);
         }
-        records.push(rec);
-        off = body_end;
+        self.off = body_end;
+        Ok(Some(rec))
     }
-    Ok(Some(PartialRdiff { header, records }))
+}
+
+/// Read back every record of a partial reverse diff's valid prefix (see [`PartialScan`]);
+/// `None` for a journal without a readable header.
+pub fn scan_partial(path: &Path) -> Result<Option<PartialRdiff>> {
+    let Some(mut scan) = PartialScan::open(path)? else {
+        return Ok(None);
+    };
+    let mut records = Vec::new();
+    while let Some(rec) = scan.next_record()? {
+        records.push(rec);
+    }
+    Ok(Some(PartialRdiff {
+        header: scan.header,
+        records,
+    }))
 }

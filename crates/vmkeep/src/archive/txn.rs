@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::profile::{self, Versioned, PROFILE_VERSION};
-use super::rdiff;
+use super::profile::{self, GenerationProfile, Versioned, PROFILE_VERSION};
+use super::{is_generation_name, names, rdiff};
 use super::{DELETING, LATEST, PARTIAL};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
@@ -89,6 +89,42 @@ impl Txn {
         fsutil::remove_file(&vm_dir.join(TXN_FILE))?;
         fsutil::sync_dir(vm_dir)
     }
+
+    /// Refuse a record that no run of vmkeep could have written. Recovery renames, links
+    /// and deletes what the record names, so every name must be a generation or a disk of
+    /// this VM folder, and every generation the state relies on must be there.
+    pub fn validate(&self, vm_dir: &Path) -> Result<()> {
+        let path = vm_dir.join(TXN_FILE);
+        let bad = |why: String| Err(Error::corrupt(&path, why));
+        let ids = [self.old.as_ref(), self.older.as_ref(), Some(&self.new)];
+        if let Some(id) = ids.into_iter().flatten().find(|id| !is_generation_name(id)) {
+            return bad(format!("{id:?} is not a generation id"));
+        }
+        for d in &self.disks {
+            names::check_disk(d).map_err(|e| Error::corrupt(&path, e))?;
+        }
+        let exists = |id: &str| gen_dir(vm_dir, id).is_dir();
+        let (base, needed) = match self.op.as_str() {
+            "backup" if self.older.is_none() => (self.old.as_ref(), self.old.as_ref()),
+            "prune" if self.old.is_none() => match &self.older {
+                Some(older) => (Some(older), Some(older)),
+                None => return bad("prune without older".into()),
+            },
+            "backup" | "prune" => return bad(format!("{} with a stray field", self.op)),
+            _ => return Ok(()), // an unknown kind is refused by `recover`
+        };
+        if let Some(b) = base.filter(|b| **b >= self.new) {
+            return bad(format!("generation {} does not follow {b}", self.new));
+        }
+        if let Some(id) = needed.filter(|id| !exists(id)) {
+            return bad(format!("generation {id} does not exist"));
+        }
+        let made = exists(&self.new) || partial_dir(vm_dir, &self.new).is_dir();
+        if self.op == "backup" && self.state == "commit" && !made {
+            return bad(format!("generation {} does not exist", self.new));
+        }
+        Ok(())
+    }
 }
 
 /// Finish or undo whatever an interrupted command left in `vm_dir`; returns one line per
@@ -98,6 +134,7 @@ pub fn recover(vm_dir: &Path) -> Result<Vec<String>> {
     let txn_path = vm_dir.join(TXN_FILE);
     if txn_path.exists() {
         let txn: Txn = profile::load(&txn_path)?;
+        txn.validate(vm_dir)?;
         match (txn.op.as_str(), txn.state.as_str()) {
             ("backup", "running") => {
                 rollback_backup(vm_dir, &txn)?;
@@ -161,34 +198,48 @@ fn files_with_suffix(dir: &Path, suffix: &str) -> Result<Vec<(String, PathBuf)>>
     Ok(out)
 }
 
-/// Put back into `image` the old blocks journaled in the partial reverse diff `journal`.
-pub fn apply_undo(image: &Path, journal: &Path) -> Result<usize> {
-    let Some(partial) = rdiff::scan_partial(journal)? else {
+/// Put back into `DISK.raw` of the generation folder `dir` the old blocks journaled in its
+/// `DISK.rdiff.partial`, one record at a time. The journal must describe the disk as the
+/// generation's profile does: one claiming another size or block size would resize the
+/// image or write blocks at the wrong places, so it is refused as corrupt and left alone.
+pub fn apply_undo(dir: &Path, disk: &str) -> Result<usize> {
+    let image = dir.join(format!("{disk}.raw"));
+    let journal = dir.join(format!("{disk}.rdiff.partial"));
+    let Some(mut scan) = rdiff::PartialScan::open(&journal)? else {
         return Ok(0);
     };
     if !image.exists() {
         return Ok(0);
     }
-    let file = fsutil::open_rw(image)?;
-    let h = &partial.header;
-    fsutil::set_len(&file, h.disk_size, image)?;
-    for rec in &partial.records {
+    let h = scan.header.clone();
+    let gp: GenerationProfile = profile::load(&dir.join("generation.toml"))?;
+    if gp.disk(disk).map(|d| d.size) != Some(h.disk_size) || gp.block_size != h.block_size {
+        return Err(Error::corrupt(
+            &journal,
+            "header does not match the generation profile",
+        ));
+    }
+    let file = fsutil::open_rw(&image)?;
+    fsutil::set_len(&file, h.disk_size, &image)?;
+    let mut applied = 0;
+    while let Some(rec) = scan.next_record()? {
         let off = rec.block * h.block_size as u64;
         if rec.is_zero() {
-            fsutil::punch_hole(&file, off, rec.raw_len as u64, image)?;
+            fsutil::punch_hole(&file, off, rec.raw_len as u64, &image)?;
         } else {
-            fsutil::write_at(&file, &rec.data(journal)?, off, image)?;
+            fsutil::write_at(&file, &rec.data(&journal)?, off, &image)?;
         }
+        applied += 1;
     }
-    fsutil::sync_all(&file, image)?;
-    Ok(partial.records.len())
+    fsutil::sync_all(&file, &image)?;
+    Ok(applied)
 }
 
 fn rollback_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
     if let Some(old) = &txn.old {
         let old_dir = gen_dir(vm_dir, old);
         for (disk, journal) in files_with_suffix(&old_dir, ".rdiff.partial")? {
-            apply_undo(&old_dir.join(format!("{disk}.raw")), &journal)?;
+            apply_undo(&old_dir, &disk)?;
             fsutil::remove_file(&journal)?;
         }
         fsutil::sync_dir(&old_dir)?;
@@ -284,11 +335,11 @@ fn cleanup_strays(vm_dir: &Path) -> Result<Vec<String>> {
             done.push(format!("removed the leftover folder {name}"));
         } else if name.ends_with(".tmp") {
             fsutil::remove_file(&path)?;
-        } else if super::is_generation_name(&name) && path.is_dir() {
+        } else if is_generation_name(&name) && path.is_dir() {
             for (disk, journal) in files_with_suffix(&path, ".rdiff.partial")? {
                 // Without a transaction nothing can have been overwritten yet; applying
                 // the journal anyway is harmless and is the safe reading.
-                apply_undo(&path.join(format!("{disk}.raw")), &journal)?;
+                apply_undo(&path, &disk)?;
                 fsutil::remove_file(&journal)?;
                 done.push(format!(
                     "undid the leftover journal {name}/{disk}.rdiff.partial"

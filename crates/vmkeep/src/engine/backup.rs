@@ -17,7 +17,7 @@ use crate::archive::digest::{
     block_digest, Digest, DigestHeader, DigestReader, DigestWriter, ZERO_DIGEST,
 };
 use crate::archive::format::{
-    block_count, block_len, valid_block_size, DEFAULT_BLOCK_SIZE, DIGEST_LEN,
+    block_count, block_len, valid_block_size, valid_disk_size, DEFAULT_BLOCK_SIZE, DIGEST_LEN,
 };
 use crate::archive::lock::VmLock;
 use crate::archive::profile::{self, DiskRecord, GenerationProfile, VmProfile, PROFILE_VERSION};
@@ -451,6 +451,12 @@ impl RunCtx<'_> {
     fn disk(&self, input: DiskInput, requested: Mode) -> Result<(DiskRecord, Vec<String>)> {
         let bs = self.block_size;
         let size = input.source.size();
+        if !valid_disk_size(size) {
+            return Err(Error::source(
+                input.source.describe(),
+                format!("reports a size of {size} bytes, more than vmkeep handles"),
+            ));
+        }
         let new_blocks = block_count(size, bs);
         let old = self.open_old(&input.name, true)?;
         let mut warnings = Vec::new();

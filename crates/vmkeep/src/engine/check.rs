@@ -16,10 +16,9 @@ use crate::archive::digest::{block_digest, DigestReader, RootHasher, ZERO_DIGEST
 use crate::archive::format::{block_len, DIGEST_LEN};
 use crate::archive::lock::VmLock;
 use crate::archive::profile::{self, CheckRecord};
-use crate::archive::rdiff::RdiffReader;
 use crate::archive::{txn, Generation, Repository, VmArchive};
 use crate::engine::pipeline;
-use crate::engine::reader::{DiskView, Loc};
+use crate::engine::reader::{open_rdiff, DiskView, Loc};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 
@@ -119,11 +118,6 @@ pub fn check(
         Err(Error::Io { source, .. }) if source.raw_os_error() == Some(libc::EROFS) => None,
         Err(e) => return Err(e),
     };
-    let recovered = if lock.is_some() {
-        txn::recover(&dir)?
-    } else {
-        Vec::new()
-    };
     let mut c = Checker {
         repo,
         vm: vm.to_string(),
@@ -144,6 +138,20 @@ pub fn check(
             detail.into(),
         );
     }
+    let recovered = if lock.is_none() {
+        Vec::new()
+    } else {
+        match txn::recover(&dir) {
+            Ok(r) => r,
+            Err(Error::Corrupt { path, detail }) => {
+                // A damaged transaction record is left alone: nothing else can be trusted
+                // until someone looks at it.
+                c.problem(None, None, Some(&path), None, detail);
+                return Ok(c.report(deep, 0, 0, Vec::new()));
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let archive = match VmArchive::open(dir.clone(), vm) {
         Ok(a) => a,
         Err(e) => {
@@ -184,8 +192,8 @@ pub fn check(
         }
         c.check_newest(&gens[gens.len() - 1]);
     }
-    for g in &gens[..gens.len().saturating_sub(1)] {
-        c.check_rdiffs(g, deep);
+    for j in 0..gens.len().saturating_sub(1) {
+        c.check_rdiffs(&gens, j, deep);
     }
     let mut proven = 0;
     if deep {
@@ -392,10 +400,11 @@ impl Checker<'_> {
 
     /// An older generation: each reverse diff's structure and checksum; deep also proves
     /// every record's digest.
-    fn check_rdiffs(&mut self, g: &Generation, deep: bool) {
+    fn check_rdiffs(&mut self, gens: &[Generation], j: usize, deep: bool) {
+        let g = &gens[j];
         for d in &g.profile.disks {
             let path = g.rdiff_path(&d.name);
-            let r = match RdiffReader::open(&path) {
+            let r = match open_rdiff(gens, j, &d.name) {
                 Ok(r) => r,
                 Err(e) => {
                     self.problem(
@@ -408,15 +417,6 @@ impl Checker<'_> {
                     continue;
                 }
             };
-            if r.header.disk_size != d.size {
-                self.problem(
-                    Some(&g.id),
-                    Some(&d.name),
-                    Some(&path),
-                    None,
-                    "disk size differs from the generation profile".into(),
-                );
-            }
             if let Err(e) = r.verify_file_hash() {
                 self.problem(
                     Some(&g.id),

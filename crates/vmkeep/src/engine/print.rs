@@ -168,6 +168,12 @@ fn print_rdiff(path: &Path, out: &mut dyn Write) -> Result<(), PErr> {
 }
 
 fn print_profile(path: &Path, out: &mut dyn Write) -> Result<(), PErr> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    if len > profile::MAX_PROFILE_LEN {
+        return Err(Error::corrupt(path, "file is too large for a profile").into());
+    }
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let kind = text.lines().next().unwrap_or("").trim_start_matches("# ");
     let kind = kind.split(" (").next().unwrap_or(kind);

@@ -19,6 +19,7 @@ use crate::archive::rdiff::{RdiffHeader, RdiffReader, RdiffWriter, Record, FLAG_
 use crate::archive::retention::{self, Item, Schedule};
 use crate::archive::txn::{self, Txn};
 use crate::archive::{Generation, Repository};
+use crate::engine::reader::open_rdiff;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 
@@ -120,15 +121,15 @@ pub fn drop_generation(vm_dir: &std::path::Path, gens: &[Generation], m: usize) 
     if m == 0 {
         return txn::delete_generation(vm_dir, &gens[0].id);
     }
-    let (older, dropped) = (&gens[m - 1], &gens[m]);
+    let older = &gens[m - 1];
     let mut merged = Vec::new();
     let written = (|| -> Result<()> {
         for d in &older.profile.disks {
-            let a = RdiffReader::open(&older.rdiff_path(&d.name))?;
+            let a = open_rdiff(gens, m - 1, &d.name)?;
             if a.header.is_base() {
                 continue; // the older generation's chain already ends at itself
             }
-            let b = RdiffReader::open(&dropped.rdiff_path(&d.name))?;
+            let b = open_rdiff(gens, m, &d.name)?;
             merge(&a, &b, &older.dir.join(format!("{}.rdiff.merge", d.name)))?;
             merged.push(d.name.clone());
         }
@@ -142,7 +143,7 @@ pub fn drop_generation(vm_dir: &std::path::Path, gens: &[Generation], m: usize) 
         }
         return Err(e);
     }
-    let t = Txn::prune(older.id.clone(), dropped.id.clone(), merged);
+    let t = Txn::prune(older.id.clone(), gens[m].id.clone(), merged);
     t.store(vm_dir)?;
     txn::roll_forward_prune(vm_dir, &t)?;
     Txn::clear(vm_dir)

@@ -87,27 +87,14 @@ impl DiskView {
         let mut chain = Vec::new();
         let mut ends_at_base = false;
         for j in k..gens.len() - 1 {
-            let g = &gens[j];
-            let path = g.rdiff_path(disk);
-            let r = RdiffReader::open(&path)?;
-            let own = g.profile.disk(disk).map(|d| d.size);
-            if own != Some(r.header.disk_size) || r.header.block_size != bs {
+            let r = open_rdiff(gens, j, disk)?;
+            if r.header.block_size != bs {
                 return Err(Error::corrupt(
-                    &path,
-                    "header does not match the generation profile",
+                    r.path(),
+                    "block size differs from the generation's",
                 ));
             }
             let is_base = r.header.is_base();
-            let next = gens[j + 1].profile.disk(disk).map(|d| d.size);
-            // A base reverse diff is self-contained (the disk was absent from the next
-            // generation when it was made; a later generation may hold a new disk of the
-            // same name). Any other must continue into the next generation's disk.
-            if !is_base && next != Some(r.header.next_size) {
-                return Err(Error::corrupt(
-                    &path,
-                    "header does not match the next generation",
-                ));
-            }
             chain.push(r);
             if is_base {
                 ends_at_base = true;
@@ -378,10 +365,7 @@ impl DiskView {
             let record = if let Ok(r) = RdiffReader::open(&fin) {
                 r.get(b)?
             } else if part.exists() {
-                rdiff::scan_partial(&part)
-                    .ok()
-                    .flatten()
-                    .and_then(|p| p.records.into_iter().find(|r| r.block == b))
+                journal_record(&part, b)
             } else {
                 None
             };
@@ -400,6 +384,47 @@ impl DiskView {
     pub fn chain(&self) -> &[RdiffReader] {
         &self.chain
     }
+}
+
+/// The record for block `b` in the valid prefix of a journal (whose records come in
+/// increasing block order), read one at a time.
+fn journal_record(path: &Path, b: u64) -> Option<Record> {
+    let mut scan = rdiff::PartialScan::open(path).ok()??;
+    while let Ok(Some(rec)) = scan.next_record() {
+        if rec.block >= b {
+            return (rec.block == b).then_some(rec);
+        }
+    }
+    None
+}
+
+/// Open the reverse diff of `disk` in generation `gens[j]` and check that its header
+/// tells what the profiles tell: its own size and block size, and the next generation's
+/// size. A base reverse diff is self-contained (the disk was absent from the next
+/// generation when it was made; a later generation may hold a new disk of the same name);
+/// any other must continue into the next generation's disk.
+pub fn open_rdiff(gens: &[Generation], j: usize, disk: &str) -> Result<RdiffReader> {
+    let g = &gens[j];
+    let path = g.rdiff_path(disk);
+    let r = RdiffReader::open(&path)?;
+    let own = g.profile.disk(disk).map(|d| d.size);
+    if own != Some(r.header.disk_size) || r.header.block_size != g.profile.block_size {
+        return Err(Error::corrupt(
+            &path,
+            "header does not match the generation profile",
+        ));
+    }
+    let next = gens
+        .get(j + 1)
+        .and_then(|n| n.profile.disk(disk))
+        .map(|d| d.size);
+    if !r.header.is_base() && next != Some(r.header.next_size) {
+        return Err(Error::corrupt(
+            &path,
+            "header does not match the next generation",
+        ));
+    }
+    Ok(r)
 }
 
 /// Read image bytes at `off`; bytes past the file's end read as zeros. A backup that
