@@ -460,13 +460,7 @@ impl Domain {
             .filter(|d| d.can_checkpoint())
             .map(|d| d.target.as_str())
             .collect();
-        let untracked: Vec<&str> = live
-            .disks
-            .iter()
-            .filter(|d| matches!(d.device, DiskDevice::Disk | DiskDevice::Lun))
-            .map(|d| d.target.as_str())
-            .filter(|t| !tracked.contains(t))
-            .collect();
+        let untracked = untracked_disks(&live, &tracked);
         // A checkpoint over no disk would be metadata tracking nothing.
         let checkpoint = plan.checkpoint.filter(|_| !tracked.is_empty());
         let checkpoint_xml = checkpoint.map(|name| {
@@ -661,13 +655,7 @@ impl Domain {
             })
             .map(|d| d.target.as_str())
             .collect();
-        let untracked: Vec<&str> = live
-            .disks
-            .iter()
-            .filter(|d| matches!(d.device, DiskDevice::Disk | DiskDevice::Lun))
-            .map(|d| d.target.as_str())
-            .filter(|t| !tracked.contains(t))
-            .collect();
+        let untracked = untracked_disks(&live, &tracked);
         let text = xml::checkpoint_xml(name, description, &tracked, &untracked);
         let handle = ffi::checkpoint_create_xml(&self.dom, &text, 0)
             .map_err(|e| self.err(format!("cannot create checkpoint '{name}': {e}")))?;
@@ -1096,4 +1084,14 @@ mod tests {
         assert!(DomainState::Paused.is_active());
         assert!(!DomainState::ShutOff.is_active());
     }
+}
+
+/// The VM's disks (not CD-ROMs) outside `tracked`: a checkpoint names them `checkpoint='no'`.
+fn untracked_disks<'a>(live: &'a xml::DomainXml, tracked: &[&str]) -> Vec<&'a str> {
+    live.disks
+        .iter()
+        .filter(|d| matches!(d.device, DiskDevice::Disk | DiskDevice::Lun))
+        .map(|d| d.target.as_str())
+        .filter(|t| !tracked.contains(t))
+        .collect()
 }
