@@ -1043,6 +1043,16 @@ pub fn prepare_private_dir(dir: &Path, qemu_gid: Option<u32>) -> Result<()> {
     Ok(())
 }
 
+/// The VM's disks (not CD-ROMs) outside `tracked`: a checkpoint names them `checkpoint='no'`.
+fn untracked_disks<'a>(live: &'a xml::DomainXml, tracked: &[&str]) -> Vec<&'a str> {
+    live.disks
+        .iter()
+        .filter(|d| matches!(d.device, DiskDevice::Disk | DiskDevice::Lun))
+        .map(|d| d.target.as_str())
+        .filter(|t| !tracked.contains(t))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1084,14 +1094,4 @@ mod tests {
         assert!(DomainState::Paused.is_active());
         assert!(!DomainState::ShutOff.is_active());
     }
-}
-
-/// The VM's disks (not CD-ROMs) outside `tracked`: a checkpoint names them `checkpoint='no'`.
-fn untracked_disks<'a>(live: &'a xml::DomainXml, tracked: &[&str]) -> Vec<&'a str> {
-    live.disks
-        .iter()
-        .filter(|d| matches!(d.device, DiskDevice::Disk | DiskDevice::Lun))
-        .map(|d| d.target.as_str())
-        .filter(|t| !tracked.contains(t))
-        .collect()
 }
