@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -561,11 +561,20 @@ impl RunCtx<'_> {
             let window = workers + 2 * cpu_threads();
             // Every buffer in flight comes from here and returns here.
             let pool = BufPool::new(window + 2);
+            // An incremental run reads scattered blocks: its own thread keeps the reads of
+            // the next blocks (source, previous image, digests) in flight well ahead of
+            // the workers, far more of them than the pipeline's window holds.
             let incr = mode == Mode::Incr;
+            let planned = AtomicU64::new(0);
+            let stop = AtomicBool::new(false);
             let mut next_job = || -> Result<Option<Job>> {
                 let job = planner.next()?;
                 if let Some(j) = &job {
-                    hint(j, source, old_ref, bs, size, incr);
+                    if incr {
+                        planned.fetch_add(j.count * bs as u64, Ordering::Relaxed);
+                    } else {
+                        hint(j, source, old_ref, bs, size, false);
+                    }
                 }
                 Ok(job)
             };
@@ -575,8 +584,18 @@ impl RunCtx<'_> {
                 task.advance(done.count * bs as u64);
                 Ok(done)
             };
-            pipeline::ordered(workers, window, &mut next_job, work, |done| {
-                sink.accept(done)
+            std::thread::scope(|s| {
+                if incr {
+                    let (ranges, planned, stop) = (&ranges, &planned, &stop);
+                    s.spawn(move || {
+                        prefetch_ranges(ranges, source, old_ref, bs, size, planned, stop)
+                    });
+                }
+                let result = pipeline::ordered(workers, window, &mut next_job, work, |done| {
+                    sink.accept(done)
+                });
+                stop.store(true, Ordering::Relaxed);
+                result
             })?;
         }
         let (stored, changed, damaged) = sink.finish()?;
@@ -673,6 +692,49 @@ fn hint(
         if incr && shared > 0 {
             let old_end = ((job.first + shared) * bs as u64).min(o.size);
             fsutil::will_need(&o.image, start, old_end - start);
+        }
+    }
+}
+
+/// Bytes of scattered blocks whose reads [`prefetch_ranges`] keeps in flight ahead of
+/// the planner (page cache only; no buffer of ours).
+const PREFETCH_AHEAD: u64 = 64 << 20;
+
+/// Walk the block ranges an incremental run examines and start the reads they need
+/// ([`hint`]), staying at most [`PREFETCH_AHEAD`] bytes ahead of what the planner has
+/// handed out (`planned`), until `stop`.
+fn prefetch_ranges(
+    ranges: &[(u64, u64)],
+    source: &dyn BlockSource,
+    old: Option<&OldDisk>,
+    bs: u32,
+    size: u64,
+    planned: &AtomicU64,
+    stop: &AtomicBool,
+) {
+    let piece = ((4u64 << 20) / bs as u64).max(1);
+    let mut issued = 0u64;
+    for &(a, b) in ranges {
+        let mut first = a;
+        while first < b {
+            let count = (b - first).min(piece);
+            while issued > planned.load(Ordering::Relaxed) + PREFETCH_AHEAD {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let job = Job {
+                first,
+                count,
+                kind: ExtentKind::Data,
+            };
+            hint(&job, source, old, bs, size, true);
+            issued += count * bs as u64;
+            first += count;
         }
     }
 }
