@@ -7,9 +7,10 @@
 //!   was read.
 //! - Before the read, a second bitmap `NAME-next` is added: it tracks every write from
 //!   then on, for the run after this one.
-//! - After a successful generation, `NAME` is replaced by `NAME-next` (remove, add, merge,
-//!   remove), so the next run sees only writes made since this run began reading. A write
-//!   made at any moment lands in `NAME-next`, so none is missed.
+//! - After a successful generation, `NAME` is replaced by `NAME-next` (`NAME` cleared and
+//!   merged from `NAME-next` in one `qemu-img` run, then `NAME-next` removed), so the next
+//!   run sees only writes made since this run began reading. A write made at any moment
+//!   lands in `NAME-next`, so none is missed.
 //! - A failed run removes `NAME-next` and leaves `NAME` as it was: it only ever
 //!   accumulates. If a step cannot run (a VM holds the image's lock), the bitmaps are left
 //!   as they are: the next run reads more than it must, or all of it, never less.
@@ -163,26 +164,38 @@ pub fn prepare(path: &Path, name: &str, recorded: Option<&str>) -> Result<Plan> 
 }
 
 /// After a successful generation: `NAME` becomes what `NAME-next` tracked.
+///
+/// Two `qemu-img` runs: `NAME` is cleared, enabled and given `NAME-next`'s bits in one
+/// (the operations apply in order to the one image they open), then `NAME-next` goes.
+/// When `NAME` does not exist (the first run, or a bitmap found in-use and dropped) the
+/// clear fails before touching anything and `NAME` is added with those bits instead. A
+/// crash in between leaves `NAME` either as it was, or marked in-use (the next run reads
+/// everything), or complete with `NAME-next` still there (the next run removes it).
 pub fn commit(path: &Path, name: &str) -> Result<()> {
     let next = next_name(name);
-    if list(path)?.iter().any(|b| b.name == name) {
-        bitmap_op(path, "--remove", name)?;
-    }
-    add(path, name)?;
-    let out = Command::new("qemu-img")
-        .args(["bitmap", "--merge", &next])
-        .arg(path)
-        .arg(name)
-        .output()
-        .map_err(|e| Error::source(path.display(), format!("cannot run qemu-img: {e}")))?;
+    let merge = |first: &[&str]| {
+        let mut args = vec!["bitmap"];
+        args.extend_from_slice(first);
+        args.extend_from_slice(&["--enable", "--merge", &next]);
+        Command::new("qemu-img")
+            .args(&args)
+            .arg(path)
+            .arg(name)
+            .output()
+            .map_err(|e| Error::source(path.display(), format!("cannot run qemu-img: {e}")))
+    };
+    let out = merge(&["--clear"])?;
     if !out.status.success() {
-        return Err(Error::source(
-            path.display(),
-            format!(
-                "qemu-img bitmap --merge: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        ));
+        let out = merge(&["--add"])?;
+        if !out.status.success() {
+            return Err(Error::source(
+                path.display(),
+                format!(
+                    "qemu-img bitmap --merge: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            ));
+        }
     }
     bitmap_op(path, "--remove", &next)
 }
