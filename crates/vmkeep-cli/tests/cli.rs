@@ -153,6 +153,83 @@ fn incr_from_changed_block_list_reads_only_listed_blocks() {
     assert!(std::fs::read(env.path("r")).unwrap() == std::fs::read(&disk).unwrap());
 }
 
+/// Write `data` at `off` into a qcow2 image through QEMU (so its bitmaps see the write).
+fn qemu_write(env: &Env, image: &std::path::Path, off: u64, data: &[u8]) {
+    let src = env.path("qemu-io.bin");
+    std::fs::write(&src, data).unwrap();
+    let cmd = format!("write -s {} {off} {}", src.display(), data.len());
+    let st = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", &cmd])
+        .arg(image)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+fn bitmaps_of(image: &std::path::Path) -> Vec<String> {
+    let out = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(image)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut names: Vec<String> = v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|b| b["name"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn qcow2_bitmap_incrementals_read_only_what_was_written_since() {
+    let env = Env::new();
+    let raw = env.disk("src.raw", 8 << 20);
+    write_at(&raw, 0, &noise(8, 3 << 20));
+    let image = env.path("disk.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&image)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let spec = format!("vda={}?bitmap=bm", image.display());
+    // The first run reads everything and starts the bitmap.
+    env.ok(&["backup", "vm", "--disk", &spec]);
+    assert_eq!(bitmaps_of(&image), vec!["bm"]);
+    let mut want = std::fs::read(&raw).unwrap();
+    let disk_json = |env: &Env| -> serde_json::Value {
+        let js: serde_json::Value =
+            serde_json::from_str(&env.ok(&["status", "vm", "--json"])).unwrap();
+        js["vms"][0]["generations"][0]["disks"][0].clone()
+    };
+    // Each later run reads only the clusters written since the run before.
+    // (offset, length, 64 KiB blocks it touches)
+    for (round, (off, len, blocks)) in [(5u64 << 20, 70_000usize, 2u64), (1 << 20, 4096, 1)]
+        .into_iter()
+        .enumerate()
+    {
+        let data = noise(20 + round as u64, len);
+        qemu_write(&env, &image, off, &data);
+        want[off as usize..off as usize + len].copy_from_slice(&data);
+        env.ok(&["backup", "vm", "--disk", &spec, "--mode", "incr"]);
+        let d = disk_json(&env);
+        assert_eq!(d["mode"], "incr", "round {round}: {d}");
+        assert_eq!(d["read_bytes"], blocks * 65536, "round {round}: {d}");
+        assert_eq!(bitmaps_of(&image), vec!["bm"], "round {round}");
+        let out = env.path("r.raw");
+        env.ok(&["restore", "vm", "--to", out.to_str().unwrap()]);
+        assert!(std::fs::read(&out).unwrap() == want, "round {round}");
+    }
+    env.ok(&["check", "vm", "--deep"]);
+}
+
 #[test]
 fn block_size_is_chosen_at_the_first_backup() {
     let env = Env::new();

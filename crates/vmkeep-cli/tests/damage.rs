@@ -215,3 +215,42 @@ fn restore_refuses_damaged_blocks_unless_told() {
     let diff: Vec<usize> = (0..got.len()).filter(|&i| got[i] != want[i]).collect();
     assert_eq!(diff, vec![200_000], "only the flipped byte differs");
 }
+
+#[test]
+fn a_hole_punched_into_the_newest_image_is_found() {
+    // check reads only the data extents of a sparse image and proves its holes from the
+    // digests: a data block that became a hole must still be found.
+    let (env, ids) = archive();
+    let image = file(&env, &ids[2], "vda.raw");
+    let st = std::process::Command::new("fallocate")
+        .args(["--punch-hole", "--offset", "16384", "--length", "16384"])
+        .arg(&image)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let line = damaged(
+        &env,
+        false,
+        &["generation", &ids[2], "disk vda", "bytes 16384..32768"],
+    );
+    assert!(line.contains("vda.raw"), "{line}");
+}
+
+#[test]
+fn data_where_the_newest_image_has_a_zero_block_is_found_but_never_restored() {
+    let (env, ids) = archive();
+    let image = file(&env, &ids[2], "vda.raw");
+    // Block 50 (16 KiB blocks) is zero at every generation: a hole in the image.
+    write_at(&image, 50 * 16384 + 10, b"junk");
+    damaged(
+        &env,
+        false,
+        &["generation", &ids[2], "disk vda", "bytes 819200..835584"],
+    );
+    // Its digest says zero, so a restore writes zeros there and never reads the junk.
+    let out = env.path("r.raw");
+    env.ok(&["restore", "vm", "--to", out.to_str().unwrap()]);
+    let got = std::fs::read(&out).unwrap();
+    assert!(got[50 * 16384..51 * 16384].iter().all(|&b| b == 0));
+    assert_eq!(got.len(), 1 << 20);
+}

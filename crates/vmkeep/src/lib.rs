@@ -7,6 +7,7 @@
 //! targets ([`target`]). The `vmkeep` binary is a thin command-line layer over it.
 
 pub mod archive;
+pub mod bufpool;
 pub mod engine;
 pub mod error;
 pub mod fault;

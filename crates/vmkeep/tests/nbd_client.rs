@@ -359,8 +359,20 @@ fn write_path_against_writable_qemu_nbd_matches_expected_image() {
     let a = rng.bytes(2 * MIB as usize);
     client.write(0, &a).unwrap();
     expected[..a.len()].copy_from_slice(&a);
+    // Pipelined writes: all sent before any reply is waited for.
     let b = rng.bytes(MIB as usize + 512);
-    client.write(3 * MIB, &b).unwrap();
+    let pending: Vec<_> = b
+        .chunks(256 << 10)
+        .enumerate()
+        .map(|(i, c)| {
+            client
+                .start_write(3 * MIB + (i as u64) * (256 << 10), c)
+                .unwrap()
+        })
+        .collect();
+    for w in pending {
+        client.finish_write(w).unwrap();
+    }
     expected[3 * MIB as usize..][..b.len()].copy_from_slice(&b);
     client.write_zeroes(512 << 10, 256 << 10, false).unwrap();
     expected[512 << 10..768 << 10].fill(0);
@@ -374,6 +386,14 @@ fn write_path_against_writable_qemu_nbd_matches_expected_image() {
     let mut back = vec![0u8; size];
     client.read(0, &mut back).unwrap();
     assert!(back == expected);
+    // A reused buffer full of old bytes: holes in the reply must come back as zeros.
+    for (off, len) in [(0, 4 * MIB), (4 * MIB, 4 * MIB), (MIB + 7, 1000)] {
+        let back = client.read_vec(off, vec![0xaa; len as usize]).unwrap();
+        assert!(
+            back[..] == expected[off as usize..(off + len) as usize],
+            "{off}+{len}"
+        );
+    }
     client.disconnect().unwrap();
     assert!(client.flush().is_err());
     server.kill();

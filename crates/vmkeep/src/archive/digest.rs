@@ -210,6 +210,41 @@ impl DigestReader {
         )
     }
 
+    /// Block ranges within `[start, end)` whose entries may be other than the zero
+    /// digest: the data extents of the file, widened to whole entries. Entries outside
+    /// them are holes, which read as the zero digest.
+    pub fn data_ranges(&self, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
+        let end = end.min(self.blocks());
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let at = |b: u64| DIGEST_DATA_OFFSET + b * DIGEST_LEN as u64;
+        let extents = fsutil::data_extents(&self.file, at(start), at(end))
+            .map_err(|e| Error::io(&self.path, e))?;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (off, len) in extents {
+            let a = ((off - DIGEST_DATA_OFFSET) / DIGEST_LEN as u64).max(start);
+            let b = (off + len - DIGEST_DATA_OFFSET)
+                .div_ceil(DIGEST_LEN as u64)
+                .min(end);
+            match out.last_mut() {
+                Some(last) if last.1 >= a => last.1 = last.1.max(b),
+                _ if a < b => out.push((a, b)),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// A hint: the digests of blocks `[start, start + count)` will be read soon.
+    pub fn prefetch(&self, start: u64, count: u64) {
+        fsutil::will_need(
+            &self.file,
+            DIGEST_DATA_OFFSET + start * DIGEST_LEN as u64,
+            count * DIGEST_LEN as u64,
+        );
+    }
+
     /// The digest root over every entry.
     pub fn root(&self) -> Result<String> {
         let mut rh = RootHasher::new(self.header.block_size, self.header.disk_size);

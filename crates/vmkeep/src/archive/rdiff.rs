@@ -141,12 +141,12 @@ impl Record {
             return Record::zero(block, data.len() as u32);
         }
         let body = if level > 0 {
-            match zstd::bulk::compress(data, level) {
-                Ok(c) if c.len() < data.len() => {
+            match compress(data, level) {
+                Some(c) => {
                     flags |= REC_ZSTD;
                     c
                 }
-                _ => data.to_vec(),
+                None => data.to_vec(),
             }
         } else {
             data.to_vec()
@@ -190,7 +190,7 @@ impl Record {
         }
         let bad = |d: String| Error::corrupt(path, format!("block {}: {d}", self.block));
         if self.flags & REC_ZSTD != 0 {
-            let out = zstd::bulk::decompress(&self.body, self.raw_len as usize)
+            let out = decompress(&self.body, self.raw_len as usize)
                 .map_err(|e| bad(format!("cannot decompress: {e}")))?;
             if out.len() != self.raw_len as usize {
                 return Err(bad("decompressed length differs from the header".into()));
@@ -202,6 +202,44 @@ impl Record {
             Ok(self.body.clone())
         }
     }
+}
+
+thread_local! {
+    /// zstd contexts, one per thread and reused: a fresh context per 64 KiB block (what
+    /// `zstd::bulk::compress` makes) allocates and clears its tables every time, which
+    /// cost more than compressing the block.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// `data` as one zstd frame at `level`, or `None` when that does not make it smaller.
+fn compress(data: &[u8], level: i32) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        let (_, z) = c.as_mut().expect("set above");
+        // A frame at least as long as the data is not worth storing: stop there.
+        let mut out = Vec::with_capacity(data.len());
+        match z.compress_to_buffer(data, &mut out) {
+            Ok(n) if n < data.len() => Some(out),
+            _ => None,
+        }
+    })
+}
+
+/// Decompress one frame that must hold exactly `len` bytes (or fewer: the caller checks).
+fn decompress(body: &[u8], len: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        d.as_mut().expect("set above").decompress(body, len)
+    })
 }
 
 /// A parsed record header: everything but the body.
@@ -478,8 +516,19 @@ impl RdiffReader {
             .get(i + 1)
             .map(|&(_, o)| o)
             .unwrap_or(self.index_offset);
-        let mut hb = [0u8; HEADER_LEN];
-        fsutil::read_exact_at(&self.file, &mut hb, off, &self.path)?;
+        // Header and body in one read: the index says where the record ends. A length
+        // the header cannot have is refused before anything that large is allocated.
+        let max = HEADER_LEN + zstd::zstd_safe::compress_bound(self.header.block_size as usize);
+        let len = end.saturating_sub(off);
+        if len < HEADER_LEN as u64 || len > max as u64 {
+            return Err(Error::corrupt(
+                &self.path,
+                format!("record for block {b} does not match the index"),
+            ));
+        }
+        let mut body = vec![0u8; len as usize];
+        fsutil::read_exact_at(&self.file, &mut body, off, &self.path)?;
+        let hb: [u8; HEADER_LEN] = body[..HEADER_LEN].try_into().expect("64 bytes");
         let head = decode_record_head(&self.path, off, &hb, &self.header)?;
         if head.block != b || off + HEADER_LEN as u64 + head.stored_len as u64 != end {
             return Err(Error::corrupt(
@@ -487,8 +536,7 @@ impl RdiffReader {
                 format!("record for block {b} does not match the index"),
             ));
         }
-        let mut body = vec![0u8; head.stored_len as usize];
-        fsutil::read_exact_at(&self.file, &mut body, off + HEADER_LEN as u64, &self.path)?;
+        body.drain(..HEADER_LEN);
         Ok(Record {
             block: b,
             flags: head.flags,
@@ -496,6 +544,32 @@ impl RdiffReader {
             digest: head.digest,
             body,
         })
+    }
+
+    /// A hint: record `i` will be read soon.
+    pub fn prefetch(&self, i: usize) {
+        let (_, off) = self.index[i];
+        let end = self
+            .index
+            .get(i + 1)
+            .map(|&(_, o)| o)
+            .unwrap_or(self.index_offset);
+        fsutil::will_need(&self.file, off, end.saturating_sub(off));
+    }
+
+    /// The digest in record `i`'s header (the body is not read or checked).
+    pub fn record_digest(&self, i: usize) -> Result<Digest> {
+        let (b, off) = self.index[i];
+        let mut hb = [0u8; HEADER_LEN];
+        fsutil::read_exact_at(&self.file, &mut hb, off, &self.path)?;
+        let head = decode_record_head(&self.path, off, &hb, &self.header)?;
+        if head.block != b {
+            return Err(Error::corrupt(
+                &self.path,
+                format!("record for block {b} does not match the index"),
+            ));
+        }
+        Ok(head.digest)
     }
 
     /// Read the record for block `b`, if there is one.

@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -24,6 +24,7 @@ use crate::archive::profile::{self, DiskRecord, GenerationProfile, VmProfile, PR
 use crate::archive::rdiff::{RdiffHeader, RdiffWriter, Record, COMPRESSION_ZSTD, FLAG_BASE};
 use crate::archive::txn::{self, Txn};
 use crate::archive::{self, names, Generation, Repository, VmArchive, PARTIAL};
+use crate::bufpool::{BufPool, PoolBuf};
 use crate::engine::{cpu_threads, pipeline, Mode};
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -392,12 +393,15 @@ impl OldDisk {
 #[derive(Default)]
 struct PendingWrites {
     runs: Vec<Run>,
+    /// Memory the pending writes hold: every distinct buffer they point into, whole.
     bytes: usize,
+    /// Those buffers (by address), to count each once.
+    buffers: std::collections::HashSet<usize>,
 }
 
 struct Run {
     pos: u64,
-    data: Option<Arc<Vec<u8>>>,
+    data: Option<Arc<PoolBuf>>,
     off: usize,
     len: usize,
 }
@@ -565,19 +569,45 @@ impl RunCtx<'_> {
             let old_ref = old.as_ref();
             let mut planner = Planner::new(source, &ranges, bs, size);
             let workers = cpu_threads().max(source.parallelism());
+            let window = workers + 2 * cpu_threads();
+            // Every buffer in flight comes from here and returns here.
+            let pool = BufPool::new(window + 2);
+            // An incremental run reads scattered blocks: its own thread keeps the reads of
+            // the next blocks (source, previous image, digests) in flight well ahead of
+            // the workers, far more of them than the pipeline's window holds.
+            let incr = mode == Mode::Incr;
+            let planned = AtomicU64::new(0);
+            let stop = AtomicBool::new(false);
+            let mut next_job = || -> Result<Option<Job>> {
+                let job = planner.next()?;
+                if let Some(j) = &job {
+                    if incr {
+                        planned.fetch_add(j.count * bs as u64, Ordering::Relaxed);
+                    } else {
+                        hint(j, source, old_ref, bs, size, false);
+                    }
+                }
+                Ok(job)
+            };
             let work = |job: Job| -> Result<Done> {
-                let done = examine(job, source, old_ref, bs, size, level, full_compare)?;
+                let done = examine(job, source, old_ref, bs, size, level, full_compare, &pool)?;
                 read_bytes.fetch_add(done.read_bytes, Ordering::Relaxed);
                 task.advance(done.count * bs as u64);
                 Ok(done)
             };
-            pipeline::ordered(
-                workers,
-                workers * 3,
-                || planner.next(),
-                work,
-                |done| sink.accept(done),
-            )?;
+            std::thread::scope(|s| {
+                if incr {
+                    let (ranges, planned, stop) = (&ranges, &planned, &stop);
+                    s.spawn(move || {
+                        prefetch_ranges(ranges, source, old_ref, bs, size, planned, stop)
+                    });
+                }
+                let result = pipeline::ordered(workers, window, &mut next_job, work, |done| {
+                    sink.accept(done)
+                });
+                stop.store(true, Ordering::Relaxed);
+                result
+            })?;
         }
         let (stored, changed, damaged) = sink.finish()?;
         task.finish();
@@ -621,7 +651,7 @@ impl RunCtx<'_> {
         for b in 0..old.blocks {
             let d = old.digest_of(b)?;
             if d != ZERO_DIGEST {
-                w.append(&old_record(&old, b, d, self.block_size, self.level)?.0)?;
+                w.append(&old_record(&old, b, d, self.block_size, self.level)?)?;
             }
         }
         w.finish()?;
@@ -641,7 +671,7 @@ struct Done {
     first: u64,
     count: u64,
     read_bytes: u64,
-    data: Option<Arc<Vec<u8>>>,
+    data: Option<Arc<PoolBuf>>,
     digests: Vec<Digest>,
     /// Changed blocks (index within the job) with the journal record of their old content
     /// (none for blocks the previous generation did not have).
@@ -649,7 +679,79 @@ struct Done {
     damaged: u64,
 }
 
+/// Tell the sources what the planner just handed out, so that the reads of scattered
+/// blocks are in flight before a worker asks for them: the source's range, and, in incr
+/// mode (where most examined blocks did change), the previous image's range too; the old
+/// digests are always wanted.
+fn hint(
+    job: &Job,
+    source: &dyn BlockSource,
+    old: Option<&OldDisk>,
+    bs: u32,
+    size: u64,
+    incr: bool,
+) {
+    let start = job.first * bs as u64;
+    let end = ((job.first + job.count) * bs as u64).min(size);
+    // The planner reads ahead within a range; across ranges, the incr prefetcher does.
+    if incr && job.kind == ExtentKind::Data {
+        source.prefetch(start, end - start);
+    }
+    if let Some(o) = old {
+        let shared = o.blocks.saturating_sub(job.first).min(job.count);
+        o.digest.prefetch(job.first, shared);
+        if incr && shared > 0 {
+            let old_end = ((job.first + shared) * bs as u64).min(o.size);
+            fsutil::will_need(&o.image, start, old_end - start);
+        }
+    }
+}
+
+/// Bytes of scattered blocks whose reads [`prefetch_ranges`] keeps in flight ahead of
+/// the planner (page cache only; no buffer of ours).
+const PREFETCH_AHEAD: u64 = 64 << 20;
+
+/// Walk the block ranges an incremental run examines and start the reads they need
+/// ([`hint`]), staying at most [`PREFETCH_AHEAD`] bytes ahead of what the planner has
+/// handed out (`planned`), until `stop`.
+fn prefetch_ranges(
+    ranges: &[(u64, u64)],
+    source: &dyn BlockSource,
+    old: Option<&OldDisk>,
+    bs: u32,
+    size: u64,
+    planned: &AtomicU64,
+    stop: &AtomicBool,
+) {
+    let piece = ((4u64 << 20) / bs as u64).max(1);
+    let mut issued = 0u64;
+    for &(a, b) in ranges {
+        let mut first = a;
+        while first < b {
+            let count = (b - first).min(piece);
+            while issued > planned.load(Ordering::Relaxed) + PREFETCH_AHEAD {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let job = Job {
+                first,
+                count,
+                kind: ExtentKind::Data,
+            };
+            hint(&job, source, old, bs, size, true);
+            issued += count * bs as u64;
+            first += count;
+        }
+    }
+}
+
 /// Read and digest one job, and prepare the journal records of the blocks it changes.
+#[allow(clippy::too_many_arguments)]
 fn examine(
     job: Job,
     source: &dyn BlockSource,
@@ -658,14 +760,14 @@ fn examine(
     size: u64,
     level: i32,
     full_compare: bool,
+    pool: &Arc<BufPool>,
 ) -> Result<Done> {
     let start = job.first * bs as u64;
     let end = ((job.first + job.count) * bs as u64).min(size);
     let mut read_bytes = 0;
     let data = match job.kind {
         ExtentKind::Data => {
-            let mut buf = vec![0u8; (end - start) as usize];
-            source.read_at(&mut buf, start)?;
+            let buf = source.read_buf(pool, start, (end - start) as usize)?;
             read_bytes = buf.len() as u64;
             Some(buf)
         }
@@ -693,36 +795,51 @@ fn examine(
             let shared = o.blocks.saturating_sub(job.first).min(job.count) as usize;
             let mut old_digests = vec![0u8; shared * DIGEST_LEN];
             o.digest.read_range(job.first, &mut old_digests)?;
-            for (i, d) in digests.iter().enumerate() {
-                let b = job.first + i as u64;
-                if i >= shared {
-                    if *d != ZERO_DIGEST {
-                        changes.push((i, None));
-                    }
-                    continue;
-                }
-                let od: Digest = old_digests[i * DIGEST_LEN..(i + 1) * DIGEST_LEN]
+            let od = |i: usize| -> Digest {
+                old_digests[i * DIGEST_LEN..(i + 1) * DIGEST_LEN]
                     .try_into()
-                    .expect("32");
-                if od == *d && !full_compare {
-                    continue;
+                    .expect("32")
+            };
+            // Blocks whose old content must be looked at: those that changed (and, in full
+            // mode, every block: the image bytes are compared, not the stored digest).
+            let candidates: Vec<usize> = (0..shared)
+                .filter(|&i| full_compare || od(i) != digests[i])
+                .collect();
+            // Old contents are read in one request per run of adjacent candidates.
+            let mut k = 0;
+            while k < candidates.len() {
+                let mut m = k + 1;
+                while m < candidates.len() && candidates[m] == candidates[m - 1] + 1 {
+                    m += 1;
                 }
-                let (rec, old_bytes) = old_record(o, b, od, bs, level)?;
-                if od == *d {
-                    // Full mode: trust the image bytes, not the stored digest.
-                    let new_bytes = data.as_ref().map(|v| block_slice(v, i, bs));
-                    let same = match (&old_bytes, new_bytes) {
-                        (Some(ob), Some(nb)) => ob.as_slice() == nb,
-                        (None, None) => true,
-                        (None, Some(nb)) => fsutil::is_zero(nb),
-                        (Some(ob), None) => fsutil::is_zero(ob),
-                    };
-                    if same {
-                        continue;
+                let (a, b) = (candidates[k], candidates[m - 1] + 1);
+                let from = (job.first + a as u64) * bs as u64;
+                let to = ((job.first + b as u64) * bs as u64).min(o.size);
+                let mut old_buf = vec![0u8; (to - from) as usize];
+                fsutil::read_exact_at(&o.image, &mut old_buf, from, &o.image_path)?;
+                for &i in &candidates[k..m] {
+                    let blk = job.first + i as u64;
+                    let ob = block_slice(&old_buf, i - a, bs);
+                    let rec = old_record_of(blk, ob, od(i), level);
+                    if od(i) == digests[i] {
+                        // Full mode: trust the image bytes, not the stored digest.
+                        let same = match &data {
+                            Some(v) => ob == block_slice(v, i, bs),
+                            None => fsutil::is_zero(ob),
+                        };
+                        if same {
+                            continue;
+                        }
                     }
+                    damaged += rec.is_damaged() as u64;
+                    changes.push((i, Some(rec)));
                 }
-                damaged += rec.is_damaged() as u64;
-                changes.push((i, Some(rec)));
+                k = m;
+            }
+            for (i, d) in digests.iter().enumerate().skip(shared) {
+                if *d != ZERO_DIGEST {
+                    changes.push((i, None));
+                }
             }
         }
     }
@@ -737,29 +854,25 @@ fn examine(
     })
 }
 
-/// The journal record of block `b` of the previous image (digest `od`), and the bytes read.
-fn old_record(
-    o: &OldDisk,
-    b: u64,
-    od: Digest,
-    bs: u32,
-    level: i32,
-) -> Result<(Record, Option<Vec<u8>>)> {
-    let len = block_len(b, o.size, bs);
+/// The journal record of block `b` of the previous image, whose bytes are `bytes` and
+/// whose digest should be `od`.
+fn old_record_of(b: u64, bytes: &[u8], od: Digest, level: i32) -> Record {
     if od == ZERO_DIGEST {
-        // A hole in the image: nothing to read unless the image was damaged there, which
-        // full mode and check look for.
-        let mut buf = vec![0u8; len];
-        fsutil::read_exact_at(&o.image, &mut buf, b * bs as u64, &o.image_path)?;
-        if fsutil::is_zero(&buf) {
-            return Ok((Record::zero(b, len as u32), None));
+        // A hole in the image; not zero only when the image was damaged there.
+        if fsutil::is_zero(bytes) {
+            return Record::zero(b, bytes.len() as u32);
         }
-        return Ok((Record::with_data(b, &buf, od, level, true), Some(buf)));
+        return Record::with_data(b, bytes, od, level, true);
     }
-    let mut buf = vec![0u8; len];
+    let damaged = block_digest(bytes) != od;
+    Record::with_data(b, bytes, od, level, damaged)
+}
+
+/// The journal record of block `b` of the previous image (digest `od`).
+fn old_record(o: &OldDisk, b: u64, od: Digest, bs: u32, level: i32) -> Result<Record> {
+    let mut buf = vec![0u8; block_len(b, o.size, bs)];
     fsutil::read_exact_at(&o.image, &mut buf, b * bs as u64, &o.image_path)?;
-    let damaged = block_digest(&buf) != od;
-    Ok((Record::with_data(b, &buf, od, level, damaged), Some(buf)))
+    Ok(old_record_of(b, &buf, od, level))
 }
 
 fn block_slice(data: &[u8], i: usize, bs: u32) -> &[u8] {
@@ -784,6 +897,7 @@ struct Sink<'a> {
     digests: DigestWriter,
     pending: PendingWrites,
     unsynced_records: bool,
+    behind: fsutil::WriteBehind,
     bs: u32,
     size: u64,
     changed: u64,
@@ -797,6 +911,7 @@ impl<'a> Sink<'a> {
             digests,
             pending: PendingWrites::default(),
             unsynced_records: false,
+            behind: fsutil::WriteBehind::default(),
             bs,
             size,
             changed: 0,
@@ -807,24 +922,57 @@ impl<'a> Sink<'a> {
     fn accept(&mut self, done: Done) -> Result<()> {
         self.damaged += done.damaged;
         let bs = self.bs;
+        let update = matches!(self.target, SinkTarget::Update { .. });
+        // Updating in place, the image writes wait for the journal's fsync, a batch at a
+        // time. A job of which only a few blocks changed (diff mode) must not keep its
+        // whole read buffer alive until then: its changed blocks are copied out.
+        let changed_data: usize = done
+            .changes
+            .iter()
+            .filter(|(i, _)| done.digests[*i] != ZERO_DIGEST)
+            .map(|(i, _)| block_len(done.first + *i as u64, self.size, bs))
+            .sum();
+        let keep_whole = !update
+            || done
+                .data
+                .as_ref()
+                .is_some_and(|d| changed_data * 2 >= d.footprint());
+        let mut compact: Vec<u8> = Vec::with_capacity(if keep_whole { 0 } else { changed_data });
+        let mut compact_runs: Vec<(u64, usize, usize)> = Vec::new();
         for (i, rec) in &done.changes {
             let b = done.first + *i as u64;
-            self.changed += block_len(b, self.size, bs) as u64;
+            let len = block_len(b, self.size, bs);
+            self.changed += len as u64;
             self.digests.put(b, &done.digests[*i])?;
             if let (Some(rec), SinkTarget::Update { journal, .. }) = (rec, &mut self.target) {
                 journal.append(rec)?;
                 self.unsynced_records = true;
             }
-            let len = block_len(b, self.size, bs);
             let data = done
                 .data
                 .as_ref()
-                .filter(|_| done.digests[*i] != ZERO_DIGEST)
-                .cloned();
-            self.pending
-                .push(b * bs as u64, data, *i * bs as usize, len);
+                .filter(|_| done.digests[*i] != ZERO_DIGEST);
+            match data {
+                Some(d) if !keep_whole => {
+                    let s = *i * bs as usize;
+                    compact_runs.push((b * bs as u64, compact.len(), len));
+                    compact.extend_from_slice(&d[s..s + len]);
+                }
+                Some(d) => self
+                    .pending
+                    .push(b * bs as u64, Some(d.clone()), *i * bs as usize, len),
+                None => self.pending.push(b * bs as u64, None, 0, len),
+            }
         }
-        if self.pending.bytes >= JOURNAL_BATCH || self.pending.runs.len() >= 4096 {
+        if !compact_runs.is_empty() {
+            let compact = Arc::new(PoolBuf::adopt(compact, None));
+            for (pos, off, len) in compact_runs {
+                self.pending.push(pos, Some(compact.clone()), off, len);
+            }
+        }
+        // A new image has no journal to wait for: its blocks are written at once, while
+        // the buffer is still warm in the cache, and the buffer goes back to the pool.
+        if !update || self.pending.bytes >= JOURNAL_BATCH || self.pending.runs.len() >= 4096 {
             self.flush()?;
         }
         Ok(())
@@ -845,12 +993,16 @@ impl<'a> Sink<'a> {
         };
         for run in self.pending.runs.drain(..) {
             match run.data {
-                Some(d) => fsutil::write_at(image, &d[run.off..run.off + run.len], run.pos, path)?,
+                Some(d) => {
+                    fsutil::write_at(image, &d[run.off..run.off + run.len], run.pos, path)?;
+                    self.behind.wrote(image, run.len as u64);
+                }
                 None if fresh => {}
                 None => fsutil::punch_hole(image, run.pos, run.len as u64, path)?,
             }
         }
         self.pending.bytes = 0;
+        self.pending.buffers.clear();
         crate::fault::pause("backup-flushed");
         Ok(())
     }
@@ -863,7 +1015,7 @@ impl<'a> Sink<'a> {
             for b in new_blocks..old.blocks {
                 let d = old.digest_of(b)?;
                 if d != ZERO_DIGEST {
-                    let (rec, _) = old_record(old, b, d, self.bs, 3)?;
+                    let rec = old_record(old, b, d, self.bs, 3)?;
                     self.damaged += rec.is_damaged() as u64;
                     journal.append(&rec)?;
                     self.unsynced_records = true;
@@ -898,9 +1050,11 @@ impl<'a> Sink<'a> {
 impl PendingWrites {
     /// Queue a write of `len` bytes at disk position `pos`: `data[off..off+len]`, or a
     /// hole when `data` is `None`.
-    fn push(&mut self, pos: u64, data: Option<Arc<Vec<u8>>>, off: usize, len: usize) {
-        if data.is_some() {
-            self.bytes += len;
+    fn push(&mut self, pos: u64, data: Option<Arc<PoolBuf>>, off: usize, len: usize) {
+        if let Some(d) = &data {
+            if self.buffers.insert(Arc::as_ptr(d) as usize) {
+                self.bytes += d.footprint();
+            }
         }
         // Adjacent blocks from the same buffer become one write.
         if let Some(last) = self.runs.last_mut() {
@@ -938,9 +1092,15 @@ struct Planner<'a> {
     zeros: Vec<(u64, u64)>,
     map_start: u64,
     map_end: u64,
+    /// Bytes up to which the source's data has been prefetched.
+    ahead: u64,
 }
 
 const MAP_WINDOW: u64 = 1 << 30;
+/// How far ahead of the job being planned the source's data is prefetched, and in
+/// pieces of what size.
+const READ_AHEAD: u64 = 32 << 20;
+const READ_AHEAD_PIECE: u64 = 2 << 20;
 const MAX_ZERO_BLOCKS: u64 = 1 << 16;
 
 impl<'a> Planner<'a> {
@@ -957,6 +1117,7 @@ impl<'a> Planner<'a> {
             zeros: Vec::new(),
             map_start: 0,
             map_end: 0,
+            ahead: 0,
         }
     }
 
@@ -996,11 +1157,33 @@ impl<'a> Planner<'a> {
                 count += 1;
             }
             self.next = first + count;
+            self.read_ahead(first * bs, (end * bs).min(self.size));
             if first == self.ranges[0].0 {
                 crate::fault::pause("backup-planned");
             }
             return Ok(Some(Job { first, count, kind }));
         }
+    }
+
+    /// Keep the source reading [`READ_AHEAD`] bytes of data past `from` (within the
+    /// range being planned and the current map): only data extents, so that no hole is
+    /// read, in pieces that the kernel queues at once.
+    fn read_ahead(&mut self, from: u64, range_end: u64) {
+        let to = (from + READ_AHEAD).min(self.map_end).min(range_end);
+        let mut at = self.ahead.max(from);
+        while at < to {
+            let i = self.zeros.partition_point(|&(_, ze)| ze <= at);
+            match self.zeros.get(i) {
+                Some(&(zs, ze)) if zs <= at => at = ze,
+                next => {
+                    let data_end = next.map_or(to, |z| z.0).min(to);
+                    let piece = data_end.min(at + READ_AHEAD_PIECE);
+                    self.source.prefetch(at, piece - at);
+                    at = piece;
+                }
+            }
+        }
+        self.ahead = self.ahead.max(to);
     }
 
     /// Whether block `b` lies wholly in a zero range of the current map.

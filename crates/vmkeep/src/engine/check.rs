@@ -8,7 +8,7 @@
 //! digest root. Because every source block is verified against its digest, the two together
 //! prove that a restore of that generation returns what was read at backup time.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 
 use serde::Serialize;
 
@@ -16,7 +16,9 @@ use crate::archive::digest::{block_digest, DigestReader, RootHasher, ZERO_DIGEST
 use crate::archive::format::{block_len, DIGEST_LEN};
 use crate::archive::lock::VmLock;
 use crate::archive::profile::{self, CheckRecord};
+use crate::archive::rdiff::RdiffReader;
 use crate::archive::{txn, Generation, Repository, VmArchive};
+use crate::bufpool::BufPool;
 use crate::engine::pipeline;
 use crate::engine::reader::{open_rdiff, DiskView, Loc};
 use crate::error::{Error, Result};
@@ -346,40 +348,75 @@ impl Checker<'_> {
     ) -> Result<()> {
         let ipath = g.image_path(disk);
         let file = crate::fsutil::open_ro(&ipath)?;
+        crate::fsutil::no_readahead(&file);
         let bs = digest.header.block_size;
         let blocks = digest.blocks();
         let per = ((4u64 << 20) / bs as u64).max(1);
-        let mut next = 0u64;
         let task = self.progress.task(&format!("{disk} image"), size);
         let mut bad = Vec::new();
-        let work = |start: u64| -> Result<(u64, Vec<u64>)> {
-            let end = (start + per).min(blocks);
+        let pool = BufPool::new(8);
+        let work = |job: ImageJob| -> Result<(u64, Vec<u64>)> {
+            let (start, end) = (job.start, job.end);
             let from = start * bs as u64;
             let to = (end * bs as u64).min(size);
-            let mut buf = vec![0u8; (to - from) as usize];
-            crate::fsutil::read_exact_at(&file, &mut buf, from, &ipath)?;
-            let mut want = vec![0u8; (end - start) as usize * DIGEST_LEN];
-            digest.read_range(start, &mut want)?;
             let mut bad = Vec::new();
-            for (i, chunk) in buf.chunks(bs as usize).enumerate() {
-                if block_digest(chunk)[..] != want[i * DIGEST_LEN..(i + 1) * DIGEST_LEN] {
-                    bad.push(start + i as u64);
+            if job.hole {
+                // A hole reads as zeros: its blocks must have the zero digest. Only the
+                // data extents of the digest file can hold anything else.
+                for (a, b) in digest.data_ranges(start, end)? {
+                    let mut want = vec![0u8; (b - a) as usize * DIGEST_LEN];
+                    digest.read_range(a, &mut want)?;
+                    for (i, d) in want.chunks_exact(DIGEST_LEN).enumerate() {
+                        if d != ZERO_DIGEST {
+                            bad.push(a + i as u64);
+                        }
+                    }
+                }
+            } else {
+                let mut buf = pool.take((to - from) as usize);
+                crate::fsutil::read_exact_at(&file, &mut buf, from, &ipath)?;
+                let mut want = vec![0u8; (end - start) as usize * DIGEST_LEN];
+                digest.read_range(start, &mut want)?;
+                for (i, chunk) in buf.chunks(bs as usize).enumerate() {
+                    if block_digest(chunk)[..] != want[i * DIGEST_LEN..(i + 1) * DIGEST_LEN] {
+                        bad.push(start + i as u64);
+                    }
                 }
             }
             task.advance(to - from);
             Ok((to - from, bad))
         };
-        let plan = || {
-            let s = next;
-            next += per;
-            Ok((s < blocks).then_some(s))
+        let mut plan = ImagePlan {
+            file: &file,
+            size,
+            bs: bs as u64,
+            blocks,
+            per,
+            next: 0,
+            extents: VecDeque::new(),
+            mapped_to: 0,
         };
         let mut verified = 0;
-        pipeline::ordered(crate::engine::cpu_threads(), 6, plan, work, |(n, b)| {
-            verified += n;
-            bad.extend(b);
-            Ok(())
-        })?;
+        let workers = crate::engine::cpu_threads();
+        pipeline::ordered(
+            workers,
+            workers * 3,
+            || {
+                let job = plan.next().map_err(|e| Error::io(&ipath, e))?;
+                if let Some(j) = job.as_ref().filter(|j| !j.hole) {
+                    let from = j.start * bs as u64;
+                    let to = (j.end * bs as u64).min(size);
+                    crate::fsutil::will_need(&file, from, to - from);
+                }
+                Ok(job)
+            },
+            work,
+            |(n, b)| {
+                verified += n;
+                bad.extend(b);
+                Ok(())
+            },
+        )?;
         task.finish();
         self.bytes += verified;
         for (a, b) in coalesce(&bad) {
@@ -417,7 +454,18 @@ impl Checker<'_> {
                     continue;
                 }
             };
-            if let Err(e) = r.verify_file_hash() {
+            // The file checksum on one thread while, in deep mode, the records are
+            // decompressed and proven on the others.
+            let (hashed, bad) = std::thread::scope(|s| {
+                let hashing = s.spawn(|| r.verify_file_hash());
+                let bad = if deep {
+                    verify_records(&r)
+                } else {
+                    Ok(Vec::new())
+                };
+                (hashing.join().expect("hash thread panicked"), bad)
+            });
+            if let Err(e) = hashed {
                 self.problem(
                     Some(&g.id),
                     Some(&d.name),
@@ -431,22 +479,14 @@ impl Checker<'_> {
                 continue;
             }
             let bs = r.header.block_size as u64;
-            let mut bad = Vec::new();
-            for i in 0..r.len() {
-                let b = r.block_at(i);
-                let ok = match r.read(i) {
-                    Ok(rec) => {
-                        !rec.is_damaged()
-                            && rec
-                                .data(&path)
-                                .is_ok_and(|data| block_digest(&data) == rec.digest)
-                    }
-                    Err(_) => false,
-                };
-                if !ok {
-                    bad.push(b);
+            let bad = match bad {
+                Ok(bad) => bad,
+                Err(e) => {
+                    let detail = strip_path(&e);
+                    self.problem(Some(&g.id), Some(&d.name), Some(&path), None, detail);
+                    continue;
                 }
-            }
+            };
             for &b in &bad {
                 self.bad_records.insert((g.id.clone(), d.name.clone(), b));
                 let range = (
@@ -561,8 +601,7 @@ impl Checker<'_> {
                 }
                 Loc::Record { chain, rec } => {
                     let r = &view.chain()[chain as usize];
-                    let record = r.read(rec as usize)?;
-                    rh.push(&record.digest);
+                    rh.push(&r.record_digest(rec as usize)?);
                     if self.bad_records.contains(&(
                         chain_gen(chain).to_string(),
                         view.disk.clone(),
@@ -575,6 +614,113 @@ impl Checker<'_> {
         }
         Ok((rh.finish(), damaged))
     }
+}
+
+/// A piece of the newest image to verify: blocks to read and hash, or blocks wholly in a
+/// hole of the image file, which only need their digests to be the zero digest.
+struct ImageJob {
+    start: u64,
+    end: u64,
+    hole: bool,
+}
+
+/// Splits the image into [`ImageJob`]s along its data extents (`SEEK_DATA`), so that the
+/// holes of a sparse image are never read.
+struct ImagePlan<'a> {
+    file: &'a std::fs::File,
+    size: u64,
+    bs: u64,
+    blocks: u64,
+    /// Blocks per read job.
+    per: u64,
+    next: u64,
+    /// Data extents (bytes) learnt so far, up to `mapped_to`.
+    extents: VecDeque<(u64, u64)>,
+    mapped_to: u64,
+}
+
+/// Bytes of the image mapped at a time.
+const MAP_WINDOW: u64 = 1 << 30;
+/// Blocks of one hole job (their digests are read only where the digest file has data).
+const HOLE_BLOCKS: u64 = 1 << 20;
+
+impl ImagePlan<'_> {
+    fn next(&mut self) -> std::io::Result<Option<ImageJob>> {
+        let b = self.next;
+        if b >= self.blocks {
+            return Ok(None);
+        }
+        let pos = b * self.bs;
+        // Extents that end before this block are done with.
+        while self.extents.front().is_some_and(|&(o, l)| o + l <= pos) {
+            self.extents.pop_front();
+        }
+        if self.extents.is_empty() && self.mapped_to < self.size {
+            let from = self.mapped_to.max(pos);
+            let to = (from + MAP_WINDOW).min(self.size);
+            self.extents = crate::fsutil::data_extents(self.file, from, to)?.into();
+            self.mapped_to = to;
+        }
+        let job = match self.extents.front() {
+            // The block touches data: read blocks up to the extent's end (rounded up).
+            Some(&(o, l)) if o < pos + self.bs => {
+                let end = (o + l).div_ceil(self.bs).min(b + self.per);
+                ImageJob {
+                    start: b,
+                    end: end.max(b + 1).min(self.blocks),
+                    hole: false,
+                }
+            }
+            // A hole up to the next extent (or to the end of what is mapped).
+            next => {
+                let hole_end = match next {
+                    Some(&(o, _)) => o / self.bs,
+                    None if self.mapped_to >= self.size => self.blocks,
+                    None => self.mapped_to / self.bs,
+                };
+                ImageJob {
+                    start: b,
+                    end: hole_end.clamp(b + 1, b + HOLE_BLOCKS).min(self.blocks),
+                    hole: true,
+                }
+            }
+        };
+        self.next = job.end;
+        Ok(Some(job))
+    }
+}
+
+/// Decompress every record of a reverse diff and prove its digest, on every core; returns
+/// the blocks whose record is damaged.
+fn verify_records(r: &RdiffReader) -> Result<Vec<u64>> {
+    const BATCH: usize = 64;
+    let mut next = 0usize;
+    let plan = || {
+        let s = next;
+        next += BATCH;
+        Ok((s < r.len()).then(|| (s, (s + BATCH).min(r.len()))))
+    };
+    let work = |(a, b): (usize, usize)| -> Result<Vec<u64>> {
+        Ok((a..b)
+            .filter(|&i| {
+                let ok = r.read(i).is_ok_and(|rec| {
+                    !rec.is_damaged()
+                        && rec
+                            .data(r.path())
+                            .is_ok_and(|data| block_digest(&data) == rec.digest)
+                });
+                !ok
+            })
+            .map(|i| r.block_at(i))
+            .collect())
+    };
+    let mut bad = Vec::new();
+    let workers = crate::engine::cpu_threads();
+    pipeline::ordered(workers, workers * 3, plan, work, |b| {
+        bad.extend(b);
+        Ok(())
+    })?;
+    Ok(bad)
 }
 
 /// Sorted block numbers as runs `[a, b)`.

@@ -398,6 +398,17 @@ impl BlockSource for LabelledSource {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.inner.read_at(buf, offset)
     }
+    fn read_buf(
+        &self,
+        pool: &std::sync::Arc<crate::bufpool::BufPool>,
+        offset: u64,
+        len: usize,
+    ) -> Result<crate::bufpool::PoolBuf> {
+        self.inner.read_buf(pool, offset, len)
+    }
+    fn prefetch(&self, offset: u64, length: u64) {
+        self.inner.prefetch(offset, length)
+    }
     fn extents(&self, offset: u64, length: u64) -> Result<Vec<crate::source::Extent>> {
         self.inner.extents(offset, length)
     }

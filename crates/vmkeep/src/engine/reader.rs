@@ -288,44 +288,123 @@ impl DiskView {
     /// verify each; returns the buffer and the blocks that failed.
     pub fn read_image_run(&self, start: u64, end: u64) -> Result<(Vec<u8>, Vec<u64>)> {
         let bs = self.block_size as u64;
-        let (file, path) = self.image.as_ref().expect("image run without image");
         let from = start * bs;
         let to = (end * bs).min(self.size);
         let mut buf = vec![0u8; (to - from) as usize];
-        let avail = self.image_size.min(to).saturating_sub(from) as usize;
-        read_image_at(file, &mut buf[..avail], from, path)?;
         let mut digests = vec![0u8; ((end - start) as usize) * DIGEST_LEN];
         self.image_digests(start, &mut digests)?;
-        let mut bad = Vec::new();
-        for b in start..end {
+        let bad = self.read_image_verified(start, end, &digests, &mut buf)?;
+        Ok((buf, bad))
+    }
+
+    /// The caller will say what it reads ([`DiskView::prefetch_image`]): the kernel's
+    /// readahead is turned off for the image (it would also read into its holes). A
+    /// reader driven by someone else's requests (serve) keeps it.
+    pub fn planned_reads(&self) {
+        if let Some((f, _)) = &self.image {
+            fsutil::no_readahead(f);
+        }
+    }
+
+    /// A hint: image blocks `[start, end)` will be read soon.
+    pub fn prefetch_image(&self, start: u64, end: u64) {
+        if let Some((f, _)) = &self.image {
+            let bs = self.block_size as u64;
+            let to = (end * bs).min(self.image_size);
+            fsutil::will_need(f, start * bs, to.saturating_sub(start * bs));
+        }
+    }
+
+    /// A hint: record `rec` of chain member `chain` will be read soon.
+    pub fn prefetch_record(&self, chain: u32, rec: u32) {
+        self.chain[chain as usize].prefetch(rec as usize);
+    }
+
+    /// Image block ranges within `[start, end)` whose digests may be other than the zero
+    /// digest: the data extents of the digest file (the rest is holes: zero blocks).
+    pub fn image_digest_ranges(&self, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
+        self.digest
+            .as_ref()
+            .expect("image implies digest")
+            .data_ranges(start, end)
+    }
+
+    /// Read image blocks `[start, end)` into `buf` (exactly this generation's bytes of
+    /// them), given their digests, and verify each; returns the blocks that failed.
+    /// Blocks whose digest is the zero digest are zeros by definition: they are not read,
+    /// and adjacent blocks that are read come in one request.
+    pub fn read_image_verified(
+        &self,
+        start: u64,
+        end: u64,
+        digests: &[u8],
+        buf: &mut [u8],
+    ) -> Result<Vec<u64>> {
+        let bs = self.block_size as u64;
+        let (file, path) = self.image.as_ref().expect("image run without image");
+        let from = start * bs;
+        let to = (end * bs).min(self.size);
+        debug_assert_eq!(buf.len() as u64, to - from);
+        debug_assert_eq!(digests.len() as u64, (end - start) * DIGEST_LEN as u64);
+        let want = |b: u64| -> Digest {
             let i = (b - start) as usize;
-            let s = i * bs as usize;
-            let e = ((i + 1) * bs as usize).min(buf.len());
-            // The image's block may be longer than this generation's (the disk grew
-            // later); its digest covers the image's own length.
-            let img_len = block_len(b, self.image_size, self.block_size);
-            let want: Digest = digests[i * DIGEST_LEN..(i + 1) * DIGEST_LEN]
+            digests[i * DIGEST_LEN..(i + 1) * DIGEST_LEN]
                 .try_into()
-                .expect("32");
-            let got = if img_len == e - s {
-                block_digest(&buf[s..e])
-            } else {
-                let mut full = vec![0u8; img_len];
-                read_image_at(file, &mut full, b * bs, path)?;
-                block_digest(&full)
-            };
-            if got != want {
-                match self.moved_on(b, want)? {
-                    Some(data) => {
-                        let n = (e - s).min(data.len());
-                        buf[s..s + n].copy_from_slice(&data[..n]);
-                        buf[s + n..e].fill(0);
+                .expect("32")
+        };
+        let total = buf.len();
+        let span = |b: u64| {
+            let s = ((b - start) * bs) as usize;
+            (s, (s + bs as usize).min(total))
+        };
+        let mut bad = Vec::new();
+        let mut b = start;
+        while b < end {
+            if want(b) == ZERO_DIGEST {
+                let (s, e) = span(b);
+                buf[s..e].fill(0);
+                b += 1;
+                continue;
+            }
+            let mut c = b + 1;
+            while c < end && want(c) != ZERO_DIGEST {
+                c += 1;
+            }
+            let (s, _) = span(b);
+            let (_, e) = span(c - 1);
+            let avail = self
+                .image_size
+                .saturating_sub(from + s as u64)
+                .min((e - s) as u64) as usize;
+            read_image_at(file, &mut buf[s..s + avail], from + s as u64, path)?;
+            buf[s + avail..e].fill(0);
+            for blk in b..c {
+                let (s, e) = span(blk);
+                // The image's block may be longer than this generation's (the disk grew
+                // later); its digest covers the image's own length.
+                let img_len = block_len(blk, self.image_size, self.block_size);
+                let got = if img_len == e - s {
+                    block_digest(&buf[s..e])
+                } else {
+                    let mut full = vec![0u8; img_len];
+                    read_image_at(file, &mut full, blk * bs, path)?;
+                    block_digest(&full)
+                };
+                let want = want(blk);
+                if got != want {
+                    match self.moved_on(blk, want)? {
+                        Some(data) => {
+                            let n = (e - s).min(data.len());
+                            buf[s..s + n].copy_from_slice(&data[..n]);
+                            buf[s + n..e].fill(0);
+                        }
+                        None => bad.push(blk),
                     }
-                    None => bad.push(b),
                 }
             }
+            b = c;
         }
-        Ok((buf, bad))
+        Ok(bad)
     }
 
     /// Read one block of the generation, verified.

@@ -1,11 +1,13 @@
 //! Restore: write one disk of one generation to a target, verifying every block.
 
+use std::collections::VecDeque;
+
 use crate::archive::digest::ZERO_DIGEST;
-use crate::archive::format::block_len;
+use crate::archive::format::{block_len, DIGEST_LEN};
+use crate::bufpool::{BufPool, PoolBuf};
 use crate::engine::pipeline;
-use crate::engine::reader::{DiskView, Loc};
+use crate::engine::reader::{DiskView, Loc, Segment};
 use crate::error::{Error, Result};
-use crate::fsutil;
 use crate::progress::Progress;
 use crate::target::Target;
 
@@ -21,21 +23,36 @@ pub struct RestoreReport {
 
 /// One piece of work for the restore pipeline.
 enum Job {
-    Image { start: u64, end: u64 },
-    Zero { start: u64, end: u64 },
-    Record { block: u64, chain: u32, rec: u32 },
+    /// Image blocks `[start, end)`, none of them zero, with their digests.
+    Image {
+        start: u64,
+        end: u64,
+        digests: Vec<u8>,
+    },
+    Zero {
+        start: u64,
+        end: u64,
+    },
+    Record {
+        block: u64,
+        chain: u32,
+        rec: u32,
+    },
 }
 
-/// A piece ready to write: blocks from `start`, their bytes, which are zero, which bad.
+/// A piece ready to write: blocks from `start`, their bytes (`None`: all zero), which
+/// of them are zero (records only), which failed their digests.
 struct Piece {
     start: u64,
     end: u64,
-    data: Option<Vec<u8>>,
-    zero: Vec<bool>,
+    data: Option<PoolBuf>,
+    zero: bool,
     bad: Vec<u64>,
 }
 
 const CHUNK: u64 = 4 << 20;
+/// Digests read at once while planning (2 MiB of them).
+const DIGEST_WINDOW: u64 = 1 << 16;
 
 /// Write `view` to `target`. Damage fails the restore (and removes a partial file target)
 /// unless `ignore_damage`, which writes what could be read and lists the damaged ranges.
@@ -59,31 +76,188 @@ pub fn restore(
     }
 }
 
-fn jobs(view: &DiskView) -> Vec<Job> {
-    let per_chunk = (CHUNK / view.block_size as u64).max(1);
-    let mut out = Vec::new();
-    for seg in view.segments() {
-        match seg.loc {
-            Loc::Image => {
-                let mut s = seg.start;
-                while s < seg.end {
-                    let e = (s + per_chunk).min(seg.end);
-                    out.push(Job::Image { start: s, end: e });
-                    s = e;
-                }
-            }
-            Loc::Zero => out.push(Job::Zero {
-                start: seg.start,
-                end: seg.end,
-            }),
-            Loc::Record { chain, rec } => out.push(Job::Record {
-                block: seg.start,
-                chain,
-                rec,
-            }),
+/// Hands out the jobs in disk order. Image blocks are planned from their digests, read
+/// a window at a time (and not at all where the digest file has a hole): zero blocks
+/// become zero jobs and are never read, the rest become reads of at most [`CHUNK`]
+/// bytes. The planner stays [`READ_AHEAD`] bytes of the disk ahead of the job it hands
+/// out and prefetches what the jobs in between will read (image runs, reverse-diff
+/// records), so that the reads between the records of an older generation, small and
+/// scattered, are in flight long before a worker needs them.
+struct Planner<'a> {
+    view: &'a DiskView,
+    segments: std::vec::IntoIter<Segment>,
+    queue: VecDeque<Job>,
+    /// Jobs at the front of the queue whose reads have been prefetched.
+    prefetched: usize,
+    /// A run of zero blocks not handed out yet (adjacent ones are merged).
+    zero: Option<(u64, u64)>,
+    /// The image segment being planned, a digest window at a time.
+    image: Option<ImagePart>,
+    per_chunk: u64,
+    ahead_blocks: u64,
+}
+
+/// What is left of an image segment: from `pos` to `end`, with the block ranges where
+/// its digests may be non-zero.
+struct ImagePart {
+    pos: u64,
+    end: u64,
+    ranges: VecDeque<(u64, u64)>,
+}
+
+/// How far ahead of the job handed out the planner plans and prefetches.
+const READ_AHEAD: u64 = 32 << 20;
+
+fn job_blocks(job: &Job) -> (u64, u64) {
+    match *job {
+        Job::Image { start, end, .. } | Job::Zero { start, end } => (start, end),
+        Job::Record { block, .. } => (block, block + 1),
+    }
+}
+
+impl<'a> Planner<'a> {
+    fn new(view: &'a DiskView) -> Self {
+        let bs = view.block_size as u64;
+        Planner {
+            view,
+            segments: view.segments().into_iter(),
+            queue: VecDeque::new(),
+            prefetched: 0,
+            zero: None,
+            image: None,
+            per_chunk: (CHUNK / bs).max(1),
+            ahead_blocks: (READ_AHEAD / bs).max(1),
         }
     }
-    out
+
+    fn next(&mut self) -> Result<Option<Job>> {
+        loop {
+            let enough = match (self.queue.front(), self.queue.back()) {
+                (Some(f), Some(b)) => job_blocks(b).1 >= job_blocks(f).0 + self.ahead_blocks,
+                _ => false,
+            };
+            if enough || !self.plan_more()? {
+                break;
+            }
+        }
+        for job in self.queue.iter().skip(self.prefetched) {
+            match *job {
+                Job::Image { start, end, .. } => self.view.prefetch_image(start, end),
+                Job::Record { chain, rec, .. } => self.view.prefetch_record(chain, rec),
+                Job::Zero { .. } => {}
+            }
+        }
+        self.prefetched = self.queue.len();
+        let job = self.queue.pop_front();
+        if job.is_some() {
+            self.prefetched -= 1;
+        }
+        Ok(job)
+    }
+
+    /// Plan one more step (a segment, or a digest window of an image segment); false
+    /// when everything is planned.
+    fn plan_more(&mut self) -> Result<bool> {
+        if let Some(part) = &mut self.image {
+            match part.ranges.front().copied() {
+                None => {
+                    let (pos, end) = (part.pos, part.end);
+                    self.image = None;
+                    if pos < end {
+                        self.zero(pos, end);
+                    }
+                }
+                Some((a, _)) if a > part.pos => {
+                    let pos = part.pos;
+                    part.pos = a;
+                    self.zero(pos, a);
+                }
+                Some((a, b)) => {
+                    let we = (a + DIGEST_WINDOW).min(b);
+                    if we == b {
+                        part.ranges.pop_front();
+                    } else {
+                        part.ranges[0].0 = we;
+                    }
+                    part.pos = we;
+                    let mut digests = vec![0u8; ((we - a) as usize) * DIGEST_LEN];
+                    self.view.image_digests(a, &mut digests)?;
+                    self.window(a, &digests);
+                }
+            }
+            return Ok(true);
+        }
+        let Some(seg) = self.segments.next() else {
+            self.end_zero();
+            return Ok(false);
+        };
+        match seg.loc {
+            Loc::Zero => self.zero(seg.start, seg.end),
+            Loc::Record { chain, rec } => {
+                self.end_zero();
+                self.queue.push_back(Job::Record {
+                    block: seg.start,
+                    chain,
+                    rec,
+                });
+            }
+            Loc::Image => {
+                let ranges = self.view.image_digest_ranges(seg.start, seg.end)?;
+                self.image = Some(ImagePart {
+                    pos: seg.start,
+                    end: seg.end,
+                    ranges: ranges.into(),
+                });
+            }
+        }
+        Ok(true)
+    }
+
+    fn zero(&mut self, start: u64, end: u64) {
+        match &mut self.zero {
+            Some(z) if z.1 == start => z.1 = end,
+            _ => {
+                self.end_zero();
+                self.zero = Some((start, end));
+            }
+        }
+    }
+
+    fn end_zero(&mut self) {
+        if let Some((start, end)) = self.zero.take() {
+            self.queue.push_back(Job::Zero { start, end });
+        }
+    }
+
+    /// Plan blocks from `first`, whose digests are `digests`.
+    fn window(&mut self, first: u64, digests: &[u8]) {
+        let n = (digests.len() / DIGEST_LEN) as u64;
+        let is_zero = |i: u64| {
+            let i = i as usize;
+            digests[i * DIGEST_LEN..(i + 1) * DIGEST_LEN] == ZERO_DIGEST
+        };
+        let mut i = 0;
+        while i < n {
+            let mut j = i + 1;
+            if is_zero(i) {
+                while j < n && is_zero(j) {
+                    j += 1;
+                }
+                self.zero(first + i, first + j);
+            } else {
+                while j < n && j - i < self.per_chunk && !is_zero(j) {
+                    j += 1;
+                }
+                self.end_zero();
+                self.queue.push_back(Job::Image {
+                    start: first + i,
+                    end: first + j,
+                    digests: digests[i as usize * DIGEST_LEN..j as usize * DIGEST_LEN].to_vec(),
+                });
+            }
+            i = j;
+        }
+    }
 }
 
 fn run(
@@ -98,19 +272,26 @@ fn run(
         ..Default::default()
     };
     let task = progress.task(&view.disk, view.size);
-    let mut jobs = jobs(view).into_iter();
+    view.planned_reads();
+    let mut planner = Planner::new(view);
+    let workers = crate::engine::cpu_threads();
+    let window = workers * 3;
+    let pool = BufPool::new(window + 2);
     let work = |job: Job| -> Result<Piece> {
         match job {
-            Job::Image { start, end } => {
-                let (data, bad) = view.read_image_run(start, end)?;
-                let mut digests = vec![0u8; ((end - start) as usize) * 32];
-                view.image_digests(start, &mut digests)?;
-                let zero = digests.chunks_exact(32).map(|d| d == ZERO_DIGEST).collect();
+            Job::Image {
+                start,
+                end,
+                digests,
+            } => {
+                let len = ((end * bs).min(view.size) - start * bs) as usize;
+                let mut data = pool.take(len);
+                let bad = view.read_image_verified(start, end, &digests, &mut data)?;
                 Ok(Piece {
                     start,
                     end,
                     data: Some(data),
-                    zero,
+                    zero: false,
                     bad,
                 })
             }
@@ -118,17 +299,18 @@ fn run(
                 start,
                 end,
                 data: None,
-                zero: vec![],
+                zero: true,
                 bad: vec![],
             }),
             Job::Record { block, chain, rec } => {
                 let blk = view.read_record(chain, rec)?;
-                let zero = vec![fsutil::is_zero(&blk.data)];
                 let bad = if blk.ok { vec![] } else { vec![block] };
+                // A bad block is written as read, whatever its digest claimed.
+                let zero = blk.ok && blk.digest == ZERO_DIGEST;
                 Ok(Piece {
                     start: block,
                     end: block + 1,
-                    data: Some(blk.data),
+                    data: Some(PoolBuf::adopt(blk.data, None)),
                     zero,
                     bad,
                 })
@@ -159,50 +341,17 @@ fn run(
         let from = p.start * bs;
         let to = (p.end * bs).min(view.size);
         match &p.data {
-            None => target.zero(from, to - from)?,
-            Some(data) => write_runs(target, &p, data, bs, &mut report.written)?,
+            Some(data) if !p.zero => {
+                target.write(from, data)?;
+                report.written += data.len() as u64;
+            }
+            _ => target.zero(from, to - from)?,
         }
         task.advance(to - from);
         crate::fault::pause("restore-wrote");
         Ok(())
     };
-    let workers = crate::engine::cpu_threads();
-    pipeline::ordered(workers, workers * 3, || Ok(jobs.next()), work, sink)?;
+    pipeline::ordered(workers, window, || planner.next(), work, sink)?;
     task.finish();
     Ok(report)
-}
-
-/// Write the non-zero blocks of a piece as runs; zero blocks become holes.
-fn write_runs(
-    target: &mut dyn Target,
-    p: &Piece,
-    data: &[u8],
-    bs: u64,
-    written: &mut u64,
-) -> Result<()> {
-    let n = (p.end - p.start) as usize;
-    let base = p.start * bs;
-    let mut i = 0;
-    while i < n {
-        let is_zero = |i: usize| {
-            let (s, e) = (i * bs as usize, ((i + 1) * bs as usize).min(data.len()));
-            // A bad block is written as read, whatever its digest claimed.
-            p.zero.get(i).copied().unwrap_or(false) && !p.bad.contains(&(p.start + i as u64))
-                || fsutil::is_zero(&data[s..e])
-        };
-        let zero = is_zero(i);
-        let mut j = i + 1;
-        while j < n && is_zero(j) == zero {
-            j += 1;
-        }
-        let (s, e) = (i * bs as usize, (j * bs as usize).min(data.len()));
-        if zero {
-            target.zero(base + s as u64, (e - s) as u64)?;
-        } else {
-            target.write(base + s as u64, &data[s..e])?;
-            *written += (e - s) as u64;
-        }
-        i = j;
-    }
-    Ok(())
 }

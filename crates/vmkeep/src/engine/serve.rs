@@ -10,6 +10,7 @@
 //! leaves it alone. A backup of the same VM may run meanwhile: it updates the newest image
 //! in place, and the view finds the overwritten blocks in that backup's undo journal.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::archive::digest::ZERO_DIGEST;
@@ -77,7 +78,12 @@ pub struct ArchiveExport {
     /// The view's segments, computed once: every request looks its blocks up here.
     segments: Vec<Segment>,
     description: String,
+    /// Bytes up to which a sequential reader's data has been prefetched.
+    frontier: AtomicU64,
 }
+
+/// How far ahead of a sequential reader its data is prefetched.
+const READ_AHEAD: u64 = 16 << 20;
 
 impl ArchiveExport {
     pub fn new(vm: &str, view: DiskView) -> ArchiveExport {
@@ -85,10 +91,14 @@ impl ArchiveExport {
             "vmkeep: VM {vm}, generation {}, disk {}",
             view.generation, view.disk
         );
+        // Readahead is ours (see `read_ahead`): the kernel's would read the image's
+        // holes too, and knows nothing of the reverse diffs.
+        view.planned_reads();
         ArchiveExport {
             segments: view.segments(),
             view,
             description,
+            frontier: AtomicU64::new(0),
         }
     }
 
@@ -145,19 +155,29 @@ impl ArchiveExport {
         Ok(out)
     }
 
+    /// Image blocks `[s, e)` into the request buffer `buf` (disk bytes from `offset`):
+    /// the digests are read once, zero blocks are not read, and when the blocks lie
+    /// wholly inside the request (any block-aligned read) they are read and verified in
+    /// place, with no buffer of their own and no copy.
     fn read_image(&self, s: u64, e: u64, offset: u64, buf: &mut [u8]) -> Result<()> {
-        for (a, b, zero) in self.image_runs(s, e)? {
-            if zero {
-                fill_zero(a * self.bs(), b * self.bs(), offset, buf);
-                continue;
-            }
-            let (data, bad) = self.view.read_image_run(a, b)?;
-            if let Some(&x) = bad.first() {
-                return Err(self.damaged(x));
-            }
-            place(a * self.bs(), &data, offset, buf);
+        let mut digests = vec![0u8; ((e - s) as usize) * DIGEST_LEN];
+        self.view.image_digests(s, &mut digests)?;
+        let from = s * self.bs();
+        let to = (e * self.bs()).min(self.view.size);
+        let end = offset + buf.len() as u64;
+        let bad = if from >= offset && to <= end {
+            let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            self.view.read_image_verified(s, e, &digests, dst)?
+        } else {
+            let mut tmp = vec![0u8; (to - from) as usize];
+            let bad = self.view.read_image_verified(s, e, &digests, &mut tmp)?;
+            place(from, &tmp, offset, buf);
+            bad
+        };
+        match bad.first() {
+            Some(&x) => Err(self.damaged(x)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn read_record(&self, b: u64, chain: u32, rec: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -167,6 +187,45 @@ impl ArchiveExport {
         }
         place(b * self.bs(), &blk.data, offset, buf);
         Ok(())
+    }
+
+    /// A read at `[offset, end)` near the prefetch frontier continues a sequential
+    /// stream (several clients' requests interleave, so "near" is a window, not the exact
+    /// end of the last read): start reading the data of the next [`READ_AHEAD`] bytes,
+    /// image blocks with a non-zero digest and reverse-diff records, so that their reads
+    /// are in flight before the requests for them come. Random reads prefetch nothing.
+    fn read_ahead(&self, offset: u64, end: u64) {
+        let f = self.frontier.load(Ordering::Relaxed);
+        if offset > f.saturating_add(READ_AHEAD) || end + READ_AHEAD / 2 <= f {
+            return;
+        }
+        let from = f.max(end);
+        let to = (end + READ_AHEAD).min(self.view.size);
+        if from >= to
+            || self
+                .frontier
+                .compare_exchange(f, to, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return; // nothing left, or another worker moved the frontier just now
+        }
+        let (first, last) = (from / self.bs(), (to - 1) / self.bs() + 1);
+        for seg in self.segments_in(first, last) {
+            match seg.loc {
+                Loc::Zero => {}
+                Loc::Record { chain, rec } => self.view.prefetch_record(chain, rec),
+                Loc::Image => {
+                    let Ok(runs) = self.image_runs(seg.start, seg.end) else {
+                        return;
+                    };
+                    for (a, b, zero) in runs {
+                        if !zero {
+                            self.view.prefetch_image(a, b);
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Whether each block of a segment is zero, as runs `(start, end, zero)`.
@@ -204,6 +263,7 @@ impl Export for ArchiveExport {
             return Ok(());
         }
         let end = offset + buf.len() as u64;
+        self.read_ahead(offset, end);
         let (first, last) = (offset / self.bs(), (end - 1) / self.bs() + 1);
         for seg in self.segments_in(first, last) {
             match seg.loc {

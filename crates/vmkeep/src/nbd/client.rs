@@ -113,6 +113,12 @@ impl BlockSizes {
     }
 }
 
+/// A write sent and not yet answered ([`NbdClient::start_write`]).
+pub struct PendingWrite {
+    conn: usize,
+    ticket: Ticket,
+}
+
 /// A connected NBD export. `Send + Sync`: call it from many threads at once.
 pub struct NbdClient {
     name: String,
@@ -305,6 +311,30 @@ impl NbdClient {
         Ok(())
     }
 
+    /// Read `buf.len()` bytes at `offset` into `buf` and hand it back. A read that fits
+    /// one request travels in `buf` itself (no copy); others go through [`read`](Self::read).
+    pub fn read_vec(&self, offset: u64, mut buf: Vec<u8>) -> Result<Vec<u8>> {
+        self.check_range("read", offset, buf.len() as u64)?;
+        let len = buf.len() as u64;
+        let (start, end) = self.widen(offset, len);
+        if buf.is_empty()
+            || start != offset
+            || end - start != len
+            || len > u64::from(self.max_payload)
+        {
+            self.read(offset, &mut buf)?;
+            return Ok(buf);
+        }
+        let conn = self.pick();
+        let t = conn
+            .submit_read(offset, len as u32, buf)
+            .map_err(|e| self.err(e))?;
+        match conn.wait(t).map_err(|e| self.err(e))? {
+            Reply::Data(d) if d.len() as u64 == len => Ok(d),
+            _ => Err(self.err("a read got a reply without data")),
+        }
+    }
+
     fn read_aligned(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let pieces = split(offset, buf.len() as u64, u64::from(self.max_payload));
         self.pipeline(
@@ -410,6 +440,41 @@ impl NbdClient {
             },
             |_, _| Ok(()),
         )
+    }
+
+    /// Send a write of `data` (at most [`max_payload`](Self::max_payload) bytes, aligned)
+    /// without waiting for its reply; [`finish_write`](Self::finish_write) waits. Lets a
+    /// caller keep many writes in flight instead of one round trip each.
+    pub fn start_write(&self, offset: u64, data: &[u8]) -> Result<PendingWrite> {
+        self.check_writable()?;
+        self.check_range("write", offset, data.len() as u64)?;
+        self.check_aligned("write", offset, data.len() as u64)?;
+        if data.len() as u64 > u64::from(self.max_payload) {
+            return Err(Error::usage(format!(
+                "{}: a write of {} bytes is longer than the {} allowed in one request",
+                self.name,
+                data.len(),
+                self.max_payload
+            )));
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.conns.len();
+        let conn = (0..n)
+            .map(|i| (start + i) % n)
+            .find(|&i| !self.conns[i].is_dead())
+            .unwrap_or(start % n);
+        let ticket = self.conns[conn]
+            .submit(CMD_WRITE, 0, offset, data.len() as u32, Some(data))
+            .map_err(|e| self.err(e))?;
+        Ok(PendingWrite { conn, ticket })
+    }
+
+    /// Wait for the reply to a write sent with [`start_write`](Self::start_write).
+    pub fn finish_write(&self, w: PendingWrite) -> Result<()> {
+        self.conns[w.conn]
+            .wait(w.ticket)
+            .map(|_| ())
+            .map_err(|e| self.err(e))
     }
 
     /// Make `[offset, offset + len)` read as zeros; `no_hole` asks the server to keep it

@@ -7,9 +7,10 @@
 //!   was read.
 //! - Before the read, a second bitmap `NAME-next` is added: it tracks every write from
 //!   then on, for the run after this one.
-//! - After a successful generation, `NAME` is replaced by `NAME-next` (remove, add, merge,
-//!   remove), so the next run sees only writes made since this run began reading. A write
-//!   made at any moment lands in `NAME-next`, so none is missed.
+//! - After a successful generation, `NAME` is replaced by `NAME-next` (`NAME` cleared and
+//!   merged from `NAME-next` in one `qemu-img` run, then `NAME-next` removed), so the next
+//!   run sees only writes made since this run began reading. A write made at any moment
+//!   lands in `NAME-next`, so none is missed.
 //! - A failed run removes `NAME-next` and leaves `NAME` as it was: it only ever
 //!   accumulates. If a step cannot run (a VM holds the image's lock), the bitmaps are left
 //!   as they are: the next run reads more than it must, or all of it, never less.
@@ -159,19 +160,47 @@ pub fn prepare(
 }
 
 /// After a successful generation: `NAME` becomes what `NAME-next` tracked.
+///
+/// After listing the bitmaps, two `qemu-img` runs: `NAME` is cleared (or, when it does
+/// not exist or has another granularity than `NAME-next`, added), enabled and given
+/// `NAME-next`'s bits in one run (the operations apply in order to the one image they
+/// open), then `NAME-next` goes. A crash in between leaves `NAME` either as it was, or
+/// missing or marked in-use (the next run reads everything), or complete with
+/// `NAME-next` still there (the next run removes it).
 pub fn commit(path: &Path, name: &str) -> Result<()> {
     let next = next_name(name);
     let bitmaps = list(path)?;
-    let granularity = bitmaps
-        .iter()
-        .find(|b| b.name == next)
-        .map(|b| b.granularity)
-        .filter(|&g| g > 0);
-    if bitmaps.iter().any(|b| b.name == name) {
-        bitmap_op(path, "--remove", name)?;
+    let granularity = |n: &str| {
+        bitmaps
+            .iter()
+            .find(|b| b.name == n)
+            .map(|b| b.granularity)
+            .filter(|&g| g > 0)
+    };
+    let g = granularity(&next);
+    // `NAME` keeps its granularity when cleared: one of another granularity (the
+    // configured one changed) is removed and added afresh.
+    let reuse = match granularity(name) {
+        Some(old) => {
+            g.is_none() || g == Some(old) || {
+                bitmap_op(path, "--remove", name)?;
+                false
+            }
+        }
+        None => false,
+    };
+    let gs = g.map(|g| g.to_string());
+    let mut before = vec!["bitmap"];
+    if reuse {
+        before.push("--clear");
+    } else {
+        before.push("--add");
+        if let Some(gs) = &gs {
+            before.extend(["-g", gs.as_str()]);
+        }
     }
-    add(path, name, granularity)?;
-    qemu_img(path, &["bitmap", "--merge", &next], &[name])?;
+    before.extend(["--enable", "--merge", &next]);
+    qemu_img(path, &before, &[name])?;
     bitmap_op(path, "--remove", &next)
 }
 

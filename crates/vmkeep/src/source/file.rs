@@ -26,12 +26,9 @@ impl FileSource {
         }
         let size = fsutil::file_or_device_size(&file, path)
             .map_err(|e| Error::source(path.display(), e))?;
-        // Tell the kernel we read sequentially: larger readahead, faster full backups.
-        // SAFETY: posix_fadvise on a valid descriptor; advisory only.
-        unsafe {
-            use std::os::unix::io::AsRawFd;
-            libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
-        }
+        // The backup planner prefetches exactly the extents it hands out (see
+        // `prefetch`); the kernel's own readahead would also read into holes.
+        fsutil::no_readahead(&file);
         Ok(FileSource {
             file,
             path: path.to_path_buf(),
@@ -61,6 +58,10 @@ impl BlockSource for FileSource {
                 format!("read at byte {offset}: {what}"),
             )
         })
+    }
+
+    fn prefetch(&self, offset: u64, length: u64) {
+        fsutil::will_need(&self.file, offset, length);
     }
 
     fn extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {

@@ -9,6 +9,9 @@ pub mod nbd;
 pub mod open;
 pub mod qemu;
 
+use std::sync::Arc;
+
+use crate::bufpool::{BufPool, PoolBuf};
 use crate::error::Result;
 
 /// What a range of a source holds.
@@ -41,6 +44,18 @@ pub trait BlockSource: Send + Sync {
 
     /// Read exactly `buf.len()` bytes at `offset` (within the disk).
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+
+    /// Read `len` bytes at `offset` into a buffer from `pool` (a source that receives
+    /// its data in a buffer of its own hands that over instead of copying it).
+    fn read_buf(&self, pool: &Arc<BufPool>, offset: u64, len: usize) -> Result<PoolBuf> {
+        let mut buf = pool.take(len);
+        self.read_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+
+    /// A hint: `[offset, offset + length)` will be read soon (a file source starts
+    /// reading it into the page cache, so that reads of scattered blocks overlap).
+    fn prefetch(&self, _offset: u64, _length: u64) {}
 
     /// What `[offset, offset + length)` holds, as extents in order that cover at least
     /// the start of the range (callers ask again for the rest).

@@ -10,7 +10,10 @@
 //! Change tracking comes from `qemu:dirty-bitmap:NAME` (QEMU's `nbd.rst`): every range
 //! with `NBD_STATE_DIRTY` set has changed since the bitmap was started.
 
+use std::sync::Arc;
+
 use super::{BlockSource, Extent, ExtentKind};
+use crate::bufpool::{BufPool, PoolBuf};
 use crate::error::{Error, Result};
 use crate::nbd::client::{NbdClient, NbdOptions, NbdUri};
 use crate::nbd::proto::{META_BASE_ALLOCATION, META_DIRTY_BITMAP_PREFIX, STATE_DIRTY, STATE_ZERO};
@@ -89,6 +92,12 @@ impl BlockSource for NbdSource {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         self.client.read(offset, buf)
+    }
+
+    fn read_buf(&self, pool: &Arc<BufPool>, offset: u64, len: usize) -> Result<PoolBuf> {
+        let buf = pool.take(len).into_vec();
+        let buf = self.client.read_vec(offset, buf)?;
+        Ok(PoolBuf::adopt(buf, Some(pool)))
     }
 
     fn extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {

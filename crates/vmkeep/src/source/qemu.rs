@@ -142,6 +142,15 @@ impl BlockSource for QemuImage {
         self.source.read_at(buf, offset)
     }
 
+    fn read_buf(
+        &self,
+        pool: &std::sync::Arc<crate::bufpool::BufPool>,
+        offset: u64,
+        len: usize,
+    ) -> Result<crate::bufpool::PoolBuf> {
+        self.source.read_buf(pool, offset, len)
+    }
+
     fn extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
         self.source.extents(offset, length)
     }

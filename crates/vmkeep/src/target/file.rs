@@ -16,6 +16,7 @@ pub struct FileTarget {
     /// Where they end up (differs from `path` for regular files).
     final_path: PathBuf,
     fresh: bool,
+    behind: fsutil::WriteBehind,
 }
 
 impl FileTarget {
@@ -43,6 +44,7 @@ impl FileTarget {
                 path: path.to_path_buf(),
                 final_path: path.to_path_buf(),
                 fresh: false,
+                behind: fsutil::WriteBehind::default(),
             });
         }
         if meta.as_ref().is_some_and(|m| m.is_dir()) {
@@ -56,6 +58,7 @@ impl FileTarget {
             path: tmp,
             final_path: path.to_path_buf(),
             fresh: true,
+            behind: fsutil::WriteBehind::default(),
         })
     }
 }
@@ -66,7 +69,9 @@ impl Target for FileTarget {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        fsutil::write_at(&self.file, data, offset, &self.path)
+        fsutil::write_at(&self.file, data, offset, &self.path)?;
+        self.behind.wrote(&self.file, data.len() as u64);
+        Ok(())
     }
 
     fn zero(&mut self, offset: u64, len: u64) -> Result<()> {

@@ -7,11 +7,14 @@ use std::process::Command;
 use super::Target;
 use crate::error::{Error, Result};
 use crate::fsutil;
-use crate::nbd::client::{NbdClient, NbdOptions, NbdUri};
+use crate::nbd::client::{NbdClient, NbdOptions, NbdUri, PendingWrite};
 use crate::source::qemu::{QemuImage, QemuOptions};
 
 /// Largest single WRITE_ZEROES/TRIM request (their length field is 32 bits).
 const MAX_ZERO_REQUEST: u64 = 1 << 30;
+/// Writes kept in flight: a restore waits for one reply per this many requests, not
+/// for each (the server writes while the next ones travel).
+const WRITE_DEPTH: usize = 8;
 
 enum Conn {
     Direct(NbdClient),
@@ -28,6 +31,8 @@ pub struct NbdTarget {
     name: String,
     /// A freshly created image reads as zeros: zero ranges need no request.
     fresh: bool,
+    /// Writes sent and not answered yet, oldest first.
+    in_flight: std::collections::VecDeque<PendingWrite>,
 }
 
 impl NbdTarget {
@@ -54,6 +59,7 @@ impl NbdTarget {
             conn: Conn::Direct(client),
             name: uri.to_string(),
             fresh: false,
+            in_flight: Default::default(),
         })
     }
 
@@ -98,6 +104,7 @@ impl NbdTarget {
             },
             name: path.display().to_string(),
             fresh: true,
+            in_flight: Default::default(),
         })
     }
 
@@ -107,6 +114,14 @@ impl NbdTarget {
             Conn::Qemu { image, .. } => image.nbd().client(),
         }
     }
+
+    /// Wait for every write in flight.
+    fn drain(&mut self) -> Result<()> {
+        while let Some(w) = self.in_flight.pop_front() {
+            self.client().finish_write(w)?;
+        }
+        Ok(())
+    }
 }
 
 impl Target for NbdTarget {
@@ -115,9 +130,16 @@ impl Target for NbdTarget {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        let max = self.client().max_payload().max(4096) as usize;
+        let max = self.client().max_payload() as usize;
         for (i, chunk) in data.chunks(max).enumerate() {
-            self.client().write(offset + (i * max) as u64, chunk)?;
+            if self.in_flight.len() >= WRITE_DEPTH {
+                let oldest = self.in_flight.pop_front().expect("in flight");
+                self.client().finish_write(oldest)?;
+            }
+            let w = self
+                .client()
+                .start_write(offset + (i * max) as u64, chunk)?;
+            self.in_flight.push_back(w);
         }
         Ok(())
     }
@@ -147,7 +169,8 @@ impl Target for NbdTarget {
         Ok(())
     }
 
-    fn finish(self: Box<Self>) -> Result<()> {
+    fn finish(mut self: Box<Self>) -> Result<()> {
+        self.drain()?;
         if self.client().can_flush() {
             self.client().flush()?;
         }

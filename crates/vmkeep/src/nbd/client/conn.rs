@@ -87,7 +87,7 @@ struct Pending {
     kind: u16,
     offset: u64,
     length: u32,
-    /// Reads: the request-sized buffer the chunks fill (zeroed, so holes need no work).
+    /// Reads: the request-sized buffer the chunks fill.
     data: Vec<u8>,
     /// Reads: byte ranges received so far, relative to `offset` (start -> end).
     covered: BTreeMap<u64, u64>,
@@ -154,13 +154,33 @@ impl Conn {
         length: u32,
         payload: Option<&[u8]>,
     ) -> Result<Ticket, String> {
-        let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = crossbeam_channel::bounded(1);
         let data = if kind == CMD_READ {
             vec![0u8; length as usize]
         } else {
             Vec::new()
         };
+        self.submit_with(kind, flags, offset, length, payload, data)
+    }
+
+    /// Send a read whose reply fills `buf` (exactly `length` bytes, any contents): the
+    /// caller's buffer travels to the reader thread and back, so a read costs no
+    /// allocation, zero fill or copy of its own.
+    pub fn submit_read(&self, offset: u64, length: u32, buf: Vec<u8>) -> Result<Ticket, String> {
+        debug_assert_eq!(buf.len(), length as usize);
+        self.submit_with(CMD_READ, 0, offset, length, None, buf)
+    }
+
+    fn submit_with(
+        &self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        length: u32,
+        payload: Option<&[u8]>,
+        data: Vec<u8>,
+    ) -> Result<Ticket, String> {
+        let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = crossbeam_channel::bounded(1);
         {
             let mut st = lock(&self.shared.state);
             if let Some(why) = &st.dead {
@@ -409,8 +429,10 @@ impl Reader {
         if n == 0 {
             return Err("hole chunk of length 0".into());
         }
-        // The buffer starts zeroed and chunks never overlap: nothing to write.
-        p.claim(offset, u64::from(n), "hole").map(|_| ())
+        // The buffer may be a reused one: the hole's bytes are set here.
+        let rel = p.claim(offset, u64::from(n), "hole")? as usize;
+        p.data[rel..rel + n as usize].fill(0);
+        Ok(())
     }
 
     fn status_chunk(&mut self, p: &mut Pending, len: u32) -> Result<(), String> {

@@ -21,6 +21,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 
 use super::handshake::{Session, BASE_ALLOCATION_ID};
 use super::{Export, Extent, Shared, Stream};
+use crate::bufpool::BufPool;
 use crate::error::ErrorKind;
 use crate::fsutil::is_zero;
 use crate::nbd::proto::*;
@@ -38,6 +39,9 @@ struct Conn<'a> {
     base_allocation: bool,
     out: Mutex<Stream>,
     broken: AtomicBool,
+    /// Read buffers, reused: a fresh one per request (above malloc's mmap threshold) cost
+    /// an mmap, a page fault per 4 KiB and an munmap every time.
+    buffers: Arc<BufPool>,
 }
 
 /// Serve requests until the client disconnects, breaks the protocol or goes idle.
@@ -57,6 +61,7 @@ pub(crate) fn serve(shared: &Shared, mut stream: Stream, session: Session) {
         base_allocation: session.base_allocation,
         out: Mutex::new(out),
         broken: AtomicBool::new(false),
+        buffers: BufPool::new(shared.config.workers_per_connection.max(1)),
     };
     let (tx, rx) = bounded(shared.config.queue_per_connection.max(1));
     std::thread::scope(|scope| {
@@ -210,7 +215,7 @@ impl Conn<'_> {
             return self.done(req);
         }
         let _budget = self.shared.budget.take(req.length as usize);
-        let mut buf = vec![0u8; req.length as usize];
+        let mut buf = self.buffers.take(req.length as usize);
         match self.export.read(req.offset, &mut buf) {
             Ok(()) => self.send_data(req, &buf),
             Err(e) => {
