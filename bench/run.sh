@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # vmkeep against the copy limit and against the tools users would pick instead.
 #
-#   bench/run.sh [SIZE_GIB]        (as root; default 2 GiB; REPS=3 repetitions)
+#   bench/run.sh [SIZE_GIB]        (as root; default 2 GiB; REPS=5 repetitions)
 #
 # Builds vmkeep (release), makes deterministic disks with bench/gen.py (1 MiB extents:
 # 40 % random, 30 % text, 30 % holes), and measures, each repetition in a rotating order
@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 size_gib=${1:-2}
-reps=${REPS:-3}
+reps=${REPS:-5}
 rounds=${ROUNDS:-10}
 out=$root/bench/out
 w=$out/work
@@ -39,6 +39,10 @@ fi
 echo "building vmkeep (release)"
 cargo build --release --locked -q -p vmkeep-cli
 vk=$root/target/release/vmkeep
+# The same program without the libvirt feature: what start-up costs without libvirt's
+# 56 shared libraries.
+cargo build --release --locked -q -p vmkeep-cli --no-default-features --target-dir "$root/target/bench-nolibvirt"
+vk_nolv=$root/target/bench-nolibvirt/release/vmkeep
 export VMKEEP_CONFIG=/dev/null RESTIC_PASSWORD=bench
 
 started=()      # pids of servers this script started
@@ -156,6 +160,14 @@ data_final=$(alloc "$w/disk.raw")
 rdiffs=$(find "$w/R1" -name '*.rdiff' -printf '%s\n' | awk '{ s += $1 } END { print s }')
 rm -rf "$w"/dump.*
 
+echo "fixed costs: start-up alone, and an incr with an empty changed-block list"
+: >"$w/changed.none"
+fixed_start() { measure startup "$vk" --version; }
+fixed_nolv() { measure startup_nolv "$vk_nolv" --version; }
+fixed_incr() { measure incr_empty "$vk" --repo "$w/R3" -q backup vm --disk vda="$w/disk.raw" \
+                   --changed-blocks vda="$w/changed.none" --mode incr; }
+for i in $(seq 1 "$reps"); do rotate "$i" fixed_start fixed_nolv fixed_incr; done
+
 # ---------------------------------------------------------------- restore
 echo "restore: newest, five back, against cp --sparse=always + sync of the newest image"
 newest=$w/R1/vm/latest/vda.raw
@@ -226,6 +238,9 @@ echo "| full backup, qcow2 via qemu-nbd | $(f "$nbd") | nbdcopy + sync | $(f "$n
 echo "| | | qemu-img convert + sync | $(f "$qimg") | $(x "$nbd" "$qimg") | | |"
 echo "| incr 1 %, changed-block list | $(f "$il") | full backup, raw | $(f "$full") | $(pct "$il" "$full") | ≤ 5 %: $(verdict "$il <= 0.05 * $full") | $(rss incr_list) |"
 echo "| incr 1 %, qcow2 bitmap (private qemu-nbd) | $(f "$ib") | full backup, same source | $(f "$fb") | $(pct "$ib" "$fb") | ≤ 5 %: $(verdict "$ib <= 0.05 * $fb") | $(rss incr_bitmap) |"
+echo "| incr, empty changed-block list (fixed cost) | $(f "$(med incr_empty)") | full backup, raw | $(f "$full") | $(pct "$(med incr_empty)" "$full") | | $(rss incr_empty) |"
+echo "| start-up alone (vmkeep --version) | $(f "$(med startup)") | full backup, raw | $(f "$full") | $(pct "$(med startup)" "$full") | | $(rss startup) |"
+echo "| start-up alone, built without libvirt | $(f "$(med startup_nolv)") | full backup, raw | $(f "$full") | $(pct "$(med startup_nolv)" "$full") | | $(rss startup_nolv) |"
 echo "| diff 1 % (reads everything) | $(f "$df") | full backup, raw | $(f "$full") | $(pct "$df" "$full") | | $(rss diff) |"
 echo "| restore newest | $(f "$r0") | cp --sparse=always + sync | $(f "$rcp") | $(x "$r0" "$rcp") | ≤ 1.2×: $(verdict "$r0 <= 1.2 * $rcp") | $(rss restore_0) |"
 echo "| restore five back (-g 5) | $(f "$r5") | cp --sparse=always + sync | $(f "$rcp") | $(x "$r5" "$rcp") | ≤ 1.5×: $(verdict "$r5 <= 1.5 * $rcp") | $(rss restore_5) |"

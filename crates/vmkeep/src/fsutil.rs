@@ -304,18 +304,30 @@ pub fn no_readahead(file: &File) {
 }
 
 /// Counts bytes written to one file and kicks its writeback every [`WRITE_BEHIND`] bytes.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WriteBehind {
     since: u64,
+    every: u64,
+}
+
+impl Default for WriteBehind {
+    fn default() -> Self {
+        WriteBehind::every(WRITE_BEHIND)
+    }
 }
 
 /// Bytes written between two writeback kicks.
 pub const WRITE_BEHIND: u64 = 32 << 20;
 
 impl WriteBehind {
+    /// Kick writeback every `every` bytes.
+    pub fn every(every: u64) -> Self {
+        WriteBehind { since: 0, every }
+    }
+
     pub fn wrote(&mut self, file: &File, n: u64) {
         self.since += n;
-        if self.since >= WRITE_BEHIND {
+        if self.since >= self.every {
             start_writeback(file);
             self.since = 0;
         }

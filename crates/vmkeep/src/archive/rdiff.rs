@@ -304,7 +304,13 @@ pub struct RdiffWriter {
     pos: u64,
     index: Vec<(u64, u64)>,
     data_bytes: u64,
+    /// Writeback is started every few MiB, so that the undo-journal barrier (`sync`)
+    /// waits for the last few MiB only, not for everything appended since the last one.
+    behind: fsutil::WriteBehind,
 }
+
+/// Bytes appended between two writeback kicks of a reverse diff.
+const RDIFF_WRITE_BEHIND: u64 = 4 << 20;
 
 impl RdiffWriter {
     /// Create `path` (it must not exist) and write its header.
@@ -318,6 +324,7 @@ impl RdiffWriter {
             pos: 0,
             index: Vec::new(),
             data_bytes: 0,
+            behind: fsutil::WriteBehind::every(RDIFF_WRITE_BEHIND),
         };
         let hb = w.header.encode();
         w.put(&hb)?;
@@ -336,6 +343,7 @@ impl RdiffWriter {
         fsutil::append(&mut self.out, bytes, &self.path)?;
         self.hasher.update(bytes);
         self.pos += bytes.len() as u64;
+        self.behind.wrote(self.out.get_ref(), bytes.len() as u64);
         Ok(())
     }
 
