@@ -79,7 +79,7 @@ def sparse(path, size_gib, data_mib, seed=1):
 
 
 if __name__ == "__main__":
-    cmd = sys.argv[1]
+    cmd = sys.argv[1] if len(sys.argv) > 1 else ""
     if cmd == "disk":
         disk(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 1)
     elif cmd == "scatter":

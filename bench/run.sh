@@ -245,7 +245,7 @@ echo "| diff 1 % (reads everything) | $(f "$df") | full backup, raw | $(f "$full
 echo "| restore newest | $(f "$r0") | cp --sparse=always + sync | $(f "$rcp") | $(x "$r0" "$rcp") | ≤ 1.2×: $(verdict "$r0 <= 1.2 * $rcp") | $(rss restore_0) |"
 echo "| restore five back (-g 5) | $(f "$r5") | cp --sparse=always + sync | $(f "$rcp") | $(x "$r5" "$rcp") | ≤ 1.5×: $(verdict "$r5 <= 1.5 * $rcp") | $(rss restore_5) |"
 echo "| check --deep, $((rounds + 1)) generations | $(f "$ck") | b3sum of the same files | $(f "$b3") | $(x "$ck" "$b3") | | $(rss check) |"
-echo "| serve -g 5, nbdcopy to null: | $(f "$sv") | nbdcopy from qemu-nbd of the restored file | $(f "$sq") | $(pct "$sq" "$sv") of its speed | ≥ 80 %: $(verdict "$sq >= 0.8 * $sv") | $(rss serve_process) |"
+echo "| serve -g 5, read by nbdcopy to null | $(f "$sv") | nbdcopy from qemu-nbd of the restored file | $(f "$sq") | $(pct "$sq" "$sv") of its speed | ≥ 80 %: $(verdict "$sq >= 0.8 * $sv") | $(rss serve_process) |"
 echo "| restic backup, first | $(f "$(med restic_1)") | vmkeep full, raw | $(f "$full") | | | $(rss restic_1) |"
 echo "| restic backup, after round 1 | $(f "$(med restic_2)") | vmkeep incr, list | $(f "$il") | | | $(rss restic_2) |"
 echo
