@@ -90,7 +90,7 @@ rss() { # highest peak RSS (MiB) over the samples of KEY
 }
 count() { awk -F'\t' -v k="$1" '$1 == k' "$tsv" | wc -l; }
 ratio() { echo "scale=3; $1 / $2" | bc; }
-alloc() { du -sB1 "$@" | awk '{ s += $1 } END { print s }'; }
+alloc() { du -sB1 "$@" | awk '{ s += $1 } END { printf "%.0f\n", s }'; }
 mib() { echo "scale=1; $1 / 1048576" | bc; }
 wait_socket() { for _ in $(seq 1 300); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
 
@@ -151,13 +151,13 @@ for r in $(seq 1 "$rounds"); do
         repo1_after1=$(alloc "$w/R1")
     fi
 done
-changed=$(awk '{ s += $1 } END { print s }' "$w/changed_bytes")
+changed=$(awk '{ s += $1 } END { printf "%.0f\n", s }' "$w/changed_bytes")
 changed_z=$(cat "$w"/dump.*/*.bin | zstd -3 -q -c | wc -c)
 repo1=$(alloc "$w/R1")
 repo3=$(alloc "$w/R3")
 restic_size=$(alloc "$w/restic")
 data_final=$(alloc "$w/disk.raw")
-rdiffs=$(find "$w/R1" -name '*.rdiff' -printf '%s\n' | awk '{ s += $1 } END { print s }')
+rdiffs=$(find "$w/R1" -name '*.rdiff' -printf '%s\n' | awk '{ s += $1 } END { printf "%.0f\n", s }')
 rm -rf "$w"/dump.*
 
 echo "fixed costs: start-up alone, and an incr with an empty changed-block list"

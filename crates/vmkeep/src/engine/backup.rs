@@ -1105,7 +1105,8 @@ const MAX_ZERO_BLOCKS: u64 = 1 << 16;
 
 impl<'a> Planner<'a> {
     fn new(source: &'a dyn BlockSource, ranges: &'a [(u64, u64)], bs: u32, size: u64) -> Self {
-        let chunk = (source.max_read().min(4 << 20) as u64).max(bs as u64);
+        let request = crate::engine::tuning("VMKEEP_READ_SIZE", 4096..=32 << 20).unwrap_or(4 << 20);
+        let chunk = (source.max_read().min(request) as u64).max(bs as u64);
         Planner {
             source,
             ranges,

@@ -167,7 +167,8 @@ impl BlockSource for NbdSource {
     }
 
     fn parallelism(&self) -> usize {
-        (self.client.connections() * DEPTH_PER_CONNECTION).min(MAX_PARALLELISM)
+        crate::engine::tuning("VMKEEP_NBD_QUEUE", 1..=64)
+            .unwrap_or((self.client.connections() * DEPTH_PER_CONNECTION).min(MAX_PARALLELISM))
     }
 
     fn max_read(&self) -> usize {
