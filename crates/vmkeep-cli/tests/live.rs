@@ -49,6 +49,25 @@ fn disk_now(vm: &TestVm, target: &str) -> Vec<u8> {
     lv::read_all(d.path.to_str().unwrap(), d.format, &vm.path("now.raw"))
 }
 
+/// The newest image of `disk` in the archive.
+fn latest(env: &Env, vm: &str, disk: &str) -> Vec<u8> {
+    std::fs::read(
+        env.repo()
+            .join(vm)
+            .join("latest")
+            .join(format!("{disk}.raw")),
+    )
+    .unwrap()
+}
+
+/// The newest image of `target` equals the domain's disk now.
+fn assert_latest_is_disk(env: &Env, vm: &TestVm, target: &str) {
+    assert!(
+        latest(env, &vm.name, target) == disk_now(vm, target),
+        "latest/{target}.raw differs from the disk"
+    );
+}
+
 fn restored(env: &Env, vm: &str, rev: &str, disk: &str) -> Vec<u8> {
     let out = env.path(&format!("restore-{vm}-{rev}-{disk}.raw"));
     env.ok(&[
@@ -100,10 +119,7 @@ fn full_then_incremental_from_guest_writes() {
     vm.guest_write(0, 0x11, "1M", "4M");
     env.ok(&["backup", &vm.name]);
     assert_eq!(newest(&env, &vm.name, "vda").0, "full");
-    assert!(
-        std::fs::read(env.repo().join(&vm.name).join("latest/vda.raw")).unwrap()
-            == disk_now(&vm, "vda")
-    );
+    assert_latest_is_disk(&env, &vm, "vda");
     let gen0 = disk_now(&vm, "vda");
 
     vm.guest_write(0, 0x22, "8M", "1M");
@@ -119,10 +135,7 @@ fn full_then_incremental_from_guest_writes() {
         read >= (1 << 20) + 65536,
         "incr read {read}: less than was written"
     );
-    assert!(
-        std::fs::read(env.repo().join(&vm.name).join("latest/vda.raw")).unwrap()
-            == disk_now(&vm, "vda")
-    );
+    assert_latest_is_disk(&env, &vm, "vda");
     assert!(restored(&env, &vm.name, "1", "vda") == gen0);
     // The saved XML, and only the newest checkpoint of this repository is kept.
     assert!(
@@ -193,10 +206,7 @@ fn lost_checkpoint_means_diff_not_a_second_full_copy() {
         stored < 1 << 20,
         "diff stored {stored}: only the change, not a second copy"
     );
-    assert!(
-        std::fs::read(env.repo().join(&vm.name).join("latest/vda.raw")).unwrap()
-            == disk_now(&vm, "vda")
-    );
+    assert_latest_is_disk(&env, &vm, "vda");
     vm.guest_write(0, 0x55, "3M", "64k");
     env.ok(&["backup", &vm.name]);
     assert_eq!(
@@ -204,10 +214,7 @@ fn lost_checkpoint_means_diff_not_a_second_full_copy() {
         "incr",
         "a fresh chain started"
     );
-    assert!(
-        std::fs::read(env.repo().join(&vm.name).join("latest/vda.raw")).unwrap()
-            == disk_now(&vm, "vda")
-    );
+    assert_latest_is_disk(&env, &vm, "vda");
 }
 
 #[test]
@@ -248,13 +255,19 @@ fn a_disk_added_after_the_first_generation() {
     assert_eq!(newest(&env, &vm.name, "vdb").0, "full");
     vm.flush(1);
     let vdb_now = lv::read_all(vdb.to_str().unwrap(), "qcow2", &vm.path("b.raw"));
-    assert!(std::fs::read(env.repo().join(&vm.name).join("latest/vdb.raw")).unwrap() == vdb_now);
+    assert!(
+        latest(&env, &vm.name, "vdb") == vdb_now,
+        "latest/vdb.raw differs from the disk"
+    );
     vm.guest_write(1, 0x77, "3M", "64k");
     env.ok(&["backup", &vm.name]);
     assert_eq!(newest(&env, &vm.name, "vdb").0, "incr");
     vm.flush(1);
     let vdb_now = lv::read_all(vdb.to_str().unwrap(), "qcow2", &vm.path("b.raw"));
-    assert!(std::fs::read(env.repo().join(&vm.name).join("latest/vdb.raw")).unwrap() == vdb_now);
+    assert!(
+        latest(&env, &vm.name, "vdb") == vdb_now,
+        "latest/vdb.raw differs from the disk"
+    );
     // The first generation has no vdb.
     let e = env.fails(
         &[
@@ -282,10 +295,7 @@ fn shut_off_domain_is_read_from_its_files() {
     // QEMU saved the checkpoint's bitmap when it stopped: qemu-nbd exports it.
     assert_eq!(mode, "incr");
     assert_eq!(read, 65536);
-    assert!(
-        std::fs::read(env.repo().join(&vm.name).join("latest/vda.raw")).unwrap()
-            == disk_now(&vm, "vda")
-    );
+    assert_latest_is_disk(&env, &vm, "vda");
     env.ok(&["check", &vm.name, "--deep"]);
 }
 
@@ -588,10 +598,7 @@ mod failures {
         assert_clean_failure(&env, &vm, &out, 1, "backup job");
         // The next run works.
         env.ok(&["backup", &vm.name]);
-        assert!(
-            std::fs::read(env.repo().join(&vm.name).join("latest/vda.raw")).unwrap()
-                == disk_now(&vm, "vda")
-        );
+        assert_latest_is_disk(&env, &vm, "vda");
     }
 
     #[test]
@@ -634,10 +641,7 @@ mod failures {
         assert_clean_failure(&env, &vm, &out, 1, &vm.name);
         env.ok(&["backup", &vm.name]);
         assert_eq!(newest(&env, &vm.name, "vda").0, "incr");
-        assert!(
-            std::fs::read(env.repo().join(&vm.name).join("latest/vda.raw")).unwrap()
-                == disk_now(&vm, "vda")
-        );
+        assert_latest_is_disk(&env, &vm, "vda");
     }
 
     #[test]
