@@ -49,6 +49,14 @@ fn disk_now(vm: &TestVm, target: &str) -> Vec<u8> {
     lv::read_all(d.path.to_str().unwrap(), d.format, &vm.path("now.raw"))
 }
 
+/// A folder for restored disks that QEMU (another user) can enter.
+fn disk_dir(env: &Env) -> std::path::PathBuf {
+    let dir = env.path("disks");
+    std::fs::create_dir(&dir).unwrap();
+    lv::set_mode(&dir, 0o755);
+    dir
+}
+
 /// The newest image of `disk` in the archive.
 fn latest(env: &Env, vm: &str, disk: &str) -> Vec<u8> {
     std::fs::read(
@@ -313,9 +321,7 @@ fn restore_as_a_new_vm() {
     env.ok(&["backup", &vm.name]);
     let new = format!("{}-copy", vm.name);
     let _guard = lv::Undefine(new.clone());
-    let dir = env.path("disks");
-    std::fs::create_dir(&dir).unwrap();
-    lv::set_mode(&dir, 0o755);
+    let dir = disk_dir(&env);
     env.ok(&[
         "restore",
         &vm.name,
@@ -378,9 +384,7 @@ fn instant_recovery_boots_from_the_archive_and_blockpull_makes_it_permanent() {
     env.ok(&["backup", &vm.name]);
     let new = format!("{}-instant", vm.name);
     let _guard = lv::Undefine(new.clone());
-    let dir = env.path("disks");
-    std::fs::create_dir(&dir).unwrap();
-    lv::set_mode(&dir, 0o755);
+    let dir = disk_dir(&env);
     let out = env.ok(&[
         "restore",
         &vm.name,

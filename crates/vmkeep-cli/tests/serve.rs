@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 
 use assert_cmd::cargo::cargo_bin;
 
+mod common;
+use common::noise;
+
 const BS: usize = 64 << 10;
 const MIB: usize = 1 << 20;
 
@@ -197,16 +200,6 @@ fn next_rand(s: &mut u64) -> u64 {
     *s ^= *s << 25;
     *s ^= *s >> 27;
     s.wrapping_mul(0x2545_f491_4f6c_dd1d)
-}
-
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut s = seed | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        v.extend_from_slice(&next_rand(&mut s).to_le_bytes());
-    }
-    v.truncate(len);
-    v
 }
 
 /// Write `data` as a sparse file (zero blocks stay holes, as a VM disk would have them).

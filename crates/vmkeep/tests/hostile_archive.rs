@@ -108,17 +108,7 @@ const BS: u32 = 16 << 10;
 const BLOCKS: usize = 16;
 const SIZE: usize = BLOCKS * BS as usize;
 
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use harness::noise;
 
 fn text(seed: usize, len: usize) -> Vec<u8> {
     let s = b"the quick brown fox jumps over the lazy dog ";

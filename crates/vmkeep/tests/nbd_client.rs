@@ -30,6 +30,26 @@ fn path_str(p: &Path) -> &str {
 }
 
 /// A 40 MiB raw image: random data in a few places, zeros elsewhere (some written out).
+/// The test image of [`make_raw`] as `DIR/a.FORMAT`, converted by qemu-img; and its bytes.
+fn converted(dir: &Path, format: &str) -> (std::path::PathBuf, Vec<u8>) {
+    let raw = dir.join("a.raw");
+    let out = dir.join(format!("a.{format}"));
+    let img = make_raw(&raw);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            format,
+            path_str(&raw),
+            path_str(&out),
+        ],
+    );
+    (out, img)
+}
+
 fn make_raw(path: &Path) -> Vec<u8> {
     let mut img = vec![0u8; 40 * MIB as usize];
     let mut rng = Rng(0x5eed);
@@ -80,21 +100,7 @@ fn read_all_parallel(client: &Arc<NbdClient>, threads: u64) -> blake3::Hash {
 #[test]
 fn qcow2_reads_over_multi_conn_match_nbdcopy() {
     let tmp = tempfile::tempdir().unwrap();
-    let raw = tmp.path().join("a.raw");
-    let qcow2 = tmp.path().join("a.qcow2");
-    let img = make_raw(&raw);
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            path_str(&raw),
-            path_str(&qcow2),
-        ],
-    );
+    let (qcow2, img) = converted(tmp.path(), "qcow2");
     let server = qemu_nbd(&["--read-only", "--shared=4", "--format=qcow2"], &qcow2);
     let client = Arc::new(connect(&server.uri()));
     assert!(client.can_multi_conn() && client.read_only() && client.structured_replies());
@@ -539,21 +545,8 @@ fn block_size_constraints_are_honoured() {
 #[test]
 fn qemu_source_reads_and_leaves_nothing_behind() {
     let tmp = tempfile::tempdir().unwrap();
+    let (vdi, img) = converted(tmp.path(), "vdi");
     let raw = tmp.path().join("a.raw");
-    let vdi = tmp.path().join("a.vdi");
-    let img = make_raw(&raw);
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "vdi",
-            path_str(&raw),
-            path_str(&vdi),
-        ],
-    );
     let source = QemuImage::open(&vdi, "vdi", None).unwrap();
     let (pid, dir) = (source.pid(), source.private_dir().to_path_buf());
     let mode =

@@ -346,7 +346,8 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     out
 }
 
-fn noise(seed: u64, len: usize) -> Vec<u8> {
+/// Deterministic pseudo-random bytes.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..len)
         .map(|_| {
