@@ -49,6 +49,15 @@ fn disk_now(vm: &TestVm, target: &str) -> Vec<u8> {
     lv::read_all(d.path.to_str().unwrap(), d.format, &vm.path("now.raw"))
 }
 
+/// A running one-disk domain with 1 MiB written, and its first generation.
+fn backed_up(tag: &str) -> (TestVm, Env) {
+    let vm = TestVm::start(tag, &[("vda", "qcow2", 32)]);
+    let env = live_env();
+    vm.guest_write(0, 0x11, "0", "1M");
+    env.ok(&["backup", &vm.name]);
+    (vm, env)
+}
+
 /// A folder for restored disks that QEMU (another user) can enter.
 fn disk_dir(env: &Env) -> std::path::PathBuf {
     let dir = env.path("disks");
@@ -228,10 +237,7 @@ fn lost_checkpoint_means_diff_not_a_second_full_copy() {
 #[test]
 fn a_disk_added_after_the_first_generation() {
     let _shared = shared();
-    let vm = TestVm::start("two", &[("vda", "qcow2", 32)]);
-    let env = live_env();
-    vm.guest_write(0, 0x11, "0", "1M");
-    env.ok(&["backup", &vm.name]);
+    let (vm, env) = backed_up("two");
     let vdb = vm.path("vdb.qcow2");
     lv::run(
         std::process::Command::new("qemu-img")
@@ -591,10 +597,7 @@ mod failures {
     #[test]
     fn job_aborted_from_outside_fails_the_run() {
         let _shared = shared();
-        let vm = TestVm::start("abort", &[("vda", "qcow2", 32)]);
-        let env = live_env();
-        vm.guest_write(0, 0x11, "0", "1M");
-        env.ok(&["backup", &vm.name]);
+        let (vm, env) = backed_up("abort");
         vm.guest_write(0, 0x22, "0", "64k");
         let out = interrupted(&env, &vm, || {
             virsh(&["domjobabort", &vm.name]);
@@ -608,10 +611,7 @@ mod failures {
     #[test]
     fn libvirtd_restarted_mid_backup_fails_the_run_cleanly() {
         let _exclusive = LIBVIRTD.write().unwrap_or_else(|e| e.into_inner());
-        let vm = TestVm::start("restart", &[("vda", "qcow2", 32)]);
-        let env = live_env();
-        vm.guest_write(0, 0x11, "0", "1M");
-        env.ok(&["backup", &vm.name]);
+        let (vm, env) = backed_up("restart");
         vm.guest_write(0, 0x22, "0", "64k");
         let out = interrupted(&env, &vm, || {
             let st = std::process::Command::new("pkill")
@@ -651,10 +651,7 @@ mod failures {
     #[test]
     fn domain_destroyed_mid_backup_fails_the_run() {
         let _shared = shared();
-        let vm = TestVm::start("destroy", &[("vda", "qcow2", 32)]);
-        let env = live_env();
-        vm.guest_write(0, 0x11, "0", "1M");
-        env.ok(&["backup", &vm.name]);
+        let (vm, env) = backed_up("destroy");
         let out = interrupted(&env, &vm, || {
             virsh(&["destroy", &vm.name]);
         });
