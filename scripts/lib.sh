@@ -13,35 +13,82 @@ as_root() {
     fi
 }
 
-# Install Debian packages that are missing (idempotent; no network use when all are there).
-ensure_packages() {
-    local missing=()
-    for p in "$@"; do
-        dpkg-query -W -f='${Status}' "${p%%/*}" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-    done
-    [ ${#missing[@]} -eq 0 ] && return 0
-    log "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    if ! apt-get install -y -qq "${missing[@]}" >/tmp/vmkeep-apt.log 2>&1; then
-        # qemu-system and qemu-utils must come from the same release: a newer qemu-utils
-        # (a backport) blocks qemu-system, so take both from the distribution's release.
-        local codename
-        codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
-        local pinned=()
-        for p in "${missing[@]}"; do
-            case "$p" in qemu-utils|qemu-system-x86) pinned+=("$p/$codename");; *) pinned+=("$p");; esac
-        done
-        case " ${pinned[*]} " in *" qemu-utils/"*) ;; *) pinned+=("qemu-utils/$codename");; esac
-        apt-get install -y -qq --allow-downgrades "${pinned[@]}" >/tmp/vmkeep-apt.log 2>&1 || {
-            tail -20 /tmp/vmkeep-apt.log >&2
-            exit 1
-        }
-    fi
+# Everything vmkeep and its tests use at run time and build time, and the commands that
+# prove each package works once installed.
+BASE_PACKAGES=(pkg-config qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev nbdkit libnbd-bin)
+BASE_COMMANDS=(qemu-img qemu-nbd qemu-io qemu-system-x86_64 virsh libvirtd nbdkit nbdcopy nbdinfo pkg-config)
+
+# The packages that must come from one QEMU build: qemu-system-x86 refuses a qemu-utils of
+# another version (the machine image ships a newer qemu-utils from backports), and apt
+# "solves" that by removing qemu-utils. Both are therefore always installed from the
+# distribution's own release, in the same apt-get run.
+QEMU_PACKAGES=(qemu-utils qemu-system-x86)
+
+pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+pkg_version() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null; }
+
+# The QEMU packages agree when both are installed with the same version.
+qemu_agrees() {
+    pkg_installed qemu-utils && pkg_installed qemu-system-x86 &&
+        [ "$(pkg_version qemu-utils)" = "$(pkg_version qemu-system-x86)" ]
 }
 
-# Everything vmkeep and its tests use at run time and build time.
-BASE_PACKAGES=(pkg-config qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev nbdkit libnbd-bin)
+# Install what is missing in one apt-get run whose versions agree, refuse any plan that
+# removes a package, and prove the outcome: every package installed, every command runs.
+ensure_packages() {
+    local codename missing=() p
+    codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
+    for p in "$@"; do pkg_installed "$p" || missing+=("$p"); done
+    local wants_qemu=0
+    for p in "$@"; do case " ${QEMU_PACKAGES[*]} " in *" $p "*) wants_qemu=1 ;; esac; done
+    if [ ${#missing[@]} -gt 0 ] || { [ $wants_qemu -eq 1 ] && ! qemu_agrees; }; then
+        local plan=()
+        for p in "${missing[@]}"; do
+            case " ${QEMU_PACKAGES[*]} " in *" $p "*) ;; *) plan+=("$p") ;; esac
+        done
+        [ $wants_qemu -eq 1 ] && for p in "${QEMU_PACKAGES[@]}"; do plan+=("$p/$codename"); done
+        log "installing ${plan[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        local apt=(apt-get install -y -qq --allow-downgrades -o Dpkg::Options::=--force-confold)
+        # Simulate first: a plan that removes anything is refused before it touches the machine.
+        local sim removed
+        if ! sim=$("${apt[@]}" -s "${plan[@]}" 2>&1); then
+            printf '%s\n' "$sim" | tail -20 >&2
+            die "apt-get cannot install ${plan[*]}"
+        fi
+        removed=$(printf '%s\n' "$sim" | awk '/^Remv /{print $2}' | tr '\n' ' ')
+        [ -z "$removed" ] || die "installing ${plan[*]} would remove: $removed— refused; install by hand or remove what conflicts"
+        "${apt[@]}" "${plan[@]}" >/tmp/vmkeep-apt.log 2>&1 || {
+            tail -20 /tmp/vmkeep-apt.log >&2
+            die "apt-get install ${plan[*]} failed (log: /tmp/vmkeep-apt.log)"
+        }
+    fi
+    verify_packages "$@"
+}
+
+# Every package of the list installed, the QEMU ones of one version, every command present
+# and answering --version; otherwise one line naming what is wrong, and exit 1.
+verify_packages() {
+    local bad=() p c
+    for p in "$@"; do pkg_installed "$p" || bad+=("package $p is not installed"); done
+    case " $* " in *" qemu-utils "*|*" qemu-system-x86 "*)
+        qemu_agrees || bad+=("qemu-utils $(pkg_version qemu-utils) and qemu-system-x86 $(pkg_version qemu-system-x86) differ") ;;
+    esac
+    for c in "${BASE_COMMANDS[@]}"; do
+        if ! command -v "$c" >/dev/null 2>&1; then
+            bad+=("command $c is missing")
+        elif ! "$c" --version >/dev/null 2>&1; then
+            bad+=("command $c does not run ($c --version failed)")
+        fi
+    done
+    [ ${#bad[@]} -eq 0 ] || die "set-up incomplete: $(IFS=';'; echo "${bad[*]}" | sed 's/;/; /g')"
+}
+
+die() {
+    printf 'error: %s\n' "$*" >&2
+    exit 1
+}
 
 ensure_cargo() {
     if ! command -v cargo >/dev/null 2>&1; then
