@@ -92,3 +92,11 @@ virsh -q domstate "$COPY" | sed "s/^/$COPY is /"
 vk check "$DOM" --deep
 vk status "$DOM"
 log "done: the demo VMs are removed; the repository stays in $VMKEEP_REPO"
+cat <<EOF
+Look around:
+  vmkeep --repo $VMKEEP_REPO status $DOM       the generations (--json for scripts)
+  vmkeep --repo $VMKEEP_REPO restore $DOM --generation 1 --to /var/tmp/gen1.raw
+  ls -ls $VMKEEP_REPO/$DOM/latest/              the newest disk: a plain sparse raw image
+Next: README.md (quick start, config, systemd timers), docs/libvirt.md (live backups),
+docs/recovery.md (disaster and instant recovery), docs/check.md (what check proves).
+EOF
