@@ -17,8 +17,8 @@ use crate::archive::Repository;
 use crate::engine::backup::{BackupOptions, BackupReport, BackupRun, DiskInput};
 use crate::error::{Error, Result};
 use crate::libvirt::{
-    BackupJobState, BackupPlan, CheckpointDelete, DiskDevice, DiskInfo, DiskSource, Domain,
-    Hypervisor,
+    BackupJobState, BackupPlan, BackupStart, CheckpointDelete, DiskDevice, DiskInfo, DiskSource,
+    Domain, Hypervisor,
 };
 use crate::nbd::proto::META_DIRTY_BITMAP_PREFIX;
 use crate::progress::Progress;
@@ -71,6 +71,9 @@ pub fn backup_domain(
     let mut opts = opts.clone();
     opts.kind = "libvirt".into();
     opts.domain_xml = Some(xml);
+    // This branch's checkpoint found broken (its bitmap lost when QEMU died): after a
+    // good generation it goes with the older ones.
+    let broken = std::cell::RefCell::new(None);
     let result = if info.state.is_active() {
         backup_running(
             &dom,
@@ -78,6 +81,7 @@ pub fn backup_domain(
             &disks,
             &new_checkpoint,
             basis.as_deref(),
+            &broken,
             &opts,
             live,
             progress,
@@ -94,7 +98,13 @@ pub fn backup_domain(
         )
     };
     match &result {
-        Ok(_) => forget_old_checkpoints(&dom, &prefix, &new_checkpoint, progress),
+        Ok(_) => forget_old_checkpoints(
+            &dom,
+            &prefix,
+            &new_checkpoint,
+            broken.borrow().as_deref(),
+            progress,
+        ),
         Err(_) => {
             // The connection may be what failed (libvirtd restarted): use a fresh one to
             // end a job that is still running and to drop the new checkpoint.
@@ -179,6 +189,50 @@ fn incr_basis(
     Ok(Some(cp))
 }
 
+/// Whether the bitmaps of checkpoint `cp` (this branch's, of a running VM) are intact
+/// enough for an incremental backup; when they are not, say so once and record `cp` as
+/// broken. A check that cannot be made means a diff too (always correct), without
+/// recording the checkpoint as broken.
+fn checkpoint_intact(
+    dom: &Domain,
+    cp: &str,
+    broken: &std::cell::RefCell<Option<String>>,
+    progress: &dyn Progress,
+) -> bool {
+    let why = match dom.broken_checkpoint_disks(cp) {
+        Ok(disks) if disks.is_empty() => return true,
+        Ok(disks) => format!(
+            "its bitmap of {} is missing or inconsistent (QEMU stopped without saving it)",
+            disks.join(", ")
+        ),
+        Err(e) => {
+            // Not proven broken: it is left to the usual deletion of old checkpoints.
+            progress.warn(&format!(
+                "VM {}: the bitmaps of checkpoint {cp} cannot be checked ({e}); reading all disks (diff) and starting a new checkpoint chain",
+                dom.name()
+            ));
+            return false;
+        }
+    };
+    abandon_checkpoint(dom, cp, &why, broken, progress);
+    false
+}
+
+/// One line about a broken checkpoint of this branch, which the run replaces.
+fn abandon_checkpoint(
+    dom: &Domain,
+    cp: &str,
+    why: &str,
+    broken: &std::cell::RefCell<Option<String>>,
+    progress: &dyn Progress,
+) {
+    progress.warn(&format!(
+        "VM {}: checkpoint {cp} is broken: {why}; reading all disks (diff) and starting a new checkpoint chain",
+        dom.name()
+    ));
+    *broken.borrow_mut() = Some(cp.to_string());
+}
+
 #[allow(clippy::too_many_arguments)]
 fn backup_running(
     dom: &Domain,
@@ -186,16 +240,18 @@ fn backup_running(
     disks: &[DiskInfo],
     new_checkpoint: &str,
     basis: Option<&str>,
+    broken: &std::cell::RefCell<Option<String>>,
     opts: &BackupOptions,
     live: &LiveOptions,
     progress: &dyn Progress,
 ) -> Result<BackupReport> {
+    let basis = basis.filter(|cp| checkpoint_intact(dom, cp, broken, progress));
     let tag = format!("{}-{}", &run.generation_id()[..13], std::process::id());
     let socket_dir = live.run_dir.join(&tag);
     let scratch_dir = live.scratch_dir.join(&tag);
     let targets: Vec<&str> = disks.iter().map(|d| d.target.as_str()).collect();
     let socket = socket_dir.join("nbd.sock");
-    let plan = BackupPlan {
+    let mut plan = BackupPlan {
         disks: &targets,
         socket: &socket,
         scratch_dir: &scratch_dir,
@@ -208,7 +264,20 @@ fn backup_running(
     }
     let _cleanup = RemoveDirs(vec![socket_dir.clone(), scratch_dir.clone()]);
     dom.end_stale_backup(&live.run_dir)?;
-    let job = std::cell::RefCell::new(Some(dom.begin_backup(&plan)?));
+    let mut basis = basis;
+    let first = match dom.try_begin_backup(&plan)? {
+        BackupStart::Started(job) => job,
+        // The check above passed, but libvirt found the bitmap broken when it started the
+        // job (or it broke in between): start again as a diff with a fresh chain, once.
+        BackupStart::CheckpointInconsistent(why) => {
+            if let Some(cp) = basis.take() {
+                abandon_checkpoint(dom, cp, &why, broken, progress);
+            }
+            plan.incremental_from = None;
+            dom.begin_backup(&plan)?
+        }
+    };
+    let job = std::cell::RefCell::new(Some(first));
     crate::fault::pause("after-backup-begin");
     // A job that failed (aborted from outside, the VM stopped, scratch space exhausted)
     // surfaces as a broken NBD connection; say what really happened.
@@ -225,8 +294,14 @@ fn backup_running(
             _ => e,
         }
     };
-    let inputs = open_exports(job.borrow().as_ref().expect("job just began"), disks, basis)
-        .map_err(explain)?;
+    let broken_cp = broken.borrow().clone();
+    let inputs = open_exports(
+        job.borrow().as_ref().expect("job just began"),
+        disks,
+        basis,
+        broken_cp.as_deref(),
+    )
+    .map_err(explain)?;
     let mut opts = opts.clone();
     opts.checkpoint = job
         .borrow()
@@ -258,6 +333,7 @@ fn open_exports(
     job: &crate::libvirt::PullBackup,
     disks: &[DiskInfo],
     basis: Option<&str>,
+    broken: Option<&str>,
 ) -> Result<Vec<DiskInput>> {
     let mut inputs = Vec::new();
     for d in job.disks() {
@@ -277,7 +353,7 @@ fn open_exports(
         if bitmap.is_some() {
             input.changed = input.source.changed_extents()?;
         } else {
-            input.untracked_reason = Some(untracked_reason(disks, &d.target, basis));
+            input.untracked_reason = Some(untracked_reason(disks, &d.target, basis, broken));
         }
         inputs.push(input);
     }
@@ -331,7 +407,7 @@ fn backup_shut_off(
         if tracked.is_some() {
             input.changed = input.source.changed_extents()?;
         } else {
-            input.untracked_reason = Some(untracked_reason(disks, &d.target, basis));
+            input.untracked_reason = Some(untracked_reason(disks, &d.target, basis, None));
         }
         inputs.push(input);
     }
@@ -350,7 +426,12 @@ fn disk_label(disks: &[DiskInfo], target: &str) -> String {
     }
 }
 
-fn untracked_reason(disks: &[DiskInfo], target: &str, basis: Option<&str>) -> String {
+fn untracked_reason(
+    disks: &[DiskInfo],
+    target: &str,
+    basis: Option<&str>,
+    broken: Option<&str>,
+) -> String {
     let format = disks
         .iter()
         .find(|d| d.target == target)
@@ -358,13 +439,25 @@ fn untracked_reason(disks: &[DiskInfo], target: &str, basis: Option<&str>) -> St
         .unwrap_or_default();
     match basis {
         _ if format != "qcow2" => format!("a {format} disk cannot carry a dirty bitmap"),
+        None if broken.is_some() => format!(
+            "checkpoint {} is broken (its bitmap was lost or left inconsistent when QEMU stopped)",
+            broken.unwrap_or_default()
+        ),
         None => "no checkpoint of this repository to start from".into(),
         Some(cp) => format!("checkpoint {cp} does not track this disk"),
     }
 }
 
-/// Delete this branch's checkpoints other than `keep` (the next run needs only it).
-fn forget_old_checkpoints(dom: &Domain, prefix: &str, keep: &str, progress: &dyn Progress) {
+/// Delete this branch's checkpoints other than `keep` (the next run needs only it). The
+/// `broken` one (its bitmap lost: libvirt cannot delete what is not there) loses at least
+/// its metadata, so that it is not found broken again on every run.
+fn forget_old_checkpoints(
+    dom: &Domain,
+    prefix: &str,
+    keep: &str,
+    broken: Option<&str>,
+    progress: &dyn Progress,
+) {
     let Ok(all) = dom.list_checkpoints() else {
         return;
     };
@@ -372,7 +465,15 @@ fn forget_old_checkpoints(dom: &Domain, prefix: &str, keep: &str, progress: &dyn
         .iter()
         .filter(|c| c.name.starts_with(prefix) && c.name != keep)
     {
-        if let Err(e) = dom.delete_checkpoint(&cp.name, CheckpointDelete::default()) {
+        let mut result = dom.delete_checkpoint(&cp.name, CheckpointDelete::default());
+        if result.is_err() && broken == Some(cp.name.as_str()) {
+            let how = CheckpointDelete {
+                metadata_only: true,
+                ..CheckpointDelete::default()
+            };
+            result = dom.delete_checkpoint(&cp.name, how);
+        }
+        if let Err(e) = result {
             progress.warn(&format!(
                 "VM {}: cannot delete old checkpoint {}: {e}",
                 dom.name(),
