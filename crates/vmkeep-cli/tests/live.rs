@@ -537,6 +537,110 @@ fn two_repositories_keep_independent_incremental_chains() {
     assert_eq!(newest(&b, &vm.name, "vda").0, "incr");
 }
 
+/// How often `needle` occurs in the run's stderr.
+fn said(out: &std::process::Output, needle: &str) -> usize {
+    String::from_utf8_lossy(&out.stderr).matches(needle).count()
+}
+
+#[test]
+fn killed_qemu_costs_one_diff_then_incremental_again() {
+    let _shared = shared();
+    let (vm, env) = backed_up("killed");
+    // QEMU dies before it ever saved the checkpoint's bitmap: the bitmap is missing.
+    vm.kill_qemu();
+    virsh(&["start", &vm.name]);
+    vm.guest_write(0, 0x22, "8M", "1M");
+    let out = env.run(&["backup", &vm.name]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(said(&out, "is broken"), 1, "said once, in one line");
+    assert_eq!(said(&out, "\n"), 1, "one line");
+    assert_eq!(newest(&env, &vm.name, "vda").0, "diff");
+    assert_latest_is_disk(&env, &vm, "vda");
+    // The broken checkpoint's metadata is gone; the fresh chain's one is there.
+    let cps = checkpoints(&vm.name);
+    let ids = env.generations(&vm.name);
+    assert_eq!(cps.len(), 1, "{cps:?}");
+    assert!(cps[0].ends_with(&ids[1]), "{cps:?} vs {ids:?}");
+    vm.guest_write(0, 0x33, "20M", "64k");
+    env.ok(&["backup", &vm.name]);
+    assert_eq!(
+        newest(&env, &vm.name, "vda"),
+        ("incr".to_string(), 65536),
+        "incr again, reading only what was written"
+    );
+    assert_latest_is_disk(&env, &vm, "vda");
+
+    // QEMU saved the bitmap once (a graceful stop), then died: the bitmap is in the image
+    // but marked in-use, so QEMU loads it as inconsistent.
+    virsh(&["destroy", &vm.name, "--graceful"]);
+    virsh(&["start", &vm.name]);
+    vm.kill_qemu();
+    virsh(&["start", &vm.name]);
+    vm.guest_write(0, 0x44, "2M", "64k");
+    let out = env.run(&["backup", &vm.name]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(said(&out, "is broken"), 1);
+    assert_eq!(newest(&env, &vm.name, "vda").0, "diff");
+    assert_latest_is_disk(&env, &vm, "vda");
+    assert_eq!(checkpoints(&vm.name).len(), 1);
+    vm.guest_write(0, 0x55, "24M", "64k");
+    env.ok(&["backup", &vm.name]);
+    assert_eq!(newest(&env, &vm.name, "vda"), ("incr".to_string(), 65536));
+    assert_latest_is_disk(&env, &vm, "vda");
+    env.ok(&["check", &vm.name, "--deep"]);
+}
+
+#[test]
+fn a_broken_checkpoint_of_another_repository_or_tool_is_left_alone() {
+    let _shared = shared();
+    let vm = TestVm::start("brokenother", &[("vda", "qcow2", 32)]);
+    let a = live_env();
+    let b = live_env();
+    vm.guest_write(0, 0x01, "0", "1M");
+    a.ok(&["backup", &vm.name]);
+    b.ok(&["backup", &vm.name]);
+    virsh(&["checkpoint-create-as", &vm.name, "othertool"]);
+    let before = checkpoints(&vm.name);
+    assert_eq!(before.len(), 3, "{before:?}");
+    vm.kill_qemu();
+    virsh(&["start", &vm.name]);
+    vm.guest_write(0, 0x02, "4M", "64k");
+    let out = a.run(&["backup", &vm.name]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(newest(&a, &vm.name, "vda").0, "diff");
+    assert_latest_is_disk(&a, &vm, "vda");
+    let after = checkpoints(&vm.name);
+    let a_old = before
+        .iter()
+        .find(|c| c.ends_with(&a.generations(&vm.name)[0]))
+        .unwrap();
+    for cp in before.iter().filter(|c| *c != a_old) {
+        assert!(after.contains(cp), "{cp} was deleted: {after:?}");
+    }
+    assert!(!after.contains(a_old), "{after:?}");
+    // B finds its own checkpoint broken in turn, and deletes only that one.
+    let out = b.run(&["backup", &vm.name]);
+    assert!(out.status.success());
+    assert_eq!(said(&out, "is broken"), 1);
+    assert_eq!(newest(&b, &vm.name, "vda").0, "diff");
+    assert_latest_is_disk(&b, &vm, "vda");
+    let left = checkpoints(&vm.name);
+    assert_eq!(left.len(), 3, "{left:?}");
+    assert!(left.contains(&"othertool".to_string()), "{left:?}");
+}
+
 #[cfg(feature = "fault-injection")]
 mod failures {
     use super::*;
