@@ -698,6 +698,80 @@ mod failures {
         }
     }
 
+    /// Wait until the paused process wrote `mark`.
+    fn wait_for(mark: &std::path::Path) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !mark.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the backup never reached the pause"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_shut_off_domain_started_mid_read_never_tears_a_generation() {
+        let _shared = shared();
+        for format in ["raw", "qcow2"] {
+            let vm = TestVm::start(&format!("offstart-{format}"), &[("vda", format, 32)]);
+            let env = live_env();
+            vm.guest_write(0, 0x11, "0", "2M");
+            env.ok(&["backup", &vm.name]);
+            vm.guest_write(0, 0x22, "4M", "1M");
+            virsh(&["destroy", &vm.name, "--graceful"]);
+            let off = disk_now(&vm, "vda");
+            // The backup pauses with its sources open, before it reads a block; the VM is
+            // started there, and writes if it runs.
+            let mark = env.path("paused");
+            let child = env
+                .std_cmd(&["backup", &vm.name])
+                .env("VMKEEP_FAULT_PAUSE", "shut-off-read:120")
+                .env("VMKEEP_FAULT_PAUSE_MARK", &mark)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            wait_for(&mark);
+            let start = std::process::Command::new("virsh")
+                .args(["-c", lv::URI, "start", &vm.name])
+                .output()
+                .unwrap();
+            let started = start.status.success();
+            if started {
+                vm.guest_write(0, 0x33, "0", "1M");
+                vm.guest_write(0, 0x33, "8M", "1M");
+                vm.flush(0);
+            }
+            std::fs::remove_file(&mark).unwrap();
+            let out = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            if started {
+                // Never a committed generation that mixes states.
+                assert_eq!(out.status.code(), Some(1), "{format}: {err}");
+                assert_eq!(
+                    env.generations(&vm.name).len(),
+                    1,
+                    "{format}: nothing committed"
+                );
+                env.ok(&["check", &vm.name, "--deep"]);
+            } else {
+                // The VM could not start: vmkeep holds QEMU's lock on the image.
+                let why = String::from_utf8_lossy(&start.stderr);
+                assert!(why.contains("lock"), "{format}: {why}");
+                assert!(out.status.success(), "{format}: {err}");
+                assert_eq!(env.generations(&vm.name).len(), 2);
+                assert!(
+                    latest(&env, &vm.name, "vda") == off,
+                    "{format}: the generation is the disk as it was shut off"
+                );
+                env.ok(&["check", &vm.name, "--deep"]);
+                // Once vmkeep is done, the VM starts.
+                virsh(&["start", &vm.name]);
+            }
+        }
+    }
+
     #[test]
     fn job_aborted_from_outside_fails_the_run() {
         let _shared = shared();

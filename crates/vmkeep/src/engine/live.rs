@@ -384,6 +384,7 @@ fn backup_shut_off(
         }
     }
     let mut inputs = Vec::new();
+    let mut held = Vec::new();
     for d in disks {
         let path = match &d.source {
             DiskSource::File(p) | DiskSource::Block(p) => p.clone(),
@@ -398,11 +399,16 @@ fn backup_shut_off(
         // The checkpoint's bitmap must be in the image and consistent: a VM killed without
         // shutting down leaves it marked in-use, and then only a full read is safe.
         let tracked = basis.filter(|cp| format == "qcow2" && bitmap_usable(&path, cp));
+        // QEMU's own locks keep the VM from starting while vmkeep reads (qemu-nbd without
+        // --force-share takes them for other formats); see docs/libvirt.md.
+        let lock = ImageLock::take(&path, dom.name())?;
         let source: Box<dyn BlockSource> = if format == "raw" {
             Box::new(FileSource::open(&path)?)
         } else {
             qemu::open_image(&path, &format, tracked)?
         };
+        lock.same_file(&path, dom.name())?;
+        held.push(lock);
         let mut input = DiskInput::new(&d.target, source);
         if tracked.is_some() {
             input.changed = input.source.changed_extents()?;
@@ -411,7 +417,165 @@ fn backup_shut_off(
         }
         inputs.push(input);
     }
-    run.execute(inputs, &opts, progress)
+    crate::fault::pause("shut-off-read");
+    // Should the locks not have held (a file system without OFD locks, QEMU configured
+    // with locking=off), a VM that started, or a file that changed, while vmkeep read
+    // fails the generation before it is committed.
+    let mut confirm = || -> Result<()> {
+        let state = dom.state()?;
+        if state.is_active() {
+            return Err(job_failed(
+                dom,
+                format!(
+                    "the VM started ({state}) while vmkeep read its disks; nothing was committed"
+                ),
+            ));
+        }
+        for lock in &held {
+            lock.unchanged(dom.name())?;
+        }
+        Ok(())
+    };
+    run.execute_with(inputs, &opts, progress, &mut confirm)
+}
+
+/// The locks QEMU itself takes on an image file (block/file-posix.c), held by vmkeep while
+/// it reads a shut-off VM's disk: open file description (OFD) read locks on byte 100 + bit
+/// of each permission held and on byte 200 + bit of each permission not shared. vmkeep
+/// holds *consistent read* and shares neither *write* nor *resize*, as `qemu-img convert`
+/// does; a QEMU starting then fails with `Failed to get "write" lock`. Like QEMU, vmkeep
+/// locks first and then tests for holders of what it excludes, so of two racing openers at
+/// least one sees the other.
+struct ImageLock {
+    file: std::fs::File,
+    path: PathBuf,
+    /// (device, inode, size, mtime) when the lock was taken.
+    identity: (u64, u64, u64, i64, i64),
+}
+
+/// QEMU's permission bits (include/block/block-common.h), as bit numbers.
+const PERM_CONSISTENT_READ: i64 = 0;
+const PERM_WRITE: i64 = 1;
+const PERM_RESIZE: i64 = 3;
+/// QEMU's lock byte bases (RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE).
+const LOCK_PERM_BASE: i64 = 100;
+const LOCK_SHARED_BASE: i64 = 200;
+
+impl ImageLock {
+    fn take(path: &std::path::Path, vm: &str) -> Result<ImageLock> {
+        let file = std::fs::File::open(path).map_err(|e| Error::source(path.display(), e))?;
+        let mine = [
+            LOCK_PERM_BASE + PERM_CONSISTENT_READ,
+            LOCK_SHARED_BASE + PERM_WRITE,
+            LOCK_SHARED_BASE + PERM_RESIZE,
+        ];
+        for byte in mine {
+            if let Err(e) = ofd_lock(&file, libc::F_OFD_SETLK, libc::F_RDLCK, byte) {
+                return Err(lock_error(path, vm, &format!("cannot lock it ({e})")));
+            }
+        }
+        let theirs = [
+            (LOCK_PERM_BASE + PERM_WRITE, "write"),
+            (LOCK_PERM_BASE + PERM_RESIZE, "resize"),
+            (LOCK_SHARED_BASE + PERM_CONSISTENT_READ, "consistent read"),
+        ];
+        for (byte, what) in theirs {
+            match ofd_lock(&file, libc::F_OFD_GETLK, libc::F_WRLCK, byte) {
+                Ok(libc::F_UNLCK) => {}
+                Ok(_) => {
+                    return Err(lock_error(
+                        path,
+                        vm,
+                        &format!("another process (the VM's QEMU?) holds its \"{what}\" lock"),
+                    ))
+                }
+                Err(e) => {
+                    return Err(lock_error(
+                        path,
+                        vm,
+                        &format!("cannot test its locks ({e})"),
+                    ))
+                }
+            }
+        }
+        let identity = identity(
+            &file
+                .metadata()
+                .map_err(|e| Error::source(path.display(), e))?,
+        );
+        Ok(ImageLock {
+            file,
+            path: path.to_path_buf(),
+            identity,
+        })
+    }
+
+    /// `path` still names the locked file (not replaced before the reader opened it).
+    fn same_file(&self, path: &std::path::Path, vm: &str) -> Result<()> {
+        let now = std::fs::metadata(path).map_err(|e| Error::source(path.display(), e))?;
+        let id = identity(&now);
+        if (id.0, id.1) != (self.identity.0, self.identity.1) {
+            return Err(lock_error(
+                path,
+                vm,
+                "the file was replaced while vmkeep opened it",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Nothing wrote to or resized the file since the lock was taken.
+    fn unchanged(&self, vm: &str) -> Result<()> {
+        let now =
+            std::fs::metadata(&self.path).map_err(|e| Error::source(self.path.display(), e))?;
+        let held = self
+            .file
+            .metadata()
+            .map_err(|e| Error::source(self.path.display(), e))?;
+        if identity(&now) != self.identity || identity(&held) != self.identity {
+            return Err(lock_error(
+                &self.path,
+                vm,
+                "the disk changed while vmkeep read it (did the VM start?); nothing was committed",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn identity(m: &std::fs::Metadata) -> (u64, u64, u64, i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec())
+}
+
+fn lock_error(path: &std::path::Path, vm: &str, detail: &str) -> Error {
+    Error::source(
+        format!("libvirt VM {vm}"),
+        format!("disk {}: {detail}", path.display()),
+    )
+}
+
+/// One OFD lock call on byte `byte`; returns the lock type `F_OFD_GETLK` found.
+fn ofd_lock(
+    file: &std::fs::File,
+    cmd: libc::c_int,
+    kind: libc::c_int,
+    byte: i64,
+) -> std::io::Result<libc::c_int> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: a zeroed flock is a valid value; every field the call reads is set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = byte as libc::off_t;
+    fl.l_len = 1;
+    fl.l_pid = 0; // required for OFD locks
+                  // SAFETY: fcntl on an open descriptor with a pointer to a live flock.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) };
+    if rc == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fl.l_type as libc::c_int)
 }
 
 fn bitmap_usable(path: &std::path::Path, name: &str) -> bool {
