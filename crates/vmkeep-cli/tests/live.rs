@@ -772,6 +772,123 @@ mod failures {
         }
     }
 
+    /// The guest's writer of `consistent_under_concurrent_writes`: write k (k = 0, 1…)
+    /// puts 64 KiB of pattern `slot_pattern(k)` at 16 MiB + k × 64 KiB, one after the other.
+    const SLOTS_AT: usize = 16 << 20;
+    const SLOT: usize = 64 << 10;
+
+    fn slot_pattern(k: usize) -> u8 {
+        (k % 254) as u8 + 1
+    }
+
+    /// How many of the writer's writes `image` holds, proving they are a prefix: writes
+    /// 0..n whole, none after, and nothing torn.
+    fn writes_held(image: &[u8], what: &str) -> usize {
+        let slots = (image.len() - SLOTS_AT) / SLOT;
+        let mut held = 0;
+        for k in 0..slots {
+            let block = &image[SLOTS_AT + k * SLOT..SLOTS_AT + (k + 1) * SLOT];
+            if block.iter().all(|&b| b == slot_pattern(k)) {
+                assert_eq!(
+                    held, k,
+                    "{what}: write {k} is there but write {held} is not"
+                );
+                held += 1;
+            } else {
+                assert!(block.iter().all(|&b| b == 0), "{what}: write {k} is torn");
+            }
+        }
+        held
+    }
+
+    /// Run a backup that pauses once its job began, and let it go on only after the
+    /// guest wrote twice more, so that writes overlap the job whatever the timing. Returns
+    /// the range of writes the point-in-time view may hold: every write done before the
+    /// backup started, at most the one in flight when its job had begun.
+    fn backup_while_writing(
+        env: &Env,
+        vm: &TestVm,
+        count: &std::sync::atomic::AtomicUsize,
+    ) -> std::ops::RangeInclusive<usize> {
+        use std::sync::atomic::Ordering;
+        let mark = env.path("paused");
+        let done_before = count.load(Ordering::SeqCst);
+        let child = env
+            .std_cmd(&["backup", &vm.name])
+            .env("VMKEEP_FAULT_PAUSE", "after-backup-begin:600")
+            .env("VMKEEP_FAULT_PAUSE_MARK", &mark)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for(&mark);
+        let seen = count.load(Ordering::SeqCst);
+        while count.load(Ordering::SeqCst) < seen + 2 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::fs::remove_file(&mark).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        done_before..=seen + 1
+    }
+
+    #[test]
+    fn consistent_under_concurrent_writes() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let _shared = shared();
+        let vm = TestVm::start("writer", &[("vda", "qcow2", 64)]);
+        let env = live_env();
+        vm.guest_write(0, 0x11, "0", "1M");
+        let stop = AtomicBool::new(false);
+        let count = AtomicUsize::new(0);
+        let slots = ((64 << 20) - SLOTS_AT) / SLOT;
+        let mut moments = Vec::new();
+        std::thread::scope(|scope| {
+            let writer = scope.spawn(|| {
+                for k in 0..slots {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let offset = (SLOTS_AT + k * SLOT).to_string();
+                    vm.guest_write(0, slot_pattern(k), &offset, "64k");
+                    count.store(k + 1, Ordering::SeqCst);
+                }
+            });
+            let full = backup_while_writing(&env, &vm, &count);
+            assert_eq!(newest(&env, &vm.name, "vda").0, "full");
+            let incr = backup_while_writing(&env, &vm, &count);
+            assert_eq!(newest(&env, &vm.name, "vda").0, "incr");
+            moments = vec![full, incr];
+            stop.store(true, Ordering::SeqCst);
+            writer.join().unwrap();
+        });
+        let written = count.load(Ordering::SeqCst);
+        assert!(written < slots, "the writer ran out of room");
+        env.ok(&["backup", &vm.name]);
+        assert_eq!(newest(&env, &vm.name, "vda").0, "incr");
+        assert_latest_is_disk(&env, &vm, "vda");
+        // Every generation is one moment of the guest's writes: a prefix of them, taken
+        // while its job began (no write of before missing, none of after in it).
+        moments.push(written..=written);
+        for (rev, moment) in ["2", "1", "0"].iter().zip(&moments) {
+            let image = restored(&env, &vm.name, rev, "vda");
+            assert!(
+                image[..1 << 20].iter().all(|&b| b == 0x11),
+                "generation {rev}"
+            );
+            let held = writes_held(&image, &format!("generation {rev}"));
+            assert!(
+                moment.contains(&held),
+                "generation {rev} holds {held} writes, not {moment:?}"
+            );
+        }
+        env.ok(&["check", &vm.name, "--deep"]);
+    }
+
     #[test]
     fn job_aborted_from_outside_fails_the_run() {
         let _shared = shared();
