@@ -103,7 +103,7 @@ pub fn pause(name: &str) {
                 while std::time::Instant::now() < end
                     && mark
                         .as_ref()
-                        .map_or(true, |m| std::path::Path::new(m).exists())
+                        .is_none_or(|m| std::path::Path::new(m).exists())
                 {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }

@@ -6,10 +6,11 @@
 //! *branch* each), and vmkeep never trusts or deletes a checkpoint of another branch or
 //! another tool. The next run is incremental from that checkpoint's dirty bitmap when the
 //! checkpoint still exists and is the one the newest generation recorded; any other state
-//! (missing, foreign, not matching) makes the run a diff — read everything, store only
-//! changes — and starts a fresh chain. Disks that cannot carry bitmaps (raw) are read in
+//! (missing, foreign, not matching, or broken: a bitmap QEMU lost when it was killed) makes
+//! the run a diff — read everything, store only changes — and starts a fresh chain. Disks that cannot carry bitmaps (raw) are read in
 //! diff mode. After a successful generation only the new checkpoint of this branch is
-//! kept; after a failed one, the new checkpoint is deleted.
+//! kept; after a failed one, the new checkpoint is deleted. A shut-off VM's disks are read
+//! under QEMU's own image locks (`ImageLock`), so the VM cannot start mid-read.
 
 use std::path::PathBuf;
 
