@@ -791,3 +791,77 @@ pub fn remove_orphans(repo: &Repository, dom: &Domain) -> Result<Vec<String>> {
     }
     Ok(removed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn qemu_io_write(path: &std::path::Path) -> std::process::Output {
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 0x5a 0 4k"])
+            .arg(path)
+            .output()
+            .expect("qemu-io (qemu-utils) is installed")
+    }
+
+    #[test]
+    fn image_lock_keeps_qemu_out_and_sees_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let lock = ImageLock::take(&path, "t").unwrap();
+        // QEMU cannot open the image for writing while vmkeep reads it…
+        let out = qemu_io_write(&path);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "qemu-io wrote under the lock");
+        assert!(err.contains("\"write\" lock"), "{err}");
+        // …but a reader that does not write (qemu-img info) may.
+        let out = Command::new("qemu-img")
+            .arg("info")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lock.unchanged("t").unwrap();
+        // A change behind the lock's back (no locks honoured) is seen.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::fs::write(&path, vec![1u8; 1 << 20]).unwrap();
+        let e = lock.unchanged("t").unwrap_err().to_string();
+        assert!(e.contains("changed while vmkeep read it"), "{e}");
+        drop(lock);
+        let out = qemu_io_write(&path);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        // An image a QEMU process holds for writing is refused.
+        let sock = dir.path().join("nbd.sock");
+        let mut writer = Command::new("qemu-nbd")
+            .args(["-f", "raw"])
+            .arg(format!("--socket={}", sock.display()))
+            .arg(&path)
+            .spawn()
+            .unwrap();
+        // qemu-nbd opens (and locks) the image before it creates its socket.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !sock.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "qemu-nbd did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let e = ImageLock::take(&path, "t").err().map(|e| e.to_string());
+        let _ = writer.kill();
+        let _ = writer.wait();
+        let e = e.expect("the lock was taken while QEMU writes");
+        assert!(e.contains("\"write\" lock"), "{e}");
+    }
+}
