@@ -630,6 +630,18 @@ fn a_broken_checkpoint_of_another_repository_or_tool_is_left_alone() {
         assert!(after.contains(cp), "{cp} was deleted: {after:?}");
     }
     assert!(!after.contains(a_old), "{after:?}");
+    // The broken checkpoints of others do not stand in the way of A's fresh chain.
+    vm.guest_write(0, 0x03, "6M", "64k");
+    let out = a.run(&["backup", &vm.name]);
+    assert!(out.status.success());
+    assert_eq!(
+        said(&out, "warning"),
+        0,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(newest(&a, &vm.name, "vda"), ("incr".to_string(), 65536));
+    assert_latest_is_disk(&a, &vm, "vda");
     // B finds its own checkpoint broken in turn, and deletes only that one.
     let out = b.run(&["backup", &vm.name]);
     assert!(out.status.success());
