@@ -246,26 +246,27 @@ fn backup_running(
     live: &LiveOptions,
     progress: &dyn Progress,
 ) -> Result<BackupReport> {
-    let basis = basis.filter(|cp| checkpoint_intact(dom, cp, broken, progress));
     let tag = format!("{}-{}", &run.generation_id()[..13], std::process::id());
     let socket_dir = live.run_dir.join(&tag);
     let scratch_dir = live.scratch_dir.join(&tag);
     let targets: Vec<&str> = disks.iter().map(|d| d.target.as_str()).collect();
     let socket = socket_dir.join("nbd.sock");
+    for base in [&live.run_dir, &live.scratch_dir] {
+        traversable_base(base)?;
+    }
+    let _cleanup = RemoveDirs(vec![socket_dir.clone(), scratch_dir.clone()]);
+    // A job left behind by a vmkeep run that died would hold the bitmaps: end it first.
+    dom.end_stale_backup(&live.run_dir)?;
+    let mut basis = basis.filter(|cp| checkpoint_intact(dom, cp, broken, progress));
+    let description = description(run.repository());
     let mut plan = BackupPlan {
         disks: &targets,
         socket: &socket,
         scratch_dir: &scratch_dir,
         checkpoint: Some(new_checkpoint),
         incremental_from: basis,
-        checkpoint_description: Some(&description(run.repository())),
+        checkpoint_description: Some(&description),
     };
-    for base in [&live.run_dir, &live.scratch_dir] {
-        traversable_base(base)?;
-    }
-    let _cleanup = RemoveDirs(vec![socket_dir.clone(), scratch_dir.clone()]);
-    dom.end_stale_backup(&live.run_dir)?;
-    let mut basis = basis;
     let first = match dom.try_begin_backup(&plan)? {
         BackupStart::Started(job) => job,
         // The check above passed, but libvirt found the bitmap broken when it started the
