@@ -537,6 +537,122 @@ fn two_repositories_keep_independent_incremental_chains() {
     assert_eq!(newest(&b, &vm.name, "vda").0, "incr");
 }
 
+/// How often `needle` occurs in the run's stderr.
+fn said(out: &std::process::Output, needle: &str) -> usize {
+    String::from_utf8_lossy(&out.stderr).matches(needle).count()
+}
+
+#[test]
+fn killed_qemu_costs_one_diff_then_incremental_again() {
+    let _shared = shared();
+    let (vm, env) = backed_up("killed");
+    // QEMU dies before it ever saved the checkpoint's bitmap: the bitmap is missing.
+    vm.kill_qemu();
+    virsh(&["start", &vm.name]);
+    vm.guest_write(0, 0x22, "8M", "1M");
+    let out = env.run(&["backup", &vm.name]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(said(&out, "is broken"), 1, "said once, in one line");
+    assert_eq!(said(&out, "\n"), 1, "one line");
+    assert_eq!(newest(&env, &vm.name, "vda").0, "diff");
+    assert_latest_is_disk(&env, &vm, "vda");
+    // The broken checkpoint's metadata is gone; the fresh chain's one is there.
+    let cps = checkpoints(&vm.name);
+    let ids = env.generations(&vm.name);
+    assert_eq!(cps.len(), 1, "{cps:?}");
+    assert!(cps[0].ends_with(&ids[1]), "{cps:?} vs {ids:?}");
+    vm.guest_write(0, 0x33, "20M", "64k");
+    env.ok(&["backup", &vm.name]);
+    assert_eq!(
+        newest(&env, &vm.name, "vda"),
+        ("incr".to_string(), 65536),
+        "incr again, reading only what was written"
+    );
+    assert_latest_is_disk(&env, &vm, "vda");
+
+    // QEMU saved the bitmap once (a graceful stop), then died: the bitmap is in the image
+    // but marked in-use, so QEMU loads it as inconsistent.
+    virsh(&["destroy", &vm.name, "--graceful"]);
+    virsh(&["start", &vm.name]);
+    vm.kill_qemu();
+    virsh(&["start", &vm.name]);
+    vm.guest_write(0, 0x44, "2M", "64k");
+    let out = env.run(&["backup", &vm.name]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(said(&out, "is broken"), 1);
+    assert_eq!(newest(&env, &vm.name, "vda").0, "diff");
+    assert_latest_is_disk(&env, &vm, "vda");
+    assert_eq!(checkpoints(&vm.name).len(), 1);
+    vm.guest_write(0, 0x55, "24M", "64k");
+    env.ok(&["backup", &vm.name]);
+    assert_eq!(newest(&env, &vm.name, "vda"), ("incr".to_string(), 65536));
+    assert_latest_is_disk(&env, &vm, "vda");
+    env.ok(&["check", &vm.name, "--deep"]);
+}
+
+#[test]
+fn a_broken_checkpoint_of_another_repository_or_tool_is_left_alone() {
+    let _shared = shared();
+    let vm = TestVm::start("brokenother", &[("vda", "qcow2", 32)]);
+    let a = live_env();
+    let b = live_env();
+    vm.guest_write(0, 0x01, "0", "1M");
+    a.ok(&["backup", &vm.name]);
+    b.ok(&["backup", &vm.name]);
+    virsh(&["checkpoint-create-as", &vm.name, "othertool"]);
+    let before = checkpoints(&vm.name);
+    assert_eq!(before.len(), 3, "{before:?}");
+    vm.kill_qemu();
+    virsh(&["start", &vm.name]);
+    vm.guest_write(0, 0x02, "4M", "64k");
+    let out = a.run(&["backup", &vm.name]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(newest(&a, &vm.name, "vda").0, "diff");
+    assert_latest_is_disk(&a, &vm, "vda");
+    let after = checkpoints(&vm.name);
+    let a_old = before
+        .iter()
+        .find(|c| c.ends_with(&a.generations(&vm.name)[0]))
+        .unwrap();
+    for cp in before.iter().filter(|c| *c != a_old) {
+        assert!(after.contains(cp), "{cp} was deleted: {after:?}");
+    }
+    assert!(!after.contains(a_old), "{after:?}");
+    // The broken checkpoints of others do not stand in the way of A's fresh chain.
+    vm.guest_write(0, 0x03, "6M", "64k");
+    let out = a.run(&["backup", &vm.name]);
+    assert!(out.status.success());
+    assert_eq!(
+        said(&out, "warning"),
+        0,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(newest(&a, &vm.name, "vda"), ("incr".to_string(), 65536));
+    assert_latest_is_disk(&a, &vm, "vda");
+    // B finds its own checkpoint broken in turn, and deletes only that one.
+    let out = b.run(&["backup", &vm.name]);
+    assert!(out.status.success());
+    assert_eq!(said(&out, "is broken"), 1);
+    assert_eq!(newest(&b, &vm.name, "vda").0, "diff");
+    assert_latest_is_disk(&b, &vm, "vda");
+    let left = checkpoints(&vm.name);
+    assert_eq!(left.len(), 3, "{left:?}");
+    assert!(left.contains(&"othertool".to_string()), "{left:?}");
+}
+
 #[cfg(feature = "fault-injection")]
 mod failures {
     use super::*;
@@ -592,6 +708,197 @@ mod failures {
                 "no backup job is left"
             );
         }
+    }
+
+    /// Wait until the paused process wrote `mark`.
+    fn wait_for(mark: &std::path::Path) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !mark.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "the backup never reached the pause"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn a_shut_off_domain_started_mid_read_never_tears_a_generation() {
+        let _shared = shared();
+        for format in ["raw", "qcow2"] {
+            let vm = TestVm::start(&format!("offstart-{format}"), &[("vda", format, 32)]);
+            let env = live_env();
+            vm.guest_write(0, 0x11, "0", "2M");
+            env.ok(&["backup", &vm.name]);
+            vm.guest_write(0, 0x22, "4M", "1M");
+            virsh(&["destroy", &vm.name, "--graceful"]);
+            let off = disk_now(&vm, "vda");
+            // The backup pauses with its sources open, before it reads a block; the VM is
+            // started there, and writes if it runs.
+            let mark = env.path("paused");
+            let child = env
+                .std_cmd(&["backup", &vm.name])
+                .env("VMKEEP_FAULT_PAUSE", "shut-off-read:120")
+                .env("VMKEEP_FAULT_PAUSE_MARK", &mark)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            wait_for(&mark);
+            let start = std::process::Command::new("virsh")
+                .args(["-c", lv::URI, "start", &vm.name])
+                .output()
+                .unwrap();
+            let started = start.status.success();
+            if started {
+                vm.guest_write(0, 0x33, "0", "1M");
+                vm.guest_write(0, 0x33, "8M", "1M");
+                vm.flush(0);
+            }
+            std::fs::remove_file(&mark).unwrap();
+            let out = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            if started {
+                // Never a committed generation that mixes states.
+                assert_eq!(out.status.code(), Some(1), "{format}: {err}");
+                assert_eq!(
+                    env.generations(&vm.name).len(),
+                    1,
+                    "{format}: nothing committed"
+                );
+                env.ok(&["check", &vm.name, "--deep"]);
+            } else {
+                // The VM could not start: vmkeep holds QEMU's lock on the image.
+                let why = String::from_utf8_lossy(&start.stderr);
+                assert!(why.contains("lock"), "{format}: {why}");
+                assert!(out.status.success(), "{format}: {err}");
+                assert_eq!(env.generations(&vm.name).len(), 2);
+                assert!(
+                    latest(&env, &vm.name, "vda") == off,
+                    "{format}: the generation is the disk as it was shut off"
+                );
+                env.ok(&["check", &vm.name, "--deep"]);
+                // Once vmkeep is done, the VM starts.
+                virsh(&["start", &vm.name]);
+            }
+        }
+    }
+
+    /// The guest's writer of `consistent_under_concurrent_writes`: write k (k = 0, 1…)
+    /// puts 64 KiB of pattern `slot_pattern(k)` at 16 MiB + k × 64 KiB, one after the other.
+    const SLOTS_AT: usize = 16 << 20;
+    const SLOT: usize = 64 << 10;
+
+    fn slot_pattern(k: usize) -> u8 {
+        (k % 254) as u8 + 1
+    }
+
+    /// How many of the writer's writes `image` holds, proving they are a prefix: writes
+    /// 0..n whole, none after, and nothing torn.
+    fn writes_held(image: &[u8], what: &str) -> usize {
+        let slots = (image.len() - SLOTS_AT) / SLOT;
+        let mut held = 0;
+        for k in 0..slots {
+            let block = &image[SLOTS_AT + k * SLOT..SLOTS_AT + (k + 1) * SLOT];
+            if block.iter().all(|&b| b == slot_pattern(k)) {
+                assert_eq!(
+                    held, k,
+                    "{what}: write {k} is there but write {held} is not"
+                );
+                held += 1;
+            } else {
+                assert!(block.iter().all(|&b| b == 0), "{what}: write {k} is torn");
+            }
+        }
+        held
+    }
+
+    /// Run a backup that pauses once its job began, and let it go on only after the
+    /// guest wrote twice more, so that writes overlap the job whatever the timing. Returns
+    /// the range of writes the point-in-time view may hold: every write done before the
+    /// backup started, at most the one in flight when its job had begun.
+    fn backup_while_writing(
+        env: &Env,
+        vm: &TestVm,
+        count: &std::sync::atomic::AtomicUsize,
+    ) -> std::ops::RangeInclusive<usize> {
+        use std::sync::atomic::Ordering;
+        let mark = env.path("paused");
+        let done_before = count.load(Ordering::SeqCst);
+        let child = env
+            .std_cmd(&["backup", &vm.name])
+            .env("VMKEEP_FAULT_PAUSE", "after-backup-begin:600")
+            .env("VMKEEP_FAULT_PAUSE_MARK", &mark)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for(&mark);
+        let seen = count.load(Ordering::SeqCst);
+        while count.load(Ordering::SeqCst) < seen + 2 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::fs::remove_file(&mark).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        done_before..=seen + 1
+    }
+
+    #[test]
+    fn consistent_under_concurrent_writes() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let _shared = shared();
+        let vm = TestVm::start("writer", &[("vda", "qcow2", 64)]);
+        let env = live_env();
+        vm.guest_write(0, 0x11, "0", "1M");
+        let stop = AtomicBool::new(false);
+        let count = AtomicUsize::new(0);
+        let slots = ((64 << 20) - SLOTS_AT) / SLOT;
+        let mut moments = Vec::new();
+        std::thread::scope(|scope| {
+            let writer = scope.spawn(|| {
+                for k in 0..slots {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let offset = (SLOTS_AT + k * SLOT).to_string();
+                    vm.guest_write(0, slot_pattern(k), &offset, "64k");
+                    count.store(k + 1, Ordering::SeqCst);
+                }
+            });
+            let full = backup_while_writing(&env, &vm, &count);
+            assert_eq!(newest(&env, &vm.name, "vda").0, "full");
+            let incr = backup_while_writing(&env, &vm, &count);
+            assert_eq!(newest(&env, &vm.name, "vda").0, "incr");
+            moments = vec![full, incr];
+            stop.store(true, Ordering::SeqCst);
+            writer.join().unwrap();
+        });
+        let written = count.load(Ordering::SeqCst);
+        assert!(written < slots, "the writer ran out of room");
+        env.ok(&["backup", &vm.name]);
+        assert_eq!(newest(&env, &vm.name, "vda").0, "incr");
+        assert_latest_is_disk(&env, &vm, "vda");
+        // Every generation is one moment of the guest's writes: a prefix of them, taken
+        // while its job began (no write of before missing, none of after in it).
+        moments.push(written..=written);
+        for (rev, moment) in ["2", "1", "0"].iter().zip(&moments) {
+            let image = restored(&env, &vm.name, rev, "vda");
+            assert!(
+                image[..1 << 20].iter().all(|&b| b == 0x11),
+                "generation {rev}"
+            );
+            let held = writes_held(&image, &format!("generation {rev}"));
+            assert!(
+                moment.contains(&held),
+                "generation {rev} holds {held} writes, not {moment:?}"
+            );
+        }
+        env.ok(&["check", &vm.name, "--deep"]);
     }
 
     #[test]

@@ -87,17 +87,26 @@ pub fn report() {
 
 /// Test hook: with `VMKEEP_FAULT_PAUSE=NAME:SECONDS`, stop at the point called `name` for
 /// that long, after creating the file named by `VMKEEP_FAULT_PAUSE_MARK` (so a test knows
-/// the process is there and can, say, destroy the VM under it).
+/// the process is there and can, say, destroy the VM under it). Removing the mark ends the
+/// pause early, so a test can also decide when the process goes on.
 pub fn pause(name: &str) {
     #[cfg(feature = "fault-injection")]
     if let Ok(v) = std::env::var("VMKEEP_FAULT_PAUSE") {
         if let Some((point, secs)) = v.split_once(':') {
             if point == name {
-                if let Ok(mark) = std::env::var("VMKEEP_FAULT_PAUSE_MARK") {
+                let mark = std::env::var_os("VMKEEP_FAULT_PAUSE_MARK");
+                if let Some(mark) = &mark {
                     let _ = std::fs::write(mark, name);
                 }
                 let secs: f64 = secs.parse().unwrap_or(0.0);
-                std::thread::sleep(std::time::Duration::from_secs_f64(secs));
+                let end = std::time::Instant::now() + std::time::Duration::from_secs_f64(secs);
+                while std::time::Instant::now() < end
+                    && mark
+                        .as_ref()
+                        .is_none_or(|m| std::path::Path::new(m).exists())
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
             }
         }
     }

@@ -6,10 +6,11 @@
 //! *branch* each), and vmkeep never trusts or deletes a checkpoint of another branch or
 //! another tool. The next run is incremental from that checkpoint's dirty bitmap when the
 //! checkpoint still exists and is the one the newest generation recorded; any other state
-//! (missing, foreign, not matching) makes the run a diff — read everything, store only
-//! changes — and starts a fresh chain. Disks that cannot carry bitmaps (raw) are read in
+//! (missing, foreign, not matching, or broken: a bitmap QEMU lost when it was killed) makes
+//! the run a diff — read everything, store only changes — and starts a fresh chain. Disks that cannot carry bitmaps (raw) are read in
 //! diff mode. After a successful generation only the new checkpoint of this branch is
-//! kept; after a failed one, the new checkpoint is deleted.
+//! kept; after a failed one, the new checkpoint is deleted. A shut-off VM's disks are read
+//! under QEMU's own image locks (`ImageLock`), so the VM cannot start mid-read.
 
 use std::path::PathBuf;
 
@@ -17,8 +18,8 @@ use crate::archive::Repository;
 use crate::engine::backup::{BackupOptions, BackupReport, BackupRun, DiskInput};
 use crate::error::{Error, Result};
 use crate::libvirt::{
-    BackupJobState, BackupPlan, CheckpointDelete, DiskDevice, DiskInfo, DiskSource, Domain,
-    Hypervisor,
+    BackupJobState, BackupPlan, BackupStart, CheckpointDelete, DiskDevice, DiskInfo, DiskSource,
+    Domain, Hypervisor,
 };
 use crate::nbd::proto::META_DIRTY_BITMAP_PREFIX;
 use crate::progress::Progress;
@@ -71,6 +72,9 @@ pub fn backup_domain(
     let mut opts = opts.clone();
     opts.kind = "libvirt".into();
     opts.domain_xml = Some(xml);
+    // This branch's checkpoint found broken (its bitmap lost when QEMU died): after a
+    // good generation it goes with the older ones.
+    let broken = std::cell::RefCell::new(None);
     let result = if info.state.is_active() {
         backup_running(
             &dom,
@@ -78,6 +82,7 @@ pub fn backup_domain(
             &disks,
             &new_checkpoint,
             basis.as_deref(),
+            &broken,
             &opts,
             live,
             progress,
@@ -94,7 +99,13 @@ pub fn backup_domain(
         )
     };
     match &result {
-        Ok(_) => forget_old_checkpoints(&dom, &prefix, &new_checkpoint, progress),
+        Ok(_) => forget_old_checkpoints(
+            &dom,
+            &prefix,
+            &new_checkpoint,
+            broken.borrow().as_deref(),
+            progress,
+        ),
         Err(_) => {
             // The connection may be what failed (libvirtd restarted): use a fresh one to
             // end a job that is still running and to drop the new checkpoint.
@@ -179,6 +190,50 @@ fn incr_basis(
     Ok(Some(cp))
 }
 
+/// Whether the bitmaps of checkpoint `cp` (this branch's, of a running VM) are intact
+/// enough for an incremental backup; when they are not, say so once and record `cp` as
+/// broken. A check that cannot be made means a diff too (always correct), without
+/// recording the checkpoint as broken.
+fn checkpoint_intact(
+    dom: &Domain,
+    cp: &str,
+    broken: &std::cell::RefCell<Option<String>>,
+    progress: &dyn Progress,
+) -> bool {
+    let why = match dom.broken_checkpoint_disks(cp) {
+        Ok(disks) if disks.is_empty() => return true,
+        Ok(disks) => format!(
+            "its bitmap of {} is missing or inconsistent (QEMU stopped without saving it)",
+            disks.join(", ")
+        ),
+        Err(e) => {
+            // Not proven broken: it is left to the usual deletion of old checkpoints.
+            progress.warn(&format!(
+                "VM {}: the bitmaps of checkpoint {cp} cannot be checked ({e}); reading all disks (diff) and starting a new checkpoint chain",
+                dom.name()
+            ));
+            return false;
+        }
+    };
+    abandon_checkpoint(dom, cp, &why, broken, progress);
+    false
+}
+
+/// One line about a broken checkpoint of this branch, which the run replaces.
+fn abandon_checkpoint(
+    dom: &Domain,
+    cp: &str,
+    why: &str,
+    broken: &std::cell::RefCell<Option<String>>,
+    progress: &dyn Progress,
+) {
+    progress.warn(&format!(
+        "VM {}: checkpoint {cp} is broken: {why}; reading all disks (diff) and starting a new checkpoint chain",
+        dom.name()
+    ));
+    *broken.borrow_mut() = Some(cp.to_string());
+}
+
 #[allow(clippy::too_many_arguments)]
 fn backup_running(
     dom: &Domain,
@@ -186,6 +241,7 @@ fn backup_running(
     disks: &[DiskInfo],
     new_checkpoint: &str,
     basis: Option<&str>,
+    broken: &std::cell::RefCell<Option<String>>,
     opts: &BackupOptions,
     live: &LiveOptions,
     progress: &dyn Progress,
@@ -195,20 +251,35 @@ fn backup_running(
     let scratch_dir = live.scratch_dir.join(&tag);
     let targets: Vec<&str> = disks.iter().map(|d| d.target.as_str()).collect();
     let socket = socket_dir.join("nbd.sock");
-    let plan = BackupPlan {
+    for base in [&live.run_dir, &live.scratch_dir] {
+        traversable_base(base)?;
+    }
+    let _cleanup = RemoveDirs(vec![socket_dir.clone(), scratch_dir.clone()]);
+    // A job left behind by a vmkeep run that died would hold the bitmaps: end it first.
+    dom.end_stale_backup(&live.run_dir)?;
+    let mut basis = basis.filter(|cp| checkpoint_intact(dom, cp, broken, progress));
+    let description = description(run.repository());
+    let mut plan = BackupPlan {
         disks: &targets,
         socket: &socket,
         scratch_dir: &scratch_dir,
         checkpoint: Some(new_checkpoint),
         incremental_from: basis,
-        checkpoint_description: Some(&description(run.repository())),
+        checkpoint_description: Some(&description),
     };
-    for base in [&live.run_dir, &live.scratch_dir] {
-        traversable_base(base)?;
-    }
-    let _cleanup = RemoveDirs(vec![socket_dir.clone(), scratch_dir.clone()]);
-    dom.end_stale_backup(&live.run_dir)?;
-    let job = std::cell::RefCell::new(Some(dom.begin_backup(&plan)?));
+    let first = match dom.try_begin_backup(&plan)? {
+        BackupStart::Started(job) => job,
+        // The check above passed, but libvirt found the bitmap broken when it started the
+        // job (or it broke in between): start again as a diff with a fresh chain, once.
+        BackupStart::CheckpointInconsistent(why) => {
+            if let Some(cp) = basis.take() {
+                abandon_checkpoint(dom, cp, &why, broken, progress);
+            }
+            plan.incremental_from = None;
+            dom.begin_backup(&plan)?
+        }
+    };
+    let job = std::cell::RefCell::new(Some(first));
     crate::fault::pause("after-backup-begin");
     // A job that failed (aborted from outside, the VM stopped, scratch space exhausted)
     // surfaces as a broken NBD connection; say what really happened.
@@ -225,8 +296,14 @@ fn backup_running(
             _ => e,
         }
     };
-    let inputs = open_exports(job.borrow().as_ref().expect("job just began"), disks, basis)
-        .map_err(explain)?;
+    let broken_cp = broken.borrow().clone();
+    let inputs = open_exports(
+        job.borrow().as_ref().expect("job just began"),
+        disks,
+        basis,
+        broken_cp.as_deref(),
+    )
+    .map_err(explain)?;
     let mut opts = opts.clone();
     opts.checkpoint = job
         .borrow()
@@ -258,6 +335,7 @@ fn open_exports(
     job: &crate::libvirt::PullBackup,
     disks: &[DiskInfo],
     basis: Option<&str>,
+    broken: Option<&str>,
 ) -> Result<Vec<DiskInput>> {
     let mut inputs = Vec::new();
     for d in job.disks() {
@@ -277,7 +355,7 @@ fn open_exports(
         if bitmap.is_some() {
             input.changed = input.source.changed_extents()?;
         } else {
-            input.untracked_reason = Some(untracked_reason(disks, &d.target, basis));
+            input.untracked_reason = Some(untracked_reason(disks, &d.target, basis, broken));
         }
         inputs.push(input);
     }
@@ -308,6 +386,7 @@ fn backup_shut_off(
         }
     }
     let mut inputs = Vec::new();
+    let mut held = Vec::new();
     for d in disks {
         let path = match &d.source {
             DiskSource::File(p) | DiskSource::Block(p) => p.clone(),
@@ -322,20 +401,183 @@ fn backup_shut_off(
         // The checkpoint's bitmap must be in the image and consistent: a VM killed without
         // shutting down leaves it marked in-use, and then only a full read is safe.
         let tracked = basis.filter(|cp| format == "qcow2" && bitmap_usable(&path, cp));
+        // QEMU's own locks keep the VM from starting while vmkeep reads (qemu-nbd without
+        // --force-share takes them for other formats); see docs/libvirt.md.
+        let lock = ImageLock::take(&path, dom.name())?;
         let source: Box<dyn BlockSource> = if format == "raw" {
             Box::new(FileSource::open(&path)?)
         } else {
             qemu::open_image(&path, &format, tracked)?
         };
+        lock.same_file(&path, dom.name())?;
+        held.push(lock);
         let mut input = DiskInput::new(&d.target, source);
         if tracked.is_some() {
             input.changed = input.source.changed_extents()?;
         } else {
-            input.untracked_reason = Some(untracked_reason(disks, &d.target, basis));
+            input.untracked_reason = Some(untracked_reason(disks, &d.target, basis, None));
         }
         inputs.push(input);
     }
-    run.execute(inputs, &opts, progress)
+    crate::fault::pause("shut-off-read");
+    // Should the locks not have held (a file system without OFD locks, QEMU configured
+    // with locking=off), a VM that started, or a file that changed, while vmkeep read
+    // fails the generation before it is committed.
+    let mut confirm = || -> Result<()> {
+        let state = dom.state()?;
+        if state.is_active() {
+            return Err(job_failed(
+                dom,
+                format!(
+                    "the VM started ({state}) while vmkeep read its disks; nothing was committed"
+                ),
+            ));
+        }
+        for lock in &held {
+            lock.unchanged(dom.name())?;
+        }
+        Ok(())
+    };
+    run.execute_with(inputs, &opts, progress, &mut confirm)
+}
+
+/// The locks QEMU itself takes on an image file (block/file-posix.c), held by vmkeep while
+/// it reads a shut-off VM's disk: open file description (OFD) read locks on byte 100 + bit
+/// of each permission held and on byte 200 + bit of each permission not shared. vmkeep
+/// holds *consistent read* and shares neither *write* nor *resize*, as `qemu-img convert`
+/// does; a QEMU starting then fails with `Failed to get "write" lock`. Like QEMU, vmkeep
+/// locks first and then tests for holders of what it excludes, so of two racing openers at
+/// least one sees the other.
+struct ImageLock {
+    file: std::fs::File,
+    path: PathBuf,
+    /// (device, inode, size, mtime) when the lock was taken.
+    identity: (u64, u64, u64, i64, i64),
+}
+
+/// QEMU's permission bits (include/block/block-common.h), as bit numbers.
+const PERM_CONSISTENT_READ: i64 = 0;
+const PERM_WRITE: i64 = 1;
+const PERM_RESIZE: i64 = 3;
+/// QEMU's lock byte bases (RAW_LOCK_PERM_BASE, RAW_LOCK_SHARED_BASE).
+const LOCK_PERM_BASE: i64 = 100;
+const LOCK_SHARED_BASE: i64 = 200;
+
+impl ImageLock {
+    fn take(path: &std::path::Path, vm: &str) -> Result<ImageLock> {
+        let file = std::fs::File::open(path).map_err(|e| Error::source(path.display(), e))?;
+        let mine = [
+            LOCK_PERM_BASE + PERM_CONSISTENT_READ,
+            LOCK_SHARED_BASE + PERM_WRITE,
+            LOCK_SHARED_BASE + PERM_RESIZE,
+        ];
+        for byte in mine {
+            if let Err(e) = ofd_lock(&file, libc::F_OFD_SETLK, libc::F_RDLCK, byte) {
+                return Err(lock_error(path, vm, &format!("cannot lock it ({e})")));
+            }
+        }
+        let theirs = [
+            (LOCK_PERM_BASE + PERM_WRITE, "write"),
+            (LOCK_PERM_BASE + PERM_RESIZE, "resize"),
+            (LOCK_SHARED_BASE + PERM_CONSISTENT_READ, "consistent read"),
+        ];
+        for (byte, what) in theirs {
+            match ofd_lock(&file, libc::F_OFD_GETLK, libc::F_WRLCK, byte) {
+                Ok(libc::F_UNLCK) => {}
+                Ok(_) => {
+                    return Err(lock_error(
+                        path,
+                        vm,
+                        &format!("another process (the VM's QEMU?) holds its \"{what}\" lock"),
+                    ))
+                }
+                Err(e) => {
+                    return Err(lock_error(
+                        path,
+                        vm,
+                        &format!("cannot test its locks ({e})"),
+                    ))
+                }
+            }
+        }
+        let identity = identity(
+            &file
+                .metadata()
+                .map_err(|e| Error::source(path.display(), e))?,
+        );
+        Ok(ImageLock {
+            file,
+            path: path.to_path_buf(),
+            identity,
+        })
+    }
+
+    /// `path` still names the locked file (not replaced before the reader opened it).
+    fn same_file(&self, path: &std::path::Path, vm: &str) -> Result<()> {
+        let now = std::fs::metadata(path).map_err(|e| Error::source(path.display(), e))?;
+        let id = identity(&now);
+        if (id.0, id.1) != (self.identity.0, self.identity.1) {
+            return Err(lock_error(
+                path,
+                vm,
+                "the file was replaced while vmkeep opened it",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Nothing wrote to or resized the file since the lock was taken.
+    fn unchanged(&self, vm: &str) -> Result<()> {
+        let now =
+            std::fs::metadata(&self.path).map_err(|e| Error::source(self.path.display(), e))?;
+        let held = self
+            .file
+            .metadata()
+            .map_err(|e| Error::source(self.path.display(), e))?;
+        if identity(&now) != self.identity || identity(&held) != self.identity {
+            return Err(lock_error(
+                &self.path,
+                vm,
+                "the disk changed while vmkeep read it (did the VM start?); nothing was committed",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn identity(m: &std::fs::Metadata) -> (u64, u64, u64, i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec())
+}
+
+fn lock_error(path: &std::path::Path, vm: &str, detail: &str) -> Error {
+    Error::source(
+        format!("libvirt VM {vm}"),
+        format!("disk {}: {detail}", path.display()),
+    )
+}
+
+/// One OFD lock call on byte `byte`; returns the lock type `F_OFD_GETLK` found.
+fn ofd_lock(
+    file: &std::fs::File,
+    cmd: libc::c_int,
+    kind: libc::c_int,
+    byte: i64,
+) -> std::io::Result<libc::c_int> {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: a zeroed flock is a valid value; every field the call reads is set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = kind as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = byte as libc::off_t;
+    fl.l_len = 1;
+    fl.l_pid = 0; // required for OFD locks
+                  // SAFETY: fcntl on an open descriptor with a pointer to a live flock.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), cmd, &mut fl) };
+    if rc == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fl.l_type as libc::c_int)
 }
 
 fn bitmap_usable(path: &std::path::Path, name: &str) -> bool {
@@ -350,7 +592,12 @@ fn disk_label(disks: &[DiskInfo], target: &str) -> String {
     }
 }
 
-fn untracked_reason(disks: &[DiskInfo], target: &str, basis: Option<&str>) -> String {
+fn untracked_reason(
+    disks: &[DiskInfo],
+    target: &str,
+    basis: Option<&str>,
+    broken: Option<&str>,
+) -> String {
     let format = disks
         .iter()
         .find(|d| d.target == target)
@@ -358,13 +605,25 @@ fn untracked_reason(disks: &[DiskInfo], target: &str, basis: Option<&str>) -> St
         .unwrap_or_default();
     match basis {
         _ if format != "qcow2" => format!("a {format} disk cannot carry a dirty bitmap"),
+        None if broken.is_some() => format!(
+            "checkpoint {} is broken (its bitmap was lost or left inconsistent when QEMU stopped)",
+            broken.unwrap_or_default()
+        ),
         None => "no checkpoint of this repository to start from".into(),
         Some(cp) => format!("checkpoint {cp} does not track this disk"),
     }
 }
 
-/// Delete this branch's checkpoints other than `keep` (the next run needs only it).
-fn forget_old_checkpoints(dom: &Domain, prefix: &str, keep: &str, progress: &dyn Progress) {
+/// Delete this branch's checkpoints other than `keep` (the next run needs only it). The
+/// `broken` one (its bitmap lost: libvirt cannot delete what is not there) loses at least
+/// its metadata, so that it is not found broken again on every run.
+fn forget_old_checkpoints(
+    dom: &Domain,
+    prefix: &str,
+    keep: &str,
+    broken: Option<&str>,
+    progress: &dyn Progress,
+) {
     let Ok(all) = dom.list_checkpoints() else {
         return;
     };
@@ -372,7 +631,15 @@ fn forget_old_checkpoints(dom: &Domain, prefix: &str, keep: &str, progress: &dyn
         .iter()
         .filter(|c| c.name.starts_with(prefix) && c.name != keep)
     {
-        if let Err(e) = dom.delete_checkpoint(&cp.name, CheckpointDelete::default()) {
+        let mut result = dom.delete_checkpoint(&cp.name, CheckpointDelete::default());
+        if result.is_err() && broken == Some(cp.name.as_str()) {
+            let how = CheckpointDelete {
+                metadata_only: true,
+                ..CheckpointDelete::default()
+            };
+            result = dom.delete_checkpoint(&cp.name, how);
+        }
+        if let Err(e) = result {
             progress.warn(&format!(
                 "VM {}: cannot delete old checkpoint {}: {e}",
                 dom.name(),
@@ -524,4 +791,78 @@ pub fn remove_orphans(repo: &Repository, dom: &Domain) -> Result<Vec<String>> {
         removed.push(cp.name);
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn qemu_io_write(path: &std::path::Path) -> std::process::Output {
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 0x5a 0 4k"])
+            .arg(path)
+            .output()
+            .expect("qemu-io (qemu-utils) is installed")
+    }
+
+    #[test]
+    fn image_lock_keeps_qemu_out_and_sees_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let lock = ImageLock::take(&path, "t").unwrap();
+        // QEMU cannot open the image for writing while vmkeep reads it…
+        let out = qemu_io_write(&path);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "qemu-io wrote under the lock");
+        assert!(err.contains("\"write\" lock"), "{err}");
+        // …but a reader that does not write (qemu-img info) may.
+        let out = Command::new("qemu-img")
+            .arg("info")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lock.unchanged("t").unwrap();
+        // A change behind the lock's back (no locks honoured) is seen.
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::fs::write(&path, vec![1u8; 1 << 20]).unwrap();
+        let e = lock.unchanged("t").unwrap_err().to_string();
+        assert!(e.contains("changed while vmkeep read it"), "{e}");
+        drop(lock);
+        let out = qemu_io_write(&path);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        // An image a QEMU process holds for writing is refused.
+        let sock = dir.path().join("nbd.sock");
+        let mut writer = Command::new("qemu-nbd")
+            .args(["-f", "raw"])
+            .arg(format!("--socket={}", sock.display()))
+            .arg(&path)
+            .spawn()
+            .unwrap();
+        // qemu-nbd opens (and locks) the image before it creates its socket.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !sock.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "qemu-nbd did not start"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let e = ImageLock::take(&path, "t").err().map(|e| e.to_string());
+        let _ = writer.kill();
+        let _ = writer.wait();
+        let e = e.expect("the lock was taken while QEMU writes");
+        assert!(e.contains("\"write\" lock"), "{e}");
+    }
 }

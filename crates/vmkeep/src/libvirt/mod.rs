@@ -407,6 +407,19 @@ impl Domain {
 
     /// Start a pull-mode backup; see [`BackupPlan`].
     pub fn begin_backup(&self, plan: &BackupPlan<'_>) -> Result<PullBackup> {
+        match self.try_begin_backup(plan)? {
+            BackupStart::Started(job) => Ok(job),
+            BackupStart::CheckpointInconsistent(message) => {
+                Err(self.err(backup_begin_failure(&message, None)))
+            }
+        }
+    }
+
+    /// [`Domain::begin_backup`], telling apart libvirt's refusal because the checkpoint to
+    /// be incremental from has a missing or broken bitmap (`VIR_ERR_CHECKPOINT_INCONSISTENT`,
+    /// what QEMU leaves when it dies without saving its bitmaps): nothing was started then,
+    /// and a backup without `incremental_from` can go ahead.
+    pub fn try_begin_backup(&self, plan: &BackupPlan<'_>) -> Result<BackupStart> {
         let live = xml::parse_domain(&self.live_xml()?)?;
         if !self.state()?.is_active() {
             return Err(self.err("the VM is not running; a pull-mode backup needs a running VM"));
@@ -466,8 +479,12 @@ impl Domain {
         let checkpoint_xml = checkpoint.map(|name| {
             xml::checkpoint_xml(name, plan.checkpoint_description, &tracked, &untracked)
         });
-        ffi::backup_begin(&self.dom, &backup_xml, checkpoint_xml.as_deref(), 0)
-            .map_err(|e| self.err(backup_begin_failure(&e.message, live.qemu_ids)))?;
+        if let Err(e) = ffi::backup_begin(&self.dom, &backup_xml, checkpoint_xml.as_deref(), 0) {
+            if e.is(ErrorNumber::CheckpointInconsistent) && plan.incremental_from.is_some() {
+                return Ok(BackupStart::CheckpointInconsistent(e.message));
+            }
+            return Err(self.err(backup_begin_failure(&e.message, live.qemu_ids)));
+        }
         let mut backup = PullBackup {
             dom: self.dom.clone(),
             vm: self.name.clone(),
@@ -500,7 +517,7 @@ impl Domain {
                 }
             })
             .collect();
-        Ok(backup)
+        Ok(BackupStart::Started(backup))
     }
 
     fn select_disks(&self, live: &xml::DomainXml, wanted: &[&str]) -> Result<Vec<xml::DiskXml>> {
@@ -623,6 +640,25 @@ impl Domain {
                 self.err(format!("checkpoint '{name}': {e}"))
             }
         })
+    }
+
+    /// The disks whose bitmap of checkpoint `name` QEMU cannot use: missing from the image
+    /// or marked inconsistent (QEMU was killed, or the host crashed, before it saved the
+    /// bitmap). libvirt reports a bitmap's size (`VIR_DOMAIN_CHECKPOINT_XML_SIZE`) only
+    /// for a bitmap it found and QEMU can read, so a tracked disk without a size is broken.
+    /// Needs a running VM; an error means the bitmaps could not be proven intact.
+    pub fn broken_checkpoint_disks(&self, name: &str) -> Result<Vec<String>> {
+        let handle = self.lookup_checkpoint(name)?;
+        let text = handle
+            .xml_desc(
+                sys::VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN | sys::VIR_DOMAIN_CHECKPOINT_XML_SIZE,
+            )
+            .map_err(|e| self.err(format!("checkpoint '{name}': {e}")))?;
+        Ok(xml::checkpoint_bitmap_sizes(&text)?
+            .into_iter()
+            .filter(|(_, size)| size.is_none())
+            .map(|(disk, _)| disk)
+            .collect())
     }
 
     pub fn checkpoint_exists(&self, name: &str) -> Result<bool> {
@@ -767,6 +803,15 @@ pub struct BackupPlan<'a> {
     pub incremental_from: Option<&'a str>,
     /// Description of the new checkpoint (vmkeep names its repository there).
     pub checkpoint_description: Option<&'a str>,
+}
+
+/// What [`Domain::try_begin_backup`] did.
+#[derive(Debug)]
+pub enum BackupStart {
+    Started(PullBackup),
+    /// libvirt refused the incremental backup: a bitmap of the checkpoint it was to start
+    /// from is missing or broken (libvirt's message). No job was started.
+    CheckpointInconsistent(String),
 }
 
 /// A disk of a running pull backup.

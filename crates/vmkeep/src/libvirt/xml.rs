@@ -395,6 +395,26 @@ pub fn parse_checkpoint(xml: &str) -> Result<CheckpointInfo> {
     })
 }
 
+/// The disks of a checkpoint's XML that carry a bitmap, as (disk target, bitmap size):
+/// the size is what libvirt adds with `VIR_DOMAIN_CHECKPOINT_XML_SIZE` for a bitmap QEMU
+/// holds and can read; `None` when it added none (the bitmap is missing or inconsistent).
+pub fn checkpoint_bitmap_sizes(xml: &str) -> Result<Vec<(String, Option<u64>)>> {
+    let doc = parse_doc(xml, "domaincheckpoint")?;
+    let root = doc.root_element();
+    Ok(child(root, "disks")
+        .map(|disks| {
+            disks
+                .children()
+                .filter(|d| d.has_tag_name("disk") && d.attribute("checkpoint") == Some("bitmap"))
+                .filter_map(|d| {
+                    let size = d.attribute("size").and_then(|s| s.parse().ok());
+                    Some((d.attribute("name")?.to_string(), size))
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 /// Where a disk of a copied domain lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewDisk {
@@ -783,6 +803,23 @@ mod tests {
         assert_eq!(info.parent.as_deref(), Some("c1"));
         assert_eq!(info.creation_time, Some(1525889631));
         assert_eq!(info.disks, vec![("vda".to_string(), "c2".to_string())]);
+    }
+
+    #[test]
+    fn checkpoint_bitmap_sizes_show_missing_bitmaps() {
+        // libvirt 9.0 with VIR_DOMAIN_CHECKPOINT_XML_SIZE: a size for a bitmap QEMU holds,
+        // none for one lost or left inconsistent when QEMU was killed.
+        let xml = "<domaincheckpoint><name>c2</name><disks>\
+                   <disk name='vda' checkpoint='bitmap' bitmap='c2' size='1048576'/>\
+                   <disk name='vdb' checkpoint='bitmap' bitmap='c2'/>\
+                   <disk name='vdc' checkpoint='no'/></disks></domaincheckpoint>";
+        assert_eq!(
+            checkpoint_bitmap_sizes(xml).unwrap(),
+            vec![
+                ("vda".to_string(), Some(1 << 20)),
+                ("vdb".to_string(), None)
+            ]
+        );
     }
 
     #[test]

@@ -166,6 +166,24 @@ impl TestVm {
         virsh(&["qemu-monitor-command", &self.name, "--hmp", &cmd]);
     }
 
+    /// `kill -9` the VM's QEMU, as the OOM killer or a host crash would, and wait until
+    /// libvirt has seen it die (QEMU saves no bitmap then).
+    pub fn kill_qemu(&self) {
+        let pidfile = format!("/run/libvirt/qemu/{}.pid", self.name);
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap_or_else(|e| panic!("{pidfile}: {e}"))
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: kill(2) on the QEMU of the VM this test made.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !virsh(&["domstate", &self.name]).contains("shut off") {
+            assert!(Instant::now() < deadline, "libvirt did not see QEMU die");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Path for a file of the test in the VM's folder.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
