@@ -537,6 +537,14 @@ fn a_disabled_bitmap_gives_a_diff() {
     assert_eq!(newest_disk(&env, "vm", "vda")["mode"], "incr");
     states.push(guest_view(&env, &img, "g2"));
     every_generation_restores(&env, "vm", "vda", &states);
+    // Another prefix: a diff, and this repository's bitmap under the old prefix goes.
+    let other = format!("vda={}?bitmap=other", img.display());
+    let err = backup_says(&env, &["vm", "--disk", &other]);
+    assert_eq!(newest_disk(&env, "vm", "vda")["mode"], "diff");
+    assert!(err.contains("recorded bitmap vmkeep."), "{err}");
+    let newest = env.generations("vm").pop().unwrap();
+    let names: Vec<String> = bitmaps(&img).into_iter().map(|b| b.0).collect();
+    assert_eq!(names, vec![format!("other.{}.{newest}", repo_id(&env))]);
 }
 
 #[test]

@@ -322,7 +322,12 @@ fn backup_vm(ctx: &Ctx, repo: &Repository, vm: &str, a: &BackupArgs) -> Result<B
         for b in &bitmaps {
             match result {
                 Ok(_) => {
-                    if let Err(e) = bitmap::commit(&b.path, &b.prefix, &repo.profile.id, &b.new) {
+                    let done = bitmap::commit(&b.path, &b.prefix, &repo.profile.id, &b.new)
+                        .and_then(|_| match &b.retired {
+                            Some(r) => bitmap::remove(&b.path, r),
+                            None => Ok(()),
+                        });
+                    if let Err(e) = done {
                         let msg = format!(
                             "{vm}: older bitmaps of {} not removed ({e}); they cost QEMU a little on every write",
                             b.path.display()
@@ -352,6 +357,8 @@ struct Prepared {
     path: PathBuf,
     prefix: String,
     new: String,
+    /// This repository's bitmap of the newest generation under an earlier prefix.
+    retired: Option<String>,
 }
 
 /// Open one disk's SOURCE; a qcow2 `PATH?bitmap=PREFIX` is only checked here (its bitmaps
@@ -406,10 +413,18 @@ fn open_tracked(
     // The identity is taken before the bitmap is added: the file the bitmap is added to.
     let identity = SourceIdentity::of_path(path);
     let plan = bitmap::prepare(path, expected.as_deref(), recorded, &new, granularity)?;
+    // A bitmap the newest generation recorded under another prefix (`?bitmap=` changed)
+    // is still provably this repository's: it goes after success too.
+    let newest_suffix = newest.map(|(g, _)| format!(".{repo_id}.{}", g.id));
+    let retired = recorded
+        .filter(|r| Some(*r) != expected.as_deref())
+        .filter(|r| newest_suffix.as_deref().is_some_and(|s| r.ends_with(s)))
+        .map(str::to_string);
     bitmaps.push(Prepared {
         path: path.to_path_buf(),
         prefix: prefix.to_string(),
         new: new.clone(),
+        retired,
     });
     let from = match &plan {
         bitmap::Plan::Incremental(b) => Some(b.as_str()),

@@ -1342,3 +1342,49 @@ impl<'a> Planner<'a> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(origin: Option<&str>, file: Option<(u64, u64)>) -> DiskRecord {
+        DiskRecord {
+            name: "vda".into(),
+            size: 1,
+            mode: "full".into(),
+            source: "d.qcow2".into(),
+            read_bytes: 0,
+            changed_bytes: 0,
+            stored_bytes: 0,
+            digest_root: String::new(),
+            bitmap: None,
+            origin: origin.map(str::to_string),
+            file_device: file.map(|f| f.0),
+            file_inode: file.map(|f| f.1),
+        }
+    }
+
+    #[test]
+    fn a_source_is_the_same_only_by_origin_and_for_trackers_inside_it_by_file() {
+        let now = SourceIdentity {
+            origin: "/i/a.qcow2".into(),
+            file: Some((1, 2)),
+        };
+        let same = record(Some("/i/a.qcow2"), Some((1, 2)));
+        assert_eq!(source_changed(&same, &now, "x", true), None);
+        let swapped = record(Some("/i/b.qcow2"), Some((1, 3)));
+        let why = source_changed(&swapped, &now, "x", false).unwrap();
+        assert!(why.contains("source changed"), "{why}");
+        // Replaced at the same path: only a tracker inside the file cares.
+        let replaced = record(Some("/i/a.qcow2"), Some((1, 9)));
+        assert!(source_changed(&replaced, &now, "x", true).is_some());
+        assert_eq!(source_changed(&replaced, &now, "x", false), None);
+        assert!(source_changed(&record(Some("/i/a.qcow2"), None), &now, "x", true).is_some());
+        // A profile from before origins: its description then.
+        assert_eq!(
+            source_changed(&record(None, None), &now, "d.qcow2", false),
+            None
+        );
+        assert!(source_changed(&record(None, None), &now, "e.qcow2", false).is_some());
+    }
+}

@@ -224,6 +224,14 @@ pub fn commit(path: &Path, prefix: &str, repository: &str, keep: &str) -> Result
     Ok(removed)
 }
 
+/// Remove bitmap `name` if the image has it.
+pub fn remove(path: &Path, name: &str) -> Result<()> {
+    if list(path)?.iter().any(|b| b.name == name) {
+        bitmap_op(path, "--remove", name)?;
+    }
+    Ok(())
+}
+
 /// After a failed run: remove the bitmap `new` it added; keep every other.
 pub fn abandon(path: &Path, new: &str) {
     let _ = bitmap_op(path, "--remove", new);
