@@ -751,3 +751,25 @@ fn an_in_use_bitmap_gives_a_diff() {
     assert_eq!(bms.len(), 1, "{bms:?}");
     assert_eq!(bms[0].1, vec!["auto".to_string()]);
 }
+
+#[test]
+fn a_failed_run_removes_only_the_bitmap_it_added() {
+    let env = Env::new();
+    let img = qcow2(&env, "d.qcow2", "16M");
+    let other = qcow2(&env, "e.qcow2", "1M");
+    qemu_write(&img, 0x11, "0", "2M");
+    let spec = format!("vda={}?bitmap=vmkeep", img.display());
+    env.ok(&["backup", "vm", "--disk", &spec]);
+    let before = bitmaps(&img);
+    qemu_write(&img, 0x22, "5M", "64k");
+    // vda's bitmap is added and its image opened, then vdb's bitmap cannot be added (QEMU
+    // refuses a name this long): the run fails, and vda's new bitmap goes.
+    let long = format!("vdb={}?bitmap={}", other.display(), "x".repeat(1100));
+    env.fails(&["backup", "vm", "--disk", &spec, "--disk", &long], 1);
+    assert_eq!(bitmaps(&img), before);
+    assert!(bitmaps(&other).is_empty());
+    env.ok(&["backup", "vm", "--disk", &spec]);
+    let d = newest_disk(&env, "vm", "vda");
+    assert_eq!(d["mode"], "incr", "{d}");
+    assert_eq!(d["read_bytes"], 65536, "{d}");
+}

@@ -313,6 +313,9 @@ fn backup_vm(ctx: &Ctx, repo: &Repository, vm: &str, a: &BackupArgs) -> Result<B
         Ok(())
     })();
     if let Err(e) = opened {
+        // The images' qemu-nbd servers (shared locks) stop first: removing a bitmap needs
+        // the image's write lock.
+        drop(disks);
         for b in &bitmaps {
             bitmap::abandon(&b.path, &b.new);
         }
