@@ -773,3 +773,51 @@ fn a_failed_run_removes_only_the_bitmap_it_added() {
     assert_eq!(d["mode"], "incr", "{d}");
     assert_eq!(d["read_bytes"], 65536, "{d}");
 }
+
+/// A second run of a VM whose backup is under way touches none of its bitmaps: every
+/// bitmap step runs under the VM's writer lock.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn bitmaps_are_prepared_under_the_vm_lock() {
+    let env = Env::new();
+    let img = qcow2(&env, "d.qcow2", "16M");
+    qemu_write(&img, 0x11, "0", "2M");
+    let spec = format!("vda={}?bitmap=vmkeep", img.display());
+    env.ok(&["backup", "vm", "--disk", &spec]);
+    qemu_write(&img, 0x22, "5M", "64k");
+    let mark = env.path("paused");
+    let first = env
+        .std_cmd(&["backup", "vm", "--disk", &spec])
+        .env("VMKEEP_FAULT_PAUSE", "backup-planned:10")
+        .env("VMKEEP_FAULT_PAUSE_MARK", &mark)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !mark.exists() {
+        assert!(Instant::now() < deadline, "the first run never paused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let during = bitmaps(&img);
+    assert_eq!(
+        during.len(),
+        2,
+        "the newest generation's and the run's: {during:?}"
+    );
+    // (The first run waits 10 s at its pause; this one takes a fraction of a second.)
+    let err = env.fails(&["backup", "vm", "--disk", &spec], 1);
+    assert!(err.contains("is busy"), "{err}");
+    assert_eq!(bitmaps(&img), during, "the refused run changed the bitmaps");
+    let out = first.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = newest_disk(&env, "vm", "vda");
+    assert_eq!(d["mode"], "incr", "{d}");
+    assert_eq!(d["read_bytes"], 65536, "{d}");
+    let newest = env.generations("vm").pop().unwrap();
+    let names: Vec<String> = bitmaps(&img).into_iter().map(|b| b.0).collect();
+    assert_eq!(names, vec![format!("vmkeep.{}.{newest}", repo_id(&env))]);
+}
