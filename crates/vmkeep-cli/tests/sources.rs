@@ -230,7 +230,8 @@ fn incr_from_a_persistent_qcow2_bitmap_reads_only_dirty_extents() {
     run(Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", "write -P 0x55 50M 64k"])
         .arg(&img));
-    // The second disk's source is missing: the run fails after vda's bitmap was prepared.
+    // The second disk's source is missing: the run fails (see also
+    // a_failed_run_removes_only_the_bitmap_it_added for a failure after vda's bitmap step).
     env.fails(
         &[
             "backup",
