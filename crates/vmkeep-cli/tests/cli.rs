@@ -534,6 +534,17 @@ fn probed_image_with_a_backing_file_is_refused_unless_the_format_is_given() {
         e.contains("backing file") && e.contains("?format=qcow2"),
         "{e}"
     );
+    // A persistent bitmap asked for does not make the probe trustworthy either.
+    let e = env.fails(
+        &[
+            "backup",
+            "vm",
+            "--disk",
+            &format!("vda={}?bitmap=bm", top.display()),
+        ],
+        2,
+    );
+    assert!(e.contains("backing file"), "{e}");
     assert!(!env.repo().join("vm/vm.toml").exists());
     env.ok(&[
         "backup",

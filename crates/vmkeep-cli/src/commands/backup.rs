@@ -386,6 +386,9 @@ fn open_disk(name: &str, spec: &str) -> Result<Pending> {
         ))
         .into());
     }
+    if format.is_none() {
+        refuse_probed_backing_file(&path, &fmt)?;
+    }
     Ok(Pending::Bitmap {
         name: name.to_string(),
         path,
