@@ -822,3 +822,56 @@ fn bitmaps_are_prepared_under_the_vm_lock() {
     let names: Vec<String> = bitmaps(&img).into_iter().map(|b| b.0).collect();
     assert_eq!(names, vec![format!("vmkeep.{}.{newest}", repo_id(&env))]);
 }
+
+/// A run killed after it added its bitmap leaves that bitmap behind: the next run is
+/// incremental from the newest generation's bitmap all the same, and removes it.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_killed_run_leaves_a_bitmap_the_next_run_removes() {
+    let env = Env::new();
+    let img = qcow2(&env, "d.qcow2", "16M");
+    qemu_write(&img, 0x11, "0", "2M");
+    let spec = format!("vda={}?bitmap=vmkeep", img.display());
+    env.ok(&["backup", "vm", "--disk", &spec]);
+    let mut states = vec![guest_view(&env, &img, "g0")];
+    qemu_write(&img, 0x22, "5M", "64k");
+    // SIGKILL while the run reads (its bitmap added, its image open).
+    let mark = env.path("paused");
+    let mut child = env
+        .std_cmd(&["backup", "vm", "--disk", &spec])
+        .env("VMKEEP_FAULT_PAUSE", "backup-planned:10")
+        .env("VMKEEP_FAULT_PAUSE_MARK", &mark)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !mark.exists() {
+        assert!(Instant::now() < deadline, "the run never paused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    assert_eq!(child.wait().unwrap().code(), None, "killed");
+    // (Its qemu-nbd exits when the connections close.)
+    let serving = || {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.starts_with("qemu-nbd") && c.contains(img.to_str().unwrap())
+            })
+        })
+    };
+    while serving() {
+        assert!(Instant::now() < deadline, "qemu-nbd never exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(bitmaps(&img).len(), 2, "{:?}", bitmaps(&img));
+    qemu_write(&img, 0x33, "9M", "64k");
+    env.ok(&["backup", "vm", "--disk", &spec]);
+    let d = newest_disk(&env, "vm", "vda");
+    assert_eq!(d["mode"], "incr", "{d}");
+    assert_eq!(d["read_bytes"], 2 * 65536, "{d}");
+    states.push(guest_view(&env, &img, "g1"));
+    every_generation_restores(&env, "vm", "vda", &states);
+    let newest = env.generations("vm").pop().unwrap();
+    let names: Vec<String> = bitmaps(&img).into_iter().map(|b| b.0).collect();
+    assert_eq!(names, vec![format!("vmkeep.{}.{newest}", repo_id(&env))]);
+}
