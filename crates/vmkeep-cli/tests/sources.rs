@@ -875,3 +875,29 @@ fn a_killed_run_leaves_a_bitmap_the_next_run_removes() {
     let names: Vec<String> = bitmaps(&img).into_iter().map(|b| b.0).collect();
     assert_eq!(names, vec![format!("vmkeep.{}.{newest}", repo_id(&env))]);
 }
+
+/// One image backed up as two VMs of one repository: each VM's run removes only its own
+/// older bitmaps, so both stay incremental.
+#[test]
+fn a_run_never_removes_another_vms_bitmap() {
+    let env = Env::new();
+    let img = qcow2(&env, "d.qcow2", "16M");
+    qemu_write(&img, 0x11, "0", "2M");
+    let spec = format!("vda={}?bitmap=vmkeep", img.display());
+    env.ok(&["backup", "one", "--disk", &spec]);
+    env.ok(&["backup", "two", "--disk", &spec]);
+    let mut after = std::collections::HashMap::new();
+    for (i, vm) in ["one", "two", "one"].iter().enumerate() {
+        qemu_write(&img, 0x20 + i as u8, &format!("{}M", 4 + i), "64k");
+        env.ok(&["backup", vm, "--disk", &spec]);
+        let d = newest_disk(&env, vm, "vda");
+        assert_eq!(d["mode"], "incr", "run {i} of {vm}: {d}");
+        after.insert(*vm, guest_view(&env, &img, &format!("r{i}")));
+    }
+    assert_eq!(bitmaps(&img).len(), 2, "{:?}", bitmaps(&img));
+    for vm in ["one", "two"] {
+        let latest = std::fs::read(env.repo().join(format!("{vm}/latest/vda.raw"))).unwrap();
+        assert!(latest == after[vm], "{vm}: newest image");
+        env.ok(&["check", vm, "--deep"]);
+    }
+}

@@ -322,10 +322,15 @@ fn backup_vm(ctx: &Ctx, repo: &Repository, vm: &str, a: &BackupArgs) -> Result<B
         return Err(e);
     }
     let result = run.execute_then(disks, &opts, &ctx.progress, &mut |result| {
+        let owned = match result {
+            Ok(_) if !bitmaps.is_empty() => Generations::of(repo, vm),
+            _ => None,
+        };
         for b in &bitmaps {
             match result {
                 Ok(_) => {
-                    let done = bitmap::commit(&b.path, &b.prefix, &repo.profile.id, &b.new)
+                    let mine = |g: &str| owned.as_ref().is_some_and(|o| o.is_mine(g));
+                    let done = bitmap::commit(&b.path, &b.prefix, &repo.profile.id, &b.new, &mine)
                         .and_then(|_| match &b.retired {
                             Some(r) => bitmap::remove(&b.path, r),
                             None => Ok(()),
@@ -343,6 +348,40 @@ fn backup_vm(ctx: &Ctx, repo: &Repository, vm: &str, a: &BackupArgs) -> Result<B
         }
     });
     Ok(result?)
+}
+
+/// Which generation ids are whose: a chain bitmap of this repository may be removed by a
+/// run of this VM only for one of this VM's generations, or for an id that is no
+/// generation at all (a run that failed or was killed).
+struct Generations {
+    this: std::collections::HashSet<String>,
+    others: std::collections::HashSet<String>,
+}
+
+impl Generations {
+    /// `None` when the repository cannot be listed: then nothing is removed.
+    fn of(repo: &Repository, vm: &str) -> Option<Generations> {
+        let mut g = Generations {
+            this: repo
+                .vm(vm)
+                .ok()?
+                .generation_ids()
+                .ok()?
+                .into_iter()
+                .collect(),
+            others: Default::default(),
+        };
+        for name in repo.vm_names().ok()?.iter().filter(|n| *n != vm) {
+            if let Ok(a) = repo.vm(name) {
+                g.others.extend(a.generation_ids().ok()?);
+            }
+        }
+        Some(g)
+    }
+
+    fn is_mine(&self, id: &str) -> bool {
+        self.this.contains(id) || !self.others.contains(id)
+    }
 }
 
 /// A disk source opened before the VM lock is taken, or one whose bitmap waits for it.

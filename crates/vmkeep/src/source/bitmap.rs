@@ -19,8 +19,10 @@
 //!   every write since, so it is trustworthy as it is.
 //! - Another repository (another id), another prefix or another tool never shares a
 //!   name: each chain sees only its own bitmap, and every bitmap gets every write.
-//! - After a successful generation this repository's other bitmaps of this prefix are
-//!   removed; another repository's never are. A failed run removes only the bitmap it
+//! - After a successful generation this repository's other bitmaps of this prefix for
+//!   this VM are removed (those of its generations, and those of runs that never became a
+//!   generation); another VM's of this repository (a libvirt checkpoint's, say) and
+//!   another repository's never are. A failed run removes only the bitmap it
 //!   added, so the newest generation's bitmap keeps accumulating. If a step cannot run (a
 //!   VM holds the image's lock), the bitmaps are left as they are: the next run reads
 //!   more than it must, or all of it, never less.
@@ -143,13 +145,19 @@ pub fn chain_name(prefix: &str, repository: &str, generation: &str) -> String {
     format!("{prefix}.{repository}.{generation}")
 }
 
-/// Is `name` a bitmap of this chain (`prefix` and `repository`) and some generation?
-pub fn in_chain(name: &str, prefix: &str, repository: &str) -> bool {
+/// The generation id of `name` if it is a bitmap of this chain (`prefix` and
+/// `repository`).
+pub fn chain_generation<'a>(name: &'a str, prefix: &str, repository: &str) -> Option<&'a str> {
     name.strip_prefix(prefix)
         .and_then(|r| r.strip_prefix('.'))
         .and_then(|r| r.strip_prefix(repository))
         .and_then(|r| r.strip_prefix('.'))
-        .is_some_and(crate::archive::is_generation_name)
+        .filter(|g| crate::archive::is_generation_name(g))
+}
+
+/// Is `name` a bitmap of this chain (`prefix` and `repository`) and some generation?
+pub fn in_chain(name: &str, prefix: &str, repository: &str) -> bool {
+    chain_generation(name, prefix, repository).is_some()
 }
 
 /// What the coming run may do with the image's bitmaps.
@@ -212,11 +220,21 @@ pub fn prepare(
 }
 
 /// After a successful generation that recorded `keep`: remove this chain's other
-/// bitmaps (`prefix` and `repository`); nobody else's. Returns the names removed.
-pub fn commit(path: &Path, prefix: &str, repository: &str, keep: &str) -> Result<Vec<String>> {
+/// bitmaps (`prefix` and `repository`) whose generation `mine` accepts (the caller's: one
+/// of this VM's generations, or a run's that never became a generation; not another VM's
+/// of the same repository, nor a libvirt checkpoint's); nobody else's. Returns the names
+/// removed.
+pub fn commit(
+    path: &Path,
+    prefix: &str,
+    repository: &str,
+    keep: &str,
+    mine: &dyn Fn(&str) -> bool,
+) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     for b in list(path)? {
-        if b.name != keep && in_chain(&b.name, prefix, repository) {
+        let ours = chain_generation(&b.name, prefix, repository).is_some_and(mine);
+        if b.name != keep && ours {
             bitmap_op(path, "--remove", &b.name)?;
             removed.push(b.name);
         }
