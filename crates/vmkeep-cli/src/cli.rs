@@ -127,7 +127,8 @@ pub struct BackupArgs {
     #[arg(long, value_name = "MODE")]
     pub mode: Option<String>,
     /// Back up disk NAME from SOURCE (a raw file or device, an image file for qemu-nbd,
-    /// PATH?bitmap=NAME, or an NBD URI); repeat for more disks
+    /// PATH?bitmap=PREFIX for qcow2 bitmaps PREFIX.<repository id>.<generation id>, or an
+    /// NBD URI); repeat for more disks
     #[arg(long = "disk", value_name = "NAME=SOURCE")]
     pub disks: Vec<String>,
     /// Changed-block list for disk NAME (lines "OFFSET LENGTH", or vSphere changedArea JSON)

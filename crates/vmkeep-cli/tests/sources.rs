@@ -230,7 +230,8 @@ fn incr_from_a_persistent_qcow2_bitmap_reads_only_dirty_extents() {
     run(Command::new("qemu-io")
         .args(["-f", "qcow2", "-c", "write -P 0x55 50M 64k"])
         .arg(&img));
-    // The second disk's source is missing: the run fails after vda's bitmap was prepared.
+    // The second disk's source is missing: the run fails (see also
+    // a_failed_run_removes_only_the_bitmap_it_added for a failure after vda's bitmap step).
     env.fails(
         &[
             "backup",
@@ -334,4 +335,569 @@ fn bitmap_granularity_is_chosen_for_new_bitmaps() {
         2,
     );
     assert!(e.contains("power of two"), "{e}");
+}
+
+// Bitmaps and disk identity: a change tracker is trusted only when it is proven to be this
+// repository's, of the newest generation, enabled, consistent, and in the disk's own file.
+
+fn qcow2(env: &Env, name: &str, size: &str) -> std::path::PathBuf {
+    let img = env.path(name);
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg(size));
+    img
+}
+
+/// Write `len` bytes of `pattern` at `off` through QEMU (so the image's bitmaps see it).
+fn qemu_write(img: &Path, pattern: u8, off: &str, len: &str) {
+    run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            &format!("write -P {pattern:#x} {off} {len}"),
+        ])
+        .arg(img));
+}
+
+/// The guest's view of a qcow2 image, as qemu-img converts it.
+fn guest_view(env: &Env, img: &Path, tag: &str) -> Vec<u8> {
+    let out = env.path(&format!("{tag}.view.raw"));
+    run(Command::new("qemu-img")
+        .args(["convert", "-U", "-f", "qcow2", "-O", "raw"])
+        .arg(img)
+        .arg(&out));
+    std::fs::read(&out).unwrap()
+}
+
+/// The image's persistent bitmaps: (name, flags), by name.
+fn bitmaps(img: &Path) -> Vec<(String, Vec<String>)> {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(img)
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut all: Vec<(String, Vec<String>)> = v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|b| {
+            let flags = b["flags"].as_array().cloned().unwrap_or_default();
+            (
+                b["name"].as_str().unwrap().to_string(),
+                flags
+                    .iter()
+                    .map(|f| f.as_str().unwrap().to_string())
+                    .collect(),
+            )
+        })
+        .collect();
+    all.sort();
+    all
+}
+
+fn repo_id(env: &Env) -> String {
+    std::fs::read_to_string(env.repo().join("repo.toml"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("id = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string()
+}
+
+/// The newest generation's record of `disk` (from `status --json`).
+fn newest_disk(env: &Env, vm: &str, disk: &str) -> serde_json::Value {
+    let js: serde_json::Value = serde_json::from_str(&env.ok(&["status", vm, "--json"])).unwrap();
+    js["vms"][0]["generations"][0]["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == disk)
+        .unwrap_or_else(|| panic!("no disk {disk}: {js}"))
+        .clone()
+}
+
+/// `vmkeep backup` with these args; (stdout, stderr), requiring success.
+fn backup_says(env: &Env, args: &[&str]) -> String {
+    let mut all = vec!["backup"];
+    all.extend_from_slice(args);
+    let out = env.run(&all);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "vmkeep {all:?}: {err}");
+    err
+}
+
+/// Every generation of `disk` restores to the state in `states` (oldest first), the
+/// newest image is the last state, and a deep check passes.
+fn every_generation_restores(env: &Env, vm: &str, disk: &str, states: &[Vec<u8>]) {
+    let n = states.len();
+    assert_eq!(env.generations(vm).len(), n);
+    for (k, want) in states.iter().enumerate() {
+        let out = env.path(&format!("{vm}-{disk}-{k}.restored"));
+        env.ok(&[
+            "restore",
+            vm,
+            "-g",
+            &(n - 1 - k).to_string(),
+            "--disk",
+            disk,
+            "--to",
+            out.to_str().unwrap(),
+        ]);
+        assert!(
+            &std::fs::read(&out).unwrap() == want,
+            "{vm}/{disk}: generation {k} of {n} restores wrong"
+        );
+    }
+    let latest = std::fs::read(env.repo().join(vm).join(format!("latest/{disk}.raw"))).unwrap();
+    assert!(
+        &latest == states.last().unwrap(),
+        "{vm}/{disk}: newest image"
+    );
+    env.ok(&["check", vm, "--deep"]);
+}
+
+#[test]
+fn two_repositories_sharing_a_bitmap_name_each_see_every_write() {
+    // Local and offsite: both back up d.qcow2?bitmap=vmkeep.
+    let a = Env::new();
+    let b = Env::new();
+    let img = qcow2(&a, "d.qcow2", "16M");
+    qemu_write(&img, 0x11, "0", "4M");
+    let spec = format!("vda={}?bitmap=vmkeep", img.display());
+    let (mut sa, mut sb) = (Vec::new(), Vec::new());
+    a.ok(&["backup", "q1", "--disk", &spec]);
+    sa.push(guest_view(&a, &img, "a0"));
+    b.ok(&["backup", "q1", "--disk", &spec]);
+    sb.push(guest_view(&b, &img, "b0"));
+    qemu_write(&img, 0x22, "1M", "64k"); // X
+    a.ok(&["backup", "q1", "--disk", &spec]);
+    assert_eq!(newest_disk(&a, "q1", "vda")["mode"], "incr");
+    assert_eq!(newest_disk(&a, "q1", "vda")["read_bytes"], 65536);
+    sa.push(guest_view(&a, &img, "a1"));
+    qemu_write(&img, 0x33, "8M", "64k"); // Y
+    b.ok(&["backup", "q1", "--disk", &spec]);
+    let d = newest_disk(&b, "q1", "vda");
+    assert_eq!(d["mode"], "incr", "{d}");
+    // B read X and Y: everything written since B's own previous run.
+    assert_eq!(d["read_bytes"], 2 * 65536, "{d}");
+    sb.push(guest_view(&b, &img, "b1"));
+    every_generation_restores(&a, "q1", "vda", &sa);
+    every_generation_restores(&b, "q1", "vda", &sb);
+    // Each repository keeps exactly its own bitmap, the one of its newest generation.
+    let names: Vec<String> = bitmaps(&img).into_iter().map(|b| b.0).collect();
+    let mut want = vec![
+        format!("vmkeep.{}.{}", repo_id(&a), a.generations("q1")[1]),
+        format!("vmkeep.{}.{}", repo_id(&b), b.generations("q1")[1]),
+    ];
+    want.sort();
+    assert_eq!(names, want);
+    // ...which is the one that generation recorded.
+    for env in [&a, &b] {
+        let profile =
+            std::fs::read_to_string(env.repo().join("q1/latest/generation.toml")).unwrap();
+        let name = want.iter().find(|n| n.contains(&repo_id(env))).unwrap();
+        assert!(
+            profile.contains(&format!("bitmap = \"{name}\"")),
+            "{profile}"
+        );
+    }
+}
+
+#[test]
+fn a_disabled_bitmap_gives_a_diff() {
+    let env = Env::new();
+    let img = qcow2(&env, "d.qcow2", "16M");
+    qemu_write(&img, 0x11, "0", "2M");
+    let spec = format!("vda={}?bitmap=vmkeep", img.display());
+    env.ok(&["backup", "vm", "--disk", &spec]);
+    let mut states = vec![guest_view(&env, &img, "g0")];
+    for (name, _) in bitmaps(&img) {
+        run(Command::new("qemu-img")
+            .args(["bitmap", "--disable"])
+            .arg(&img)
+            .arg(&name));
+    }
+    qemu_write(&img, 0x22, "5M", "64k"); // not seen by the disabled bitmap
+    let err = backup_says(&env, &["vm", "--disk", &spec]);
+    let d = newest_disk(&env, "vm", "vda");
+    assert_eq!(d["mode"], "diff", "{d}");
+    assert!(err.contains("disabled"), "{err}");
+    states.push(guest_view(&env, &img, "g1"));
+    every_generation_restores(&env, "vm", "vda", &states);
+    // The run's own bitmap is enabled, and the next run is incremental again.
+    let bms = bitmaps(&img);
+    assert_eq!(bms.len(), 1, "{bms:?}");
+    assert!(bms[0].1.contains(&"auto".to_string()), "{bms:?}");
+    qemu_write(&img, 0x33, "9M", "64k");
+    env.ok(&["backup", "vm", "--disk", &spec]);
+    assert_eq!(newest_disk(&env, "vm", "vda")["mode"], "incr");
+    states.push(guest_view(&env, &img, "g2"));
+    every_generation_restores(&env, "vm", "vda", &states);
+    // Another prefix: a diff, and this repository's bitmap under the old prefix goes.
+    let other = format!("vda={}?bitmap=other", img.display());
+    let err = backup_says(&env, &["vm", "--disk", &other]);
+    assert_eq!(newest_disk(&env, "vm", "vda")["mode"], "diff");
+    assert!(err.contains("recorded bitmap vmkeep."), "{err}");
+    let newest = env.generations("vm").pop().unwrap();
+    let names: Vec<String> = bitmaps(&img).into_iter().map(|b| b.0).collect();
+    assert_eq!(names, vec![format!("other.{}.{newest}", repo_id(&env))]);
+}
+
+#[test]
+fn an_image_rolled_back_to_an_older_copy_gives_a_diff() {
+    let env = Env::new();
+    let img = qcow2(&env, "d.qcow2", "16M");
+    qemu_write(&img, 0x11, "0", "2M");
+    let spec = format!("vda={}?bitmap=vmkeep", img.display());
+    env.ok(&["backup", "vm", "--disk", &spec]);
+    let mut states = vec![guest_view(&env, &img, "g0")];
+    qemu_write(&img, 0x21, "3M", "64k");
+    // A failed run (refused after its bitmaps were prepared), then the copy is taken.
+    env.fails(&["backup", "vm", "--disk", &spec, "--block-size", "16K"], 2);
+    let copy = env.path("d.qcow2.bak");
+    std::fs::copy(&img, &copy).unwrap();
+    qemu_write(&img, 0x22, "6M", "64k"); // X: only in the image that is then replaced
+    env.ok(&["backup", "vm", "--disk", &spec]);
+    assert_eq!(newest_disk(&env, "vm", "vda")["mode"], "incr");
+    states.push(guest_view(&env, &img, "g1"));
+    // Rolled back: the old copy written over the image (same file, same inode).
+    std::fs::copy(&copy, &img).unwrap();
+    let err = backup_says(&env, &["vm", "--disk", &spec]);
+    let d = newest_disk(&env, "vm", "vda");
+    assert_eq!(d["mode"], "diff", "{d}");
+    assert!(err.contains("not in the image"), "{err}");
+    let rolled_back = guest_view(&env, &img, "g2");
+    assert!(rolled_back != states[1], "the roll-back changed nothing");
+    states.push(rolled_back);
+    every_generation_restores(&env, "vm", "vda", &states);
+}
+
+#[test]
+fn swapped_or_replaced_disks_give_a_diff() {
+    let env = Env::new();
+    let a = qcow2(&env, "a.qcow2", "8M");
+    let b = qcow2(&env, "b.qcow2", "8M");
+    qemu_write(&a, 0xaa, "0", "1M");
+    qemu_write(&b, 0xbb, "2M", "1M");
+    let spec = |disk: &str, img: &Path| format!("{disk}={}?bitmap=vmkeep", img.display());
+    env.ok(&[
+        "backup",
+        "vm",
+        "--disk",
+        &spec("vda", &a),
+        "--disk",
+        &spec("vdb", &b),
+    ]);
+    qemu_write(&a, 0xa1, "4M", "64k");
+    qemu_write(&b, 0xb1, "5M", "64k");
+    let err = backup_says(
+        &env,
+        &[
+            "vm",
+            "--disk",
+            &spec("vda", &b),
+            "--disk",
+            &spec("vdb", &a),
+            "--mode",
+            "incr",
+        ],
+    );
+    for (disk, img) in [("vda", &b), ("vdb", &a)] {
+        let d = newest_disk(&env, "vm", disk);
+        assert_eq!(d["mode"], "diff", "{d}");
+        assert!(
+            err.contains(&format!(
+                "disk {disk}: incr not possible (its source changed"
+            )),
+            "{err}"
+        );
+        let latest = std::fs::read(env.repo().join(format!("vm/latest/{disk}.raw"))).unwrap();
+        assert!(
+            latest == guest_view(&env, img, disk),
+            "{disk}: newest image"
+        );
+    }
+    // The same disks again: incremental.
+    qemu_write(&a, 0xa2, "6M", "64k");
+    env.ok(&[
+        "backup",
+        "vm",
+        "--disk",
+        &spec("vda", &b),
+        "--disk",
+        &spec("vdb", &a),
+    ]);
+    assert_eq!(newest_disk(&env, "vm", "vdb")["mode"], "incr");
+    assert_eq!(newest_disk(&env, "vm", "vdb")["read_bytes"], 65536);
+    // An image replaced by another file (a copy moved into its place) at the same path.
+    let moved = env.path("a.qcow2.new");
+    std::fs::copy(&a, &moved).unwrap();
+    std::fs::rename(&moved, &a).unwrap();
+    let err = backup_says(
+        &env,
+        &["vm", "--disk", &spec("vda", &b), "--disk", &spec("vdb", &a)],
+    );
+    assert_eq!(newest_disk(&env, "vm", "vdb")["mode"], "diff");
+    assert!(err.contains("another file"), "{err}");
+    assert_eq!(newest_disk(&env, "vm", "vda")["mode"], "incr");
+    env.ok(&["check", "vm", "--deep"]);
+
+    // Changed-block lists: the user vouches for the list, not for a swapped source.
+    let r1 = env.disk("r1.raw", 1 << 20);
+    let r2 = env.disk("r2.raw", 1 << 20);
+    write_at(&r1, 0, &noise(1, 256 << 10));
+    write_at(&r2, 512 << 10, &noise(2, 256 << 10));
+    let raw = |disk: &str, p: &Path| format!("{disk}={}", p.display());
+    env.ok(&[
+        "backup",
+        "lists",
+        "--disk",
+        &raw("vda", &r1),
+        "--disk",
+        &raw("vdb", &r2),
+    ]);
+    std::fs::write(env.path("none.txt"), "").unwrap();
+    let none = |disk: &str| format!("{disk}={}", env.path("none.txt").display());
+    let err = backup_says(
+        &env,
+        &[
+            "lists",
+            "--disk",
+            &raw("vda", &r2),
+            "--disk",
+            &raw("vdb", &r1),
+            "--changed-blocks",
+            &none("vda"),
+            "--changed-blocks",
+            &none("vdb"),
+            "--mode",
+            "incr",
+        ],
+    );
+    for (disk, p) in [("vda", &r2), ("vdb", &r1)] {
+        assert_eq!(newest_disk(&env, "lists", disk)["mode"], "diff");
+        assert!(
+            err.contains(&format!(
+                "disk {disk}: incr not possible (its source changed"
+            )),
+            "{err}"
+        );
+        let latest = std::fs::read(env.repo().join(format!("lists/latest/{disk}.raw"))).unwrap();
+        assert!(latest == std::fs::read(p).unwrap(), "{disk}: newest image");
+    }
+}
+
+#[test]
+fn an_in_use_bitmap_gives_a_diff() {
+    let env = Env::new();
+    let img = qcow2(&env, "d.qcow2", "16M");
+    qemu_write(&img, 0x11, "0", "4M");
+    let spec = format!("vda={}?bitmap=vmkeep", img.display());
+    env.ok(&["backup", "vm", "--disk", &spec]);
+    let mut states = vec![guest_view(&env, &img, "g0")];
+    // A writer killed while it has the image open leaves its bitmaps marked in-use (their
+    // bits on disk are stale). The write goes to an allocated cluster, so its data is in
+    // the file without any metadata update.
+    let mut writer = Proc(
+        Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                "write -P 0x44 1M 64k",
+                "-c",
+                "sleep 600000",
+            ])
+            .arg(&img)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // (qemu-io's output is buffered: look at the image instead.)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new("qemu-io")
+            .args(["-U", "-r", "-f", "qcow2", "-c", "read -P 0x44 1M 64k"])
+            .arg(&img)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        if said.contains("read 65536/65536") && !said.contains("failed") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the writer never wrote: {said}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    writer.0.kill().unwrap();
+    writer.0.wait().unwrap();
+    let bms = bitmaps(&img);
+    assert!(
+        bms.iter().all(|b| b.1.contains(&"in-use".to_string())),
+        "{bms:?}"
+    );
+    let err = backup_says(&env, &["vm", "--disk", &spec]);
+    let d = newest_disk(&env, "vm", "vda");
+    assert_eq!(d["mode"], "diff", "{d}");
+    assert!(err.contains("in-use"), "{err}");
+    states.push(guest_view(&env, &img, "g1"));
+    assert!(states[1] != states[0]);
+    every_generation_restores(&env, "vm", "vda", &states);
+    // The stale bitmap is gone, this run's is clean.
+    let bms = bitmaps(&img);
+    assert_eq!(bms.len(), 1, "{bms:?}");
+    assert_eq!(bms[0].1, vec!["auto".to_string()]);
+}
+
+#[test]
+fn a_failed_run_removes_only_the_bitmap_it_added() {
+    let env = Env::new();
+    let img = qcow2(&env, "d.qcow2", "16M");
+    let other = qcow2(&env, "e.qcow2", "1M");
+    qemu_write(&img, 0x11, "0", "2M");
+    let spec = format!("vda={}?bitmap=vmkeep", img.display());
+    env.ok(&["backup", "vm", "--disk", &spec]);
+    let before = bitmaps(&img);
+    qemu_write(&img, 0x22, "5M", "64k");
+    // vda's bitmap is added and its image opened, then vdb's bitmap cannot be added (QEMU
+    // refuses a name this long): the run fails, and vda's new bitmap goes.
+    let long = format!("vdb={}?bitmap={}", other.display(), "x".repeat(1100));
+    env.fails(&["backup", "vm", "--disk", &spec, "--disk", &long], 1);
+    assert_eq!(bitmaps(&img), before);
+    assert!(bitmaps(&other).is_empty());
+    env.ok(&["backup", "vm", "--disk", &spec]);
+    let d = newest_disk(&env, "vm", "vda");
+    assert_eq!(d["mode"], "incr", "{d}");
+    assert_eq!(d["read_bytes"], 65536, "{d}");
+}
+
+/// A second run of a VM whose backup is under way touches none of its bitmaps: every
+/// bitmap step runs under the VM's writer lock.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn bitmaps_are_prepared_under_the_vm_lock() {
+    let env = Env::new();
+    let img = qcow2(&env, "d.qcow2", "16M");
+    qemu_write(&img, 0x11, "0", "2M");
+    let spec = format!("vda={}?bitmap=vmkeep", img.display());
+    env.ok(&["backup", "vm", "--disk", &spec]);
+    qemu_write(&img, 0x22, "5M", "64k");
+    let mark = env.path("paused");
+    let first = env
+        .std_cmd(&["backup", "vm", "--disk", &spec])
+        .env("VMKEEP_FAULT_PAUSE", "backup-planned:10")
+        .env("VMKEEP_FAULT_PAUSE_MARK", &mark)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !mark.exists() {
+        assert!(Instant::now() < deadline, "the first run never paused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let during = bitmaps(&img);
+    assert_eq!(
+        during.len(),
+        2,
+        "the newest generation's and the run's: {during:?}"
+    );
+    // (The first run waits 10 s at its pause; this one takes a fraction of a second.)
+    let err = env.fails(&["backup", "vm", "--disk", &spec], 1);
+    assert!(err.contains("is busy"), "{err}");
+    assert_eq!(bitmaps(&img), during, "the refused run changed the bitmaps");
+    let out = first.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d = newest_disk(&env, "vm", "vda");
+    assert_eq!(d["mode"], "incr", "{d}");
+    assert_eq!(d["read_bytes"], 65536, "{d}");
+    let newest = env.generations("vm").pop().unwrap();
+    let names: Vec<String> = bitmaps(&img).into_iter().map(|b| b.0).collect();
+    assert_eq!(names, vec![format!("vmkeep.{}.{newest}", repo_id(&env))]);
+}
+
+/// A run killed after it added its bitmap leaves that bitmap behind: the next run is
+/// incremental from the newest generation's bitmap all the same, and removes it.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_killed_run_leaves_a_bitmap_the_next_run_removes() {
+    let env = Env::new();
+    let img = qcow2(&env, "d.qcow2", "16M");
+    qemu_write(&img, 0x11, "0", "2M");
+    let spec = format!("vda={}?bitmap=vmkeep", img.display());
+    env.ok(&["backup", "vm", "--disk", &spec]);
+    let mut states = vec![guest_view(&env, &img, "g0")];
+    qemu_write(&img, 0x22, "5M", "64k");
+    // SIGKILL while the run reads (its bitmap added, its image open).
+    let mark = env.path("paused");
+    let mut child = env
+        .std_cmd(&["backup", "vm", "--disk", &spec])
+        .env("VMKEEP_FAULT_PAUSE", "backup-planned:10")
+        .env("VMKEEP_FAULT_PAUSE_MARK", &mark)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !mark.exists() {
+        assert!(Instant::now() < deadline, "the run never paused");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    assert_eq!(child.wait().unwrap().code(), None, "killed");
+    // (Its qemu-nbd exits when the connections close.)
+    let serving = || {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+            std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c);
+                c.starts_with("qemu-nbd") && c.contains(img.to_str().unwrap())
+            })
+        })
+    };
+    while serving() {
+        assert!(Instant::now() < deadline, "qemu-nbd never exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(bitmaps(&img).len(), 2, "{:?}", bitmaps(&img));
+    qemu_write(&img, 0x33, "9M", "64k");
+    env.ok(&["backup", "vm", "--disk", &spec]);
+    let d = newest_disk(&env, "vm", "vda");
+    assert_eq!(d["mode"], "incr", "{d}");
+    assert_eq!(d["read_bytes"], 2 * 65536, "{d}");
+    states.push(guest_view(&env, &img, "g1"));
+    every_generation_restores(&env, "vm", "vda", &states);
+    let newest = env.generations("vm").pop().unwrap();
+    let names: Vec<String> = bitmaps(&img).into_iter().map(|b| b.0).collect();
+    assert_eq!(names, vec![format!("vmkeep.{}.{newest}", repo_id(&env))]);
+}
+
+/// One image backed up as two VMs of one repository: each VM's run removes only its own
+/// older bitmaps, so both stay incremental.
+#[test]
+fn a_run_never_removes_another_vms_bitmap() {
+    let env = Env::new();
+    let img = qcow2(&env, "d.qcow2", "16M");
+    qemu_write(&img, 0x11, "0", "2M");
+    let spec = format!("vda={}?bitmap=vmkeep", img.display());
+    env.ok(&["backup", "one", "--disk", &spec]);
+    env.ok(&["backup", "two", "--disk", &spec]);
+    let mut after = std::collections::HashMap::new();
+    for (i, vm) in ["one", "two", "one"].iter().enumerate() {
+        qemu_write(&img, 0x20 + i as u8, &format!("{}M", 4 + i), "64k");
+        env.ok(&["backup", vm, "--disk", &spec]);
+        let d = newest_disk(&env, vm, "vda");
+        assert_eq!(d["mode"], "incr", "run {i} of {vm}: {d}");
+        after.insert(*vm, guest_view(&env, &img, &format!("r{i}")));
+    }
+    assert_eq!(bitmaps(&img).len(), 2, "{:?}", bitmaps(&img));
+    for vm in ["one", "two"] {
+        let latest = std::fs::read(env.repo().join(format!("{vm}/latest/vda.raw"))).unwrap();
+        assert!(latest == after[vm], "{vm}: newest image");
+        env.ok(&["check", vm, "--deep"]);
+    }
 }

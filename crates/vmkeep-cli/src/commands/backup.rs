@@ -11,7 +11,7 @@ use vmkeep::engine::backup::{BackupOptions, BackupReport, BackupRun, DiskInput};
 use vmkeep::engine::Mode;
 use vmkeep::source::nbd::NbdSource;
 use vmkeep::source::open::{format_of, open_raw, SourceSpec};
-use vmkeep::source::{bitmap, changed, qemu, BlockSource};
+use vmkeep::source::{bitmap, changed, qemu, BlockSource, SourceIdentity};
 use vmkeep::Error;
 
 use super::{name_value, Ctx};
@@ -285,75 +285,137 @@ fn backup_vm(ctx: &Ctx, repo: &Repository, vm: &str, a: &BackupArgs) -> Result<B
             .map_err(|e| Error::usage(format!("changed-block list {file}: {e}")))?;
         changed_lists.insert(name.to_string(), changed::parse(path, &text)?);
     }
-    let recorded = newest_bitmaps(repo, vm);
-    let granularity = bitmap_granularity(ctx, vm, a)?;
-    let mut disks = Vec::new();
-    let mut bitmaps = Vec::new();
+    // Before the lock: every source that needs no bitmap is opened, bitmap sources are
+    // checked. The bitmaps themselves are decided on and added under the lock.
+    let mut pending = Vec::new();
     for (name, spec) in &specs {
         vmkeep::archive::names::check_disk(name)?;
-        let mut input = open_disk(
-            name,
-            spec,
-            recorded.get(name.as_str()).map(String::as_str),
-            granularity,
-            &mut bitmaps,
-        )?;
-        if let Some(list) = changed_lists.remove(name) {
-            input.changed = Some(list);
-        }
-        disks.push(input);
+        pending.push(open_disk(name, spec)?);
     }
-    let result =
-        BackupRun::begin(repo, vm).and_then(|run| run.execute(disks, &opts, &ctx.progress));
-    for (path, name) in &bitmaps {
-        match &result {
-            Ok(_) => {
-                if let Err(e) = bitmap::commit(path, name) {
-                    let msg = format!(
-                        "{vm}: bitmap {name} not renewed ({e}); the next incr run reads more"
-                    );
-                    vmkeep::progress::Progress::warn(&ctx.progress, &msg);
+    let granularity = bitmap_granularity(ctx, vm, a)?;
+    let run = BackupRun::begin(repo, vm)?;
+    let mut bitmaps: Vec<Prepared> = Vec::new();
+    let mut disks = Vec::new();
+    let opened = (|| -> Result<()> {
+        for p in pending {
+            let mut input = match p {
+                Pending::Ready(input) => input,
+                Pending::Bitmap { name, path, prefix } => {
+                    open_tracked(repo, &run, &name, &path, &prefix, granularity, &mut bitmaps)?
                 }
+            };
+            if let Some(list) = changed_lists.remove(&input.name) {
+                input.changed = Some(list);
+                input.user_list = true;
             }
-            Err(_) => bitmap::abandon(path, name),
+            disks.push(input);
         }
+        Ok(())
+    })();
+    if let Err(e) = opened {
+        // The images' qemu-nbd servers (shared locks) stop first: removing a bitmap needs
+        // the image's write lock.
+        drop(disks);
+        for b in &bitmaps {
+            bitmap::abandon(&b.path, &b.new);
+        }
+        return Err(e);
     }
+    let result = run.execute_then(disks, &opts, &ctx.progress, &mut |result| {
+        let owned = match result {
+            Ok(_) if !bitmaps.is_empty() => Generations::of(repo, vm),
+            _ => None,
+        };
+        for b in &bitmaps {
+            match result {
+                Ok(_) => {
+                    let mine = |g: &str| owned.as_ref().is_some_and(|o| o.is_mine(g));
+                    let done = bitmap::commit(&b.path, &b.prefix, &repo.profile.id, &b.new, &mine)
+                        .and_then(|_| match &b.retired {
+                            Some(r) => bitmap::remove(&b.path, r),
+                            None => Ok(()),
+                        });
+                    if let Err(e) = done {
+                        let msg = format!(
+                            "{vm}: older bitmaps of {} not removed ({e}); they cost QEMU a little on every write",
+                            b.path.display()
+                        );
+                        vmkeep::progress::Progress::warn(&ctx.progress, &msg);
+                    }
+                }
+                Err(_) => bitmap::abandon(&b.path, &b.new),
+            }
+        }
+    });
     Ok(result?)
 }
 
-/// The persistent bitmap each disk of the newest generation recorded.
-fn newest_bitmaps(repo: &Repository, vm: &str) -> std::collections::HashMap<String, String> {
-    let newest = repo.vm(vm).ok().and_then(|a| {
-        let id = a.generation_ids().ok()?.pop()?;
-        a.generation(&id).ok()
-    });
-    newest
-        .map(|g| {
-            g.profile
-                .disks
-                .into_iter()
-                .filter_map(|d| Some((d.name, d.bitmap?)))
-                .collect()
-        })
-        .unwrap_or_default()
+/// Which generation ids are whose: a chain bitmap of this repository may be removed by a
+/// run of this VM only for one of this VM's generations, or for an id that is no
+/// generation at all (a run that failed or was killed).
+struct Generations {
+    this: std::collections::HashSet<String>,
+    others: std::collections::HashSet<String>,
 }
 
-/// Open one disk's SOURCE; a qcow2 `?bitmap=NAME` gets its life cycle (see
-/// `vmkeep::source::bitmap`) and is remembered in `bitmaps` for the end of the run.
-fn open_disk(
-    name: &str,
-    spec: &str,
-    recorded: Option<&str>,
-    granularity: Option<u64>,
-    bitmaps: &mut Vec<(PathBuf, String)>,
-) -> Result<DiskInput> {
+impl Generations {
+    /// `None` when the repository cannot be listed: then nothing is removed.
+    fn of(repo: &Repository, vm: &str) -> Option<Generations> {
+        let mut g = Generations {
+            this: repo
+                .vm(vm)
+                .ok()?
+                .generation_ids()
+                .ok()?
+                .into_iter()
+                .collect(),
+            others: Default::default(),
+        };
+        for name in repo.vm_names().ok()?.iter().filter(|n| *n != vm) {
+            if let Ok(a) = repo.vm(name) {
+                g.others.extend(a.generation_ids().ok()?);
+            }
+        }
+        Some(g)
+    }
+
+    fn is_mine(&self, id: &str) -> bool {
+        self.this.contains(id) || !self.others.contains(id)
+    }
+}
+
+/// A disk source opened before the VM lock is taken, or one whose bitmap waits for it.
+enum Pending {
+    Ready(DiskInput),
+    Bitmap {
+        name: String,
+        path: PathBuf,
+        prefix: String,
+    },
+}
+
+/// A bitmap this run added: committed or abandoned at the end of the run.
+struct Prepared {
+    path: PathBuf,
+    prefix: String,
+    new: String,
+    /// This repository's bitmap of the newest generation under an earlier prefix.
+    retired: Option<String>,
+}
+
+/// Open one disk's SOURCE; a qcow2 `PATH?bitmap=PREFIX` is only checked here (its bitmaps
+/// are handled under the lock, by [`open_tracked`]).
+fn open_disk(name: &str, spec: &str) -> Result<Pending> {
     let SourceSpec::Path {
         path,
         format,
-        bitmap: Some(bm),
+        bitmap: Some(prefix),
     } = SourceSpec::parse(spec)?
     else {
-        return Ok(DiskInput::new(name, open_source(spec)?));
+        let (source, identity) = open_source(spec)?;
+        let mut input = DiskInput::new(name, source);
+        input.identity = Some(identity);
+        return Ok(Pending::Ready(input));
     };
     let fmt = format_of(&path, format.as_deref())?;
     if fmt != "qcow2" {
@@ -363,37 +425,91 @@ fn open_disk(
         ))
         .into());
     }
-    let plan = bitmap::prepare(&path, &bm, recorded, granularity)?;
-    bitmaps.push((path.clone(), bm.clone()));
-    let incremental = plan == bitmap::Plan::Incremental;
-    let source = qemu::open_image(&path, "qcow2", incremental.then_some(bm.as_str()))?;
+    if format.is_none() {
+        refuse_probed_backing_file(&path, &fmt)?;
+    }
+    Ok(Pending::Bitmap {
+        name: name.to_string(),
+        path,
+        prefix,
+    })
+}
+
+/// Under the VM lock: decide whether the image's bitmap of the newest generation can be
+/// trusted, add this run's (`PREFIX.<repository id>.<generation id>`, remembered in
+/// `bitmaps`), and open the image, exporting the trusted bitmap if there is one (see
+/// `vmkeep::source::bitmap`).
+fn open_tracked(
+    repo: &Repository,
+    run: &BackupRun,
+    name: &str,
+    path: &std::path::Path,
+    prefix: &str,
+    granularity: Option<u64>,
+    bitmaps: &mut Vec<Prepared>,
+) -> Result<DiskInput> {
+    let repo_id = &repo.profile.id;
+    let newest = run
+        .previous()
+        .and_then(|g| Some((g, g.profile.disk(name)?)));
+    let expected = newest.map(|(g, _)| bitmap::chain_name(prefix, repo_id, &g.id));
+    let recorded = newest.and_then(|(_, d)| d.bitmap.as_deref());
+    let new = bitmap::chain_name(prefix, repo_id, run.generation_id());
+    // The identity is taken before the bitmap is added: the file the bitmap is added to.
+    let identity = SourceIdentity::of_path(path);
+    let plan = bitmap::prepare(path, expected.as_deref(), recorded, &new, granularity)?;
+    // A bitmap the newest generation recorded under another prefix (`?bitmap=` changed)
+    // is still provably this repository's: it goes after success too.
+    let newest_suffix = newest.map(|(g, _)| format!(".{repo_id}.{}", g.id));
+    let retired = recorded
+        .filter(|r| Some(*r) != expected.as_deref())
+        .filter(|r| newest_suffix.as_deref().is_some_and(|s| r.ends_with(s)))
+        .map(str::to_string);
+    bitmaps.push(Prepared {
+        path: path.to_path_buf(),
+        prefix: prefix.to_string(),
+        new: new.clone(),
+        retired,
+    });
+    let from = match &plan {
+        bitmap::Plan::Incremental(b) => Some(b.as_str()),
+        bitmap::Plan::Full(_) => None,
+    };
+    let source = qemu::open_image(path, "qcow2", from)?;
     let mut input = DiskInput::new(name, source);
-    input.bitmap = Some(bm);
+    input.bitmap = Some(new);
+    input.identity = Some(identity);
+    input.expects_tracking = true;
     match plan {
-        bitmap::Plan::Incremental => input.changed = input.source.changed_extents()?,
+        bitmap::Plan::Incremental(_) => input.changed = input.source.changed_extents()?,
         bitmap::Plan::Full(why) => input.untracked_reason = Some(why),
     }
     Ok(input)
 }
 
-/// Open a SOURCE string: a raw file or device, an image for qemu-nbd, or an NBD URI.
-pub fn open_source(spec: &str) -> Result<Box<dyn BlockSource>> {
+/// Open a SOURCE string: a raw file or device, an image for qemu-nbd, or an NBD URI; and
+/// what the source is (recorded with the generation).
+fn open_source(spec: &str) -> Result<(Box<dyn BlockSource>, SourceIdentity)> {
     match SourceSpec::parse(spec)? {
         SourceSpec::Path {
             path,
             format,
             bitmap: _,
         } => {
+            let identity = SourceIdentity::of_path(&path);
             let fmt = format_of(&path, format.as_deref())?;
             if fmt == "raw" {
-                return Ok(open_raw(&path)?);
+                return Ok((open_raw(&path)?, identity));
             }
             if format.is_none() {
                 refuse_probed_backing_file(&path, &fmt)?;
             }
-            Ok(qemu::open_image(&path, &fmt, None)?)
+            Ok((qemu::open_image(&path, &fmt, None)?, identity))
         }
-        SourceSpec::Nbd(uri) => Ok(Box::new(NbdSource::open(&uri, None)?)),
+        SourceSpec::Nbd(uri) => Ok((
+            Box::new(NbdSource::open(&uri, None)?),
+            SourceIdentity::named(&uri),
+        )),
     }
 }
 

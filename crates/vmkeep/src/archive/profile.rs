@@ -160,9 +160,21 @@ pub struct DiskRecord {
     pub changed_bytes: u64,
     pub stored_bytes: u64,
     pub digest_root: String,
-    /// Persistent bitmap (qcow2) that tracks writes after this generation.
+    /// Persistent bitmap (qcow2) that tracks writes after this generation:
+    /// `PREFIX.<repository id>.<generation id>`, the run's token inside the image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bitmap: Option<String>,
+    /// What the disk was read from, compared by the next run before it trusts a change
+    /// tracker: the absolute path of a file or device (folders resolved, the last name as
+    /// given), or an NBD URI (see `source::SourceIdentity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// Device number (`st_dev`) of a regular-file source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_device: Option<u64>,
+    /// Inode number (`st_ino`) of a regular-file source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_inode: Option<u64>,
 }
 
 impl Versioned for RepoProfile {

@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::progress::Progress;
 use crate::source::changed::{merge_ranges, to_block_ranges};
-use crate::source::{BlockSource, ExtentKind};
+use crate::source::{BlockSource, ExtentKind, SourceIdentity};
 
 /// One disk to back up.
 pub struct DiskInput {
@@ -42,6 +42,16 @@ pub struct DiskInput {
     pub untracked_reason: Option<String>,
     /// Persistent bitmap that records writes after this generation (qcow2 sources).
     pub bitmap: Option<String>,
+    /// What the source is (recorded, and compared with the newest generation's record
+    /// before `changed` is trusted); `None` means known by [`BlockSource::describe`] only.
+    pub identity: Option<SourceIdentity>,
+    /// `changed` is a list the user vouches for (`--changed-blocks`): only the source's
+    /// origin must match the newest generation's. A tracker inside the source (a qcow2
+    /// bitmap) must also be in the same file (device and inode).
+    pub user_list: bool,
+    /// The source has a tracker of its own (a qcow2 bitmap): when it cannot be used, an
+    /// auto run says why too, not only an incr one.
+    pub expects_tracking: bool,
 }
 
 impl DiskInput {
@@ -52,8 +62,52 @@ impl DiskInput {
             changed: None,
             untracked_reason: None,
             bitmap: None,
+            identity: None,
+            user_list: false,
+            expects_tracking: false,
         }
     }
+}
+
+/// Why the source of a disk is not the one `rec` (the newest generation's record of the
+/// disk) read, or `None` when it is as far as the record tells. `same_file` also requires
+/// the same file (device and inode), for trackers stored inside the source.
+pub fn source_changed(
+    rec: &DiskRecord,
+    now: &SourceIdentity,
+    describe: &str,
+    same_file: bool,
+) -> Option<String> {
+    match &rec.origin {
+        Some(o) if *o != now.origin => {
+            return Some(format!(
+                "its source changed: the newest generation read {o}, this run reads {}",
+                now.origin
+            ))
+        }
+        // A profile written before origins were recorded: its source as described then.
+        None if rec.source != describe => {
+            return Some(format!(
+                "its source changed: the newest generation read {}, this run reads {describe}",
+                rec.source
+            ))
+        }
+        _ => {}
+    }
+    let then = rec.file_device.zip(rec.file_inode);
+    if same_file && then != now.file {
+        let show = |f: Option<(u64, u64)>| match f {
+            Some((d, i)) => format!("device {d} inode {i}"),
+            None => "no file identity".to_string(),
+        };
+        return Some(format!(
+            "{} is another file than the newest generation read ({}, now {})",
+            now.origin,
+            show(then),
+            show(now.file)
+        ));
+    }
+    None
 }
 
 /// Settings of one backup run.
@@ -187,6 +241,31 @@ impl BackupRun {
     /// job confirms there that it did not fail while vmkeep read it).
     pub fn execute_with(
         self,
+        disks: Vec<DiskInput>,
+        opts: &BackupOptions,
+        progress: &dyn Progress,
+        before_commit: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<BackupReport> {
+        self.run(disks, opts, progress, before_commit)
+    }
+
+    /// [`BackupRun::execute`], then `after` with the outcome while the VM lock is still
+    /// held: qcow2 bitmaps are committed or abandoned there, so that two runs never
+    /// interleave their bitmap steps.
+    pub fn execute_then(
+        self,
+        disks: Vec<DiskInput>,
+        opts: &BackupOptions,
+        progress: &dyn Progress,
+        after: &mut dyn FnMut(&Result<BackupReport>),
+    ) -> Result<BackupReport> {
+        let result = self.run(disks, opts, progress, &mut || Ok(()));
+        after(&result);
+        result
+    }
+
+    fn run(
+        &self,
         disks: Vec<DiskInput>,
         opts: &BackupOptions,
         progress: &dyn Progress,
@@ -452,7 +531,7 @@ impl RunCtx<'_> {
     }
 
     /// Back up one disk into the new generation.
-    fn disk(&self, input: DiskInput, requested: Mode) -> Result<(DiskRecord, Vec<String>)> {
+    fn disk(&self, mut input: DiskInput, requested: Mode) -> Result<(DiskRecord, Vec<String>)> {
         let bs = self.block_size;
         let size = input.source.size();
         if !valid_disk_size(size) {
@@ -464,28 +543,44 @@ impl RunCtx<'_> {
         let new_blocks = block_count(size, bs);
         let old = self.open_old(&input.name, true)?;
         let mut warnings = Vec::new();
-        let mode = match (requested, &old, &input.changed) {
+        let describe = input.source.describe();
+        let identity = input
+            .identity
+            .clone()
+            .unwrap_or_else(|| SourceIdentity::named(&describe));
+        // A tracker's changes are trusted only for the source the newest generation read.
+        let mut changed = input.changed.take();
+        let mut untracked = input.untracked_reason.clone();
+        let mut say_why = input.expects_tracking;
+        let recorded = self.prev.and_then(|p| p.profile.disk(&input.name));
+        if let (Some(rec), Some(_), Some(_)) = (recorded, &old, &changed) {
+            if let Some(why) = source_changed(rec, &identity, &describe, !input.user_list) {
+                changed = None;
+                untracked = Some(why);
+                say_why = true;
+            }
+        }
+        let mode = match (requested, &old, &changed) {
             (_, None, _) => Mode::Full,
             (Mode::Full, Some(_), _) => Mode::Full,
             (Mode::Diff, Some(_), _) => Mode::Diff,
             (Mode::Incr | Mode::Auto, Some(_), Some(_)) => Mode::Incr,
-            (Mode::Incr, Some(_), None) => {
-                let why = input
-                    .untracked_reason
-                    .clone()
-                    .unwrap_or_else(|| "no change tracking for this source".into());
-                warnings.push(format!(
-                    "disk {}: incr not possible ({why}); reading it all (diff)",
-                    input.name
-                ));
+            (Mode::Incr | Mode::Auto, Some(_), None) => {
+                if requested == Mode::Incr || say_why {
+                    let why = untracked
+                        .clone()
+                        .unwrap_or_else(|| "no change tracking for this source".into());
+                    warnings.push(format!(
+                        "disk {}: incr not possible ({why}); reading it all (diff)",
+                        input.name
+                    ));
+                }
                 Mode::Diff
             }
-            (Mode::Auto, Some(_), None) => Mode::Diff,
         };
         let ranges = match (&mode, &old) {
             (Mode::Incr, Some(o)) => {
-                let mut r =
-                    to_block_ranges(input.changed.as_deref().unwrap_or(&[]), bs, new_blocks);
+                let mut r = to_block_ranges(changed.as_deref().unwrap_or(&[]), bs, new_blocks);
                 if o.size != size {
                     // The block at the old end and everything past it changed length.
                     r.push((o.blocks.min(new_blocks).saturating_sub(1), new_blocks));
@@ -609,7 +704,7 @@ impl RunCtx<'_> {
                 result
             })?;
         }
-        let (stored, changed, damaged) = sink.finish()?;
+        let (stored, changed_bytes, damaged) = sink.finish()?;
         task.finish();
         if damaged > 0 {
             warnings.push(format!(
@@ -622,12 +717,15 @@ impl RunCtx<'_> {
             name: input.name.clone(),
             size,
             mode: mode.to_string(),
-            source: input.source.describe(),
+            source: describe,
             read_bytes: read_bytes.load(Ordering::Relaxed),
-            changed_bytes: changed,
+            changed_bytes,
             stored_bytes: stored,
             digest_root,
             bitmap: input.bitmap.clone(),
+            origin: Some(identity.origin),
+            file_device: identity.file.map(|f| f.0),
+            file_inode: identity.file.map(|f| f.1),
         };
         Ok((rec, warnings))
     }
@@ -1242,5 +1340,51 @@ impl<'a> Planner<'a> {
         self.map_start = pos;
         self.map_end = want;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(origin: Option<&str>, file: Option<(u64, u64)>) -> DiskRecord {
+        DiskRecord {
+            name: "vda".into(),
+            size: 1,
+            mode: "full".into(),
+            source: "d.qcow2".into(),
+            read_bytes: 0,
+            changed_bytes: 0,
+            stored_bytes: 0,
+            digest_root: String::new(),
+            bitmap: None,
+            origin: origin.map(str::to_string),
+            file_device: file.map(|f| f.0),
+            file_inode: file.map(|f| f.1),
+        }
+    }
+
+    #[test]
+    fn a_source_is_the_same_only_by_origin_and_for_trackers_inside_it_by_file() {
+        let now = SourceIdentity {
+            origin: "/i/a.qcow2".into(),
+            file: Some((1, 2)),
+        };
+        let same = record(Some("/i/a.qcow2"), Some((1, 2)));
+        assert_eq!(source_changed(&same, &now, "x", true), None);
+        let swapped = record(Some("/i/b.qcow2"), Some((1, 3)));
+        let why = source_changed(&swapped, &now, "x", false).unwrap();
+        assert!(why.contains("source changed"), "{why}");
+        // Replaced at the same path: only a tracker inside the file cares.
+        let replaced = record(Some("/i/a.qcow2"), Some((1, 9)));
+        assert!(source_changed(&replaced, &now, "x", true).is_some());
+        assert_eq!(source_changed(&replaced, &now, "x", false), None);
+        assert!(source_changed(&record(Some("/i/a.qcow2"), None), &now, "x", true).is_some());
+        // A profile from before origins: its description then.
+        assert_eq!(
+            source_changed(&record(None, None), &now, "d.qcow2", false),
+            None
+        );
+        assert!(source_changed(&record(None, None), &now, "e.qcow2", false).is_some());
     }
 }

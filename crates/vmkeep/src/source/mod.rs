@@ -9,6 +9,7 @@ pub mod nbd;
 pub mod open;
 pub mod qemu;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::bufpool::{BufPool, PoolBuf};
@@ -75,5 +76,58 @@ pub trait BlockSource: Send + Sync {
     /// Largest read the source handles well.
     fn max_read(&self) -> usize {
         4 << 20
+    }
+}
+
+/// What a disk's source is. Every generation records it per disk, and a run trusts a
+/// change tracker (a bitmap, a changed-block list) only for a disk whose source is the one
+/// the newest generation read: two disks swapped under their names, or an image replaced
+/// by another file, are read whole (diff).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceIdentity {
+    /// The absolute path of a file or device, its folders resolved and its last name kept
+    /// as given (an LVM snapshot `/dev/VG/LV` re-created for every run stays itself; a
+    /// symbolic link to an image stays the link), or an NBD URI.
+    pub origin: String,
+    /// `(st_dev, st_ino)` of a regular file: a file put in the place of another has other
+    /// numbers (a copy written over the file in place keeps them; see `source::bitmap` for
+    /// what proves that an image was not rolled back).
+    pub file: Option<(u64, u64)>,
+}
+
+impl SourceIdentity {
+    /// A source known only by a name (an NBD URI, a libvirt disk's label).
+    pub fn named(origin: &str) -> SourceIdentity {
+        SourceIdentity {
+            origin: origin.to_string(),
+            file: None,
+        }
+    }
+
+    /// The identity of the file or device at `path`.
+    pub fn of_path(path: &Path) -> SourceIdentity {
+        use std::os::unix::fs::MetadataExt;
+        let abs = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            std::env::current_dir()
+                .map(|d| d.join(path))
+                .unwrap_or_else(|_| path.to_path_buf())
+        };
+        let origin = match (abs.parent(), abs.file_name()) {
+            (Some(dir), Some(name)) => dir
+                .canonicalize()
+                .map(|d| d.join(name))
+                .unwrap_or_else(|_| abs.clone()),
+            _ => abs.canonicalize().unwrap_or_else(|_| abs.clone()),
+        };
+        let file = std::fs::metadata(path)
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| (m.dev(), m.ino()));
+        SourceIdentity {
+            origin: origin.display().to_string(),
+            file,
+        }
     }
 }
