@@ -270,7 +270,10 @@ impl BackupRun {
             gen: archive::generation_bytes(&self.gen_id),
             progress,
         };
-        let results: Vec<Result<(DiskRecord, Vec<String>)>> = if disks.len() == 1 {
+        // One disk at a time when the power-loss explorer logs the operations, so that
+        // their order is the same in every run.
+        let serial = disks.len() == 1 || crate::fault::serial();
+        let results: Vec<Result<(DiskRecord, Vec<String>)>> = if serial {
             disks.into_iter().map(|d| ctx.disk(d, opts.mode)).collect()
         } else {
             std::thread::scope(|s| {
