@@ -8,8 +8,10 @@
 //! how many points there are to try.
 //!
 //! `VMKEEP_FAULT_LOG=DIR` records every operation, in order, as a line
-//! `N<TAB>KIND<TAB>PATH[<TAB>PATH2]` of `DIR/log` (see [`Op`]), and at every fsync or
-//! fdatasync of a file saves a copy of the file as it is then to `DIR/snap/N`: the
+//! `N<TAB>KIND<TAB>PATH[<TAB>PATH2]` of `DIR/log` (see [`Op`]), and saves what operation
+//! N is about to change or make durable, as it is before it, to `DIR/snap/N`: the file
+//! written, truncated, synced or removed, the file a rename replaces, the folder a
+//! recursive removal takes (a copy of its tree). The
 //! power-loss explorer (`crates/vmkeep-cli/tests/powerloss.rs`) builds from these the
 //! states a power loss after any prefix of the operations could leave. With a log, the
 //! disks of a backup are written one after the other, so that the order is the same in
@@ -112,10 +114,18 @@ mod imp {
         static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let Some(dir) = log_dir() else { return };
         let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        if matches!(op, Op::Sync | Op::DataSync) && path.is_file() {
-            let snap = dir.join("snap");
-            let _ = std::fs::create_dir_all(&snap);
-            let _ = std::fs::copy(path, snap.join(n.to_string()));
+        // What the operation is about to change (or make durable), as it is now.
+        let snap = dir.join("snap").join(n.to_string());
+        let is_file = std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
+        match op {
+            Op::Write | Op::Truncate | Op::Sync | Op::DataSync | Op::Unlink | Op::Rename
+                if is_file =>
+            {
+                let _ = std::fs::create_dir_all(dir.join("snap"));
+                let _ = std::fs::copy(path, &snap);
+            }
+            Op::RemoveTree if path.is_dir() => copy_tree(path, &snap),
+            _ => {}
         }
         let mut line = format!("{n}\t{}\t{}", op.name(), path.display());
         if let Some(o) = other {
@@ -128,6 +138,20 @@ mod imp {
             .open(dir.join("log"))
         {
             let _ = f.write_all(line.as_bytes());
+        }
+    }
+
+    /// Copy the files of the folder `from` to `to` (folders and files only).
+    fn copy_tree(from: &Path, to: &Path) {
+        let _ = std::fs::create_dir_all(to);
+        for e in std::fs::read_dir(from).into_iter().flatten().flatten() {
+            let Ok(ft) = e.file_type() else { continue };
+            let dest = to.join(e.file_name());
+            if ft.is_dir() {
+                copy_tree(&e.path(), &dest);
+            } else if ft.is_file() {
+                let _ = std::fs::copy(e.path(), dest);
+            }
         }
     }
 

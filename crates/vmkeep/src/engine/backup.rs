@@ -530,8 +530,11 @@ impl RunCtx<'_> {
                 };
                 let mut journal = RdiffWriter::create(&journal_path, rh)?;
                 // The header (with the old size) must be durable before the image changes
-                // at all, growth included: recovery reads the size to restore from it.
+                // at all, growth included: recovery reads the size to restore from it. So
+                // must its name: without a folder fsync a power loss can lose the journal
+                // while the image writes after it reach the disk.
                 journal.sync()?;
+                fsutil::sync_dir(&prev.dir)?;
                 let digests = DigestWriter::create_from(&digest_path, dh, &o.digest)?;
                 let alloc_before = fsutil::allocated_bytes(&o.image_path);
                 if size > o.size {
@@ -658,6 +661,9 @@ impl RunCtx<'_> {
             }
         }
         w.finish()?;
+        // The image is removed at the commit: the reverse diff that replaces it must have
+        // a durable name first.
+        fsutil::sync_dir(&prev.dir)?;
         Ok(())
     }
 }

@@ -133,6 +133,11 @@ pub fn drop_generation(vm_dir: &std::path::Path, gens: &[Generation], m: usize) 
             merge(&a, &b, &older.dir.join(format!("{}.rdiff.merge", d.name)))?;
             merged.push(d.name.clone());
         }
+        // The commit record makes recovery rename the merged files over the old ones and
+        // delete the dropped generation: their names must be durable before it.
+        if !merged.is_empty() {
+            crate::fsutil::sync_dir(&older.dir)?;
+        }
         crate::fault::pause("prune-merged");
         crate::interrupt::check()
     })();
