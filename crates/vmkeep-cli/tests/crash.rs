@@ -271,3 +271,79 @@ fn prune_killed_at_every_durable_operation() {
         }
     }
 }
+
+/// The operation numbers of `args` that match `kind` and whose path ends in `suffix`,
+/// from a run on a copy of `base` with the operation log on.
+fn ops_matching(env: &Env, base: &Path, args: &[&str], kind: &str, suffix: &str) -> Vec<u64> {
+    let scratch = env.path("log-repo");
+    copy_repo(base, &scratch);
+    let log = env.path("oplog");
+    let _ = std::fs::remove_dir_all(&log);
+    std::fs::create_dir_all(&log).unwrap();
+    let out = vmkeep_env(
+        env,
+        &scratch,
+        args,
+        &[("VMKEEP_FAULT_LOG", log.display().to_string())],
+    );
+    assert!(out.status.success());
+    std::fs::read_to_string(log.join("log"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f[1] == kind && f[2].ends_with(suffix)).then(|| f[0].parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn prune_roll_forward_without_its_merged_reverse_diff_deletes_nothing() {
+    let env = Env::new();
+    let disk = env.disk("disk.raw", 1 << 20);
+    for i in 0..3 {
+        write_at(&disk, i * 65536, &noise(30 + i, 65536));
+        env.backup("vm", &disk, &["--block-size", "16K"]);
+    }
+    let ids = env.generations("vm");
+    env.ok(&["protect", "vm", "-g", &ids[0]]);
+    let args = ["prune", "vm", "--keep-last", "1"];
+    // Stop the prune at its commit's first rename of a merged reverse diff: the commit
+    // record is durable, the merged file is there.
+    let renames = ops_matching(&env, &env.repo(), &args, "rename", "vda.rdiff");
+    let repo = env.path("merge-repo");
+    copy_repo(&env.repo(), &repo);
+    let out = vmkeep_env(
+        &env,
+        &repo,
+        &args,
+        &[("VMKEEP_FAULT", format!("kill:{}", renames[0]))],
+    );
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(9));
+    let merge = repo.join("vm").join(&ids[0]).join("vda.rdiff.merge");
+    assert!(merge.exists(), "the merged reverse diff was written");
+    // The merged file is lost (say, its name never reached the disk).
+    std::fs::remove_file(&merge).unwrap();
+    let out = vmkeep_at(&env, &repo, &["check", "vm"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(
+        stdout.contains("merged reverse diff of disk vda is missing"),
+        "{stdout}"
+    );
+    // Nothing deleted: every generation and the record are still there.
+    assert_eq!(Env::generations_in(&repo, "vm"), ids);
+    assert!(repo.join("vm/txn.toml").exists());
+    let out = vmkeep_at(&env, &repo, &args);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.lines()
+            .filter(|l| l.starts_with("vmkeep: error"))
+            .count(),
+        1,
+        "{err}"
+    );
+    assert_eq!(Env::generations_in(&repo, "vm"), ids);
+}

@@ -403,6 +403,19 @@ impl RdiffWriter {
     }
 }
 
+/// The file hash of a finished reverse diff (its footer's BLAKE3 of everything before
+/// it), as `blake3:<hex>`; identifies the file without reading it.
+pub fn file_hash(path: &Path) -> Result<String> {
+    let file = fsutil::open_ro(path)?;
+    let len = file.metadata().at(path)?.len();
+    if len < (2 * HEADER_LEN) as u64 {
+        return Err(Error::corrupt(path, "too short for a reverse diff"));
+    }
+    let mut h = [0u8; 32];
+    fsutil::read_exact_at(&file, &mut h, len - 32, path)?;
+    Ok(format!("blake3:{}", crate::archive::digest::hex(&h)))
+}
+
 /// Random access to a finished reverse diff.
 pub struct RdiffReader {
     file: File,

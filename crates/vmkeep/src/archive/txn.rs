@@ -44,6 +44,11 @@ pub struct Txn {
     /// Disks of the new generation (backup) or the merged disks (prune).
     #[serde(default)]
     pub disks: Vec<String>,
+    /// prune: the file hash (footer) of each merged reverse diff, in the order of `disks`,
+    /// so that recovery knows the merged file whether it is still `D.rdiff.merge` or
+    /// already renamed to `D.rdiff`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged: Vec<String>,
 }
 
 impl Versioned for Txn {
@@ -64,6 +69,7 @@ impl Txn {
             new,
             older: None,
             disks,
+            merged: Vec::new(),
         }
     }
 
@@ -78,6 +84,7 @@ impl Txn {
             new: dropped,
             older: Some(older),
             disks,
+            merged: Vec::new(),
         }
     }
 
@@ -258,6 +265,21 @@ pub fn roll_forward_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
     };
     if let Some(old) = &txn.old {
         let old_dir = gen_dir(vm_dir, old);
+        // The old images are removed below: every disk of the old generation must have
+        // its reverse diff (the journal, or the file it was renamed to) first.
+        let gp: GenerationProfile = profile::load(&old_dir.join("generation.toml"))?;
+        for d in &gp.disks {
+            let journal = old_dir.join(format!("{}.rdiff.partial", d.name));
+            if !journal.exists() && !old_dir.join(format!("{}.rdiff", d.name)).exists() {
+                return Err(Error::corrupt(
+                    &journal,
+                    format!(
+                        "the reverse diff of disk {} is missing; the commit was not completed",
+                        d.name
+                    ),
+                ));
+            }
+        }
         for (disk, journal) in files_with_suffix(&old_dir, ".rdiff.partial")? {
             fsutil::rename(&journal, &old_dir.join(format!("{disk}.rdiff")))?;
         }
@@ -291,14 +313,39 @@ pub fn roll_forward_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
 }
 
 /// The commit steps of dropping a middle generation.
+///
+/// Deleting the dropped generation is safe only once every disk's merged reverse diff is
+/// in place: each is found first, as `D.rdiff.merge` or (renamed by an earlier attempt)
+/// `D.rdiff`, by the file hash the record holds. If one is missing or another file, the
+/// record is damage: nothing is renamed or deleted.
 pub fn roll_forward_prune(vm_dir: &Path, txn: &Txn) -> Result<()> {
     let older = txn
         .older
         .as_deref()
         .ok_or_else(|| Error::corrupt(vm_dir.join(TXN_FILE), "prune without older"))?;
     let older_dir = gen_dir(vm_dir, older);
-    for (disk, merged) in files_with_suffix(&older_dir, ".rdiff.merge")? {
-        fsutil::rename(&merged, &older_dir.join(format!("{disk}.rdiff")))?;
+    let mut renames = Vec::new();
+    for (j, disk) in txn.disks.iter().enumerate() {
+        let merge = older_dir.join(format!("{disk}.rdiff.merge"));
+        let done = older_dir.join(format!("{disk}.rdiff"));
+        let want = txn.merged.get(j);
+        let hash_is = |p: &Path| -> Result<bool> {
+            Ok(want.is_some_and(|w| rdiff::file_hash(p).is_ok_and(|h| &h == w)))
+        };
+        let renamed_before = !merge.exists() && hash_is(&done)?;
+        if merge.exists() && (want.is_none() || hash_is(&merge)?) {
+            renames.push((merge, done));
+        } else if !renamed_before {
+            return Err(Error::corrupt(
+                &merge,
+                format!(
+                    "the merged reverse diff of disk {disk} is missing or not the one prune wrote; nothing was deleted"
+                ),
+            ));
+        }
+    }
+    for (from, to) in renames {
+        fsutil::rename(&from, &to)?;
     }
     fsutil::sync_dir(&older_dir)?;
     delete_generation(vm_dir, &txn.new)

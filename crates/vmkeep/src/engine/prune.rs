@@ -148,7 +148,12 @@ pub fn drop_generation(vm_dir: &std::path::Path, gens: &[Generation], m: usize) 
         }
         return Err(e);
     }
-    let t = Txn::prune(older.id.clone(), gens[m].id.clone(), merged);
+    let mut t = Txn::prune(older.id.clone(), gens[m].id.clone(), merged);
+    t.merged = t
+        .disks
+        .iter()
+        .map(|d| crate::archive::rdiff::file_hash(&older.dir.join(format!("{d}.rdiff.merge"))))
+        .collect::<Result<_>>()?;
     t.store(vm_dir)?;
     txn::roll_forward_prune(vm_dir, &t)?;
     Txn::clear(vm_dir)
