@@ -301,6 +301,66 @@ fn repository_filling_up_fails_cleanly_and_loses_nothing() {
     env.ok(&["check", "vm", "--deep"]);
 }
 
+/// Fill the file system at `dir` to the last byte with a file `fill` in it.
+fn fill_up(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let p = dir.join("fill");
+    let mut f = std::fs::File::create(&p).unwrap();
+    let chunk = vec![0x55u8; 1 << 16];
+    while f.write_all(&chunk).is_ok() {}
+    while f.write_all(&chunk[..4096]).is_ok() {}
+    while f.write_all(&[0x55]).is_ok() {}
+    p
+}
+
+#[test]
+fn full_repository_rolls_back_without_free_space() {
+    // The failing run zeroes 32 MiB (its journal takes their old content, the image
+    // gives the space back) and then writes 56 MiB of new data into holes: the disk fills
+    // up with the zeroed blocks' old content only in the journal. Rolling back must not
+    // need space that is not there.
+    let env = Env::new();
+    let _fs = Tmpfs::mount(&env.repo(), 80);
+    env.ok(&["init"]);
+    let disk = env.disk("disk.raw", 96 << 20);
+    write_at(&disk, 0, &noise(11, 40 << 20));
+    env.backup("vm", &disk, &[]);
+    let old = restore(&env, "vm", "0");
+    let ids = env.generations("vm");
+    write_at(&disk, 0, &vec![0u8; 32 << 20]);
+    write_at(&disk, 40 << 20, &noise(12, 56 << 20));
+    let out = env.run(&["backup", "vm", "--disk", &format!("vda={}", disk.display())]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = one_error_line(&out.stderr);
+    assert!(err.contains("no space left"), "{err}");
+    assert!(!err.contains("could not be rolled back"), "{err}");
+    // Whatever is left, with the disk full to the last byte, check recovers and passes.
+    let fill = fill_up(&env.repo());
+    let out = env.run(&["check", "vm", "--deep"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        restore(&env, "vm", "0") == old,
+        "the old generation changed"
+    );
+    assert_eq!(env.generations("vm"), ids);
+    assert!(!env.repo().join("vm/txn.toml").exists());
+    // Space again: the next backup that fits works.
+    std::fs::remove_file(fill).unwrap();
+    write_at(&disk, 0, &noise(11, 40 << 20));
+    write_at(&disk, 40 << 20, &vec![0u8; 56 << 20]);
+    write_at(&disk, 1 << 20, &noise(13, 1 << 20));
+    env.backup("vm", &disk, &[]);
+    env.ok(&["check", "vm", "--deep"]);
+    assert!(restore(&env, "vm", "1") == old);
+    assert!(restore(&env, "vm", "0") == std::fs::read(&disk).unwrap());
+}
+
 #[test]
 fn read_only_repository_refuses_writes_and_still_restores_and_checks() {
     let env = Env::new();

@@ -161,8 +161,11 @@ fn not_found_is_corrupt(path: &Path, e: io::Error) -> Error {
 pub fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
     let f = create_truncate(&tmp)?;
-    write_at(&f, data, 0, &tmp)?;
-    sync_all(&f, &tmp)?;
+    if let Err(e) = write_at(&f, data, 0, &tmp).and_then(|()| sync_all(&f, &tmp)) {
+        // Out of space, say: a half-written draft would only hold on to what is left.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     drop(f);
     rename(&tmp, path)?;
     sync_dir(parent(path))

@@ -669,6 +669,22 @@ impl PartialScan {
         }))
     }
 
+    /// Where the next record starts.
+    pub fn offset(&self) -> u64 {
+        self.off
+    }
+
+    /// Read the record at `off` again (an offset [`PartialScan::offset`] gave before it).
+    pub fn record_at(&mut self, off: u64) -> Result<Option<Record>> {
+        let (o, l) = (self.off, self.last);
+        self.off = off;
+        self.last = None;
+        let rec = self.read_next();
+        self.off = o;
+        self.last = l;
+        rec
+    }
+
     /// The next record of the valid prefix; `None` once it has ended.
     pub fn next_record(&mut self) -> Result<Option<Record>> {
         let rec = self.read_next()?;

@@ -206,9 +206,17 @@ fn files_with_suffix(dir: &Path, suffix: &str) -> Result<Vec<(String, PathBuf)>>
 }
 
 /// Put back into `DISK.raw` of the generation folder `dir` the old blocks journaled in its
-/// `DISK.rdiff.partial`, one record at a time. The journal must describe the disk as the
-/// generation's profile does: one claiming another size or block size would resize the
-/// image or write blocks at the wrong places, so it is refused as corrupt and left alone.
+/// `DISK.rdiff.partial`. The journal must describe the disk as the generation's profile
+/// does: one claiming another size or block size would resize the image or write blocks at
+/// the wrong places, so it is refused as corrupt and left alone.
+///
+/// Undoing must not need free space the failed run did not take (a full disk is a common
+/// reason for the failure): the image gets its old size back first (a grown tail is
+/// freed), every hole is punched back next (freeing what the run wrote there), and only
+/// then are the old data blocks written back, from the journal's end towards its start,
+/// a chunk at a time: each chunk is made durable in the image, and then cut off the
+/// journal, so the journal shrinks as the image fills in again. A crash at any point
+/// leaves a shorter journal whose records still hold every block not yet made durable.
 pub fn apply_undo(dir: &Path, disk: &str) -> Result<usize> {
     let image = dir.join(format!("{disk}.raw"));
     let journal = dir.join(format!("{disk}.rdiff.partial"));
@@ -228,21 +236,46 @@ pub fn apply_undo(dir: &Path, disk: &str) -> Result<usize> {
     }
     let file = fsutil::open_rw(&image)?;
     fsutil::set_len(&file, h.disk_size, &image)?;
+    // First pass: the holes, and where each data record starts (16 bytes a record).
+    let mut data: Vec<(u64, u64)> = Vec::new();
     let mut applied = 0;
-    while let Some(rec) = scan.next_record()? {
-        let off = rec.block * h.block_size as u64;
+    loop {
+        let off = scan.offset();
+        let Some(rec) = scan.next_record()? else {
+            break;
+        };
         if rec.is_zero() {
-            fsutil::punch_hole(&file, off, rec.raw_len as u64, &image)?;
+            let at = rec.block * h.block_size as u64;
+            fsutil::punch_hole(&file, at, rec.raw_len as u64, &image)?;
         } else {
-            fsutil::write_at(&file, &rec.data(&journal)?, off, &image)?;
+            data.push((off, rec.block));
         }
         applied += 1;
     }
     fsutil::sync_all(&file, &image)?;
+    // Second pass: the data, last records first, the journal cut after each chunk.
+    const CHUNK: usize = 64;
+    let jf = fsutil::open_rw(&journal)?;
+    while !data.is_empty() {
+        let from = data.len().saturating_sub(CHUNK);
+        for &(off, block) in &data[from..] {
+            let rec = scan.record_at(off)?.ok_or_else(|| {
+                Error::corrupt(&journal, format!("record of block {block} changed"))
+            })?;
+            let at = rec.block * h.block_size as u64;
+            fsutil::write_at(&file, &rec.data(&journal)?, at, &image)?;
+        }
+        fsutil::sync_all(&file, &image)?;
+        fsutil::set_len(&jf, data[from].0, &journal)?;
+        fsutil::sync_all(&jf, &journal)?;
+        data.truncate(from);
+    }
     Ok(applied)
 }
 
 fn rollback_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
+    // The new generation's files first: they hold space the journal may need back.
+    fsutil::remove_dir_all(&partial_dir(vm_dir, &txn.new))?;
     if let Some(old) = &txn.old {
         let old_dir = gen_dir(vm_dir, old);
         for (disk, journal) in files_with_suffix(&old_dir, ".rdiff.partial")? {
@@ -251,7 +284,6 @@ fn rollback_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
         }
         fsutil::sync_dir(&old_dir)?;
     }
-    fsutil::remove_dir_all(&partial_dir(vm_dir, &txn.new))?;
     fsutil::sync_dir(vm_dir)
 }
 

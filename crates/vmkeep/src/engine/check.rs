@@ -140,6 +140,7 @@ pub fn check(
             detail.into(),
         );
     }
+    let mut pending = false;
     let recovered = if lock.is_none() {
         Vec::new()
     } else {
@@ -150,6 +151,15 @@ pub fn check(
                 // until someone looks at it.
                 c.problem(None, None, Some(&path), None, detail);
                 return Ok(c.report(deep, 0, 0, Vec::new()));
+            }
+            Err(e @ Error::Io { .. }) => {
+                // Still no space, say: what recovery left is as safe as before it, and the
+                // old generations read through the undo journal, so they are checked.
+                progress.warn(&format!(
+                    "VM {vm}: an interrupted command awaits recovery, which cannot run yet ({e}); checking the archive as it was before it"
+                ));
+                pending = true;
+                Vec::new()
             }
             Err(e) => return Err(e),
         }
@@ -217,7 +227,7 @@ pub fn check(
         ok: report.ok(),
         problems: report.problems.len() as u64,
     });
-    if lock.is_none() {
+    if lock.is_none() || pending {
         return Ok(report);
     }
     if let Err(e) = a.save_profile() {
