@@ -347,3 +347,176 @@ fn prune_roll_forward_without_its_merged_reverse_diff_deletes_nothing() {
     );
     assert_eq!(Env::generations_in(&repo, "vm"), ids);
 }
+
+/// Every generation of `vm` with the bytes of each disk (the disks a generation folder
+/// names, as `.raw` or `.rdiff`).
+fn archive_of(env: &Env, repo: &Path) -> Archive {
+    Env::generations_in(repo, "vm")
+        .into_iter()
+        .map(|id| {
+            let mut disks: Vec<String> = std::fs::read_dir(repo.join("vm").join(&id))
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter_map(|n| {
+                    n.strip_suffix(".raw")
+                        .or_else(|| n.strip_suffix(".rdiff"))
+                        .map(str::to_string)
+                })
+                .collect();
+            disks.sort();
+            disks.dedup();
+            let bytes = disks
+                .into_iter()
+                .map(|d| {
+                    let out = env.path("arch.raw");
+                    let _ = std::fs::remove_file(&out);
+                    let o = vmkeep_at(
+                        env,
+                        repo,
+                        &["restore", "vm", "-g", &id, "--disk", &d, "--to"]
+                            .into_iter()
+                            .chain([out.to_str().unwrap()])
+                            .collect::<Vec<_>>(),
+                    );
+                    assert!(
+                        o.status.success(),
+                        "restore {id} {d}: {}",
+                        String::from_utf8_lossy(&o.stderr)
+                    );
+                    (d, std::fs::read(&out).unwrap())
+                })
+                .collect();
+            (id, bytes)
+        })
+        .collect()
+}
+
+type Archive = Vec<(String, Vec<(String, Vec<u8>)>)>;
+
+/// `now` is `want`, generation by generation and disk by disk; generations of `old`
+/// keep their ids (a new generation's id differs from run to run).
+fn same_archive(now: &Archive, want: &Archive, old: &Archive) -> bool {
+    now.len() == want.len()
+        && now.iter().zip(want).all(|((ni, nd), (wi, wd))| {
+            nd == wd && (ni == wi || !old.iter().any(|(oi, _)| oi == wi || oi == ni))
+        })
+}
+
+/// Kill `args` at every durable operation on a copy of `base`; after each, a deep check
+/// passes and the archive is exactly the one before or the one after the command.
+fn killed_everywhere(env: &Env, base: &Path, args: &[&str], name: &str) {
+    let old = archive_of(env, base);
+    let done = env.path(&format!("{name}-done"));
+    copy_repo(base, &done);
+    let out = vmkeep_at(env, &done, args);
+    assert!(out.status.success());
+    let new = archive_of(env, &done);
+    let n = count_points(env, base, args);
+    let repo = env.path(&format!("{name}-crash"));
+    for k in 1..=n {
+        copy_repo(base, &repo);
+        let out = vmkeep_env(env, &repo, args, &[("VMKEEP_FAULT", format!("kill:{k}"))]);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(9), "{name}: point {k}/{n}");
+        let out = vmkeep_at(env, &repo, &["check", "vm", "--deep"]);
+        assert!(
+            out.status.success(),
+            "{name}: kill at {k}/{n}: check --deep failed:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let now = archive_of(env, &repo);
+        assert!(
+            same_archive(&now, &old, &old) || same_archive(&now, &new, &old),
+            "{name}: kill at {k}/{n}: neither the old nor the new archive"
+        );
+    }
+}
+
+fn small(env: &Env, name: &str, size: u64, seed: u64) -> std::path::PathBuf {
+    let d = env.disk(name, size);
+    write_at(&d, 0, &noise(seed, (size / 2) as usize));
+    d
+}
+
+fn spec(name: &str, p: &Path) -> String {
+    format!("{name}={}", p.display())
+}
+
+#[test]
+fn backup_killed_everywhere_shrinking_adding_and_removing_disks() {
+    let env = Env::new();
+    let a = small(&env, "a.raw", 256 << 10, 41);
+    let b = small(&env, "b.raw", 128 << 10, 42);
+    let (sa, sb) = (spec("vda", &a), spec("vdb", &b));
+    env.ok(&["backup", "vm", "--disk", &sa, "--block-size", "16K"]);
+    write_at(&a, 16 << 10, &noise(43, 32 << 10));
+    env.ok(&["backup", "vm", "--disk", &sa]);
+    // A disk added (and the first one shrunk and changed).
+    let f = std::fs::OpenOptions::new().write(true).open(&a).unwrap();
+    f.set_len(160 << 10).unwrap();
+    write_at(&a, 0, &noise(44, 16 << 10));
+    let added = ["backup", "vm", "--disk", &sa, "--disk", &sb];
+    killed_everywhere(&env, &env.repo(), &added, "shrink+added");
+    env.ok(&added);
+    // Two disks changed at once.
+    write_at(&a, 32 << 10, &noise(45, 16 << 10));
+    write_at(&b, 64 << 10, &noise(46, 32 << 10));
+    killed_everywhere(&env, &env.repo(), &added, "two-disks");
+    env.ok(&added);
+    // A disk removed.
+    let removed = ["backup", "vm", "--disk", &sb];
+    killed_everywhere(&env, &env.repo(), &removed, "removed");
+}
+
+/// The repository of `base` after `args` was killed at the first operation of `kind` on
+/// a path ending in `suffix`.
+fn killed_at(env: &Env, base: &Path, args: &[&str], kind: &str, suffix: &str, to: &Path) {
+    let k = ops_matching(env, base, args, kind, suffix)[0];
+    copy_repo(base, to);
+    let out = vmkeep_env(env, to, args, &[("VMKEEP_FAULT", format!("kill:{k}"))]);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(9));
+}
+
+#[test]
+fn recovery_killed_at_every_durable_operation_still_recovers() {
+    let (env, disk, _) = setup();
+    let old = archive_of(&env, &env.repo());
+    let spec = format!("vda={}", disk.display());
+    let args = ["backup", "vm", "--disk", spec.as_str()];
+    let done = env.path("rec-done");
+    copy_repo(&env.repo(), &done);
+    assert!(vmkeep_at(&env, &done, &args).status.success());
+    let new = archive_of(&env, &done);
+    // A backup stopped mid-way (its image rewritten, not yet fsynced nor committed) is rolled
+    // back; one stopped right after its commit record is rolled forward.
+    for (kind, suffix, want) in [("fsync", "vda.raw", &old), ("rename", "vda.rdiff", &new)] {
+        let stopped = env.path("rec-stopped");
+        killed_at(&env, &env.repo(), &args, kind, suffix, &stopped);
+        let check = ["check", "vm"];
+        let n = count_points(&env, &stopped, &check);
+        assert!(n > 3, "{kind}: recovery has only {n} operations");
+        let repo = env.path("rec-crash");
+        for k in 1..=n {
+            copy_repo(&stopped, &repo);
+            let out = vmkeep_env(
+                &env,
+                &repo,
+                &check,
+                &[("VMKEEP_FAULT", format!("kill:{k}"))],
+            );
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(out.status.signal(), Some(9), "recovery point {k}/{n}");
+            let out = vmkeep_at(&env, &repo, &["check", "vm", "--deep"]);
+            assert!(
+                out.status.success(),
+                "{kind}: recovery killed at {k}/{n}: check --deep failed:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            assert!(
+                same_archive(&archive_of(&env, &repo), want, &old),
+                "{kind}: recovery killed at {k}/{n}: not the archive recovery makes"
+            );
+        }
+    }
+}
