@@ -1,7 +1,8 @@
 //! Crash and ENOSPC injection for the durability tests.
 //!
 //! Built only with the `fault-injection` feature. `VMKEEP_FAULT=kill:N` sends SIGKILL to the
-//! process at the N-th durable operation (write, truncate, rename, fsync, removal) that goes
+//! process at the N-th durable operation (create, mkdir, write, truncate, rename, link,
+//! symlink, fsync, removal; see [`Op`]) that goes
 //! through [`crate::fsutil`]; `VMKEEP_FAULT=enospc:N` makes that operation and every later
 //! one fail with ENOSPC, as a file system that has just filled up does.
 //! `VMKEEP_FAULT_COUNT=FILE` writes the number of operations at exit, so a test knows
