@@ -271,3 +271,252 @@ fn prune_killed_at_every_durable_operation() {
         }
     }
 }
+
+/// The operation numbers of `args` that match `kind` and whose path ends in `suffix`,
+/// from a run on a copy of `base` with the operation log on.
+fn ops_matching(env: &Env, base: &Path, args: &[&str], kind: &str, suffix: &str) -> Vec<u64> {
+    let scratch = env.path("log-repo");
+    copy_repo(base, &scratch);
+    let log = env.path("oplog");
+    let _ = std::fs::remove_dir_all(&log);
+    std::fs::create_dir_all(&log).unwrap();
+    let out = vmkeep_env(
+        env,
+        &scratch,
+        args,
+        &[("VMKEEP_FAULT_LOG", log.display().to_string())],
+    );
+    assert!(out.status.success());
+    std::fs::read_to_string(log.join("log"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f[1] == kind && f[2].ends_with(suffix)).then(|| f[0].parse().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn prune_roll_forward_without_its_merged_reverse_diff_deletes_nothing() {
+    let env = Env::new();
+    let disk = env.disk("disk.raw", 1 << 20);
+    for i in 0..3 {
+        write_at(&disk, i * 65536, &noise(30 + i, 65536));
+        env.backup("vm", &disk, &["--block-size", "16K"]);
+    }
+    let ids = env.generations("vm");
+    env.ok(&["protect", "vm", "-g", &ids[0]]);
+    let args = ["prune", "vm", "--keep-last", "1"];
+    // Stop the prune at its commit's first rename of a merged reverse diff: the commit
+    // record is durable, the merged file is there.
+    let renames = ops_matching(&env, &env.repo(), &args, "rename", "vda.rdiff");
+    let repo = env.path("merge-repo");
+    copy_repo(&env.repo(), &repo);
+    let out = vmkeep_env(
+        &env,
+        &repo,
+        &args,
+        &[("VMKEEP_FAULT", format!("kill:{}", renames[0]))],
+    );
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(9));
+    let merge = repo.join("vm").join(&ids[0]).join("vda.rdiff.merge");
+    assert!(merge.exists(), "the merged reverse diff was written");
+    // The merged file is lost (say, its name never reached the disk).
+    std::fs::remove_file(&merge).unwrap();
+    let out = vmkeep_at(&env, &repo, &["check", "vm"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{stdout}");
+    assert!(
+        stdout.contains("merged reverse diff of disk vda is missing"),
+        "{stdout}"
+    );
+    // Nothing deleted: every generation and the record are still there.
+    assert_eq!(Env::generations_in(&repo, "vm"), ids);
+    assert!(repo.join("vm/txn.toml").exists());
+    let out = vmkeep_at(&env, &repo, &args);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.lines()
+            .filter(|l| l.starts_with("vmkeep: error"))
+            .count(),
+        1,
+        "{err}"
+    );
+    assert_eq!(Env::generations_in(&repo, "vm"), ids);
+}
+
+/// Every generation of `vm` with the bytes of each disk (the disks a generation folder
+/// names, as `.raw` or `.rdiff`).
+fn archive_of(env: &Env, repo: &Path) -> Archive {
+    Env::generations_in(repo, "vm")
+        .into_iter()
+        .map(|id| {
+            let mut disks: Vec<String> = std::fs::read_dir(repo.join("vm").join(&id))
+                .unwrap()
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter_map(|n| {
+                    n.strip_suffix(".raw")
+                        .or_else(|| n.strip_suffix(".rdiff"))
+                        .map(str::to_string)
+                })
+                .collect();
+            disks.sort();
+            disks.dedup();
+            let bytes = disks
+                .into_iter()
+                .map(|d| {
+                    let out = env.path("arch.raw");
+                    let _ = std::fs::remove_file(&out);
+                    let o = vmkeep_at(
+                        env,
+                        repo,
+                        &["restore", "vm", "-g", &id, "--disk", &d, "--to"]
+                            .into_iter()
+                            .chain([out.to_str().unwrap()])
+                            .collect::<Vec<_>>(),
+                    );
+                    assert!(
+                        o.status.success(),
+                        "restore {id} {d}: {}",
+                        String::from_utf8_lossy(&o.stderr)
+                    );
+                    (d, std::fs::read(&out).unwrap())
+                })
+                .collect();
+            (id, bytes)
+        })
+        .collect()
+}
+
+type Archive = Vec<(String, Vec<(String, Vec<u8>)>)>;
+
+/// `now` is `want`, generation by generation and disk by disk; generations of `old`
+/// keep their ids (a new generation's id differs from run to run).
+fn same_archive(now: &Archive, want: &Archive, old: &Archive) -> bool {
+    now.len() == want.len()
+        && now.iter().zip(want).all(|((ni, nd), (wi, wd))| {
+            nd == wd && (ni == wi || !old.iter().any(|(oi, _)| oi == wi || oi == ni))
+        })
+}
+
+/// Kill `args` at every durable operation on a copy of `base`; after each, a deep check
+/// passes and the archive is exactly the one before or the one after the command.
+fn killed_everywhere(env: &Env, base: &Path, args: &[&str], name: &str) {
+    let old = archive_of(env, base);
+    let done = env.path(&format!("{name}-done"));
+    copy_repo(base, &done);
+    let out = vmkeep_at(env, &done, args);
+    assert!(out.status.success());
+    let new = archive_of(env, &done);
+    let n = count_points(env, base, args);
+    let repo = env.path(&format!("{name}-crash"));
+    for k in 1..=n {
+        copy_repo(base, &repo);
+        let out = vmkeep_env(env, &repo, args, &[("VMKEEP_FAULT", format!("kill:{k}"))]);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(9), "{name}: point {k}/{n}");
+        let out = vmkeep_at(env, &repo, &["check", "vm", "--deep"]);
+        assert!(
+            out.status.success(),
+            "{name}: kill at {k}/{n}: check --deep failed:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let now = archive_of(env, &repo);
+        assert!(
+            same_archive(&now, &old, &old) || same_archive(&now, &new, &old),
+            "{name}: kill at {k}/{n}: neither the old nor the new archive"
+        );
+    }
+}
+
+fn small(env: &Env, name: &str, size: u64, seed: u64) -> std::path::PathBuf {
+    let d = env.disk(name, size);
+    write_at(&d, 0, &noise(seed, (size / 2) as usize));
+    d
+}
+
+fn spec(name: &str, p: &Path) -> String {
+    format!("{name}={}", p.display())
+}
+
+#[test]
+fn backup_killed_everywhere_shrinking_adding_and_removing_disks() {
+    let env = Env::new();
+    let a = small(&env, "a.raw", 256 << 10, 41);
+    let b = small(&env, "b.raw", 128 << 10, 42);
+    let (sa, sb) = (spec("vda", &a), spec("vdb", &b));
+    env.ok(&["backup", "vm", "--disk", &sa, "--block-size", "16K"]);
+    write_at(&a, 16 << 10, &noise(43, 32 << 10));
+    env.ok(&["backup", "vm", "--disk", &sa]);
+    // A disk added (and the first one shrunk and changed).
+    let f = std::fs::OpenOptions::new().write(true).open(&a).unwrap();
+    f.set_len(160 << 10).unwrap();
+    write_at(&a, 0, &noise(44, 16 << 10));
+    let added = ["backup", "vm", "--disk", &sa, "--disk", &sb];
+    killed_everywhere(&env, &env.repo(), &added, "shrink+added");
+    env.ok(&added);
+    // Two disks changed at once.
+    write_at(&a, 32 << 10, &noise(45, 16 << 10));
+    write_at(&b, 64 << 10, &noise(46, 32 << 10));
+    killed_everywhere(&env, &env.repo(), &added, "two-disks");
+    env.ok(&added);
+    // A disk removed.
+    let removed = ["backup", "vm", "--disk", &sb];
+    killed_everywhere(&env, &env.repo(), &removed, "removed");
+}
+
+/// The repository of `base` after `args` was killed at the first operation of `kind` on
+/// a path ending in `suffix`.
+fn killed_at(env: &Env, base: &Path, args: &[&str], kind: &str, suffix: &str, to: &Path) {
+    let k = ops_matching(env, base, args, kind, suffix)[0];
+    copy_repo(base, to);
+    let out = vmkeep_env(env, to, args, &[("VMKEEP_FAULT", format!("kill:{k}"))]);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(9));
+}
+
+#[test]
+fn recovery_killed_at_every_durable_operation_still_recovers() {
+    let (env, disk, _) = setup();
+    let old = archive_of(&env, &env.repo());
+    let spec = format!("vda={}", disk.display());
+    let args = ["backup", "vm", "--disk", spec.as_str()];
+    let done = env.path("rec-done");
+    copy_repo(&env.repo(), &done);
+    assert!(vmkeep_at(&env, &done, &args).status.success());
+    let new = archive_of(&env, &done);
+    // A backup stopped mid-way (its image rewritten, not yet fsynced nor committed) is rolled
+    // back; one stopped right after its commit record is rolled forward.
+    for (kind, suffix, want) in [("fsync", "vda.raw", &old), ("rename", "vda.rdiff", &new)] {
+        let stopped = env.path("rec-stopped");
+        killed_at(&env, &env.repo(), &args, kind, suffix, &stopped);
+        let check = ["check", "vm"];
+        let n = count_points(&env, &stopped, &check);
+        assert!(n > 3, "{kind}: recovery has only {n} operations");
+        let repo = env.path("rec-crash");
+        for k in 1..=n {
+            copy_repo(&stopped, &repo);
+            let out = vmkeep_env(
+                &env,
+                &repo,
+                &check,
+                &[("VMKEEP_FAULT", format!("kill:{k}"))],
+            );
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(out.status.signal(), Some(9), "recovery point {k}/{n}");
+            let out = vmkeep_at(&env, &repo, &["check", "vm", "--deep"]);
+            assert!(
+                out.status.success(),
+                "{kind}: recovery killed at {k}/{n}: check --deep failed:\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            assert!(
+                same_archive(&archive_of(&env, &repo), want, &old),
+                "{kind}: recovery killed at {k}/{n}: not the archive recovery makes"
+            );
+        }
+    }
+}

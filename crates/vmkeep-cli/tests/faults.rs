@@ -301,6 +301,145 @@ fn repository_filling_up_fails_cleanly_and_loses_nothing() {
     env.ok(&["check", "vm", "--deep"]);
 }
 
+/// Fill the file system at `dir` to the last byte with a file `fill` in it.
+fn fill_up(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let p = dir.join("fill");
+    let mut f = std::fs::File::create(&p).unwrap();
+    let chunk = vec![0x55u8; 1 << 16];
+    while f.write_all(&chunk).is_ok() {}
+    while f.write_all(&chunk[..4096]).is_ok() {}
+    while f.write_all(&[0x55]).is_ok() {}
+    p
+}
+
+#[test]
+fn full_repository_rolls_back_without_free_space() {
+    // The failing run zeroes 32 MiB (its journal takes their old content, the image
+    // gives the space back) and then writes 56 MiB of new data into holes: the disk fills
+    // up with the zeroed blocks' old content only in the journal. Rolling back must not
+    // need space that is not there.
+    let env = Env::new();
+    let _fs = Tmpfs::mount(&env.repo(), 80);
+    env.ok(&["init"]);
+    let disk = env.disk("disk.raw", 96 << 20);
+    write_at(&disk, 0, &noise(11, 40 << 20));
+    env.backup("vm", &disk, &[]);
+    let old = restore(&env, "vm", "0");
+    let ids = env.generations("vm");
+    write_at(&disk, 0, &vec![0u8; 32 << 20]);
+    write_at(&disk, 40 << 20, &noise(12, 56 << 20));
+    let out = env.run(&["backup", "vm", "--disk", &format!("vda={}", disk.display())]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = one_error_line(&out.stderr);
+    assert!(err.contains("no space left"), "{err}");
+    assert!(!err.contains("could not be rolled back"), "{err}");
+    // Whatever is left, with the disk full to the last byte, check recovers and passes.
+    let fill = fill_up(&env.repo());
+    let out = env.run(&["check", "vm", "--deep"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        restore(&env, "vm", "0") == old,
+        "the old generation changed"
+    );
+    assert_eq!(env.generations("vm"), ids);
+    assert!(!env.repo().join("vm/txn.toml").exists());
+    // Space again: the next backup that fits works.
+    std::fs::remove_file(fill).unwrap();
+    write_at(&disk, 0, &noise(11, 40 << 20));
+    write_at(&disk, 40 << 20, &vec![0u8; 56 << 20]);
+    write_at(&disk, 1 << 20, &noise(13, 1 << 20));
+    env.backup("vm", &disk, &[]);
+    env.ok(&["check", "vm", "--deep"]);
+    assert!(restore(&env, "vm", "1") == old);
+    assert!(restore(&env, "vm", "0") == std::fs::read(&disk).unwrap());
+}
+
+/// A backup killed after it punched 32 MiB of old data out of the image, on a disk then
+/// filled to the last byte: its rollback cannot run yet. `check` says so in one line and
+/// still proves the old generation (through the journal), a restore returns it, and once
+/// there is space again the next command rolls back.
+#[cfg(feature = "fault-injection")]
+#[test]
+fn check_and_restore_while_the_rollback_waits_for_space() {
+    let env = Env::new();
+    let _fs = Tmpfs::mount(&env.repo(), 80);
+    env.ok(&["init"]);
+    let disk = env.disk("disk.raw", 64 << 20);
+    write_at(&disk, 0, &noise(14, 40 << 20));
+    env.backup("vm", &disk, &[]);
+    let old = restore(&env, "vm", "0");
+    write_at(&disk, 0, &vec![0u8; 32 << 20]);
+    let spec = format!("vda={}", disk.display());
+    // Where the image is fsynced (every block rewritten), from a logged run on a copy.
+    let copy = env.path("logged");
+    let st = Command::new("cp")
+        .args(["-a", "--sparse=always"])
+        .arg(env.repo())
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let log = env.path("oplog");
+    std::fs::create_dir_all(&log).unwrap();
+    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("vmkeep"))
+        .env("VMKEEP_CONFIG", env.path("no-config.toml"))
+        .env("VMKEEP_FAULT_LOG", &log)
+        .arg("--repo")
+        .arg(&copy)
+        .args(["backup", "vm", "--disk", &spec])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let k: u64 = std::fs::read_to_string(log.join("log"))
+        .unwrap()
+        .lines()
+        .map(|l| l.split('\t').collect::<Vec<_>>())
+        .find(|f| f[1] == "fsync" && f[2].ends_with("vda.raw"))
+        .map(|f| f[0].parse().unwrap())
+        .unwrap();
+    let out = env
+        .std_cmd(&["backup", "vm", "--disk", &spec])
+        .env("VMKEEP_FAULT", format!("kill:{k}"))
+        .output()
+        .unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(out.status.signal(), Some(9));
+    let fill = fill_up(&env.repo());
+    let out = env.run(&["check", "vm", "--deep"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{err}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        err.lines()
+            .filter(|l| l.contains("awaits recovery"))
+            .count(),
+        1,
+        "{err}"
+    );
+    assert!(
+        restore(&env, "vm", "0") == old,
+        "the old generation reads back"
+    );
+    std::fs::remove_file(fill).unwrap();
+    let out = env.ok(&["check", "vm", "--deep"]);
+    assert!(out.contains("rolled back"), "{out}");
+    assert!(!env.repo().join("vm/txn.toml").exists());
+    assert!(restore(&env, "vm", "0") == old);
+    assert!(std::fs::read(env.repo().join("vm/latest/vda.raw")).unwrap() == old);
+    env.backup("vm", &disk, &[]);
+}
+
 #[test]
 fn read_only_repository_refuses_writes_and_still_restores_and_checks() {
     let env = Env::new();

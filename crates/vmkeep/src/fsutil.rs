@@ -11,7 +11,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 use crate::error::{Error, IoContext, Result};
-use crate::fault;
+use crate::fault::{self, Op};
 
 /// Mode of every file vmkeep creates: backups hold whole disks, so only the owner reads them.
 pub const FILE_MODE: u32 = 0o600;
@@ -20,13 +20,13 @@ pub const DIR_MODE: u32 = 0o700;
 
 /// Write all of `buf` at `off`.
 pub fn write_at(file: &File, buf: &[u8], off: u64, path: &Path) -> Result<()> {
-    fault::point(path)?;
+    fault::point(Op::Write, path, None)?;
     file.write_all_at(buf, off).at(path)
 }
 
 /// Append to a buffered writer (counted as one write for the crash tests).
 pub fn append(w: &mut impl Write, buf: &[u8], path: &Path) -> Result<()> {
-    fault::point(path)?;
+    fault::point(Op::Write, path, None)?;
     w.write_all(buf).at(path)
 }
 
@@ -44,38 +44,38 @@ pub fn read_exact_at(file: &File, buf: &mut [u8], off: u64, path: &Path) -> Resu
 
 /// Make a file's data durable.
 pub fn sync_data(file: &File, path: &Path) -> Result<()> {
-    fault::point(path)?;
+    fault::point(Op::DataSync, path, None)?;
     file.sync_data().at(path)
 }
 
 /// Make a file's data and metadata (its size) durable.
 pub fn sync_all(file: &File, path: &Path) -> Result<()> {
-    fault::point(path)?;
+    fault::point(Op::Sync, path, None)?;
     file.sync_all().at(path)
 }
 
 /// Make a folder's entries (creations, renames, removals) durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    fault::point(dir)?;
+    fault::point(Op::SyncDir, dir, None)?;
     File::open(dir).and_then(|d| d.sync_all()).at(dir)
 }
 
 /// Change a file's length.
 pub fn set_len(file: &File, len: u64, path: &Path) -> Result<()> {
-    fault::point(path)?;
+    fault::point(Op::Truncate, path, None)?;
     file.set_len(len).at(path)
 }
 
 /// Rename `from` to `to` (atomic within one file system).
 pub fn rename(from: &Path, to: &Path) -> Result<()> {
-    fault::point(to)?;
+    fault::point(Op::Rename, to, Some(from))?;
     fs::rename(from, to)
         .map_err(|e| Error::io_ctx(format!("rename {} -> {}", from.display(), to.display()), e))
 }
 
 /// Remove a file if it exists.
 pub fn remove_file(path: &Path) -> Result<()> {
-    fault::point(path)?;
+    fault::point(Op::Unlink, path, None)?;
     match fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -85,7 +85,7 @@ pub fn remove_file(path: &Path) -> Result<()> {
 
 /// Remove a folder and everything in it if it exists.
 pub fn remove_dir_all(path: &Path) -> Result<()> {
-    fault::point(path)?;
+    fault::point(Op::RemoveTree, path, None)?;
     match fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -96,6 +96,9 @@ pub fn remove_dir_all(path: &Path) -> Result<()> {
 /// Create a folder (mode 0700); an existing one is fine.
 pub fn create_dir(path: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
+    if !path.is_dir() {
+        fault::point(Op::Mkdir, path, None)?;
+    }
     match fs::DirBuilder::new().mode(DIR_MODE).create(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
@@ -105,6 +108,7 @@ pub fn create_dir(path: &Path) -> Result<()> {
 
 /// Create a new file for writing (mode 0600); it must not exist yet.
 pub fn create_new(path: &Path) -> Result<File> {
+    fault::point(Op::Create, path, None)?;
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -116,6 +120,11 @@ pub fn create_new(path: &Path) -> Result<File> {
 
 /// Create or truncate a file for writing (mode 0600).
 pub fn create_truncate(path: &Path) -> Result<File> {
+    if path.exists() {
+        fault::point(Op::Truncate, path, None)?;
+    } else {
+        fault::point(Op::Create, path, None)?;
+    }
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -152,8 +161,11 @@ fn not_found_is_corrupt(path: &Path, e: io::Error) -> Error {
 pub fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
     let f = create_truncate(&tmp)?;
-    write_at(&f, data, 0, &tmp)?;
-    sync_all(&f, &tmp)?;
+    if let Err(e) = write_at(&f, data, 0, &tmp).and_then(|()| sync_all(&f, &tmp)) {
+        // Out of space, say: a half-written draft would only hold on to what is left.
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
     drop(f);
     rename(&tmp, path)?;
     sync_dir(parent(path))
@@ -162,8 +174,10 @@ pub fn atomic_write(path: &Path, data: &[u8]) -> Result<()> {
 /// Point the symlink `link` at `target` atomically.
 pub fn atomic_symlink(target: &Path, link: &Path) -> Result<()> {
     let tmp = tmp_path(link);
-    let _ = fs::remove_file(&tmp);
-    fault::point(&tmp)?;
+    if fs::symlink_metadata(&tmp).is_ok() {
+        remove_file(&tmp)?;
+    }
+    fault::point(Op::Symlink, &tmp, Some(target))?;
     std::os::unix::fs::symlink(target, &tmp).at(&tmp)?;
     rename(&tmp, link)?;
     sync_dir(parent(link))
@@ -188,7 +202,7 @@ pub fn punch_hole(file: &File, off: u64, len: u64, path: &Path) -> Result<()> {
     if len == 0 {
         return Ok(());
     }
-    fault::point(path)?;
+    fault::point(Op::Write, path, None)?;
     // SAFETY: fallocate on a valid open descriptor; it takes no pointers.
     let rc = unsafe {
         libc::fallocate(
@@ -378,7 +392,7 @@ pub fn allocated_bytes(path: &Path) -> u64 {
 
 /// Make `to` a second name of the file `from` (same file system).
 pub fn hard_link(from: &Path, to: &Path) -> Result<()> {
-    fault::point(to)?;
+    fault::point(Op::Link, to, Some(from))?;
     fs::hard_link(from, to)
         .map_err(|e| Error::io_ctx(format!("link {} -> {}", from.display(), to.display()), e))
 }

@@ -56,7 +56,11 @@ impl VmLock {
         }
         file.set_len(0).at(&path)?;
         file.rewind().at(&path)?;
-        write!(file, "pid {} ({what})", std::process::id()).at(&path)?;
+        // The holder line only informs a second writer; the flock is the lock. A full
+        // disk must not keep recovery (which frees space) from taking the lock.
+        if let Err(e) = write!(file, "pid {} ({what})", std::process::id()) {
+            tracing::debug!("{}: holder line not written: {e}", path.display());
+        }
         Ok(VmLock { file, path })
     }
 

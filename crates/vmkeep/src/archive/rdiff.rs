@@ -403,6 +403,19 @@ impl RdiffWriter {
     }
 }
 
+/// The file hash of a finished reverse diff (its footer's BLAKE3 of everything before
+/// it), as `blake3:<hex>`; identifies the file without reading it.
+pub fn file_hash(path: &Path) -> Result<String> {
+    let file = fsutil::open_ro(path)?;
+    let len = file.metadata().at(path)?.len();
+    if len < (2 * HEADER_LEN) as u64 {
+        return Err(Error::corrupt(path, "too short for a reverse diff"));
+    }
+    let mut h = [0u8; 32];
+    fsutil::read_exact_at(&file, &mut h, len - 32, path)?;
+    Ok(format!("blake3:{}", crate::archive::digest::hex(&h)))
+}
+
 /// Random access to a finished reverse diff.
 pub struct RdiffReader {
     file: File,
@@ -654,6 +667,22 @@ impl PartialScan {
             last: None,
             header,
         }))
+    }
+
+    /// Where the next record starts.
+    pub fn offset(&self) -> u64 {
+        self.off
+    }
+
+    /// Read the record at `off` again (an offset [`PartialScan::offset`] gave before it).
+    pub fn record_at(&mut self, off: u64) -> Result<Option<Record>> {
+        let (o, l) = (self.off, self.last);
+        self.off = off;
+        self.last = None;
+        let rec = self.read_next();
+        self.off = o;
+        self.last = l;
+        rec
     }
 
     /// The next record of the valid prefix; `None` once it has ended.

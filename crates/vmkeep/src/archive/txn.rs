@@ -44,6 +44,11 @@ pub struct Txn {
     /// Disks of the new generation (backup) or the merged disks (prune).
     #[serde(default)]
     pub disks: Vec<String>,
+    /// prune: the file hash (footer) of each merged reverse diff, in the order of `disks`,
+    /// so that recovery knows the merged file whether it is still `D.rdiff.merge` or
+    /// already renamed to `D.rdiff`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged: Vec<String>,
 }
 
 impl Versioned for Txn {
@@ -64,6 +69,7 @@ impl Txn {
             new,
             older: None,
             disks,
+            merged: Vec::new(),
         }
     }
 
@@ -78,6 +84,7 @@ impl Txn {
             new: dropped,
             older: Some(older),
             disks,
+            merged: Vec::new(),
         }
     }
 
@@ -199,9 +206,17 @@ fn files_with_suffix(dir: &Path, suffix: &str) -> Result<Vec<(String, PathBuf)>>
 }
 
 /// Put back into `DISK.raw` of the generation folder `dir` the old blocks journaled in its
-/// `DISK.rdiff.partial`, one record at a time. The journal must describe the disk as the
-/// generation's profile does: one claiming another size or block size would resize the
-/// image or write blocks at the wrong places, so it is refused as corrupt and left alone.
+/// `DISK.rdiff.partial`. The journal must describe the disk as the generation's profile
+/// does: one claiming another size or block size would resize the image or write blocks at
+/// the wrong places, so it is refused as corrupt and left alone.
+///
+/// Undoing must not need free space the failed run did not take (a full disk is a common
+/// reason for the failure): the image gets its old size back first (a grown tail is
+/// freed), every hole is punched back next (freeing what the run wrote there), and only
+/// then are the old data blocks written back, from the journal's end towards its start,
+/// a chunk at a time: each chunk is made durable in the image, and then cut off the
+/// journal, so the journal shrinks as the image fills in again. A crash at any point
+/// leaves a shorter journal whose records still hold every block not yet made durable.
 pub fn apply_undo(dir: &Path, disk: &str) -> Result<usize> {
     let image = dir.join(format!("{disk}.raw"));
     let journal = dir.join(format!("{disk}.rdiff.partial"));
@@ -221,21 +236,46 @@ pub fn apply_undo(dir: &Path, disk: &str) -> Result<usize> {
     }
     let file = fsutil::open_rw(&image)?;
     fsutil::set_len(&file, h.disk_size, &image)?;
+    // First pass: the holes, and where each data record starts (16 bytes a record).
+    let mut data: Vec<(u64, u64)> = Vec::new();
     let mut applied = 0;
-    while let Some(rec) = scan.next_record()? {
-        let off = rec.block * h.block_size as u64;
+    loop {
+        let off = scan.offset();
+        let Some(rec) = scan.next_record()? else {
+            break;
+        };
         if rec.is_zero() {
-            fsutil::punch_hole(&file, off, rec.raw_len as u64, &image)?;
+            let at = rec.block * h.block_size as u64;
+            fsutil::punch_hole(&file, at, rec.raw_len as u64, &image)?;
         } else {
-            fsutil::write_at(&file, &rec.data(&journal)?, off, &image)?;
+            data.push((off, rec.block));
         }
         applied += 1;
     }
     fsutil::sync_all(&file, &image)?;
+    // Second pass: the data, last records first, the journal cut after each chunk.
+    const CHUNK: usize = 64;
+    let jf = fsutil::open_rw(&journal)?;
+    while !data.is_empty() {
+        let from = data.len().saturating_sub(CHUNK);
+        for &(off, block) in &data[from..] {
+            let rec = scan.record_at(off)?.ok_or_else(|| {
+                Error::corrupt(&journal, format!("record of block {block} changed"))
+            })?;
+            let at = rec.block * h.block_size as u64;
+            fsutil::write_at(&file, &rec.data(&journal)?, at, &image)?;
+        }
+        fsutil::sync_all(&file, &image)?;
+        fsutil::set_len(&jf, data[from].0, &journal)?;
+        fsutil::sync_all(&jf, &journal)?;
+        data.truncate(from);
+    }
     Ok(applied)
 }
 
 fn rollback_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
+    // The new generation's files first: they hold space the journal may need back.
+    fsutil::remove_dir_all(&partial_dir(vm_dir, &txn.new))?;
     if let Some(old) = &txn.old {
         let old_dir = gen_dir(vm_dir, old);
         for (disk, journal) in files_with_suffix(&old_dir, ".rdiff.partial")? {
@@ -244,7 +284,6 @@ fn rollback_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
         }
         fsutil::sync_dir(&old_dir)?;
     }
-    fsutil::remove_dir_all(&partial_dir(vm_dir, &txn.new))?;
     fsutil::sync_dir(vm_dir)
 }
 
@@ -258,6 +297,21 @@ pub fn roll_forward_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
     };
     if let Some(old) = &txn.old {
         let old_dir = gen_dir(vm_dir, old);
+        // The old images are removed below: every disk of the old generation must have
+        // its reverse diff (the journal, or the file it was renamed to) first.
+        let gp: GenerationProfile = profile::load(&old_dir.join("generation.toml"))?;
+        for d in &gp.disks {
+            let journal = old_dir.join(format!("{}.rdiff.partial", d.name));
+            if !journal.exists() && !old_dir.join(format!("{}.rdiff", d.name)).exists() {
+                return Err(Error::corrupt(
+                    &journal,
+                    format!(
+                        "the reverse diff of disk {} is missing; the commit was not completed",
+                        d.name
+                    ),
+                ));
+            }
+        }
         for (disk, journal) in files_with_suffix(&old_dir, ".rdiff.partial")? {
             fsutil::rename(&journal, &old_dir.join(format!("{disk}.rdiff")))?;
         }
@@ -291,14 +345,39 @@ pub fn roll_forward_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
 }
 
 /// The commit steps of dropping a middle generation.
+///
+/// Deleting the dropped generation is safe only once every disk's merged reverse diff is
+/// in place: each is found first, as `D.rdiff.merge` or (renamed by an earlier attempt)
+/// `D.rdiff`, by the file hash the record holds. If one is missing or another file, the
+/// record is damage: nothing is renamed or deleted.
 pub fn roll_forward_prune(vm_dir: &Path, txn: &Txn) -> Result<()> {
     let older = txn
         .older
         .as_deref()
         .ok_or_else(|| Error::corrupt(vm_dir.join(TXN_FILE), "prune without older"))?;
     let older_dir = gen_dir(vm_dir, older);
-    for (disk, merged) in files_with_suffix(&older_dir, ".rdiff.merge")? {
-        fsutil::rename(&merged, &older_dir.join(format!("{disk}.rdiff")))?;
+    let mut renames = Vec::new();
+    for (j, disk) in txn.disks.iter().enumerate() {
+        let merge = older_dir.join(format!("{disk}.rdiff.merge"));
+        let done = older_dir.join(format!("{disk}.rdiff"));
+        let want = txn.merged.get(j);
+        let hash_is = |p: &Path| -> Result<bool> {
+            Ok(want.is_some_and(|w| rdiff::file_hash(p).is_ok_and(|h| &h == w)))
+        };
+        let renamed_before = !merge.exists() && hash_is(&done)?;
+        if merge.exists() && (want.is_none() || hash_is(&merge)?) {
+            renames.push((merge, done));
+        } else if !renamed_before {
+            return Err(Error::corrupt(
+                &merge,
+                format!(
+                    "the merged reverse diff of disk {disk} is missing or not the one prune wrote; nothing was deleted"
+                ),
+            ));
+        }
+    }
+    for (from, to) in renames {
+        fsutil::rename(&from, &to)?;
     }
     fsutil::sync_dir(&older_dir)?;
     delete_generation(vm_dir, &txn.new)

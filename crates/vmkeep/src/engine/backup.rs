@@ -349,7 +349,10 @@ impl BackupRun {
             gen: archive::generation_bytes(&self.gen_id),
             progress,
         };
-        let results: Vec<Result<(DiskRecord, Vec<String>)>> = if disks.len() == 1 {
+        // One disk at a time when the power-loss explorer logs the operations, so that
+        // their order is the same in every run.
+        let serial = disks.len() == 1 || crate::fault::serial();
+        let results: Vec<Result<(DiskRecord, Vec<String>)>> = if serial {
             disks.into_iter().map(|d| ctx.disk(d, opts.mode)).collect()
         } else {
             std::thread::scope(|s| {
@@ -622,8 +625,11 @@ impl RunCtx<'_> {
                 };
                 let mut journal = RdiffWriter::create(&journal_path, rh)?;
                 // The header (with the old size) must be durable before the image changes
-                // at all, growth included: recovery reads the size to restore from it.
+                // at all, growth included: recovery reads the size to restore from it. So
+                // must its name: without a folder fsync a power loss can lose the journal
+                // while the image writes after it reach the disk.
                 journal.sync()?;
+                fsutil::sync_dir(&prev.dir)?;
                 let digests = DigestWriter::create_from(&digest_path, dh, &o.digest)?;
                 let alloc_before = fsutil::allocated_bytes(&o.image_path);
                 if size > o.size {
@@ -753,6 +759,9 @@ impl RunCtx<'_> {
             }
         }
         w.finish()?;
+        // The image is removed at the commit: the reverse diff that replaces it must have
+        // a durable name first.
+        fsutil::sync_dir(&prev.dir)?;
         Ok(())
     }
 }

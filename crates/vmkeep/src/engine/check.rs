@@ -93,6 +93,9 @@ struct Checker<'a> {
     bytes: u64,
     /// Damaged image blocks of the newest generation: (disk, block).
     bad_image: HashSet<(String, u64)>,
+    /// An interrupted backup awaits its rollback: the newest image may hold its writes,
+    /// whose overwritten blocks are in the journal beside it.
+    pending: bool,
     /// Damaged reverse-diff records: (generation, disk, block).
     bad_records: HashSet<(String, String, u64)>,
     progress: &'a dyn Progress,
@@ -126,6 +129,7 @@ pub fn check(
         problems: Vec::new(),
         bytes: 0,
         bad_image: HashSet::new(),
+        pending: false,
         bad_records: HashSet::new(),
         progress,
     };
@@ -140,6 +144,7 @@ pub fn check(
             detail.into(),
         );
     }
+    let mut pending = false;
     let recovered = if lock.is_none() {
         Vec::new()
     } else {
@@ -150,6 +155,20 @@ pub fn check(
                 // until someone looks at it.
                 c.problem(None, None, Some(&path), None, detail);
                 return Ok(c.report(deep, 0, 0, Vec::new()));
+            }
+            Err(e @ (Error::Io { .. } | Error::NoSpace { .. })) => {
+                // Still no space, say: what recovery left is as safe as before it, and the
+                // old generations read through the undo journal, so they are checked.
+                let why = match &e {
+                    Error::NoSpace { path } => format!("{}: no space left", path.display()),
+                    e => e.to_string(),
+                };
+                progress.warn(&format!(
+                    "VM {vm}: an interrupted command awaits recovery, which cannot run yet ({why}); checking the archive as it was before it"
+                ));
+                pending = true;
+                c.pending = true;
+                Vec::new()
             }
             Err(e) => return Err(e),
         }
@@ -217,7 +236,7 @@ pub fn check(
         ok: report.ok(),
         problems: report.problems.len() as u64,
     });
-    if lock.is_none() {
+    if lock.is_none() || pending {
         return Ok(report);
     }
     if let Err(e) = a.save_profile() {
@@ -308,8 +327,10 @@ impl Checker<'_> {
                 ),
             }
             let ipath = g.image_path(&d.name);
+            let journal = g.dir.join(format!("{}.rdiff.partial", d.name));
+            let grown = self.pending && journal.exists();
             match std::fs::metadata(&ipath) {
-                Ok(m) if m.len() == d.size => {}
+                Ok(m) if m.len() == d.size || (grown && m.len() > d.size) => {}
                 Ok(m) => {
                     let detail =
                         format!("image is {} bytes, the generation says {}", m.len(), d.size);
@@ -419,6 +440,9 @@ impl Checker<'_> {
         )?;
         task.finish();
         self.bytes += verified;
+        if self.pending && !bad.is_empty() {
+            bad = self.journaled(g, disk, digest, bad)?;
+        }
         for (a, b) in coalesce(&bad) {
             let range = (a * bs as u64, (b * bs as u64).min(size));
             self.problem(
@@ -433,6 +457,35 @@ impl Checker<'_> {
             self.bad_image.insert((disk.to_string(), b));
         }
         Ok(())
+    }
+
+    /// Of the image blocks `bad` that fail their digests, those whose old content the
+    /// journal of a pending rollback holds intact are not damage: the rollback will write
+    /// them back, and readers take them from there meanwhile.
+    fn journaled(
+        &self,
+        g: &Generation,
+        disk: &str,
+        digest: &DigestReader,
+        bad: Vec<u64>,
+    ) -> Result<Vec<u64>> {
+        let journal = g.dir.join(format!("{disk}.rdiff.partial"));
+        let Ok(Some(mut scan)) = crate::archive::rdiff::PartialScan::open(&journal) else {
+            return Ok(bad);
+        };
+        let mut left: std::collections::BTreeSet<u64> = bad.into_iter().collect();
+        while let Some(rec) = scan.next_record()? {
+            if !left.contains(&rec.block) || rec.is_damaged() {
+                continue;
+            }
+            let mut want = [0u8; DIGEST_LEN];
+            digest.read_range(rec.block, &mut want)?;
+            // The scan proved the record's bytes against its digest.
+            if rec.digest == want {
+                left.remove(&rec.block);
+            }
+        }
+        Ok(left.into_iter().collect())
     }
 
     /// An older generation: each reverse diff's structure and checksum; deep also proves

@@ -133,6 +133,11 @@ pub fn drop_generation(vm_dir: &std::path::Path, gens: &[Generation], m: usize) 
             merge(&a, &b, &older.dir.join(format!("{}.rdiff.merge", d.name)))?;
             merged.push(d.name.clone());
         }
+        // The commit record makes recovery rename the merged files over the old ones and
+        // delete the dropped generation: their names must be durable before it.
+        if !merged.is_empty() {
+            crate::fsutil::sync_dir(&older.dir)?;
+        }
         crate::fault::pause("prune-merged");
         crate::interrupt::check()
     })();
@@ -143,7 +148,12 @@ pub fn drop_generation(vm_dir: &std::path::Path, gens: &[Generation], m: usize) 
         }
         return Err(e);
     }
-    let t = Txn::prune(older.id.clone(), gens[m].id.clone(), merged);
+    let mut t = Txn::prune(older.id.clone(), gens[m].id.clone(), merged);
+    t.merged = t
+        .disks
+        .iter()
+        .map(|d| crate::archive::rdiff::file_hash(&older.dir.join(format!("{d}.rdiff.merge"))))
+        .collect::<Result<_>>()?;
     t.store(vm_dir)?;
     txn::roll_forward_prune(vm_dir, &t)?;
     Txn::clear(vm_dir)
