@@ -1,0 +1,255 @@
+//! Every path that hands out bytes proves them first (issue 15): restore to a file and to
+//! a qcow2 image, merge and serve refuse digests that do not hash to the generation's
+//! digest root, and files whose header names another generation (exit 3, naming VM,
+//! generation, disk and file); `--ignore-damage` writes what matches its own digests and
+//! lists the rest. A served generation still reads after the generations it found its
+//! moved blocks in are pruned. `vmkeep verify` proves a disk equals a generation.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+
+const BS: u64 = 64 << 10;
+
+/// One VM `vm` with one generation of a 1 MiB disk of noise; returns (env, disk path).
+fn one_generation() -> (Env, PathBuf) {
+    let env = Env::new();
+    let disk = env.disk("disk.raw", 1 << 20);
+    write_at(&disk, 0, &noise(1, 1 << 20));
+    env.backup("vm", &disk, &[]);
+    (env, disk)
+}
+
+/// Zero 128 bytes at offset 4096 of the newest digest file: the entries of blocks 0..4.
+fn zero_digest_entries(env: &Env) {
+    write_at(&env.repo().join("vm/latest/vda.digest"), 4096, &[0u8; 128]);
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// The stderr of a refused command must name the VM, generation, disk and file.
+fn names_everything(e: &str, gen: &str, file: &str) {
+    for needle in ["VM vm", gen, "disk vda", file] {
+        assert!(e.contains(needle), "{needle:?} not in: {e}");
+    }
+}
+
+#[test]
+fn a_damaged_digest_file_fails_restore_to_a_file() {
+    let (env, disk) = one_generation();
+    let gen = env.generations("vm").pop().unwrap();
+    zero_digest_entries(&env);
+    let out = env.path("r.raw");
+    let e = env.fails(&["restore", "vm", "--to", s(&out)], 3);
+    names_everything(&e, &gen, "vda.digest");
+    assert!(e.contains("digest root"), "{e}");
+    assert!(!out.exists(), "nothing written as a restore");
+
+    // --ignore-damage writes the blocks that match their own digests and lists the rest.
+    let o = env.run(&["restore", "vm", "--to", s(&out), "--ignore-damage"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(3), "{stdout}");
+    assert!(
+        stdout.contains("unproven") && stdout.contains("vda.digest"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("damaged: bytes 0..262144"), "{stdout}");
+    // The blocks whose digests were zeroed are written as read (here: the real bytes),
+    // never as zeros.
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&disk).unwrap());
+}
+
+#[test]
+fn a_damaged_digest_file_fails_restore_to_qcow2_and_merge() {
+    let (env, _) = one_generation();
+    let gen = env.generations("vm").pop().unwrap();
+    zero_digest_entries(&env);
+    let q = env.path("r.qcow2");
+    let e = env.fails(&["restore", "vm", "--to", s(&q)], 3);
+    names_everything(&e, &gen, "vda.digest");
+    assert!(!q.exists());
+    let m = env.path("m.raw");
+    let e = env.fails(
+        &["merge", "vm", "-g", "0", "--disk", "vda", "--out", s(&m)],
+        3,
+    );
+    names_everything(&e, &gen, "vda.digest");
+    assert!(!m.exists());
+}
+
+#[test]
+fn a_damaged_digest_file_of_an_older_generations_chain_is_refused() {
+    let (env, disk) = one_generation();
+    write_at(&disk, 300 << 10, &noise(2, 64 << 10));
+    env.backup("vm", &disk, &[]);
+    let ids = env.generations("vm");
+    zero_digest_entries(&env);
+    let out = env.path("r.raw");
+    let e = env.fails(&["restore", "vm", "-g", &ids[0], "--to", s(&out)], 3);
+    names_everything(&e, &ids[0], "vda.digest");
+    assert!(!out.exists());
+}
+
+/// Start `vmkeep serve vm` on a socket; `Ok` once it listens, `Err(stderr)` if it exits.
+fn serve(env: &Env, gen: &str) -> Result<(Child, PathBuf), String> {
+    let sock = env.path(&format!("{gen}.sock"));
+    let log = env.path(&format!("{gen}.log"));
+    let mut child = env
+        .std_cmd(&["serve", "vm", "-g", gen, "--socket", s(&sock)])
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    if line.is_empty() {
+        let st = child.wait().unwrap();
+        let err = std::fs::read_to_string(&log).unwrap();
+        return Err(format!("exit {:?}: {err}", st.code()));
+    }
+    Ok((child, sock))
+}
+
+fn stop(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// nbdcopy the export `vda` from `sock` to a file; the bytes, or nbdcopy's complaint.
+fn nbdcopy(env: &Env, sock: &Path, name: &str) -> Result<Vec<u8>, String> {
+    let to = env.path(name);
+    let out = Command::new("nbdcopy")
+        .arg(format!("nbd+unix:///vda?socket={}", sock.display()))
+        .arg(&to)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(std::fs::read(&to).unwrap())
+}
+
+#[test]
+fn a_damaged_digest_file_is_never_served() {
+    let (env, disk) = one_generation();
+    let gen = env.generations("vm").pop().unwrap();
+    zero_digest_entries(&env);
+    match serve(&env, &gen) {
+        Err(e) => {
+            assert!(e.contains("exit Some(3)"), "{e}");
+            names_everything(&e, &gen, "vda.digest");
+        }
+        Ok((child, sock)) => {
+            // A server that started must at least not hand out wrong bytes.
+            let got = nbdcopy(&env, &sock, "served.raw");
+            stop(child);
+            if let Ok(got) = got {
+                assert!(
+                    got == std::fs::read(&disk).unwrap(),
+                    "serve handed out wrong bytes from a damaged digest file"
+                );
+            }
+            panic!("serve started on a damaged digest file");
+        }
+    }
+}
+
+#[test]
+fn a_digest_file_of_another_vm_is_refused() {
+    // Two VMs backed up from the same bytes: their digest files differ only in the
+    // generation id of their headers, and their digest roots are equal.
+    let (env, disk) = one_generation();
+    env.backup("other", &disk, &[]);
+    let gen = env.generations("vm").pop().unwrap();
+    std::fs::copy(
+        env.repo().join("other/latest/vda.digest"),
+        env.repo().join("vm/latest/vda.digest"),
+    )
+    .unwrap();
+    let out = env.path("r.raw");
+    let e = env.fails(&["restore", "vm", "--to", s(&out)], 3);
+    names_everything(&e, &gen, "vda.digest");
+    assert!(e.contains("another generation"), "{e}");
+    assert!(!out.exists());
+
+    // Another VM's digest file of the same geometry but other content.
+    let (env, _) = one_generation();
+    let other = env.disk("other.raw", 1 << 20);
+    write_at(&other, 0, &noise(7, 1 << 20));
+    env.backup("other", &other, &[]);
+    std::fs::copy(
+        env.repo().join("other/latest/vda.digest"),
+        env.repo().join("vm/latest/vda.digest"),
+    )
+    .unwrap();
+    env.fails(&["restore", "vm", "--to", s(&out)], 3);
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_reverse_diff_of_another_generation_is_refused() {
+    // Three generations of the same size: the reverse diffs of the first two have valid
+    // headers that fit each other's place.
+    let env = Env::new();
+    let disk = env.disk("disk.raw", 1 << 20);
+    write_at(&disk, 0, &noise(1, 512 << 10));
+    env.backup("vm", &disk, &["--block-size", "16K"]);
+    write_at(&disk, 0, &noise(2, 64 << 10));
+    env.backup("vm", &disk, &[]);
+    write_at(&disk, 0, &noise(3, 64 << 10));
+    env.backup("vm", &disk, &[]);
+    let ids = env.generations("vm");
+    let rdiff = |g: &str| env.repo().join("vm").join(g).join("vda.rdiff");
+    std::fs::copy(rdiff(&ids[0]), rdiff(&ids[1])).unwrap();
+    let out = env.path("r.raw");
+    let e = env.fails(&["restore", "vm", "-g", &ids[1], "--to", s(&out)], 3);
+    names_everything(&e, &ids[1], "vda.rdiff");
+    assert!(
+        e.contains(&ids[0]),
+        "names the generation the header names: {e}"
+    );
+    assert!(!out.exists());
+}
+
+#[test]
+fn a_served_generation_reads_after_the_generations_it_relies_on_are_pruned() {
+    let env = Env::new();
+    let disk = env.disk("disk.raw", 1 << 20);
+    write_at(&disk, 0, &noise(1, 1 << 20));
+    env.backup("vm", &disk, &[]);
+    // g2 changes a block far from block 0: g1's reverse diff has no record for block 0,
+    // so a reader of g1 finds block 0 in the newest image.
+    write_at(&disk, 10 * BS, &noise(2, BS as usize));
+    env.backup("vm", &disk, &[]);
+    let ids = env.generations("vm");
+    let before = env.path("before.raw");
+    env.ok(&["restore", "vm", "-g", &ids[0], "--to", s(&before)]);
+    let want = std::fs::read(&before).unwrap();
+
+    let (child, sock) = serve(&env, &ids[0]).expect("serve starts");
+    assert!(nbdcopy(&env, &sock, "first.raw").unwrap() == want);
+    // Block 0 changes: g3's backup moves g2's block 0 into g2's reverse diff; a fourth
+    // backup, then prune drops g2 and g3 (the served g1 is pinned), merging block 0
+    // into g1's reverse diff.
+    write_at(&disk, 0, &noise(3, BS as usize));
+    env.backup("vm", &disk, &[]);
+    write_at(&disk, 20 * BS, &noise(4, BS as usize));
+    env.backup("vm", &disk, &[]);
+    env.ok(&["prune", "vm", "--keep-last", "1"]);
+    assert_eq!(env.generations("vm").len(), 2, "served + newest");
+    let got = nbdcopy(&env, &sock, "after.raw");
+    stop(child);
+    assert!(
+        got.as_ref().is_ok_and(|g| *g == want),
+        "the served generation no longer reads right: {:?}",
+        got.err()
+    );
+}
