@@ -253,3 +253,132 @@ fn a_served_generation_reads_after_the_generations_it_relies_on_are_pruned() {
         got.err()
     );
 }
+
+/// Three generations of a sparse disk with holes, changed blocks and a size change.
+fn history() -> (Env, PathBuf, Vec<String>) {
+    let env = Env::new();
+    let disk = env.disk("disk.raw", 2 << 20);
+    write_at(&disk, 0, &noise(1, 300 << 10));
+    write_at(&disk, 1 << 20, &text(200 << 10));
+    env.backup("vm", &disk, &["--block-size", "16K"]);
+    write_at(&disk, 100 << 10, &noise(2, 50 << 10));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk)
+        .unwrap()
+        .set_len(3 << 20)
+        .unwrap();
+    write_at(&disk, (5 << 19) + 7, &noise(3, 10_000));
+    env.backup("vm", &disk, &[]);
+    write_at(&disk, 0, &noise(4, 16 << 10));
+    env.backup("vm", &disk, &[]);
+    let ids = env.generations("vm");
+    (env, disk, ids)
+}
+
+#[test]
+fn verify_proves_good_restores_of_every_generation_and_kind() {
+    let (env, disk, ids) = history();
+    for (i, id) in ids.iter().enumerate() {
+        let raw = env.path(&format!("g{i}.raw"));
+        let q = env.path(&format!("g{i}.qcow2"));
+        env.ok(&["restore", "vm", "-g", id, "--to", s(&raw)]);
+        env.ok(&["restore", "vm", "-g", id, "--to", s(&q)]);
+        let out = env.ok(&[
+            "verify",
+            "vm",
+            "-g",
+            id,
+            "--disk",
+            &format!("vda={}", raw.display()),
+        ]);
+        assert!(out.contains("identical"), "{out}");
+        let js: serde_json::Value = serde_json::from_str(&env.ok(&[
+            "--json",
+            "verify",
+            "vm",
+            "-g",
+            id,
+            "--disk",
+            &format!("vda={}", q.display()),
+        ]))
+        .unwrap();
+        assert_eq!(js["ok"], true, "{js}");
+        assert_eq!(js["generation"], id.as_str());
+        assert_eq!(js["disks"][0]["differing"], serde_json::json!([]));
+    }
+    // The live source itself is the newest generation.
+    env.ok(&["verify", "vm", "--disk", &format!("vda={}", disk.display())]);
+    // An NBD URI: the generation served by vmkeep itself.
+    let (child, sock) = serve(&env, &ids[0]).expect("serve starts");
+    let uri = format!("vda=nbd+unix:///vda?socket={}", sock.display());
+    let out = env.run(&["verify", "vm", "-g", &ids[0], "--disk", &uri]);
+    let wrong = env.run(&["verify", "vm", "--disk", &uri]);
+    stop(child);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(
+        wrong.status.code(),
+        Some(1),
+        "g1 is not the newest: {wrong:?}"
+    );
+}
+
+#[test]
+fn verify_names_the_range_of_a_changed_byte_and_a_size_difference() {
+    let (env, _, ids) = history();
+    let raw = env.path("r.raw");
+    env.ok(&["restore", "vm", "-g", &ids[1], "--to", s(&raw)]);
+    flip_byte(&raw, 40_000); // block 2 of 16 KiB
+    let spec = format!("vda={}", raw.display());
+    let o = env.run(&["verify", "vm", "-g", &ids[1], "--disk", &spec]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("differs: bytes 32768..49152"), "{stdout}");
+    let js: serde_json::Value = serde_json::from_slice(
+        &env.run(&["--json", "verify", "vm", "-g", &ids[1], "--disk", &spec])
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(js["ok"], false);
+    assert_eq!(
+        js["disks"][0]["differing"],
+        serde_json::json!([[32768, 49152]])
+    );
+    // Data written into a hole of the restored copy is found too.
+    flip_byte(&raw, 40_000);
+    write_at(&raw, (2 << 20) + 5, b"x");
+    let o = env.run(&["verify", "vm", "-g", &ids[1], "--disk", &spec]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("differs: bytes 2097152..2113536"),
+        "{o:?}"
+    );
+    // A copy one block short: the missing tail is the difference.
+    write_at(&raw, (2 << 20) + 5, b"\0");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&raw)
+        .unwrap()
+        .set_len((3 << 20) - 16384)
+        .unwrap();
+    let o = env.run(&["verify", "vm", "-g", &ids[1], "--disk", &spec]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("differs: bytes 3129344..3145728"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn verify_refuses_a_damaged_archive_and_unknown_disks() {
+    let (env, disk) = one_generation();
+    let spec = format!("vda={}", disk.display());
+    env.ok(&["verify", "vm", "--disk", &spec]);
+    env.fails(
+        &["verify", "vm", "--disk", &format!("vdb={}", disk.display())],
+        2,
+    );
+    zero_digest_entries(&env);
+    let e = env.fails(&["verify", "vm", "--disk", &spec], 3);
+    assert!(e.contains("vda.digest") && e.contains("digest root"), "{e}");
+}
