@@ -179,6 +179,14 @@ fn a_digest_file_of_another_vm_is_refused() {
     names_everything(&e, &gen, "vda.digest");
     assert!(e.contains("another generation"), "{e}");
     assert!(!out.exists());
+    // check reports it too.
+    let o = env.run(&["check", "vm"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(3), "{stdout}");
+    assert!(
+        stdout.contains("DAMAGE:") && stdout.contains("another generation"),
+        "{stdout}"
+    );
 
     // Another VM's digest file of the same geometry but other content.
     let (env, _) = one_generation();
@@ -217,6 +225,10 @@ fn a_reverse_diff_of_another_generation_is_refused() {
         "names the generation the header names: {e}"
     );
     assert!(!out.exists());
+    let o = env.run(&["check", "vm"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(3), "{stdout}");
+    assert!(stdout.contains("another generation"), "{stdout}");
 }
 
 #[test]
