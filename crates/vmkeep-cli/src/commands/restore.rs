@@ -192,11 +192,20 @@ fn as_vm(ctx: &Ctx, repo: &Repository, a: &RestoreArgs, new_name: &str) -> Resul
         n = n.wrapping_add(1);
         [0, 0, n]
     })?;
+    // Every disk's digests are proven before the first byte is written or served (an
+    // instant recovery's server proves them again; this makes a failure exit 3 here).
+    let mut views = Vec::new();
+    for d in &gen.profile.disks {
+        views.push(if a.ignore_damage && !a.instant {
+            DiskView::open_ignoring_damage(&archive, &gens, k, &d.name)?
+        } else {
+            (DiskView::open(&archive, &gens, k, &d.name)?, None)
+        });
+    }
     if a.instant {
+        drop(views);
         return instant(ctx, repo, a, &id, gen, spec, &saved, &hv);
     }
-    // Every disk's digests are proven before the first byte is written.
-    let mut views = Vec::new();
     for d in &gen.profile.disks {
         let path = &spec.disks[&d.name].path;
         if path.exists() && !a.replace {
@@ -206,11 +215,6 @@ fn as_vm(ctx: &Ctx, repo: &Repository, a: &RestoreArgs, new_name: &str) -> Resul
             ))
             .into());
         }
-        views.push(if a.ignore_damage {
-            DiskView::open_ignoring_damage(&archive, &gens, k, &d.name)?
-        } else {
-            (DiskView::open(&archive, &gens, k, &d.name)?, None)
-        });
     }
     let mut unproven = false;
     for (view, problem) in &views {

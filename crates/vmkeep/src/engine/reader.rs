@@ -98,7 +98,7 @@ fn identity(path: &Path) -> Option<(u64, u64, u64)> {
 }
 
 /// Zero digests pushed at once into a root.
-const ZEROS: [u8; DIGEST_LEN * 1024] = [0; DIGEST_LEN * 1024];
+static ZEROS: [u8; DIGEST_LEN * 1024] = [0; DIGEST_LEN * 1024];
 
 fn push_zeros(rh: &mut RootHasher, mut n: u64) {
     while n > 0 {
