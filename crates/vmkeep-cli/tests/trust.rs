@@ -394,3 +394,67 @@ fn verify_refuses_a_damaged_archive_and_unknown_disks() {
     let e = env.fails(&["verify", "vm", "--disk", &spec], 3);
     assert!(e.contains("vda.digest") && e.contains("digest root"), "{e}");
 }
+
+#[cfg(feature = "libvirt")]
+#[path = "../../vmkeep/tests/support/libvirt.rs"]
+#[allow(dead_code)]
+mod lv;
+
+/// `restore --as-vm` (copied and instant) proves every disk before it writes a disk,
+/// starts a server or defines a domain.
+#[cfg(feature = "libvirt")]
+#[test]
+fn restore_as_a_new_vm_refuses_a_damaged_digest_file_before_defining_anything() {
+    let vm = lv::TestVm::start("trust", &[("vda", "qcow2", 32)]);
+    let env = Env::new();
+    let run = env.path("run");
+    std::fs::write(
+        env.path("no-config.toml"),
+        format!(
+            "run_dir = \"{}\"\nscratch_dir = \"{}\"\n",
+            run.display(),
+            env.path("scratch").display()
+        ),
+    )
+    .unwrap();
+    lv::set_mode(env.dir.path(), 0o711);
+    vm.guest_write(0, 0x11, "0", "1M");
+    env.ok(&["backup", &vm.name]);
+    let gen = Env::generations_in(&env.repo(), &vm.name).pop().unwrap();
+    write_at(
+        &env.repo().join(&vm.name).join("latest/vda.digest"),
+        4096,
+        &[0u8; 128],
+    );
+    let dir = env.path("disks");
+    std::fs::create_dir(&dir).unwrap();
+    lv::set_mode(&dir, 0o755);
+    for instant in [false, true] {
+        let new = format!("{}-copy", vm.name);
+        let _guard = lv::Undefine(new.clone());
+        let mut args = vec![
+            "restore",
+            &vm.name,
+            "--as-vm",
+            &new,
+            "--disk-dir",
+            dir.to_str().unwrap(),
+        ];
+        if instant {
+            args.push("--instant");
+        }
+        let e = env.fails(&args, 3);
+        for needle in [vm.name.as_str(), gen.as_str(), "disk vda", "vda.digest"] {
+            assert!(e.contains(needle), "{needle:?} not in: {e}");
+        }
+        assert!(
+            std::fs::read_dir(&dir).unwrap().next().is_none(),
+            "no disk written"
+        );
+        let defined = Command::new("virsh")
+            .args(["-q", "dominfo", &new])
+            .output()
+            .unwrap();
+        assert!(!defined.status.success(), "no domain defined");
+    }
+}

@@ -684,9 +684,13 @@ impl DiskView {
     /// `gid`), through an index built once per file and reused while the file is the same
     /// (a journal's index is extended as it grows).
     fn lookup(&self, path: &Path, gid: [u8; 16], b: u64) -> Option<Record> {
-        let id = identity(path)?;
-        let journal = path.extension().is_some_and(|e| e == "partial");
         let mut cache = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(id) = identity(path) else {
+            // Gone (renamed, merged, pruned): its open file must not keep its space.
+            cache.remove(path);
+            return None;
+        };
+        let journal = path.extension().is_some_and(|e| e == "partial");
         let fresh = match cache.get_mut(path) {
             Some(Lookup::Finished(same, _)) => *same != (id.0, id.1),
             Some(Lookup::Journal(j)) => {
