@@ -421,14 +421,35 @@ fn restore_as_a_new_vm_refuses_a_damaged_digest_file_before_defining_anything() 
     vm.guest_write(0, 0x11, "0", "1M");
     env.ok(&["backup", &vm.name]);
     let gen = Env::generations_in(&env.repo(), &vm.name).pop().unwrap();
+    let dir = env.path("disks");
+    std::fs::create_dir(&dir).unwrap();
+    lv::set_mode(&dir, 0o755);
+    // A good copy first, proven by verify (as scripts/demo.sh does).
+    {
+        let new = format!("{}-good", vm.name);
+        let _guard = lv::Undefine(new.clone());
+        env.ok(&[
+            "restore",
+            &vm.name,
+            "--as-vm",
+            &new,
+            "--disk-dir",
+            dir.to_str().unwrap(),
+        ]);
+        let copy = dir.join(format!("{new}-vda.qcow2"));
+        env.ok(&[
+            "verify",
+            &vm.name,
+            "--disk",
+            &format!("vda={}", copy.display()),
+        ]);
+        std::fs::remove_file(copy).unwrap();
+    }
     write_at(
         &env.repo().join(&vm.name).join("latest/vda.digest"),
         4096,
         &[0u8; 128],
     );
-    let dir = env.path("disks");
-    std::fs::create_dir(&dir).unwrap();
-    lv::set_mode(&dir, 0o755);
     for instant in [false, true] {
         let new = format!("{}-copy", vm.name);
         let _guard = lv::Undefine(new.clone());
