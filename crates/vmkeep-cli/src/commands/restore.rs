@@ -78,8 +78,9 @@ pub fn write_view(
 ) -> Result<i32> {
     let target = vmkeep::target::open(to, view.size)?;
     if let Some(e) = &unproven {
-        ctx.progress
-            .warn(&format!("{e}; writing only what matches its own digest"));
+        ctx.progress.warn(&format!(
+            "{e}; every block is read and checked against its own digest, and those that fail are listed"
+        ));
     }
     let report = vmkeep::engine::restore::restore(view, target, ignore_damage, &ctx.progress)?;
     if ctx.json {
@@ -220,8 +221,9 @@ fn as_vm(ctx: &Ctx, repo: &Repository, a: &RestoreArgs, new_name: &str) -> Resul
     for (view, problem) in &views {
         let path = &spec.disks[&view.disk].path;
         if let Some(e) = problem {
-            ctx.progress
-                .warn(&format!("{e}; writing only what matches its own digest"));
+            ctx.progress.warn(&format!(
+                "{e}; every block is read and checked against its own digest, and those that fail are listed"
+            ));
             unproven = true;
         }
         let target = vmkeep::target::open(path.to_str().expect("UTF-8 path"), view.size)?;

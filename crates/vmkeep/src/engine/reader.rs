@@ -315,7 +315,7 @@ impl DiskView {
         };
         Err(self.damage(
             &blame,
-            "the digests do not match the generation's digest root; no byte is handed out (--ignore-damage writes the blocks that match their digests and lists the rest)",
+            "the digests do not match the generation's digest root (restore --ignore-damage writes the blocks that match their own digests and lists the rest)",
         ))
     }
 
