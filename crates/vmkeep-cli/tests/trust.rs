@@ -66,6 +66,45 @@ fn a_damaged_digest_file_fails_restore_to_a_file() {
 }
 
 #[test]
+fn ignore_damage_on_a_sparse_disk_reads_what_the_unproven_digests_call_holes() {
+    // Data in blocks 0..6 and 8 of 16 (64 KiB blocks); the rest holes.
+    let env = Env::new();
+    let disk = env.disk("disk.raw", 16 * BS);
+    write_at(&disk, 0, &noise(1, 6 * BS as usize));
+    write_at(&disk, 8 * BS, &noise(2, BS as usize));
+    env.backup("vm", &disk, &[]);
+    zero_digest_entries(&env); // blocks 0..4 now claim to be holes
+                               // Block 8 of the image becomes a hole: its (intact) digest says data.
+    let image = env.repo().join("vm/latest/vda.raw");
+    let st = Command::new("fallocate")
+        .args(["--punch-hole", "--offset", &(8 * BS).to_string()])
+        .args(["--length", &BS.to_string()])
+        .arg(&image)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = env.path("r.raw");
+    let o = env.run(&["restore", "vm", "--to", s(&out), "--ignore-damage"]);
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(3), "{stdout}");
+    assert!(stdout.contains("damaged: bytes 0..262144"), "{stdout}");
+    assert!(stdout.contains("damaged: bytes 524288..589824"), "{stdout}");
+    let got = std::fs::read(&out).unwrap();
+    let want = std::fs::read(&disk).unwrap();
+    assert!(
+        got[..8 * BS as usize] == want[..8 * BS as usize],
+        "blocks 0..8"
+    );
+    assert!(got[8 * BS as usize..9 * BS as usize]
+        .iter()
+        .all(|&b| b == 0));
+    assert!(
+        got[9 * BS as usize..] == want[9 * BS as usize..],
+        "the holes"
+    );
+}
+
+#[test]
 fn a_damaged_digest_file_fails_restore_to_qcow2_and_merge() {
     let (env, _) = one_generation();
     let gen = env.generations("vm").pop().unwrap();

@@ -534,19 +534,35 @@ impl DiskView {
 
     /// Image block ranges within `[start, end)` whose digests may be other than the zero
     /// digest: the data extents of the digest file (the rest is holes: zero blocks). An
-    /// untrusted view returns the whole range.
+    /// untrusted view adds the data extents of the image: only a block that is a hole in
+    /// both files is zero without being read.
     pub fn image_digest_ranges(&self, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
-        if !self.trusted {
-            return Ok(if start < end {
-                vec![(start, end)]
-            } else {
-                vec![]
-            });
+        let digest = self.digest.as_ref().expect("image implies digest");
+        let ranges = digest.data_ranges(start, end)?;
+        if self.trusted {
+            return Ok(ranges);
         }
-        self.digest
-            .as_ref()
-            .expect("image implies digest")
-            .data_ranges(start, end)
+        let (file, path) = self.image.as_ref().expect("image implies digest");
+        let bs = self.block_size as u64;
+        let to = (end * bs).min(self.image_size);
+        let from = (start * bs).min(to);
+        let extents = fsutil::data_extents(file, from, to).map_err(|e| Error::io(path, e))?;
+        let mut all: Vec<(u64, u64)> = ranges;
+        all.extend(
+            extents
+                .into_iter()
+                .map(|(off, len)| ((off / bs).max(start), (off + len).div_ceil(bs).min(end))),
+        );
+        all.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (a, b) in all {
+            match out.last_mut() {
+                Some(last) if last.1 >= a => last.1 = last.1.max(b),
+                _ if a < b => out.push((a, b)),
+                _ => {}
+            }
+        }
+        Ok(out)
     }
 
     /// Read image blocks `[start, end)` into `buf` (exactly this generation's bytes of
