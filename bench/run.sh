@@ -200,13 +200,14 @@ printf 'serve_process\t0\t%s\n' "$(tail -1 "$w/serve.rss")" >>"$tsv"
 rm -f "$w/r5.raw"
 
 # ---------------------------------------------------------------- 1 TiB sparse disk
-echo "a 1 TiB sparse disk with 256 MiB of data: backup, restore to a sparse file, check"
+echo "a 1 TiB sparse disk with 256 MiB of data: backup, restore to a sparse file, verify it, check"
 python3 bench/gen.py sparse "$w/big.raw" 1024 256 3
 "$vk" --repo "$w/RB" -q init
 measure tib_backup "$vk" --repo "$w/RB" -q backup vm --disk vda="$w/big.raw"
 python3 bench/gen.py scatter "$w/big.raw" 0.001 9 4 256 "$w/big.changed" >/dev/null
 measure tib_incr "$vk" --repo "$w/RB" -q backup vm --disk vda="$w/big.raw" --changed-blocks vda="$w/big.changed" --mode incr
 measure tib_restore "$vk" --repo "$w/RB" -q restore vm -g 1 --to "$w/big.out"
+measure tib_verify "$vk" --repo "$w/RB" -q verify vm -g 1 --disk vda="$w/big.out"
 measure tib_check "$vk" --repo "$w/RB" -q check vm --deep
 rm -rf "$w/big.raw" "$w/big.out" "$w/RB"
 
@@ -260,7 +261,7 @@ echo "| restic after 2 backups (full, round 1) | $(mib "$restic_size") | |"
 echo
 echo "| 1 TiB sparse disk, 256 MiB data | s | peak RSS MiB | target ≤ 256 MiB |"
 echo "|---|---|---|---|"
-for k in tib_backup tib_incr tib_restore tib_check; do
+for k in tib_backup tib_incr tib_restore tib_verify tib_check; do
     echo "| ${k#tib_} | $(f "$(med $k)") | $(rss $k) | $(verdict "$(rss $k) <= 256") |"
 done
 } | tee "$out/results.md"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian machine (as root) and run vmkeep's main job on a demo VM:
 # a throwaway libvirt domain (no OS needed) backed up live, guest writes, an incremental
-# backup from the checkpoint's dirty bitmap, a generation restored as a new VM and
-# compared, a deep check and the status table. The domains are removed at the end; the
-# repository stays in $DEMO_DIR (default /var/tmp/vmkeep-demo) for a look around.
+# backup from the checkpoint's dirty bitmap, a generation restored as a new VM, proven
+# with verify and compared, a deep check and the status table. The domains are removed
+# at the end; the repository stays in $DEMO_DIR (default /var/tmp/vmkeep-demo) for a look around.
 source "$(dirname "$0")/lib.sh"
 as_root
 ensure_packages "${BASE_PACKAGES[@]}"
@@ -83,8 +83,11 @@ flush
 qemu-img convert -U -O raw "$DEMO_DIR/$DOM-vda.qcow2" "$DEMO_DIR/now.raw"
 cmp "$DEMO_DIR/now.raw" "$VMKEEP_REPO/$DOM/latest/vda.raw" && echo "latest/vda.raw equals the running VM's disk"
 
-log "restore the first generation as a new VM and start it"
-vk restore "$DOM" --generation 1 --as-vm "$COPY" --disk-dir "$DEMO_DIR" --start
+log "restore the first generation as a new VM, prove its disk equals the generation, start it"
+vk restore "$DOM" --generation 1 --as-vm "$COPY" --disk-dir "$DEMO_DIR"
+# verify reads the copy through qemu-nbd, which needs the image unlocked: before the start.
+vk verify "$DOM" --generation 1 --disk vda="$DEMO_DIR/$COPY-vda.qcow2"
+virsh -q start "$COPY" >/dev/null
 qemu-img compare -q -U "$DEMO_DIR/at-first-backup.raw" "$DEMO_DIR/$COPY-vda.qcow2" &&
     echo "$COPY's disk equals $DOM's disk at the first backup"
 virsh -q domstate "$COPY" | sed "s/^/$COPY is /"

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
     name = "vmkeep",
     version,
     about = "Block-level backups of VM disks: the newest generation a plain sparse image, older ones compressed reverse diffs",
-    after_help = "Exit status: 0 success, 1 failure, 2 usage error, 3 check found damage.\nDocumentation: docs/ in the source tree, or man vmkeep."
+    after_help = "Exit status: 0 success, 1 failure, 2 usage error, 3 damage found (check; restore, merge, serve or verify meeting a damaged archive).\nDocumentation: docs/ in the source tree, or man vmkeep."
 )]
 pub struct Cli {
     /// Repository folder [default: from the config file, else /var/lib/vmkeep]
@@ -68,6 +68,12 @@ pub enum Command {
         after_help = "Example:\n  vmkeep merge web1 --generation 2 --disk vda --out /tmp/vda-2.raw"
     )]
     Merge(MergeArgs),
+    /// Prove that disks hold a generation's bytes (a restored copy, a live disk); exit 1
+    /// when they differ, 3 when the archive is damaged
+    #[command(
+        after_help = "Examples:\n  vmkeep verify web1 --generation 1 --disk vda=/var/lib/libvirt/images/web1-copy-vda.qcow2\n  vmkeep verify web1 --disk vda=/dev/vg0/web1 --disk vdb='nbd+unix:///vdb?socket=/run/x.sock'"
+    )]
+    Verify(VerifyArgs),
     /// Print any archive file in human-readable form
     #[command(after_help = "Example:\n  vmkeep print /backup/vmkeep/web1/latest/vda.digest")]
     Print(PrintArgs),
@@ -278,6 +284,18 @@ pub struct MergeArgs {
     pub disk: Option<String>,
     #[arg(long, value_name = "PATH")]
     pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    pub vm: String,
+    /// Generation: id or unique prefix, N (0 = newest), or latest
+    #[arg(long, short = 'g', value_name = "REV", default_value = "latest")]
+    pub generation: String,
+    /// Disk NAME of the generation against PATH: a raw file or device, an image qemu-nbd
+    /// reads (qcow2, …), or an NBD URI (repeat for several disks)
+    #[arg(long = "disk", value_name = "NAME=PATH", required = true)]
+    pub disks: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -35,6 +35,7 @@ pub fn init_logging(quiet: bool, verbose: u8) {
 pub fn exit_code(e: &anyhow::Error) -> i32 {
     match e.downcast_ref::<Error>().map(Error::kind) {
         Some(ErrorKind::Usage) => EXIT_USAGE,
+        Some(ErrorKind::Damage) => EXIT_DAMAGE,
         _ => EXIT_FAILURE,
     }
 }

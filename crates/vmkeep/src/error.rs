@@ -16,6 +16,9 @@ pub enum ErrorKind {
     Usage,
     /// The archive holds bytes that fail their checks (exit 1; `check` exits 3).
     Corrupt,
+    /// A file of the archive is not what the generation it is read for recorded (a
+    /// digest root or a header's generation id does not match): exit 3, as `check`.
+    Damage,
     /// An I/O failure in the repository or on a restore target (exit 1).
     Io,
     /// The backup source (file, NBD server, hypervisor) failed (exit 1).
@@ -47,6 +50,14 @@ pub enum Error {
     Source { source_name: String, detail: String },
     #[error("VM {vm} is busy: {holder}")]
     Busy { vm: String, holder: String },
+    #[error("damage: VM {vm}, generation {generation}, disk {disk}: {}: {detail}", path.display())]
+    Damage {
+        vm: String,
+        generation: String,
+        disk: String,
+        path: PathBuf,
+        detail: String,
+    },
     #[error("{path}: {detail}")]
     Format { path: PathBuf, detail: String },
     #[error("interrupted by {0}; what the command started was undone")]
@@ -63,6 +74,7 @@ impl Error {
             Error::Io { .. } | Error::NoSpace { .. } => ErrorKind::Io,
             Error::Source { .. } => ErrorKind::Source,
             Error::Busy { .. } => ErrorKind::Busy,
+            Error::Damage { .. } => ErrorKind::Damage,
             Error::Format { .. } => ErrorKind::Format,
             Error::Interrupted(_) => ErrorKind::Interrupted,
         }

@@ -283,7 +283,10 @@ fn expect_corrupt<T>(r: Result<T>, what: &str) -> Error {
         Ok(_) => panic!("{what}: accepted a lying archive"),
         Err(e) => {
             assert!(
-                matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Format),
+                matches!(
+                    e.kind(),
+                    ErrorKind::Corrupt | ErrorKind::Format | ErrorKind::Damage
+                ),
                 "{what}: expected a corruption error, got {:?}: {e}",
                 e.kind()
             );
@@ -1103,7 +1106,10 @@ fn tell(path: &Path, lie: &Lie) {
 fn damage_or_ok<T>(r: &Result<T>, what: &str) -> std::result::Result<(), TestCaseError> {
     if let Err(e) = r {
         prop_assert!(
-            matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Format),
+            matches!(
+                e.kind(),
+                ErrorKind::Corrupt | ErrorKind::Format | ErrorKind::Damage
+            ),
             "{}: {:?}: {}",
             what,
             e.kind(),

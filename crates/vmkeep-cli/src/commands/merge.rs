@@ -9,6 +9,13 @@ use crate::cli::MergeArgs;
 
 pub fn run(ctx: &Ctx, a: MergeArgs) -> Result<i32> {
     let repo = ctx.open_repo()?;
-    let view = open_view(&repo, &a.vm, &a.generation, a.disk.as_deref())?;
-    write_view(ctx, &a.vm, &view, &a.out.display().to_string(), false)
+    let (view, unproven) = open_view(&repo, &a.vm, &a.generation, a.disk.as_deref(), false)?;
+    write_view(
+        ctx,
+        &a.vm,
+        &view,
+        &a.out.display().to_string(),
+        false,
+        unproven,
+    )
 }

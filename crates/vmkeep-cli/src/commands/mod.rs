@@ -13,6 +13,7 @@ mod restore;
 mod serve;
 mod status;
 mod update;
+mod verify;
 
 use std::path::PathBuf;
 
@@ -117,6 +118,7 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Check(a) => check::run(&ctx, a),
         Command::Prune(a) => prune::run(&ctx, a),
         Command::Merge(a) => merge::run(&ctx, a),
+        Command::Verify(a) => verify::run(&ctx, a),
         Command::Print(a) => print::run(&ctx, a),
         Command::Checkpoints(a) => checkpoints::run(&ctx, a),
         Command::Protect(a) => protect::run(&ctx, a),

@@ -3,6 +3,7 @@
 use anyhow::Result;
 use vmkeep::archive::Repository;
 use vmkeep::engine::reader::DiskView;
+use vmkeep::progress::Progress;
 use vmkeep::Error;
 
 use super::Ctx;
@@ -15,12 +16,26 @@ pub fn run(ctx: &Ctx, a: RestoreArgs) -> Result<i32> {
         return as_vm(ctx, &repo, &a, &new_name);
     }
     let to = a.to.as_deref().expect("clap requires --to without --as-vm");
-    let view = open_view(&repo, &a.vm, &a.generation, a.disk.as_deref())?;
-    write_view(ctx, &a.vm, &view, to, a.ignore_damage)
+    let (view, unproven) = open_view(
+        &repo,
+        &a.vm,
+        &a.generation,
+        a.disk.as_deref(),
+        a.ignore_damage,
+    )?;
+    write_view(ctx, &a.vm, &view, to, a.ignore_damage, unproven)
 }
 
-/// Open disk `disk` (or the only disk) of generation `rev` of `vm`.
-pub fn open_view(repo: &Repository, vm: &str, rev: &str, disk: Option<&str>) -> Result<DiskView> {
+/// Open disk `disk` (or the only disk) of generation `rev` of `vm`, its digests proven.
+/// With `ignore_damage`, a failed proof comes back beside a view that trusts no zero
+/// digest instead of failing (see [`DiskView::open_ignoring_damage`]).
+pub fn open_view(
+    repo: &Repository,
+    vm: &str,
+    rev: &str,
+    disk: Option<&str>,
+    ignore_damage: bool,
+) -> Result<(DiskView, Option<Error>)> {
     let archive = repo.vm(vm)?;
     let id = archive.resolve(rev)?;
     let gens = archive.generations()?;
@@ -42,23 +57,37 @@ pub fn open_view(repo: &Repository, vm: &str, rev: &str, disk: Option<&str>) -> 
             }
         },
     };
-    Ok(DiskView::open(&archive, &gens, k, &disk)?)
+    if ignore_damage {
+        Ok(DiskView::open_ignoring_damage(&archive, &gens, k, &disk)?)
+    } else {
+        Ok((DiskView::open(&archive, &gens, k, &disk)?, None))
+    }
 }
 
-/// Write a view to TARGET and report.
+/// Write a view to TARGET and report. `unproven` is the failed proof of a view opened to
+/// ignore damage (the restore then reads and checks every block, lists what fails, and
+/// exits 3); `None` for a proven view, whose damaged blocks (with `ignore_damage`) are
+/// listed with exit 1.
 pub fn write_view(
     ctx: &Ctx,
     vm: &str,
     view: &DiskView,
     to: &str,
     ignore_damage: bool,
+    unproven: Option<Error>,
 ) -> Result<i32> {
     let target = vmkeep::target::open(to, view.size)?;
+    if let Some(e) = &unproven {
+        ctx.progress.warn(&format!(
+            "{e}; every block is read and checked against its own digest, and those that fail are listed"
+        ));
+    }
     let report = vmkeep::engine::restore::restore(view, target, ignore_damage, &ctx.progress)?;
     if ctx.json {
         crate::output::json(&serde_json::json!({
             "vm": vm, "generation": view.generation, "disk": view.disk, "target": to,
             "size": report.size, "written_bytes": report.written, "damaged": report.damaged,
+            "unproven": unproven.as_ref().map(|e| e.to_string()),
         }));
     } else {
         ctx.say(format!(
@@ -68,11 +97,16 @@ pub fn write_view(
             bytes(report.size),
             bytes(report.written)
         ));
+        if let Some(e) = &unproven {
+            ctx.say(format!("  unproven: {e}"));
+        }
         for (s, e) in &report.damaged {
             ctx.say(format!("  damaged: bytes {s}..{e}"));
         }
     }
-    Ok(if report.damaged.is_empty() {
+    Ok(if unproven.is_some() {
+        crate::output::EXIT_DAMAGE
+    } else if report.damaged.is_empty() {
         0
     } else {
         crate::output::EXIT_FAILURE
@@ -159,7 +193,18 @@ fn as_vm(ctx: &Ctx, repo: &Repository, a: &RestoreArgs, new_name: &str) -> Resul
         n = n.wrapping_add(1);
         [0, 0, n]
     })?;
+    // Every disk's digests are proven before the first byte is written or served (an
+    // instant recovery's server proves them again; this makes a failure exit 3 here).
+    let mut views = Vec::new();
+    for d in &gen.profile.disks {
+        views.push(if a.ignore_damage && !a.instant {
+            DiskView::open_ignoring_damage(&archive, &gens, k, &d.name)?
+        } else {
+            (DiskView::open(&archive, &gens, k, &d.name)?, None)
+        });
+    }
     if a.instant {
+        drop(views);
         return instant(ctx, repo, a, &id, gen, spec, &saved, &hv);
     }
     for d in &gen.profile.disks {
@@ -171,15 +216,28 @@ fn as_vm(ctx: &Ctx, repo: &Repository, a: &RestoreArgs, new_name: &str) -> Resul
             ))
             .into());
         }
-        let view = DiskView::open(&archive, &gens, k, &d.name)?;
+    }
+    let mut unproven = false;
+    for (view, problem) in &views {
+        let path = &spec.disks[&view.disk].path;
+        if let Some(e) = problem {
+            ctx.progress.warn(&format!(
+                "{e}; every block is read and checked against its own digest, and those that fail are listed"
+            ));
+            unproven = true;
+        }
         let target = vmkeep::target::open(path.to_str().expect("UTF-8 path"), view.size)?;
-        vmkeep::engine::restore::restore(&view, target, a.ignore_damage, &ctx.progress)?;
+        let report =
+            vmkeep::engine::restore::restore(view, target, a.ignore_damage, &ctx.progress)?;
         ctx.say(format!(
             "{}: disk {} of generation {id} restored to {}",
             a.vm,
-            d.name,
+            view.disk,
             path.display()
         ));
+        for (s, e) in &report.damaged {
+            ctx.say(format!("  damaged: bytes {s}..{e}"));
+        }
     }
     let dom = hv.define_copy(&saved, &spec)?;
     ctx.say(format!("VM {new_name} defined (UUID {})", dom.uuid()?));
@@ -187,7 +245,11 @@ fn as_vm(ctx: &Ctx, repo: &Repository, a: &RestoreArgs, new_name: &str) -> Resul
         dom.start()?;
         ctx.say(format!("VM {new_name} started"));
     }
-    Ok(0)
+    Ok(if unproven {
+        crate::output::EXIT_DAMAGE
+    } else {
+        0
+    })
 }
 
 #[cfg(not(feature = "libvirt"))]

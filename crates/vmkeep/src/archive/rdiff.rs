@@ -729,6 +729,99 @@ impl PartialScan {
     }
 }
 
+/// A reader's index of a journal (a `DISK.rdiff.partial` a running backup appends to):
+/// block → offset of each record, built from the record headers alone and extended,
+/// never rebuilt, when the file grows. A record found through it is checked when read
+/// (its body against the digest the reader wants), so a torn or damaged record past the
+/// valid prefix can never be returned as good bytes.
+pub struct JournalIndex {
+    file: File,
+    path: PathBuf,
+    pub header: RdiffHeader,
+    /// (device, inode) of the file indexed.
+    pub identity: (u64, u64),
+    /// The file's length when last extended.
+    pub len: u64,
+    /// Where the next record header is expected.
+    next: u64,
+    entries: Vec<(u64, u64)>,
+}
+
+impl JournalIndex {
+    /// Index the journal at `path`; `None` for one without a readable header.
+    pub fn open(path: &Path) -> Result<Option<JournalIndex>> {
+        use std::os::unix::fs::MetadataExt;
+        let file = fsutil::open_ro(path)?;
+        let md = file.metadata().at(path)?;
+        if md.len() < HEADER_LEN as u64 {
+            return Ok(None);
+        }
+        let mut hb = [0u8; HEADER_LEN];
+        fsutil::read_exact_at(&file, &mut hb, 0, path)?;
+        let Ok(header) = RdiffHeader::decode(path, &hb) else {
+            return Ok(None);
+        };
+        let mut idx = JournalIndex {
+            file,
+            path: path.to_path_buf(),
+            header,
+            identity: (md.dev(), md.ino()),
+            len: 0,
+            next: HEADER_LEN as u64,
+            entries: Vec::new(),
+        };
+        idx.extend()?;
+        Ok(Some(idx))
+    }
+
+    /// Index the records appended since the last call (reads only their headers).
+    pub fn extend(&mut self) -> Result<()> {
+        let len = self.file.metadata().at(&self.path)?.len();
+        if len == self.len {
+            return Ok(());
+        }
+        self.len = len;
+        while len - self.next.min(len) >= HEADER_LEN as u64 {
+            let mut hb = [0u8; HEADER_LEN];
+            fsutil::read_exact_at(&self.file, &mut hb, self.next, &self.path)?;
+            let Ok(head) = decode_record_head(&self.path, self.next, &hb, &self.header) else {
+                break;
+            };
+            let end = self.next + HEADER_LEN as u64 + head.stored_len as u64;
+            if end > len || self.entries.last().is_some_and(|&(b, _)| head.block <= b) {
+                break;
+            }
+            self.entries.push((head.block, self.next));
+            self.next = end;
+        }
+        Ok(())
+    }
+
+    /// The record for block `b`, if the indexed part holds one (its body unchecked).
+    pub fn get(&self, b: u64) -> Result<Option<Record>> {
+        let Ok(i) = self.entries.binary_search_by_key(&b, |&(blk, _)| blk) else {
+            return Ok(None);
+        };
+        let off = self.entries[i].1;
+        let mut hb = [0u8; HEADER_LEN];
+        fsutil::read_exact_at(&self.file, &mut hb, off, &self.path)?;
+        let head = decode_record_head(&self.path, off, &hb, &self.header)?;
+        let mut body = vec![0u8; head.stored_len as usize];
+        fsutil::read_exact_at(&self.file, &mut body, off + HEADER_LEN as u64, &self.path)?;
+        Ok(Some(Record {
+            block: head.block,
+            flags: head.flags,
+            raw_len: head.raw_len,
+            digest: head.digest,
+            body,
+        }))
+    }
+
+    pub fn records(&self) -> usize {
+        self.entries.len()
+    }
+}
+
 /// Read back every record of a partial reverse diff's valid prefix (see [`PartialScan`]);
 /// `None` for a journal without a readable header.
 pub fn scan_partial(path: &Path) -> Result<Option<PartialRdiff>> {

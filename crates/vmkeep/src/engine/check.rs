@@ -17,7 +17,7 @@ use crate::archive::format::{block_len, DIGEST_LEN};
 use crate::archive::lock::VmLock;
 use crate::archive::profile::{self, CheckRecord};
 use crate::archive::rdiff::RdiffReader;
-use crate::archive::{txn, Generation, Repository, VmArchive};
+use crate::archive::{generation_bytes, txn, Generation, Repository, VmArchive};
 use crate::bufpool::BufPool;
 use crate::engine::pipeline;
 use crate::engine::reader::{open_rdiff, DiskView, Loc};
@@ -309,6 +309,15 @@ impl Checker<'_> {
                     continue;
                 }
             };
+            if digest.header.generation != generation_bytes(&g.id) {
+                self.problem(
+                    Some(&g.id),
+                    Some(&d.name),
+                    Some(&dpath),
+                    None,
+                    foreign_header(&digest.header.generation),
+                );
+            }
             match digest.root() {
                 Ok(root) if root == d.digest_root && digest.header.disk_size == d.size => {}
                 Ok(_) => self.problem(
@@ -507,6 +516,15 @@ impl Checker<'_> {
                     continue;
                 }
             };
+            if r.header.generation != generation_bytes(&g.id) {
+                self.problem(
+                    Some(&g.id),
+                    Some(&d.name),
+                    Some(&path),
+                    None,
+                    foreign_header(&r.header.generation),
+                );
+            }
             // The file checksum on one thread while, in deep mode, the records are
             // decompressed and proven on the others.
             let (hashed, bad) = std::thread::scope(|s| {
@@ -562,7 +580,7 @@ impl Checker<'_> {
         let g = &gens[k];
         let mut ok = true;
         for d in &g.profile.disks {
-            let view = match DiskView::open(archive, gens, k, &d.name) {
+            let view = match DiskView::open_unproven(archive, gens, k, &d.name) {
                 Ok(v) => v,
                 Err(e) => {
                     self.problem(
@@ -667,6 +685,14 @@ impl Checker<'_> {
         }
         Ok((rh.finish(), damaged))
     }
+}
+
+/// The problem of a file whose header names another generation than the one it is in.
+fn foreign_header(id: &[u8; 16]) -> String {
+    format!(
+        "the header names generation {}, not this one (a file of another generation or VM)",
+        uuid::Uuid::from_bytes(*id).hyphenated()
+    )
 }
 
 /// A piece of the newest image to verify: blocks to read and hash, or blocks wholly in a

@@ -13,6 +13,7 @@ pub mod reader;
 pub mod restore;
 pub mod serve;
 pub mod status;
+pub mod verify;
 
 use std::fmt;
 use std::str::FromStr;

@@ -5,19 +5,30 @@
 //! reverse diff marked *base* (the next generation lacked the disk) means "no record: zero",
 //! and a block at or past the next generation's size with no record so far is zero.
 //!
-//! Every block is verified against its digest before it is returned. Readers take no lock:
-//! if a backup updates the newest image while a reader runs, a block that no longer
-//! matches the digest the reader started with is looked up in the reverse diffs that
-//! backup is writing (its undo journal holds exactly the overwritten content).
+//! Before a view hands out a byte, [`DiskView::open`] proves the digests it will use: the
+//! header of every file names the generation it is read for, and the digests of every
+//! block (from the reverse-diff records and the newest digest file) hash to the digest
+//! root the generation's profile recorded. Every block is then verified against its
+//! digest before it is returned.
+//!
+//! Readers take no lock: if a backup updates the newest image while a reader runs, a
+//! block that no longer matches the digest the reader started with is looked up in the
+//! reverse diffs of every generation from the one read that exists at the time of the
+//! miss, finished or partial (a running backup's undo journal holds exactly the
+//! overwritten content; a prune that merged a dropped generation's reverse diff into an
+//! older one moved it there). Each file is indexed once and the index reused while the
+//! file is unchanged.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-use crate::archive::digest::{block_digest, Digest, DigestReader, ZERO_DIGEST};
+use crate::archive::digest::{block_digest, Digest, DigestReader, RootHasher, ZERO_DIGEST};
 use crate::archive::format::{block_count, block_len, DIGEST_LEN};
-use crate::archive::rdiff::{self, RdiffReader, Record};
-use crate::archive::{Generation, VmArchive};
-use crate::error::{Error, Result};
+use crate::archive::rdiff::{JournalIndex, RdiffReader, Record};
+use crate::archive::{generation_bytes, Generation, VmArchive};
+use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil;
 
 /// Where a block of the generation comes from.
@@ -61,12 +72,105 @@ pub struct DiskView {
     /// Blocks below this with no record come from the image; the rest are zero.
     image_limit: u64,
     vm_dir: PathBuf,
+    vm_name: String,
     newest: String,
+    /// The digests were proven against the generation's digest root. A view opened with
+    /// [`DiskView::open_ignoring_damage`] whose proof failed is not trusted: a zero
+    /// digest no longer proves a hole, so image blocks are read and hashed whatever
+    /// their digests say.
+    trusted: bool,
+    /// Reverse diffs and journals of newer generations opened by [`DiskView::moved_on`],
+    /// by path, kept while the file is the same.
+    lookups: Mutex<HashMap<PathBuf, Lookup>>,
+}
+
+/// An indexed reverse diff found after the view was opened.
+enum Lookup {
+    Finished((u64, u64), RdiffReader),
+    Journal(JournalIndex),
+}
+
+/// (device, inode, length) of a file, if it exists.
+fn identity(path: &Path) -> Option<(u64, u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::metadata(path).ok()?;
+    Some((md.dev(), md.ino(), md.len()))
+}
+
+/// Zero digests pushed at once into a root.
+static ZEROS: [u8; DIGEST_LEN * 1024] = [0; DIGEST_LEN * 1024];
+
+fn push_zeros(rh: &mut RootHasher, mut n: u64) {
+    while n > 0 {
+        let k = n.min(1024);
+        rh.push_many(&ZEROS[..k as usize * DIGEST_LEN]);
+        n -= k;
+    }
+}
+
+/// Push the digests of blocks `[start, end)` from a digest file, reading only its data
+/// extents (its holes are zero digests).
+fn push_digest_file(rh: &mut RootHasher, d: &DigestReader, start: u64, end: u64) -> Result<()> {
+    let mut pos = start;
+    let mut buf = Vec::new();
+    for (a, b) in d.data_ranges(start, end)? {
+        push_zeros(rh, a - pos);
+        let mut s = a;
+        while s < b {
+            let e = (s + 65536).min(b);
+            buf.resize((e - s) as usize * DIGEST_LEN, 0);
+            d.read_range(s, &mut buf)?;
+            rh.push_many(&buf);
+            s = e;
+        }
+        pos = b;
+    }
+    push_zeros(rh, end - pos);
+    Ok(())
+}
+
+fn uuid_text(b: &[u8; 16]) -> String {
+    uuid::Uuid::from_bytes(*b).hyphenated().to_string()
 }
 
 impl DiskView {
-    /// Open disk `disk` of generation `gens[k]` (`gens` is every generation, oldest first).
+    /// Open disk `disk` of generation `gens[k]` (`gens` is every generation, oldest first)
+    /// and prove its digests ([`DiskView::prove`]): a file that is not what the
+    /// generation recorded is an [`Error::Damage`] naming it.
     pub fn open(vm: &VmArchive, gens: &[Generation], k: usize, disk: &str) -> Result<DiskView> {
+        let view = Self::open_unproven(vm, gens, k, disk)?;
+        view.prove(gens, k)?;
+        Ok(view)
+    }
+
+    /// [`DiskView::open`] for `--ignore-damage`: a failed proof is returned beside a view
+    /// that trusts no zero digest (every image block is read and checked against its own
+    /// digest, so what it hands out as good is still proven block by block).
+    pub fn open_ignoring_damage(
+        vm: &VmArchive,
+        gens: &[Generation],
+        k: usize,
+        disk: &str,
+    ) -> Result<(DiskView, Option<Error>)> {
+        let mut view = Self::open_unproven(vm, gens, k, disk)?;
+        match view.prove(gens, k) {
+            Ok(()) => Ok((view, None)),
+            Err(e) if e.kind() == ErrorKind::Damage => {
+                view.trusted = false;
+                Ok((view, Some(e)))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Open without proving the digests (for `check`, which proves them itself and
+    /// reports what it finds rather than stopping at the first problem).
+    pub fn open_unproven(
+        vm: &VmArchive,
+        gens: &[Generation],
+        k: usize,
+        disk: &str,
+    ) -> Result<DiskView> {
         let target = &gens[k];
         let Some(rec) = target.profile.disk(disk) else {
             let have: Vec<&str> = target
@@ -132,10 +236,118 @@ impl DiskView {
             map: Vec::new(),
             image_limit: 0,
             vm_dir: vm.dir.clone(),
+            vm_name: vm.name.clone(),
             newest: newest.id.clone(),
+            trusted: true,
+            lookups: Mutex::new(HashMap::new()),
         };
         view.build_map();
         Ok(view)
+    }
+
+    fn damage(&self, path: &Path, detail: impl std::fmt::Display) -> Error {
+        Error::Damage {
+            vm: self.vm_name.clone(),
+            generation: self.generation.clone(),
+            disk: self.disk.clone(),
+            path: path.to_path_buf(),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// Prove the files the view reads: each reverse diff's header names its own
+    /// generation, the digest file's names the newest generation, and the digests of
+    /// every block hash to the generation's digest root. Only the data extents of the
+    /// digest file are read (its holes are zero digests), so a sparse disk costs little
+    /// more than hashing its block count's worth of zero digests.
+    pub fn prove(&self, gens: &[Generation], k: usize) -> Result<()> {
+        for (c, r) in self.chain.iter().enumerate() {
+            let g = &gens[k + c];
+            if r.header.generation != generation_bytes(&g.id) {
+                return Err(self.damage(
+                    r.path(),
+                    format!(
+                        "the reverse diff's header names generation {}, not {} (a file of another generation or VM)",
+                        uuid_text(&r.header.generation),
+                        g.id
+                    ),
+                ));
+            }
+        }
+        if let Some(d) = &self.digest {
+            if d.header.generation != generation_bytes(&self.newest) {
+                return Err(self.damage(
+                    d.path(),
+                    format!(
+                        "the digest file's header names generation {}, not {} (a file of another generation or VM)",
+                        uuid_text(&d.header.generation),
+                        self.newest
+                    ),
+                ));
+            }
+        }
+        let want = gens[k]
+            .profile
+            .disk(&self.disk)
+            .map(|d| d.digest_root.as_str())
+            .unwrap_or_default();
+        if self.root()? == want {
+            return Ok(());
+        }
+        // Name the file at fault: the digest file if it fails the newest generation's own
+        // root, else the reverse diffs.
+        let newest_root = gens
+            .last()
+            .and_then(|g| g.profile.disk(&self.disk))
+            .map(|d| d.digest_root.as_str());
+        let blame = match &self.digest {
+            Some(d) if self.chain.is_empty() => d.path().to_path_buf(),
+            Some(d) if Some(self.digest_file_root(d)?.as_str()) != newest_root => {
+                d.path().to_path_buf()
+            }
+            _ => PathBuf::from(
+                self.chain
+                    .iter()
+                    .map(|r| r.path().display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+        };
+        Err(self.damage(
+            &blame,
+            "the digests do not match the generation's digest root (restore --ignore-damage writes the blocks that match their own digests and lists the rest)",
+        ))
+    }
+
+    fn digest_file_root(&self, d: &DigestReader) -> Result<String> {
+        let mut rh = RootHasher::new(d.header.block_size, d.header.disk_size);
+        push_digest_file(&mut rh, d, 0, d.blocks())?;
+        Ok(rh.finish())
+    }
+
+    /// The digest root of the generation as this view reads it.
+    pub fn root(&self) -> Result<String> {
+        let mut rh = RootHasher::new(self.block_size, self.size);
+        for seg in self.segments() {
+            match seg.loc {
+                Loc::Zero => push_zeros(&mut rh, seg.end - seg.start),
+                Loc::Image => push_digest_file(
+                    &mut rh,
+                    self.digest.as_ref().expect("image implies digest"),
+                    seg.start,
+                    seg.end,
+                )?,
+                Loc::Record { chain, rec } => {
+                    rh.push(&self.chain[chain as usize].record_digest(rec as usize)?)
+                }
+            }
+        }
+        Ok(rh.finish())
+    }
+
+    /// Whether the digests were proven (see [`DiskView::open_ignoring_damage`]).
+    pub fn trusted(&self) -> bool {
+        self.trusted
     }
 
     fn build_map(&mut self) {
@@ -321,18 +533,43 @@ impl DiskView {
     }
 
     /// Image block ranges within `[start, end)` whose digests may be other than the zero
-    /// digest: the data extents of the digest file (the rest is holes: zero blocks).
+    /// digest: the data extents of the digest file (the rest is holes: zero blocks). An
+    /// untrusted view adds the data extents of the image: only a block that is a hole in
+    /// both files is zero without being read.
     pub fn image_digest_ranges(&self, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
-        self.digest
-            .as_ref()
-            .expect("image implies digest")
-            .data_ranges(start, end)
+        let digest = self.digest.as_ref().expect("image implies digest");
+        let ranges = digest.data_ranges(start, end)?;
+        if self.trusted {
+            return Ok(ranges);
+        }
+        let (file, path) = self.image.as_ref().expect("image implies digest");
+        let bs = self.block_size as u64;
+        let to = (end * bs).min(self.image_size);
+        let from = (start * bs).min(to);
+        let extents = fsutil::data_extents(file, from, to).map_err(|e| Error::io(path, e))?;
+        let mut all: Vec<(u64, u64)> = ranges;
+        all.extend(
+            extents
+                .into_iter()
+                .map(|(off, len)| ((off / bs).max(start), (off + len).div_ceil(bs).min(end))),
+        );
+        all.sort_unstable();
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (a, b) in all {
+            match out.last_mut() {
+                Some(last) if last.1 >= a => last.1 = last.1.max(b),
+                _ if a < b => out.push((a, b)),
+                _ => {}
+            }
+        }
+        Ok(out)
     }
 
     /// Read image blocks `[start, end)` into `buf` (exactly this generation's bytes of
     /// them), given their digests, and verify each; returns the blocks that failed.
-    /// Blocks whose digest is the zero digest are zeros by definition: they are not read,
-    /// and adjacent blocks that are read come in one request.
+    /// Blocks whose digest is the zero digest are zeros by definition: they are not read
+    /// (unless the view is untrusted), and adjacent blocks that are read come in one
+    /// request.
     pub fn read_image_verified(
         &self,
         start: u64,
@@ -357,17 +594,18 @@ impl DiskView {
             let s = ((b - start) * bs) as usize;
             (s, (s + bs as usize).min(total))
         };
+        let skip = |b: u64| self.trusted && want(b) == ZERO_DIGEST;
         let mut bad = Vec::new();
         let mut b = start;
         while b < end {
-            if want(b) == ZERO_DIGEST {
+            if skip(b) {
                 let (s, e) = span(b);
                 buf[s..e].fill(0);
                 b += 1;
                 continue;
             }
             let mut c = b + 1;
-            while c < end && want(c) != ZERO_DIGEST {
+            while c < end && !skip(c) {
                 c += 1;
             }
             let (s, _) = span(b);
@@ -430,51 +668,79 @@ impl DiskView {
 
     /// The image no longer holds block `b` as the newest generation had it: a backup that
     /// started after this view was opened has overwritten it, and its old content (digest
-    /// `want`) is in that backup's reverse diff of our newest generation, or in a newer
-    /// one's. Returns the bytes if found and intact.
+    /// `want`, proven with the view) is in a reverse diff of a generation from the one
+    /// read on: the running backup's journal, a finished one, or an older one a prune
+    /// merged a dropped generation's records into. Every generation that exists now is
+    /// searched, oldest first; only bytes that match `want` are returned.
     fn moved_on(&self, b: u64, want: Digest) -> Result<Option<Vec<u8>>> {
         let ids = match VmArchive::generation_ids_in(&self.vm_dir) {
             Ok(ids) => ids,
             Err(_) => return Ok(None),
         };
-        for id in ids.iter().filter(|id| **id >= self.newest) {
+        for id in ids.iter().filter(|id| **id >= self.generation) {
             let dir = self.vm_dir.join(id);
-            let fin = dir.join(format!("{}.rdiff", self.disk));
-            let part = dir.join(format!("{}.rdiff.partial", self.disk));
-            let record = if let Ok(r) = RdiffReader::open(&fin) {
-                r.get(b)?
-            } else if part.exists() {
-                journal_record(&part, b)
-            } else {
-                None
-            };
-            if let Some(record) = record {
-                let path = if fin.exists() { fin } else { part };
+            let gid = generation_bytes(id);
+            for path in [
+                dir.join(format!("{}.rdiff", self.disk)),
+                dir.join(format!("{}.rdiff.partial", self.disk)),
+            ] {
+                let Some(record) = self.lookup(&path, gid, b) else {
+                    continue;
+                };
                 let blk = self.record_block(&record, &path);
                 if blk.ok && blk.digest == want {
                     return Ok(Some(blk.data));
                 }
-                return Ok(None);
             }
         }
         Ok(None)
     }
 
+    /// The record for block `b` in the reverse diff or journal at `path` (of generation
+    /// `gid`), through an index built once per file and reused while the file is the same
+    /// (a journal's index is extended as it grows).
+    fn lookup(&self, path: &Path, gid: [u8; 16], b: u64) -> Option<Record> {
+        let mut cache = self.lookups.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(id) = identity(path) else {
+            // Gone (renamed, merged, pruned): its open file must not keep its space.
+            cache.remove(path);
+            return None;
+        };
+        let journal = path.extension().is_some_and(|e| e == "partial");
+        let fresh = match cache.get_mut(path) {
+            Some(Lookup::Finished(same, _)) => *same != (id.0, id.1),
+            Some(Lookup::Journal(j)) => {
+                if j.identity != (id.0, id.1) {
+                    true
+                } else {
+                    j.extend().ok()?;
+                    false
+                }
+            }
+            None => true,
+        };
+        if fresh {
+            cache.remove(path);
+            let entry = if journal {
+                Lookup::Journal(JournalIndex::open(path).ok()??)
+            } else {
+                Lookup::Finished((id.0, id.1), RdiffReader::open(path).ok()?)
+            };
+            cache.insert(path.to_path_buf(), entry);
+        }
+        let (header, record) = match cache.get(path)? {
+            Lookup::Finished(_, r) => (&r.header, r.get(b).ok()?),
+            Lookup::Journal(j) => (&j.header, j.get(b).ok()?),
+        };
+        if header.generation != gid || header.block_size != self.block_size {
+            return None;
+        }
+        record
+    }
+
     pub fn chain(&self) -> &[RdiffReader] {
         &self.chain
     }
-}
-
-/// The record for block `b` in the valid prefix of a journal (whose records come in
-/// increasing block order), read one at a time.
-fn journal_record(path: &Path, b: u64) -> Option<Record> {
-    let mut scan = rdiff::PartialScan::open(path).ok()??;
-    while let Ok(Some(rec)) = scan.next_record() {
-        if rec.block >= b {
-            return (rec.block == b).then_some(rec);
-        }
-    }
-    None
 }
 
 /// Open the reverse diff of `disk` in generation `gens[j]` and check that its header
