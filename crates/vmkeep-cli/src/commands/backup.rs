@@ -489,7 +489,7 @@ fn open_tracked(
 
 /// Open a SOURCE string: a raw file or device, an image for qemu-nbd, or an NBD URI; and
 /// what the source is (recorded with the generation).
-fn open_source(spec: &str) -> Result<(Box<dyn BlockSource>, SourceIdentity)> {
+pub(super) fn open_source(spec: &str) -> Result<(Box<dyn BlockSource>, SourceIdentity)> {
     match SourceSpec::parse(spec)? {
         SourceSpec::Path {
             path,

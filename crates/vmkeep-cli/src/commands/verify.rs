@@ -43,7 +43,7 @@ pub fn run(ctx: &Ctx, a: VerifyArgs) -> Result<i32> {
     }
     let mut results: Vec<DiskVerify> = Vec::new();
     for (name, path, view) in &jobs {
-        let source = open_source(path)?;
+        let (source, _identity) = open_source(path)?;
         let r = verify_disk(view, source.as_ref(), &ctx.progress)?;
         if r.ok() {
             ctx.say(format!(
