@@ -180,7 +180,7 @@ fn damage_in_an_old_generation_fails_only_the_restores_that_need_it() {
             "--to",
             out.to_str().unwrap(),
         ],
-        1,
+        3,
     );
     assert!(e.contains("digest"), "{e}");
     assert!(!out.exists());
@@ -195,9 +195,13 @@ fn restore_refuses_damaged_blocks_unless_told() {
     env.backup("vm", &disk, &[]);
     flip_byte(&env.repo().join("vm/latest/vda.raw"), 200_000);
     let out = env.path("r.raw");
-    let e = env.fails(&["restore", "vm", "--to", out.to_str().unwrap()], 1);
+    let e = env.fails(&["restore", "vm", "--to", out.to_str().unwrap()], 3);
     assert!(
         e.contains("bytes 196608..262144") && e.contains("digest"),
+        "{e}"
+    );
+    assert!(
+        e.contains("damage: VM vm, generation") && e.contains("disk vda"),
         "{e}"
     );
     assert!(!out.exists(), "a failed restore leaves no file");
@@ -208,7 +212,11 @@ fn restore_refuses_damaged_blocks_unless_told() {
         out.to_str().unwrap(),
         "--ignore-damage",
     ]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "damage written on request is still damage"
+    );
     assert!(String::from_utf8_lossy(&o.stdout).contains("damaged: bytes 196608..262144"));
     let got = std::fs::read(&out).unwrap();
     let want = std::fs::read(&disk).unwrap();

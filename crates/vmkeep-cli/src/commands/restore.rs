@@ -67,7 +67,7 @@ pub fn open_view(
 /// Write a view to TARGET and report. `unproven` is the failed proof of a view opened to
 /// ignore damage (the restore then reads and checks every block, lists what fails, and
 /// exits 3); `None` for a proven view, whose damaged blocks (with `ignore_damage`) are
-/// listed with exit 1.
+/// listed, also with exit 3.
 pub fn write_view(
     ctx: &Ctx,
     vm: &str,
@@ -104,12 +104,10 @@ pub fn write_view(
             ctx.say(format!("  damaged: bytes {s}..{e}"));
         }
     }
-    Ok(if unproven.is_some() {
+    Ok(if unproven.is_some() || !report.damaged.is_empty() {
         crate::output::EXIT_DAMAGE
-    } else if report.damaged.is_empty() {
-        0
     } else {
-        crate::output::EXIT_FAILURE
+        0
     })
 }
 
@@ -238,6 +236,7 @@ fn as_vm(ctx: &Ctx, repo: &Repository, a: &RestoreArgs, new_name: &str) -> Resul
         for (s, e) in &report.damaged {
             ctx.say(format!("  damaged: bytes {s}..{e}"));
         }
+        unproven |= !report.damaged.is_empty();
     }
     let dom = hv.define_copy(&saved, &spec)?;
     ctx.say(format!("VM {new_name} defined (UUID {})", dom.uuid()?));

@@ -245,6 +245,12 @@ impl DiskView {
         Ok(view)
     }
 
+    /// A block of this view failed its digest: damage of the generation (exit 3), named by
+    /// its VM folder since the block may have come from any file of the chain.
+    pub fn block_damage(&self, detail: impl std::fmt::Display) -> Error {
+        self.damage(&self.vm_dir.join(&self.generation), detail)
+    }
+
     fn damage(&self, path: &Path, detail: impl std::fmt::Display) -> Error {
         Error::Damage {
             vm: self.vm_name.clone(),
@@ -672,24 +678,33 @@ impl DiskView {
     /// read on: the running backup's journal, a finished one, or an older one a prune
     /// merged a dropped generation's records into. Every generation that exists now is
     /// searched, oldest first; only bytes that match `want` are returned.
+    ///
+    /// The writers rename files while we search: a journal becomes its reverse diff, a
+    /// prune's merged file replaces an older reverse diff just before the dropped
+    /// generation goes. The journal is looked at before the finished name (a rename
+    /// between the two looks then finds the finished file), and a search that finds
+    /// nothing is made again, a few times, from a fresh listing: the bytes were durable
+    /// somewhere before the image changed, so a miss is a race with a rename, or damage.
     fn moved_on(&self, b: u64, want: Digest) -> Result<Option<Vec<u8>>> {
-        let ids = match VmArchive::generation_ids_in(&self.vm_dir) {
-            Ok(ids) => ids,
-            Err(_) => return Ok(None),
-        };
-        for id in ids.iter().filter(|id| **id >= self.generation) {
-            let dir = self.vm_dir.join(id);
-            let gid = generation_bytes(id);
-            for path in [
-                dir.join(format!("{}.rdiff", self.disk)),
-                dir.join(format!("{}.rdiff.partial", self.disk)),
-            ] {
-                let Some(record) = self.lookup(&path, gid, b) else {
-                    continue;
-                };
-                let blk = self.record_block(&record, &path);
-                if blk.ok && blk.digest == want {
-                    return Ok(Some(blk.data));
+        for _ in 0..MOVED_ON_TRIES {
+            let ids = match VmArchive::generation_ids_in(&self.vm_dir) {
+                Ok(ids) => ids,
+                Err(_) => return Ok(None),
+            };
+            for id in ids.iter().filter(|id| **id >= self.generation) {
+                let dir = self.vm_dir.join(id);
+                let gid = generation_bytes(id);
+                for path in [
+                    dir.join(format!("{}.rdiff.partial", self.disk)),
+                    dir.join(format!("{}.rdiff", self.disk)),
+                ] {
+                    let Some(record) = self.lookup(&path, gid, b) else {
+                        continue;
+                    };
+                    let blk = self.record_block(&record, &path);
+                    if blk.ok && blk.digest == want {
+                        return Ok(Some(blk.data));
+                    }
                 }
             }
         }
@@ -742,6 +757,9 @@ impl DiskView {
         &self.chain
     }
 }
+
+/// How often [`DiskView::moved_on`] searches before it calls a block damaged.
+const MOVED_ON_TRIES: usize = 3;
 
 /// Open the reverse diff of `disk` in generation `gens[j]` and check that its header
 /// tells what the profiles tell: its own size and block size, and the next generation's

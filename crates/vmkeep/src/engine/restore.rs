@@ -326,10 +326,10 @@ fn run(
                 b * bs + block_len(b, view.size, view.block_size) as u64,
             );
             if !ignore_damage {
-                return Err(Error::corrupt(
-                    format!("{}/{}", view.generation, view.disk),
-                    format!("bytes {}..{} fail their digest; the restore was stopped (use --ignore-damage to write what can be read)", range.0, range.1),
-                ));
+                return Err(view.block_damage(format!(
+                    "bytes {}..{} fail their digest; the restore was stopped (use --ignore-damage to write what can be read)",
+                    range.0, range.1
+                )));
             }
             progress.warn(&format!(
                 "disk {}: bytes {}..{} are damaged",
