@@ -78,6 +78,11 @@ pub struct ServerConfig {
     pub queue_per_connection: usize,
     /// Bytes of read buffers all connections may hold together.
     pub max_buffered_bytes: usize,
+    /// Bytes of read replies one connection may have in flight (read, or waiting to be
+    /// taken by the client); past it the connection's requests are not read until its
+    /// client takes replies. This keeps a client that never reads from holding more
+    /// than this of [`max_buffered_bytes`](Self::max_buffered_bytes).
+    pub max_buffered_per_connection: usize,
     /// The whole handshake must finish within this.
     pub handshake_timeout: Duration,
     /// A connection with no request for this long is closed (`None`: never).
@@ -98,6 +103,7 @@ impl Default for ServerConfig {
             workers_per_connection: 4,
             queue_per_connection: 16,
             max_buffered_bytes: 512 << 20,
+            max_buffered_per_connection: 64 << 20,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Some(Duration::from_secs(15 * 60)),
             write_timeout: Duration::from_secs(60),
@@ -170,7 +176,12 @@ impl Server {
             )));
         }
         let listener = Listener::bind(listen, config.socket_group)?;
-        let budget = Budget::new(config.max_buffered_bytes);
+        // The shared budget always holds the largest request.
+        let budget = Budget::new(
+            config
+                .max_buffered_bytes
+                .max(crate::nbd::proto::MAX_BLOCK_SIZE as usize),
+        );
         Ok(Server {
             listener,
             shared: Arc::new(Shared {
@@ -319,7 +330,8 @@ fn connection(shared: &Shared, mut stream: Stream) {
     stream.shutdown(Shutdown::Both);
 }
 
-/// A byte budget shared by all read buffers: a request waits until its buffer fits.
+/// A byte budget: a request waits until its buffer fits. The server has one for all read
+/// buffers together, and each connection one of its own for its replies in flight.
 pub(crate) struct Budget {
     used: Mutex<usize>,
     freed: Condvar,
@@ -327,15 +339,16 @@ pub(crate) struct Budget {
 }
 
 impl Budget {
-    fn new(cap: usize) -> Budget {
+    pub(crate) fn new(cap: usize) -> Budget {
         Budget {
             used: Mutex::new(0),
             freed: Condvar::new(),
-            cap: cap.max(crate::nbd::proto::MAX_BLOCK_SIZE as usize),
+            cap: cap.max(1),
         }
     }
 
-    /// Take `n` bytes (at most the cap), waiting while others hold too much.
+    /// Take `n` bytes (at most the cap: a larger request takes all of it, so it runs
+    /// alone), waiting while others hold too much.
     pub(crate) fn take(&self, n: usize) -> BudgetGuard<'_> {
         let n = n.min(self.cap);
         let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());

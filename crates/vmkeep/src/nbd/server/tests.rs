@@ -557,3 +557,92 @@ fn shutdown_lets_requests_finish_and_removes_the_socket() {
     assert_ne!(kind, REPLY_TYPE_ERROR);
     assert!(c.closed());
 }
+
+/// An export of `size` bytes of a pattern, without damage.
+fn pattern(name: &str, size: usize) -> Arc<dyn Export> {
+    let data = (0..size).map(|i| (i / 4096 * 7 + i) as u8 | 1).collect();
+    Arc::new(MemExport {
+        name: name.into(),
+        data,
+        bad: 0..0,
+    })
+}
+
+/// Clients that pipeline reads and never take the replies hold their own connection's
+/// budget and no more: a normal client still reads the whole export, and the slow ones
+/// keep their connections and get every reply, right, once they read.
+#[test]
+fn slow_readers_do_not_starve_other_clients() {
+    const EXPORT: usize = 16 << 20;
+    const READ: u32 = 4 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let config = ServerConfig {
+        max_buffered_bytes: 32 << 20,
+        max_buffered_per_connection: 4 << 20,
+        // Nothing is cut off by a timeout: the slow clients hold on for as long as they
+        // like, so only the per-connection limit can keep the budget free.
+        write_timeout: Duration::from_secs(3600),
+        idle_timeout: None,
+        ..Default::default()
+    };
+    let server = Server::bind(
+        &Listen::Unix(path.clone()),
+        vec![pattern("big", EXPORT)],
+        config,
+    )
+    .unwrap();
+    let handle = server.shutdown_handle();
+    let thread = Some(std::thread::spawn(move || server.run()));
+    let r = Running {
+        handle,
+        thread,
+        path,
+        _dir: dir,
+    };
+    let mut want = vec![0u8; EXPORT];
+    pattern("x", EXPORT).read(0, &mut want).unwrap();
+
+    // Four clients send eight 4 MiB reads each and read nothing: together they ask for
+    // 128 MiB of replies, four times the shared budget.
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let (mut c, _, _) = Client::open(&r, "big", true);
+        for i in 0..8u64 {
+            c.req(CMD_READ, CMD_FLAG_DF, i, (i % 4) * READ as u64, READ);
+        }
+        slow.push(c);
+    }
+    // Let the server take up their requests (the reads fill the socket buffers and stall).
+    std::thread::sleep(Duration::from_millis(500));
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (mut normal, _, _) = Client::open(&r, "big", true);
+    std::thread::spawn(move || {
+        let mut got = Vec::with_capacity(EXPORT);
+        for off in (0..EXPORT as u64).step_by(1 << 20) {
+            got.extend(normal.read(off, 1 << 20).0.expect("a normal read"));
+        }
+        let _ = tx.send(got);
+    });
+    // A bound for a hang, not a speed goal: the read takes well under a second.
+    let got = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the normal client was starved by clients that do not read their replies");
+    assert!(got == want, "the normal client read wrong bytes");
+
+    for c in &mut slow {
+        let mut seen = [false; 8];
+        for _ in 0..8 {
+            let (flags, kind, cookie, p) = c.chunk();
+            assert_eq!(flags & REPLY_FLAG_DONE, REPLY_FLAG_DONE);
+            assert_eq!(kind, REPLY_TYPE_OFFSET_DATA, "slow client: a data chunk");
+            let off = ((cookie % 4) * READ as u64) as usize;
+            assert_eq!(be64(&p) as usize, off);
+            assert!(p[8..] == want[off..off + READ as usize], "slow client: wrong bytes");
+            seen[cookie as usize] = true;
+        }
+        assert!(seen.iter().all(|&s| s));
+    }
+    r.stop();
+}
