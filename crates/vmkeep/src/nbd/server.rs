@@ -16,7 +16,8 @@
 //! What is spoken: fixed newstyle handshake only; `NBD_OPT_GO`/`INFO` (with block sizes:
 //! minimum 1, preferred = the backend's block size, maximum 32 MiB), `EXPORT_NAME`,
 //! `LIST`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT`/`SET_META_CONTEXT` for
-//! `base:allocation`, `ABORT`; `STARTTLS` is refused by policy and anything else is
+//! `base:allocation`, `ABORT`, and `STARTTLS` when TLS is configured (then it is required:
+//! the FORCEDTLS mode of the spec; without TLS it is refused by policy); anything else is
 //! `NBD_REP_ERR_UNSUP`. In transmission: `READ` (structured replies with hole chunks when
 //! negotiated), `BLOCK_STATUS`, `CACHE` and `FLUSH` (nothing to do), `DISC`; writes,
 //! trims and write-zeroes fail with `EPERM`. See `docs/SERVE.md`.
@@ -94,6 +95,11 @@ pub struct ServerConfig {
     /// A unix socket is made 0660 with this group instead of 0600: QEMU (another user)
     /// connects to it for instant recovery.
     pub socket_group: Option<u32>,
+    /// Require TLS with this configuration (see [`crate::tls::server_config`]): every
+    /// option but `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` is refused with
+    /// `NBD_REP_ERR_TLS_REQD` until the client has upgraded, and the TLS handshake
+    /// refuses clients without a certificate from the configured CA. TCP only.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ServerConfig {
@@ -109,6 +115,7 @@ impl Default for ServerConfig {
             write_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(5),
             socket_group: None,
+            tls: None,
         }
     }
 }
@@ -175,6 +182,11 @@ impl Server {
                 dup.name()
             )));
         }
+        if config.tls.is_some() && matches!(listen, Listen::Unix(_)) {
+            return Err(Error::usage(
+                "TLS is served over TCP only; a unix socket is protected by its mode",
+            ));
+        }
         let listener = Listener::bind(listen, config.socket_group)?;
         // The shared budget always holds the largest request.
         let budget = Budget::new(
@@ -204,16 +216,23 @@ impl Server {
         self.listener.local_tcp()
     }
 
-    /// The NBD URI of export `name` on this server.
+    /// The NBD URI of export `name` on this server (`nbds://` with TLS).
     pub fn uri(&self, name: &str) -> String {
         let export = uri_escape(name, false);
+        let scheme = if self.shared.config.tls.is_some() {
+            "nbds"
+        } else {
+            "nbd"
+        };
         match (self.listener.unix_path(), self.local_addr()) {
             (Some(p), _) => format!(
                 "nbd+unix:///{export}?socket={}",
                 uri_escape(&p.to_string_lossy(), true)
             ),
-            (None, Some(SocketAddr::V6(a))) => format!("nbd://[{}]:{}/{export}", a.ip(), a.port()),
-            (None, Some(a)) => format!("nbd://{a}/{export}"),
+            (None, Some(SocketAddr::V6(a))) => {
+                format!("{scheme}://[{}]:{}/{export}", a.ip(), a.port())
+            }
+            (None, Some(a)) => format!("{scheme}://{a}/{export}"),
             (None, None) => format!("nbd:///{export}"),
         }
     }
@@ -324,10 +343,13 @@ fn connection(shared: &Shared, mut stream: Stream) {
             return transmission::serve(shared, stream, session);
         }
         Ok(None) => {}
+        // Refused TLS handshakes (no certificate, a foreign CA) are worth an operator's
+        // eye: they name who tried.
+        Err(e) if e.to_string().starts_with("TLS") => tracing::info!("{peer}: refused: {e}"),
         Err(e) => tracing::debug!("{peer}: handshake ended: {e}"),
     }
     // The live set keeps a clone of the socket; shut it down so the client sees the end now.
-    stream.shutdown(Shutdown::Both);
+    stream.close();
 }
 
 /// A byte budget: a request waits until its buffer fits. The server has one for all read

@@ -639,7 +639,10 @@ fn slow_readers_do_not_starve_other_clients() {
             assert_eq!(kind, REPLY_TYPE_OFFSET_DATA, "slow client: a data chunk");
             let off = ((cookie % 4) * READ as u64) as usize;
             assert_eq!(be64(&p) as usize, off);
-            assert!(p[8..] == want[off..off + READ as usize], "slow client: wrong bytes");
+            assert!(
+                p[8..] == want[off..off + READ as usize],
+                "slow client: wrong bytes"
+            );
             seen[cookie as usize] = true;
         }
         assert!(seen.iter().all(|&s| s));

@@ -94,7 +94,7 @@ pub(crate) fn serve(shared: &Shared, mut stream: Stream, session: Session) {
         }
         drop(tx); // workers finish what is queued, then the scope ends
     });
-    stream.shutdown(Shutdown::Both);
+    stream.close();
 }
 
 fn read_requests<'a>(conn: &'a Conn, s: &mut Stream, tx: &Sender<Queued<'a>>) -> io::Result<()> {
