@@ -553,6 +553,53 @@ fn hostile_clients_do_not_hurt_a_normal_one() {
     server.stop();
 }
 
+/// Clients that pipeline large reads and never take the replies hold only their own
+/// connection's budget (64 MiB): a normal client still copies the export, and the slow
+/// ones keep their connections and get every reply, right, once they read. (Before, four
+/// of them held the whole 512 MiB shared budget until the write timeout cut them off.)
+#[test]
+fn clients_that_do_not_read_their_replies_starve_no_one() {
+    if !have(&["nbdcopy"]) {
+        return;
+    }
+    const READ: usize = 32 << 20;
+    let repo = Repo::new();
+    let mut data = vec![0u8; 2 * READ];
+    data[..MIB].copy_from_slice(&noise(51, MIB));
+    data[READ..READ + MIB].copy_from_slice(&noise(52, MIB));
+    repo.backup("vm", &[("vda", &data)]);
+    let sock = repo.path("slow.sock");
+    let mut server = repo.serve("vm", &["--socket", sock.to_str().unwrap()]);
+    let mut slow: Vec<Raw> = (0..4)
+        .map(|_| {
+            let mut r = Raw::open(&sock, "vda");
+            for i in 0..8u64 {
+                r.request(0, i, (i % 2) * READ as u64, READ as u32, &[]);
+            }
+            r
+        })
+        .collect();
+    // Let the server take up their requests: the replies fill the sockets and stall.
+    std::thread::sleep(Duration::from_secs(1));
+
+    let copied = fetch(server.uri("vda"), &repo.path("copy.raw"));
+    assert!(copied == data, "the normal client read wrong bytes");
+    assert!(server.running(), "the server died");
+    for (n, r) in slow.iter_mut().enumerate() {
+        let mut buf = vec![0u8; READ];
+        for _ in 0..8 {
+            let (err, cookie) = r.reply();
+            assert_eq!(err, 0, "slow client {n}: an error reply");
+            r.s.read_exact(&mut buf).unwrap_or_else(|e| {
+                panic!("slow client {n} lost its connection: {e}: {}", server.log())
+            });
+            let off = (cookie % 2) as usize * READ;
+            assert!(buf == data[off..off + READ], "slow client {n}: wrong bytes");
+        }
+    }
+    server.stop();
+}
+
 #[test]
 fn tcp_needs_tls_unless_insecure_and_is_loopback_only() {
     if !have(&["nbdcopy"]) {

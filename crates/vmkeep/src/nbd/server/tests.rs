@@ -649,3 +649,132 @@ fn slow_readers_do_not_starve_other_clients() {
     }
     r.stop();
 }
+
+/// A CA and a server certificate made with certtool, in QEMU's server layout.
+fn server_pki(dir: &std::path::Path) -> crate::tls::TlsFiles {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("certtool")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("certtool is installed (scripts/test.sh installs gnutls-bin)");
+        assert!(out.status.success(), "certtool {args:?}: {out:?}");
+    };
+    std::fs::write(dir.join("ca.info"), "cn = test CA\nca\ncert_signing_key\n").unwrap();
+    std::fs::write(
+        dir.join("server.info"),
+        "cn = localhost\nip_address = 127.0.0.1\ntls_www_server\nsigning_key\nencryption_key\n",
+    )
+    .unwrap();
+    run(&[
+        "--generate-privkey",
+        "--key-type=ecdsa",
+        "--outfile=ca-key.pem",
+    ]);
+    run(&[
+        "--generate-self-signed",
+        "--load-privkey=ca-key.pem",
+        "--template=ca.info",
+        "--outfile=ca-cert.pem",
+    ]);
+    run(&[
+        "--generate-privkey",
+        "--key-type=ecdsa",
+        "--outfile=server-key.pem",
+    ]);
+    run(&[
+        "--generate-certificate",
+        "--load-privkey=server-key.pem",
+        "--load-ca-certificate=ca-cert.pem",
+        "--load-ca-privkey=ca-key.pem",
+        "--template=server.info",
+        "--outfile=server-cert.pem",
+    ]);
+    crate::tls::TlsFiles::server_dir(dir)
+}
+
+/// FORCEDTLS as the spec describes it: before `NBD_OPT_STARTTLS`, every option but
+/// `ABORT` gets `NBD_REP_ERR_TLS_REQD` and no export information, and `EXPORT_NAME` ends
+/// the session; `STARTTLS` is acknowledged and a client that then speaks no TLS is closed.
+#[test]
+fn a_tls_server_refuses_every_option_before_starttls() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = crate::tls::server_config(&server_pki(dir.path())).unwrap();
+    let config = ServerConfig {
+        tls: Some(tls),
+        ..Default::default()
+    };
+    let listen = resolve_listen("127.0.0.1:0", false).unwrap();
+    let server = Server::bind(&listen, vec![mem("vda")], config).unwrap();
+    let addr = server.local_addr().unwrap();
+    assert!(server.uri("vda").starts_with("nbds://127.0.0.1:"));
+    let handle = server.shutdown_handle();
+    let thread = std::thread::spawn(move || server.run());
+    let connect = || {
+        let s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut g = [0u8; 18];
+        (&s).read_exact(&mut g).unwrap();
+        (&s).write_all(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes())
+            .unwrap();
+        s
+    };
+    let opt = |s: &std::net::TcpStream, opt: u32, data: &[u8]| {
+        let mut b = IHAVEOPT.to_be_bytes().to_vec();
+        b.extend_from_slice(&opt.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        let mut s = s;
+        s.write_all(&b).unwrap();
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).unwrap();
+        let mut p = vec![0u8; be32(&h[16..20]) as usize];
+        s.read_exact(&mut p).unwrap();
+        (be32(&h[8..12]), be32(&h[12..16]), p)
+    };
+    let s = connect();
+    let go = Client::go_data("vda", &[INFO_NAME]);
+    for (o, data) in [
+        (OPT_LIST, &[][..]),
+        (OPT_GO, &go[..]),
+        (OPT_INFO, &go[..]),
+        (OPT_STRUCTURED_REPLY, &[][..]),
+        (99, &[][..]),
+    ] {
+        let (echo, kind, p) = opt(&s, o, data);
+        assert_eq!((echo, kind), (o, REP_ERR_TLS_REQD), "option {o}");
+        let msg = String::from_utf8_lossy(&p);
+        assert!(!msg.contains("vda") && !msg.contains("memory"), "{msg}");
+    }
+    assert_eq!(opt(&s, OPT_STARTTLS, b"x").1, REP_ERR_INVALID);
+    assert_eq!(opt(&s, OPT_ABORT, &[]).1, REP_ACK);
+
+    // EXPORT_NAME cannot be refused with a reply: the session ends, with nothing sent.
+    let mut s = connect();
+    let mut b = IHAVEOPT.to_be_bytes().to_vec();
+    b.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
+    b.extend_from_slice(&3u32.to_be_bytes());
+    b.extend_from_slice(b"vda");
+    s.write_all(&b).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(
+        rest.is_empty(),
+        "sent {} bytes after EXPORT_NAME",
+        rest.len()
+    );
+
+    // STARTTLS is acknowledged; garbage instead of a TLS ClientHello closes.
+    let mut s = connect();
+    assert_eq!(opt(&s, OPT_STARTTLS, &[]).1, REP_ACK);
+    s.write_all(&[0x55; 512]).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(
+        !rest.windows(3).any(|w| w == b"vda"),
+        "export named after a failed TLS"
+    );
+
+    handle.shutdown();
+    thread.join().unwrap().unwrap();
+}
