@@ -11,7 +11,12 @@
 //! so a client that sends garbage, never reads its replies or goes silent loses its own
 //! connection and nothing else. Shared limits bound what all clients together can take:
 //! a connection cap (past it a connection is accepted and closed at once) and a byte
-//! budget for read buffers, with no single request above 32 MiB.
+//! budget for read buffers, with no single request above 32 MiB. Each connection also has
+//! a budget of its own for replies in flight, so a client that stops reading its replies
+//! stops being served long before it could hold the shared budget.
+//!
+//! Over TCP the server can require TLS with client certificates ([`ServerConfig::tls`],
+//! [`crate::tls`]): loopback is no boundary between local users.
 //!
 //! What is spoken: fixed newstyle handshake only; `NBD_OPT_GO`/`INFO` (with block sizes:
 //! minimum 1, preferred = the backend's block size, maximum 32 MiB), `EXPORT_NAME`,
