@@ -666,22 +666,14 @@ fn server_pki(dir: &std::path::Path) -> crate::tls::TlsFiles {
         "cn = localhost\nip_address = 127.0.0.1\ntls_www_server\nsigning_key\nencryption_key\n",
     )
     .unwrap();
-    run(&[
-        "--generate-privkey",
-        "--key-type=ecdsa",
-        "--outfile=ca-key.pem",
-    ]);
+    run(&["--generate-privkey", "--outfile=ca-key.pem"]);
     run(&[
         "--generate-self-signed",
         "--load-privkey=ca-key.pem",
         "--template=ca.info",
         "--outfile=ca-cert.pem",
     ]);
-    run(&[
-        "--generate-privkey",
-        "--key-type=ecdsa",
-        "--outfile=server-key.pem",
-    ]);
+    run(&["--generate-privkey", "--outfile=server-key.pem"]);
     run(&[
         "--generate-certificate",
         "--load-privkey=server-key.pem",
