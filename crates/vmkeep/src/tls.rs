@@ -82,6 +82,13 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>> {
     let chain = certificates(&files.cert)?;
     let key =
         PrivateKeyDer::from_pem_file(&files.key).map_err(|e| bad_file(&files.key, pem_error(e)))?;
+    let key = match key {
+        PrivateKeyDer::Sec1(k) => match sec1_unpadded(k.secret_sec1_der()) {
+            Some(fixed) => PrivateKeyDer::Sec1(fixed.into()),
+            None => PrivateKeyDer::Sec1(k),
+        },
+        other => other,
+    };
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(|e| bad_file(&files.ca, format!("cannot verify clients with it: {e}")))?;
@@ -97,6 +104,74 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>> {
             )
         })?;
     Ok(Arc::new(config))
+}
+
+/// DER length octets for `n`.
+fn der_len(n: usize) -> Vec<u8> {
+    match n {
+        0..=0x7f => vec![n as u8],
+        0x80..=0xff => vec![0x81, n as u8],
+        _ => vec![0x82, (n >> 8) as u8, n as u8],
+    }
+}
+
+/// Read one DER length at `d[*i..]`, moving `*i` past it (short and 1–2 byte long forms).
+fn read_der_len(d: &[u8], i: &mut usize) -> Option<usize> {
+    let first = *d.get(*i)?;
+    *i += 1;
+    match first {
+        0..=0x7f => Some(first as usize),
+        0x81 => {
+            let n = *d.get(*i)? as usize;
+            *i += 1;
+            Some(n)
+        }
+        0x82 => {
+            let n = ((*d.get(*i)? as usize) << 8) | *d.get(*i + 1)? as usize;
+            *i += 2;
+            Some(n)
+        }
+        _ => None,
+    }
+}
+
+/// GnuTLS' certtool writes a SEC1 `ECPrivateKey` whose private scalar carries a leading
+/// zero byte (33 bytes for P-256, 49 for P-384) whenever its top bit is set; SEC1 says
+/// the octet string has exactly the curve's length, and `ring` refuses the padded form.
+/// Returns the key re-encoded without the padding, or `None` when there is none to strip
+/// (or the DER is not the plain shape expected; rustls then judges it as it is). The
+/// scalar's value is unchanged, and rustls checks afterwards that the key fits the
+/// certificate.
+fn sec1_unpadded(der: &[u8]) -> Option<Vec<u8>> {
+    let mut i = 0;
+    if *der.get(i)? != 0x30 {
+        return None;
+    }
+    i += 1;
+    let total = read_der_len(der, &mut i)?;
+    if i + total != der.len() || der.get(i..i + 3)? != [0x02, 0x01, 0x01] {
+        return None;
+    }
+    let version_at = i;
+    i += 3;
+    if *der.get(i)? != 0x04 {
+        return None;
+    }
+    i += 1;
+    let n = read_der_len(der, &mut i)?;
+    let scalar = der.get(i..i + n)?;
+    if !matches!(n, 33 | 49 | 67) || scalar[0] != 0 || scalar[1] & 0x80 == 0 {
+        return None;
+    }
+    let mut body = der[version_at..version_at + 3].to_vec();
+    body.push(0x04);
+    body.extend(der_len(n - 1));
+    body.extend_from_slice(&scalar[1..]);
+    body.extend_from_slice(&der[i + n..]);
+    let mut out = vec![0x30];
+    out.extend(der_len(body.len()));
+    out.extend(body);
+    Some(out)
 }
 
 struct Shared {
@@ -297,5 +372,87 @@ impl Write for TlsStream {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn certtool(dir: &Path, args: &[&str]) {
+        let out = std::process::Command::new("certtool")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("certtool is installed (scripts/test.sh installs gnutls-bin)");
+        assert!(out.status.success(), "certtool {args:?}: {out:?}");
+    }
+
+    /// ECDSA keys as certtool makes them (about half with a padded scalar) are accepted:
+    /// each one loads and fits its certificate.
+    #[test]
+    fn certtool_ecdsa_keys_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("ca.info"), "cn = CA\nca\ncert_signing_key\n").unwrap();
+        std::fs::write(
+            d.join("s.info"),
+            "cn = localhost\ntls_www_server\nsigning_key\n",
+        )
+        .unwrap();
+        certtool(d, &["--generate-privkey", "--outfile=ca-key.pem"]);
+        certtool(
+            d,
+            &[
+                "--generate-self-signed",
+                "--load-privkey=ca-key.pem",
+                "--template=ca.info",
+                "--outfile=ca-cert.pem",
+            ],
+        );
+        let mut padded = 0;
+        for _ in 0..8 {
+            certtool(
+                d,
+                &[
+                    "--generate-privkey",
+                    "--key-type=ecdsa",
+                    "--outfile=server-key.pem",
+                ],
+            );
+            certtool(
+                d,
+                &[
+                    "--generate-certificate",
+                    "--load-privkey=server-key.pem",
+                    "--load-ca-certificate=ca-cert.pem",
+                    "--load-ca-privkey=ca-key.pem",
+                    "--template=s.info",
+                    "--outfile=server-cert.pem",
+                ],
+            );
+            let key = PrivateKeyDer::from_pem_file(d.join("server-key.pem")).unwrap();
+            if let PrivateKeyDer::Sec1(k) = &key {
+                padded += sec1_unpadded(k.secret_sec1_der()).is_some() as u32;
+            }
+            server_config(&TlsFiles::server_dir(d)).expect("a certtool ECDSA key loads");
+        }
+        eprintln!("{padded} of 8 keys had a padded scalar");
+    }
+
+    #[test]
+    fn unpadding_keeps_unpadded_keys_and_odd_der_alone() {
+        // A well-formed 32-byte scalar: nothing to strip.
+        let mut k = vec![0x30, 0x25, 0x02, 0x01, 0x01, 0x04, 0x20];
+        k.extend([0x80; 32]);
+        assert_eq!(sec1_unpadded(&k), None);
+        // Padded: 33 bytes with a zero before a byte with its top bit set.
+        let mut p = vec![0x30, 0x26, 0x02, 0x01, 0x01, 0x04, 0x21, 0x00];
+        p.extend([0x80; 32]);
+        assert_eq!(sec1_unpadded(&p), Some(k));
+        // Truncated or foreign shapes are left to rustls.
+        assert_eq!(sec1_unpadded(&p[..20]), None);
+        assert_eq!(sec1_unpadded(&[0x31, 0x00]), None);
+        assert_eq!(sec1_unpadded(&[]), None);
     }
 }
