@@ -15,8 +15,8 @@ as_root() {
 
 # Everything vmkeep and its tests use at run time and build time, and the commands that
 # prove each package works once installed.
-BASE_PACKAGES=(pkg-config qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev nbdkit libnbd-bin)
-BASE_COMMANDS=(qemu-img qemu-nbd qemu-io qemu-system-x86_64 virsh libvirtd nbdkit nbdcopy nbdinfo pkg-config)
+BASE_PACKAGES=(pkg-config qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev nbdkit libnbd-bin gnutls-bin)
+BASE_COMMANDS=(qemu-img qemu-nbd qemu-io qemu-system-x86_64 virsh libvirtd nbdkit nbdcopy nbdinfo pkg-config certtool)
 
 # The packages that must come from one QEMU build: qemu-system-x86 refuses a qemu-utils of
 # another version (the machine image ships a newer qemu-utils from backports), and apt

@@ -87,7 +87,7 @@ pub enum Command {
     Protect(ProtectArgs),
     /// Export a generation's disks read-only over NBD until interrupted
     #[command(
-        after_help = "Examples:\n  vmkeep serve web1 --socket /run/vmkeep/web1.sock\n  vmkeep serve web1 --generation 3 --listen 127.0.0.1:10809\n  nbdcopy 'nbd+unix:///vda?socket=/run/vmkeep/web1.sock' vda.raw\n  qemu-img convert -O qcow2 nbd://127.0.0.1:10809/vda vda.qcow2\n\nThe served generation is pinned: prune keeps it until the server stops.\nStops on SIGINT or SIGTERM."
+        after_help = "Examples:\n  vmkeep serve web1 --socket /run/vmkeep/web1.sock\n  vmkeep serve web1 --generation 3 --listen 127.0.0.1:10809 --tls-dir /etc/pki/vmkeep\n  nbdcopy 'nbd+unix:///vda?socket=/run/vmkeep/web1.sock' vda.raw\n  nbdcopy 'nbds://127.0.0.1:10809/vda?tls-certificates=/etc/pki/vmkeep-client' vda.raw\n\nThe served generation is pinned: prune keeps it until the server stops.\nStops on SIGINT or SIGTERM."
     )]
     Serve(ServeArgs),
     /// Print shell completions
@@ -228,10 +228,28 @@ pub struct ServeArgs {
     /// Listen on a unix socket at PATH (created mode 0600, removed on exit)
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// Listen on TCP at HOST[:PORT] (loopback only; port 10809 by default, 0 picks a free one)
+    /// Listen on TCP at HOST[:PORT] with TLS client certificates (port 10809 by default,
+    /// 0 picks a free one; loopback only unless --allow-remote)
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
-    /// Serve beyond loopback (refused: that needs TLS, which is not supported yet)
+    /// Folder with ca-cert.pem, server-cert.pem and server-key.pem (libvirt's and QEMU's
+    /// layout); clients must present a certificate signed by that CA
+    #[arg(long, value_name = "DIR", requires = "listen")]
+    pub tls_dir: Option<PathBuf>,
+    /// The server's certificate chain (PEM), instead of DIR/server-cert.pem
+    #[arg(long, value_name = "FILE", requires = "listen")]
+    pub tls_cert: Option<PathBuf>,
+    /// The server's private key (PEM), instead of DIR/server-key.pem
+    #[arg(long, value_name = "FILE", requires = "listen")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA that client certificates must chain to (PEM), instead of DIR/ca-cert.pem
+    #[arg(long, value_name = "FILE", requires = "listen")]
+    pub tls_ca: Option<PathBuf>,
+    /// Serve plain TCP without TLS or authentication. UNSAFE on a multi-user host: every
+    /// local user can connect to a loopback port and read every served disk
+    #[arg(long, requires = "listen", conflicts_with_all = ["tls_dir", "tls_cert", "tls_key", "tls_ca", "allow_remote"])]
+    pub insecure_tcp: bool,
+    /// Serve on addresses beyond loopback (needs TLS)
     #[arg(long, requires = "listen")]
     pub allow_remote: bool,
     /// Close a connection after this many seconds without a request (0: never)

@@ -35,6 +35,8 @@ pub struct Config {
     #[serde(default)]
     pub retention: Schedule,
     #[serde(default)]
+    pub serve: ServeConfig,
+    #[serde(default)]
     pub groups: BTreeMap<String, Vec<String>>,
     #[serde(default)]
     pub vm: BTreeMap<String, VmConfig>,
@@ -54,6 +56,17 @@ pub struct VmConfig {
     pub interval: Option<String>,
     pub retention: Option<Schedule>,
     pub bitmap_granularity: Option<SizeValue>,
+}
+
+/// `[serve]`: TLS credentials for `serve --listen` (flags override each key).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Folder with `ca-cert.pem`, `server-cert.pem`, `server-key.pem`.
+    pub tls_dir: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// A size given as a number of bytes or a string with a K/M/G suffix.

@@ -66,6 +66,29 @@ impl Repo {
             .unwrap()
     }
 
+    /// Run a command that must be refused at once; one that starts serving instead is
+    /// killed after a bound for a hang (not a speed goal) and fails the test.
+    fn vmkeep_refused(&self, args: &[&str]) -> Output {
+        let mut child = Command::new(cargo_bin("vmkeep"))
+            .arg("--repo")
+            .arg(self.repo())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if t.elapsed() > Duration::from_secs(60) {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!("vmkeep {args:?} was not refused: it served: {}", text(&out));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.wait_with_output().unwrap()
+    }
+
     /// Back up `disks` (name, contents) as the next generation of `vm`.
     fn backup(&self, vm: &str, disks: &[(&str, &[u8])]) {
         let mut args = vec!["backup".to_string(), vm.to_string()];
@@ -530,31 +553,323 @@ fn hostile_clients_do_not_hurt_a_normal_one() {
     server.stop();
 }
 
+/// Clients that pipeline large reads and never take the replies hold only their own
+/// connection's budget (64 MiB): a normal client still copies the export, and the slow
+/// ones keep their connections and get every reply, right, once they read. (Before, four
+/// of them held the whole 512 MiB shared budget until the write timeout cut them off.)
 #[test]
-fn tcp_is_loopback_only() {
+fn clients_that_do_not_read_their_replies_starve_no_one() {
+    if !have(&["nbdcopy"]) {
+        return;
+    }
+    const READ: usize = 32 << 20;
+    let repo = Repo::new();
+    let mut data = vec![0u8; 2 * READ];
+    data[..MIB].copy_from_slice(&noise(51, MIB));
+    data[READ..READ + MIB].copy_from_slice(&noise(52, MIB));
+    repo.backup("vm", &[("vda", &data)]);
+    let sock = repo.path("slow.sock");
+    let mut server = repo.serve("vm", &["--socket", sock.to_str().unwrap()]);
+    let mut slow: Vec<Raw> = (0..4)
+        .map(|_| {
+            let mut r = Raw::open(&sock, "vda");
+            for i in 0..8u64 {
+                r.request(0, i, (i % 2) * READ as u64, READ as u32, &[]);
+            }
+            r
+        })
+        .collect();
+    // Let the server take up their requests: the replies fill the sockets and stall.
+    std::thread::sleep(Duration::from_secs(1));
+
+    let copied = fetch(server.uri("vda"), &repo.path("copy.raw"));
+    assert!(copied == data, "the normal client read wrong bytes");
+    assert!(server.running(), "the server died");
+    for (n, r) in slow.iter_mut().enumerate() {
+        let mut buf = vec![0u8; READ];
+        for _ in 0..8 {
+            let (err, cookie) = r.reply();
+            assert_eq!(err, 0, "slow client {n}: an error reply");
+            r.s.read_exact(&mut buf).unwrap_or_else(|e| {
+                panic!("slow client {n} lost its connection: {e}: {}", server.log())
+            });
+            let off = (cookie % 2) as usize * READ;
+            assert!(buf == data[off..off + READ], "slow client {n}: wrong bytes");
+        }
+    }
+    server.stop();
+}
+
+#[test]
+fn tcp_needs_tls_unless_insecure_and_is_loopback_only() {
     if !have(&["nbdcopy"]) {
         return;
     }
     let repo = Repo::new();
     let data = noise(31, MIB);
     repo.backup("vm", &[("vda", &data)]);
+    let nowhere = repo.path("no-such-tls-dir");
+    let nowhere = nowhere.to_str().unwrap();
     for (args, why) in [
-        (vec!["--listen", "0.0.0.0:0"], "not a loopback address"),
+        // Plain TCP on loopback: any local user could connect, so it needs TLS.
+        (vec!["--listen", "127.0.0.1:0"], "--listen needs TLS"),
         (
             vec!["--listen", "127.0.0.1:0", "--allow-remote"],
-            "needs TLS",
+            "--listen needs TLS",
+        ),
+        (
+            vec!["--listen", "0.0.0.0:0", "--insecure-tcp"],
+            "not a loopback address",
+        ),
+        (
+            vec!["--listen", "0.0.0.0:0", "--allow-remote", "--insecure-tcp"],
+            "cannot be used with",
+        ),
+        (
+            vec!["--listen", "127.0.0.1:0", "--tls-dir", nowhere],
+            "no-such-tls-dir/ca-cert.pem",
         ),
         (vec![], "--socket"),
     ] {
         let mut full = vec!["serve", "vm"];
         full.extend(args);
-        let out = repo.vmkeep(&full);
+        let out = repo.vmkeep_refused(&full);
         assert_eq!(out.status.code(), Some(2), "{full:?}: {}", text(&out));
         assert!(text(&out).contains(why), "{full:?}: {}", text(&out));
+        if !matches!(why, "cannot be used with" | "--socket") {
+            assert_eq!(
+                text(&out).trim().lines().count(),
+                1,
+                "one line: {}",
+                text(&out)
+            );
+        }
     }
-    let server = repo.serve("vm", &["--listen", "127.0.0.1:0"]);
+    let server = repo.serve("vm", &["--listen", "127.0.0.1:0", "--insecure-tcp"]);
     let uri = server.uri("vda").to_string();
     assert!(uri.starts_with("nbd://127.0.0.1:"), "{uri}");
+    assert!(fetch(&uri, &repo.path("copy.raw")) == data);
+    server.stop();
+}
+
+/// x509 credentials made with certtool: a CA, a server certificate for 127.0.0.1 and a
+/// client certificate, in the layouts of QEMU's `tls-creds-x509` (server) and libnbd's
+/// `tls-certificates` (client).
+struct Pki {
+    server: PathBuf,
+    client: PathBuf,
+}
+
+fn certtool(args: &[&str], dir: &Path) {
+    let out = Command::new("certtool")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "certtool {args:?}: {}", text(&out));
+}
+
+fn make_pki(root: &Path, name: &str) -> Pki {
+    let dir = root.join(name);
+    let (server, client) = (dir.join("server"), dir.join("client"));
+    for d in [&server, &client] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let w = |f: &str, t: &str| std::fs::write(dir.join(f), t).unwrap();
+    w(
+        "ca.info",
+        &format!("cn = {name} CA\nca\ncert_signing_key\nexpiration_days = 2\n"),
+    );
+    w(
+        "server.info",
+        "cn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\n\
+         encryption_key\nsigning_key\nexpiration_days = 2\n",
+    );
+    w(
+        "client.info",
+        "cn = client\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n",
+    );
+    certtool(&["--generate-privkey", "--outfile", "ca-key.pem"], &dir);
+    certtool(
+        &[
+            "--generate-self-signed",
+            "--load-privkey=ca-key.pem",
+            "--template=ca.info",
+            "--outfile=server/ca-cert.pem",
+        ],
+        &dir,
+    );
+    std::fs::copy(server.join("ca-cert.pem"), client.join("ca-cert.pem")).unwrap();
+    for (side, who) in [("server", "server"), ("client", "client")] {
+        let key = format!("--outfile={side}/{who}-key.pem");
+        certtool(&["--generate-privkey", &key], &dir);
+        certtool(
+            &[
+                "--generate-certificate",
+                &format!("--load-privkey={side}/{who}-key.pem"),
+                "--load-ca-certificate=server/ca-cert.pem",
+                "--load-ca-privkey=ca-key.pem",
+                &format!("--template={who}.info"),
+                &format!("--outfile={side}/{who}-cert.pem"),
+            ],
+            &dir,
+        );
+    }
+    Pki { server, client }
+}
+
+/// Run `nbdinfo`/`nbdcopy` as the unprivileged user `nobody`, as another local user would.
+fn as_nobody(tool: &str, args: &[&str]) -> Output {
+    Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", tool])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn tls_serves_only_clients_with_a_certificate_from_its_ca() {
+    if !have(&["nbdcopy", "nbdinfo", "certtool", "qemu-img"]) {
+        return;
+    }
+    let repo = Repo::new();
+    let gens = history(&repo);
+    let pki = make_pki(repo.dir.path(), "ours");
+    let foreign = make_pki(repo.dir.path(), "theirs");
+    let tls_dir = pki.server.to_str().unwrap();
+    let server = repo.serve(
+        "vm",
+        &[
+            "-v",
+            "--generation",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-dir",
+            tls_dir,
+        ],
+    );
+    let uri = server.uri("vda").to_string();
+    assert!(uri.starts_with("nbds://127.0.0.1:"), "{uri}");
+    let with = |dir: &Path| format!("{uri}?tls-certificates={}", dir.display());
+
+    // The right client certificate reads exactly what restore writes.
+    let restored = repo.restore("vm", "1", "vda");
+    assert!(restored == gens[2].0);
+    let copied = fetch(&with(&pki.client), &repo.path("copy.raw"));
+    assert!(copied == restored, "nbds:// read differs from restore");
+    // qemu-img with tls-creds-x509 (the client side of QEMU's layout) agrees.
+    let qemu_client = repo.path("qemu-client");
+    std::fs::create_dir_all(&qemu_client).unwrap();
+    for (from, to) in [
+        ("ca-cert.pem", "ca-cert.pem"),
+        ("client-cert.pem", "client-cert.pem"),
+        ("client-key.pem", "client-key.pem"),
+    ] {
+        std::fs::copy(pki.client.join(from), qemu_client.join(to)).unwrap();
+    }
+    let port = uri.split(':').nth(2).unwrap().split('/').next().unwrap();
+    let out = Command::new("qemu-img")
+        .arg("compare")
+        .arg("--object")
+        .arg(format!(
+            "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+            qemu_client.display()
+        ))
+        .arg("--image-opts")
+        .arg(format!(
+            "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},\
+             export=vda,tls-creds=tls0"
+        ))
+        .arg(format!(
+            "driver=raw,file.driver=file,file.filename={}",
+            repo.path("restored-vm-1-vda.raw").display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qemu-img compare over TLS: {}",
+        text(&out)
+    );
+
+    // Refused: plain NBD (as root and as another user), TLS without a certificate (as
+    // another local user: nobody has no keys), a certificate from another CA.
+    let plain = uri.replacen("nbds://", "nbd://", 1);
+    let scratch = repo.path("stolen.raw");
+    let attempts: Vec<(&str, Output)> = vec![
+        (
+            "plain nbdinfo",
+            Command::new("nbdinfo").arg(&plain).output().unwrap(),
+        ),
+        ("plain nbdinfo as nobody", as_nobody("nbdinfo", &[&plain])),
+        (
+            "plain nbdinfo --list",
+            Command::new("nbdinfo")
+                .args(["--list", &plain])
+                .output()
+                .unwrap(),
+        ),
+        ("no certificate, as nobody", as_nobody("nbdinfo", &[&uri])),
+        ("plain nbdcopy", nbdcopy(&plain, &scratch)),
+        (
+            "another CA's certificate",
+            nbdcopy(&with(&foreign.client), &scratch),
+        ),
+    ];
+    for (what, out) in &attempts {
+        assert!(!out.status.success(), "{what}: admitted: {}", text(out));
+        let said = text(out);
+        assert!(
+            !said.contains("export-size") && !said.contains("export=\"vda\""),
+            "{what}: learnt about the export: {said}"
+        );
+    }
+    let stolen = std::fs::read(&scratch).unwrap_or_default();
+    assert!(
+        stolen.iter().all(|&b| b == 0),
+        "a refused client received disk bytes"
+    );
+    // A certificate of the other CA is refused in the TLS handshake; the server says so.
+    let log = server.stop();
+    assert!(log.contains("refused: TLS"), "no refusal logged: {log}");
+}
+
+/// The `[serve]` keys of the config file name the TLS files too.
+#[test]
+fn tls_files_from_the_config_file() {
+    if !have(&["nbdcopy", "certtool"]) {
+        return;
+    }
+    let repo = Repo::new();
+    let data = noise(32, MIB + 5);
+    repo.backup("vm", &[("vda", &data)]);
+    let pki = make_pki(repo.dir.path(), "cfg");
+    let config = repo.path("vmkeep.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[serve]\ntls_cert = \"{0}/server-cert.pem\"\ntls_key = \"{0}/server-key.pem\"\n\
+             tls_ca = \"{0}/ca-cert.pem\"\n",
+            pki.server.display()
+        ),
+    )
+    .unwrap();
+    let server = repo.serve(
+        "vm",
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    let uri = format!(
+        "{}?tls-certificates={}",
+        server.uri("vda"),
+        pki.client.display()
+    );
+    assert!(uri.starts_with("nbds://"), "{uri}");
     assert!(fetch(&uri, &repo.path("copy.raw")) == data);
     server.stop();
 }

@@ -19,5 +19,6 @@ pub mod nbd;
 pub mod progress;
 pub mod source;
 pub mod target;
+pub mod tls;
 
 pub use error::{Error, ErrorKind, Result};

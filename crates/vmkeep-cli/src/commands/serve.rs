@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Result;
 use vmkeep::engine::serve::{open_generation, ServedGeneration};
 use vmkeep::nbd::server::{resolve_listen, Export, Listen, Server, ServerConfig};
+use vmkeep::tls::TlsFiles;
 use vmkeep::Error;
 
 use super::Ctx;
@@ -20,6 +21,17 @@ pub fn run(ctx: &Ctx, a: ServeArgs) -> Result<i32> {
     let signals = block_signals()?;
     raise_fd_limit();
     let listen = endpoint(&a)?;
+    let tls = match (&listen, tls_files(ctx, &a)?) {
+        (Listen::Tcp(_), Some(files)) => Some(vmkeep::tls::server_config(&files)?),
+        (Listen::Tcp(_), None) if a.insecure_tcp => {
+            tracing::warn!(
+                "serving plain TCP (--insecure-tcp): every local user can read the served disks"
+            );
+            None
+        }
+        (Listen::Tcp(_), None) => return Err(Error::usage(NEEDS_TLS).into()),
+        (Listen::Unix(_), _) => None,
+    };
     let repo = ctx.open_repo()?;
     let served = open_generation(&repo, &a.vm, &a.generation)?;
     let exports: Vec<Arc<dyn Export>> = served
@@ -30,6 +42,7 @@ pub fn run(ctx: &Ctx, a: ServeArgs) -> Result<i32> {
     let config = ServerConfig {
         idle_timeout: (a.idle_timeout > 0).then(|| Duration::from_secs(a.idle_timeout)),
         socket_group: a.socket_group.as_deref().map(group_id).transpose()?,
+        tls,
         ..ServerConfig::default()
     };
     let server = Server::bind(&listen, exports, config)?;
@@ -47,20 +60,48 @@ pub fn run(ctx: &Ctx, a: ServeArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// Where to listen; `--allow-remote` is refused until TLS exists.
+const NEEDS_TLS: &str = "--listen needs TLS: give --tls-dir DIR (ca-cert.pem, server-cert.pem, \
+     server-key.pem) or --tls-cert/--tls-key/--tls-ca, or [serve] tls_dir in the config; \
+     loopback is no boundary between local users (--insecure-tcp serves without TLS anyway)";
+
+/// Where to listen. Addresses beyond loopback need `--allow-remote`, which needs TLS.
 fn endpoint(a: &ServeArgs) -> Result<Listen> {
-    if a.allow_remote {
-        return Err(Error::usage(
-            "--allow-remote needs TLS, which vmkeep serve does not support yet; \
-             listen on --socket or a loopback --listen address and tunnel it (ssh -L)",
-        )
-        .into());
-    }
     Ok(match (&a.socket, &a.listen) {
         (Some(path), None) => Listen::Unix(path.clone()),
-        (None, Some(addr)) => resolve_listen(addr)?,
+        (None, Some(addr)) => resolve_listen(addr, a.allow_remote)?,
         _ => return Err(Error::usage("give one of --socket PATH or --listen ADDR").into()),
     })
+}
+
+/// The TLS files from the flags, then the config's `[serve]` keys; `None` when neither
+/// names any. Single files override the folder's.
+fn tls_files(ctx: &Ctx, a: &ServeArgs) -> Result<Option<TlsFiles>> {
+    if a.insecure_tcp {
+        return Ok(None);
+    }
+    let c = &ctx.config.serve;
+    let dir = a.tls_dir.clone().or_else(|| c.tls_dir.clone());
+    let cert = a.tls_cert.clone().or_else(|| c.tls_cert.clone());
+    let key = a.tls_key.clone().or_else(|| c.tls_key.clone());
+    let ca = a.tls_ca.clone().or_else(|| c.tls_ca.clone());
+    if dir.is_none() && cert.is_none() && key.is_none() && ca.is_none() {
+        return Ok(None);
+    }
+    let from_dir = dir.as_deref().map(TlsFiles::server_dir);
+    let pick =
+        |flag: Option<std::path::PathBuf>, what: &str, f: fn(&TlsFiles) -> &std::path::Path| {
+            flag.or_else(|| from_dir.as_ref().map(|d| f(d).to_path_buf()))
+                .ok_or_else(|| {
+                    Error::usage(format!(
+                        "TLS: no {what}: give --{what} FILE or --tls-dir DIR"
+                    ))
+                })
+        };
+    Ok(Some(TlsFiles {
+        cert: pick(cert, "tls-cert", |d| &d.cert)?,
+        key: pick(key, "tls-key", |d| &d.key)?,
+        ca: pick(ca, "tls-ca", |d| &d.ca)?,
+    }))
 }
 
 /// One line (or a JSON object) naming every export's URI.

@@ -11,12 +11,18 @@
 //! so a client that sends garbage, never reads its replies or goes silent loses its own
 //! connection and nothing else. Shared limits bound what all clients together can take:
 //! a connection cap (past it a connection is accepted and closed at once) and a byte
-//! budget for read buffers, with no single request above 32 MiB.
+//! budget for read buffers, with no single request above 32 MiB. Each connection also has
+//! a budget of its own for replies in flight, so a client that stops reading its replies
+//! stops being served long before it could hold the shared budget.
+//!
+//! Over TCP the server can require TLS with client certificates ([`ServerConfig::tls`],
+//! [`crate::tls`]): loopback is no boundary between local users.
 //!
 //! What is spoken: fixed newstyle handshake only; `NBD_OPT_GO`/`INFO` (with block sizes:
 //! minimum 1, preferred = the backend's block size, maximum 32 MiB), `EXPORT_NAME`,
 //! `LIST`, `STRUCTURED_REPLY`, `LIST_META_CONTEXT`/`SET_META_CONTEXT` for
-//! `base:allocation`, `ABORT`; `STARTTLS` is refused by policy and anything else is
+//! `base:allocation`, `ABORT`, and `STARTTLS` when TLS is configured (then it is required:
+//! the FORCEDTLS mode of the spec; without TLS it is refused by policy); anything else is
 //! `NBD_REP_ERR_UNSUP`. In transmission: `READ` (structured replies with hole chunks when
 //! negotiated), `BLOCK_STATUS`, `CACHE` and `FLUSH` (nothing to do), `DISC`; writes,
 //! trims and write-zeroes fail with `EPERM`. See `docs/SERVE.md`.
@@ -78,6 +84,11 @@ pub struct ServerConfig {
     pub queue_per_connection: usize,
     /// Bytes of read buffers all connections may hold together.
     pub max_buffered_bytes: usize,
+    /// Bytes of read replies one connection may have in flight (read, or waiting to be
+    /// taken by the client); past it the connection's requests are not read until its
+    /// client takes replies. This keeps a client that never reads from holding more
+    /// than this of [`max_buffered_bytes`](Self::max_buffered_bytes).
+    pub max_buffered_per_connection: usize,
     /// The whole handshake must finish within this.
     pub handshake_timeout: Duration,
     /// A connection with no request for this long is closed (`None`: never).
@@ -89,6 +100,11 @@ pub struct ServerConfig {
     /// A unix socket is made 0660 with this group instead of 0600: QEMU (another user)
     /// connects to it for instant recovery.
     pub socket_group: Option<u32>,
+    /// Require TLS with this configuration (see [`crate::tls::server_config`]): every
+    /// option but `NBD_OPT_STARTTLS` and `NBD_OPT_ABORT` is refused with
+    /// `NBD_REP_ERR_TLS_REQD` until the client has upgraded, and the TLS handshake
+    /// refuses clients without a certificate from the configured CA. TCP only.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ServerConfig {
@@ -98,11 +114,13 @@ impl Default for ServerConfig {
             workers_per_connection: 4,
             queue_per_connection: 16,
             max_buffered_bytes: 512 << 20,
+            max_buffered_per_connection: 64 << 20,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Some(Duration::from_secs(15 * 60)),
             write_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(5),
             socket_group: None,
+            tls: None,
         }
     }
 }
@@ -169,8 +187,18 @@ impl Server {
                 dup.name()
             )));
         }
+        if config.tls.is_some() && matches!(listen, Listen::Unix(_)) {
+            return Err(Error::usage(
+                "TLS is served over TCP only; a unix socket is protected by its mode",
+            ));
+        }
         let listener = Listener::bind(listen, config.socket_group)?;
-        let budget = Budget::new(config.max_buffered_bytes);
+        // The shared budget always holds the largest request.
+        let budget = Budget::new(
+            config
+                .max_buffered_bytes
+                .max(crate::nbd::proto::MAX_BLOCK_SIZE as usize),
+        );
         Ok(Server {
             listener,
             shared: Arc::new(Shared {
@@ -193,16 +221,23 @@ impl Server {
         self.listener.local_tcp()
     }
 
-    /// The NBD URI of export `name` on this server.
+    /// The NBD URI of export `name` on this server (`nbds://` with TLS).
     pub fn uri(&self, name: &str) -> String {
         let export = uri_escape(name, false);
+        let scheme = if self.shared.config.tls.is_some() {
+            "nbds"
+        } else {
+            "nbd"
+        };
         match (self.listener.unix_path(), self.local_addr()) {
             (Some(p), _) => format!(
                 "nbd+unix:///{export}?socket={}",
                 uri_escape(&p.to_string_lossy(), true)
             ),
-            (None, Some(SocketAddr::V6(a))) => format!("nbd://[{}]:{}/{export}", a.ip(), a.port()),
-            (None, Some(a)) => format!("nbd://{a}/{export}"),
+            (None, Some(SocketAddr::V6(a))) => {
+                format!("{scheme}://[{}]:{}/{export}", a.ip(), a.port())
+            }
+            (None, Some(a)) => format!("{scheme}://{a}/{export}"),
             (None, None) => format!("nbd:///{export}"),
         }
     }
@@ -313,13 +348,17 @@ fn connection(shared: &Shared, mut stream: Stream) {
             return transmission::serve(shared, stream, session);
         }
         Ok(None) => {}
+        // Refused TLS handshakes (no certificate, a foreign CA) are worth an operator's
+        // eye: they name who tried.
+        Err(e) if e.to_string().starts_with("TLS") => tracing::info!("{peer}: refused: {e}"),
         Err(e) => tracing::debug!("{peer}: handshake ended: {e}"),
     }
     // The live set keeps a clone of the socket; shut it down so the client sees the end now.
-    stream.shutdown(Shutdown::Both);
+    stream.close();
 }
 
-/// A byte budget shared by all read buffers: a request waits until its buffer fits.
+/// A byte budget: a request waits until its buffer fits. The server has one for all read
+/// buffers together, and each connection one of its own for its replies in flight.
 pub(crate) struct Budget {
     used: Mutex<usize>,
     freed: Condvar,
@@ -327,15 +366,16 @@ pub(crate) struct Budget {
 }
 
 impl Budget {
-    fn new(cap: usize) -> Budget {
+    pub(crate) fn new(cap: usize) -> Budget {
         Budget {
             used: Mutex::new(0),
             freed: Condvar::new(),
-            cap: cap.max(crate::nbd::proto::MAX_BLOCK_SIZE as usize),
+            cap: cap.max(1),
         }
     }
 
-    /// Take `n` bytes (at most the cap), waiting while others hold too much.
+    /// Take `n` bytes (at most the cap: a larger request takes all of it, so it runs
+    /// alone), waiting while others hold too much.
     pub(crate) fn take(&self, n: usize) -> BudgetGuard<'_> {
         let n = n.min(self.cap);
         let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());

@@ -35,13 +35,12 @@ enum Next {
     Continue,
     Go(Session),
     Close,
+    /// `NBD_OPT_STARTTLS` was acknowledged: the TLS handshake follows.
+    StartTls,
 }
 
 /// Run the handshake. `Ok(None)`: the client left politely (`NBD_OPT_ABORT`).
-pub(crate) fn negotiate<S: Read + Write + Timed>(
-    shared: &Shared,
-    s: &mut S,
-) -> io::Result<Option<Session>> {
+pub(crate) fn negotiate(shared: &Shared, s: &mut super::Stream) -> io::Result<Option<Session>> {
     let deadline = Instant::now() + shared.config.handshake_timeout;
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
@@ -64,11 +63,52 @@ pub(crate) fn negotiate<S: Read + Write + Timed>(
     };
     loop {
         let (opt, data) = read_option(s, deadline)?;
-        match option(shared, s, &mut st, opt, &data)? {
+        let next = match &shared.config.tls {
+            Some(_) if !s.is_tls() => before_tls(s, opt, &data)?,
+            _ => option(shared, s, &mut st, opt, &data)?,
+        };
+        match next {
             Next::Continue => {}
             Next::Go(session) => return Ok(Some(session)),
             Next::Close => return Ok(None),
+            Next::StartTls => {
+                let config = shared.config.tls.clone().expect("TLS is configured");
+                s.start_tls(config, deadline)?;
+                // Nothing negotiated in clear text carries over (nothing can be: every
+                // other option was refused).
+                st.structured = false;
+                st.meta = None;
+            }
         }
+    }
+}
+
+/// A server that requires TLS, before the client has started it (the spec's FORCEDTLS
+/// mode): `STARTTLS` is acknowledged, `ABORT` honoured, `EXPORT_NAME` (which cannot be
+/// refused with a reply) ends the session, and every other option gets
+/// `NBD_REP_ERR_TLS_REQD`. No export name, size or list leaves the server in clear text.
+fn before_tls<S: Write>(s: &mut S, opt: u32, data: &[u8]) -> io::Result<Next> {
+    match opt {
+        OPT_STARTTLS if !data.is_empty() => {
+            refuse(s, opt, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+        }
+        OPT_STARTTLS => {
+            reply(s, opt, REP_ACK, &[])?;
+            Ok(Next::StartTls)
+        }
+        OPT_ABORT => {
+            let _ = reply(s, opt, REP_ACK, &[]);
+            Ok(Next::Close)
+        }
+        OPT_EXPORT_NAME => Err(violation(
+            "NBD_OPT_EXPORT_NAME without TLS on a server that requires TLS".into(),
+        )),
+        _ => refuse(
+            s,
+            opt,
+            REP_ERR_TLS_REQD,
+            "this server requires TLS (NBD_OPT_STARTTLS) with a client certificate",
+        ),
     }
 }
 
@@ -158,6 +198,9 @@ fn option<S: Write>(
             refuse(s, opt, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")
         }
         OPT_LIST => list(shared, s),
+        OPT_STARTTLS if shared.config.tls.is_some() => {
+            refuse(s, opt, REP_ERR_INVALID, "TLS is already running")
+        }
         OPT_STARTTLS if !data.is_empty() => {
             refuse(s, opt, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
         }

@@ -3,8 +3,10 @@
 //!
 //! The unix socket is made private without touching the process umask: it is bound inside
 //! a fresh 0700 folder, set to 0600, and only then renamed to its public path, so no other
-//! user can ever connect to it. Serving over TCP is limited to loopback addresses because
-//! NBD without TLS carries disk contents in clear text.
+//! user can ever connect to it. Over TCP, loopback is not a boundary between users (any
+//! local user can connect), so the command line serves TCP only with TLS client
+//! certificates (see `crate::tls`) unless told `--insecure-tcp`; addresses beyond
+//! loopback need `--allow-remote` as well.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -12,11 +14,13 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt}
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
 use crate::nbd::proto::DEFAULT_PORT;
+use crate::tls::TlsStream;
 
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,16 +32,19 @@ pub enum Listen {
 }
 
 /// Parse and resolve `--listen ADDR` (`HOST:PORT`, `HOST`, `[V6]:PORT`; the port defaults
-/// to 10809, 0 picks a free one). Every address must be loopback: NBD has no encryption
-/// here, so a disk must not leave the machine.
-pub fn resolve_listen(spec: &str) -> Result<Listen> {
+/// to 10809, 0 picks a free one). Unless `allow_remote`, every address must be loopback:
+/// a disk must not be offered beyond this machine unless the operator says so (and the
+/// command line allows that only with TLS).
+pub fn resolve_listen(spec: &str, allow_remote: bool) -> Result<Listen> {
     let addrs = resolve(spec)?;
     if let Some(bad) = addrs.iter().find(|a| !a.ip().is_loopback()) {
-        return Err(Error::usage(format!(
-            "--listen {spec}: {} is not a loopback address; serving beyond this machine \
-             needs TLS, which vmkeep serve does not support yet",
-            bad.ip()
-        )));
+        if !allow_remote {
+            return Err(Error::usage(format!(
+                "--listen {spec}: {} is not a loopback address; serving beyond this \
+                 machine needs --allow-remote (with TLS)",
+                bad.ip()
+            )));
+        }
     }
     Ok(Listen::Tcp(addrs))
 }
@@ -66,6 +73,8 @@ fn resolve(spec: &str) -> Result<Vec<SocketAddr>> {
 pub(crate) enum Stream {
     Unix(UnixStream),
     Tcp(TcpStream),
+    /// TCP after `NBD_OPT_STARTTLS` and a TLS handshake that authenticated the client.
+    Tls(TlsStream),
 }
 
 impl Stream {
@@ -73,13 +82,38 @@ impl Stream {
         Ok(match self {
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+            Stream::Tls(s) => Stream::Tls(s.try_clone()?),
         })
+    }
+
+    /// Upgrade a TCP connection to TLS (the server side of the handshake, which must end
+    /// before `deadline`). A failed handshake leaves the stream unusable: the caller
+    /// closes the connection.
+    pub(crate) fn start_tls(
+        &mut self,
+        config: Arc<rustls::ServerConfig>,
+        deadline: Instant,
+    ) -> io::Result<()> {
+        let Stream::Tcp(tcp) = self else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "TLS is served over TCP only",
+            ));
+        };
+        let tls = TlsStream::accept(tcp.try_clone()?, config, deadline)?;
+        *self = Stream::Tls(tls);
+        Ok(())
+    }
+
+    pub(crate) fn is_tls(&self) -> bool {
+        matches!(self, Stream::Tls(_))
     }
 
     pub(crate) fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
             Stream::Unix(s) => s.set_read_timeout(t),
             Stream::Tcp(s) => s.set_read_timeout(t),
+            Stream::Tls(s) => s.socket().set_read_timeout(t),
         }
     }
 
@@ -87,6 +121,7 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.set_write_timeout(t),
             Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Tls(s) => s.socket().set_write_timeout(t),
         }
     }
 
@@ -95,17 +130,28 @@ impl Stream {
         let _ = match self {
             Stream::Unix(s) => s.shutdown(how),
             Stream::Tcp(s) => s.shutdown(how),
+            Stream::Tls(s) => s.socket().shutdown(how),
         };
     }
 
-    pub(crate) fn peer(&self) -> String {
+    /// End the connection: a TLS one says `close_notify` first (best effort; the socket
+    /// may already be shut down), then the socket is shut down.
+    pub(crate) fn close(&self) {
         match self {
-            Stream::Unix(_) => "unix socket".to_string(),
-            Stream::Tcp(s) => s
-                .peer_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_else(|_| "tcp".into()),
+            Stream::Tls(s) => s.close(),
+            _ => self.shutdown(Shutdown::Both),
         }
+    }
+
+    pub(crate) fn peer(&self) -> String {
+        let tcp = match self {
+            Stream::Unix(_) => return "unix socket".to_string(),
+            Stream::Tcp(s) => s,
+            Stream::Tls(s) => s.socket(),
+        };
+        tcp.peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "tcp".into())
     }
 }
 
@@ -114,6 +160,7 @@ impl Read for Stream {
         match self {
             Stream::Unix(s) => s.read(buf),
             Stream::Tcp(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
         }
     }
 }
@@ -123,6 +170,7 @@ impl Write for Stream {
         match self {
             Stream::Unix(s) => s.write(buf),
             Stream::Tcp(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
         }
     }
 
@@ -181,6 +229,7 @@ impl Listener {
         match &s {
             Stream::Unix(u) => u.set_nonblocking(false)?,
             Stream::Tcp(t) => t.set_nonblocking(false)?,
+            Stream::Tls(_) => unreachable!("accepted connections start in clear"),
         }
         Ok(s)
     }
@@ -318,24 +367,25 @@ mod tests {
 
     #[test]
     fn loopback_listen_addresses_resolve() {
-        let Listen::Tcp(a) = resolve_listen("127.0.0.1:0").unwrap() else {
+        let Listen::Tcp(a) = resolve_listen("127.0.0.1:0", false).unwrap() else {
             panic!("tcp expected")
         };
         assert_eq!(a[0].port(), 0);
-        let Listen::Tcp(a) = resolve_listen("::1").unwrap() else {
+        let Listen::Tcp(a) = resolve_listen("::1", false).unwrap() else {
             panic!("tcp expected")
         };
         assert_eq!(a[0].port(), DEFAULT_PORT);
-        assert!(resolve_listen("[::1]:99").is_ok());
-        assert!(resolve_listen("localhost:10809").is_ok());
-        assert!(resolve_listen("127.1.2.3").is_ok());
+        assert!(resolve_listen("[::1]:99", false).is_ok());
+        assert!(resolve_listen("localhost:10809", false).is_ok());
+        assert!(resolve_listen("127.1.2.3", false).is_ok());
     }
 
     #[test]
     fn non_loopback_listen_addresses_are_refused() {
         for spec in ["0.0.0.0:10809", "192.0.2.1", "[::]:10809"] {
-            let e = resolve_listen(spec).unwrap_err();
-            assert!(e.to_string().contains("TLS"), "{spec}: {e}");
+            let e = resolve_listen(spec, false).unwrap_err();
+            assert!(e.to_string().contains("--allow-remote"), "{spec}: {e}");
+            assert!(resolve_listen(spec, true).is_ok(), "{spec}");
         }
     }
 

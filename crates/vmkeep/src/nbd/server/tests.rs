@@ -557,3 +557,216 @@ fn shutdown_lets_requests_finish_and_removes_the_socket() {
     assert_ne!(kind, REPLY_TYPE_ERROR);
     assert!(c.closed());
 }
+
+/// An export of `size` bytes of a pattern, without damage.
+fn pattern(name: &str, size: usize) -> Arc<dyn Export> {
+    let data = (0..size).map(|i| (i / 4096 * 7 + i) as u8 | 1).collect();
+    Arc::new(MemExport {
+        name: name.into(),
+        data,
+        bad: 0..0,
+    })
+}
+
+/// Clients that pipeline reads and never take the replies hold their own connection's
+/// budget and no more: a normal client still reads the whole export, and the slow ones
+/// keep their connections and get every reply, right, once they read.
+#[test]
+fn slow_readers_do_not_starve_other_clients() {
+    const EXPORT: usize = 16 << 20;
+    const READ: u32 = 4 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nbd.sock");
+    let config = ServerConfig {
+        max_buffered_bytes: 32 << 20,
+        max_buffered_per_connection: 4 << 20,
+        // Nothing is cut off by a timeout: the slow clients hold on for as long as they
+        // like, so only the per-connection limit can keep the budget free.
+        write_timeout: Duration::from_secs(3600),
+        idle_timeout: None,
+        ..Default::default()
+    };
+    let server = Server::bind(
+        &Listen::Unix(path.clone()),
+        vec![pattern("big", EXPORT)],
+        config,
+    )
+    .unwrap();
+    let handle = server.shutdown_handle();
+    let thread = Some(std::thread::spawn(move || server.run()));
+    let r = Running {
+        handle,
+        thread,
+        path,
+        _dir: dir,
+    };
+    let mut want = vec![0u8; EXPORT];
+    pattern("x", EXPORT).read(0, &mut want).unwrap();
+
+    // Four clients send eight 4 MiB reads each and read nothing: together they ask for
+    // 128 MiB of replies, four times the shared budget.
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let (mut c, _, _) = Client::open(&r, "big", true);
+        for i in 0..8u64 {
+            c.req(CMD_READ, CMD_FLAG_DF, i, (i % 4) * READ as u64, READ);
+        }
+        slow.push(c);
+    }
+    // Let the server take up their requests (the reads fill the socket buffers and stall).
+    std::thread::sleep(Duration::from_millis(500));
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (mut normal, _, _) = Client::open(&r, "big", true);
+    std::thread::spawn(move || {
+        let mut got = Vec::with_capacity(EXPORT);
+        for off in (0..EXPORT as u64).step_by(1 << 20) {
+            got.extend(normal.read(off, 1 << 20).0.expect("a normal read"));
+        }
+        let _ = tx.send(got);
+    });
+    // A bound for a hang, not a speed goal: the read takes well under a second.
+    let got = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the normal client was starved by clients that do not read their replies");
+    assert!(got == want, "the normal client read wrong bytes");
+
+    for c in &mut slow {
+        let mut seen = [false; 8];
+        for _ in 0..8 {
+            let (flags, kind, cookie, p) = c.chunk();
+            assert_eq!(flags & REPLY_FLAG_DONE, REPLY_FLAG_DONE);
+            assert_eq!(kind, REPLY_TYPE_OFFSET_DATA, "slow client: a data chunk");
+            let off = ((cookie % 4) * READ as u64) as usize;
+            assert_eq!(be64(&p) as usize, off);
+            assert!(
+                p[8..] == want[off..off + READ as usize],
+                "slow client: wrong bytes"
+            );
+            seen[cookie as usize] = true;
+        }
+        assert!(seen.iter().all(|&s| s));
+    }
+    r.stop();
+}
+
+/// A CA and a server certificate made with certtool, in QEMU's server layout.
+fn server_pki(dir: &std::path::Path) -> crate::tls::TlsFiles {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("certtool")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("certtool is installed (scripts/test.sh installs gnutls-bin)");
+        assert!(out.status.success(), "certtool {args:?}: {out:?}");
+    };
+    std::fs::write(dir.join("ca.info"), "cn = test CA\nca\ncert_signing_key\n").unwrap();
+    std::fs::write(
+        dir.join("server.info"),
+        "cn = localhost\nip_address = 127.0.0.1\ntls_www_server\nsigning_key\nencryption_key\n",
+    )
+    .unwrap();
+    run(&["--generate-privkey", "--outfile=ca-key.pem"]);
+    run(&[
+        "--generate-self-signed",
+        "--load-privkey=ca-key.pem",
+        "--template=ca.info",
+        "--outfile=ca-cert.pem",
+    ]);
+    run(&["--generate-privkey", "--outfile=server-key.pem"]);
+    run(&[
+        "--generate-certificate",
+        "--load-privkey=server-key.pem",
+        "--load-ca-certificate=ca-cert.pem",
+        "--load-ca-privkey=ca-key.pem",
+        "--template=server.info",
+        "--outfile=server-cert.pem",
+    ]);
+    crate::tls::TlsFiles::server_dir(dir)
+}
+
+/// FORCEDTLS as the spec describes it: before `NBD_OPT_STARTTLS`, every option but
+/// `ABORT` gets `NBD_REP_ERR_TLS_REQD` and no export information, and `EXPORT_NAME` ends
+/// the session; `STARTTLS` is acknowledged and a client that then speaks no TLS is closed.
+#[test]
+fn a_tls_server_refuses_every_option_before_starttls() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = crate::tls::server_config(&server_pki(dir.path())).unwrap();
+    let config = ServerConfig {
+        tls: Some(tls),
+        ..Default::default()
+    };
+    let listen = resolve_listen("127.0.0.1:0", false).unwrap();
+    let server = Server::bind(&listen, vec![mem("vda")], config).unwrap();
+    let addr = server.local_addr().unwrap();
+    assert!(server.uri("vda").starts_with("nbds://127.0.0.1:"));
+    let handle = server.shutdown_handle();
+    let thread = std::thread::spawn(move || server.run());
+    let connect = || {
+        let s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut g = [0u8; 18];
+        (&s).read_exact(&mut g).unwrap();
+        (&s).write_all(&FLAG_C_FIXED_NEWSTYLE.to_be_bytes())
+            .unwrap();
+        s
+    };
+    let opt = |s: &std::net::TcpStream, opt: u32, data: &[u8]| {
+        let mut b = IHAVEOPT.to_be_bytes().to_vec();
+        b.extend_from_slice(&opt.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        let mut s = s;
+        s.write_all(&b).unwrap();
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).unwrap();
+        let mut p = vec![0u8; be32(&h[16..20]) as usize];
+        s.read_exact(&mut p).unwrap();
+        (be32(&h[8..12]), be32(&h[12..16]), p)
+    };
+    let s = connect();
+    let go = Client::go_data("vda", &[INFO_NAME]);
+    for (o, data) in [
+        (OPT_LIST, &[][..]),
+        (OPT_GO, &go[..]),
+        (OPT_INFO, &go[..]),
+        (OPT_STRUCTURED_REPLY, &[][..]),
+        (99, &[][..]),
+    ] {
+        let (echo, kind, p) = opt(&s, o, data);
+        assert_eq!((echo, kind), (o, REP_ERR_TLS_REQD), "option {o}");
+        let msg = String::from_utf8_lossy(&p);
+        assert!(!msg.contains("vda") && !msg.contains("memory"), "{msg}");
+    }
+    assert_eq!(opt(&s, OPT_STARTTLS, b"x").1, REP_ERR_INVALID);
+    assert_eq!(opt(&s, OPT_ABORT, &[]).1, REP_ACK);
+
+    // EXPORT_NAME cannot be refused with a reply: the session ends, with nothing sent.
+    let mut s = connect();
+    let mut b = IHAVEOPT.to_be_bytes().to_vec();
+    b.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
+    b.extend_from_slice(&3u32.to_be_bytes());
+    b.extend_from_slice(b"vda");
+    s.write_all(&b).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(
+        rest.is_empty(),
+        "sent {} bytes after EXPORT_NAME",
+        rest.len()
+    );
+
+    // STARTTLS is acknowledged; garbage instead of a TLS ClientHello closes.
+    let mut s = connect();
+    assert_eq!(opt(&s, OPT_STARTTLS, &[]).1, REP_ACK);
+    s.write_all(&[0x55; 512]).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(
+        !rest.windows(3).any(|w| w == b"vda"),
+        "export named after a failed TLS"
+    );
+
+    handle.shutdown();
+    thread.join().unwrap().unwrap();
+}

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use crossbeam_channel::{bounded, Receiver, Sender};
 
 use super::handshake::{Session, BASE_ALLOCATION_ID};
-use super::{Export, Extent, Shared, Stream};
+use super::{Budget, BudgetGuard, Export, Extent, Shared, Stream};
 use crate::bufpool::BufPool;
 use crate::error::ErrorKind;
 use crate::fsutil::is_zero;
@@ -42,7 +42,15 @@ struct Conn<'a> {
     /// Read buffers, reused: a fresh one per request (above malloc's mmap threshold) cost
     /// an mmap, a page fault per 4 KiB and an munmap every time.
     buffers: Arc<BufPool>,
+    /// This connection's own budget for replies in flight: the reader takes a read's
+    /// length from it before queueing the read, and the reply gives it back once sent,
+    /// so a client that does not take its replies stops being read (and served) once
+    /// it has this many bytes outstanding, and holds no more of the shared budget.
+    own: Budget,
 }
+
+/// A queued request, with its share of the connection's own budget.
+type Queued<'a> = (Request, Option<BudgetGuard<'a>>);
 
 /// Serve requests until the client disconnects, breaks the protocol or goes idle.
 pub(crate) fn serve(shared: &Shared, mut stream: Stream, session: Session) {
@@ -62,6 +70,7 @@ pub(crate) fn serve(shared: &Shared, mut stream: Stream, session: Session) {
         out: Mutex::new(out),
         broken: AtomicBool::new(false),
         buffers: BufPool::new(shared.config.workers_per_connection.max(1)),
+        own: Budget::new(shared.config.max_buffered_per_connection),
     };
     let (tx, rx) = bounded(shared.config.queue_per_connection.max(1));
     std::thread::scope(|scope| {
@@ -85,10 +94,10 @@ pub(crate) fn serve(shared: &Shared, mut stream: Stream, session: Session) {
         }
         drop(tx); // workers finish what is queued, then the scope ends
     });
-    stream.shutdown(Shutdown::Both);
+    stream.close();
 }
 
-fn read_requests(conn: &Conn, s: &mut Stream, tx: &Sender<Request>) -> io::Result<()> {
+fn read_requests<'a>(conn: &'a Conn, s: &mut Stream, tx: &Sender<Queued<'a>>) -> io::Result<()> {
     loop {
         if conn.broken.load(Ordering::SeqCst) {
             return Ok(());
@@ -109,7 +118,10 @@ fn read_requests(conn: &Conn, s: &mut Stream, tx: &Sender<Request>) -> io::Resul
             CMD_TRIM | CMD_WRITE_ZEROES => conn.fail(&req, EPERM, "the export is read-only"),
             CMD_FLUSH => conn.done(&req),
             CMD_READ | CMD_BLOCK_STATUS | CMD_CACHE => {
-                if tx.send(req).is_err() {
+                // Only reads hold a buffer; one above the limit is refused by its worker.
+                let share = (req.kind == CMD_READ && req.length <= MAX_BLOCK_SIZE)
+                    .then(|| conn.own.take(req.length as usize));
+                if tx.send((req, share)).is_err() {
                     return Ok(()); // no worker left
                 }
             }
@@ -138,8 +150,8 @@ fn refuse_write(conn: &Conn, s: &mut Stream, req: &Request) -> io::Result<()> {
     Ok(())
 }
 
-fn work(conn: &Conn, rx: Receiver<Request>) {
-    for req in rx {
+fn work<'a>(conn: &'a Conn, rx: Receiver<Queued<'a>>) {
+    for (req, _share) in rx {
         if conn.broken.load(Ordering::SeqCst) {
             continue; // drain the queue; nobody can receive the replies
         }
