@@ -7,7 +7,7 @@ use crate::archive::format::{block_len, DIGEST_LEN};
 use crate::bufpool::{BufPool, PoolBuf};
 use crate::engine::pipeline;
 use crate::engine::reader::{DiskView, Loc, Segment};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::progress::Progress;
 use crate::target::Target;
 
