@@ -65,7 +65,6 @@ pub mod xml;
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -75,7 +74,7 @@ use virt::domain::Domain as VirtDomain;
 use virt::error::ErrorNumber;
 use virt::sys;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 pub use xml::{dirty_bitmap_context, CheckpointInfo, CopySpec, DiskDevice, DiskSource, NewDisk};
 
 /// The connection used when none is given.
@@ -580,12 +579,13 @@ impl Domain {
         Ok(())
     }
 
-    /// End a backup job whose NBD socket lies under `run_dir`: one a vmkeep run left
-    /// behind when it died or lost its connection (libvirtd restarted). Returns whether
-    /// there was one. Jobs of anyone else are left alone.
-    pub fn end_stale_backup(&self, run_dir: &Path) -> Result<bool> {
+    /// End the backup job if `owned` says its NBD socket is one of ours: a job a vmkeep
+    /// run of this repository left behind when it died or lost its connection (libvirtd
+    /// restarted). Returns whether there was one. Jobs of anyone else (another
+    /// repository's run in flight, another tool) are left alone.
+    pub fn end_stale_backup(&self, owned: &dyn Fn(&Path) -> bool) -> Result<bool> {
         match self.running_backup_socket()? {
-            Some(Some(socket)) if socket.starts_with(run_dir) => {
+            Some(Some(socket)) if owned(&socket) => {
                 tracing::warn!(vm = %self.name, "ending a backup job left behind by an earlier vmkeep run");
                 ffi::abort_job(&self.dom)
                     .map_err(|e| self.err(format!("cannot end the stale backup job: {e}")))?;
@@ -597,7 +597,12 @@ impl Domain {
         }
     }
 
-    /// `Some(socket)` when a backup job is active.
+    /// The NBD socket of the active backup job: `None` without one, `Some(None)` for a
+    /// job without a unix socket (push mode, TCP).
+    pub fn backup_job_socket(&self) -> Result<Option<Option<PathBuf>>> {
+        self.running_backup_socket()
+    }
+
     fn running_backup_socket(&self) -> Result<Option<Option<PathBuf>>> {
         if !backup_job_active(&self.dom) {
             return Ok(None);
@@ -605,6 +610,13 @@ impl Domain {
         let job =
             xml::parse_backup_job(&ffi::backup_xml_desc(&self.dom).map_err(|e| self.err(e))?)?;
         Ok(Some(job.socket))
+    }
+
+    /// QEMU's group (from the running VM's DAC label), `None` if QEMU runs as the caller.
+    pub fn qemu_gid(&self) -> Result<Option<u32>> {
+        Ok(xml::parse_domain(&self.live_xml()?)?
+            .qemu_ids
+            .map(|(_, gid)| gid))
     }
 
     /// All checkpoints, parents before children.
@@ -1069,23 +1081,15 @@ fn uri_escape(text: &str) -> String {
     out
 }
 
-/// Create `dir` (and missing parents) for NBD sockets or scratch files: owned by the
-/// caller (root), group `qemu_gid`, mode 0770, so QEMU can create files in it and nobody
-/// else can enter; without a gid (session libvirt, QEMU runs as the caller) mode 0700.
+/// Create `dir` for NBD sockets or scratch files: a fresh folder (it must not exist) in a
+/// parent only root can change (checked, and created 0711 where missing, by
+/// [`crate::fsutil::safe_base`]); owned by the caller (root), group `qemu_gid`, mode 0770,
+/// so QEMU can create files in it and nobody else can enter; without a gid (session
+/// libvirt, QEMU runs as the caller) mode 0700. Group and mode are set on the open folder.
 /// See the module docs for why.
 pub fn prepare_private_dir(dir: &Path, qemu_gid: Option<u32>) -> Result<()> {
     let mode = if qemu_gid.is_some() { 0o770 } else { 0o700 };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(dir)
-        .at(dir)?;
-    if let Some(gid) = qemu_gid {
-        std::os::unix::fs::chown(dir, None, Some(gid)).at(dir)?;
-    }
-    // The umask may have narrowed the mode the folder was created with.
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).at(dir)?;
-    Ok(())
+    crate::fsutil::new_private_dir(dir, 0o711, qemu_gid, mode).map(drop)
 }
 
 /// The VM's disks (not CD-ROMs) outside `tracked`: a checkpoint names them `checkpoint='no'`.
@@ -1101,6 +1105,7 @@ fn untracked_disks<'a>(live: &'a xml::DomainXml, tracked: &[&str]) -> Vec<&'a st
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn nbd_uri_escapes_socket_path() {
@@ -1118,6 +1123,9 @@ mod tests {
         prepare_private_dir(&dir, None).unwrap();
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
+        // An existing folder is never taken over.
+        assert!(prepare_private_dir(&dir, None).is_err());
+        std::fs::remove_dir(&dir).unwrap();
         let gid = own_gid();
         prepare_private_dir(&dir, Some(gid)).unwrap();
         let meta = std::fs::metadata(&dir).unwrap();
