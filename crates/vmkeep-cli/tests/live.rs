@@ -420,6 +420,13 @@ fn instant_recovery_boots_from_the_archive_and_blockpull_makes_it_permanent() {
     let _server = Kill(pid);
     assert!(virsh(&["domstate", &new]).contains("running"));
     let overlay = dir.join(format!("{new}-vda.qcow2"));
+    // The recovered guest's writes are as private as every other restore target; libvirt
+    // gave the file to QEMU by owner (DAC labelling), the mode stays.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&overlay).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o600, "overlay mode");
+    }
     let info = lv::run(
         std::process::Command::new("qemu-img")
             .args(["info", "-U"])
@@ -964,4 +971,166 @@ mod failures {
         });
         assert_clean_failure(&env, &vm, &out, 1, "backup job");
     }
+}
+
+/// The id of the newest generation of `vm`.
+fn newest_id(env: &Env, vm: &str) -> String {
+    status(env, vm)["vms"][0]["generations"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The unprivileged user the tests plant files as (made once; safe in parallel).
+fn attacker() -> u32 {
+    const NAME: &str = "vmkeep-test-attacker";
+    for _ in 0..50 {
+        let id = std::process::Command::new("id")
+            .args(["-u", NAME])
+            .output()
+            .unwrap();
+        if id.status.success() {
+            return String::from_utf8_lossy(&id.stdout).trim().parse().unwrap();
+        }
+        // Exit 9 (exists: another test made it meanwhile) or 10 (the password file is
+        // locked by a parallel useradd): look again.
+        let _ = std::process::Command::new("useradd")
+            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", NAME])
+            .status();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("cannot create user {NAME}");
+}
+
+fn owner_and_mode(p: &std::path::Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).unwrap();
+    (m.uid(), m.mode() & 0o7777)
+}
+
+/// Entries of a folder, sorted.
+fn entries(p: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(p)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn scratch_or_socket_folders_another_user_controls_are_refused() {
+    let _shared = shared();
+    let uid = attacker();
+    let vm = TestVm::start("planted", &[("vda", "qcow2", 32)]);
+    let env = live_env();
+    vm.guest_write(0, 0x11, "0", "1M");
+    env.ok(&["backup", &vm.name]);
+    let good = newest_id(&env, &vm.name);
+    // A world-writable sticky folder like /var/tmp, where anyone can make the folder
+    // vmkeep would use first.
+    let public = env.path("public");
+    std::fs::create_dir(&public).unwrap();
+    lv::set_mode(&public, 0o1777);
+    let planted = public.join("vmkeep");
+    std::fs::create_dir(&planted).unwrap();
+    std::os::unix::fs::chown(&planted, Some(uid), Some(uid)).unwrap();
+    lv::set_mode(&planted, 0o777);
+    // A symlink planted where the scratch folder would be, at a folder of root's.
+    let victim = env.path("victim");
+    std::fs::create_dir(&victim).unwrap();
+    lv::set_mode(&victim, 0o750);
+    let link = public.join("scratch-link");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    std::os::unix::fs::lchown(&link, Some(uid), Some(uid)).unwrap();
+    let run = env.path("run");
+    let scratch = env.path("scratch");
+    for (run_dir, scratch_dir, needle) in [
+        (&run, &planted, "owned by uid"),
+        (&planted, &scratch, "owned by uid"),
+        (&run, &link, "symlink"),
+        (&run, &public, "lets other users"),
+    ] {
+        std::fs::write(
+            env.path("no-config.toml"),
+            format!(
+                "run_dir = \"{}\"\nscratch_dir = \"{}\"\n",
+                run_dir.display(),
+                scratch_dir.display()
+            ),
+        )
+        .unwrap();
+        vm.guest_write(0, 0x22, "2M", "64k");
+        let err = env.fails(&["backup", &vm.name], 1);
+        let bad = if run_dir == &run { scratch_dir } else { run_dir };
+        assert!(
+            err.lines().count() == 1
+                && err.contains(&bad.display().to_string())
+                && err.contains(needle),
+            "{err}"
+        );
+        // Nothing made, chowned or chmodded in what another user controls.
+        assert_eq!(owner_and_mode(&planted), (uid, 0o777));
+        assert!(entries(&planted).is_empty(), "{:?}", entries(&planted));
+        assert_eq!(owner_and_mode(&victim), (0, 0o750));
+        assert!(entries(&victim).is_empty(), "{:?}", entries(&victim));
+        assert_eq!(
+            entries(&public),
+            ["scratch-link".to_string(), "vmkeep".to_string()]
+        );
+        // Nothing already backed up is lost, and no job was left running.
+        assert_eq!(newest_id(&env, &vm.name), good);
+        assert!(!virsh(&["domjobinfo", &vm.name]).contains("Backup"));
+    }
+}
+
+#[test]
+fn two_repositories_backing_up_one_running_vm_at_once_both_succeed() {
+    let _shared = shared();
+    let vm = TestVm::start("together", &[("vda", "qcow2", 32)]);
+    let a = live_env();
+    let b = live_env();
+    vm.guest_write(0, 0x31, "0", "4M");
+    for round in 0..2 {
+        if round == 1 {
+            vm.guest_write(0, 0x32, "8M", "64k");
+        }
+        // Started together: libvirt runs one backup job per VM, so one of them waits for
+        // the other's job and never ends it.
+        let mut children: Vec<_> = [&a, &b]
+            .iter()
+            .map(|env| {
+                env.std_cmd(&["backup", &vm.name])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let outs: Vec<_> = children
+            .drain(..)
+            .map(|c| c.wait_with_output().unwrap())
+            .collect();
+        for out in &outs {
+            assert!(
+                out.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let now = disk_now(&vm, "vda");
+        for env in [&a, &b] {
+            assert!(
+                latest(env, &vm.name, "vda") == now,
+                "round {round}: latest/vda.raw differs from the disk"
+            );
+            assert_eq!(env.generations(&vm.name).len(), round + 1);
+        }
+        assert!(!virsh(&["domjobinfo", &vm.name]).contains("Backup"));
+    }
+    // Each chain is still its own: the second round was incremental in both.
+    for env in [&a, &b] {
+        assert_eq!(newest(env, &vm.name, "vda").0, "incr");
+    }
+    assert_eq!(checkpoints(&vm.name).len(), 2);
 }
