@@ -717,6 +717,71 @@ mod failures {
         }
     }
 
+    /// Repository A's job is in flight (paused after it began) when repository B's run
+    /// starts, with the same run folder: B waits for A's job, says so in one line, and
+    /// never ends it; both generations equal the disk.
+    #[test]
+    fn another_repositorys_job_in_flight_is_waited_for_never_ended() {
+        let _shared = shared();
+        let vm = TestVm::start("inflight", &[("vda", "qcow2", 32)]);
+        let a = live_env();
+        let b = live_env();
+        share_folders(&b, &a.path("run"), &a.path("scratch"));
+        share_folders(&a, &a.path("run"), &a.path("scratch"));
+        vm.guest_write(0, 0x41, "0", "2M");
+        let disk = disk_now(&vm, "vda");
+        let mark = a.path("paused");
+        let first = a
+            .std_cmd(&["backup", &vm.name])
+            .env("VMKEEP_FAULT_PAUSE", "after-backup-begin:300")
+            .env("VMKEEP_FAULT_PAUSE_MARK", &mark)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for(&mark);
+        let log = b.path("second.err");
+        let mut second = b
+            .std_cmd(&["backup", &vm.name])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        // Until B says it waits (or, wrongly, finishes without waiting).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let waited = loop {
+            if std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("another backup job is running")
+            {
+                break true;
+            }
+            if second.try_wait().unwrap().is_some() {
+                break false;
+            }
+            assert!(Instant::now() < deadline, "the second run neither waited nor ended");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        std::fs::remove_file(&mark).unwrap();
+        let out = first.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "A: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status = second.wait().unwrap();
+        let err = std::fs::read_to_string(&log).unwrap();
+        assert!(status.success(), "B: {err}");
+        assert!(waited, "B did not wait for A's job: {err}");
+        assert_eq!(err.matches("waiting for it to end").count(), 1, "{err}");
+        for env in [&a, &b] {
+            assert!(latest(env, &vm.name, "vda") == disk, "latest/vda.raw differs");
+            env.ok(&["check", &vm.name, "--deep"]);
+        }
+        assert!(!virsh(&["domjobinfo", &vm.name]).contains("Backup"));
+        assert!(entries(&a.path("run")).is_empty() && entries(&a.path("scratch")).is_empty());
+    }
+
     /// Wait until the paused process wrote `mark`.
     fn wait_for(mark: &std::path::Path) {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -1084,20 +1149,36 @@ fn scratch_or_socket_folders_another_user_controls_are_refused() {
     }
 }
 
+/// Point `env`'s live-backup folders at `run` and `scratch` (shared, like the defaults).
+fn share_folders(env: &Env, run: &std::path::Path, scratch: &std::path::Path) {
+    std::fs::write(
+        env.path("no-config.toml"),
+        format!(
+            "run_dir = \"{}\"\nscratch_dir = \"{}\"\n",
+            run.display(),
+            scratch.display()
+        ),
+    )
+    .unwrap();
+}
+
 #[test]
 fn two_repositories_backing_up_one_running_vm_at_once_both_succeed() {
     let _shared = shared();
     let vm = TestVm::start("together", &[("vda", "qcow2", 32)]);
     let a = live_env();
     let b = live_env();
+    // One run folder and one scratch folder for both, as with the defaults.
+    share_folders(&b, &a.path("run"), &a.path("scratch"));
+    share_folders(&a, &a.path("run"), &a.path("scratch"));
     vm.guest_write(0, 0x31, "0", "4M");
     for round in 0..2 {
         if round == 1 {
             vm.guest_write(0, 0x32, "8M", "64k");
         }
-        // Started together: libvirt runs one backup job per VM, so one of them waits for
-        // the other's job and never ends it.
-        let mut children: Vec<_> = [&a, &b]
+        // Started together: libvirt runs one backup job per VM, so one of them may wait
+        // for the other's job; it never ends it.
+        let children: Vec<_> = [&a, &b]
             .iter()
             .map(|env| {
                 env.std_cmd(&["backup", &vm.name])
@@ -1107,11 +1188,8 @@ fn two_repositories_backing_up_one_running_vm_at_once_both_succeed() {
                     .unwrap()
             })
             .collect();
-        let outs: Vec<_> = children
-            .drain(..)
-            .map(|c| c.wait_with_output().unwrap())
-            .collect();
-        for out in &outs {
+        for c in children {
+            let out = c.wait_with_output().unwrap();
             assert!(
                 out.status.success(),
                 "round {round}: {}",
@@ -1132,5 +1210,6 @@ fn two_repositories_backing_up_one_running_vm_at_once_both_succeed() {
     for env in [&a, &b] {
         assert_eq!(newest(env, &vm.name, "vda").0, "incr");
     }
-    assert_eq!(checkpoints(&vm.name).len(), 2);
+    let cps = checkpoints(&vm.name);
+    assert_eq!(cps.len(), 2, "{cps:?}");
 }

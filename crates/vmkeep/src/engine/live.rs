@@ -693,8 +693,15 @@ fn forget_old_checkpoints(
     broken: Option<&str>,
     progress: &dyn Progress,
 ) {
-    let Ok(all) = dom.list_checkpoints() else {
-        return;
+    let all = match dom.list_checkpoints() {
+        Ok(all) => all,
+        Err(e) => {
+            progress.warn(&format!(
+                "VM {}: cannot list checkpoints to delete old ones: {e}",
+                dom.name()
+            ));
+            return;
+        }
     };
     for cp in all
         .iter()

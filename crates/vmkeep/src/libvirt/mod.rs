@@ -589,7 +589,7 @@ impl Domain {
                 tracing::warn!(vm = %self.name, "ending a backup job left behind by an earlier vmkeep run");
                 ffi::abort_job(&self.dom)
                     .map_err(|e| self.err(format!("cannot end the stale backup job: {e}")))?;
-                wait_job_end(&self.dom);
+                wait_job_end_of(&self.dom, &socket);
                 let _ = std::fs::remove_file(&socket);
                 Ok(true)
             }
@@ -620,7 +620,25 @@ impl Domain {
     }
 
     /// All checkpoints, parents before children.
+    ///
+    /// Listing races with another run creating or deleting a checkpoint of the same VM
+    /// (another repository's, at the same time): libvirt then fails the listing ("name
+    /// ... must not be NULL") or a listed checkpoint is gone before its XML is read. Such
+    /// a listing is tried again, a bounded number of times.
     pub fn list_checkpoints(&self) -> Result<Vec<CheckpointInfo>> {
+        let mut tries = 0;
+        loop {
+            match self.list_checkpoints_once() {
+                Err(_) if tries < 20 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn list_checkpoints_once(&self) -> Result<Vec<CheckpointInfo>> {
         let handles =
             ffi::list_all_checkpoints(&self.dom, sys::VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL)
                 .map_err(|e| self.err(format!("cannot list checkpoints: {e}")))?;
@@ -928,9 +946,13 @@ impl PullBackup {
             if job.socket.as_deref() == Some(self.socket.as_path()) {
                 return Ok(BackupJobState::Running);
             }
-            return Ok(BackupJobState::Failed(
-                "another backup job replaced vmkeep's".into(),
-            ));
+            // After vmkeep ended its job, another one (another repository's run, which
+            // waited for this one) may have begun: the completed job below is ours.
+            if !self.ended {
+                return Ok(BackupJobState::Failed(
+                    "another backup job replaced vmkeep's".into(),
+                ));
+            }
         }
         let last = ffi::job_stats(
             &self.dom,
@@ -981,8 +1003,9 @@ impl PullBackup {
         ffi::abort_job(&self.dom)
             .map_err(|e| self.err(format!("cannot end the backup job: {e}")))?;
         self.ended = true;
-        wait_job_end(&self.dom);
-        if backup_job_active(&self.dom) {
+        // Another repository's run may begin its job as soon as this one ends: wait for
+        // this job, not for the domain to have none.
+        if wait_job_end_of(&self.dom, &self.socket) {
             return Err(self.err("the backup job did not end within 30 s of the abort"));
         }
         match self.state()? {
@@ -1015,7 +1038,7 @@ impl Drop for PullBackup {
         if matches!(self.state(), Ok(BackupJobState::Running)) {
             tracing::warn!(vm = %self.vm, "aborting a backup job that was not ended");
             let _ = ffi::abort_job(&self.dom);
-            wait_job_end(&self.dom);
+            wait_job_end_of(&self.dom, &self.socket);
         }
         self.remove_files();
     }
@@ -1048,6 +1071,26 @@ fn backup_job_active(dom: &VirtDomain) -> bool {
         // Job statistics fail on a shut-off VM: no job there.
         Err(_) => false,
     }
+}
+
+/// Wait (at most [`JOB_END_TIMEOUT`]) until no backup job serves `socket`; returns
+/// whether one still does.
+fn wait_job_end_of(dom: &VirtDomain, socket: &Path) -> bool {
+    let serving = || {
+        backup_job_active(dom)
+            && ffi::backup_xml_desc(dom)
+                .ok()
+                .and_then(|x| xml::parse_backup_job(&x).ok())
+                .is_some_and(|job| job.socket.as_deref() == Some(socket))
+    };
+    let start = Instant::now();
+    while serving() {
+        if start.elapsed() >= JOB_END_TIMEOUT {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
 }
 
 fn wait_job_end(dom: &VirtDomain) {
