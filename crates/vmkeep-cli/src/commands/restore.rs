@@ -302,13 +302,13 @@ fn start_server(
         .run_dir
         .clone()
         .unwrap_or_else(|| "/run/vmkeep".into());
-    let io = |p: &std::path::Path, e| vmkeep::Error::io(p, e);
     // A fresh folder in a parent only root can change: root-owned, QEMU's group may
     // enter (to connect), nobody else.
     let run = vmkeep::fsutil::private_dir(&base, 0o711, "instant-", Some(gid), 0o750)?.path;
     let socket = run.join("nbd.sock");
     let log = run.join("serve.log");
-    let log_file = std::fs::File::create(&log).map_err(|e| io(&log, e))?;
+    // 0600: QEMU's group may enter the folder, the server's log is root's.
+    let log_file = vmkeep::fsutil::create_truncate(&log)?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.arg("--repo")
         .arg(repo.root())

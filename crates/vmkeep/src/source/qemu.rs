@@ -12,7 +12,6 @@
 //! it not to outlive us.
 
 use std::ffi::OsString;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -219,7 +218,7 @@ fn command(
     cmd.arg(image)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(File::create(log)?);
+        .stderr(crate::fsutil::create_truncate(log).map_err(std::io::Error::other)?);
     Ok(cmd)
 }
 
