@@ -759,7 +759,10 @@ mod failures {
             if second.try_wait().unwrap().is_some() {
                 break false;
             }
-            assert!(Instant::now() < deadline, "the second run neither waited nor ended");
+            assert!(
+                Instant::now() < deadline,
+                "the second run neither waited nor ended"
+            );
             std::thread::sleep(Duration::from_millis(50));
         };
         std::fs::remove_file(&mark).unwrap();
@@ -775,7 +778,10 @@ mod failures {
         assert!(waited, "B did not wait for A's job: {err}");
         assert_eq!(err.matches("waiting for it to end").count(), 1, "{err}");
         for env in [&a, &b] {
-            assert!(latest(env, &vm.name, "vda") == disk, "latest/vda.raw differs");
+            assert!(
+                latest(env, &vm.name, "vda") == disk,
+                "latest/vda.raw differs"
+            );
             env.ok(&["check", &vm.name, "--deep"]);
         }
         assert!(!virsh(&["domjobinfo", &vm.name]).contains("Backup"));
@@ -1060,7 +1066,13 @@ fn attacker() -> u32 {
         // Exit 9 (exists: another test made it meanwhile) or 10 (the password file is
         // locked by a parallel useradd): look again.
         let _ = std::process::Command::new("useradd")
-            .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", NAME])
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                NAME,
+            ])
             .status();
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -1127,7 +1139,11 @@ fn scratch_or_socket_folders_another_user_controls_are_refused() {
         .unwrap();
         vm.guest_write(0, 0x22, "2M", "64k");
         let err = env.fails(&["backup", &vm.name], 1);
-        let bad = if run_dir == &run { scratch_dir } else { run_dir };
+        let bad = if run_dir == &run {
+            scratch_dir
+        } else {
+            run_dir
+        };
         assert!(
             err.lines().count() == 1
                 && err.contains(&bad.display().to_string())

@@ -300,7 +300,10 @@ fn backup_running(
                 progress.warn(&format!(
                     "VM {}: another backup job is running (NBD socket {}); waiting for it to end",
                     dom.name(),
-                    other.as_deref().unwrap_or(std::path::Path::new("none")).display()
+                    other
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new("none"))
+                        .display()
                 ));
                 said = true;
             }
@@ -322,7 +325,8 @@ fn backup_running(
     // Another repository's job may begin between the wait and ours: wait again.
     let begin = |plan: &BackupPlan<'_>, wait: &mut dyn FnMut() -> Result<()>| loop {
         match dom.try_begin_backup(plan) {
-            Err(e) if matches!(dom.backup_job_socket(), Ok(Some(s)) if s.as_deref() != Some(plan.socket)) => {
+            Err(e) if matches!(dom.backup_job_socket(), Ok(Some(s)) if s.as_deref() != Some(plan.socket)) =>
+            {
                 if std::time::Instant::now() >= deadline {
                     return Err(e);
                 }
@@ -343,7 +347,10 @@ fn backup_running(
             match begin(&plan, &mut wait_for_others)? {
                 BackupStart::Started(job) => job,
                 BackupStart::CheckpointInconsistent(why) => {
-                    return Err(job_failed(dom, format!("cannot start the backup job: {why}")))
+                    return Err(job_failed(
+                        dom,
+                        format!("cannot start the backup job: {why}"),
+                    ))
                 }
             }
         }

@@ -55,10 +55,7 @@ fn problem(st: &Stat, final_parent: bool) -> Option<String> {
         return Some("not a folder".into());
     }
     if !trusted_owner(st.st_uid) {
-        return Some(format!(
-            "owned by uid {} (must be root's)",
-            st.st_uid
-        ));
+        return Some(format!("owned by uid {} (must be root's)", st.st_uid));
     }
     if writable_by_others(st) && (final_parent || !is_sticky(st)) {
         return Some(format!(
@@ -94,7 +91,8 @@ fn walk(dir: &Path, create_mode: u32, sticky_parent: bool) -> Result<OwnedFd> {
         .map_err(|()| unsafe_dir(dir, "the path contains `..`"))?;
     let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC;
     let mut here = PathBuf::from("/");
-    let mut fd = rustix::fs::openat(CWD, "/", flags, Mode::empty()).map_err(|e| io_err(&here, e))?;
+    let mut fd =
+        rustix::fs::openat(CWD, "/", flags, Mode::empty()).map_err(|e| io_err(&here, e))?;
     let mut st = rustix::fs::fstat(&fd).map_err(|e| io_err(&here, e))?;
     if let Some(p) = problem(&st, names.is_empty()) {
         return Err(unsafe_dir(&here, p));
@@ -283,7 +281,13 @@ mod tests {
         assert_eq!(mode(&base), 0o711);
         assert_eq!(mode(&tmp.path().join("a")), 0o711);
         assert_eq!(mode(&d.path), 0o770);
-        assert!(d.path.file_name().unwrap().to_str().unwrap().starts_with("run-"));
+        assert!(d
+            .path
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with("run-"));
         let e = private_dir(&base, 0o711, "run-", None, 0o700).unwrap();
         assert_ne!(d.path, e.path);
         assert_eq!(mode(&e.path), 0o700);
@@ -297,7 +301,9 @@ mod tests {
         std::fs::create_dir(&public).unwrap();
         set_mode(&public, 0o1777);
         private_dir(&public.join("ours"), 0o711, "x-", None, 0o700).unwrap();
-        let err = private_dir(&public, 0o711, "x-", None, 0o700).unwrap_err().to_string();
+        let err = private_dir(&public, 0o711, "x-", None, 0o700)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("mode 1777") && err.contains("public"), "{err}");
         // World-writable without the sticky bit: not even as an ancestor.
         let open = tmp.path().join("open");
@@ -311,7 +317,9 @@ mod tests {
         set_mode(&victim, 0o755);
         let link = public.join("link");
         std::os::unix::fs::symlink(&victim, &link).unwrap();
-        let err = private_dir(&link, 0o711, "x-", None, 0o700).unwrap_err().to_string();
+        let err = private_dir(&link, 0o711, "x-", None, 0o700)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("symlink") && err.contains("link"), "{err}");
         // A symlink in a world-writable folder as an ancestor.
         let err = safe_base(&link.join("sub"), 0o711).unwrap_err().to_string();

@@ -38,10 +38,11 @@
 //! ownership rather than `libvirt-qemu:… 0700` keeps a compromised QEMU from loosening the
 //! folder's mode (only the owner may chmod), while still letting it create and remove its
 //! socket. QEMU creates the socket itself `rwxrwxr-x` (no write for others, so they could
-//! not connect even with a looser folder). Existing folders are left as they are: the
-//! caller chose them. libvirt removes the scratch files when the job ends; when QEMU dies
-//! the socket file stays behind, and [`PullBackup::end`] (or dropping the handle) removes
-//! it.
+//! not connect even with a looser folder). Folders the caller passes in are used as they
+//! are (`engine::live` makes them fresh with [`crate::fsutil::private_dir`]); a missing
+//! one is made fresh, in a parent checked by [`crate::fsutil::safe_base`]. libvirt
+//! removes the scratch files when the job ends; when QEMU dies the socket file stays
+//! behind, and [`PullBackup::end`] (or dropping the handle) removes it.
 //!
 //! # AppArmor (Debian, Ubuntu)
 //! With AppArmor enabled, libvirt's per-VM profile admits the scratch files (libvirt
