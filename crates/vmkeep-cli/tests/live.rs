@@ -420,6 +420,13 @@ fn instant_recovery_boots_from_the_archive_and_blockpull_makes_it_permanent() {
     let _server = Kill(pid);
     assert!(virsh(&["domstate", &new]).contains("running"));
     let overlay = dir.join(format!("{new}-vda.qcow2"));
+    // The recovered guest's writes are as private as every other restore target; libvirt
+    // gave the file to QEMU by owner (DAC labelling), the mode stays.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&overlay).unwrap();
+        assert_eq!(meta.mode() & 0o7777, 0o600, "overlay mode");
+    }
     let info = lv::run(
         std::process::Command::new("qemu-img")
             .args(["info", "-U"])
@@ -710,6 +717,77 @@ mod failures {
         }
     }
 
+    /// Repository A's job is in flight (paused after it began) when repository B's run
+    /// starts, with the same run folder: B waits for A's job, says so in one line, and
+    /// never ends it; both generations equal the disk.
+    #[test]
+    fn another_repositorys_job_in_flight_is_waited_for_never_ended() {
+        let _shared = shared();
+        let vm = TestVm::start("inflight", &[("vda", "qcow2", 32)]);
+        let a = live_env();
+        let b = live_env();
+        share_folders(&b, &a.path("run"), &a.path("scratch"));
+        share_folders(&a, &a.path("run"), &a.path("scratch"));
+        vm.guest_write(0, 0x41, "0", "2M");
+        let disk = disk_now(&vm, "vda");
+        let mark = a.path("paused");
+        let first = a
+            .std_cmd(&["backup", &vm.name])
+            .env("VMKEEP_FAULT_PAUSE", "after-backup-begin:300")
+            .env("VMKEEP_FAULT_PAUSE_MARK", &mark)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for(&mark);
+        let log = b.path("second.err");
+        let mut second = b
+            .std_cmd(&["backup", &vm.name])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        // Until B says it waits (or, wrongly, finishes without waiting).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let waited = loop {
+            if std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("another backup job is running")
+            {
+                break true;
+            }
+            if second.try_wait().unwrap().is_some() {
+                break false;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the second run neither waited nor ended"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        std::fs::remove_file(&mark).unwrap();
+        let out = first.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "A: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status = second.wait().unwrap();
+        let err = std::fs::read_to_string(&log).unwrap();
+        assert!(status.success(), "B: {err}");
+        assert!(waited, "B did not wait for A's job: {err}");
+        assert_eq!(err.matches("waiting for it to end").count(), 1, "{err}");
+        for env in [&a, &b] {
+            assert!(
+                latest(env, &vm.name, "vda") == disk,
+                "latest/vda.raw differs"
+            );
+            env.ok(&["check", &vm.name, "--deep"]);
+        }
+        assert!(!virsh(&["domjobinfo", &vm.name]).contains("Backup"));
+        assert!(entries(&a.path("run")).is_empty() && entries(&a.path("scratch")).is_empty());
+    }
+
     /// Wait until the paused process wrote `mark`.
     fn wait_for(mark: &std::path::Path) {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -964,4 +1042,190 @@ mod failures {
         });
         assert_clean_failure(&env, &vm, &out, 1, "backup job");
     }
+}
+
+/// The id of the newest generation of `vm`.
+fn newest_id(env: &Env, vm: &str) -> String {
+    status(env, vm)["vms"][0]["generations"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// The unprivileged user the tests plant files as (made once; safe in parallel).
+fn attacker() -> u32 {
+    const NAME: &str = "vmkeep-test-attacker";
+    for _ in 0..50 {
+        let id = std::process::Command::new("id")
+            .args(["-u", NAME])
+            .output()
+            .unwrap();
+        if id.status.success() {
+            return String::from_utf8_lossy(&id.stdout).trim().parse().unwrap();
+        }
+        // Exit 9 (exists: another test made it meanwhile) or 10 (the password file is
+        // locked by a parallel useradd): look again.
+        let _ = std::process::Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                NAME,
+            ])
+            .status();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("cannot create user {NAME}");
+}
+
+fn owner_and_mode(p: &std::path::Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).unwrap();
+    (m.uid(), m.mode() & 0o7777)
+}
+
+/// Entries of a folder, sorted.
+fn entries(p: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(p)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn scratch_or_socket_folders_another_user_controls_are_refused() {
+    let _shared = shared();
+    let uid = attacker();
+    let vm = TestVm::start("planted", &[("vda", "qcow2", 32)]);
+    let env = live_env();
+    vm.guest_write(0, 0x11, "0", "1M");
+    env.ok(&["backup", &vm.name]);
+    let good = newest_id(&env, &vm.name);
+    // A world-writable sticky folder like /var/tmp, where anyone can make the folder
+    // vmkeep would use first.
+    let public = env.path("public");
+    std::fs::create_dir(&public).unwrap();
+    lv::set_mode(&public, 0o1777);
+    let planted = public.join("vmkeep");
+    std::fs::create_dir(&planted).unwrap();
+    std::os::unix::fs::chown(&planted, Some(uid), Some(uid)).unwrap();
+    lv::set_mode(&planted, 0o777);
+    // A symlink planted where the scratch folder would be, at a folder of root's.
+    let victim = env.path("victim");
+    std::fs::create_dir(&victim).unwrap();
+    lv::set_mode(&victim, 0o750);
+    let link = public.join("scratch-link");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    std::os::unix::fs::lchown(&link, Some(uid), Some(uid)).unwrap();
+    let run = env.path("run");
+    let scratch = env.path("scratch");
+    for (run_dir, scratch_dir, needle) in [
+        (&run, &planted, "owned by uid"),
+        (&planted, &scratch, "owned by uid"),
+        (&run, &link, "symlink"),
+        (&run, &public, "lets other users"),
+    ] {
+        std::fs::write(
+            env.path("no-config.toml"),
+            format!(
+                "run_dir = \"{}\"\nscratch_dir = \"{}\"\n",
+                run_dir.display(),
+                scratch_dir.display()
+            ),
+        )
+        .unwrap();
+        vm.guest_write(0, 0x22, "2M", "64k");
+        let err = env.fails(&["backup", &vm.name], 1);
+        let bad = if run_dir == &run {
+            scratch_dir
+        } else {
+            run_dir
+        };
+        assert!(
+            err.lines().count() == 1
+                && err.contains(&bad.display().to_string())
+                && err.contains(needle),
+            "{err}"
+        );
+        // Nothing made, chowned or chmodded in what another user controls.
+        assert_eq!(owner_and_mode(&planted), (uid, 0o777));
+        assert!(entries(&planted).is_empty(), "{:?}", entries(&planted));
+        assert_eq!(owner_and_mode(&victim), (0, 0o750));
+        assert!(entries(&victim).is_empty(), "{:?}", entries(&victim));
+        assert_eq!(
+            entries(&public),
+            ["scratch-link".to_string(), "vmkeep".to_string()]
+        );
+        // Nothing already backed up is lost, and no job was left running.
+        assert_eq!(newest_id(&env, &vm.name), good);
+        assert!(!virsh(&["domjobinfo", &vm.name]).contains("Backup"));
+    }
+}
+
+/// Point `env`'s live-backup folders at `run` and `scratch` (shared, like the defaults).
+fn share_folders(env: &Env, run: &std::path::Path, scratch: &std::path::Path) {
+    std::fs::write(
+        env.path("no-config.toml"),
+        format!(
+            "run_dir = \"{}\"\nscratch_dir = \"{}\"\n",
+            run.display(),
+            scratch.display()
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn two_repositories_backing_up_one_running_vm_at_once_both_succeed() {
+    let _shared = shared();
+    let vm = TestVm::start("together", &[("vda", "qcow2", 32)]);
+    let a = live_env();
+    let b = live_env();
+    // One run folder and one scratch folder for both, as with the defaults.
+    share_folders(&b, &a.path("run"), &a.path("scratch"));
+    share_folders(&a, &a.path("run"), &a.path("scratch"));
+    vm.guest_write(0, 0x31, "0", "4M");
+    for round in 0..2 {
+        if round == 1 {
+            vm.guest_write(0, 0x32, "8M", "64k");
+        }
+        // Started together: libvirt runs one backup job per VM, so one of them may wait
+        // for the other's job; it never ends it.
+        let children: Vec<_> = [&a, &b]
+            .iter()
+            .map(|env| {
+                env.std_cmd(&["backup", &vm.name])
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for c in children {
+            let out = c.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "round {round}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let now = disk_now(&vm, "vda");
+        for env in [&a, &b] {
+            assert!(
+                latest(env, &vm.name, "vda") == now,
+                "round {round}: latest/vda.raw differs from the disk"
+            );
+            assert_eq!(env.generations(&vm.name).len(), round + 1);
+        }
+        assert!(!virsh(&["domjobinfo", &vm.name]).contains("Backup"));
+    }
+    // Each chain is still its own: the second round was incremental in both.
+    for env in [&a, &b] {
+        assert_eq!(newest(env, &vm.name, "vda").0, "incr");
+    }
+    let cps = checkpoints(&vm.name);
+    assert_eq!(cps.len(), 2, "{cps:?}");
 }

@@ -138,7 +138,22 @@ fn prometheus_textfile() {
     env.backup("web1", &disk, &[]);
     env.ok(&["check", "web1"]);
     let prom = env.path("vmkeep.prom");
-    env.ok(&["status", "--prometheus", prom.to_str().unwrap()]);
+    // Whatever the umask, the file is 0644: node_exporter reads it as its own user.
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("umask 077 && exec \"$0\" \"$@\"")
+        .arg(assert_cmd::cargo::cargo_bin("vmkeep"))
+        .env("VMKEEP_CONFIG", env.path("no-config.toml"))
+        .arg("--repo")
+        .arg(env.repo())
+        .args(["status", "--prometheus", prom.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&prom).unwrap().mode() & 0o7777, 0o644);
+    }
     let text = std::fs::read_to_string(prom).unwrap();
     for needle in [
         "vmkeep_generations{vm=\"web1\"} 1",

@@ -285,6 +285,9 @@ fn restore_to_an_nbd_server_and_to_qcow2() {
         .args(["compare", "-q", "-f", "raw", "-F", "qcow2"])
         .arg(&disk)
         .arg(&q));
+    // As private as the archive it came from.
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&q).unwrap().mode() & 0o7777, 0o600);
 }
 
 #[test]

@@ -396,3 +396,6 @@ pub fn hard_link(from: &Path, to: &Path) -> Result<()> {
     fs::hard_link(from, to)
         .map_err(|e| Error::io_ctx(format!("link {} -> {}", from.display(), to.display()), e))
 }
+
+mod private;
+pub use private::{new_private_dir, private_dir, safe_base, temp_dir, PrivateDir};

@@ -170,6 +170,7 @@ fn backup_domain(
             .scratch_dir
             .clone()
             .unwrap_or(defaults.scratch_dir),
+        job_wait: defaults.job_wait,
     };
     Ok(backup_domain(repo, &hv, vm, opts, &live, &ctx.progress)?)
 }

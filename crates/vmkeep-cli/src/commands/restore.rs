@@ -272,7 +272,7 @@ fn instant(
     hv: &vmkeep::libvirt::Hypervisor,
 ) -> Result<i32> {
     let new_name = &spec.new_name;
-    let (socket, log, mut child) = start_server(ctx, repo, &a.vm, id, new_name)?;
+    let (socket, log, mut child) = start_server(ctx, repo, &a.vm, id)?;
     let stop = |child: &mut std::process::Child| {
         let _ = child.kill();
         let _ = child.wait();
@@ -288,6 +288,13 @@ fn instant(
             .into());
         }
         let _ = std::fs::remove_file(overlay);
+        // The recovered guest's writes land here: 0600 from the start (qemu-img create
+        // truncates the file and keeps its mode; libvirt gives QEMU the file when the VM
+        // starts, by owner, not by mode).
+        if let Err(e) = vmkeep::fsutil::create_new(overlay) {
+            stop(&mut child);
+            return Err(e.into());
+        }
         let backing = format!("nbd+unix:///{}?socket={}", d.name, socket.display());
         let out = std::process::Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b", &backing])
@@ -295,6 +302,7 @@ fn instant(
             .output()?;
         if !out.status.success() {
             stop(&mut child);
+            let _ = std::fs::remove_file(overlay);
             return Err(Error::source(
                 "qemu-img create",
                 String::from_utf8_lossy(&out.stderr).trim(),
@@ -346,9 +354,7 @@ fn start_server(
     repo: &Repository,
     vm: &str,
     id: &str,
-    new_name: &str,
 ) -> Result<(std::path::PathBuf, std::path::PathBuf, std::process::Child)> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     use std::os::unix::process::CommandExt;
 
     let gid = super::serve::group_id("libvirt-qemu").or_else(|_| super::serve::group_id("qemu"))?;
@@ -357,28 +363,13 @@ fn start_server(
         .run_dir
         .clone()
         .unwrap_or_else(|| "/run/vmkeep".into());
-    let io = |p: &std::path::Path, e| vmkeep::Error::io(p, e);
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o711)
-        .create(&base)
-        .map_err(|e| io(&base, e))?;
-    let tag = blake3::hash(format!("{}/{new_name}", repo.root().display()).as_bytes()).to_hex()
-        [..12]
-        .to_string();
-    // Root-owned, QEMU's group may enter (to connect), nobody else.
-    let run = base.join(format!("instant-{tag}"));
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o750)
-        .create(&run)
-        .map_err(|e| io(&run, e))?;
-    std::os::unix::fs::chown(&run, None, Some(gid)).map_err(|e| io(&run, e))?;
-    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o750))
-        .map_err(|e| io(&run, e))?;
+    // A fresh folder in a parent only root can change: root-owned, QEMU's group may
+    // enter (to connect), nobody else.
+    let run = vmkeep::fsutil::private_dir(&base, 0o711, "instant-", Some(gid), 0o750)?.path;
     let socket = run.join("nbd.sock");
     let log = run.join("serve.log");
-    let log_file = std::fs::File::create(&log).map_err(|e| io(&log, e))?;
+    // 0600: QEMU's group may enter the folder, the server's log is root's.
+    let log_file = vmkeep::fsutil::create_truncate(&log)?;
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.arg("--repo")
         .arg(repo.root())

@@ -208,8 +208,28 @@ fn write_prometheus(path: &std::path::Path, vms: &[VmStatus]) -> Result<()> {
             }
         }
     }
+    // 0644 on purpose: node_exporter reads the textfile folder as its own user, and the
+    // metrics name VMs and count bytes, nothing more (docs/security.md). Made fresh
+    // (O_EXCL: never through an entry planted at the temporary name), mode set on the
+    // open file so that the umask does not decide it, then renamed into place.
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let tmp = path.with_extension("prom.tmp");
-    std::fs::write(&tmp, m).map_err(|e| vmkeep::Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| vmkeep::Error::io(path, e))?;
+    let io = |p: &std::path::Path, e| vmkeep::Error::io(p, e);
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&tmp, e).into()),
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&tmp)
+        .map_err(|e| io(&tmp, e))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o644))
+        .and_then(|()| f.write_all(m.as_bytes()))
+        .map_err(|e| io(&tmp, e))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(|e| io(path, e))?;
     Ok(())
 }

@@ -35,6 +35,9 @@ pub struct LiveOptions {
     pub run_dir: PathBuf,
     /// Parent of the per-run scratch folder (copy-before-write data; needs disk space).
     pub scratch_dir: PathBuf,
+    /// How long to wait for another repository's backup job of the same VM to end
+    /// (libvirt runs one backup job per VM at a time).
+    pub job_wait: std::time::Duration,
 }
 
 impl Default for LiveOptions {
@@ -43,6 +46,7 @@ impl Default for LiveOptions {
             skip_disks: Vec::new(),
             run_dir: PathBuf::from("/run/vmkeep"),
             scratch_dir: PathBuf::from("/var/tmp/vmkeep"),
+            job_wait: std::time::Duration::from_secs(3600),
         }
     }
 }
@@ -75,10 +79,14 @@ pub fn backup_domain(
     // This branch's checkpoint found broken (its bitmap lost when QEMU died): after a
     // good generation it goes with the older ones.
     let broken = std::cell::RefCell::new(None);
+    // The NBD socket of this run's backup job, once it has one.
+    let our_socket = std::cell::RefCell::new(None);
     let result = if info.state.is_active() {
         backup_running(
             &dom,
             run,
+            &repo.profile.id,
+            &our_socket,
             &disks,
             &new_checkpoint,
             basis.as_deref(),
@@ -111,7 +119,9 @@ pub fn backup_domain(
             // end a job that is still running and to drop the new checkpoint.
             let fresh = Hypervisor::connect(Some(hv.uri())).and_then(|h| h.domain(name));
             let dom = fresh.as_ref().unwrap_or(&dom);
-            let _ = dom.end_stale_backup(&live.run_dir);
+            if let Some(ours) = our_socket.borrow().as_ref() {
+                let _ = dom.end_stale_backup(&|s: &std::path::Path| s == ours);
+            }
             if dom.checkpoint_exists(&new_checkpoint).unwrap_or(false) {
                 let _ = dom.delete_checkpoint(&new_checkpoint, CheckpointDelete::default());
             }
@@ -238,6 +248,8 @@ fn abandon_checkpoint(
 fn backup_running(
     dom: &Domain,
     run: BackupRun,
+    repo_id: &str,
+    our_socket: &std::cell::RefCell<Option<PathBuf>>,
     disks: &[DiskInfo],
     new_checkpoint: &str,
     basis: Option<&str>,
@@ -246,17 +258,60 @@ fn backup_running(
     live: &LiveOptions,
     progress: &dyn Progress,
 ) -> Result<BackupReport> {
-    let tag = format!("{}-{}", &run.generation_id()[..13], std::process::id());
-    let socket_dir = live.run_dir.join(&tag);
-    let scratch_dir = live.scratch_dir.join(&tag);
     let targets: Vec<&str> = disks.iter().map(|d| d.target.as_str()).collect();
+    // Fresh folders with random names, in parents only root can change; the name says
+    // which repository's run made them (see `owned_job`).
+    let prefix = format!("vmkeep-{repo_id}-");
+    let gid = dom.qemu_gid()?;
+    let mode = if gid.is_some() { 0o770 } else { 0o700 };
+    let mut cleanup = RemoveDirs(Vec::new());
+    let socket_dir = crate::fsutil::private_dir(&live.run_dir, 0o711, &prefix, gid, mode)?.path;
+    cleanup.0.push(socket_dir.clone());
+    let scratch_dir =
+        crate::fsutil::private_dir(&live.scratch_dir, 0o711, &prefix, gid, mode)?.path;
+    cleanup.0.push(scratch_dir.clone());
     let socket = socket_dir.join("nbd.sock");
-    for base in [&live.run_dir, &live.scratch_dir] {
-        traversable_base(base)?;
-    }
-    let _cleanup = RemoveDirs(vec![socket_dir.clone(), scratch_dir.clone()]);
-    // A job left behind by a vmkeep run that died would hold the bitmaps: end it first.
-    dom.end_stale_backup(&live.run_dir)?;
+    *our_socket.borrow_mut() = Some(socket.clone());
+    // A job left behind by a dead run of this repository would hold the bitmaps: end it
+    // first. This run holds the VM's lock of this repository, so any such run is dead.
+    // Another repository's job in flight is waited for, never ended.
+    let owned = |s: &std::path::Path| owned_job(s, &live.run_dir, &prefix);
+    let deadline = std::time::Instant::now() + live.job_wait;
+    let mut said = false;
+    let mut wait_for_others = || -> Result<()> {
+        loop {
+            dom.end_stale_backup(&owned)?;
+            let other = match dom.backup_job_socket()? {
+                None => return Ok(()),
+                Some(s) => s,
+            };
+            if std::time::Instant::now() >= deadline {
+                return Err(job_failed(
+                    dom,
+                    format!(
+                        "another backup job (NBD socket {}) is still running after {} s; end it with `virsh domjobabort {}` if nobody uses it",
+                        other.as_deref().unwrap_or(std::path::Path::new("none")).display(),
+                        live.job_wait.as_secs(),
+                        dom.name()
+                    ),
+                ));
+            }
+            if !said {
+                progress.warn(&format!(
+                    "VM {}: another backup job is running (NBD socket {}); waiting for it to end",
+                    dom.name(),
+                    other
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new("none"))
+                        .display()
+                ));
+                said = true;
+            }
+            crate::interrupt::check()?;
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    };
+    wait_for_others()?;
     let mut basis = basis.filter(|cp| checkpoint_intact(dom, cp, broken, progress));
     let description = description(run.repository());
     let mut plan = BackupPlan {
@@ -267,7 +322,20 @@ fn backup_running(
         incremental_from: basis,
         checkpoint_description: Some(&description),
     };
-    let first = match dom.try_begin_backup(&plan)? {
+    // Another repository's job may begin between the wait and ours: wait again.
+    let begin = |plan: &BackupPlan<'_>, wait: &mut dyn FnMut() -> Result<()>| loop {
+        match dom.try_begin_backup(plan) {
+            Err(e) if matches!(dom.backup_job_socket(), Ok(Some(s)) if s.as_deref() != Some(plan.socket)) =>
+            {
+                if std::time::Instant::now() >= deadline {
+                    return Err(e);
+                }
+                wait()?;
+            }
+            other => return other,
+        }
+    };
+    let first = match begin(&plan, &mut wait_for_others)? {
         BackupStart::Started(job) => job,
         // The check above passed, but libvirt found the bitmap broken when it started the
         // job (or it broke in between): start again as a diff with a fresh chain, once.
@@ -276,7 +344,15 @@ fn backup_running(
                 abandon_checkpoint(dom, cp, &why, broken, progress);
             }
             plan.incremental_from = None;
-            dom.begin_backup(&plan)?
+            match begin(&plan, &mut wait_for_others)? {
+                BackupStart::Started(job) => job,
+                BackupStart::CheckpointInconsistent(why) => {
+                    return Err(job_failed(
+                        dom,
+                        format!("cannot start the backup job: {why}"),
+                    ))
+                }
+            }
         }
     };
     let job = std::cell::RefCell::new(Some(first));
@@ -624,8 +700,15 @@ fn forget_old_checkpoints(
     broken: Option<&str>,
     progress: &dyn Progress,
 ) {
-    let Ok(all) = dom.list_checkpoints() else {
-        return;
+    let all = match dom.list_checkpoints() {
+        Ok(all) => all,
+        Err(e) => {
+            progress.warn(&format!(
+                "VM {}: cannot list checkpoints to delete old ones: {e}",
+                dom.name()
+            ));
+            return;
+        }
     };
     for cp in all
         .iter()
@@ -690,20 +773,17 @@ impl BlockSource for LabelledSource {
     }
 }
 
-/// Create a parent of the per-run folders if missing: mode 0711, so that QEMU (another
-/// user) can reach its own per-run folder inside without seeing the others.
-fn traversable_base(dir: &std::path::Path) -> Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    if dir.is_dir() {
-        return Ok(());
-    }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o711)
-        .create(dir)
-        .map_err(|e| Error::io(dir, e))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
-        .map_err(|e| Error::io(dir, e))
+/// Whether a backup job's NBD socket is one a run of this repository made: in a folder
+/// directly under `run_dir` whose name starts with `prefix` (`vmkeep-<repository id>-`).
+fn owned_job(socket: &std::path::Path, run_dir: &std::path::Path, prefix: &str) -> bool {
+    let Some(folder) = socket.parent() else {
+        return false;
+    };
+    folder.parent() == Some(run_dir)
+        && folder
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(prefix))
 }
 
 /// Removes folders when dropped (per-run socket and scratch folders).

@@ -38,10 +38,11 @@
 //! ownership rather than `libvirt-qemu:… 0700` keeps a compromised QEMU from loosening the
 //! folder's mode (only the owner may chmod), while still letting it create and remove its
 //! socket. QEMU creates the socket itself `rwxrwxr-x` (no write for others, so they could
-//! not connect even with a looser folder). Existing folders are left as they are: the
-//! caller chose them. libvirt removes the scratch files when the job ends; when QEMU dies
-//! the socket file stays behind, and [`PullBackup::end`] (or dropping the handle) removes
-//! it.
+//! not connect even with a looser folder). Folders the caller passes in are used as they
+//! are (`engine::live` makes them fresh with [`crate::fsutil::private_dir`]); a missing
+//! one is made fresh, in a parent checked by [`crate::fsutil::safe_base`]. libvirt
+//! removes the scratch files when the job ends; when QEMU dies the socket file stays
+//! behind, and [`PullBackup::end`] (or dropping the handle) removes it.
 //!
 //! # AppArmor (Debian, Ubuntu)
 //! With AppArmor enabled, libvirt's per-VM profile admits the scratch files (libvirt
@@ -65,7 +66,6 @@ pub mod xml;
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -75,7 +75,7 @@ use virt::domain::Domain as VirtDomain;
 use virt::error::ErrorNumber;
 use virt::sys;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 pub use xml::{dirty_bitmap_context, CheckpointInfo, CopySpec, DiskDevice, DiskSource, NewDisk};
 
 /// The connection used when none is given.
@@ -580,16 +580,17 @@ impl Domain {
         Ok(())
     }
 
-    /// End a backup job whose NBD socket lies under `run_dir`: one a vmkeep run left
-    /// behind when it died or lost its connection (libvirtd restarted). Returns whether
-    /// there was one. Jobs of anyone else are left alone.
-    pub fn end_stale_backup(&self, run_dir: &Path) -> Result<bool> {
+    /// End the backup job if `owned` says its NBD socket is one of ours: a job a vmkeep
+    /// run of this repository left behind when it died or lost its connection (libvirtd
+    /// restarted). Returns whether there was one. Jobs of anyone else (another
+    /// repository's run in flight, another tool) are left alone.
+    pub fn end_stale_backup(&self, owned: &dyn Fn(&Path) -> bool) -> Result<bool> {
         match self.running_backup_socket()? {
-            Some(Some(socket)) if socket.starts_with(run_dir) => {
+            Some(Some(socket)) if owned(&socket) => {
                 tracing::warn!(vm = %self.name, "ending a backup job left behind by an earlier vmkeep run");
                 ffi::abort_job(&self.dom)
                     .map_err(|e| self.err(format!("cannot end the stale backup job: {e}")))?;
-                wait_job_end(&self.dom);
+                wait_job_end_of(&self.dom, &socket);
                 let _ = std::fs::remove_file(&socket);
                 Ok(true)
             }
@@ -597,7 +598,12 @@ impl Domain {
         }
     }
 
-    /// `Some(socket)` when a backup job is active.
+    /// The NBD socket of the active backup job: `None` without one, `Some(None)` for a
+    /// job without a unix socket (push mode, TCP).
+    pub fn backup_job_socket(&self) -> Result<Option<Option<PathBuf>>> {
+        self.running_backup_socket()
+    }
+
     fn running_backup_socket(&self) -> Result<Option<Option<PathBuf>>> {
         if !backup_job_active(&self.dom) {
             return Ok(None);
@@ -607,8 +613,33 @@ impl Domain {
         Ok(Some(job.socket))
     }
 
+    /// QEMU's group (from the running VM's DAC label), `None` if QEMU runs as the caller.
+    pub fn qemu_gid(&self) -> Result<Option<u32>> {
+        Ok(xml::parse_domain(&self.live_xml()?)?
+            .qemu_ids
+            .map(|(_, gid)| gid))
+    }
+
     /// All checkpoints, parents before children.
+    ///
+    /// Listing races with another run creating or deleting a checkpoint of the same VM
+    /// (another repository's, at the same time): libvirt then fails the listing ("name
+    /// ... must not be NULL") or a listed checkpoint is gone before its XML is read. Such
+    /// a listing is tried again, a bounded number of times.
     pub fn list_checkpoints(&self) -> Result<Vec<CheckpointInfo>> {
+        let mut tries = 0;
+        loop {
+            match self.list_checkpoints_once() {
+                Err(_) if tries < 20 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn list_checkpoints_once(&self) -> Result<Vec<CheckpointInfo>> {
         let handles =
             ffi::list_all_checkpoints(&self.dom, sys::VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL)
                 .map_err(|e| self.err(format!("cannot list checkpoints: {e}")))?;
@@ -916,9 +947,13 @@ impl PullBackup {
             if job.socket.as_deref() == Some(self.socket.as_path()) {
                 return Ok(BackupJobState::Running);
             }
-            return Ok(BackupJobState::Failed(
-                "another backup job replaced vmkeep's".into(),
-            ));
+            // After vmkeep ended its job, another one (another repository's run, which
+            // waited for this one) may have begun: the completed job below is ours.
+            if !self.ended {
+                return Ok(BackupJobState::Failed(
+                    "another backup job replaced vmkeep's".into(),
+                ));
+            }
         }
         let last = ffi::job_stats(
             &self.dom,
@@ -969,8 +1004,9 @@ impl PullBackup {
         ffi::abort_job(&self.dom)
             .map_err(|e| self.err(format!("cannot end the backup job: {e}")))?;
         self.ended = true;
-        wait_job_end(&self.dom);
-        if backup_job_active(&self.dom) {
+        // Another repository's run may begin its job as soon as this one ends: wait for
+        // this job, not for the domain to have none.
+        if wait_job_end_of(&self.dom, &self.socket) {
             return Err(self.err("the backup job did not end within 30 s of the abort"));
         }
         match self.state()? {
@@ -1003,7 +1039,7 @@ impl Drop for PullBackup {
         if matches!(self.state(), Ok(BackupJobState::Running)) {
             tracing::warn!(vm = %self.vm, "aborting a backup job that was not ended");
             let _ = ffi::abort_job(&self.dom);
-            wait_job_end(&self.dom);
+            wait_job_end_of(&self.dom, &self.socket);
         }
         self.remove_files();
     }
@@ -1038,6 +1074,26 @@ fn backup_job_active(dom: &VirtDomain) -> bool {
     }
 }
 
+/// Wait (at most [`JOB_END_TIMEOUT`]) until no backup job serves `socket`; returns
+/// whether one still does.
+fn wait_job_end_of(dom: &VirtDomain, socket: &Path) -> bool {
+    let serving = || {
+        backup_job_active(dom)
+            && ffi::backup_xml_desc(dom)
+                .ok()
+                .and_then(|x| xml::parse_backup_job(&x).ok())
+                .is_some_and(|job| job.socket.as_deref() == Some(socket))
+    };
+    let start = Instant::now();
+    while serving() {
+        if start.elapsed() >= JOB_END_TIMEOUT {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
 fn wait_job_end(dom: &VirtDomain) {
     let start = Instant::now();
     while backup_job_active(dom) && start.elapsed() < JOB_END_TIMEOUT {
@@ -1069,23 +1125,15 @@ fn uri_escape(text: &str) -> String {
     out
 }
 
-/// Create `dir` (and missing parents) for NBD sockets or scratch files: owned by the
-/// caller (root), group `qemu_gid`, mode 0770, so QEMU can create files in it and nobody
-/// else can enter; without a gid (session libvirt, QEMU runs as the caller) mode 0700.
+/// Create `dir` for NBD sockets or scratch files: a fresh folder (it must not exist) in a
+/// parent only root can change (checked, and created 0711 where missing, by
+/// [`crate::fsutil::safe_base`]); owned by the caller (root), group `qemu_gid`, mode 0770,
+/// so QEMU can create files in it and nobody else can enter; without a gid (session
+/// libvirt, QEMU runs as the caller) mode 0700. Group and mode are set on the open folder.
 /// See the module docs for why.
 pub fn prepare_private_dir(dir: &Path, qemu_gid: Option<u32>) -> Result<()> {
     let mode = if qemu_gid.is_some() { 0o770 } else { 0o700 };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(dir)
-        .at(dir)?;
-    if let Some(gid) = qemu_gid {
-        std::os::unix::fs::chown(dir, None, Some(gid)).at(dir)?;
-    }
-    // The umask may have narrowed the mode the folder was created with.
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).at(dir)?;
-    Ok(())
+    crate::fsutil::new_private_dir(dir, 0o711, qemu_gid, mode).map(drop)
 }
 
 /// The VM's disks (not CD-ROMs) outside `tracked`: a checkpoint names them `checkpoint='no'`.
@@ -1101,6 +1149,7 @@ fn untracked_disks<'a>(live: &'a xml::DomainXml, tracked: &[&str]) -> Vec<&'a st
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn nbd_uri_escapes_socket_path() {
@@ -1118,6 +1167,9 @@ mod tests {
         prepare_private_dir(&dir, None).unwrap();
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
+        // An existing folder is never taken over.
+        assert!(prepare_private_dir(&dir, None).is_err());
+        std::fs::remove_dir(&dir).unwrap();
         let gid = own_gid();
         prepare_private_dir(&dir, Some(gid)).unwrap();
         let meta = std::fs::metadata(&dir).unwrap();

@@ -12,8 +12,6 @@
 //! it not to outlive us.
 
 use std::ffi::OsString;
-use std::fs::{DirBuilder, File};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -220,7 +218,7 @@ fn command(
     cmd.arg(image)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(File::create(log)?);
+        .stderr(crate::fsutil::create_truncate(log).map_err(std::io::Error::other)?);
     Ok(cmd)
 }
 
@@ -280,17 +278,14 @@ impl PrivateDir {
     fn create() -> std::io::Result<PrivateDir> {
         let mut last = std::io::Error::other("no usable folder for the qemu-nbd socket");
         for base in socket_bases() {
-            let path = base.join(format!("vmkeep-{}", uuid::Uuid::new_v4().simple()));
-            if path.as_os_str().len() + "/nbd.sock".len() > MAX_SOCKET_PATH {
+            // "vmkeep-" + 12 random characters.
+            let len = base.as_os_str().len() + 1 + 19;
+            if len + "/nbd.sock".len() > MAX_SOCKET_PATH {
                 continue;
             }
-            match DirBuilder::new().mode(0o700).create(&path) {
-                Ok(()) => {
-                    // The umask may have taken bits away; only ours may remain.
-                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?;
-                    return Ok(PrivateDir { path });
-                }
-                Err(e) => last = e,
+            match crate::fsutil::temp_dir(&base, "vmkeep-", 0o700) {
+                Ok(d) => return Ok(PrivateDir { path: d.path }),
+                Err(e) => last = std::io::Error::other(e.to_string()),
             }
         }
         Err(last)
@@ -318,6 +313,7 @@ fn socket_bases() -> Vec<PathBuf> {
 mod tests {
     use super::*;
     use crate::error::ErrorKind;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn bad_arguments_are_usage_errors() {

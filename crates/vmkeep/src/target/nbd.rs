@@ -66,6 +66,10 @@ impl NbdTarget {
     /// Create a qcow2 image of `size` bytes at `path` (written beside, renamed at the end).
     pub fn qcow2(path: &Path, size: u64) -> Result<NbdTarget> {
         let tmp = super::partial_path(path)?;
+        // A restored disk is as private as the archive it came from: the file is made
+        // 0600 before qemu-img writes into it, so it is never readable by others.
+        fsutil::remove_file(&tmp)?;
+        drop(fsutil::create_new(&tmp)?);
         let out = Command::new("qemu-img")
             .args(["create", "-q", "-f", "qcow2"])
             .arg(&tmp)
@@ -73,17 +77,13 @@ impl NbdTarget {
             .output()
             .map_err(|e| Error::io_ctx("qemu-img (install qemu-utils)", e))?;
         if !out.status.success() {
+            let _ = std::fs::remove_file(&tmp);
             return Err(Error::io_ctx(
                 format!("qemu-img create {}", tmp.display()),
                 std::io::Error::other(String::from_utf8_lossy(&out.stderr).trim().to_string()),
             ));
         }
-        {
-            use std::os::unix::fs::PermissionsExt;
-            // A restored disk is as private as the archive it came from.
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(fsutil::FILE_MODE))
-                .map_err(|e| Error::io(&tmp, e))?;
-        }
+        check_private(&tmp)?;
         let opts = QemuOptions {
             writable: true,
             connections: 1,
@@ -195,4 +195,18 @@ impl Target for NbdTarget {
             let _ = std::fs::remove_file(tmp);
         }
     }
+}
+
+/// `path` (made by vmkeep) is still a regular file only its owner may read: `qemu-img
+/// create` truncates an existing file and keeps its mode.
+fn check_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() || meta.mode() & 0o077 != 0 {
+        return Err(Error::format(
+            path,
+            format!("mode {:04o}: expected a private file", meta.mode() & 0o7777),
+        ));
+    }
+    Ok(())
 }
