@@ -4,14 +4,13 @@
 //! is busy with the VM. The kernel drops the lock when the holder dies, however it dies,
 //! so there is never a stale lock to clean up.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::FILE_MODE;
+use crate::fsutil;
 
 /// A held VM lock; dropping it releases the lock.
 #[derive(Debug)]
@@ -23,15 +22,11 @@ pub struct VmLock {
 impl VmLock {
     /// Take the lock of the VM whose folder is `dir`, or fail at once naming the holder.
     pub fn acquire(dir: &Path, vm: &str, what: &str) -> Result<VmLock> {
+        // The VM folder itself must not be a symbolic link (whatever is done under it would
+        // land elsewhere), nor the lock file (it is truncated below).
+        fsutil::refuse_symlink(dir)?;
         let path = dir.join("lock");
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(FILE_MODE)
-            .open(&path)
-            .at(&path)?;
+        let mut file = fsutil::open_lock_file(&path)?;
         // SAFETY: flock on a descriptor we own; no pointers.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc != 0 {
