@@ -127,6 +127,24 @@ pub fn refuse_symlink(path: &Path) -> Result<()> {
     }
 }
 
+/// Open the folder `dir` itself (`O_DIRECTORY | O_NOFOLLOW`), to open files relative to it
+/// (`openat`): a symbolic link in its place is refused.
+pub fn open_dir_nofollow(dir: &Path) -> Result<rustix::fd::OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| {
+        if refuse_symlink(dir).is_err() {
+            symlink_refused(dir)
+        } else {
+            Error::io(dir, e.into())
+        }
+    })
+}
+
 /// An `open` error of a repository file opened with `O_NOFOLLOW`: `ELOOP` means the last
 /// component is a symbolic link.
 fn open_error(path: &Path, e: io::Error) -> Error {
