@@ -83,8 +83,10 @@ pub fn remove_file(path: &Path) -> Result<()> {
     }
 }
 
-/// Remove a folder and everything in it if it exists.
+/// Remove a folder and everything in it if it exists. A symbolic link in its place is
+/// refused: callers remove a stray link with [`remove_file`], on purpose.
 pub fn remove_dir_all(path: &Path) -> Result<()> {
+    refuse_symlink(path)?;
     fault::point(Op::RemoveTree, path, None)?;
     match fs::remove_dir_all(path) {
         Ok(()) => Ok(()),
@@ -106,47 +108,143 @@ pub fn create_dir(path: &Path) -> Result<()> {
     }
 }
 
-/// Create a new file for writing (mode 0600); it must not exist yet.
+/// The error for a symbolic link found where a repository file or folder belongs.
+pub fn symlink_refused(path: &Path) -> Error {
+    Error::corrupt(
+        path,
+        "is a symbolic link; vmkeep never follows one inside a repository (refused)",
+    )
+}
+
+/// Refuse `path` when it is a symbolic link (checked with `lstat`, so the link itself is
+/// looked at, never its target); a missing entry is fine.
+pub fn refuse_symlink(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => Err(symlink_refused(path)),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// Open the folder `dir` itself (`O_DIRECTORY | O_NOFOLLOW`), to open files relative to it
+/// (`openat`): a symbolic link in its place is refused.
+pub fn open_dir_nofollow(dir: &Path) -> Result<rustix::fd::OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    rustix::fs::open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| {
+        if refuse_symlink(dir).is_err() {
+            symlink_refused(dir)
+        } else {
+            Error::io(dir, e.into())
+        }
+    })
+}
+
+/// An `open` error of a repository file opened with `O_NOFOLLOW`: `ELOOP` means the last
+/// component is a symbolic link.
+fn open_error(path: &Path, e: io::Error) -> Error {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        symlink_refused(path)
+    } else {
+        not_found_is_corrupt(path, e)
+    }
+}
+
+/// Refuse an opened file that is not a regular file, or (for a file about to be written in
+/// place) one with another name elsewhere: a hard link would carry the write to whatever
+/// else shares the inode (a `cp -al` copy of the repository, or a file outside it).
+fn require_regular(file: &File, path: &Path, single_link: bool) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().at(path)?;
+    if !meta.file_type().is_file() {
+        return Err(Error::corrupt(path, "is not a regular file (refused)"));
+    }
+    if single_link && meta.nlink() > 1 {
+        return Err(Error::corrupt(
+            path,
+            format!(
+                "has {} hard links; vmkeep never writes in place into a file that has another name (refused)",
+                meta.nlink()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Create a new file for writing (mode 0600); it must not exist yet (not even as a
+/// symbolic link).
 pub fn create_new(path: &Path) -> Result<File> {
     fault::point(Op::Create, path, None)?;
     OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .mode(FILE_MODE)
         .open(path)
-        .at(path)
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists && refuse_symlink(path).is_err() {
+                symlink_refused(path)
+            } else {
+                Error::io(path, e)
+            }
+        })
 }
 
-/// Create or truncate a file for writing (mode 0600).
+/// Create or truncate a file for writing (mode 0600). A symbolic link in its place is
+/// refused, never truncated through (`O_NOFOLLOW`), and so is a hard-linked file.
 pub fn create_truncate(path: &Path) -> Result<File> {
-    if path.exists() {
+    let existed = fs::symlink_metadata(path).is_ok();
+    if existed {
         fault::point(Op::Truncate, path, None)?;
     } else {
         fault::point(Op::Create, path, None)?;
     }
-    OpenOptions::new()
+    // Opened without `O_TRUNC`: the file is looked at before anything is cut off.
+    let f = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .mode(FILE_MODE)
         .open(path)
-        .at(path)
+        .map_err(|e| open_error(path, e))?;
+    require_regular(&f, path, true)?;
+    f.set_len(0).at(path)?;
+    Ok(f)
 }
 
-/// Open an existing file for reading and writing.
+/// Open an existing repository file for reading and writing in place. A symbolic link is
+/// refused (`O_NOFOLLOW`), and so is a file with a second hard link (the write would
+/// change the other name's bytes too).
 pub fn open_rw(path: &Path) -> Result<File> {
-    OpenOptions::new()
+    let f = OpenOptions::new()
         .read(true)
         .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
-        .map_err(|e| not_found_is_corrupt(path, e))
+        .map_err(|e| open_error(path, e))?;
+    require_regular(&f, path, true)?;
+    Ok(f)
 }
 
-/// Open an existing archive file for reading; a missing one is damage to the archive.
+/// Open an existing archive file for reading; a missing one is damage to the archive, and
+/// a symbolic link (which could serve a host file such as `/etc/shadow` as disk bytes) or
+/// anything but a regular file is refused.
 pub fn open_ro(path: &Path) -> Result<File> {
-    File::open(path).map_err(|e| not_found_is_corrupt(path, e))
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| open_error(path, e))?;
+    require_regular(&f, path, false)?;
+    Ok(f)
 }
 
 fn not_found_is_corrupt(path: &Path, e: io::Error) -> Error {
@@ -155,6 +253,23 @@ fn not_found_is_corrupt(path: &Path, e: io::Error) -> Error {
     } else {
         Error::io(path, e)
     }
+}
+
+/// Open (creating it 0600 if needed) a lock or pin file for reading and writing, without
+/// truncating it: a symbolic link in its place is refused (`O_NOFOLLOW`), and so is a file
+/// that is not regular or has a second hard link (its holder line is rewritten in place).
+pub fn open_lock_file(path: &Path) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .mode(FILE_MODE)
+        .open(path)
+        .map_err(|e| open_error(path, e))?;
+    require_regular(&f, path, true)?;
+    Ok(f)
 }
 
 /// Replace `path` with `data` atomically: write beside, fsync, rename, fsync the folder.

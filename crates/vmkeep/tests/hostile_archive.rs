@@ -1485,3 +1485,147 @@ fn names_from_domain_xml_that_escape_are_refused() {
     }
     assert_eq!(listing(a.tmp.path()), before);
 }
+
+// ---------------------------------------------------------------------------------------
+// Symbolic and hard links planted in the archive
+//
+// Each planted link names a file or folder outside the VM's own folder that holds the very
+// bytes the archive should hold, so that a reader following the link would get past every
+// digest: only the refusal to follow it can fail these tests.
+
+/// Move `path` to `outside` and put a symbolic link to it in its place.
+fn plant_symlink(path: &Path, outside: &Path) {
+    std::fs::rename(path, outside).unwrap();
+    std::os::unix::fs::symlink(outside, path).unwrap();
+}
+
+/// The error is a corruption error naming `path` and saying it is a symbolic link.
+#[track_caller]
+fn names_symlink(e: &Error, path: &Path) {
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&path.display().to_string()) && msg.contains("symbolic link"),
+        "the error does not name the symbolic link {}: {msg}",
+        path.display()
+    );
+}
+
+/// `check` refuses: a report with damage, or a corruption error naming `path`.
+#[track_caller]
+fn check_refuses(a: &Archive, path: &Path) {
+    match a.check(true) {
+        Ok(report) => assert!(!report.ok(), "check found nothing"),
+        Err(e) => {
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+            names_symlink(&e, path);
+        }
+    }
+}
+
+#[test]
+fn symlinked_newest_image_is_refused_even_with_the_right_bytes() {
+    let a = Archive::copied();
+    let img = a.file(2, "vda.raw");
+    let outside = a.tmp.path().join("outside.raw");
+    plant_symlink(&img, &outside);
+    for k in 0..3 {
+        let e = expect_corrupt(a.restore(k), &format!("restore of generation {k}"));
+        names_symlink(&e, &img);
+    }
+    check_refuses(&a, &img);
+    assert!(std::fs::read(&outside).unwrap() == a.snaps[2]);
+}
+
+#[test]
+fn symlinked_digest_file_is_refused_even_with_the_right_bytes() {
+    let a = Archive::copied();
+    let digest = a.file(2, "vda.digest");
+    let outside = a.tmp.path().join("outside.digest");
+    let bytes = std::fs::read(&digest).unwrap();
+    plant_symlink(&digest, &outside);
+    let e = expect_corrupt(a.restore(2), "restore of the newest generation");
+    names_symlink(&e, &digest);
+    check_refuses(&a, &digest);
+    assert_eq!(std::fs::read(&outside).unwrap(), bytes);
+}
+
+#[test]
+fn symlinked_reverse_diff_is_refused_even_with_the_right_bytes() {
+    let a = Archive::copied();
+    let rdiff = a.rdiff(0);
+    let outside = a.tmp.path().join("outside.rdiff");
+    let bytes = std::fs::read(&rdiff).unwrap();
+    plant_symlink(&rdiff, &outside);
+    let e = expect_corrupt(a.restore(0), "restore of the oldest generation");
+    names_symlink(&e, &rdiff);
+    check_refuses(&a, &rdiff);
+    a.newest_still_restores();
+    assert_eq!(std::fs::read(&outside).unwrap(), bytes);
+}
+
+#[test]
+fn generation_folder_symlinked_to_another_vms_generation_is_refused() {
+    let a = Archive::copied();
+    // VM "other" holds a copy of this VM's folder; this VM's oldest generation becomes a
+    // link to the other VM's one (the same bytes, so only the refusal can fail the test).
+    let other = a.repo.root().join("other");
+    copy_tree(&a.vm_dir(), &other);
+    let gen = a.vm_dir().join(&a.ids[0]);
+    std::fs::remove_dir_all(&gen).unwrap();
+    std::os::unix::fs::symlink(Path::new("../other").join(&a.ids[0]), &gen).unwrap();
+    let before = listing(&other.join(&a.ids[0]));
+    let bytes = std::fs::read(other.join(&a.ids[0]).join("vda.rdiff")).unwrap();
+
+    let e = expect_corrupt(a.restore(0), "restore of the linked generation");
+    names_symlink(&e, &gen);
+    let e = expect_corrupt(a.restore(2), "restore of the newest generation");
+    names_symlink(&e, &gen);
+    check_refuses(&a, &gen);
+    let e = expect_corrupt(a.drop_middle(), "drop of the middle generation");
+    names_symlink(&e, &gen);
+    let e = expect_corrupt(
+        BackupRun::begin(&a.repo, "vm").map(|_| ()),
+        "a backup's recovery",
+    );
+    names_symlink(&e, &gen);
+    assert_eq!(listing(&other.join(&a.ids[0])), before);
+    assert_eq!(
+        std::fs::read(other.join(&a.ids[0]).join("vda.rdiff")).unwrap(),
+        bytes
+    );
+    assert!(std::fs::symlink_metadata(&gen).unwrap().is_symlink());
+}
+
+#[test]
+fn hard_linked_newest_image_is_never_written_in_place() {
+    let a = Archive::copied();
+    let img = a.file(2, "vda.raw");
+    // A second name outside the VM folder (a `cp -al` copy of the repository, say).
+    let outside = a.tmp.path().join("outside.raw");
+    std::fs::hard_link(&img, &outside).unwrap();
+    // Readers are not refused: the newest image is hard-linked by design during a
+    // backup's roll-forward, and every block read is checked against its digest.
+    a.newest_still_restores();
+
+    let disk = a.tmp.path().join("disk.raw");
+    let mut img4 = a.snaps[2].clone();
+    block(&mut img4, 5).copy_from_slice(&noise(9, BS as usize));
+    std::fs::write(&disk, &img4).unwrap();
+    let input = DiskInput::new("vda", Box::new(FileSource::open(&disk).unwrap()));
+    let opts = BackupOptions {
+        block_size: Some(BS),
+        ..Default::default()
+    };
+    let r = BackupRun::begin(&a.repo, "vm")
+        .unwrap()
+        .execute(vec![input], &opts, &NoProgress);
+    let e = expect_corrupt(r, "a backup writing into a hard-linked image");
+    assert!(
+        e.to_string().contains(&img.display().to_string()) && e.to_string().contains("hard links"),
+        "{e}"
+    );
+    assert!(std::fs::read(&outside).unwrap() == a.snaps[2]);
+    assert_eq!(a.generation_count(), 3);
+    a.newest_still_restores();
+    assert!(a.check(true).unwrap().ok());
+}

@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use vmkeep::engine::check::{check, CheckReport, GenSelect};
+use vmkeep::error::ErrorKind;
 
 use super::Ctx;
 use crate::cli::CheckArgs;
@@ -18,6 +19,7 @@ pub fn run(ctx: &Ctx, a: CheckArgs) -> Result<i32> {
     let single = vms.len() == 1;
     let mut reports: Vec<CheckReport> = Vec::new();
     let mut errors = Vec::new();
+    let mut damaged = false;
     for vm in &vms {
         vmkeep::interrupt::check()?;
         match check(&repo, vm, a.deep, &select, &ctx.progress) {
@@ -34,8 +36,13 @@ pub fn run(ctx: &Ctx, a: CheckArgs) -> Result<i32> {
                 ctx.say(line(&r));
                 reports.push(r);
             }
-            Err(e) if single && !ctx.json => return Err(e.into()),
+            // A damaged archive that cannot even be checked (a VM folder or lock file that
+            // is a symbolic link, say) is damage found: exit 3, like damage reported.
+            Err(e) if single && !ctx.json && e.kind() != ErrorKind::Corrupt => return Err(e.into()),
             Err(e) => {
+                if e.kind() == ErrorKind::Corrupt {
+                    damaged = true;
+                }
                 crate::output::error_line(&anyhow::Error::from(e).context(format!("VM {vm}")));
                 errors.push(vm.clone());
             }
@@ -46,7 +53,7 @@ pub fn run(ctx: &Ctx, a: CheckArgs) -> Result<i32> {
             &serde_json::json!({ "ok": errors.is_empty() && reports.iter().all(CheckReport::ok), "vms": reports, "failed": errors }),
         );
     }
-    Ok(if reports.iter().any(|r| !r.ok()) {
+    Ok(if damaged || reports.iter().any(|r| !r.ok()) {
         EXIT_DAMAGE
     } else if !errors.is_empty() {
         EXIT_FAILURE

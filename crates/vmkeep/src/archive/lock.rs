@@ -3,15 +3,20 @@
 //! The lock file holds the holder's pid and command so that a second writer can say who
 //! is busy with the VM. The kernel drops the lock when the holder dies, however it dies,
 //! so there is never a stale lock to clean up.
+//!
+//! The lock file is opened relative to the opened VM folder (`openat`), and neither the
+//! folder nor the file may be a symbolic link (`O_NOFOLLOW`): a planted `lock -> /etc/passwd`
+//! is refused, never truncated.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use rustix::fs::{flock, fstat, openat, FileType, FlockOperation, Mode, OFlags};
+use rustix::io::Errno;
+
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::FILE_MODE;
+use crate::fsutil;
 
 /// A held VM lock; dropping it releases the lock.
 #[derive(Debug)]
@@ -23,24 +28,38 @@ pub struct VmLock {
 impl VmLock {
     /// Take the lock of the VM whose folder is `dir`, or fail at once naming the holder.
     pub fn acquire(dir: &Path, vm: &str, what: &str) -> Result<VmLock> {
+        let dir_fd = fsutil::open_dir_nofollow(dir)?;
         let path = dir.join("lock");
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(FILE_MODE)
-            .open(&path)
-            .at(&path)?;
-        // SAFETY: flock on a descriptor we own; no pointers.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        let fd = openat(
+            &dir_fd,
+            "lock",
+            OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::from_raw_mode(fsutil::FILE_MODE),
+        )
+        .map_err(|e| match e {
+            Errno::LOOP => fsutil::symlink_refused(&path),
+            e => Error::io(&path, e.into()),
+        })?;
+        let st = fstat(&fd).map_err(|e| Error::io(&path, e.into()))?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return Err(Error::corrupt(&path, "is not a regular file (refused)"));
+        }
+        if st.st_nlink > 1 {
+            return Err(Error::corrupt(
+                &path,
+                format!(
+                    "has {} hard links; vmkeep never writes in place into a file that has another name (refused)",
+                    st.st_nlink
+                ),
+            ));
+        }
+        match flock(&fd, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(Errno::WOULDBLOCK) => {
                 // The holder line is short; a lock file grown by anything else is not
                 // read whole.
                 let mut holder = String::new();
-                let _ = (&mut file).take(256).read_to_string(&mut holder);
+                let _ = File::from(fd).take(256).read_to_string(&mut holder);
                 let holder = holder.trim_matches(|c: char| c.is_whitespace() || c == '\0');
                 let holder = if holder.is_empty() {
                     "locked by another process".to_string()
@@ -52,8 +71,9 @@ impl VmLock {
                     holder,
                 });
             }
-            return Err(Error::io(&path, err));
+            Err(e) => return Err(Error::io(&path, e.into())),
         }
+        let mut file = File::from(fd);
         file.set_len(0).at(&path)?;
         file.rewind().at(&path)?;
         // The holder line only informs a second writer; the flock is the lock. A full

@@ -112,10 +112,14 @@ impl Repository {
         Ok(out)
     }
 
-    /// The folder of VM `name` (which may not exist yet).
+    /// The folder of VM `name` (which may not exist yet). A VM folder that is a symbolic
+    /// link is refused: everything vmkeep writes, truncates and deletes under it would land
+    /// wherever the link points.
     pub fn vm_dir(&self, name: &str) -> Result<PathBuf> {
         names::check_vm(name)?;
-        Ok(self.root.join(name))
+        let dir = self.root.join(name);
+        fsutil::refuse_symlink(&dir)?;
+        Ok(dir)
     }
 
     /// Open the archive of VM `name`; an unknown VM is a usage error.
@@ -187,6 +191,7 @@ pub fn generation_bytes(id: &str) -> [u8; 16] {
 
 impl VmArchive {
     pub fn open(dir: PathBuf, name: &str) -> Result<VmArchive> {
+        fsutil::refuse_symlink(&dir)?;
         let profile: VmProfile = profile::load(&dir.join("vm.toml"))?;
         if profile.name != name {
             return Err(Error::corrupt(
@@ -215,13 +220,24 @@ impl VmArchive {
         profile::store(&self.profile_path(), "vmkeep VM profile", &self.profile)
     }
 
-    /// Ids of the finished generations, oldest first.
+    /// Ids of the finished generations, oldest first. A generation folder that is a
+    /// symbolic link (to another VM's generation, say) is refused: its files would be read
+    /// as this VM's, and pruning or recovery would change them.
     pub fn generation_ids(&self) -> Result<Vec<String>> {
+        fsutil::refuse_symlink(&self.dir)?;
         let mut ids = Vec::new();
         for entry in std::fs::read_dir(&self.dir).at(&self.dir)? {
             let entry = entry.at(&self.dir)?;
             if let Ok(name) = entry.file_name().into_string() {
-                if is_generation_name(&name) && entry.path().is_dir() {
+                if !is_generation_name(&name) {
+                    continue;
+                }
+                // `DirEntry::file_type` does not follow a symbolic link.
+                let ft = entry.file_type().at(entry.path())?;
+                if ft.is_symlink() {
+                    return Err(fsutil::symlink_refused(&entry.path()));
+                }
+                if ft.is_dir() {
                     ids.push(name);
                 }
             }
@@ -257,11 +273,15 @@ impl VmArchive {
             .collect()
     }
 
-    /// The generation `latest` points at, if any.
+    /// The generation `latest` points at, if any: only a symbolic link whose target is a
+    /// single path component naming a generation folder of this VM counts. vmkeep never
+    /// opens anything through `latest`; it is there for people and scripts (`dd`).
     pub fn latest_target(&self) -> Option<String> {
-        std::fs::read_link(self.dir.join(LATEST))
-            .ok()
-            .and_then(|p| p.to_str().map(str::to_string))
+        let target = std::fs::read_link(self.dir.join(LATEST)).ok()?;
+        let target = target.to_str()?;
+        let ok = is_generation_name(target)
+            && std::fs::symlink_metadata(self.dir.join(target)).is_ok_and(|m| m.is_dir());
+        ok.then(|| target.to_string())
     }
 
     /// Resolve a REV: a generation id or unique prefix, N (0 = newest), or `latest`.

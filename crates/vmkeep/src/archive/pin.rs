@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{Error, IoContext, Result};
-use crate::fsutil::FILE_MODE;
+use crate::fsutil;
 
 /// Folder of the pins, inside the VM folder.
 pub const PINS: &str = "pins";
@@ -41,7 +41,11 @@ impl Pin {
     /// Pin generation `generation` of the VM whose folder is `vm_dir`.
     pub fn acquire(vm_dir: &Path, generation: &str, holder: &str) -> Result<Pin> {
         let dir = vm_dir.join(PINS);
-        std::fs::create_dir_all(&dir).at(&dir)?;
+        // Pin files are created, truncated and removed in this folder: it must be the VM
+        // folder's own, not a symbolic link to somewhere else.
+        fsutil::refuse_symlink(vm_dir)?;
+        fsutil::refuse_symlink(&dir)?;
+        fsutil::create_dir(&dir)?;
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let mut name = format!("{}-{generation}", std::process::id());
         if seq > 0 {
@@ -78,6 +82,9 @@ impl Drop for Pin {
 /// holder died) are removed on the way.
 pub fn pinned_generations(vm_dir: &Path) -> Result<Vec<String>> {
     let dir = vm_dir.join(PINS);
+    // Stale pins are removed from this folder: never through a symbolic link.
+    fsutil::refuse_symlink(vm_dir)?;
+    fsutil::refuse_symlink(&dir)?;
     let entries = match std::fs::read_dir(&dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -110,9 +117,19 @@ fn generation_of(name: &str) -> Option<String> {
 
 /// Is the pin at `path` held? A stale one is removed.
 fn is_live(path: &Path) -> Result<bool> {
-    let file = match OpenOptions::new().read(true).open(path) {
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        // A symbolic link is no pin anybody holds: the link itself is removed, its target
+        // is never opened.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            let _ = std::fs::remove_file(path);
+            return Ok(false);
+        }
         Err(e) => return Err(Error::io(path, e)),
     };
     // SAFETY: flock on a descriptor we own; no pointers.
@@ -131,14 +148,7 @@ fn is_live(path: &Path) -> Result<bool> {
 }
 
 fn open(path: &Path) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(FILE_MODE)
-        .open(path)
-        .at(path)
+    fsutil::open_lock_file(path)
 }
 
 fn flock(file: &File, op: libc::c_int, path: &Path) -> Result<()> {

@@ -5,6 +5,7 @@
 //! profile written by a newer vmkeep is never half-understood. Keys added later get
 //! `#[serde(default)]`.
 
+use std::io::Read;
 use std::path::Path;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -64,19 +65,21 @@ pub const MAX_PROFILE_LEN: u64 = 16 << 20;
 
 /// Read and parse a profile file.
 pub fn load<T: DeserializeOwned + Versioned>(path: &Path) -> Result<T> {
-    let text = match std::fs::metadata(path).and_then(|m| {
-        if m.len() > MAX_PROFILE_LEN {
-            return Ok(None);
-        }
-        std::fs::read(path).map(Some)
-    }) {
-        Ok(Some(t)) => t,
-        Ok(None) => return Err(Error::corrupt(path, "file is too large for a profile")),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::corrupt(path, "file is missing"))
-        }
-        Err(e) => return Err(Error::io(path, e)),
-    };
+    // A profile that is a symbolic link is refused, never read through (the link could
+    // name any file of the host): `open_ro` opens with `O_NOFOLLOW`.
+    let file = fsutil::open_ro(path)?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len > MAX_PROFILE_LEN {
+        return Err(Error::corrupt(path, "file is too large for a profile"));
+    }
+    let mut text = Vec::with_capacity(len as usize);
+    (&file)
+        .take(MAX_PROFILE_LEN + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| Error::io(path, e))?;
+    if text.len() as u64 > MAX_PROFILE_LEN {
+        return Err(Error::corrupt(path, "file is too large for a profile"));
+    }
     let text = String::from_utf8(text).map_err(|_| Error::corrupt(path, "not UTF-8 text"))?;
     parse(path, &text)
 }

@@ -110,7 +110,13 @@ impl Txn {
         for d in &self.disks {
             names::check_disk(d).map_err(|e| Error::corrupt(&path, e))?;
         }
-        let exists = |id: &str| gen_dir(vm_dir, id).is_dir();
+        // Every folder recovery may rename, write into or delete is the VM folder's own:
+        // a symbolic link in the place of one is refused, never followed.
+        for id in ids.into_iter().flatten() {
+            fsutil::refuse_symlink(&gen_dir(vm_dir, id))?;
+            fsutil::refuse_symlink(&partial_dir(vm_dir, id))?;
+        }
+        let exists = |id: &str| is_real_dir(&gen_dir(vm_dir, id));
         let (base, needed) = match self.op.as_str() {
             "backup" if self.older.is_none() => (self.old.as_ref(), self.old.as_ref()),
             "prune" if self.old.is_none() => match &self.older {
@@ -126,7 +132,7 @@ impl Txn {
         if let Some(id) = needed.filter(|id| !exists(id)) {
             return bad(format!("generation {id} does not exist"));
         }
-        let made = exists(&self.new) || partial_dir(vm_dir, &self.new).is_dir();
+        let made = exists(&self.new) || is_real_dir(&partial_dir(vm_dir, &self.new));
         if self.op == "backup" && self.state == "commit" && !made {
             return bad(format!("generation {} does not exist", self.new));
         }
@@ -137,6 +143,7 @@ impl Txn {
 /// Finish or undo whatever an interrupted command left in `vm_dir`; returns one line per
 /// thing done. The caller holds the VM lock.
 pub fn recover(vm_dir: &Path) -> Result<Vec<String>> {
+    fsutil::refuse_symlink(vm_dir)?;
     let mut done = Vec::new();
     let txn_path = vm_dir.join(TXN_FILE);
     if txn_path.exists() {
@@ -175,6 +182,11 @@ pub fn recover(vm_dir: &Path) -> Result<Vec<String>> {
     }
     done.extend(cleanup_strays(vm_dir)?);
     Ok(done)
+}
+
+/// Is `path` a folder itself (not a symbolic link to one)?
+fn is_real_dir(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
 }
 
 fn gen_dir(vm_dir: &Path, id: &str) -> PathBuf {
@@ -387,7 +399,9 @@ pub fn roll_forward_prune(vm_dir: &Path, txn: &Txn) -> Result<()> {
 pub fn delete_generation(vm_dir: &Path, id: &str) -> Result<()> {
     let dir = gen_dir(vm_dir, id);
     let aside = vm_dir.join(format!("{id}{DELETING}"));
-    if dir.exists() {
+    fsutil::refuse_symlink(vm_dir)?;
+    fsutil::refuse_symlink(&dir)?;
+    if is_real_dir(&dir) {
         fsutil::rename(&dir, &aside)?;
         fsutil::sync_dir(vm_dir)?;
     }
@@ -398,6 +412,7 @@ pub fn delete_generation(vm_dir: &Path, id: &str) -> Result<()> {
 /// Remove what an interrupted command left that no transaction covers.
 fn cleanup_strays(vm_dir: &Path) -> Result<Vec<String>> {
     let mut done = Vec::new();
+    fsutil::refuse_symlink(vm_dir)?;
     let rd = std::fs::read_dir(vm_dir).at(vm_dir)?;
     let mut entries: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
     entries.sort();
@@ -409,12 +424,25 @@ fn cleanup_strays(vm_dir: &Path) -> Result<Vec<String>> {
         else {
             continue;
         };
+        // Looked at with `lstat`: a stray that is a symbolic link is removed as a link,
+        // and nothing is ever removed or written through one.
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let is_link = meta.file_type().is_symlink();
         if name.ends_with(PARTIAL) || name.ends_with(DELETING) {
-            fsutil::remove_dir_all(&path)?;
-            done.push(format!("removed the leftover folder {name}"));
+            if is_link {
+                fsutil::remove_file(&path)?;
+                done.push(format!("removed the leftover symbolic link {name}"));
+            } else {
+                fsutil::remove_dir_all(&path)?;
+                done.push(format!("removed the leftover folder {name}"));
+            }
         } else if name.ends_with(".tmp") {
             fsutil::remove_file(&path)?;
-        } else if is_generation_name(&name) && path.is_dir() {
+        } else if is_generation_name(&name) && is_link {
+            return Err(fsutil::symlink_refused(&path));
+        } else if is_generation_name(&name) && meta.is_dir() {
             for (disk, journal) in files_with_suffix(&path, ".rdiff.partial")? {
                 // Without a transaction nothing can have been overwritten yet; applying
                 // the journal anyway is harmless and is the safe reading.
