@@ -16,7 +16,7 @@ as_root
 
 WORK=$(mktemp -d /var/tmp/vmkeep-fresh.XXXXXX)
 STATE_PACKAGES=(qemu-system-x86 qemu-system-common qemu-system-data qemu-system-gui qemu-block-extra
-    libvirt-daemon-system libvirt-daemon libvirt-clients libvirt-dev libvirt0 nbdkit libnbd-bin libnbd0)
+    libvirt-daemon-system libvirt-daemon libvirt-clients libvirt-dev libvirt0 nbdkit libnbd-bin libnbd0 gnutls-bin)
 
 log "1/4 back to the fresh-image state"
 for d in $(virsh -q list --all --name 2>/dev/null); do
