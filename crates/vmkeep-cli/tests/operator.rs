@@ -328,3 +328,85 @@ fn one_vm_failing_does_not_stop_the_others() {
         .iter()
         .any(|v| v["name"] == "bad" && v["error"].as_str().unwrap().contains("/nonexistent.raw")));
 }
+
+/// Run `vmkeep --repo REPO ARGS…` under umask 000, so that every mode it creates is its own
+/// choice, not the umask's.
+fn under_open_umask(env: &Env, args: &[&str]) {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("umask 000 && exec \"$0\" \"$@\"")
+        .arg(assert_cmd::cargo::cargo_bin("vmkeep"))
+        .env("VMKEEP_CONFIG", env.path("no-config.toml"))
+        .arg("--repo")
+        .arg(env.repo())
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {out:?}");
+}
+
+#[test]
+fn repository_files_and_restored_disks_are_private_whatever_the_umask() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::new();
+    let disk = env.disk("disk.raw", 1 << 20);
+    write_at(&disk, 0, &noise(3, 1 << 20));
+    let d = disk.to_str().unwrap().to_string();
+    under_open_umask(&env, &["backup", "vm", "--disk", &format!("vda={d}")]);
+    write_at(&disk, 4096, &noise(4, 65536));
+    under_open_umask(&env, &["backup", "vm", "--disk", &format!("vda={d}")]);
+    under_open_umask(&env, &["check", "vm", "--deep"]);
+    let out = env.path("r.raw");
+    under_open_umask(
+        &env,
+        &["restore", "vm", "-g", "1", "--to", out.to_str().unwrap()],
+    );
+    let merged = env.path("m.raw");
+    under_open_umask(
+        &env,
+        &[
+            "merge",
+            "vm",
+            "-g",
+            "1",
+            "--disk",
+            "vda",
+            "--out",
+            merged.to_str().unwrap(),
+        ],
+    );
+    for f in [&out, &merged] {
+        assert_eq!(
+            std::fs::metadata(f).unwrap().mode() & 0o7777,
+            0o600,
+            "{f:?}"
+        );
+    }
+    // Every file and folder of the VM's archive: 0600 / 0700 (the `latest` link aside).
+    let mut seen = 0;
+    let mut todo = vec![env.repo().join("vm")];
+    while let Some(dir) = todo.pop() {
+        assert_eq!(
+            std::fs::metadata(&dir).unwrap().mode() & 0o7777,
+            0o700,
+            "{dir:?}"
+        );
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.file_type().is_symlink() {
+                assert_eq!(p.file_name().unwrap(), "latest", "only latest is a link");
+            } else if m.is_dir() {
+                todo.push(p);
+            } else {
+                assert_eq!(m.mode() & 0o7777, 0o600, "{p:?}");
+                seen += 1;
+            }
+        }
+    }
+    assert!(
+        seen >= 6,
+        "profiles, image, digest, reverse diff, lock: {seen}"
+    );
+}
