@@ -139,17 +139,11 @@ fn prometheus_textfile() {
     env.ok(&["check", "web1"]);
     let prom = env.path("vmkeep.prom");
     // Whatever the umask, the file is 0644: node_exporter reads it as its own user.
-    let out = std::process::Command::new("sh")
-        .arg("-c")
-        .arg("umask 077 && exec \"$0\" \"$@\"")
-        .arg(assert_cmd::cargo::cargo_bin("vmkeep"))
-        .env("VMKEEP_CONFIG", env.path("no-config.toml"))
-        .arg("--repo")
-        .arg(env.repo())
-        .args(["status", "--prometheus", prom.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    under_umask(
+        &env,
+        "077",
+        &["status", "--prometheus", prom.to_str().unwrap()],
+    );
     {
         use std::os::unix::fs::MetadataExt;
         assert_eq!(std::fs::metadata(&prom).unwrap().mode() & 0o7777, 0o644);
@@ -332,9 +326,14 @@ fn one_vm_failing_does_not_stop_the_others() {
 /// Run `vmkeep --repo REPO ARGS…` under umask 000, so that every mode it creates is its own
 /// choice, not the umask's.
 fn under_open_umask(env: &Env, args: &[&str]) {
+    under_umask(env, "000", args)
+}
+
+/// Run `vmkeep --repo REPO ARGS…` under `umask MASK`, requiring success.
+fn under_umask(env: &Env, mask: &str, args: &[&str]) {
     let out = std::process::Command::new("sh")
         .arg("-c")
-        .arg("umask 000 && exec \"$0\" \"$@\"")
+        .arg(format!("umask {mask} && exec \"$0\" \"$@\""))
         .arg(assert_cmd::cargo::cargo_bin("vmkeep"))
         .env("VMKEEP_CONFIG", env.path("no-config.toml"))
         .arg("--repo")

@@ -206,16 +206,7 @@ pub fn create_truncate(path: &Path) -> Result<File> {
         fault::point(Op::Create, path, None)?;
     }
     // Opened without `O_TRUNC`: the file is looked at before anything is cut off.
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .mode(FILE_MODE)
-        .open(path)
-        .map_err(|e| open_error(path, e))?;
-    require_regular(&f, path, true)?;
+    let f = open_in_place(path)?;
     f.set_len(0).at(path)?;
     Ok(f)
 }
@@ -259,6 +250,12 @@ fn not_found_is_corrupt(path: &Path, e: io::Error) -> Error {
 /// truncating it: a symbolic link in its place is refused (`O_NOFOLLOW`), and so is a file
 /// that is not regular or has a second hard link (its holder line is rewritten in place).
 pub fn open_lock_file(path: &Path) -> Result<File> {
+    open_in_place(path)
+}
+
+/// Open (creating it 0600 if needed) a file to be written in place, without truncating
+/// it: not through a symbolic link, and only a regular file with a single name.
+fn open_in_place(path: &Path) -> Result<File> {
     let f = OpenOptions::new()
         .read(true)
         .write(true)
