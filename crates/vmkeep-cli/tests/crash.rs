@@ -284,7 +284,10 @@ fn ops_matching(env: &Env, base: &Path, args: &[&str], kind: &str, suffix: &str)
         env,
         &scratch,
         args,
-        &[("VMKEEP_FAULT_LOG", log.display().to_string())],
+        &[
+            ("VMKEEP_FAULT_LOG", log.display().to_string()),
+            ("VMKEEP_FAULT_LOG_SNAPSHOTS", "0".to_string()),
+        ],
     );
     assert!(out.status.success());
     std::fs::read_to_string(log.join("log"))
