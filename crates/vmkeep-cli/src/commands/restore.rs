@@ -37,12 +37,7 @@ pub fn open_view(
     ignore_damage: bool,
 ) -> Result<(DiskView, Option<Error>)> {
     let archive = repo.vm(vm)?;
-    let id = archive.resolve(rev)?;
-    let gens = archive.generations()?;
-    let k = gens
-        .iter()
-        .position(|g| g.id == id)
-        .expect("resolved id is listed");
+    let (gens, k) = archive.resolve_generation(rev)?;
     let disk = match disk {
         Some(d) => d.to_string(),
         None => match gens[k].profile.disks.as_slice() {
@@ -123,12 +118,8 @@ fn as_vm(ctx: &Ctx, repo: &Repository, a: &RestoreArgs, new_name: &str) -> Resul
         return Err(Error::usage(format!("--format {}: use qcow2 or raw", a.format)).into());
     }
     let archive = repo.vm(&a.vm)?;
-    let id = archive.resolve(&a.generation)?;
-    let gens = archive.generations()?;
-    let k = gens
-        .iter()
-        .position(|g| g.id == id)
-        .expect("resolved id is listed");
+    let (gens, k) = archive.resolve_generation(&a.generation)?;
+    let id = gens[k].id.clone();
     let gen = &gens[k];
     let saved = std::fs::read_to_string(gen.dir.join("domain.xml")).map_err(|_| {
         Error::usage(format!(

@@ -13,12 +13,8 @@ use crate::output::{bytes, EXIT_FAILURE};
 pub fn run(ctx: &Ctx, a: VerifyArgs) -> Result<i32> {
     let repo = ctx.open_repo()?;
     let archive = repo.vm(&a.vm)?;
-    let id = archive.resolve(&a.generation)?;
-    let gens = archive.generations()?;
-    let k = gens
-        .iter()
-        .position(|g| g.id == id)
-        .expect("resolved id is listed");
+    let (gens, k) = archive.resolve_generation(&a.generation)?;
+    let id = gens[k].id.clone();
     let have: Vec<&str> = gens[k]
         .profile
         .disks

@@ -289,6 +289,17 @@ impl VmArchive {
         let ids = self.generation_ids()?;
         resolve_rev(&ids, rev).map_err(|e| Error::usage(format!("VM {}: {e}", self.name)))
     }
+
+    /// Every generation, oldest first, and the index of the one REV names, resolved
+    /// against that same listing (so a prune in between cannot make them disagree).
+    pub fn resolve_generation(&self, rev: &str) -> Result<(Vec<Generation>, usize)> {
+        let gens = self.generations()?;
+        let ids: Vec<String> = gens.iter().map(|g| g.id.clone()).collect();
+        let id =
+            resolve_rev(&ids, rev).map_err(|e| Error::usage(format!("VM {}: {e}", self.name)))?;
+        let k = ids.iter().position(|i| *i == id).unwrap_or_default();
+        Ok((gens, k))
+    }
 }
 
 /// What a generation profile says must be possible: its disk names become file names and
