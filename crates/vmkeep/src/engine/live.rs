@@ -263,7 +263,7 @@ fn backup_running(
     // which repository's run made them (see `owned_job`).
     let prefix = format!("vmkeep-{repo_id}-");
     let gid = dom.qemu_gid()?;
-    let mode = if gid.is_some() { 0o770 } else { 0o700 };
+    let mode = crate::libvirt::qemu_dir_mode(gid);
     let mut cleanup = RemoveDirs(Vec::new());
     let socket_dir = crate::fsutil::private_dir(&live.run_dir, 0o711, &prefix, gid, mode)?.path;
     cleanup.0.push(socket_dir.clone());

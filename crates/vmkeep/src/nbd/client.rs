@@ -18,15 +18,14 @@
 mod conn;
 mod handshake;
 mod transport;
-mod uri;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+pub use crate::nbd::uri::{NbdAddress, NbdUri};
 use conn::{Conn, Reply, Ticket};
 use transport::{Deadline, Transport};
-pub use uri::{NbdAddress, NbdUri};
 
 use crate::error::{Error, Result};
 use crate::nbd::proto::*;

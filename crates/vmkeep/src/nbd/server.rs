@@ -38,10 +38,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-pub use net::{resolve_listen, uri_escape, Listen};
+pub use net::{resolve_listen, Listen};
 use net::{Listener, Stream};
 
 use crate::error::{Error, Result};
+use crate::nbd::uri::uri_escape;
 
 /// One extent of a block-status answer: `len` bytes with `base:allocation` flags
 /// ([`crate::nbd::proto::STATE_HOLE`], [`crate::nbd::proto::STATE_ZERO`]).

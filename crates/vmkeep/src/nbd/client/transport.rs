@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use super::uri::NbdAddress;
+use crate::nbd::uri::NbdAddress;
 
 pub(super) enum Transport {
     Tcp(TcpStream),

@@ -345,22 +345,6 @@ pub(crate) fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<bool> {
     Ok(rc > 0)
 }
 
-/// Percent-encode `s` for an NBD URI component; `/` is kept when `keep_slash`.
-pub fn uri_escape(s: &str, keep_slash: bool) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        let plain = b.is_ascii_alphanumeric()
-            || matches!(b, b'-' | b'.' | b'_' | b'~')
-            || (keep_slash && b == b'/');
-        if plain {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,13 +371,6 @@ mod tests {
             assert!(e.to_string().contains("--allow-remote"), "{spec}: {e}");
             assert!(resolve_listen(spec, true).is_ok(), "{spec}");
         }
-    }
-
-    #[test]
-    fn uri_components_are_escaped() {
-        assert_eq!(uri_escape("vda", false), "vda");
-        assert_eq!(uri_escape("disk 1?#", false), "disk%201%3F%23");
-        assert_eq!(uri_escape("/tmp/a b.sock", true), "/tmp/a%20b.sock");
     }
 
     #[test]

@@ -4,6 +4,9 @@
 //! Only what vmkeep connects to is accepted; anything else (TLS schemes, unknown query
 //! parameters) is a usage error rather than something silently ignored, so that a typo
 //! never connects to the wrong export.
+//!
+//! [`uri_escape`] is the one percent-encoder of NBD URIs: the client's, the server's
+//! (`Server::uri`) and those of libvirt's backup exports are all written with it.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -56,7 +59,7 @@ impl NbdUri {
                 if !authority.is_empty() {
                     return Err(bad("a unix socket URI has no host (nbd+unix:///EXPORT)"));
                 }
-                unix_address(&params).map_err(|why| bad(&why))?
+                unix_address(&params, bad)?
             }
             "nbds" | "nbds+unix" => return Err(bad("TLS (nbds) is not supported yet")),
             _ => return Err(bad("unknown scheme (nbd:// or nbd+unix://)")),
@@ -75,14 +78,14 @@ impl NbdUri {
 
 impl fmt::Display for NbdUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let export = percent_encode(&self.export);
+        let export = uri_escape(&self.export, true);
         match &self.address {
             NbdAddress::Tcp { host, port } if host.contains(':') => {
                 write!(f, "nbd://[{host}]:{port}/{export}")
             }
             NbdAddress::Tcp { host, port } => write!(f, "nbd://{host}:{port}/{export}"),
             NbdAddress::Unix(p) => {
-                let socket = percent_encode(&p.to_string_lossy());
+                let socket = uri_escape(&p.to_string_lossy(), true);
                 write!(f, "nbd+unix:///{export}?socket={socket}")
             }
         }
@@ -116,18 +119,19 @@ fn tcp_address(authority: &str) -> Option<NbdAddress> {
     })
 }
 
-fn unix_address(params: &[(String, String)]) -> std::result::Result<NbdAddress, String> {
+/// The socket of an `nbd+unix` URI's query; `bad` makes the usage error naming the URI.
+fn unix_address(params: &[(String, String)], bad: impl Fn(&str) -> Error) -> Result<NbdAddress> {
     let mut socket = None;
     for (k, v) in params {
         match k.as_str() {
             "socket" if socket.is_none() && !v.is_empty() => socket = Some(PathBuf::from(v)),
-            "socket" => return Err("socket= given twice or empty".into()),
-            _ => return Err(format!("unknown parameter {k:?}")),
+            "socket" => return Err(bad("socket= given twice or empty")),
+            _ => return Err(bad(&format!("unknown parameter {k:?}"))),
         }
     }
     socket
         .map(NbdAddress::Unix)
-        .ok_or_else(|| "socket=PATH is missing".into())
+        .ok_or_else(|| bad("socket=PATH is missing"))
 }
 
 fn parse_query(query: Option<&str>) -> Option<Vec<(String, String)>> {
@@ -160,13 +164,18 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn percent_encode(s: &str) -> String {
+/// Percent-encode `s` for an NBD URI component (export name, socket path); `/` is kept
+/// when `keep_slash`.
+pub fn uri_escape(s: &str, keep_slash: bool) -> String {
     let mut out = String::with_capacity(s.len());
-    for &c in s.as_bytes() {
-        if c.is_ascii_alphanumeric() || b"-._~/".contains(&c) {
-            out.push(c as char);
+    for b in s.bytes() {
+        let plain = b.is_ascii_alphanumeric()
+            || matches!(b, b'-' | b'.' | b'_' | b'~')
+            || (keep_slash && b == b'/');
+        if plain {
+            out.push(b as char);
         } else {
-            out.push_str(&format!("%{c:02X}"));
+            out.push_str(&format!("%{b:02X}"));
         }
     }
     out
@@ -246,6 +255,26 @@ mod tests {
             let e = NbdUri::parse(s).expect_err(s);
             assert_eq!(e.kind(), ErrorKind::Usage, "{s}");
         }
+    }
+
+    #[test]
+    fn uri_components_are_escaped() {
+        assert_eq!(uri_escape("vda", false), "vda");
+        assert_eq!(uri_escape("disk 1?#", false), "disk%201%3F%23");
+        assert_eq!(uri_escape("/tmp/a b.sock", true), "/tmp/a%20b.sock");
+    }
+
+    #[test]
+    fn nbd_uri_escapes_socket_path() {
+        assert_eq!(
+            uri_escape("/run/vm keep/a&b.sock", true),
+            "/run/vm%20keep/a%26b.sock"
+        );
+        assert_eq!(uri_escape("vda", true), "vda");
+        assert_eq!(
+            NbdUri::unix("/run/vm keep/a&b.sock", "vda").to_string(),
+            "nbd+unix:///vda?socket=/run/vm%20keep/a%26b.sock"
+        );
     }
 
     #[test]

@@ -1,0 +1,362 @@
+//! One libvirt connection ([`Hypervisor`]) and one VM ([`Domain`]): the inventory, the
+//! run state, the definitions, starting and stopping, and defining a restored copy.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::Path;
+use std::process::Command;
+
+use virt::connect::Connect;
+use virt::domain::Domain as VirtDomain;
+use virt::error::ErrorNumber;
+use virt::sys;
+
+use super::xml::{self, CopySpec, DiskDevice, DiskSource};
+use super::{ffi, lv_error, DEFAULT_URI};
+use crate::error::{Error, Result};
+
+/// A VM's run state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainState {
+    NoState,
+    Running,
+    Blocked,
+    Paused,
+    ShuttingDown,
+    ShutOff,
+    Crashed,
+    Suspended,
+}
+
+impl DomainState {
+    fn from_raw(raw: sys::virDomainState) -> Self {
+        match raw {
+            sys::VIR_DOMAIN_RUNNING => DomainState::Running,
+            sys::VIR_DOMAIN_BLOCKED => DomainState::Blocked,
+            sys::VIR_DOMAIN_PAUSED => DomainState::Paused,
+            sys::VIR_DOMAIN_SHUTDOWN => DomainState::ShuttingDown,
+            sys::VIR_DOMAIN_SHUTOFF => DomainState::ShutOff,
+            sys::VIR_DOMAIN_CRASHED => DomainState::Crashed,
+            sys::VIR_DOMAIN_PMSUSPENDED => DomainState::Suspended,
+            _ => DomainState::NoState,
+        }
+    }
+
+    /// Whether QEMU runs (a pull backup needs it; a paused VM still serves NBD).
+    pub fn is_active(self) -> bool {
+        !matches!(
+            self,
+            DomainState::ShutOff | DomainState::Crashed | DomainState::NoState
+        )
+    }
+}
+
+impl fmt::Display for DomainState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DomainState::NoState => "no state",
+            DomainState::Running => "running",
+            DomainState::Blocked => "blocked",
+            DomainState::Paused => "paused",
+            DomainState::ShuttingDown => "shutting down",
+            DomainState::ShutOff => "shut off",
+            DomainState::Crashed => "crashed",
+            DomainState::Suspended => "suspended",
+        })
+    }
+}
+
+/// A disk of a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// vda, sdb… (also the NBD export name of a pull backup).
+    pub target: String,
+    pub device: DiskDevice,
+    /// qcow2, raw…
+    pub format: Option<String>,
+    pub source: DiskSource,
+    pub readonly: bool,
+    /// Guest-visible size in bytes; `None` when unknown (no medium, unreadable image).
+    pub size: Option<u64>,
+}
+
+/// A VM as the inventory shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainInfo {
+    pub name: String,
+    pub uuid: String,
+    pub state: DomainState,
+    pub disks: Vec<DiskInfo>,
+}
+
+/// A connection to libvirt.
+pub struct Hypervisor {
+    conn: Connect,
+    uri: String,
+}
+
+impl Hypervisor {
+    /// Connect read-write to `uri` ([`DEFAULT_URI`] when `None`).
+    pub fn connect(uri: Option<&str>) -> Result<Self> {
+        let uri = uri.unwrap_or(DEFAULT_URI).to_string();
+        // libvirt's default handler prints every error on stderr; vmkeep reports them.
+        virt::error::clear_error_callback();
+        let conn = Connect::open(Some(&uri))
+            .map_err(|e| lv_error("", format!("cannot connect to {uri}: {}", e.message())))?;
+        Ok(Hypervisor { conn, uri })
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Every VM libvirt knows, running or defined, with its disks.
+    pub fn list_domains(&self) -> Result<Vec<DomainInfo>> {
+        let all = self
+            .conn
+            .list_all_domains(0)
+            .map_err(|e| lv_error("", format!("cannot list VMs: {}", e.message())))?;
+        let mut out = Vec::with_capacity(all.len());
+        for dom in all {
+            let name = dom.name().map_err(|e| lv_error("", e.message()))?;
+            match (Domain {
+                dom,
+                name: name.clone(),
+            })
+            .info()
+            {
+                Ok(info) => out.push(info),
+                // A VM undefined between the listing and the query is simply gone.
+                Err(_) if self.conn.lookup_domain_by_name(&name).is_err() => {}
+                Err(e) => return Err(e),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// The VM called `name`; an unknown name is a usage error.
+    pub fn domain(&self, name: &str) -> Result<Domain> {
+        match self.conn.lookup_domain_by_name(name) {
+            Ok(dom) => Ok(Domain {
+                dom,
+                name: name.to_string(),
+            }),
+            Err(e) if e.code().is(ErrorNumber::NoDomain) => {
+                Err(Error::usage(format!("unknown VM {name} on {}", self.uri)))
+            }
+            Err(e) => Err(lv_error(name, e.message())),
+        }
+    }
+
+    /// Names of the libvirt networks defined on the host (active or not).
+    pub fn list_networks(&self) -> Result<Vec<String>> {
+        let nets = self
+            .conn
+            .list_all_networks(0)
+            .map_err(|e| lv_error("", format!("cannot list networks: {}", e.message())))?;
+        let mut names = nets
+            .iter()
+            .map(|n| n.name().map_err(|e| lv_error("", e.message())))
+            .collect::<Result<Vec<_>>>()?;
+        names.sort();
+        Ok(names)
+    }
+
+    /// Define a new VM from a saved definition (see [`xml::copy_domain_xml`]): new name,
+    /// new UUID, fresh MACs, the disks of `spec`. An existing VM of that name is an error
+    /// unless `spec.replace`, and a running one is never replaced.
+    pub fn define_copy(&self, saved_xml: &str, spec: &CopySpec) -> Result<Domain> {
+        let networks = self.list_networks()?;
+        let mut used = BTreeSet::new();
+        let mut mac = || loop {
+            let bytes = *uuid::Uuid::new_v4().as_bytes();
+            let tail = [bytes[0], bytes[1], bytes[2]];
+            if used.insert(tail) {
+                return tail;
+            }
+        };
+        let new_xml = xml::copy_domain_xml(saved_xml, spec, &networks, &mut mac)?;
+        let name = &spec.new_name;
+        let replaced = match self.conn.lookup_domain_by_name(name) {
+            Err(e) if e.code().is(ErrorNumber::NoDomain) => None,
+            Err(e) => return Err(lv_error(name, e.message())),
+            Ok(_) if !spec.replace => {
+                return Err(Error::usage(format!(
+                    "VM {name} already exists on {} (choose another name or replace it)",
+                    self.uri
+                )))
+            }
+            Ok(dom) => {
+                let old = Domain {
+                    dom,
+                    name: name.clone(),
+                };
+                if old.state()?.is_active() {
+                    return Err(Error::usage(format!(
+                        "VM {name} is running; vmkeep never replaces a running VM"
+                    )));
+                }
+                let old_xml = old.xml()?;
+                old.undefine()?;
+                Some(old_xml)
+            }
+        };
+        match self.conn.define_domain_xml(&new_xml) {
+            Ok(dom) => Ok(Domain {
+                dom,
+                name: name.clone(),
+            }),
+            Err(e) => {
+                if let Some(old_xml) = replaced {
+                    // Put the replaced VM back rather than leave nothing.
+                    let _ = self.conn.define_domain_xml(&old_xml);
+                }
+                Err(lv_error(
+                    name,
+                    format!("cannot define the copy: {}", e.message()),
+                ))
+            }
+        }
+    }
+}
+
+/// One VM.
+pub struct Domain {
+    pub(super) dom: VirtDomain,
+    pub(super) name: String,
+}
+
+impl fmt::Debug for Domain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Domain").field("name", &self.name).finish()
+    }
+}
+
+impl Domain {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(super) fn err(&self, detail: impl fmt::Display) -> Error {
+        lv_error(&self.name, detail)
+    }
+
+    pub fn uuid(&self) -> Result<String> {
+        self.dom.uuid_string().map_err(|e| self.err(e.message()))
+    }
+
+    pub fn state(&self) -> Result<DomainState> {
+        let (state, _) = self.dom.state().map_err(|e| self.err(e.message()))?;
+        Ok(match state {
+            virt::enumutil::Enum::Known(_) => DomainState::from_raw(state.to_raw()),
+            virt::enumutil::Enum::Unknown(_) => DomainState::NoState,
+        })
+    }
+
+    /// The persistent configuration with secrets, as a backup archives it
+    /// (`VIR_DOMAIN_XML_INACTIVE | VIR_DOMAIN_XML_SECURE`).
+    pub fn xml(&self) -> Result<String> {
+        self.dom
+            .xml_desc(sys::VIR_DOMAIN_XML_INACTIVE | sys::VIR_DOMAIN_XML_SECURE)
+            .map_err(|e| self.err(e.message()))
+    }
+
+    /// The live configuration (actual image paths, QEMU's security label).
+    pub fn live_xml(&self) -> Result<String> {
+        self.dom.xml_desc(0).map_err(|e| self.err(e.message()))
+    }
+
+    /// Name, UUID, state and disks with their sizes.
+    pub fn info(&self) -> Result<DomainInfo> {
+        let parsed = xml::parse_domain(&self.live_xml()?)?;
+        let disks = parsed
+            .disks
+            .into_iter()
+            .map(|d| DiskInfo {
+                size: self.disk_size(&d),
+                target: d.target,
+                device: d.device,
+                format: d.format,
+                source: d.source,
+                readonly: d.readonly,
+            })
+            .collect();
+        Ok(DomainInfo {
+            name: self.name.clone(),
+            uuid: self.uuid()?,
+            state: self.state()?,
+            disks,
+        })
+    }
+
+    /// `virDomainGetBlockInfo`, else `qemu-img info -U` of the image, else its file size.
+    fn disk_size(&self, disk: &xml::DiskXml) -> Option<u64> {
+        if disk.source == DiskSource::None {
+            return None;
+        }
+        if let Ok(size) = ffi::block_capacity(&self.dom, &disk.target) {
+            return Some(size);
+        }
+        let path = disk.source.path()?;
+        qemu_img_virtual_size(path).or_else(|| std::fs::metadata(path).ok().map(|m| m.len()))
+    }
+
+    pub fn start(&self) -> Result<()> {
+        self.dom
+            .create()
+            .map(drop)
+            .map_err(|e| self.err(format!("cannot start: {}", e.message())))
+    }
+
+    /// Stop the VM at once (pull the plug).
+    pub fn destroy(&self) -> Result<()> {
+        self.dom
+            .destroy()
+            .map_err(|e| self.err(format!("cannot stop: {}", e.message())))
+    }
+
+    /// Remove the VM's definition with its snapshot and checkpoint metadata, managed-save
+    /// image and NVRAM (disk images stay).
+    pub fn undefine(&self) -> Result<()> {
+        let flags = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | sys::VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+            | sys::VIR_DOMAIN_UNDEFINE_NVRAM;
+        self.dom
+            .undefine_flags(flags)
+            .map_err(|e| self.err(format!("cannot undefine: {}", e.message())))
+    }
+
+    /// QEMU's group (from the running VM's DAC label), `None` if QEMU runs as the caller.
+    pub fn qemu_gid(&self) -> Result<Option<u32>> {
+        Ok(xml::parse_domain(&self.live_xml()?)?
+            .qemu_ids
+            .map(|(_, gid)| gid))
+    }
+}
+
+fn qemu_img_virtual_size(path: &Path) -> Option<u64> {
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(path)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    info.get("virtual-size")?.as_u64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domain_state_names() {
+        assert_eq!(DomainState::ShutOff.to_string(), "shut off");
+        assert!(DomainState::Paused.is_active());
+        assert!(!DomainState::ShutOff.is_active());
+    }
+}
