@@ -19,7 +19,7 @@ use crate::engine::backup::{BackupOptions, BackupReport, BackupRun, DiskInput};
 use crate::error::{Error, Result};
 use crate::libvirt::{
     BackupJobState, BackupPlan, BackupStart, CheckpointDelete, DiskDevice, DiskInfo, DiskSource,
-    Domain, Hypervisor,
+    Domain, Hypervisor, PullBackup,
 };
 use crate::nbd::proto::META_DIRTY_BITMAP_PREFIX;
 use crate::progress::Progress;
@@ -262,56 +262,21 @@ fn backup_running(
     // Fresh folders with random names, in parents only root can change; the name says
     // which repository's run made them (see `owned_job`).
     let prefix = format!("vmkeep-{repo_id}-");
-    let gid = dom.qemu_gid()?;
-    let mode = crate::libvirt::qemu_dir_mode(gid);
-    let mut cleanup = RemoveDirs(Vec::new());
-    let socket_dir = crate::fsutil::private_dir(&live.run_dir, 0o711, &prefix, gid, mode)?.path;
-    cleanup.0.push(socket_dir.clone());
-    let scratch_dir =
-        crate::fsutil::private_dir(&live.scratch_dir, 0o711, &prefix, gid, mode)?.path;
-    cleanup.0.push(scratch_dir.clone());
-    let socket = socket_dir.join("nbd.sock");
+    let (_cleanup, socket, scratch_dir) = run_dirs(dom, live, &prefix)?;
     *our_socket.borrow_mut() = Some(socket.clone());
     // A job left behind by a dead run of this repository would hold the bitmaps: end it
     // first. This run holds the VM's lock of this repository, so any such run is dead.
     // Another repository's job in flight is waited for, never ended.
     let owned = |s: &std::path::Path| owned_job(s, &live.run_dir, &prefix);
-    let deadline = std::time::Instant::now() + live.job_wait;
-    let mut said = false;
-    let mut wait_for_others = || -> Result<()> {
-        loop {
-            dom.end_stale_backup(&owned)?;
-            let other = match dom.backup_job_socket()? {
-                None => return Ok(()),
-                Some(s) => s,
-            };
-            if std::time::Instant::now() >= deadline {
-                return Err(job_failed(
-                    dom,
-                    format!(
-                        "another backup job (NBD socket {}) is still running after {} s; end it with `virsh domjobabort {}` if nobody uses it",
-                        other.as_deref().unwrap_or(std::path::Path::new("none")).display(),
-                        live.job_wait.as_secs(),
-                        dom.name()
-                    ),
-                ));
-            }
-            if !said {
-                progress.warn(&format!(
-                    "VM {}: another backup job is running (NBD socket {}); waiting for it to end",
-                    dom.name(),
-                    other
-                        .as_deref()
-                        .unwrap_or(std::path::Path::new("none"))
-                        .display()
-                ));
-                said = true;
-            }
-            crate::interrupt::check()?;
-            std::thread::sleep(std::time::Duration::from_millis(500));
-        }
+    let mut others = OtherJobs {
+        dom,
+        owned: &owned,
+        job_wait: live.job_wait,
+        deadline: std::time::Instant::now() + live.job_wait,
+        said: false,
+        progress,
     };
-    wait_for_others()?;
+    others.wait()?;
     let mut basis = basis.filter(|cp| checkpoint_intact(dom, cp, broken, progress));
     let description = description(run.repository());
     let mut plan = BackupPlan {
@@ -322,39 +287,7 @@ fn backup_running(
         incremental_from: basis,
         checkpoint_description: Some(&description),
     };
-    // Another repository's job may begin between the wait and ours: wait again.
-    let begin = |plan: &BackupPlan<'_>, wait: &mut dyn FnMut() -> Result<()>| loop {
-        match dom.try_begin_backup(plan) {
-            Err(e) if matches!(dom.backup_job_socket(), Ok(Some(s)) if s.as_deref() != Some(plan.socket)) =>
-            {
-                if std::time::Instant::now() >= deadline {
-                    return Err(e);
-                }
-                wait()?;
-            }
-            other => return other,
-        }
-    };
-    let first = match begin(&plan, &mut wait_for_others)? {
-        BackupStart::Started(job) => job,
-        // The check above passed, but libvirt found the bitmap broken when it started the
-        // job (or it broke in between): start again as a diff with a fresh chain, once.
-        BackupStart::CheckpointInconsistent(why) => {
-            if let Some(cp) = basis.take() {
-                abandon_checkpoint(dom, cp, &why, broken, progress);
-            }
-            plan.incremental_from = None;
-            match begin(&plan, &mut wait_for_others)? {
-                BackupStart::Started(job) => job,
-                BackupStart::CheckpointInconsistent(why) => {
-                    return Err(job_failed(
-                        dom,
-                        format!("cannot start the backup job: {why}"),
-                    ))
-                }
-            }
-        }
-    };
+    let first = start_job(dom, &mut plan, &mut basis, broken, &mut others, progress)?;
     let job = std::cell::RefCell::new(Some(first));
     crate::fault::pause("after-backup-begin");
     // A job that failed (aborted from outside, the VM stopped, scratch space exhausted)
@@ -400,6 +333,123 @@ fn backup_running(
     };
     run.execute_with(inputs, &opts, progress, &mut confirm)
         .map_err(explain)
+}
+
+/// The per-run socket folder and scratch folder (group QEMU's, see
+/// [`crate::libvirt::qemu_dir_mode`]), removed when the returned guard drops; and the
+/// socket's path in the first.
+fn run_dirs(
+    dom: &Domain,
+    live: &LiveOptions,
+    prefix: &str,
+) -> Result<(RemoveDirs, PathBuf, PathBuf)> {
+    let gid = dom.qemu_gid()?;
+    let mode = crate::libvirt::qemu_dir_mode(gid);
+    let mut cleanup = RemoveDirs(Vec::new());
+    let socket_dir = crate::fsutil::private_dir(&live.run_dir, 0o711, prefix, gid, mode)?.path;
+    cleanup.0.push(socket_dir.clone());
+    let scratch_dir = crate::fsutil::private_dir(&live.scratch_dir, 0o711, prefix, gid, mode)?.path;
+    cleanup.0.push(scratch_dir.clone());
+    Ok((cleanup, socket_dir.join("nbd.sock"), scratch_dir))
+}
+
+/// Waiting for the backup jobs of others (libvirt runs one backup job per VM at a time),
+/// ending this repository's leftovers on the way.
+struct OtherJobs<'a> {
+    dom: &'a Domain,
+    /// Whether a job's NBD socket is one a run of this repository made.
+    owned: &'a dyn Fn(&std::path::Path) -> bool,
+    job_wait: std::time::Duration,
+    deadline: std::time::Instant,
+    /// The warning about waiting was given.
+    said: bool,
+    progress: &'a dyn Progress,
+}
+
+impl OtherJobs<'_> {
+    /// Return once the VM has no backup job (after ending any of this repository's); fail
+    /// when another one is still running at the deadline.
+    fn wait(&mut self) -> Result<()> {
+        let dom = self.dom;
+        loop {
+            dom.end_stale_backup(self.owned)?;
+            let other = match dom.backup_job_socket()? {
+                None => return Ok(()),
+                Some(s) => s,
+            };
+            if std::time::Instant::now() >= self.deadline {
+                return Err(job_failed(
+                    dom,
+                    format!(
+                        "another backup job (NBD socket {}) is still running after {} s; end it with `virsh domjobabort {}` if nobody uses it",
+                        other.as_deref().unwrap_or(std::path::Path::new("none")).display(),
+                        self.job_wait.as_secs(),
+                        dom.name()
+                    ),
+                ));
+            }
+            if !self.said {
+                self.progress.warn(&format!(
+                    "VM {}: another backup job is running (NBD socket {}); waiting for it to end",
+                    dom.name(),
+                    other
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new("none"))
+                        .display()
+                ));
+                self.said = true;
+            }
+            crate::interrupt::check()?;
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+}
+
+/// Begin the pull backup of `plan`; when libvirt finds the bitmap of `basis` broken, say
+/// so, record it in `broken` and begin again as a diff (`basis` and the plan's
+/// `incremental_from` become `None`).
+fn start_job(
+    dom: &Domain,
+    plan: &mut BackupPlan<'_>,
+    basis: &mut Option<&str>,
+    broken: &std::cell::RefCell<Option<String>>,
+    others: &mut OtherJobs<'_>,
+    progress: &dyn Progress,
+) -> Result<PullBackup> {
+    let deadline = others.deadline;
+    // Another repository's job may begin between the wait and ours: wait again.
+    let begin = |plan: &BackupPlan<'_>, others: &mut OtherJobs<'_>| loop {
+        match dom.try_begin_backup(plan) {
+            Err(e) if matches!(dom.backup_job_socket(), Ok(Some(s)) if s.as_deref() != Some(plan.socket)) =>
+            {
+                if std::time::Instant::now() >= deadline {
+                    return Err(e);
+                }
+                others.wait()?;
+            }
+            other => return other,
+        }
+    };
+    Ok(match begin(plan, others)? {
+        BackupStart::Started(job) => job,
+        // The check above passed, but libvirt found the bitmap broken when it started the
+        // job (or it broke in between): start again as a diff with a fresh chain, once.
+        BackupStart::CheckpointInconsistent(why) => {
+            if let Some(cp) = basis.take() {
+                abandon_checkpoint(dom, cp, &why, broken, progress);
+            }
+            plan.incremental_from = None;
+            match begin(plan, others)? {
+                BackupStart::Started(job) => job,
+                BackupStart::CheckpointInconsistent(why) => {
+                    return Err(job_failed(
+                        dom,
+                        format!("cannot start the backup job: {why}"),
+                    ))
+                }
+            }
+        }
+    })
 }
 
 fn job_failed(dom: &Domain, detail: String) -> Error {
