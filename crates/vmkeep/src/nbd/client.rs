@@ -9,6 +9,8 @@
 //!
 //! Every answer from the server is checked; a misbehaving server produces an
 //! [`Error::Source`] naming it, never a panic or a hang (every wait has a deadline).
+//! Inside the client a failure is a typed `NbdError` (`client/error.rs`); it becomes an
+//! [`Error::Source`] with the same text at the public methods.
 //! Large requests are split to the server's maximum block size (32 MiB when it gives
 //! none) and unaligned reads are widened to its minimum block size.
 //!
@@ -16,6 +18,7 @@
 //! `client/handshake.rs` for where they go.
 
 mod conn;
+mod error;
 mod handshake;
 mod transport;
 
@@ -25,6 +28,7 @@ use std::time::{Duration, Instant};
 
 pub use crate::nbd::uri::{NbdAddress, NbdUri};
 use conn::{Conn, Reply, Ticket};
+use error::NbdError;
 use transport::{Deadline, Transport};
 
 use crate::error::{Error, Result};
@@ -95,7 +99,7 @@ impl BlockSizes {
         maximum: u32::MAX,
     };
 
-    fn validated(self) -> std::result::Result<BlockSizes, String> {
+    fn validated(self) -> std::result::Result<BlockSizes, NbdError> {
         let ok = self.minimum.is_power_of_two()
             && self.minimum <= 1 << 16
             && self.preferred.is_power_of_two()
@@ -105,9 +109,9 @@ impl BlockSizes {
         if ok {
             Ok(self)
         } else {
-            Err(format!(
+            Err(NbdError::protocol(format!(
                 "the server advertised invalid block sizes {self:?}"
-            ))
+            )))
         }
     }
 }
@@ -157,7 +161,7 @@ impl NbdClient {
                 Err(e) if retryable(&e) && Instant::now() < ready_by => {
                     std::thread::sleep(Duration::from_millis(10));
                 }
-                Err(e) => return Err(Error::source(&name, format!("cannot connect: {e}"))),
+                Err(e) => return Err(Error::source(&name, NbdError::io("cannot connect", e))),
             }
         };
         let (n, conn) =
@@ -202,7 +206,7 @@ impl NbdClient {
         let deadline = opts.timeout.min(EXTRA_HANDSHAKE);
         while self.conns.len() < opts.connections {
             let extra = Transport::connect(&uri.address, deadline)
-                .map_err(|e| format!("cannot connect: {e}"))
+                .map_err(|e| NbdError::io("cannot connect", e))
                 .and_then(|t| open(t, uri, opts, deadline));
             match extra {
                 Ok((n, conn))
@@ -345,7 +349,7 @@ impl NbdClient {
                     buf[at..at + d.len()].copy_from_slice(&d);
                     Ok(())
                 }
-                _ => Err("a read got a reply without data".into()),
+                _ => Err(NbdError::protocol("a read got a reply without data")),
             },
         )
     }
@@ -540,8 +544,8 @@ impl NbdClient {
     fn pipeline(
         &self,
         pieces: impl Iterator<Item = (u64, u64)>,
-        mut send: impl FnMut(&Conn, u64, u64) -> std::result::Result<Ticket, String>,
-        mut done: impl FnMut(u64, Reply) -> std::result::Result<(), String>,
+        mut send: impl FnMut(&Conn, u64, u64) -> std::result::Result<Ticket, NbdError>,
+        mut done: impl FnMut(u64, Reply) -> std::result::Result<(), NbdError>,
     ) -> Result<()> {
         let mut in_flight: VecDeque<(&Conn, u64, Ticket)> = VecDeque::new();
         for (off, len) in pieces {
@@ -608,6 +612,8 @@ impl NbdClient {
         Ok(())
     }
 
+    /// A failure of this client (an [`NbdError`] or a text) as the library's error: a
+    /// source error naming the server.
     fn err(&self, detail: impl std::fmt::Display) -> Error {
         Error::source(&self.name, detail)
     }
@@ -625,7 +631,7 @@ fn open(
     uri: &NbdUri,
     opts: &NbdOptions,
     handshake_timeout: Duration,
-) -> std::result::Result<(handshake::Negotiated, Conn), String> {
+) -> std::result::Result<(handshake::Negotiated, Conn), NbdError> {
     let n = {
         let mut s = Deadline {
             inner: &mut t,
@@ -634,7 +640,7 @@ fn open(
         handshake::negotiate(&mut s, &uri.export, &opts.contexts)?
     };
     let conn = Conn::start(t, n.structured, n.contexts.clone(), opts.timeout)
-        .map_err(|e| format!("cannot start the connection: {e}"))?;
+        .map_err(|e| NbdError::io("cannot start the connection", e))?;
     Ok((n, conn))
 }
 

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
+use super::error::NbdError;
 use super::transport::Transport;
 use crate::nbd::proto::*;
 
@@ -44,7 +45,7 @@ pub(super) enum Reply {
     Status(Status),
 }
 
-type Outcome = Result<Reply, String>;
+type Outcome = Result<Reply, NbdError>;
 
 /// A request waiting for its reply.
 pub(super) struct Ticket {
@@ -77,10 +78,10 @@ struct Shared {
 struct State {
     pending: HashMap<u64, Pending>,
     /// Why the connection is unusable; set once by the reader as it stops.
-    dead: Option<String>,
+    dead: Option<NbdError>,
     /// Why the connection was closed on purpose (timeout, disconnect); reported instead
     /// of the read error the shutdown causes.
-    killed: Option<String>,
+    killed: Option<NbdError>,
 }
 
 struct Pending {
@@ -93,7 +94,7 @@ struct Pending {
     covered: BTreeMap<u64, u64>,
     covered_bytes: u64,
     status: Status,
-    error: Option<String>,
+    error: Option<NbdError>,
     /// A structured chunk arrived for this request.
     chunked: bool,
     tx: Sender<Outcome>,
@@ -153,7 +154,7 @@ impl Conn {
         offset: u64,
         length: u32,
         payload: Option<&[u8]>,
-    ) -> Result<Ticket, String> {
+    ) -> Result<Ticket, NbdError> {
         let data = if kind == CMD_READ {
             vec![0u8; length as usize]
         } else {
@@ -165,7 +166,7 @@ impl Conn {
     /// Send a read whose reply fills `buf` (exactly `length` bytes, any contents): the
     /// caller's buffer travels to the reader thread and back, so a read costs no
     /// allocation, zero fill or copy of its own.
-    pub fn submit_read(&self, offset: u64, length: u32, buf: Vec<u8>) -> Result<Ticket, String> {
+    pub fn submit_read(&self, offset: u64, length: u32, buf: Vec<u8>) -> Result<Ticket, NbdError> {
         debug_assert_eq!(buf.len(), length as usize);
         self.submit_with(CMD_READ, 0, offset, length, None, buf)
     }
@@ -178,13 +179,13 @@ impl Conn {
         length: u32,
         payload: Option<&[u8]>,
         data: Vec<u8>,
-    ) -> Result<Ticket, String> {
+    ) -> Result<Ticket, NbdError> {
         let cookie = self.next_cookie.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = crossbeam_channel::bounded(1);
         {
             let mut st = lock(&self.shared.state);
             if let Some(why) = &st.dead {
-                return Err(format!("the connection failed earlier: {why}"));
+                return Err(NbdError::FailedEarlier(Box::new(why.clone())));
             }
             st.pending.insert(
                 cookie,
@@ -215,8 +216,11 @@ impl Conn {
                 .and_then(|()| w.write_all(payload.unwrap_or(&[])))
         };
         if let Err(e) = sent {
-            let why = format!("sending a {} request failed: {e}", command_name(kind));
-            self.kill(&why);
+            let why = NbdError::Send {
+                command: command_name(kind),
+                error: e.into(),
+            };
+            self.kill(why.clone());
             return Err(why);
         }
         Ok(Ticket {
@@ -227,27 +231,24 @@ impl Conn {
     }
 
     /// Wait for a reply; a timeout kills the connection (its state is unknown after it).
-    pub fn wait(&self, t: Ticket) -> Result<Reply, String> {
+    pub fn wait(&self, t: Ticket) -> Result<Reply, NbdError> {
         match t.rx.recv_deadline(t.deadline) {
             Ok(outcome) => outcome,
             Err(RecvTimeoutError::Timeout) => {
-                let why = format!(
-                    "no reply to the {} within {} s",
-                    t.what,
-                    self.timeout.as_secs_f32()
-                );
-                self.kill(&why);
+                let why = NbdError::NoReply {
+                    what: t.what,
+                    within: self.timeout.as_secs_f32(),
+                };
+                self.kill(why.clone());
                 Err(why)
             }
-            Err(RecvTimeoutError::Disconnected) => Err("the connection's reader stopped".into()),
+            Err(RecvTimeoutError::Disconnected) => Err(NbdError::ReaderStopped),
         }
     }
 
     /// Close the connection on purpose; waiting callers get `why`.
-    pub fn kill(&self, why: &str) {
-        lock(&self.shared.state)
-            .killed
-            .get_or_insert_with(|| why.to_string());
+    pub fn kill(&self, why: NbdError) {
+        lock(&self.shared.state).killed.get_or_insert(why);
         self.control.shutdown();
     }
 
@@ -255,8 +256,7 @@ impl Conn {
     pub fn disconnect(&self) {
         let alive = {
             let mut st = lock(&self.shared.state);
-            st.killed
-                .get_or_insert_with(|| "the client disconnected".into());
+            st.killed.get_or_insert(NbdError::Disconnected);
             st.dead.is_none()
         };
         if alive {
@@ -287,11 +287,12 @@ impl Drop for Conn {
 }
 
 impl Shared {
-    fn take(&self, cookie: u64) -> Result<Pending, String> {
-        lock(&self.state)
-            .pending
-            .remove(&cookie)
-            .ok_or_else(|| format!("reply for cookie {cookie:#x}, which is not in flight"))
+    fn take(&self, cookie: u64) -> Result<Pending, NbdError> {
+        lock(&self.state).pending.remove(&cookie).ok_or_else(|| {
+            NbdError::protocol(format!(
+                "reply for cookie {cookie:#x}, which is not in flight"
+            ))
+        })
     }
 
     fn put_back(&self, cookie: u64, p: Pending) {
@@ -299,7 +300,7 @@ impl Shared {
     }
 
     /// The connection is gone: fail every waiting request with one message.
-    fn fail_all(&self, err: String) {
+    fn fail_all(&self, err: NbdError) {
         let mut st = lock(&self.state);
         let why = st.killed.clone().unwrap_or(err);
         st.dead = Some(why.clone());
@@ -325,19 +326,19 @@ impl Reader {
         self.shared.fail_all(err);
     }
 
-    fn next_message(&mut self) -> Result<(), String> {
+    fn next_message(&mut self) -> Result<(), NbdError> {
         let magic = u32::from_be_bytes(self.read_array()?);
         match magic {
             SIMPLE_REPLY_MAGIC => self.simple(),
             STRUCTURED_REPLY_MAGIC if self.shared.structured => self.chunk(),
-            STRUCTURED_REPLY_MAGIC => {
-                Err("structured reply although structured replies were not negotiated".into())
-            }
-            m => Err(format!("bad reply magic {m:#010x}")),
+            STRUCTURED_REPLY_MAGIC => Err(NbdError::protocol(
+                "structured reply although structured replies were not negotiated",
+            )),
+            m => Err(NbdError::protocol(format!("bad reply magic {m:#010x}"))),
         }
     }
 
-    fn simple(&mut self) -> Result<(), String> {
+    fn simple(&mut self) -> Result<(), NbdError> {
         let h: [u8; SIMPLE_REPLY_LEN - 4] = self.read_array()?;
         let (error, cookie) = (be32(&h[0..4]), be64(&h[4..12]));
         let mut p = self.shared.take(cookie)?;
@@ -352,10 +353,10 @@ impl Reader {
         };
         if let Some(v) = violation {
             self.shared.put_back(cookie, p);
-            return Err(v.into());
+            return Err(NbdError::protocol(v));
         }
         if error != 0 {
-            let _ = p.tx.send(Err(server_error(error, "")));
+            let _ = p.tx.send(Err(NbdError::server(error, String::new())));
             return Ok(());
         }
         if p.kind == CMD_READ {
@@ -371,7 +372,7 @@ impl Reader {
         Ok(())
     }
 
-    fn chunk(&mut self) -> Result<(), String> {
+    fn chunk(&mut self) -> Result<(), NbdError> {
         let h = ChunkHeader::decode_after_magic(&self.read_array()?);
         let mut p = self.shared.take(h.cookie)?;
         p.chunked = true;
@@ -391,27 +392,28 @@ impl Reader {
         }
     }
 
-    fn payload(&mut self, p: &mut Pending, h: &ChunkHeader) -> Result<(), String> {
+    fn payload(&mut self, p: &mut Pending, h: &ChunkHeader) -> Result<(), NbdError> {
         match h.kind {
-            REPLY_TYPE_NONE if h.length != 0 => {
-                Err(format!("NONE chunk with a {}-byte payload", h.length))
-            }
+            REPLY_TYPE_NONE if h.length != 0 => Err(NbdError::protocol(format!(
+                "NONE chunk with a {}-byte payload",
+                h.length
+            ))),
             REPLY_TYPE_NONE if h.flags & REPLY_FLAG_DONE == 0 => {
-                Err("NONE chunk without the DONE flag".into())
+                Err(NbdError::protocol("NONE chunk without the DONE flag"))
             }
             REPLY_TYPE_NONE => Ok(()),
             REPLY_TYPE_OFFSET_DATA => self.data_chunk(p, h.length),
             REPLY_TYPE_OFFSET_HOLE => self.hole_chunk(p, h.length),
             REPLY_TYPE_BLOCK_STATUS => self.status_chunk(p, h.length),
             k if k & 0x8000 != 0 => self.error_chunk(p, k, h.length),
-            k => Err(format!("unknown reply chunk type {k}")),
+            k => Err(NbdError::protocol(format!("unknown reply chunk type {k}"))),
         }
     }
 
-    fn data_chunk(&mut self, p: &mut Pending, len: u32) -> Result<(), String> {
+    fn data_chunk(&mut self, p: &mut Pending, len: u32) -> Result<(), NbdError> {
         p.expect(CMD_READ, "data")?;
         if len < 9 {
-            return Err(format!("data chunk of {len} bytes"));
+            return Err(NbdError::protocol(format!("data chunk of {len} bytes")));
         }
         let offset = u64::from_be_bytes(self.read_array()?);
         let n = u64::from(len - 8);
@@ -419,15 +421,15 @@ impl Reader {
         read_exact(&mut self.t, &mut p.data[rel..rel + n as usize])
     }
 
-    fn hole_chunk(&mut self, p: &mut Pending, len: u32) -> Result<(), String> {
+    fn hole_chunk(&mut self, p: &mut Pending, len: u32) -> Result<(), NbdError> {
         p.expect(CMD_READ, "hole")?;
         if len != 12 {
-            return Err(format!("hole chunk of {len} bytes"));
+            return Err(NbdError::protocol(format!("hole chunk of {len} bytes")));
         }
         let b: [u8; 12] = self.read_array()?;
         let (offset, n) = (be64(&b[0..8]), be32(&b[8..12]));
         if n == 0 {
-            return Err("hole chunk of length 0".into());
+            return Err(NbdError::protocol("hole chunk of length 0"));
         }
         // The buffer may be a reused one: the hole's bytes are set here.
         let rel = p.claim(offset, u64::from(n), "hole")? as usize;
@@ -435,21 +437,29 @@ impl Reader {
         Ok(())
     }
 
-    fn status_chunk(&mut self, p: &mut Pending, len: u32) -> Result<(), String> {
+    fn status_chunk(&mut self, p: &mut Pending, len: u32) -> Result<(), NbdError> {
         p.expect(CMD_BLOCK_STATUS, "block status")?;
         if len < 12 || (len - 4) % 8 != 0 {
-            return Err(format!("block status chunk of {len} bytes"));
+            return Err(NbdError::protocol(format!(
+                "block status chunk of {len} bytes"
+            )));
         }
         let count = (len - 4) / 8;
         if count > MAX_STATUS_DESCRIPTORS {
-            return Err(format!("block status chunk of {count} extents is too long"));
+            return Err(NbdError::protocol(format!(
+                "block status chunk of {count} extents is too long"
+            )));
         }
         let id = u32::from_be_bytes(self.read_array()?);
         if !self.shared.contexts.contains(&id) {
-            return Err(format!("block status for unknown metadata context {id}"));
+            return Err(NbdError::protocol(format!(
+                "block status for unknown metadata context {id}"
+            )));
         }
         if p.status.iter().any(|(i, _)| *i == id) {
-            return Err(format!("two block status chunks for metadata context {id}"));
+            return Err(NbdError::protocol(format!(
+                "two block status chunks for metadata context {id}"
+            )));
         }
         let extents = self.descriptors(count, u64::from(p.length))?;
         p.status.push((id, extents));
@@ -458,7 +468,7 @@ impl Reader {
 
     /// Read `count` extent descriptors, checking them against the request length: each
     /// is non-empty and only the last may reach past the requested range.
-    fn descriptors(&mut self, count: u32, requested: u64) -> Result<Vec<(u32, u32)>, String> {
+    fn descriptors(&mut self, count: u32, requested: u64) -> Result<Vec<(u32, u32)>, NbdError> {
         let mut out = Vec::with_capacity(count.min(4096) as usize);
         let mut sum = 0u64;
         let mut buf = [0u8; 8 * 512];
@@ -469,10 +479,12 @@ impl Reader {
             for d in buf[..n * 8].chunks_exact(8) {
                 let (len, flags) = (be32(&d[0..4]), be32(&d[4..8]));
                 if len == 0 {
-                    return Err("block status extent of length 0".into());
+                    return Err(NbdError::protocol("block status extent of length 0"));
                 }
                 if sum >= requested {
-                    return Err("block status extents reach past the requested range".into());
+                    return Err(NbdError::protocol(
+                        "block status extents reach past the requested range",
+                    ));
                 }
                 sum += u64::from(len);
                 out.push((len, flags));
@@ -482,9 +494,9 @@ impl Reader {
         Ok(out)
     }
 
-    fn error_chunk(&mut self, p: &mut Pending, kind: u16, len: u32) -> Result<(), String> {
+    fn error_chunk(&mut self, p: &mut Pending, kind: u16, len: u32) -> Result<(), NbdError> {
         if !(6..=MAX_ERROR_CHUNK).contains(&len) {
-            return Err(format!("error chunk of {len} bytes"));
+            return Err(NbdError::protocol(format!("error chunk of {len} bytes")));
         }
         let mut b = vec![0u8; len as usize];
         read_exact(&mut self.t, &mut b)?;
@@ -492,27 +504,32 @@ impl Reader {
         let mlen = be16(&b[4..6]) as usize;
         let rest = b.len() - 6;
         if mlen > rest {
-            return Err(format!(
+            return Err(NbdError::protocol(format!(
                 "error message of {mlen} bytes in a {len}-byte chunk"
-            ));
+            )));
         }
         let msg = printable(&b[6..6 + mlen]);
-        let mut text = server_error(error, &msg);
+        let (mut offset, mut chunk_type) = (None, None);
         match kind {
             REPLY_TYPE_ERROR => {}
-            REPLY_TYPE_ERROR_OFFSET if rest - mlen == 8 => {
-                text.push_str(&format!(" (at byte {})", be64(&b[6 + mlen..])));
-            }
+            REPLY_TYPE_ERROR_OFFSET if rest - mlen == 8 => offset = Some(be64(&b[6 + mlen..])),
             REPLY_TYPE_ERROR_OFFSET => {
-                return Err(format!("error-offset chunk of {len} bytes"));
+                return Err(NbdError::protocol(format!(
+                    "error-offset chunk of {len} bytes"
+                )));
             }
-            k => text = format!("{text} (unknown error chunk type {k:#06x})"),
+            k => chunk_type = Some(k),
         }
-        p.error.get_or_insert(text);
+        p.error.get_or_insert(NbdError::Server {
+            errno: error,
+            message: msg,
+            offset,
+            chunk_type,
+        });
         Ok(())
     }
 
-    fn read_array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+    fn read_array<const N: usize>(&mut self) -> Result<[u8; N], NbdError> {
         let mut b = [0u8; N];
         read_exact(&mut self.t, &mut b)?;
         Ok(b)
@@ -520,24 +537,24 @@ impl Reader {
 }
 
 impl Pending {
-    fn expect(&self, kind: u16, chunk: &str) -> Result<(), String> {
+    fn expect(&self, kind: u16, chunk: &str) -> Result<(), NbdError> {
         if self.kind != kind {
-            return Err(format!(
+            return Err(NbdError::protocol(format!(
                 "{chunk} chunk in the reply to a {} request",
                 command_name(self.kind)
-            ));
+            )));
         }
         Ok(())
     }
 
     /// Record that `[offset, offset + n)` arrived; it must lie in the request and not
     /// overlap an earlier chunk. Returns the position relative to the request.
-    fn claim(&mut self, offset: u64, n: u64, chunk: &str) -> Result<u64, String> {
+    fn claim(&mut self, offset: u64, n: u64, chunk: &str) -> Result<u64, NbdError> {
         let outside = || {
-            format!(
+            NbdError::protocol(format!(
                 "{chunk} chunk for bytes {offset}+{n} outside the request {}+{}",
                 self.offset, self.length
-            )
+            ))
         };
         let rel = offset.checked_sub(self.offset).ok_or_else(outside)?;
         let end = rel.checked_add(n).ok_or_else(outside)?;
@@ -547,9 +564,9 @@ impl Pending {
         let before = self.covered.range(..=rel).next_back();
         let after = self.covered.range(rel..).next();
         if before.is_some_and(|(_, &e)| e > rel) || after.is_some_and(|(&s, _)| s < end) {
-            return Err(format!(
+            return Err(NbdError::protocol(format!(
                 "{chunk} chunk for bytes {offset}+{n} overlaps an earlier one"
-            ));
+            )));
         }
         self.covered.insert(rel, end);
         self.covered_bytes += n;
@@ -567,17 +584,21 @@ impl Pending {
 
     fn result(&mut self, contexts: &[u32]) -> Outcome {
         match self.kind {
-            CMD_READ if self.covered_bytes != u64::from(self.length) => Err(format!(
-                "the read reply covers {} of {} bytes",
-                self.covered_bytes, self.length
-            )),
+            CMD_READ if self.covered_bytes != u64::from(self.length) => {
+                Err(NbdError::protocol(format!(
+                    "the read reply covers {} of {} bytes",
+                    self.covered_bytes, self.length
+                )))
+            }
             CMD_READ => Ok(Reply::Data(std::mem::take(&mut self.data))),
             CMD_BLOCK_STATUS => {
                 match contexts
                     .iter()
                     .find(|id| !self.status.iter().any(|(i, _)| i == *id))
                 {
-                    Some(id) => Err(format!("the block status reply lacks context {id}")),
+                    Some(id) => Err(NbdError::protocol(format!(
+                        "the block status reply lacks context {id}"
+                    ))),
                     None => Ok(Reply::Status(std::mem::take(&mut self.status))),
                 }
             }
@@ -586,10 +607,10 @@ impl Pending {
     }
 }
 
-fn read_exact(t: &mut Transport, b: &mut [u8]) -> Result<(), String> {
+fn read_exact(t: &mut Transport, b: &mut [u8]) -> Result<(), NbdError> {
     t.read_exact(b).map_err(|e| match e.kind() {
-        io::ErrorKind::UnexpectedEof => "the server closed the connection".to_string(),
-        _ => format!("connection error: {e}"),
+        io::ErrorKind::UnexpectedEof => NbdError::ServerClosed { handshake: false },
+        _ => NbdError::io("connection error", e),
     })
 }
 
@@ -600,16 +621,6 @@ pub(super) fn printable(b: &[u8]) -> String {
         .chars()
         .map(|c| if c.is_control() { '?' } else { c })
         .collect()
-}
-
-/// A server-reported error, for messages.
-pub(super) fn server_error(error: u32, msg: &str) -> String {
-    let name = error_name(error);
-    if msg.is_empty() {
-        format!("server error {error} {name}")
-    } else {
-        format!("server error {error} {name}: {msg}")
-    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 use std::io::{self, Read, Write};
 
 use super::conn::printable;
+use super::error::NbdError;
 use super::BlockSizes;
 use crate::nbd::proto::*;
 
@@ -33,17 +34,19 @@ pub(super) fn negotiate<S: Read + Write>(
     s: &mut S,
     export: &str,
     want: &[String],
-) -> Result<Negotiated, String> {
+) -> Result<Negotiated, NbdError> {
     let greeting: [u8; 18] = read_array(s)?;
     if be64(&greeting[0..8]) != NBDMAGIC {
-        return Err("not an NBD server (bad greeting magic)".into());
+        return Err(NbdError::protocol("not an NBD server (bad greeting magic)"));
     }
     match be64(&greeting[8..16]) {
         IHAVEOPT => {}
         CLISERV_MAGIC => {
-            return Err("the server speaks the oldstyle handshake, which vmkeep does not".into())
+            return Err(NbdError::protocol(
+                "the server speaks the oldstyle handshake, which vmkeep does not",
+            ))
         }
-        m => return Err(format!("bad handshake magic {m:#018x}")),
+        m => return Err(NbdError::protocol(format!("bad handshake magic {m:#018x}"))),
     }
     let hflags = be16(&greeting[16..18]);
     let fixed = hflags & FLAG_FIXED_NEWSTYLE != 0;
@@ -87,15 +90,15 @@ pub(super) fn negotiate<S: Read + Write>(
     }
 }
 
-fn structured_replies<S: Read + Write>(s: &mut S) -> Result<bool, String> {
+fn structured_replies<S: Read + Write>(s: &mut S) -> Result<bool, NbdError> {
     send_option(s, OPT_STRUCTURED_REPLY, &[])?;
     let (kind, _) = read_reply(s, OPT_STRUCTURED_REPLY)?;
     match kind {
         REP_ACK => Ok(true),
         k if k & REP_FLAG_ERROR != 0 => Ok(false),
-        k => Err(format!(
+        k => Err(NbdError::protocol(format!(
             "unexpected reply type {k} to the structured-reply option"
-        )),
+        ))),
     }
 }
 
@@ -103,7 +106,7 @@ fn set_meta_context<S: Read + Write>(
     s: &mut S,
     export: &str,
     want: &[String],
-) -> Result<Vec<(String, u32)>, String> {
+) -> Result<Vec<(String, u32)>, NbdError> {
     let mut d = Vec::new();
     put_str32(&mut d, export);
     d.extend_from_slice(&(want.len() as u32).to_be_bytes());
@@ -117,7 +120,10 @@ fn set_meta_context<S: Read + Write>(
         match kind {
             REP_META_CONTEXT => {
                 if data.len() < 4 || data.len() > 4 + MAX_STRING_LEN {
-                    return Err(format!("metadata context reply of {} bytes", data.len()));
+                    return Err(NbdError::protocol(format!(
+                        "metadata context reply of {} bytes",
+                        data.len()
+                    )));
                 }
                 let name = printable(&data[4..]);
                 out.push((name, be32(&data[0..4])));
@@ -128,16 +134,20 @@ fn set_meta_context<S: Read + Write>(
                 tracing::debug!("server refused metadata contexts: {}", rep_error_name(k));
                 return Ok(Vec::new());
             }
-            k => return Err(format!("unexpected reply type {k} to set-meta-context")),
+            k => {
+                return Err(NbdError::protocol(format!(
+                    "unexpected reply type {k} to set-meta-context"
+                )))
+            }
         }
     }
-    Err("too many replies to set-meta-context".into())
+    Err(NbdError::protocol("too many replies to set-meta-context"))
 }
 
 type ExportInfo = (u64, u16, Option<BlockSizes>);
 
 /// `NBD_OPT_GO`; `None` when the server does not know the option.
-fn go<S: Read + Write>(s: &mut S, export: &str) -> Result<Option<ExportInfo>, String> {
+fn go<S: Read + Write>(s: &mut S, export: &str) -> Result<Option<ExportInfo>, NbdError> {
     let mut d = Vec::new();
     put_str32(&mut d, export);
     d.extend_from_slice(&1u16.to_be_bytes());
@@ -150,40 +160,45 @@ fn go<S: Read + Write>(s: &mut S, export: &str) -> Result<Option<ExportInfo>, St
         match kind {
             REP_INFO => info(&data, &mut export_info, &mut block_sizes)?,
             REP_ACK => {
-                let (size, flags) =
-                    export_info.ok_or("the server accepted the export without describing it")?;
+                let (size, flags) = export_info.ok_or_else(|| {
+                    NbdError::protocol("the server accepted the export without describing it")
+                })?;
                 return Ok(Some((size, flags, block_sizes)));
             }
             REP_ERR_UNSUP => return Ok(None),
             REP_ERR_UNKNOWN => {
-                return Err(format!(
-                    "export {export:?} does not exist{}",
-                    message(&data)
-                ))
+                return Err(NbdError::NoExport {
+                    export: export.to_string(),
+                    message: message(&data),
+                })
             }
-            REP_ERR_TLS_REQD => {
-                return Err("the server requires TLS, which vmkeep does not speak yet".into())
-            }
+            REP_ERR_TLS_REQD => return Err(NbdError::TlsRequired),
             k if k & REP_FLAG_ERROR != 0 => {
-                return Err(format!(
-                    "the server refused export {export:?}: {}{}",
-                    rep_error_name(k),
-                    message(&data)
-                ))
+                return Err(NbdError::Refused {
+                    export: export.to_string(),
+                    reason: format!("{}{}", rep_error_name(k), message(&data)),
+                })
             }
-            k => return Err(format!("unexpected reply type {k} to go")),
+            k => {
+                return Err(NbdError::protocol(format!(
+                    "unexpected reply type {k} to go"
+                )))
+            }
         }
     }
-    Err("too many replies to go".into())
+    Err(NbdError::protocol("too many replies to go"))
 }
 
 fn info(
     data: &[u8],
     export_info: &mut Option<(u64, u16)>,
     block_sizes: &mut Option<BlockSizes>,
-) -> Result<(), String> {
+) -> Result<(), NbdError> {
     if data.len() < 2 {
-        return Err(format!("info reply of {} bytes", data.len()));
+        return Err(NbdError::protocol(format!(
+            "info reply of {} bytes",
+            data.len()
+        )));
     }
     match be16(&data[0..2]) {
         INFO_EXPORT if data.len() == 12 => {
@@ -198,7 +213,10 @@ fn info(
             *block_sizes = Some(b.validated()?);
         }
         t @ (INFO_EXPORT | INFO_BLOCK_SIZE) => {
-            return Err(format!("info reply type {t} of {} bytes", data.len()))
+            return Err(NbdError::protocol(format!(
+                "info reply type {t} of {} bytes",
+                data.len()
+            )))
         }
         _ => {}
     }
@@ -209,10 +227,11 @@ fn export_name<S: Read + Write>(
     s: &mut S,
     export: &str,
     no_zeroes: bool,
-) -> Result<Negotiated, String> {
+) -> Result<Negotiated, NbdError> {
     send_option(s, OPT_EXPORT_NAME, export.as_bytes())?;
-    let b: [u8; 10] = read_array(s).map_err(|e| {
-        format!("the server refused export {export:?} or closed the connection ({e})")
+    let b: [u8; 10] = read_array(s).map_err(|e| NbdError::RefusedOrClosed {
+        export: export.to_string(),
+        cause: Box::new(e),
     })?;
     if !no_zeroes {
         let _: [u8; 124] = read_array(s)?;
@@ -226,24 +245,27 @@ fn export_name<S: Read + Write>(
     })
 }
 
-fn send_option<S: Write>(s: &mut S, option: u32, data: &[u8]) -> Result<(), String> {
+fn send_option<S: Write>(s: &mut S, option: u32, data: &[u8]) -> Result<(), NbdError> {
     let mut msg = option_header(option, data.len() as u32).to_vec();
     msg.extend_from_slice(data);
     write_all(s, &msg)
 }
 
 /// Read one option reply to `option`: (reply type, payload).
-fn read_reply<S: Read>(s: &mut S, option: u32) -> Result<(u32, Vec<u8>), String> {
+fn read_reply<S: Read>(s: &mut S, option: u32) -> Result<(u32, Vec<u8>), NbdError> {
     let h: [u8; OPTION_REPLY_LEN] = read_array(s)?;
-    let r = OptionReply::decode(&h).ok_or("bad option reply magic")?;
+    let r = OptionReply::decode(&h).ok_or_else(|| NbdError::protocol("bad option reply magic"))?;
     if r.option != option {
-        return Err(format!(
+        return Err(NbdError::protocol(format!(
             "reply to option {} while waiting for option {option}",
             r.option
-        ));
+        )));
     }
     if r.length > MAX_OPTION_LEN {
-        return Err(format!("option reply of {} bytes is too long", r.length));
+        return Err(NbdError::protocol(format!(
+            "option reply of {} bytes is too long",
+            r.length
+        )));
     }
     let mut data = vec![0u8; r.length as usize];
     s.read_exact(&mut data).map_err(io_error)?;
@@ -262,23 +284,21 @@ fn message(data: &[u8]) -> String {
     format!(": {}", printable(&data[..data.len().min(MAX_STRING_LEN)]))
 }
 
-fn read_array<S: Read, const N: usize>(s: &mut S) -> Result<[u8; N], String> {
+fn read_array<S: Read, const N: usize>(s: &mut S) -> Result<[u8; N], NbdError> {
     let mut b = [0u8; N];
     s.read_exact(&mut b).map_err(io_error)?;
     Ok(b)
 }
 
-fn write_all<S: Write>(s: &mut S, b: &[u8]) -> Result<(), String> {
+fn write_all<S: Write>(s: &mut S, b: &[u8]) -> Result<(), NbdError> {
     s.write_all(b).map_err(io_error)
 }
 
-fn io_error(e: io::Error) -> String {
+fn io_error(e: io::Error) -> NbdError {
     match e.kind() {
-        io::ErrorKind::UnexpectedEof => {
-            "the server closed the connection during the handshake".into()
-        }
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => "the handshake timed out".into(),
-        _ => format!("handshake failed: {e}"),
+        io::ErrorKind::UnexpectedEof => NbdError::ServerClosed { handshake: true },
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => NbdError::HandshakeTimeout,
+        _ => NbdError::io("handshake failed", e),
     }
 }
 
@@ -330,7 +350,7 @@ mod tests {
             output: Vec::new(),
         };
         let want: Vec<String> = want.iter().map(|w| w.to_string()).collect();
-        negotiate(&mut s, "vda", &want)
+        negotiate(&mut s, "vda", &want).map_err(|e| e.to_string())
     }
 
     #[test]
