@@ -8,16 +8,17 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+mod support;
+
 use proptest::prelude::*;
-use vmkeep::archive::Repository;
+use support::archive::{deep_check_ok, restore_view};
+use vmkeep::archive::{Generation, Repository, VmArchive};
 use vmkeep::engine::backup::{BackupOptions, BackupRun, DiskInput};
 use vmkeep::engine::check::{check, GenSelect};
 use vmkeep::engine::reader::DiskView;
-use vmkeep::engine::restore::restore;
 use vmkeep::engine::Mode;
 use vmkeep::progress::NoProgress;
 use vmkeep::source::file::FileSource;
-use vmkeep::target::file::FileTarget;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -176,15 +177,25 @@ fn backup(repo: &Repository, disk: &mut Disk, mode: Mode, block_size: u32) {
 fn restore_to(repo: &Repository, k: usize, out: &Path) -> Vec<u8> {
     let archive = repo.vm("vm").unwrap();
     let gens = archive.generations().unwrap();
-    let view = DiskView::open(&archive, &gens, k, "vda").unwrap();
-    restore(
-        &view,
-        Box::new(FileTarget::create(out, view.size).unwrap()),
-        false,
-        &NoProgress,
-    )
-    .unwrap();
-    std::fs::read(out).unwrap()
+    read_generation(&archive, &gens, k, "vda", out)
+}
+
+/// Disk `disk` of the `k`-th oldest of `gens`, restored to the file `out`.
+fn read_generation(
+    archive: &VmArchive,
+    gens: &[Generation],
+    k: usize,
+    disk: &str,
+    out: &Path,
+) -> Vec<u8> {
+    let view = DiskView::open(archive, gens, k, disk).unwrap();
+    restore_view(&view, out).unwrap()
+}
+
+/// Drop the `k`-th oldest of `gens` under the VM's lock, as prune does.
+fn drop_generation(archive: &VmArchive, gens: &[Generation], k: usize) {
+    let _lock = vmkeep::archive::lock::VmLock::acquire(&archive.dir, "vm", "test").unwrap();
+    vmkeep::engine::prune::drop_generation(&archive.dir, gens, k).unwrap();
 }
 
 /// Every generation restores to its snapshot; the newest image is the disk; check --deep ok.
@@ -234,12 +245,7 @@ fn run_ops(ops: &[Op], block_size: u32) -> Result<(), TestCaseError> {
             Op::Drop { k } if snapshots.len() > 1 => {
                 let k = k % (snapshots.len() - 1);
                 let archive = repo.vm("vm").unwrap();
-                let gens = archive.generations().unwrap();
-                {
-                    let _lock =
-                        vmkeep::archive::lock::VmLock::acquire(&archive.dir, "vm", "test").unwrap();
-                    vmkeep::engine::prune::drop_generation(&archive.dir, &gens, k).unwrap();
-                }
+                drop_generation(&archive, &archive.generations().unwrap(), k);
                 snapshots.remove(k);
                 verify(&repo, dir.path(), &snapshots, &disk)?;
             }
@@ -344,16 +350,8 @@ fn disks_appear_and_disappear() {
     let archive = repo.vm("vm").unwrap();
     let gens = archive.generations().unwrap();
     let read = |k: usize, disk: &str| {
-        let view = DiskView::open(&archive, &gens, k, disk).unwrap();
         let out = dir.path().join(format!("r-{k}-{disk}"));
-        restore(
-            &view,
-            Box::new(FileTarget::create(&out, view.size).unwrap()),
-            false,
-            &NoProgress,
-        )
-        .unwrap();
-        std::fs::read(out).unwrap()
+        read_generation(&archive, &gens, k, disk, &out)
     };
     assert!(read(0, "a") == a0);
     assert!(read(1, "a") == a0);
@@ -365,23 +363,11 @@ fn disks_appear_and_disappear() {
         DiskView::open(&archive, &gens, 2, "a").is_err(),
         "generation 2 has no disk a"
     );
-    let report = check(&repo, "vm", true, &GenSelect::All, &NoProgress).unwrap();
-    assert!(report.ok(), "{:?}", report.problems);
+    deep_check_ok(&repo, "vm");
     // Dropping g2 (the one without a) keeps g1's a readable.
-    let _lock = vmkeep::archive::lock::VmLock::acquire(&archive.dir, "vm", "test").unwrap();
-    vmkeep::engine::prune::drop_generation(&archive.dir, &gens, 2).unwrap();
-    drop(_lock);
+    drop_generation(&archive, &gens, 2);
     let gens = archive.generations().unwrap();
-    let view = DiskView::open(&archive, &gens, 1, "a").unwrap();
     let out = dir.path().join("after-drop");
-    restore(
-        &view,
-        Box::new(FileTarget::create(&out, view.size).unwrap()),
-        false,
-        &NoProgress,
-    )
-    .unwrap();
-    assert!(std::fs::read(out).unwrap() == a0);
-    let report = check(&repo, "vm", true, &GenSelect::All, &NoProgress).unwrap();
-    assert!(report.ok(), "{:?}", report.problems);
+    assert!(read_generation(&archive, &gens, 1, "a", &out) == a0);
+    deep_check_ok(&repo, "vm");
 }
