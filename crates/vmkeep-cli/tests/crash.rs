@@ -84,6 +84,38 @@ fn setup() -> (Env, std::path::PathBuf, Vec<Vec<u8>>) {
     (env, disk, before)
 }
 
+/// [`setup`], and the backup that records the changed disk, to be crashed.
+struct CrashingBackup {
+    env: Env,
+    /// The bytes of the old generations, newest first.
+    before: Vec<Vec<u8>>,
+    /// The disk's bytes now: what the backup records.
+    new_disk: Vec<u8>,
+    spec: String,
+    /// The backup's durable operations.
+    points: u64,
+}
+
+impl CrashingBackup {
+    fn new() -> CrashingBackup {
+        let (env, disk, before) = setup();
+        let mut c = CrashingBackup {
+            new_disk: std::fs::read(&disk).unwrap(),
+            spec: format!("vda={}", disk.display()),
+            env,
+            before,
+            points: 0,
+        };
+        c.points = count_points(&c.env, &c.env.repo(), &c.args());
+        c
+    }
+
+    /// `backup vm --disk vda=DISK`.
+    fn args(&self) -> [&str; 4] {
+        ["backup", "vm", "--disk", &self.spec]
+    }
+}
+
 fn assert_consistent(env: &Env, repo: &Path, before: &[Vec<u8>], new_disk: &[u8], point: &str) {
     deep_check_passes(env, repo, point);
     let n = Env::generations_in(repo, "vm").len();
@@ -119,11 +151,8 @@ fn assert_consistent(env: &Env, repo: &Path, before: &[Vec<u8>], new_disk: &[u8]
 
 #[test]
 fn backup_killed_at_every_durable_operation() {
-    let (env, disk, before) = setup();
-    let new_disk = std::fs::read(&disk).unwrap();
-    let spec = format!("vda={}", disk.display());
-    let args = ["backup", "vm", "--disk", spec.as_str()];
-    let n = count_points(&env, &env.repo(), &args);
+    let c = CrashingBackup::new();
+    let (env, args, n) = (&c.env, c.args(), c.points);
     assert!(n > 20, "only {n} durable operations counted");
     let repo = env.path("crash-repo");
     for k in 1..=n {
@@ -135,13 +164,14 @@ fn backup_killed_at_every_durable_operation() {
             k,
             &format!("point {k} of {n}"),
         );
-        assert_consistent(&env, &repo, &before, &new_disk, &format!("kill at {k}/{n}"));
+        let point = format!("kill at {k}/{n}");
+        assert_consistent(env, &repo, &c.before, &c.new_disk, &point);
         // The next backup works and records the disk.
         let out = vmkeep_at(&env, &repo, &args);
         succeeded(&out, &format!("kill at {k}: next backup failed: "));
         let latest = std::fs::read(repo.join("vm/latest/vda.raw")).unwrap();
         assert!(
-            latest == new_disk,
+            latest == c.new_disk,
             "kill at {k}: the next backup did not record the disk"
         );
     }
@@ -149,11 +179,8 @@ fn backup_killed_at_every_durable_operation() {
 
 #[test]
 fn backup_meeting_enospc_fails_cleanly_and_loses_nothing() {
-    let (env, disk, before) = setup();
-    let new_disk = std::fs::read(&disk).unwrap();
-    let spec = format!("vda={}", disk.display());
-    let args = ["backup", "vm", "--disk", spec.as_str()];
-    let n = count_points(&env, &env.repo(), &args);
+    let c = CrashingBackup::new();
+    let (env, args, n) = (&c.env, c.args(), c.points);
     let repo = env.path("enospc-repo");
     for k in (1..=n).step_by(3) {
         copy_repo(&env.repo(), &repo);
@@ -172,13 +199,8 @@ fn backup_meeting_enospc_fails_cleanly_and_loses_nothing() {
             1,
             "{err}"
         );
-        assert_consistent(
-            &env,
-            &repo,
-            &before,
-            &new_disk,
-            &format!("enospc at {k}/{n}"),
-        );
+        let point = format!("enospc at {k}/{n}");
+        assert_consistent(env, &repo, &c.before, &c.new_disk, &point);
     }
 }
 

@@ -73,18 +73,21 @@ fn refused(env: &Env, args: &[&str], gen: &str, file: &str) -> String {
     e
 }
 
+/// `restore vm --to r.raw` is refused, naming everything and generation `gen`'s digest
+/// file, and writes nothing; returns stderr.
+fn restore_refused(env: &Env, gen: &str) -> String {
+    let out = env.path("r.raw");
+    let e = refused(env, &["restore", "vm", "--to", s(&out)], gen, "vda.digest");
+    assert!(!out.exists(), "nothing written as a restore");
+    e
+}
+
 #[test]
 fn a_damaged_digest_file_fails_restore_to_a_file() {
     let (env, disk, gen) = damaged_generation();
-    let out = env.path("r.raw");
-    let e = refused(
-        &env,
-        &["restore", "vm", "--to", s(&out)],
-        &gen,
-        "vda.digest",
-    );
+    let e = restore_refused(&env, &gen);
     assert!(e.contains("digest root"), "{e}");
-    assert!(!out.exists(), "nothing written as a restore");
+    let out = env.path("r.raw");
 
     // --ignore-damage writes the blocks that match their own digests and lists the rest.
     let stdout = stdout_of(
@@ -232,15 +235,9 @@ fn a_digest_file_of_another_vm_is_refused() {
     env.backup("other", &disk, &[]);
     let gen = env.generations("vm").pop().unwrap();
     copy_digest_file(&env, "other");
-    let out = env.path("r.raw");
-    let e = refused(
-        &env,
-        &["restore", "vm", "--to", s(&out)],
-        &gen,
-        "vda.digest",
-    );
+    let e = restore_refused(&env, &gen);
     assert!(e.contains("another generation"), "{e}");
-    assert!(!out.exists());
+    let out = env.path("r.raw");
     // check reports it too.
     let stdout = stdout_of(&env, &["check", "vm"], 3);
     assert!(

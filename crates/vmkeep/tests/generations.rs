@@ -48,6 +48,18 @@ enum Op {
     },
 }
 
+impl Op {
+    /// [`Op::Write`] of `len` bytes at `at`.
+    fn write(at: f64, len: usize, seed: u64, text: bool) -> Op {
+        Op::Write {
+            at,
+            len,
+            seed,
+            text,
+        }
+    }
+}
+
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0.0..1.0f64, 1usize..=256, any::<u64>(), any::<bool>())
@@ -274,22 +286,12 @@ fn shrink_then_grow_with_a_dropped_middle_generation() {
     // Pins the merge rule for blocks past a middle generation's end: after dropping the
     // small middle generation, the old tail must still read as it was, not as the new tail.
     let ops = vec![
-        Op::Write {
-            at: 0.0,
-            len: 2 << 20,
-            seed: 1,
-            text: false,
-        },
+        Op::write(0.0, 2 << 20, 1, false),
         Op::Backup { mode: Mode::Full },
         Op::Resize { size: 1 << 20 },
         Op::Backup { mode: Mode::Diff },
         Op::Resize { size: 4 << 20 },
-        Op::Write {
-            at: 0.6,
-            len: 1 << 20,
-            seed: 2,
-            text: false,
-        },
+        Op::write(0.6, 1 << 20, 2, false),
         Op::Backup { mode: Mode::Incr },
         Op::Drop { k: 1 },
         Op::Backup { mode: Mode::Auto },
@@ -303,18 +305,8 @@ fn disks_appear_and_disappear() {
     let repo = Repository::init(&dir.path().join("repo")).unwrap();
     let mut a = Disk::new(dir.path().join("a.raw"), 1 << 20);
     let mut b = Disk::new(dir.path().join("b.raw"), 512 << 10);
-    a.apply(&Op::Write {
-        at: 0.1,
-        len: 300 << 10,
-        seed: 5,
-        text: true,
-    });
-    b.apply(&Op::Write {
-        at: 0.0,
-        len: 100 << 10,
-        seed: 6,
-        text: false,
-    });
+    a.apply(&Op::write(0.1, 300 << 10, 5, true));
+    b.apply(&Op::write(0.0, 100 << 10, 6, false));
     let run_with = |disks: &[&Disk]| {
         let inputs = disks
             .iter()
@@ -332,20 +324,10 @@ fn disks_appear_and_disappear() {
     let a0 = a.model.clone();
     run_with(&[&a, &b]); // g1: a, b
     let b1 = b.model.clone();
-    a.apply(&Op::Write {
-        at: 0.5,
-        len: 64 << 10,
-        seed: 7,
-        text: false,
-    });
+    a.apply(&Op::write(0.5, 64 << 10, 7, false));
     run_with(&[&b]); // g2: b only — a's last image becomes a base reverse diff of g1
     let a1 = a.model.clone();
-    b.apply(&Op::Write {
-        at: 0.2,
-        len: 8 << 10,
-        seed: 8,
-        text: false,
-    });
+    b.apply(&Op::write(0.2, 8 << 10, 8, false));
     run_with(&[&a, &b]); // g3: a (changed since g1) and b
     let archive = repo.vm("vm").unwrap();
     let gens = archive.generations().unwrap();
