@@ -156,14 +156,8 @@ fn backup_killed_at_every_durable_operation() {
     assert!(n > 20, "only {n} durable operations counted");
     let repo = env.path("crash-repo");
     for k in 1..=n {
-        killed_copy(
-            &env,
-            &env.repo(),
-            &repo,
-            &args,
-            k,
-            &format!("point {k} of {n}"),
-        );
+        let point = format!("point {k} of {n}");
+        killed_copy(&env, &env.repo(), &repo, &args, k, &point);
         let point = format!("kill at {k}/{n}");
         assert_consistent(env, &repo, &c.before, &c.new_disk, &point);
         // The next backup works and records the disk.
@@ -217,14 +211,8 @@ fn prune_killed_at_every_durable_operation() {
     let n = count_points(&env, &env.repo(), &args);
     let repo = env.path("prune-repo");
     for k in 1..=n {
-        killed_copy(
-            &env,
-            &env.repo(),
-            &repo,
-            &args,
-            k,
-            &format!("prune point {k}"),
-        );
+        let point = format!("prune point {k}");
+        killed_copy(&env, &env.repo(), &repo, &args, k, &point);
         deep_check_passes(&env, &repo, &format!("prune kill at {k}"));
         // Every generation that is left still restores to what it was.
         let left = Env::generations_in(&repo, "vm");
