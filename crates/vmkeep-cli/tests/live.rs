@@ -113,6 +113,17 @@ fn image_info(image: &std::path::Path) -> String {
     )
 }
 
+/// Back up `vm` twice: after `len` bytes of 0x11 at `at`, then after 64 KiB of 0x22
+/// there. The disk as the older generation (`-g 1`) holds it.
+fn two_generations(env: &Env, vm: &TestVm, at: &str, len: &str) -> Vec<u8> {
+    vm.guest_write(0, 0x11, at, len);
+    env.ok(&["backup", &vm.name]);
+    let gen0 = disk_now(vm, "vda");
+    vm.guest_write(0, 0x22, at, "64k");
+    env.ok(&["backup", &vm.name]);
+    gen0
+}
+
 /// Disk vda of the newest generation was backed up in `mode`, and its newest image is
 /// the disk now.
 fn assert_newest(env: &Env, vm: &TestVm, mode: &str) {
@@ -297,11 +308,7 @@ fn restore_as_a_new_vm() {
     let vm = TestVm::define("asvm", &[("vda", "qcow2", 32)], nic);
     virsh(&["start", &vm.name]);
     let env = Env::live();
-    vm.guest_write(0, 0x11, "0", "1M");
-    env.ok(&["backup", &vm.name]);
-    let gen0 = disk_now(&vm, "vda");
-    vm.guest_write(0, 0x22, "0", "64k");
-    env.ok(&["backup", &vm.name]);
+    let gen0 = two_generations(&env, &vm, "0", "1M");
     let new = format!("{}-copy", vm.name);
     let _guard = lv::Undefine(new.clone());
     let dir = env.disk_dir();
@@ -342,11 +349,7 @@ fn instant_recovery_boots_from_the_archive_and_blockpull_makes_it_permanent() {
     let _shared = shared();
     let vm = TestVm::start("instant", &[("vda", "qcow2", 32)]);
     let env = Env::live();
-    vm.guest_write(0, 0x11, "1M", "2M");
-    env.ok(&["backup", &vm.name]);
-    let gen0 = disk_now(&vm, "vda");
-    vm.guest_write(0, 0x22, "1M", "64k");
-    env.ok(&["backup", &vm.name]);
+    let gen0 = two_generations(&env, &vm, "1M", "2M");
     let new = format!("{}-instant", vm.name);
     let _guard = lv::Undefine(new.clone());
     let dir = env.disk_dir();

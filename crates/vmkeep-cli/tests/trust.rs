@@ -16,11 +16,7 @@ const BS: u64 = 64 << 10;
 
 /// One VM `vm` with one generation of a 1 MiB disk of noise; returns (env, disk path).
 fn one_generation() -> (Env, PathBuf) {
-    let env = Env::new();
-    let disk = env.disk("disk.raw", 1 << 20);
-    write_at(&disk, 0, &noise(1, 1 << 20));
-    env.backup("vm", &disk, &[]);
-    (env, disk)
+    Env::one_noise_generation(1 << 20, 1)
 }
 
 /// Zero 128 bytes at offset 4096 of the newest digest file: the entries of blocks 0..4.
@@ -284,10 +280,7 @@ fn a_reverse_diff_of_another_generation_is_refused() {
 
 #[test]
 fn a_served_generation_reads_after_the_generations_it_relies_on_are_pruned() {
-    let env = Env::new();
-    let disk = env.disk("disk.raw", 1 << 20);
-    write_at(&disk, 0, &noise(1, 1 << 20));
-    env.backup("vm", &disk, &[]);
+    let (env, disk) = one_generation();
     // g2 changes a block far from block 0: g1's reverse diff has no record for block 0,
     // so a reader of g1 finds block 0 in the newest image.
     write_at(&disk, 10 * BS, &noise(2, BS as usize));

@@ -28,6 +28,16 @@ impl Env {
         env
     }
 
+    /// A repository with VM `vm` backed up once from the disk `disk.raw` of `size` bytes,
+    /// all of them noise of `seed`: the environment and the disk.
+    pub fn one_noise_generation(size: u64, seed: u64) -> (Env, PathBuf) {
+        let env = Env::new();
+        let disk = env.disk("disk.raw", size);
+        write_at(&disk, 0, &noise(seed, size as usize));
+        env.backup("vm", &disk, &[]);
+        (env, disk)
+    }
+
     /// A per-test environment for live backups: its run and scratch folders are private
     /// to it (`run/` and `scratch/` in its temp folder), and QEMU (another user) may
     /// traverse to them.
