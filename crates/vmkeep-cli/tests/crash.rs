@@ -157,11 +157,11 @@ fn backup_killed_at_every_durable_operation() {
     let repo = env.path("crash-repo");
     for k in 1..=n {
         let point = format!("point {k} of {n}");
-        killed_copy(&env, &env.repo(), &repo, &args, k, &point);
+        killed_copy(env, &env.repo(), &repo, &args, k, &point);
         let point = format!("kill at {k}/{n}");
         assert_consistent(env, &repo, &c.before, &c.new_disk, &point);
         // The next backup works and records the disk.
-        let out = vmkeep_at(&env, &repo, &args);
+        let out = vmkeep_at(env, &repo, &args);
         succeeded(&out, &format!("kill at {k}: next backup failed: "));
         let latest = std::fs::read(repo.join("vm/latest/vda.raw")).unwrap();
         assert!(
