@@ -116,10 +116,7 @@ fn diff_after_one_percent_change_stores_about_one_percent() {
 
 #[test]
 fn incr_from_changed_block_list_reads_only_listed_blocks() {
-    let env = Env::new();
-    let disk = env.disk("disk.raw", 16 << 20);
-    write_at(&disk, 0, &noise(4, 16 << 20));
-    env.backup("vm", &disk, &[]);
+    let (env, disk) = Env::one_noise_generation(16 << 20, 4);
     write_at(&disk, 4 << 20, &noise(5, 8192));
     write_at(&disk, 9 << 20, &noise(6, 100_000));
     std::fs::write(
@@ -245,27 +242,11 @@ fn block_size_is_chosen_at_the_first_backup() {
     let vm = std::fs::read_to_string(env.repo().join("vm/vm.toml")).unwrap();
     assert!(vm.contains("block_size = 16384"), "{vm}");
     env.backup("vm", &disk, &[]);
-    let err = env.fails(
-        &[
-            "backup",
-            "vm",
-            "--disk",
-            &format!("vda={}", disk.display()),
-            "--block-size",
-            "64K",
-        ],
-        2,
-    );
+    let spec = format!("vda={}", disk.display());
+    let err = env.fails(&["backup", "vm", "--disk", &spec, "--block-size", "64K"], 2);
     assert!(err.contains("first backup"), "{err}");
     let err = env.fails(
-        &[
-            "backup",
-            "other",
-            "--disk",
-            &format!("vda={}", disk.display()),
-            "--block-size",
-            "3000",
-        ],
+        &["backup", "other", "--disk", &spec, "--block-size", "3000"],
         2,
     );
     assert!(err.contains("power of two"), "{err}");
@@ -276,6 +257,7 @@ fn bad_input_gets_one_clear_line_and_its_exit_code() {
     let env = Env::new();
     let disk = env.disk("disk.raw", 1 << 20);
     env.backup("vm", &disk, &[]);
+    let spec = format!("vda={}", disk.display());
     let one_line = |s: &str| {
         assert_eq!(
             s.trim_end().lines().count(),
@@ -323,15 +305,7 @@ fn bad_input_gets_one_clear_line_and_its_exit_code() {
     assert!(e.contains("directory"), "{e}");
 
     for bad_vm in ["", "a/b", ".hidden", "..", "../escape"] {
-        let e = env.fails(
-            &[
-                "backup",
-                bad_vm,
-                "--disk",
-                &format!("vda={}", disk.display()),
-            ],
-            2,
-        );
+        let e = env.fails(&["backup", bad_vm, "--disk", &spec], 2);
         one_line(&e);
         assert!(e.contains("invalid VM name"), "{bad_vm:?}: {e}");
     }
@@ -366,17 +340,7 @@ fn bad_input_gets_one_clear_line_and_its_exit_code() {
     // Usage errors from the parser are exit 2 as well.
     env.fails(&["backup", "--mode"], 2);
     env.fails(&["frobnicate"], 2);
-    let e = env.fails(
-        &[
-            "backup",
-            "vm",
-            "--disk",
-            &format!("vda={}", disk.display()),
-            "--mode",
-            "sideways",
-        ],
-        2,
-    );
+    let e = env.fails(&["backup", "vm", "--disk", &spec, "--mode", "sideways"], 2);
     assert!(e.contains("unknown mode"), "{e}");
 }
 

@@ -8,63 +8,49 @@
 
 mod common;
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 
-/// Copy a repository (sparse, hard links kept).
-fn copy_repo(from: &Path, to: &Path) {
-    let _ = std::fs::remove_dir_all(to);
-    let st = Command::new("cp")
-        .args(["-a", "--sparse=always"])
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
-fn restore_all(env: &Env, repo: &Path, n: usize, tag: &str) -> Vec<Vec<u8>> {
+/// Every generation of `vm` in `repo` (`-g 0` the newest), restored.
+fn restore_all(env: &Env, repo: &Path, n: usize) -> Vec<Vec<u8>> {
     (0..n)
         .map(|k| {
-            let out = env.path(&format!("{tag}-{k}.raw"));
-            let g = k.to_string();
-            let st = vmkeep_at(
-                env,
-                repo,
-                &["restore", "vm", "-g", &g, "--to", out.to_str().unwrap()],
-            );
-            assert!(
-                st.status.success(),
-                "restore -g {k}: {}",
-                String::from_utf8_lossy(&st.stderr)
-            );
-            std::fs::read(out).unwrap()
+            env.restored_at(repo, "vm", &k.to_string(), None)
+                .unwrap_or_else(|e| panic!("restore -g {k}: {e}"))
         })
         .collect()
 }
 
+/// `vmkeep ARGS…` on `repo` with no fault hook.
 fn vmkeep_at(env: &Env, repo: &Path, args: &[&str]) -> std::process::Output {
-    vmkeep_env(env, repo, args, &[])
+    env.run_at(repo, args, &[])
 }
 
-fn vmkeep_env(
-    env: &Env,
-    repo: &Path,
-    args: &[&str],
-    vars: &[(&str, String)],
-) -> std::process::Output {
-    let mut c = Command::new(assert_cmd::cargo::cargo_bin("vmkeep"));
-    c.env("VMKEEP_CONFIG", env.path("no-config.toml"))
-        .env_remove("VMKEEP_FAULT")
-        .arg("--repo")
-        .arg(repo)
-        .args(args);
-    for (k, v) in vars {
-        c.env(k, v);
-    }
-    c.output().unwrap()
+/// Copy `base` to `repo` and run `args` there, killed (SIGKILL) at its `k`-th durable
+/// operation; `what` names the point when it was not killed.
+fn killed_copy(env: &Env, base: &Path, repo: &Path, args: &[&str], k: u64, what: &str) {
+    copy_repo(base, repo);
+    let kill = format!("kill:{k}");
+    let out = env.run_at(repo, args, &[("VMKEEP_FAULT", &kill)]);
+    assert_eq!(
+        out.status.signal(),
+        Some(9),
+        "{what}: not killed ({:?})",
+        out.status
+    );
+}
+
+/// `check vm --deep` on `repo` passes; `what` names the state when it does not.
+fn deep_check_passes(env: &Env, repo: &Path, what: &str) {
+    let out = vmkeep_at(env, repo, &["check", "vm", "--deep"]);
+    assert!(
+        out.status.success(),
+        "{what}: check --deep failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Count the durable operations of a command on a copy of `base`.
@@ -72,17 +58,9 @@ fn count_points(env: &Env, base: &Path, args: &[&str]) -> u64 {
     let scratch = env.path("count-repo");
     copy_repo(base, &scratch);
     let counter = env.path("count");
-    let out = vmkeep_env(
-        env,
-        &scratch,
-        args,
-        &[("VMKEEP_FAULT_COUNT", counter.display().to_string())],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let count = counter.display().to_string();
+    let out = env.run_at(&scratch, args, &[("VMKEEP_FAULT_COUNT", &count)]);
+    succeeded(&out, "");
     std::fs::read_to_string(counter).unwrap().parse().unwrap()
 }
 
@@ -96,7 +74,7 @@ fn setup() -> (Env, std::path::PathBuf, Vec<Vec<u8>>) {
     env.backup("vm", &disk, &[]);
     write_at(&disk, 100 << 10, &noise(2, 64 << 10));
     env.backup("vm", &disk, &[]);
-    let before = restore_all(&env, &env.repo(), 3, "before");
+    let before = restore_all(&env, &env.repo(), 3);
     // The change the crashing backup records: overwrite, zero, grow.
     write_at(&disk, 0, &noise(3, 48 << 10));
     write_at(&disk, 600 << 10, &[0u8; 128 << 10]);
@@ -106,20 +84,46 @@ fn setup() -> (Env, std::path::PathBuf, Vec<Vec<u8>>) {
     (env, disk, before)
 }
 
+/// [`setup`], and the backup that records the changed disk, to be crashed.
+struct CrashingBackup {
+    env: Env,
+    /// The bytes of the old generations, newest first.
+    before: Vec<Vec<u8>>,
+    /// The disk's bytes now: what the backup records.
+    new_disk: Vec<u8>,
+    spec: String,
+    /// The backup's durable operations.
+    points: u64,
+}
+
+impl CrashingBackup {
+    fn new() -> CrashingBackup {
+        let (env, disk, before) = setup();
+        let mut c = CrashingBackup {
+            new_disk: std::fs::read(&disk).unwrap(),
+            spec: format!("vda={}", disk.display()),
+            env,
+            before,
+            points: 0,
+        };
+        c.points = count_points(&c.env, &c.env.repo(), &c.args());
+        c
+    }
+
+    /// `backup vm --disk vda=DISK`.
+    fn args(&self) -> [&str; 4] {
+        ["backup", "vm", "--disk", &self.spec]
+    }
+}
+
 fn assert_consistent(env: &Env, repo: &Path, before: &[Vec<u8>], new_disk: &[u8], point: &str) {
-    let out = vmkeep_at(env, repo, &["check", "vm", "--deep"]);
-    assert!(
-        out.status.success(),
-        "{point}: check --deep failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    deep_check_passes(env, repo, point);
     let n = Env::generations_in(repo, "vm").len();
     assert!(
         n == before.len() || n == before.len() + 1,
         "{point}: {n} generations"
     );
-    let now = restore_all(env, repo, n, "after");
+    let now = restore_all(env, repo, n);
     let newest = &now[0];
     if n == before.len() {
         assert!(
@@ -147,34 +151,21 @@ fn assert_consistent(env: &Env, repo: &Path, before: &[Vec<u8>], new_disk: &[u8]
 
 #[test]
 fn backup_killed_at_every_durable_operation() {
-    let (env, disk, before) = setup();
-    let new_disk = std::fs::read(&disk).unwrap();
-    let spec = format!("vda={}", disk.display());
-    let args = ["backup", "vm", "--disk", spec.as_str()];
-    let n = count_points(&env, &env.repo(), &args);
+    let c = CrashingBackup::new();
+    let (env, args, n) = (&c.env, c.args(), c.points);
     assert!(n > 20, "only {n} durable operations counted");
     let repo = env.path("crash-repo");
     for k in 1..=n {
-        copy_repo(&env.repo(), &repo);
-        let out = vmkeep_env(&env, &repo, &args, &[("VMKEEP_FAULT", format!("kill:{k}"))]);
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(
-            out.status.signal(),
-            Some(9),
-            "point {k} of {n}: not killed ({:?})",
-            out.status
-        );
-        assert_consistent(&env, &repo, &before, &new_disk, &format!("kill at {k}/{n}"));
+        let point = format!("point {k} of {n}");
+        killed_copy(env, &env.repo(), &repo, &args, k, &point);
+        let point = format!("kill at {k}/{n}");
+        assert_consistent(env, &repo, &c.before, &c.new_disk, &point);
         // The next backup works and records the disk.
-        let out = vmkeep_at(&env, &repo, &args);
-        assert!(
-            out.status.success(),
-            "kill at {k}: next backup failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = vmkeep_at(env, &repo, &args);
+        succeeded(&out, &format!("kill at {k}: next backup failed: "));
         let latest = std::fs::read(repo.join("vm/latest/vda.raw")).unwrap();
         assert!(
-            latest == new_disk,
+            latest == c.new_disk,
             "kill at {k}: the next backup did not record the disk"
         );
     }
@@ -182,20 +173,12 @@ fn backup_killed_at_every_durable_operation() {
 
 #[test]
 fn backup_meeting_enospc_fails_cleanly_and_loses_nothing() {
-    let (env, disk, before) = setup();
-    let new_disk = std::fs::read(&disk).unwrap();
-    let spec = format!("vda={}", disk.display());
-    let args = ["backup", "vm", "--disk", spec.as_str()];
-    let n = count_points(&env, &env.repo(), &args);
+    let c = CrashingBackup::new();
+    let (env, args, n) = (&c.env, c.args(), c.points);
     let repo = env.path("enospc-repo");
     for k in (1..=n).step_by(3) {
         copy_repo(&env.repo(), &repo);
-        let out = vmkeep_env(
-            &env,
-            &repo,
-            &args,
-            &[("VMKEEP_FAULT", format!("enospc:{k}"))],
-        );
+        let out = env.run_at(&repo, &args, &[("VMKEEP_FAULT", &format!("enospc:{k}"))]);
         let err = String::from_utf8_lossy(&out.stderr);
         if out.status.success() {
             continue; // the fault hit after the commit's last needed step
@@ -210,13 +193,8 @@ fn backup_meeting_enospc_fails_cleanly_and_loses_nothing() {
             1,
             "{err}"
         );
-        assert_consistent(
-            &env,
-            &repo,
-            &before,
-            &new_disk,
-            &format!("enospc at {k}/{n}"),
-        );
+        let point = format!("enospc at {k}/{n}");
+        assert_consistent(env, &repo, &c.before, &c.new_disk, &point);
     }
 }
 
@@ -225,7 +203,7 @@ fn prune_killed_at_every_durable_operation() {
     let (env, disk, _) = setup();
     env.backup("vm", &disk, &[]);
     env.backup("vm", &disk, &["--mode", "full"]);
-    let before = restore_all(&env, &env.repo(), 5, "pbefore");
+    let before = restore_all(&env, &env.repo(), 5);
     // Keep the newest and the oldest: both middle generations are merged away.
     let ids = env.generations("vm");
     env.ok(&["protect", "vm", "-g", &ids[0]]);
@@ -233,16 +211,9 @@ fn prune_killed_at_every_durable_operation() {
     let n = count_points(&env, &env.repo(), &args);
     let repo = env.path("prune-repo");
     for k in 1..=n {
-        copy_repo(&env.repo(), &repo);
-        let out = vmkeep_env(&env, &repo, &args, &[("VMKEEP_FAULT", format!("kill:{k}"))]);
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(out.status.signal(), Some(9), "prune point {k}: not killed");
-        let out = vmkeep_at(&env, &repo, &["check", "vm", "--deep"]);
-        assert!(
-            out.status.success(),
-            "prune kill at {k}: check failed: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        let point = format!("prune point {k}");
+        killed_copy(&env, &env.repo(), &repo, &args, k, &point);
+        deep_check_passes(&env, &repo, &format!("prune kill at {k}"));
         // Every generation that is left still restores to what it was.
         let left = Env::generations_in(&repo, "vm");
         for (i, id) in left.iter().enumerate() {
@@ -250,22 +221,11 @@ fn prune_killed_at_every_durable_operation() {
                 .iter()
                 .position(|x| x == id)
                 .expect("no new generations appear");
-            let out_path = env.path(&format!("p-{i}.raw"));
-            let o = vmkeep_at(
-                &env,
-                &repo,
-                &[
-                    "restore",
-                    "vm",
-                    "-g",
-                    id,
-                    "--to",
-                    out_path.to_str().unwrap(),
-                ],
-            );
-            assert!(o.status.success());
+            let got = env
+                .restored_at(&repo, "vm", id, None)
+                .unwrap_or_else(|e| panic!("restore {i}: {e}"));
             assert!(
-                std::fs::read(out_path).unwrap() == before[ids.len() - 1 - orig],
+                got == before[ids.len() - 1 - orig],
                 "prune kill at {k}: generation {id} changed"
             );
         }
@@ -280,16 +240,12 @@ fn ops_matching(env: &Env, base: &Path, args: &[&str], kind: &str, suffix: &str)
     let log = env.path("oplog");
     let _ = std::fs::remove_dir_all(&log);
     std::fs::create_dir_all(&log).unwrap();
-    let out = vmkeep_env(
-        env,
-        &scratch,
-        args,
-        &[
-            ("VMKEEP_FAULT_LOG", log.display().to_string()),
-            ("VMKEEP_FAULT_LOG_SNAPSHOTS", "0".to_string()),
-        ],
-    );
-    assert!(out.status.success());
+    let log_dir = log.display().to_string();
+    let vars = [
+        ("VMKEEP_FAULT_LOG", log_dir.as_str()),
+        ("VMKEEP_FAULT_LOG_SNAPSHOTS", "0"),
+    ];
+    assert!(env.run_at(&scratch, args, &vars).status.success());
     std::fs::read_to_string(log.join("log"))
         .unwrap()
         .lines()
@@ -315,15 +271,14 @@ fn prune_roll_forward_without_its_merged_reverse_diff_deletes_nothing() {
     // record is durable, the merged file is there.
     let renames = ops_matching(&env, &env.repo(), &args, "rename", "vda.rdiff");
     let repo = env.path("merge-repo");
-    copy_repo(&env.repo(), &repo);
-    let out = vmkeep_env(
+    killed_copy(
         &env,
+        &env.repo(),
         &repo,
         &args,
-        &[("VMKEEP_FAULT", format!("kill:{}", renames[0]))],
+        renames[0],
+        "the first rename",
     );
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(out.status.signal(), Some(9));
     let merge = repo.join("vm").join(&ids[0]).join("vda.rdiff.merge");
     assert!(merge.exists(), "the merged reverse diff was written");
     // The merged file is lost (say, its name never reached the disk).
@@ -354,54 +309,15 @@ fn prune_roll_forward_without_its_merged_reverse_diff_deletes_nothing() {
 /// Every generation of `vm` with the bytes of each disk (the disks a generation folder
 /// names, as `.raw` or `.rdiff`).
 fn archive_of(env: &Env, repo: &Path) -> Archive {
-    Env::generations_in(repo, "vm")
-        .into_iter()
-        .map(|id| {
-            let mut disks: Vec<String> = std::fs::read_dir(repo.join("vm").join(&id))
-                .unwrap()
-                .filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .filter_map(|n| {
-                    n.strip_suffix(".raw")
-                        .or_else(|| n.strip_suffix(".rdiff"))
-                        .map(str::to_string)
-                })
-                .collect();
-            disks.sort();
-            disks.dedup();
-            let bytes = disks
-                .into_iter()
-                .map(|d| {
-                    let out = env.path("arch.raw");
-                    let _ = std::fs::remove_file(&out);
-                    let o = vmkeep_at(
-                        env,
-                        repo,
-                        &["restore", "vm", "-g", &id, "--disk", &d, "--to"]
-                            .into_iter()
-                            .chain([out.to_str().unwrap()])
-                            .collect::<Vec<_>>(),
-                    );
-                    assert!(
-                        o.status.success(),
-                        "restore {id} {d}: {}",
-                        String::from_utf8_lossy(&o.stderr)
-                    );
-                    (d, std::fs::read(&out).unwrap())
-                })
-                .collect();
-            (id, bytes)
-        })
-        .collect()
+    env.archive_at(repo, "vm")
 }
-
-type Archive = Vec<(String, Vec<(String, Vec<u8>)>)>;
 
 /// `now` is `want`, generation by generation and disk by disk; generations of `old`
 /// keep their ids (a new generation's id differs from run to run).
 fn same_archive(now: &Archive, want: &Archive, old: &Archive) -> bool {
     now.len() == want.len()
         && now.iter().zip(want).all(|((ni, nd), (wi, wd))| {
-            nd == wd && (ni == wi || !old.iter().any(|(oi, _)| oi == wi || oi == ni))
+            nd == wd && (ni == wi || !old.keys().any(|oi| oi == wi || oi == ni))
         })
 }
 
@@ -417,16 +333,8 @@ fn killed_everywhere(env: &Env, base: &Path, args: &[&str], name: &str) {
     let n = count_points(env, base, args);
     let repo = env.path(&format!("{name}-crash"));
     for k in 1..=n {
-        copy_repo(base, &repo);
-        let out = vmkeep_env(env, &repo, args, &[("VMKEEP_FAULT", format!("kill:{k}"))]);
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(out.status.signal(), Some(9), "{name}: point {k}/{n}");
-        let out = vmkeep_at(env, &repo, &["check", "vm", "--deep"]);
-        assert!(
-            out.status.success(),
-            "{name}: kill at {k}/{n}: check --deep failed:\n{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        killed_copy(env, base, &repo, args, k, &format!("{name}: point {k}/{n}"));
+        deep_check_passes(env, &repo, &format!("{name}: kill at {k}/{n}"));
         let now = archive_of(env, &repo);
         assert!(
             same_archive(&now, &old, &old) || same_archive(&now, &new, &old),
@@ -475,10 +383,7 @@ fn backup_killed_everywhere_shrinking_adding_and_removing_disks() {
 /// a path ending in `suffix`.
 fn killed_at(env: &Env, base: &Path, args: &[&str], kind: &str, suffix: &str, to: &Path) {
     let k = ops_matching(env, base, args, kind, suffix)[0];
-    copy_repo(base, to);
-    let out = vmkeep_env(env, to, args, &[("VMKEEP_FAULT", format!("kill:{k}"))]);
-    use std::os::unix::process::ExitStatusExt;
-    assert_eq!(out.status.signal(), Some(9));
+    killed_copy(env, base, to, args, k, &format!("{kind} {suffix}"));
 }
 
 #[test]
@@ -501,21 +406,15 @@ fn recovery_killed_at_every_durable_operation_still_recovers() {
         assert!(n > 3, "{kind}: recovery has only {n} operations");
         let repo = env.path("rec-crash");
         for k in 1..=n {
-            copy_repo(&stopped, &repo);
-            let out = vmkeep_env(
+            killed_copy(
                 &env,
+                &stopped,
                 &repo,
                 &check,
-                &[("VMKEEP_FAULT", format!("kill:{k}"))],
+                k,
+                &format!("recovery point {k}/{n}"),
             );
-            use std::os::unix::process::ExitStatusExt;
-            assert_eq!(out.status.signal(), Some(9), "recovery point {k}/{n}");
-            let out = vmkeep_at(&env, &repo, &["check", "vm", "--deep"]);
-            assert!(
-                out.status.success(),
-                "{kind}: recovery killed at {k}/{n}: check --deep failed:\n{}",
-                String::from_utf8_lossy(&out.stdout)
-            );
+            deep_check_passes(&env, &repo, &format!("{kind}: recovery killed at {k}/{n}"));
             assert!(
                 same_archive(&archive_of(&env, &repo), want, &old),
                 "{kind}: recovery killed at {k}/{n}: not the archive recovery makes"

@@ -189,10 +189,7 @@ fn damage_in_an_old_generation_fails_only_the_restores_that_need_it() {
 }
 #[test]
 fn restore_refuses_damaged_blocks_unless_told() {
-    let env = Env::new();
-    let disk = env.disk("disk.raw", 1 << 20);
-    write_at(&disk, 0, &noise(5, 1 << 20));
-    env.backup("vm", &disk, &[]);
+    let (env, disk) = Env::one_noise_generation(1 << 20, 5);
     flip_byte(&env.repo().join("vm/latest/vda.raw"), 200_000);
     let out = env.path("r.raw");
     let e = env.fails(&["restore", "vm", "--to", out.to_str().unwrap()], 3);

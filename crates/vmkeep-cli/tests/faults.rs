@@ -7,31 +7,16 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use common::*;
 
-/// A process killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
+/// Wait (up to 20 s) until the file `path` exists.
 fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(20, &format!("{} never appeared", path.display()), || {
+        path.exists()
+    });
 }
 
 fn nbdkit(env: &Env, name: &str, args: &[&str]) -> (Proc, String) {
@@ -64,12 +49,9 @@ fn two_generations(env: &Env, vm: &str) -> (Vec<Vec<u8>>, Vec<String>) {
     (restores, env.generations(vm))
 }
 
+/// Generation `rev` of `vm`, restored.
 fn restore(env: &Env, vm: &str, rev: &str) -> Vec<u8> {
-    let out = env.path(&format!("r-{vm}-{rev}.raw"));
-    env.ok(&["restore", vm, "-g", rev, "--to", out.to_str().unwrap()]);
-    let data = std::fs::read(&out).unwrap();
-    std::fs::remove_file(out).unwrap();
-    data
+    env.restored(vm, rev, None)
 }
 
 /// The archive of `vm` is exactly as before: same generations, same bytes, deep check ok.
@@ -201,21 +183,15 @@ fn qemu_nbd_helper_killed_mid_backup_leaves_nothing_behind() {
     write_at(&raw, 0, &noise(3, 1 << 20));
     env.backup("vm", &raw, &[]);
     let before = restore(&env, "vm", "0");
-    let mark = env.path("paused");
-    let child = env
-        .std_cmd(&["backup", "vm", "--disk", &format!("vda={}", img.display())])
-        .env("VMKEEP_FAULT_PAUSE", "backup-planned:3")
-        .env("VMKEEP_FAULT_PAUSE_MARK", &mark)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_for(&mark);
-    let helpers = qemu_nbd_children(child.id());
+    let spec = format!("vda={}", img.display());
+    let run = env.spawn_paused(&["backup", "vm", "--disk", &spec], "backup-planned:3");
+    wait_for(&run.mark);
+    let helpers = qemu_nbd_children(run.child.id());
     assert_eq!(helpers.len(), 1, "vmkeep runs one qemu-nbd");
     // SAFETY: kill(2) on the helper this test found.
     unsafe { libc::kill(helpers[0] as i32, libc::SIGKILL) };
-    let pid = child.id();
-    let out = child.wait_with_output().unwrap();
+    let pid = run.child.id();
+    let out = run.output();
     assert_eq!(out.status.code(), Some(1));
     one_error_line(&out.stderr);
     assert!(qemu_nbd_children(pid).is_empty());
@@ -379,24 +355,15 @@ fn check_and_restore_while_the_rollback_waits_for_space() {
     let spec = format!("vda={}", disk.display());
     // Where the image is fsynced (every block rewritten), from a logged run on a copy.
     let copy = env.path("logged");
-    let st = Command::new("cp")
-        .args(["-a", "--sparse=always"])
-        .arg(env.repo())
-        .arg(&copy)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    copy_repo(&env.repo(), &copy);
     let log = env.path("oplog");
     std::fs::create_dir_all(&log).unwrap();
-    let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("vmkeep"))
-        .env("VMKEEP_CONFIG", env.path("no-config.toml"))
-        .env("VMKEEP_FAULT_LOG", &log)
-        .env("VMKEEP_FAULT_LOG_SNAPSHOTS", "0") // only the order; copies would take GiBs
-        .arg("--repo")
-        .arg(&copy)
-        .args(["backup", "vm", "--disk", &spec])
-        .output()
-        .unwrap();
+    let log_dir = log.display().to_string();
+    let vars = [
+        ("VMKEEP_FAULT_LOG", log_dir.as_str()),
+        ("VMKEEP_FAULT_LOG_SNAPSHOTS", "0"), // only the order; copies would take GiBs
+    ];
+    let out = env.run_at(&copy, &["backup", "vm", "--disk", &spec], &vars);
     assert!(out.status.success(), "{out:?}");
     let k: u64 = std::fs::read_to_string(log.join("log"))
         .unwrap()
@@ -471,20 +438,11 @@ mod signals {
 
     /// Run `args` paused at `point`, send `sig` during the pause, return the output.
     fn signalled(env: &Env, args: &[&str], point: &str, sig: i32) -> std::process::Output {
-        let mark = env.path(&format!("paused-{point}"));
-        let _ = std::fs::remove_file(&mark);
-        let child = env
-            .std_cmd(args)
-            .env("VMKEEP_FAULT_PAUSE", format!("{point}:3"))
-            .env("VMKEEP_FAULT_PAUSE_MARK", &mark)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_for(&mark);
+        let run = env.spawn_paused(args, &format!("{point}:3"));
+        wait_for(&run.mark);
         // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(child.id() as i32, sig) };
-        child.wait_with_output().unwrap()
+        unsafe { libc::kill(run.child.id() as i32, sig) };
+        run.output()
     }
 
     fn interrupted(out: &std::process::Output, name: &str) {

@@ -20,24 +20,29 @@ fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
     LIBVIRTD.read().unwrap_or_else(|e| e.into_inner())
 }
 
-fn status(env: &Env, vm: &str) -> serde_json::Value {
-    serde_json::from_str(&env.ok(&["status", vm, "--json"])).unwrap()
-}
-
 /// (mode, read_bytes) of disk `disk` in the newest generation.
 fn newest(env: &Env, vm: &str, disk: &str) -> (String, u64) {
-    let js = status(env, vm);
-    let g = &js["vms"][0]["generations"][0];
-    let d = g["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["name"] == disk)
-        .unwrap();
+    let d = env.newest_disk(vm, disk);
     (
         d["mode"].as_str().unwrap().to_string(),
         d["read_bytes"].as_u64().unwrap(),
     )
+}
+
+/// The mode disk vda of the newest generation of `vm` was backed up in.
+fn newest_mode(env: &Env, vm: &TestVm) -> String {
+    newest(env, &vm.name, "vda").0
+}
+
+/// Back up `vm` into `env`; the mode and read bytes of its disk vda.
+fn backup(env: &Env, vm: &TestVm) -> (String, u64) {
+    env.ok(&["backup", &vm.name]);
+    newest(env, &vm.name, "vda")
+}
+
+/// Back up `vm` into `env`, requiring success; the run's stderr.
+fn backup_says(env: &Env, vm: &TestVm) -> String {
+    succeeded(&env.run(&["backup", &vm.name]), "")
 }
 
 /// The disk as the guest sees it now (QEMU's caches flushed to the file first).
@@ -49,74 +54,32 @@ fn disk_now(vm: &TestVm, target: &str) -> Vec<u8> {
     lv::read_all(d.path.to_str().unwrap(), d.format, &vm.path("now.raw"))
 }
 
-/// A running one-disk domain with 1 MiB written, and its first generation.
-fn backed_up(tag: &str) -> (TestVm, Env) {
-    let vm = TestVm::start(tag, &[("vda", "qcow2", 32)]);
-    let env = live_env();
-    vm.guest_write(0, 0x11, "0", "1M");
+/// A running one-disk domain (`disk`: name, format, MiB) with `len` bytes of 0x11
+/// written at its start, in a live environment of its own, and its first generation.
+fn backed_up_with(tag: &str, disk: (&'static str, &'static str, u64), len: &str) -> (TestVm, Env) {
+    let vm = TestVm::start(tag, &[disk]);
+    let env = Env::live();
+    vm.guest_write(0, 0x11, "0", len);
     env.ok(&["backup", &vm.name]);
     (vm, env)
 }
 
-/// A folder for restored disks that QEMU (another user) can enter.
-fn disk_dir(env: &Env) -> std::path::PathBuf {
-    let dir = env.path("disks");
-    std::fs::create_dir(&dir).unwrap();
-    lv::set_mode(&dir, 0o755);
-    dir
-}
-
-/// The newest image of `disk` in the archive.
-fn latest(env: &Env, vm: &str, disk: &str) -> Vec<u8> {
-    std::fs::read(
-        env.repo()
-            .join(vm)
-            .join("latest")
-            .join(format!("{disk}.raw")),
-    )
-    .unwrap()
+/// A running one-disk domain with 1 MiB written, and its first generation.
+fn backed_up(tag: &str) -> (TestVm, Env) {
+    backed_up_with(tag, ("vda", "qcow2", 32), "1M")
 }
 
 /// The newest image of `target` equals the domain's disk now.
 fn assert_latest_is_disk(env: &Env, vm: &TestVm, target: &str) {
     assert!(
-        latest(env, &vm.name, target) == disk_now(vm, target),
+        env.latest(&vm.name, target) == disk_now(vm, target),
         "latest/{target}.raw differs from the disk"
     );
 }
 
+/// Generation `rev` of disk `disk` of `vm`, restored to a file.
 fn restored(env: &Env, vm: &str, rev: &str, disk: &str) -> Vec<u8> {
-    let out = env.path(&format!("restore-{vm}-{rev}-{disk}.raw"));
-    env.ok(&[
-        "restore",
-        vm,
-        "-g",
-        rev,
-        "--disk",
-        disk,
-        "--to",
-        out.to_str().unwrap(),
-    ]);
-    std::fs::read(out).unwrap()
-}
-
-/// A per-test environment whose live-backup folders are private to it.
-fn live_env() -> Env {
-    let env = Env::new();
-    let run = env.path("run");
-    let scratch = env.path("scratch");
-    std::fs::write(
-        env.path("no-config.toml"),
-        format!(
-            "run_dir = \"{}\"\nscratch_dir = \"{}\"\n",
-            run.display(),
-            scratch.display()
-        ),
-    )
-    .unwrap();
-    // QEMU (another user) must traverse to the per-run folders.
-    lv::set_mode(env.dir.path(), 0o711);
-    env
+    env.restored(vm, rev, Some(disk))
 }
 
 fn checkpoints(vm: &str) -> Vec<String> {
@@ -128,21 +91,69 @@ fn checkpoints(vm: &str) -> Vec<String> {
         .collect()
 }
 
+/// No socket or scratch file is left in `env`'s live-backup folders.
+fn assert_no_leftovers(env: &Env) {
+    for d in ["run", "scratch"] {
+        let left: Vec<_> = std::fs::read_dir(env.path(d)).unwrap().collect();
+        assert!(left.is_empty(), "{d}: {left:?}");
+    }
+}
+
+/// No backup job of `vm` is running.
+fn assert_no_backup_job(vm: &TestVm) {
+    assert!(!virsh(&["domjobinfo", &vm.name]).contains("Backup"));
+}
+
+/// `qemu-img info -U` of an image.
+fn image_info(image: &std::path::Path) -> String {
+    lv::run(
+        std::process::Command::new("qemu-img")
+            .args(["info", "-U"])
+            .arg(image),
+    )
+}
+
+/// Back up `vm` twice: after `len` bytes of 0x11 at `at`, then after 64 KiB of 0x22
+/// there. The disk as the older generation (`-g 1`) holds it.
+fn two_generations(env: &Env, vm: &TestVm, at: &str, len: &str) -> Vec<u8> {
+    vm.guest_write(0, 0x11, at, len);
+    env.ok(&["backup", &vm.name]);
+    let gen0 = disk_now(vm, "vda");
+    vm.guest_write(0, 0x22, at, "64k");
+    env.ok(&["backup", &vm.name]);
+    gen0
+}
+
+/// Disk vda of the newest generation was backed up in `mode`, and its newest image is
+/// the disk now.
+fn assert_newest(env: &Env, vm: &TestVm, mode: &str) {
+    assert_eq!(newest_mode(env, vm), mode);
+    assert_latest_is_disk(env, vm, "vda");
+}
+
+/// Two live environments (repositories A and B) with one run folder and one scratch
+/// folder for both (A's), as with the defaults.
+fn sharing_folders() -> (Env, Env) {
+    let a = Env::live();
+    let b = Env::live();
+    b.live_folders(&a.path("run"), &a.path("scratch"));
+    a.live_folders(&a.path("run"), &a.path("scratch"));
+    (a, b)
+}
+
 #[test]
 fn full_then_incremental_from_guest_writes() {
     let _shared = shared();
     let vm = TestVm::start("incr", &[("vda", "qcow2", 64)]);
-    let env = live_env();
+    let env = Env::live();
     vm.guest_write(0, 0x11, "1M", "4M");
     env.ok(&["backup", &vm.name]);
-    assert_eq!(newest(&env, &vm.name, "vda").0, "full");
-    assert_latest_is_disk(&env, &vm, "vda");
+    assert_newest(&env, &vm, "full");
     let gen0 = disk_now(&vm, "vda");
 
     vm.guest_write(0, 0x22, "8M", "1M");
     vm.guest_write(0, 0x33, "20M", "64k");
-    env.ok(&["backup", &vm.name]);
-    let (mode, read) = newest(&env, &vm.name, "vda");
+    let (mode, read) = backup(&env, &vm);
     assert_eq!(mode, "incr");
     assert!(
         read <= (1 << 20) + 65536,
@@ -166,17 +177,14 @@ fn full_then_incremental_from_guest_writes() {
     assert!(cps[0].ends_with(&ids[1]), "{cps:?} vs {ids:?}");
     env.ok(&["check", &vm.name, "--deep"]);
     // No socket or scratch file is left.
-    for d in ["run", "scratch"] {
-        let left: Vec<_> = std::fs::read_dir(env.path(d)).unwrap().collect();
-        assert!(left.is_empty(), "{d}: {left:?}");
-    }
+    assert_no_leftovers(&env);
 }
 
 #[test]
 fn update_records_the_inventory() {
     let _shared = shared();
     let vm = TestVm::start("inventory", &[("vda", "qcow2", 16), ("vdb", "raw", 8)]);
-    let env = live_env();
+    let env = Env::live();
     let out = env.ok(&["update"]);
     assert!(out.contains(&vm.name), "{out}");
     let text = std::fs::read_to_string(env.repo().join("allvm.toml")).unwrap();
@@ -197,26 +205,17 @@ fn update_records_the_inventory() {
 #[test]
 fn lost_checkpoint_means_diff_not_a_second_full_copy() {
     let _shared = shared();
-    let vm = TestVm::start("lost", &[("vda", "qcow2", 64)]);
-    let env = live_env();
-    vm.guest_write(0, 0x11, "0", "8M");
-    env.ok(&["backup", &vm.name]);
+    let (vm, env) = backed_up_with("lost", ("vda", "qcow2", 64), "8M");
     for cp in checkpoints(&vm.name) {
         virsh(&["checkpoint-delete", &vm.name, &cp]);
     }
     vm.guest_write(0, 0x44, "2M", "64k");
-    let out = env.run(&["backup", &vm.name]);
-    assert!(out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("is gone"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let err = backup_says(&env, &vm);
+    assert!(err.contains("is gone"), "{err}");
     let (mode, read) = newest(&env, &vm.name, "vda");
     assert_eq!(mode, "diff");
     assert!(read >= 8 << 20, "a diff reads every allocated block");
-    let js = status(&env, &vm.name);
-    let stored = js["vms"][0]["generations"][0]["disks"][0]["stored_bytes"]
+    let stored = env.newest_disk(&vm.name, "vda")["stored_bytes"]
         .as_u64()
         .unwrap();
     assert!(
@@ -225,12 +224,7 @@ fn lost_checkpoint_means_diff_not_a_second_full_copy() {
     );
     assert_latest_is_disk(&env, &vm, "vda");
     vm.guest_write(0, 0x55, "3M", "64k");
-    env.ok(&["backup", &vm.name]);
-    assert_eq!(
-        newest(&env, &vm.name, "vda").0,
-        "incr",
-        "a fresh chain started"
-    );
+    assert_eq!(backup(&env, &vm).0, "incr", "a fresh chain started");
     assert_latest_is_disk(&env, &vm, "vda");
 }
 
@@ -262,26 +256,24 @@ fn a_disk_added_after_the_first_generation() {
     ]);
     virsh(&["destroy", &vm.name, "--graceful"]);
     virsh(&["start", &vm.name]);
+    // (vdb is not one of the disks the test VM was made with.)
+    let assert_latest_is_vdb = || {
+        vm.flush(1);
+        let vdb_now = lv::read_all(vdb.to_str().unwrap(), "qcow2", &vm.path("b.raw"));
+        assert!(
+            env.latest(&vm.name, "vdb") == vdb_now,
+            "latest/vdb.raw differs from the disk"
+        );
+    };
     vm.guest_write(1, 0x66, "1M", "1M");
     vm.guest_write(0, 0x22, "2M", "64k");
-    env.ok(&["backup", &vm.name]);
-    assert_eq!(newest(&env, &vm.name, "vda").0, "incr");
+    assert_eq!(backup(&env, &vm).0, "incr");
     assert_eq!(newest(&env, &vm.name, "vdb").0, "full");
-    vm.flush(1);
-    let vdb_now = lv::read_all(vdb.to_str().unwrap(), "qcow2", &vm.path("b.raw"));
-    assert!(
-        latest(&env, &vm.name, "vdb") == vdb_now,
-        "latest/vdb.raw differs from the disk"
-    );
+    assert_latest_is_vdb();
     vm.guest_write(1, 0x77, "3M", "64k");
     env.ok(&["backup", &vm.name]);
     assert_eq!(newest(&env, &vm.name, "vdb").0, "incr");
-    vm.flush(1);
-    let vdb_now = lv::read_all(vdb.to_str().unwrap(), "qcow2", &vm.path("b.raw"));
-    assert!(
-        latest(&env, &vm.name, "vdb") == vdb_now,
-        "latest/vdb.raw differs from the disk"
-    );
+    assert_latest_is_vdb();
     // The first generation has no vdb.
     let e = env.fails(
         &[
@@ -296,16 +288,12 @@ fn a_disk_added_after_the_first_generation() {
 #[test]
 fn shut_off_domain_is_read_from_its_files() {
     let _shared = shared();
-    let vm = TestVm::start("off", &[("vda", "qcow2", 32)]);
-    let env = live_env();
-    vm.guest_write(0, 0x11, "0", "2M");
-    env.ok(&["backup", &vm.name]);
+    let (vm, env) = backed_up_with("off", ("vda", "qcow2", 32), "2M");
     vm.guest_write(0, 0x22, "4M", "64k");
     virsh(&["shutdown", &vm.name]);
     // A guest without an OS ignores ACPI: stop it the hard way, but let QEMU save bitmaps.
     virsh(&["destroy", &vm.name, "--graceful"]);
-    env.ok(&["backup", &vm.name]);
-    let (mode, read) = newest(&env, &vm.name, "vda");
+    let (mode, read) = backup(&env, &vm);
     // QEMU saved the checkpoint's bitmap when it stopped: qemu-nbd exports it.
     assert_eq!(mode, "incr");
     assert_eq!(read, 65536);
@@ -319,26 +307,14 @@ fn restore_as_a_new_vm() {
     let nic = "<interface type='user'><mac address='52:54:00:12:34:56'/><model type='virtio'/></interface>";
     let vm = TestVm::define("asvm", &[("vda", "qcow2", 32)], nic);
     virsh(&["start", &vm.name]);
-    let env = live_env();
-    vm.guest_write(0, 0x11, "0", "1M");
-    env.ok(&["backup", &vm.name]);
-    let gen0 = disk_now(&vm, "vda");
-    vm.guest_write(0, 0x22, "0", "64k");
-    env.ok(&["backup", &vm.name]);
+    let env = Env::live();
+    let gen0 = two_generations(&env, &vm, "0", "1M");
     let new = format!("{}-copy", vm.name);
     let _guard = lv::Undefine(new.clone());
-    let dir = disk_dir(&env);
-    env.ok(&[
-        "restore",
-        &vm.name,
-        "-g",
-        "1",
-        "--as-vm",
-        &new,
-        "--disk-dir",
-        dir.to_str().unwrap(),
-        "--start",
-    ]);
+    let dir = env.disk_dir();
+    let mut args = restore_as_vm(&vm.name, &new, &dir);
+    args.extend(["-g", "1", "--start"]);
+    env.ok(&args);
     let xml = virsh(&["dumpxml", &new]);
     let orig = virsh(&["dumpxml", &vm.name]);
     let uuid = |x: &str| {
@@ -364,17 +340,7 @@ fn restore_as_a_new_vm() {
         &vm.path("copy.raw"),
     );
     assert!(copy == gen0, "the new VM's disk is the generation");
-    let e = env.fails(
-        &[
-            "restore",
-            &vm.name,
-            "--as-vm",
-            &new,
-            "--disk-dir",
-            dir.to_str().unwrap(),
-        ],
-        2,
-    );
+    let e = env.fails(&restore_as_vm(&vm.name, &new, &dir), 2);
     assert!(e.contains("already exists"), "{e}");
 }
 
@@ -382,27 +348,14 @@ fn restore_as_a_new_vm() {
 fn instant_recovery_boots_from_the_archive_and_blockpull_makes_it_permanent() {
     let _shared = shared();
     let vm = TestVm::start("instant", &[("vda", "qcow2", 32)]);
-    let env = live_env();
-    vm.guest_write(0, 0x11, "1M", "2M");
-    env.ok(&["backup", &vm.name]);
-    let gen0 = disk_now(&vm, "vda");
-    vm.guest_write(0, 0x22, "1M", "64k");
-    env.ok(&["backup", &vm.name]);
+    let env = Env::live();
+    let gen0 = two_generations(&env, &vm, "1M", "2M");
     let new = format!("{}-instant", vm.name);
     let _guard = lv::Undefine(new.clone());
-    let dir = disk_dir(&env);
-    let out = env.ok(&[
-        "restore",
-        &vm.name,
-        "-g",
-        "1",
-        "--as-vm",
-        &new,
-        "--instant",
-        "--disk-dir",
-        dir.to_str().unwrap(),
-        "--start",
-    ]);
+    let dir = env.disk_dir();
+    let mut args = restore_as_vm(&vm.name, &new, &dir);
+    args.extend(["-g", "1", "--instant", "--start"]);
+    let out = env.ok(&args);
     let pid: u32 = out
         .split("(pid ")
         .nth(1)
@@ -427,11 +380,7 @@ fn instant_recovery_boots_from_the_archive_and_blockpull_makes_it_permanent() {
         let meta = std::fs::metadata(&overlay).unwrap();
         assert_eq!(meta.mode() & 0o7777, 0o600, "overlay mode");
     }
-    let info = lv::run(
-        std::process::Command::new("qemu-img")
-            .args(["info", "-U"])
-            .arg(&overlay),
-    );
+    let info = image_info(&overlay);
     assert!(
         info.contains("backing file: nbd+unix:///vda?socket="),
         "{info}"
@@ -440,11 +389,7 @@ fn instant_recovery_boots_from_the_archive_and_blockpull_makes_it_permanent() {
     let through = lv::read_all(overlay.to_str().unwrap(), "qcow2", &vm.path("through.raw"));
     assert!(through == gen0, "the instant VM's disk is the generation");
     virsh(&["blockpull", &new, "vda", "--wait"]);
-    let info = lv::run(
-        std::process::Command::new("qemu-img")
-            .args(["info", "-U"])
-            .arg(&overlay),
-    );
+    let info = image_info(&overlay);
     assert!(
         !info.contains("backing file"),
         "blockpull left a backing file: {info}"
@@ -468,8 +413,8 @@ fn instant_recovery_boots_from_the_archive_and_blockpull_makes_it_permanent() {
 fn two_repositories_keep_independent_incremental_chains() {
     let _shared = shared();
     let vm = TestVm::start("branch", &[("vda", "qcow2", 32)]);
-    let a = live_env();
-    let b = live_env();
+    let a = Env::live();
+    let b = Env::live();
     vm.guest_write(0, 0x01, "0", "1M");
     a.ok(&["backup", &vm.name]);
     let mut snaps_a = vec![disk_now(&vm, "vda")];
@@ -484,8 +429,7 @@ fn two_repositories_keep_independent_incremental_chains() {
         } else {
             (&b, &mut snaps_b)
         };
-        env.ok(&["backup", &vm.name]);
-        let (mode, read) = newest(env, &vm.name, "vda");
+        let (mode, read) = backup(env, &vm);
         assert_eq!(mode, "incr", "run {i}");
         // Everything written since this repository's own previous run: two 64 KiB writes
         // (one before the other repository's turn, one after), and no more.
@@ -505,13 +449,7 @@ fn two_repositories_keep_independent_incremental_chains() {
     let cps = checkpoints(&vm.name);
     assert_eq!(cps.len(), 2, "{cps:?}");
     // Deleting A's checkpoints leaves B incremental.
-    let profile = std::fs::read_to_string(a.repo().join("repo.toml")).unwrap();
-    let a_id = profile
-        .lines()
-        .find_map(|l| l.strip_prefix("id = "))
-        .unwrap()
-        .trim_matches('"')
-        .to_string();
+    let a_id = a.repo_id();
     let a_cps: Vec<&String> = cps
         .iter()
         .filter(|c| c.starts_with(&format!("vmkeep.{a_id}.")))
@@ -521,10 +459,8 @@ fn two_repositories_keep_independent_incremental_chains() {
         virsh(&["checkpoint-delete", &vm.name, cp]);
     }
     vm.guest_write(0, 0x40, "12M", "64k");
-    b.ok(&["backup", &vm.name]);
-    assert_eq!(newest(&b, &vm.name, "vda").0, "incr");
-    a.ok(&["backup", &vm.name]);
-    assert_eq!(newest(&a, &vm.name, "vda").0, "diff");
+    assert_eq!(backup(&b, &vm).0, "incr");
+    assert_eq!(backup(&a, &vm).0, "diff");
 
     // A chain that outlives its repository is found and removed by the other one.
     let out = b.ok(&["checkpoints", &vm.name]);
@@ -540,13 +476,7 @@ fn two_repositories_keep_independent_incremental_chains() {
     assert_eq!(left.len(), 1, "{left:?}");
     assert!(!left[0].contains(&a_id), "{left:?}");
     vm.guest_write(0, 0x41, "14M", "64k");
-    b.ok(&["backup", &vm.name]);
-    assert_eq!(newest(&b, &vm.name, "vda").0, "incr");
-}
-
-/// How often `needle` occurs in the run's stderr.
-fn said(out: &std::process::Output, needle: &str) -> usize {
-    String::from_utf8_lossy(&out.stderr).matches(needle).count()
+    assert_eq!(backup(&b, &vm).0, "incr");
 }
 
 #[test]
@@ -557,25 +487,22 @@ fn killed_qemu_costs_one_diff_then_incremental_again() {
     vm.kill_qemu();
     virsh(&["start", &vm.name]);
     vm.guest_write(0, 0x22, "8M", "1M");
-    let out = env.run(&["backup", &vm.name]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let err = backup_says(&env, &vm);
+    assert_eq!(
+        err.matches("is broken").count(),
+        1,
+        "said once, in one line"
     );
-    assert_eq!(said(&out, "is broken"), 1, "said once, in one line");
-    assert_eq!(said(&out, "\n"), 1, "one line");
-    assert_eq!(newest(&env, &vm.name, "vda").0, "diff");
-    assert_latest_is_disk(&env, &vm, "vda");
+    assert_eq!(err.matches('\n').count(), 1, "one line");
+    assert_newest(&env, &vm, "diff");
     // The broken checkpoint's metadata is gone; the fresh chain's one is there.
     let cps = checkpoints(&vm.name);
     let ids = env.generations(&vm.name);
     assert_eq!(cps.len(), 1, "{cps:?}");
     assert!(cps[0].ends_with(&ids[1]), "{cps:?} vs {ids:?}");
     vm.guest_write(0, 0x33, "20M", "64k");
-    env.ok(&["backup", &vm.name]);
     assert_eq!(
-        newest(&env, &vm.name, "vda"),
+        backup(&env, &vm),
         ("incr".to_string(), 65536),
         "incr again, reading only what was written"
     );
@@ -588,19 +515,12 @@ fn killed_qemu_costs_one_diff_then_incremental_again() {
     vm.kill_qemu();
     virsh(&["start", &vm.name]);
     vm.guest_write(0, 0x44, "2M", "64k");
-    let out = env.run(&["backup", &vm.name]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(said(&out, "is broken"), 1);
-    assert_eq!(newest(&env, &vm.name, "vda").0, "diff");
-    assert_latest_is_disk(&env, &vm, "vda");
+    let err = backup_says(&env, &vm);
+    assert_eq!(err.matches("is broken").count(), 1);
+    assert_newest(&env, &vm, "diff");
     assert_eq!(checkpoints(&vm.name).len(), 1);
     vm.guest_write(0, 0x55, "24M", "64k");
-    env.ok(&["backup", &vm.name]);
-    assert_eq!(newest(&env, &vm.name, "vda"), ("incr".to_string(), 65536));
+    assert_eq!(backup(&env, &vm), ("incr".to_string(), 65536));
     assert_latest_is_disk(&env, &vm, "vda");
     env.ok(&["check", &vm.name, "--deep"]);
 }
@@ -609,8 +529,8 @@ fn killed_qemu_costs_one_diff_then_incremental_again() {
 fn a_broken_checkpoint_of_another_repository_or_tool_is_left_alone() {
     let _shared = shared();
     let vm = TestVm::start("brokenother", &[("vda", "qcow2", 32)]);
-    let a = live_env();
-    let b = live_env();
+    let a = Env::live();
+    let b = Env::live();
     vm.guest_write(0, 0x01, "0", "1M");
     a.ok(&["backup", &vm.name]);
     b.ok(&["backup", &vm.name]);
@@ -620,14 +540,8 @@ fn a_broken_checkpoint_of_another_repository_or_tool_is_left_alone() {
     vm.kill_qemu();
     virsh(&["start", &vm.name]);
     vm.guest_write(0, 0x02, "4M", "64k");
-    let out = a.run(&["backup", &vm.name]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(newest(&a, &vm.name, "vda").0, "diff");
-    assert_latest_is_disk(&a, &vm, "vda");
+    backup_says(&a, &vm);
+    assert_newest(&a, &vm, "diff");
     let after = checkpoints(&vm.name);
     let a_old = before
         .iter()
@@ -639,22 +553,14 @@ fn a_broken_checkpoint_of_another_repository_or_tool_is_left_alone() {
     assert!(!after.contains(a_old), "{after:?}");
     // The broken checkpoints of others do not stand in the way of A's fresh chain.
     vm.guest_write(0, 0x03, "6M", "64k");
-    let out = a.run(&["backup", &vm.name]);
-    assert!(out.status.success());
-    assert_eq!(
-        said(&out, "warning"),
-        0,
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let err = backup_says(&a, &vm);
+    assert_eq!(err.matches("warning").count(), 0, "{err}");
     assert_eq!(newest(&a, &vm.name, "vda"), ("incr".to_string(), 65536));
     assert_latest_is_disk(&a, &vm, "vda");
     // B finds its own checkpoint broken in turn, and deletes only that one.
-    let out = b.run(&["backup", &vm.name]);
-    assert!(out.status.success());
-    assert_eq!(said(&out, "is broken"), 1);
-    assert_eq!(newest(&b, &vm.name, "vda").0, "diff");
-    assert_latest_is_disk(&b, &vm, "vda");
+    let err = backup_says(&b, &vm);
+    assert_eq!(err.matches("is broken").count(), 1);
+    assert_newest(&b, &vm, "diff");
     let left = checkpoints(&vm.name);
     assert_eq!(left.len(), 3, "{left:?}");
     assert!(left.contains(&"othertool".to_string()), "{left:?}");
@@ -668,25 +574,17 @@ mod failures {
     /// Start a backup that pauses after the libvirt job began, do `act`, and return its
     /// output.
     fn interrupted(env: &Env, vm: &TestVm, act: impl FnOnce()) -> std::process::Output {
-        let mark = env.path("paused");
-        let child = env
-            .std_cmd(&["backup", &vm.name])
-            .env("VMKEEP_FAULT_PAUSE", "after-backup-begin:4")
-            .env("VMKEEP_FAULT_PAUSE_MARK", &mark)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !mark.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "the backup never reached the pause"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let run = env.spawn_paused(&["backup", &vm.name], "after-backup-begin:4");
+        run.reached(30, "the backup never reached the pause");
         act();
-        child.wait_with_output().unwrap()
+        run.output()
+    }
+
+    /// A backup of `vm` paused at `point`, once it has reached the pause.
+    fn paused_backup(env: &Env, vm: &TestVm, point: &str) -> Paused {
+        let run = env.spawn_paused(&["backup", &vm.name], point);
+        run.reached(60, "the backup never reached the pause");
+        run
     }
 
     fn assert_clean_failure(
@@ -696,7 +594,7 @@ mod failures {
         before: usize,
         needle: &str,
     ) {
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = stderr(out);
         assert_eq!(out.status.code(), Some(1), "{err}");
         assert!(err.contains(needle), "{err}");
         assert_eq!(
@@ -705,10 +603,7 @@ mod failures {
             "no generation was added"
         );
         env.ok(&["check", &vm.name, "--deep"]);
-        for d in ["run", "scratch"] {
-            let left: Vec<_> = std::fs::read_dir(env.path(d)).unwrap().collect();
-            assert!(left.is_empty(), "{d}: {left:?}");
-        }
+        assert_no_leftovers(env);
         if virsh(&["domstate", &vm.name]).contains("running") {
             assert!(
                 !virsh(&["domjobinfo", &vm.name]).contains("Backup"),
@@ -724,22 +619,10 @@ mod failures {
     fn another_repositorys_job_in_flight_is_waited_for_never_ended() {
         let _shared = shared();
         let vm = TestVm::start("inflight", &[("vda", "qcow2", 32)]);
-        let a = live_env();
-        let b = live_env();
-        share_folders(&b, &a.path("run"), &a.path("scratch"));
-        share_folders(&a, &a.path("run"), &a.path("scratch"));
+        let (a, b) = sharing_folders();
         vm.guest_write(0, 0x41, "0", "2M");
         let disk = disk_now(&vm, "vda");
-        let mark = a.path("paused");
-        let first = a
-            .std_cmd(&["backup", &vm.name])
-            .env("VMKEEP_FAULT_PAUSE", "after-backup-begin:300")
-            .env("VMKEEP_FAULT_PAUSE_MARK", &mark)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_for(&mark);
+        let first = paused_backup(&a, &vm, "after-backup-begin:300");
         let log = b.path("second.err");
         let mut second = b
             .std_cmd(&["backup", &vm.name])
@@ -765,13 +648,8 @@ mod failures {
             );
             std::thread::sleep(Duration::from_millis(50));
         };
-        std::fs::remove_file(&mark).unwrap();
-        let out = first.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "A: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        first.resume();
+        succeeded(&first.output(), "A: ");
         let status = second.wait().unwrap();
         let err = std::fs::read_to_string(&log).unwrap();
         assert!(status.success(), "B: {err}");
@@ -779,50 +657,27 @@ mod failures {
         assert_eq!(err.matches("waiting for it to end").count(), 1, "{err}");
         for env in [&a, &b] {
             assert!(
-                latest(env, &vm.name, "vda") == disk,
+                env.latest(&vm.name, "vda") == disk,
                 "latest/vda.raw differs"
             );
             env.ok(&["check", &vm.name, "--deep"]);
         }
-        assert!(!virsh(&["domjobinfo", &vm.name]).contains("Backup"));
+        assert_no_backup_job(&vm);
         assert!(entries(&a.path("run")).is_empty() && entries(&a.path("scratch")).is_empty());
-    }
-
-    /// Wait until the paused process wrote `mark`.
-    fn wait_for(mark: &std::path::Path) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !mark.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "the backup never reached the pause"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 
     #[test]
     fn a_shut_off_domain_started_mid_read_never_tears_a_generation() {
         let _shared = shared();
         for format in ["raw", "qcow2"] {
-            let vm = TestVm::start(&format!("offstart-{format}"), &[("vda", format, 32)]);
-            let env = live_env();
-            vm.guest_write(0, 0x11, "0", "2M");
-            env.ok(&["backup", &vm.name]);
+            let (vm, env) =
+                backed_up_with(&format!("offstart-{format}"), ("vda", format, 32), "2M");
             vm.guest_write(0, 0x22, "4M", "1M");
             virsh(&["destroy", &vm.name, "--graceful"]);
             let off = disk_now(&vm, "vda");
             // The backup pauses with its sources open, before it reads a block; the VM is
             // started there, and writes if it runs.
-            let mark = env.path("paused");
-            let child = env
-                .std_cmd(&["backup", &vm.name])
-                .env("VMKEEP_FAULT_PAUSE", "shut-off-read:120")
-                .env("VMKEEP_FAULT_PAUSE_MARK", &mark)
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap();
-            wait_for(&mark);
+            let run = paused_backup(&env, &vm, "shut-off-read:120");
             let start = std::process::Command::new("virsh")
                 .args(["-c", lv::URI, "start", &vm.name])
                 .output()
@@ -833,9 +688,9 @@ mod failures {
                 vm.guest_write(0, 0x33, "8M", "1M");
                 vm.flush(0);
             }
-            std::fs::remove_file(&mark).unwrap();
-            let out = child.wait_with_output().unwrap();
-            let err = String::from_utf8_lossy(&out.stderr);
+            run.resume();
+            let out = run.output();
+            let err = stderr(&out);
             if started {
                 // Never a committed generation that mixes states.
                 assert_eq!(out.status.code(), Some(1), "{format}: {err}");
@@ -852,7 +707,7 @@ mod failures {
                 assert!(out.status.success(), "{format}: {err}");
                 assert_eq!(env.generations(&vm.name).len(), 2);
                 assert!(
-                    latest(&env, &vm.name, "vda") == off,
+                    env.latest(&vm.name, "vda") == off,
                     "{format}: the generation is the disk as it was shut off"
                 );
                 env.ok(&["check", &vm.name, "--deep"]);
@@ -901,28 +756,14 @@ mod failures {
         count: &std::sync::atomic::AtomicUsize,
     ) -> std::ops::RangeInclusive<usize> {
         use std::sync::atomic::Ordering;
-        let mark = env.path("paused");
         let done_before = count.load(Ordering::SeqCst);
-        let child = env
-            .std_cmd(&["backup", &vm.name])
-            .env("VMKEEP_FAULT_PAUSE", "after-backup-begin:600")
-            .env("VMKEEP_FAULT_PAUSE_MARK", &mark)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        wait_for(&mark);
+        let run = paused_backup(env, vm, "after-backup-begin:600");
         let seen = count.load(Ordering::SeqCst);
         while count.load(Ordering::SeqCst) < seen + 2 {
             std::thread::sleep(Duration::from_millis(20));
         }
-        std::fs::remove_file(&mark).unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run.resume();
+        succeeded(&run.output(), "");
         done_before..=seen + 1
     }
 
@@ -931,7 +772,7 @@ mod failures {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         let _shared = shared();
         let vm = TestVm::start("writer", &[("vda", "qcow2", 64)]);
-        let env = live_env();
+        let env = Env::live();
         vm.guest_write(0, 0x11, "0", "1M");
         let stop = AtomicBool::new(false);
         let count = AtomicUsize::new(0);
@@ -949,9 +790,9 @@ mod failures {
                 }
             });
             let full = backup_while_writing(&env, &vm, &count);
-            assert_eq!(newest(&env, &vm.name, "vda").0, "full");
+            assert_eq!(newest_mode(&env, &vm), "full");
             let incr = backup_while_writing(&env, &vm, &count);
-            assert_eq!(newest(&env, &vm.name, "vda").0, "incr");
+            assert_eq!(newest_mode(&env, &vm), "incr");
             moments = vec![full, incr];
             stop.store(true, Ordering::SeqCst);
             writer.join().unwrap();
@@ -959,8 +800,7 @@ mod failures {
         let written = count.load(Ordering::SeqCst);
         assert!(written < slots, "the writer ran out of room");
         env.ok(&["backup", &vm.name]);
-        assert_eq!(newest(&env, &vm.name, "vda").0, "incr");
-        assert_latest_is_disk(&env, &vm, "vda");
+        assert_newest(&env, &vm, "incr");
         // Every generation is one moment of the guest's writes: a prefix of them, taken
         // while its job began (no write of before missing, none of after in it).
         moments.push(written..=written);
@@ -1029,8 +869,7 @@ mod failures {
         // job, the new checkpoint) is ended through a fresh connection.
         assert_clean_failure(&env, &vm, &out, 1, &vm.name);
         env.ok(&["backup", &vm.name]);
-        assert_eq!(newest(&env, &vm.name, "vda").0, "incr");
-        assert_latest_is_disk(&env, &vm, "vda");
+        assert_newest(&env, &vm, "incr");
     }
 
     #[test]
@@ -1046,7 +885,7 @@ mod failures {
 
 /// The id of the newest generation of `vm`.
 fn newest_id(env: &Env, vm: &str) -> String {
-    status(env, vm)["vms"][0]["generations"][0]["id"]
+    env.status(vm)["vms"][0]["generations"][0]["id"]
         .as_str()
         .unwrap()
         .to_string()
@@ -1099,10 +938,7 @@ fn entries(p: &std::path::Path) -> Vec<String> {
 fn scratch_or_socket_folders_another_user_controls_are_refused() {
     let _shared = shared();
     let uid = attacker();
-    let vm = TestVm::start("planted", &[("vda", "qcow2", 32)]);
-    let env = live_env();
-    vm.guest_write(0, 0x11, "0", "1M");
-    env.ok(&["backup", &vm.name]);
+    let (vm, env) = backed_up("planted");
     let good = newest_id(&env, &vm.name);
     // A world-writable sticky folder like /var/tmp, where anyone can make the folder
     // vmkeep would use first.
@@ -1128,15 +964,7 @@ fn scratch_or_socket_folders_another_user_controls_are_refused() {
         (&run, &link, "symlink"),
         (&run, &public, "lets other users"),
     ] {
-        std::fs::write(
-            env.path("no-config.toml"),
-            format!(
-                "run_dir = \"{}\"\nscratch_dir = \"{}\"\n",
-                run_dir.display(),
-                scratch_dir.display()
-            ),
-        )
-        .unwrap();
+        env.live_folders(run_dir, scratch_dir);
         vm.guest_write(0, 0x22, "2M", "64k");
         let err = env.fails(&["backup", &vm.name], 1);
         let bad = if run_dir == &run {
@@ -1161,32 +989,16 @@ fn scratch_or_socket_folders_another_user_controls_are_refused() {
         );
         // Nothing already backed up is lost, and no job was left running.
         assert_eq!(newest_id(&env, &vm.name), good);
-        assert!(!virsh(&["domjobinfo", &vm.name]).contains("Backup"));
+        assert_no_backup_job(&vm);
     }
-}
-
-/// Point `env`'s live-backup folders at `run` and `scratch` (shared, like the defaults).
-fn share_folders(env: &Env, run: &std::path::Path, scratch: &std::path::Path) {
-    std::fs::write(
-        env.path("no-config.toml"),
-        format!(
-            "run_dir = \"{}\"\nscratch_dir = \"{}\"\n",
-            run.display(),
-            scratch.display()
-        ),
-    )
-    .unwrap();
 }
 
 #[test]
 fn two_repositories_backing_up_one_running_vm_at_once_both_succeed() {
     let _shared = shared();
     let vm = TestVm::start("together", &[("vda", "qcow2", 32)]);
-    let a = live_env();
-    let b = live_env();
     // One run folder and one scratch folder for both, as with the defaults.
-    share_folders(&b, &a.path("run"), &a.path("scratch"));
-    share_folders(&a, &a.path("run"), &a.path("scratch"));
+    let (a, b) = sharing_folders();
     vm.guest_write(0, 0x31, "0", "4M");
     for round in 0..2 {
         if round == 1 {
@@ -1196,35 +1008,25 @@ fn two_repositories_backing_up_one_running_vm_at_once_both_succeed() {
         // for the other's job; it never ends it.
         let children: Vec<_> = [&a, &b]
             .iter()
-            .map(|env| {
-                env.std_cmd(&["backup", &vm.name])
-                    .stdout(std::process::Stdio::piped())
-                    .stderr(std::process::Stdio::piped())
-                    .spawn()
-                    .unwrap()
-            })
+            .map(|env| env.spawn(&["backup", &vm.name]))
             .collect();
         for c in children {
             let out = c.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "round {round}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            succeeded(&out, &format!("round {round}: "));
         }
         let now = disk_now(&vm, "vda");
         for env in [&a, &b] {
             assert!(
-                latest(env, &vm.name, "vda") == now,
+                env.latest(&vm.name, "vda") == now,
                 "round {round}: latest/vda.raw differs from the disk"
             );
             assert_eq!(env.generations(&vm.name).len(), round + 1);
         }
-        assert!(!virsh(&["domjobinfo", &vm.name]).contains("Backup"));
+        assert_no_backup_job(&vm);
     }
     // Each chain is still its own: the second round was incremental in both.
     for env in [&a, &b] {
-        assert_eq!(newest(env, &vm.name, "vda").0, "incr");
+        assert_eq!(newest_mode(env, &vm), "incr");
     }
     let cps = checkpoints(&vm.name);
     assert_eq!(cps.len(), 2, "{cps:?}");

@@ -368,109 +368,23 @@ fn build(state: &BTreeMap<PathBuf, Src>, to: &Path) {
     }
 }
 
-fn copy_repo(from: &Path, to: &Path) {
-    let _ = std::fs::remove_dir_all(to);
-    let st = Command::new("cp")
-        .args(["-a", "--sparse=always"])
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(st.success());
-}
-
-fn vmkeep(env: &Env, repo: &Path, args: &[&str], log: Option<&Path>) -> std::process::Output {
-    let mut c = Command::new(assert_cmd::cargo::cargo_bin("vmkeep"));
-    c.env("VMKEEP_CONFIG", env.path("no-config.toml"))
-        .env_remove("VMKEEP_FAULT")
-        .env_remove("VMKEEP_FAULT_LOG")
-        .arg("--repo")
-        .arg(repo)
-        .args(args);
-    if let Some(l) = log {
-        c.env("VMKEEP_FAULT_LOG", l);
-    }
-    c.output().unwrap()
-}
-
-/// Every generation of `vm` with the bytes of each of its disks.
-type Archive = BTreeMap<String, BTreeMap<String, Vec<u8>>>;
-
-fn disks_of(repo: &Path, vm: &str, id: &str) -> Vec<String> {
-    let mut d: Vec<String> = std::fs::read_dir(repo.join(vm).join(id))
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter_map(|n| {
-            n.strip_suffix(".raw")
-                .or_else(|| n.strip_suffix(".rdiff"))
-                .map(str::to_string)
-        })
-        .collect();
-    d.sort();
-    d.dedup();
-    d
-}
-
-fn restore(env: &Env, repo: &Path, vm: &str, id: &str, disk: &str) -> Result<Vec<u8>, String> {
-    let out = env.path("pl-restore.raw");
-    let _ = std::fs::remove_file(&out);
-    let o = vmkeep(
-        env,
-        repo,
-        &[
-            "restore",
-            vm,
-            "-g",
-            id,
-            "--disk",
-            disk,
-            "--to",
-            out.to_str().unwrap(),
-        ],
-        None,
-    );
-    if !o.status.success() {
-        return Err(String::from_utf8_lossy(&o.stderr).into_owned());
-    }
-    Ok(std::fs::read(&out).unwrap())
-}
-
-fn archive(env: &Env, repo: &Path, vm: &str) -> Archive {
-    Env::generations_in(repo, vm)
-        .into_iter()
-        .map(|id| {
-            let disks = disks_of(repo, vm, &id)
-                .into_iter()
-                .map(|d| {
-                    let bytes = restore(env, repo, vm, &id, &d).unwrap();
-                    (d, bytes)
-                })
-                .collect();
-            (id, disks)
-        })
-        .collect()
-}
-
 /// Run `args` on a copy of `env`'s repository with the log on, then check every state a
 /// power loss could leave. `allowed(ids)` says which sets of generations are acceptable.
 /// Returns the number of distinct states checked.
 fn explore(env: &Env, name: &str, vm: &str, args: &[&str], prune: bool) -> usize {
     let base = env.path(&format!("{name}-base"));
     copy_repo(&env.repo(), &base);
-    let old = archive(env, &base, vm);
+    let old = env.archive_at(&base, vm);
     let log = env.path(&format!("{name}-log"));
     std::fs::create_dir_all(&log).unwrap();
     // The repository as it was, for the files a state takes from before the command.
     copy_repo(&base, &log.join("base"));
     let run = env.path(&format!("{name}-run"));
     copy_repo(&base, &run);
-    let out = vmkeep(env, &run, args, Some(&log));
-    assert!(
-        out.status.success(),
-        "{name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let new = archive(env, &run, vm);
+    let log_dir = log.display().to_string();
+    let out = env.run_at(&run, args, &[("VMKEEP_FAULT_LOG", &log_dir)]);
+    succeeded(&out, &format!("{name}: "));
+    let new = env.archive_at(&run, vm);
     let replay = Replay::new(&base, &log, &run);
     let n = replay.ops.len();
     assert!(n > 3, "{name}: only {n} operations logged");
@@ -484,7 +398,7 @@ fn explore(env: &Env, name: &str, vm: &str, args: &[&str], prune: bool) -> usize
             }
             build(&state, &scratch);
             let at = format!("{name}: power lost after op {k}/{n} (data kept: {keep})");
-            let o = vmkeep(env, &scratch, &["check", vm, "--deep"], None);
+            let o = env.run_at(&scratch, &["check", vm, "--deep"], &[]);
             assert!(
                 o.status.success(),
                 "{at}: check --deep failed ({:?}):\n{}{}",
@@ -514,7 +428,8 @@ fn explore(env: &Env, name: &str, vm: &str, args: &[&str], prune: bool) -> usize
             let want = if ids == new_ids { &new } else { &old };
             for id in &ids {
                 for (disk, bytes) in &want[id] {
-                    let got = restore(env, &scratch, vm, id, disk)
+                    let got = env
+                        .restored_at(&scratch, vm, id, Some(disk))
                         .unwrap_or_else(|e| panic!("{at}: restore {id} {disk}: {e}"));
                     assert!(&got == bytes, "{at}: generation {id} disk {disk} changed");
                 }

@@ -4,7 +4,7 @@
 //!
 //! A test whose tool is not installed says so and passes without checking anything.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use assert_cmd::cargo::cargo_bin;
 
 mod common;
-use common::noise;
+use common::{noise, spawn_first_line};
 
 const BS: usize = 64 << 10;
 const MIB: usize = 1 << 20;
@@ -123,20 +123,9 @@ impl Repo {
     /// Start `vmkeep serve VM ARGS...` and wait for its line of URIs.
     fn serve(&self, vm: &str, args: &[&str]) -> Served {
         let log = self.path(&format!("serve-{}.log", rand_name()));
-        let mut child = Command::new(cargo_bin("vmkeep"))
-            .arg("--repo")
-            .arg(self.repo())
-            .arg("serve")
-            .arg(vm)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let mut serve = Command::new(cargo_bin("vmkeep"));
+        serve.arg("--repo").arg(self.repo()).arg("serve").arg(vm);
+        let (child, line) = spawn_first_line(serve.args(args), &log);
         let uris = line
             .split_whitespace()
             .filter(|w| w.starts_with("nbd"))

@@ -4,20 +4,11 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn run(cmd: &mut Command) {
     let out = cmd
@@ -31,15 +22,9 @@ fn run(cmd: &mut Command) {
 }
 
 fn wait_socket(sock: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::os::unix::net::UnixStream::connect(sock).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never accepted",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(20, &format!("{} never accepted", sock.display()), || {
+        std::os::unix::net::UnixStream::connect(sock).is_ok()
+    });
 }
 
 /// Start a server on `sock` with `cmd` and wait until it accepts.
@@ -79,7 +64,7 @@ fn nbdcopy(uri: &str, out: &Path) -> Vec<u8> {
 fn backup_equals_nbdcopy(env: &Env, vm: &str, uri: &str) {
     env.ok(&["backup", vm, "--disk", &format!("vda={uri}")]);
     let want = nbdcopy(uri, &env.path(&format!("{vm}.copy")));
-    let got = std::fs::read(env.repo().join(vm).join("latest/vda.raw")).unwrap();
+    let got = env.latest(vm, "vda");
     assert!(
         got == want,
         "{vm}: the backup differs from nbdcopy of {uri}"
@@ -89,11 +74,7 @@ fn backup_equals_nbdcopy(env: &Env, vm: &str, uri: &str) {
 #[test]
 fn backups_from_qemu_nbd_equal_nbdcopy() {
     let env = Env::new();
-    let qcow = env.path("d.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&qcow)
-        .arg("48M"));
+    let qcow = qcow2(&env, "d.qcow2", "48M");
     run(Command::new("qemu-io")
         .args([
             "-f",
@@ -129,8 +110,7 @@ fn backups_from_qemu_nbd_equal_nbdcopy() {
         "--disk",
         &format!("vda={}", qcow.display()),
     ]);
-    let got = std::fs::read(env.repo().join("direct/latest/vda.raw")).unwrap();
-    assert!(got == std::fs::read(env.repo().join("qcow/latest/vda.raw")).unwrap());
+    assert!(env.latest("direct", "vda") == env.latest("qcow", "vda"));
 }
 
 #[test]
@@ -154,9 +134,7 @@ fn backups_from_nbdkit_plugins_equal_nbdcopy() {
         );
     }
     // sparse-random's holes were never read.
-    let js: serde_json::Value =
-        serde_json::from_str(&env.ok(&["status", "sparse", "--json"])).unwrap();
-    let read = js["vms"][0]["generations"][0]["disks"][0]["read_bytes"]
+    let read = env.newest_disk("sparse", "vda")["read_bytes"]
         .as_u64()
         .unwrap();
     assert!(read < 32 << 20, "read {read} of a 5 % dense 64 MiB disk");
@@ -165,14 +143,8 @@ fn backups_from_nbdkit_plugins_equal_nbdcopy() {
 #[test]
 fn incr_from_a_persistent_qcow2_bitmap_reads_only_dirty_extents() {
     let env = Env::new();
-    let img = env.path("vm.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&img)
-        .arg("64M"));
-    run(Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x11 0 8M"])
-        .arg(&img));
+    let img = qcow2(&env, "vm.qcow2", "64M");
+    qemu_write(&img, 0x11, "0", "8M");
     let spec = format!("vda={}?bitmap=vmkeep", img.display());
     let copy = |tag: &str| {
         let out = env.path(&format!("{tag}.raw"));
@@ -188,18 +160,9 @@ fn incr_from_a_persistent_qcow2_bitmap_reads_only_dirty_extents() {
         .iter()
         .enumerate()
     {
-        run(Command::new("qemu-io")
-            .args([
-                "-f",
-                "qcow2",
-                "-c",
-                &format!("write -P {:#x} {off} {len}", 0x20 + i),
-            ])
-            .arg(&img));
+        qemu_write(&img, 0x20 + i as u8, off, len);
         env.ok(&["backup", "vm", "--disk", &spec]);
-        let js: serde_json::Value =
-            serde_json::from_str(&env.ok(&["status", "vm", "--json"])).unwrap();
-        let d = &js["vms"][0]["generations"][0]["disks"][0];
+        let d = env.newest_disk("vm", "vda");
         assert_eq!(d["mode"], "incr");
         let expect = [65536u64, 1 << 20, 65536][i];
         assert_eq!(
@@ -221,15 +184,10 @@ fn incr_from_a_persistent_qcow2_bitmap_reads_only_dirty_extents() {
             "--to",
             out.to_str().unwrap(),
         ]);
-        run(Command::new("qemu-img")
-            .args(["compare", "-q", "-f", "raw", "-F", "qcow2"])
-            .arg(state)
-            .arg(&out));
+        qemu_compare(state, &out);
     }
     // A failed run keeps the bitmap's history: the next run still reads the write.
-    run(Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x55 50M 64k"])
-        .arg(&img));
+    qemu_write(&img, 0x55, "50M", "64k");
     // The second disk's source is missing: the run fails (see also
     // a_failed_run_removes_only_the_bitmap_it_added for a failure after vda's bitmap step).
     env.fails(
@@ -244,17 +202,10 @@ fn incr_from_a_persistent_qcow2_bitmap_reads_only_dirty_extents() {
         1,
     );
     env.ok(&["backup", "vm", "--disk", &spec]);
-    let js: serde_json::Value = serde_json::from_str(&env.ok(&["status", "vm", "--json"])).unwrap();
-    assert_eq!(
-        js["vms"][0]["generations"][0]["disks"][0]["read_bytes"],
-        65536
-    );
+    assert_eq!(env.newest_disk("vm", "vda")["read_bytes"], 65536);
     let out = env.path("after-failure.raw");
     env.ok(&["restore", "vm", "--to", out.to_str().unwrap()]);
-    run(Command::new("qemu-img")
-        .args(["compare", "-q", "-f", "raw", "-F", "qcow2"])
-        .arg(&out)
-        .arg(&img));
+    qemu_compare(&out, &img);
 }
 
 #[test]
@@ -281,10 +232,7 @@ fn restore_to_an_nbd_server_and_to_qcow2() {
     assert!(std::fs::read(&target).unwrap() == std::fs::read(&disk).unwrap());
     let q = env.path("r.qcow2");
     env.ok(&["restore", "vm", "--to", q.to_str().unwrap()]);
-    run(Command::new("qemu-img")
-        .args(["compare", "-q", "-f", "raw", "-F", "qcow2"])
-        .arg(&disk)
-        .arg(&q));
+    qemu_compare(&disk, &q);
     // As private as the archive it came from.
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(&q).unwrap().mode() & 0o7777, 0o600);
@@ -293,11 +241,7 @@ fn restore_to_an_nbd_server_and_to_qcow2() {
 #[test]
 fn bitmap_granularity_is_chosen_for_new_bitmaps() {
     let env = Env::new();
-    let img = env.path("g.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&img)
-        .arg("16M"));
+    let img = qcow2(&env, "g.qcow2", "16M");
     let spec = format!("vda={}?bitmap=fine", img.display());
     env.ok(&[
         "backup",
@@ -317,12 +261,9 @@ fn bitmap_granularity_is_chosen_for_new_bitmaps() {
     )
     .unwrap();
     assert!(info.contains("granularity: 16384"), "{info}");
-    run(Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x1 1M 4k"])
-        .arg(&img));
+    qemu_write(&img, 0x1, "1M", "4k");
     env.ok(&["backup", "vm", "--disk", &spec]);
-    let js: serde_json::Value = serde_json::from_str(&env.ok(&["status", "vm", "--json"])).unwrap();
-    let d = &js["vms"][0]["generations"][0]["disks"][0];
+    let d = env.newest_disk("vm", "vda");
     assert_eq!(d["mode"], "incr");
     // A 4 KiB write dirties one 16 KiB bit; the 64 KiB block holding it is what is read.
     assert_eq!(d["read_bytes"], 65536);
@@ -343,13 +284,39 @@ fn bitmap_granularity_is_chosen_for_new_bitmaps() {
 // Bitmaps and disk identity: a change tracker is trusted only when it is proven to be this
 // repository's, of the newest generation, enabled, consistent, and in the disk's own file.
 
-fn qcow2(env: &Env, name: &str, size: &str) -> std::path::PathBuf {
+fn qcow2(env: &Env, name: &str, size: &str) -> PathBuf {
     let img = env.path(name);
     run(Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
         .arg(&img)
         .arg(size));
     img
+}
+
+/// `qemu-img compare` of a raw file and a qcow2 image: they must hold the same bytes.
+fn qemu_compare(raw: &Path, qcow2: &Path) {
+    run(Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "qcow2"])
+        .arg(raw)
+        .arg(qcow2));
+}
+
+/// A 16 MiB qcow2 image `d.qcow2` with `len` bytes of 0x11 at its start: the image, and
+/// its disk spec `vda=IMAGE?bitmap=vmkeep`.
+fn bitmap_disk(env: &Env, len: &str) -> (PathBuf, String) {
+    let img = qcow2(env, "d.qcow2", "16M");
+    qemu_write(&img, 0x11, "0", len);
+    let spec = format!("vda={}?bitmap=vmkeep", img.display());
+    (img, spec)
+}
+
+/// [`bitmap_disk`] backed up once as VM `vm`: the image, its spec, and the guest's view
+/// of the first generation (the first of the states [`every_generation_restores`] takes).
+fn first_generation(env: &Env, len: &str) -> (PathBuf, String, Vec<Vec<u8>>) {
+    let (img, spec) = bitmap_disk(env, len);
+    env.ok(&["backup", "vm", "--disk", &spec]);
+    let states = vec![guest_view(env, &img, "g0")];
+    (img, spec, states)
 }
 
 /// Write `len` bytes of `pattern` at `off` through QEMU (so the image's bitmaps see it).
@@ -402,26 +369,31 @@ fn bitmaps(img: &Path) -> Vec<(String, Vec<String>)> {
     all
 }
 
-fn repo_id(env: &Env) -> String {
-    std::fs::read_to_string(env.repo().join("repo.toml"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("id = "))
-        .unwrap()
-        .trim_matches('"')
-        .to_string()
+/// The names of the image's persistent bitmaps, sorted.
+fn bitmap_names(img: &Path) -> Vec<String> {
+    bitmaps(img).into_iter().map(|b| b.0).collect()
 }
 
-/// The newest generation's record of `disk` (from `status --json`).
-fn newest_disk(env: &Env, vm: &str, disk: &str) -> serde_json::Value {
-    let js: serde_json::Value = serde_json::from_str(&env.ok(&["status", vm, "--json"])).unwrap();
-    js["vms"][0]["generations"][0]["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["name"] == disk)
-        .unwrap_or_else(|| panic!("no disk {disk}: {js}"))
-        .clone()
+/// The image's only bitmap is `PREFIX.REPO-ID.NEWEST-GENERATION` of VM `vm`.
+fn assert_only_bitmap(env: &Env, img: &Path, prefix: &str) {
+    let newest = env.generations("vm").pop().unwrap();
+    assert_eq!(
+        bitmap_names(img),
+        vec![format!("{prefix}.{}.{newest}", env.repo_id())]
+    );
+}
+
+/// Disk `disk` of the newest generation of `vm` was backed up in `mode`; its record.
+fn assert_mode(env: &Env, vm: &str, disk: &str, mode: &str) -> serde_json::Value {
+    let d = env.newest_disk(vm, disk);
+    assert_eq!(d["mode"], mode, "{d}");
+    d
+}
+
+/// Disk vda of the newest generation of `vm` is incremental and read `read` bytes.
+fn assert_incr_read(env: &Env, vm: &str, read: u64) {
+    let d = assert_mode(env, vm, "vda", "incr");
+    assert_eq!(d["read_bytes"], read, "{d}");
 }
 
 /// `vmkeep backup` with these args; (stdout, stderr), requiring success.
@@ -440,25 +412,13 @@ fn every_generation_restores(env: &Env, vm: &str, disk: &str, states: &[Vec<u8>]
     let n = states.len();
     assert_eq!(env.generations(vm).len(), n);
     for (k, want) in states.iter().enumerate() {
-        let out = env.path(&format!("{vm}-{disk}-{k}.restored"));
-        env.ok(&[
-            "restore",
-            vm,
-            "-g",
-            &(n - 1 - k).to_string(),
-            "--disk",
-            disk,
-            "--to",
-            out.to_str().unwrap(),
-        ]);
         assert!(
-            &std::fs::read(&out).unwrap() == want,
+            &env.restored(vm, &(n - 1 - k).to_string(), Some(disk)) == want,
             "{vm}/{disk}: generation {k} of {n} restores wrong"
         );
     }
-    let latest = std::fs::read(env.repo().join(vm).join(format!("latest/{disk}.raw"))).unwrap();
     assert!(
-        &latest == states.last().unwrap(),
+        &env.latest(vm, disk) == states.last().unwrap(),
         "{vm}/{disk}: newest image"
     );
     env.ok(&["check", vm, "--deep"]);
@@ -469,9 +429,7 @@ fn two_repositories_sharing_a_bitmap_name_each_see_every_write() {
     // Local and offsite: both back up d.qcow2?bitmap=vmkeep.
     let a = Env::new();
     let b = Env::new();
-    let img = qcow2(&a, "d.qcow2", "16M");
-    qemu_write(&img, 0x11, "0", "4M");
-    let spec = format!("vda={}?bitmap=vmkeep", img.display());
+    let (img, spec) = bitmap_disk(&a, "4M");
     let (mut sa, mut sb) = (Vec::new(), Vec::new());
     a.ok(&["backup", "q1", "--disk", &spec]);
     sa.push(guest_view(&a, &img, "a0"));
@@ -479,23 +437,20 @@ fn two_repositories_sharing_a_bitmap_name_each_see_every_write() {
     sb.push(guest_view(&b, &img, "b0"));
     qemu_write(&img, 0x22, "1M", "64k"); // X
     a.ok(&["backup", "q1", "--disk", &spec]);
-    assert_eq!(newest_disk(&a, "q1", "vda")["mode"], "incr");
-    assert_eq!(newest_disk(&a, "q1", "vda")["read_bytes"], 65536);
+    assert_incr_read(&a, "q1", 65536);
     sa.push(guest_view(&a, &img, "a1"));
     qemu_write(&img, 0x33, "8M", "64k"); // Y
     b.ok(&["backup", "q1", "--disk", &spec]);
-    let d = newest_disk(&b, "q1", "vda");
-    assert_eq!(d["mode"], "incr", "{d}");
     // B read X and Y: everything written since B's own previous run.
-    assert_eq!(d["read_bytes"], 2 * 65536, "{d}");
+    assert_incr_read(&b, "q1", 2 * 65536);
     sb.push(guest_view(&b, &img, "b1"));
     every_generation_restores(&a, "q1", "vda", &sa);
     every_generation_restores(&b, "q1", "vda", &sb);
     // Each repository keeps exactly its own bitmap, the one of its newest generation.
-    let names: Vec<String> = bitmaps(&img).into_iter().map(|b| b.0).collect();
+    let names = bitmap_names(&img);
     let mut want = vec![
-        format!("vmkeep.{}.{}", repo_id(&a), a.generations("q1")[1]),
-        format!("vmkeep.{}.{}", repo_id(&b), b.generations("q1")[1]),
+        format!("vmkeep.{}.{}", a.repo_id(), a.generations("q1")[1]),
+        format!("vmkeep.{}.{}", b.repo_id(), b.generations("q1")[1]),
     ];
     want.sort();
     assert_eq!(names, want);
@@ -503,7 +458,7 @@ fn two_repositories_sharing_a_bitmap_name_each_see_every_write() {
     for env in [&a, &b] {
         let profile =
             std::fs::read_to_string(env.repo().join("q1/latest/generation.toml")).unwrap();
-        let name = want.iter().find(|n| n.contains(&repo_id(env))).unwrap();
+        let name = want.iter().find(|n| n.contains(&env.repo_id())).unwrap();
         assert!(
             profile.contains(&format!("bitmap = \"{name}\"")),
             "{profile}"
@@ -514,11 +469,7 @@ fn two_repositories_sharing_a_bitmap_name_each_see_every_write() {
 #[test]
 fn a_disabled_bitmap_gives_a_diff() {
     let env = Env::new();
-    let img = qcow2(&env, "d.qcow2", "16M");
-    qemu_write(&img, 0x11, "0", "2M");
-    let spec = format!("vda={}?bitmap=vmkeep", img.display());
-    env.ok(&["backup", "vm", "--disk", &spec]);
-    let mut states = vec![guest_view(&env, &img, "g0")];
+    let (img, spec, mut states) = first_generation(&env, "2M");
     for (name, _) in bitmaps(&img) {
         run(Command::new("qemu-img")
             .args(["bitmap", "--disable"])
@@ -527,8 +478,7 @@ fn a_disabled_bitmap_gives_a_diff() {
     }
     qemu_write(&img, 0x22, "5M", "64k"); // not seen by the disabled bitmap
     let err = backup_says(&env, &["vm", "--disk", &spec]);
-    let d = newest_disk(&env, "vm", "vda");
-    assert_eq!(d["mode"], "diff", "{d}");
+    assert_mode(&env, "vm", "vda", "diff");
     assert!(err.contains("disabled"), "{err}");
     states.push(guest_view(&env, &img, "g1"));
     every_generation_restores(&env, "vm", "vda", &states);
@@ -538,27 +488,21 @@ fn a_disabled_bitmap_gives_a_diff() {
     assert!(bms[0].1.contains(&"auto".to_string()), "{bms:?}");
     qemu_write(&img, 0x33, "9M", "64k");
     env.ok(&["backup", "vm", "--disk", &spec]);
-    assert_eq!(newest_disk(&env, "vm", "vda")["mode"], "incr");
+    assert_mode(&env, "vm", "vda", "incr");
     states.push(guest_view(&env, &img, "g2"));
     every_generation_restores(&env, "vm", "vda", &states);
     // Another prefix: a diff, and this repository's bitmap under the old prefix goes.
     let other = format!("vda={}?bitmap=other", img.display());
     let err = backup_says(&env, &["vm", "--disk", &other]);
-    assert_eq!(newest_disk(&env, "vm", "vda")["mode"], "diff");
+    assert_mode(&env, "vm", "vda", "diff");
     assert!(err.contains("recorded bitmap vmkeep."), "{err}");
-    let newest = env.generations("vm").pop().unwrap();
-    let names: Vec<String> = bitmaps(&img).into_iter().map(|b| b.0).collect();
-    assert_eq!(names, vec![format!("other.{}.{newest}", repo_id(&env))]);
+    assert_only_bitmap(&env, &img, "other");
 }
 
 #[test]
 fn an_image_rolled_back_to_an_older_copy_gives_a_diff() {
     let env = Env::new();
-    let img = qcow2(&env, "d.qcow2", "16M");
-    qemu_write(&img, 0x11, "0", "2M");
-    let spec = format!("vda={}?bitmap=vmkeep", img.display());
-    env.ok(&["backup", "vm", "--disk", &spec]);
-    let mut states = vec![guest_view(&env, &img, "g0")];
+    let (img, spec, mut states) = first_generation(&env, "2M");
     qemu_write(&img, 0x21, "3M", "64k");
     // A failed run (refused after its bitmaps were prepared), then the copy is taken.
     env.fails(&["backup", "vm", "--disk", &spec, "--block-size", "16K"], 2);
@@ -566,13 +510,12 @@ fn an_image_rolled_back_to_an_older_copy_gives_a_diff() {
     std::fs::copy(&img, &copy).unwrap();
     qemu_write(&img, 0x22, "6M", "64k"); // X: only in the image that is then replaced
     env.ok(&["backup", "vm", "--disk", &spec]);
-    assert_eq!(newest_disk(&env, "vm", "vda")["mode"], "incr");
+    assert_mode(&env, "vm", "vda", "incr");
     states.push(guest_view(&env, &img, "g1"));
     // Rolled back: the old copy written over the image (same file, same inode).
     std::fs::copy(&copy, &img).unwrap();
     let err = backup_says(&env, &["vm", "--disk", &spec]);
-    let d = newest_disk(&env, "vm", "vda");
-    assert_eq!(d["mode"], "diff", "{d}");
+    assert_mode(&env, "vm", "vda", "diff");
     assert!(err.contains("not in the image"), "{err}");
     let rolled_back = guest_view(&env, &img, "g2");
     assert!(rolled_back != states[1], "the roll-back changed nothing");
@@ -611,17 +554,15 @@ fn swapped_or_replaced_disks_give_a_diff() {
         ],
     );
     for (disk, img) in [("vda", &b), ("vdb", &a)] {
-        let d = newest_disk(&env, "vm", disk);
-        assert_eq!(d["mode"], "diff", "{d}");
+        assert_mode(&env, "vm", disk, "diff");
         assert!(
             err.contains(&format!(
                 "disk {disk}: incr not possible (its source changed"
             )),
             "{err}"
         );
-        let latest = std::fs::read(env.repo().join(format!("vm/latest/{disk}.raw"))).unwrap();
         assert!(
-            latest == guest_view(&env, img, disk),
+            env.latest("vm", disk) == guest_view(&env, img, disk),
             "{disk}: newest image"
         );
     }
@@ -635,8 +576,8 @@ fn swapped_or_replaced_disks_give_a_diff() {
         "--disk",
         &spec("vdb", &a),
     ]);
-    assert_eq!(newest_disk(&env, "vm", "vdb")["mode"], "incr");
-    assert_eq!(newest_disk(&env, "vm", "vdb")["read_bytes"], 65536);
+    let d = assert_mode(&env, "vm", "vdb", "incr");
+    assert_eq!(d["read_bytes"], 65536, "{d}");
     // An image replaced by another file (a copy moved into its place) at the same path.
     let moved = env.path("a.qcow2.new");
     std::fs::copy(&a, &moved).unwrap();
@@ -645,9 +586,9 @@ fn swapped_or_replaced_disks_give_a_diff() {
         &env,
         &["vm", "--disk", &spec("vda", &b), "--disk", &spec("vdb", &a)],
     );
-    assert_eq!(newest_disk(&env, "vm", "vdb")["mode"], "diff");
+    assert_mode(&env, "vm", "vdb", "diff");
     assert!(err.contains("another file"), "{err}");
-    assert_eq!(newest_disk(&env, "vm", "vda")["mode"], "incr");
+    assert_mode(&env, "vm", "vda", "incr");
     env.ok(&["check", "vm", "--deep"]);
 
     // Changed-block lists: the user vouches for the list, not for a swapped source.
@@ -683,26 +624,24 @@ fn swapped_or_replaced_disks_give_a_diff() {
         ],
     );
     for (disk, p) in [("vda", &r2), ("vdb", &r1)] {
-        assert_eq!(newest_disk(&env, "lists", disk)["mode"], "diff");
+        assert_mode(&env, "lists", disk, "diff");
         assert!(
             err.contains(&format!(
                 "disk {disk}: incr not possible (its source changed"
             )),
             "{err}"
         );
-        let latest = std::fs::read(env.repo().join(format!("lists/latest/{disk}.raw"))).unwrap();
-        assert!(latest == std::fs::read(p).unwrap(), "{disk}: newest image");
+        assert!(
+            env.latest("lists", disk) == std::fs::read(p).unwrap(),
+            "{disk}: newest image"
+        );
     }
 }
 
 #[test]
 fn an_in_use_bitmap_gives_a_diff() {
     let env = Env::new();
-    let img = qcow2(&env, "d.qcow2", "16M");
-    qemu_write(&img, 0x11, "0", "4M");
-    let spec = format!("vda={}?bitmap=vmkeep", img.display());
-    env.ok(&["backup", "vm", "--disk", &spec]);
-    let mut states = vec![guest_view(&env, &img, "g0")];
+    let (img, spec, mut states) = first_generation(&env, "4M");
     // A writer killed while it has the image open leaves its bitmaps marked in-use (their
     // bits on disk are stale). The write goes to an allocated cluster, so its data is in
     // the file without any metadata update.
@@ -744,8 +683,7 @@ fn an_in_use_bitmap_gives_a_diff() {
         "{bms:?}"
     );
     let err = backup_says(&env, &["vm", "--disk", &spec]);
-    let d = newest_disk(&env, "vm", "vda");
-    assert_eq!(d["mode"], "diff", "{d}");
+    assert_mode(&env, "vm", "vda", "diff");
     assert!(err.contains("in-use"), "{err}");
     states.push(guest_view(&env, &img, "g1"));
     assert!(states[1] != states[0]);
@@ -759,10 +697,8 @@ fn an_in_use_bitmap_gives_a_diff() {
 #[test]
 fn a_failed_run_removes_only_the_bitmap_it_added() {
     let env = Env::new();
-    let img = qcow2(&env, "d.qcow2", "16M");
+    let (img, spec) = bitmap_disk(&env, "2M");
     let other = qcow2(&env, "e.qcow2", "1M");
-    qemu_write(&img, 0x11, "0", "2M");
-    let spec = format!("vda={}?bitmap=vmkeep", img.display());
     env.ok(&["backup", "vm", "--disk", &spec]);
     let before = bitmaps(&img);
     qemu_write(&img, 0x22, "5M", "64k");
@@ -773,9 +709,7 @@ fn a_failed_run_removes_only_the_bitmap_it_added() {
     assert_eq!(bitmaps(&img), before);
     assert!(bitmaps(&other).is_empty());
     env.ok(&["backup", "vm", "--disk", &spec]);
-    let d = newest_disk(&env, "vm", "vda");
-    assert_eq!(d["mode"], "incr", "{d}");
-    assert_eq!(d["read_bytes"], 65536, "{d}");
+    assert_incr_read(&env, "vm", 65536);
 }
 
 /// A second run of a VM whose backup is under way touches none of its bitmaps: every
@@ -784,24 +718,11 @@ fn a_failed_run_removes_only_the_bitmap_it_added() {
 #[test]
 fn bitmaps_are_prepared_under_the_vm_lock() {
     let env = Env::new();
-    let img = qcow2(&env, "d.qcow2", "16M");
-    qemu_write(&img, 0x11, "0", "2M");
-    let spec = format!("vda={}?bitmap=vmkeep", img.display());
+    let (img, spec) = bitmap_disk(&env, "2M");
     env.ok(&["backup", "vm", "--disk", &spec]);
     qemu_write(&img, 0x22, "5M", "64k");
-    let mark = env.path("paused");
-    let first = env
-        .std_cmd(&["backup", "vm", "--disk", &spec])
-        .env("VMKEEP_FAULT_PAUSE", "backup-planned:10")
-        .env("VMKEEP_FAULT_PAUSE_MARK", &mark)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !mark.exists() {
-        assert!(Instant::now() < deadline, "the first run never paused");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let first = env.spawn_paused(&["backup", "vm", "--disk", &spec], "backup-planned:10");
+    first.reached(60, "the first run never paused");
     let during = bitmaps(&img);
     assert_eq!(
         during.len(),
@@ -812,18 +733,9 @@ fn bitmaps_are_prepared_under_the_vm_lock() {
     let err = env.fails(&["backup", "vm", "--disk", &spec], 1);
     assert!(err.contains("is busy"), "{err}");
     assert_eq!(bitmaps(&img), during, "the refused run changed the bitmaps");
-    let out = first.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let d = newest_disk(&env, "vm", "vda");
-    assert_eq!(d["mode"], "incr", "{d}");
-    assert_eq!(d["read_bytes"], 65536, "{d}");
-    let newest = env.generations("vm").pop().unwrap();
-    let names: Vec<String> = bitmaps(&img).into_iter().map(|b| b.0).collect();
-    assert_eq!(names, vec![format!("vmkeep.{}.{newest}", repo_id(&env))]);
+    succeeded(&first.output(), "");
+    assert_incr_read(&env, "vm", 65536);
+    assert_only_bitmap(&env, &img, "vmkeep");
 }
 
 /// A run killed after it added its bitmap leaves that bitmap behind: the next run is
@@ -832,27 +744,14 @@ fn bitmaps_are_prepared_under_the_vm_lock() {
 #[test]
 fn a_killed_run_leaves_a_bitmap_the_next_run_removes() {
     let env = Env::new();
-    let img = qcow2(&env, "d.qcow2", "16M");
-    qemu_write(&img, 0x11, "0", "2M");
-    let spec = format!("vda={}?bitmap=vmkeep", img.display());
-    env.ok(&["backup", "vm", "--disk", &spec]);
-    let mut states = vec![guest_view(&env, &img, "g0")];
+    let (img, spec, mut states) = first_generation(&env, "2M");
     qemu_write(&img, 0x22, "5M", "64k");
     // SIGKILL while the run reads (its bitmap added, its image open).
-    let mark = env.path("paused");
-    let mut child = env
-        .std_cmd(&["backup", "vm", "--disk", &spec])
-        .env("VMKEEP_FAULT_PAUSE", "backup-planned:10")
-        .env("VMKEEP_FAULT_PAUSE_MARK", &mark)
-        .spawn()
-        .unwrap();
+    let mut run = env.spawn_paused(&["backup", "vm", "--disk", &spec], "backup-planned:10");
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !mark.exists() {
-        assert!(Instant::now() < deadline, "the run never paused");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.kill().unwrap();
-    assert_eq!(child.wait().unwrap().code(), None, "killed");
+    run.reached(60, "the run never paused");
+    run.child.kill().unwrap();
+    assert_eq!(run.child.wait().unwrap().code(), None, "killed");
     // (Its qemu-nbd exits when the connections close.)
     let serving = || {
         std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
@@ -869,14 +768,10 @@ fn a_killed_run_leaves_a_bitmap_the_next_run_removes() {
     assert_eq!(bitmaps(&img).len(), 2, "{:?}", bitmaps(&img));
     qemu_write(&img, 0x33, "9M", "64k");
     env.ok(&["backup", "vm", "--disk", &spec]);
-    let d = newest_disk(&env, "vm", "vda");
-    assert_eq!(d["mode"], "incr", "{d}");
-    assert_eq!(d["read_bytes"], 2 * 65536, "{d}");
+    assert_incr_read(&env, "vm", 2 * 65536);
     states.push(guest_view(&env, &img, "g1"));
     every_generation_restores(&env, "vm", "vda", &states);
-    let newest = env.generations("vm").pop().unwrap();
-    let names: Vec<String> = bitmaps(&img).into_iter().map(|b| b.0).collect();
-    assert_eq!(names, vec![format!("vmkeep.{}.{newest}", repo_id(&env))]);
+    assert_only_bitmap(&env, &img, "vmkeep");
 }
 
 /// One image backed up as two VMs of one repository: each VM's run removes only its own
@@ -884,23 +779,20 @@ fn a_killed_run_leaves_a_bitmap_the_next_run_removes() {
 #[test]
 fn a_run_never_removes_another_vms_bitmap() {
     let env = Env::new();
-    let img = qcow2(&env, "d.qcow2", "16M");
-    qemu_write(&img, 0x11, "0", "2M");
-    let spec = format!("vda={}?bitmap=vmkeep", img.display());
+    let (img, spec) = bitmap_disk(&env, "2M");
     env.ok(&["backup", "one", "--disk", &spec]);
     env.ok(&["backup", "two", "--disk", &spec]);
     let mut after = std::collections::HashMap::new();
     for (i, vm) in ["one", "two", "one"].iter().enumerate() {
         qemu_write(&img, 0x20 + i as u8, &format!("{}M", 4 + i), "64k");
         env.ok(&["backup", vm, "--disk", &spec]);
-        let d = newest_disk(&env, vm, "vda");
+        let d = env.newest_disk(vm, "vda");
         assert_eq!(d["mode"], "incr", "run {i} of {vm}: {d}");
         after.insert(*vm, guest_view(&env, &img, &format!("r{i}")));
     }
     assert_eq!(bitmaps(&img).len(), 2, "{:?}", bitmaps(&img));
     for vm in ["one", "two"] {
-        let latest = std::fs::read(env.repo().join(format!("{vm}/latest/vda.raw"))).unwrap();
-        assert!(latest == after[vm], "{vm}: newest image");
+        assert!(env.latest(vm, "vda") == after[vm], "{vm}: newest image");
         env.ok(&["check", vm, "--deep"]);
     }
 }

@@ -7,9 +7,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 
 use common::*;
 
@@ -17,16 +16,38 @@ const BS: u64 = 64 << 10;
 
 /// One VM `vm` with one generation of a 1 MiB disk of noise; returns (env, disk path).
 fn one_generation() -> (Env, PathBuf) {
-    let env = Env::new();
-    let disk = env.disk("disk.raw", 1 << 20);
-    write_at(&disk, 0, &noise(1, 1 << 20));
-    env.backup("vm", &disk, &[]);
-    (env, disk)
+    Env::one_noise_generation(1 << 20, 1)
 }
 
 /// Zero 128 bytes at offset 4096 of the newest digest file: the entries of blocks 0..4.
 fn zero_digest_entries(env: &Env) {
     write_at(&env.repo().join("vm/latest/vda.digest"), 4096, &[0u8; 128]);
+}
+
+/// [`one_generation`] with its digest file damaged ([`zero_digest_entries`]); returns
+/// (env, disk path, generation id).
+fn damaged_generation() -> (Env, PathBuf, String) {
+    let (env, disk) = one_generation();
+    let gen = env.generations("vm").pop().unwrap();
+    zero_digest_entries(&env);
+    (env, disk, gen)
+}
+
+/// Copy the newest digest file of VM `from` over VM `vm`'s.
+fn copy_digest_file(env: &Env, from: &str) {
+    std::fs::copy(
+        env.repo().join(from).join("latest/vda.digest"),
+        env.repo().join("vm/latest/vda.digest"),
+    )
+    .unwrap();
+}
+
+/// Run `args`, requiring exit status `code`; returns stdout.
+fn stdout_of(env: &Env, args: &[&str], code: i32) -> String {
+    let o = env.run(args);
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(code), "{stdout}");
+    stdout
 }
 
 fn s(p: &Path) -> &str {
@@ -40,21 +61,36 @@ fn names_everything(e: &str, gen: &str, file: &str) {
     }
 }
 
+/// Run `args`, requiring exit status 3 and a stderr that names everything
+/// ([`names_everything`]); returns stderr.
+fn refused(env: &Env, args: &[&str], gen: &str, file: &str) -> String {
+    let e = env.fails(args, 3);
+    names_everything(&e, gen, file);
+    e
+}
+
+/// `restore vm --to r.raw` is refused, naming everything and generation `gen`'s digest
+/// file, and writes nothing; returns stderr.
+fn restore_refused(env: &Env, gen: &str) -> String {
+    let out = env.path("r.raw");
+    let e = refused(env, &["restore", "vm", "--to", s(&out)], gen, "vda.digest");
+    assert!(!out.exists(), "nothing written as a restore");
+    e
+}
+
 #[test]
 fn a_damaged_digest_file_fails_restore_to_a_file() {
-    let (env, disk) = one_generation();
-    let gen = env.generations("vm").pop().unwrap();
-    zero_digest_entries(&env);
-    let out = env.path("r.raw");
-    let e = env.fails(&["restore", "vm", "--to", s(&out)], 3);
-    names_everything(&e, &gen, "vda.digest");
+    let (env, disk, gen) = damaged_generation();
+    let e = restore_refused(&env, &gen);
     assert!(e.contains("digest root"), "{e}");
-    assert!(!out.exists(), "nothing written as a restore");
+    let out = env.path("r.raw");
 
     // --ignore-damage writes the blocks that match their own digests and lists the rest.
-    let o = env.run(&["restore", "vm", "--to", s(&out), "--ignore-damage"]);
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(o.status.code(), Some(3), "{stdout}");
+    let stdout = stdout_of(
+        &env,
+        &["restore", "vm", "--to", s(&out), "--ignore-damage"],
+        3,
+    );
     assert!(
         stdout.contains("unproven") && stdout.contains("vda.digest"),
         "{stdout}"
@@ -84,9 +120,11 @@ fn ignore_damage_on_a_sparse_disk_reads_what_the_unproven_digests_call_holes() {
         .unwrap();
     assert!(st.success());
     let out = env.path("r.raw");
-    let o = env.run(&["restore", "vm", "--to", s(&out), "--ignore-damage"]);
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(o.status.code(), Some(3), "{stdout}");
+    let stdout = stdout_of(
+        &env,
+        &["restore", "vm", "--to", s(&out), "--ignore-damage"],
+        3,
+    );
     assert!(stdout.contains("damaged: bytes 0..262144"), "{stdout}");
     assert!(stdout.contains("damaged: bytes 524288..589824"), "{stdout}");
     let got = std::fs::read(&out).unwrap();
@@ -106,19 +144,13 @@ fn ignore_damage_on_a_sparse_disk_reads_what_the_unproven_digests_call_holes() {
 
 #[test]
 fn a_damaged_digest_file_fails_restore_to_qcow2_and_merge() {
-    let (env, _) = one_generation();
-    let gen = env.generations("vm").pop().unwrap();
-    zero_digest_entries(&env);
+    let (env, _, gen) = damaged_generation();
     let q = env.path("r.qcow2");
-    let e = env.fails(&["restore", "vm", "--to", s(&q)], 3);
-    names_everything(&e, &gen, "vda.digest");
+    refused(&env, &["restore", "vm", "--to", s(&q)], &gen, "vda.digest");
     assert!(!q.exists());
     let m = env.path("m.raw");
-    let e = env.fails(
-        &["merge", "vm", "-g", "0", "--disk", "vda", "--out", s(&m)],
-        3,
-    );
-    names_everything(&e, &gen, "vda.digest");
+    let merge = ["merge", "vm", "-g", "0", "--disk", "vda", "--out", s(&m)];
+    refused(&env, &merge, &gen, "vda.digest");
     assert!(!m.exists());
 }
 
@@ -130,8 +162,8 @@ fn a_damaged_digest_file_of_an_older_generations_chain_is_refused() {
     let ids = env.generations("vm");
     zero_digest_entries(&env);
     let out = env.path("r.raw");
-    let e = env.fails(&["restore", "vm", "-g", &ids[0], "--to", s(&out)], 3);
-    names_everything(&e, &ids[0], "vda.digest");
+    let restore = ["restore", "vm", "-g", &ids[0], "--to", s(&out)];
+    refused(&env, &restore, &ids[0], "vda.digest");
     assert!(!out.exists());
 }
 
@@ -139,16 +171,8 @@ fn a_damaged_digest_file_of_an_older_generations_chain_is_refused() {
 fn serve(env: &Env, gen: &str) -> Result<(Child, PathBuf), String> {
     let sock = env.path(&format!("{gen}.sock"));
     let log = env.path(&format!("{gen}.log"));
-    let mut child = env
-        .std_cmd(&["serve", "vm", "-g", gen, "--socket", s(&sock)])
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let mut serve = env.std_cmd(&["serve", "vm", "-g", gen, "--socket", s(&sock)]);
+    let (mut child, line) = spawn_first_line(&mut serve, &log);
     if line.is_empty() {
         let st = child.wait().unwrap();
         let err = std::fs::read_to_string(&log).unwrap();
@@ -178,9 +202,7 @@ fn nbdcopy(env: &Env, sock: &Path, name: &str) -> Result<Vec<u8>, String> {
 
 #[test]
 fn a_damaged_digest_file_is_never_served() {
-    let (env, disk) = one_generation();
-    let gen = env.generations("vm").pop().unwrap();
-    zero_digest_entries(&env);
+    let (env, disk, gen) = damaged_generation();
     match serve(&env, &gen) {
         Err(e) => {
             assert!(e.contains("exit Some(3)"), "{e}");
@@ -208,20 +230,12 @@ fn a_digest_file_of_another_vm_is_refused() {
     let (env, disk) = one_generation();
     env.backup("other", &disk, &[]);
     let gen = env.generations("vm").pop().unwrap();
-    std::fs::copy(
-        env.repo().join("other/latest/vda.digest"),
-        env.repo().join("vm/latest/vda.digest"),
-    )
-    .unwrap();
-    let out = env.path("r.raw");
-    let e = env.fails(&["restore", "vm", "--to", s(&out)], 3);
-    names_everything(&e, &gen, "vda.digest");
+    copy_digest_file(&env, "other");
+    let e = restore_refused(&env, &gen);
     assert!(e.contains("another generation"), "{e}");
-    assert!(!out.exists());
+    let out = env.path("r.raw");
     // check reports it too.
-    let o = env.run(&["check", "vm"]);
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(o.status.code(), Some(3), "{stdout}");
+    let stdout = stdout_of(&env, &["check", "vm"], 3);
     assert!(
         stdout.contains("DAMAGE:") && stdout.contains("another generation"),
         "{stdout}"
@@ -232,11 +246,7 @@ fn a_digest_file_of_another_vm_is_refused() {
     let other = env.disk("other.raw", 1 << 20);
     write_at(&other, 0, &noise(7, 1 << 20));
     env.backup("other", &other, &[]);
-    std::fs::copy(
-        env.repo().join("other/latest/vda.digest"),
-        env.repo().join("vm/latest/vda.digest"),
-    )
-    .unwrap();
+    copy_digest_file(&env, "other");
     env.fails(&["restore", "vm", "--to", s(&out)], 3);
     assert!(!out.exists());
 }
@@ -257,25 +267,20 @@ fn a_reverse_diff_of_another_generation_is_refused() {
     let rdiff = |g: &str| env.repo().join("vm").join(g).join("vda.rdiff");
     std::fs::copy(rdiff(&ids[0]), rdiff(&ids[1])).unwrap();
     let out = env.path("r.raw");
-    let e = env.fails(&["restore", "vm", "-g", &ids[1], "--to", s(&out)], 3);
-    names_everything(&e, &ids[1], "vda.rdiff");
+    let restore = ["restore", "vm", "-g", &ids[1], "--to", s(&out)];
+    let e = refused(&env, &restore, &ids[1], "vda.rdiff");
     assert!(
         e.contains(&ids[0]),
         "names the generation the header names: {e}"
     );
     assert!(!out.exists());
-    let o = env.run(&["check", "vm"]);
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(o.status.code(), Some(3), "{stdout}");
+    let stdout = stdout_of(&env, &["check", "vm"], 3);
     assert!(stdout.contains("another generation"), "{stdout}");
 }
 
 #[test]
 fn a_served_generation_reads_after_the_generations_it_relies_on_are_pruned() {
-    let env = Env::new();
-    let disk = env.disk("disk.raw", 1 << 20);
-    write_at(&disk, 0, &noise(1, 1 << 20));
-    env.backup("vm", &disk, &[]);
+    let (env, disk) = one_generation();
     // g2 changes a block far from block 0: g1's reverse diff has no record for block 0,
     // so a reader of g1 finds block 0 in the newest image.
     write_at(&disk, 10 * BS, &noise(2, BS as usize));
@@ -381,9 +386,8 @@ fn verify_names_the_range_of_a_changed_byte_and_a_size_difference() {
     env.ok(&["restore", "vm", "-g", &ids[1], "--to", s(&raw)]);
     flip_byte(&raw, 40_000); // block 2 of 16 KiB
     let spec = format!("vda={}", raw.display());
-    let o = env.run(&["verify", "vm", "-g", &ids[1], "--disk", &spec]);
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(o.status.code(), Some(1), "{stdout}");
+    let verify = ["verify", "vm", "-g", &ids[1], "--disk", &spec];
+    let stdout = stdout_of(&env, &verify, 1);
     assert!(stdout.contains("differs: bytes 32768..49152"), "{stdout}");
     let js: serde_json::Value = serde_json::from_slice(
         &env.run(&["--json", "verify", "vm", "-g", &ids[1], "--disk", &spec])
@@ -398,7 +402,7 @@ fn verify_names_the_range_of_a_changed_byte_and_a_size_difference() {
     // Data written into a hole of the restored copy is found too.
     flip_byte(&raw, 40_000);
     write_at(&raw, (2 << 20) + 5, b"x");
-    let o = env.run(&["verify", "vm", "-g", &ids[1], "--disk", &spec]);
+    let o = env.run(&verify);
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("differs: bytes 2097152..2113536"),
         "{o:?}"
@@ -411,9 +415,7 @@ fn verify_names_the_range_of_a_changed_byte_and_a_size_difference() {
         .unwrap()
         .set_len((3 << 20) - 16384)
         .unwrap();
-    let o = env.run(&["verify", "vm", "-g", &ids[1], "--disk", &spec]);
-    let stdout = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(o.status.code(), Some(1), "{stdout}");
+    let stdout = stdout_of(&env, &verify, 1);
     assert!(
         stdout.contains("differs: bytes 3129344..3145728"),
         "{stdout}"
@@ -445,36 +447,16 @@ mod lv;
 #[test]
 fn restore_as_a_new_vm_refuses_a_damaged_digest_file_before_defining_anything() {
     let vm = lv::TestVm::start("trust", &[("vda", "qcow2", 32)]);
-    let env = Env::new();
-    let run = env.path("run");
-    std::fs::write(
-        env.path("no-config.toml"),
-        format!(
-            "run_dir = \"{}\"\nscratch_dir = \"{}\"\n",
-            run.display(),
-            env.path("scratch").display()
-        ),
-    )
-    .unwrap();
-    lv::set_mode(env.dir.path(), 0o711);
+    let env = Env::live();
     vm.guest_write(0, 0x11, "0", "1M");
     env.ok(&["backup", &vm.name]);
     let gen = Env::generations_in(&env.repo(), &vm.name).pop().unwrap();
-    let dir = env.path("disks");
-    std::fs::create_dir(&dir).unwrap();
-    lv::set_mode(&dir, 0o755);
+    let dir = env.disk_dir();
     // A good copy first, proven by verify (as scripts/demo.sh does).
     {
         let new = format!("{}-good", vm.name);
         let _guard = lv::Undefine(new.clone());
-        env.ok(&[
-            "restore",
-            &vm.name,
-            "--as-vm",
-            &new,
-            "--disk-dir",
-            dir.to_str().unwrap(),
-        ]);
+        env.ok(&restore_as_vm(&vm.name, &new, &dir));
         let copy = dir.join(format!("{new}-vda.qcow2"));
         env.ok(&[
             "verify",
@@ -492,14 +474,7 @@ fn restore_as_a_new_vm_refuses_a_damaged_digest_file_before_defining_anything() 
     for instant in [false, true] {
         let new = format!("{}-copy", vm.name);
         let _guard = lv::Undefine(new.clone());
-        let mut args = vec![
-            "restore",
-            &vm.name,
-            "--as-vm",
-            &new,
-            "--disk-dir",
-            dir.to_str().unwrap(),
-        ];
+        let mut args = restore_as_vm(&vm.name, &new, &dir);
         if instant {
             args.push("--instant");
         }

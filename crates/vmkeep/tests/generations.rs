@@ -8,16 +8,17 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+mod support;
+
 use proptest::prelude::*;
-use vmkeep::archive::Repository;
+use support::archive::{deep_check_ok, restore_view};
+use vmkeep::archive::{Generation, Repository, VmArchive};
 use vmkeep::engine::backup::{BackupOptions, BackupRun, DiskInput};
 use vmkeep::engine::check::{check, GenSelect};
 use vmkeep::engine::reader::DiskView;
-use vmkeep::engine::restore::restore;
 use vmkeep::engine::Mode;
 use vmkeep::progress::NoProgress;
 use vmkeep::source::file::FileSource;
-use vmkeep::target::file::FileTarget;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -45,6 +46,18 @@ enum Op {
     Drop {
         k: usize,
     },
+}
+
+impl Op {
+    /// [`Op::Write`] of `len` bytes at `at`.
+    fn write(at: f64, len: usize, seed: u64, text: bool) -> Op {
+        Op::Write {
+            at,
+            len,
+            seed,
+            text,
+        }
+    }
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -176,15 +189,25 @@ fn backup(repo: &Repository, disk: &mut Disk, mode: Mode, block_size: u32) {
 fn restore_to(repo: &Repository, k: usize, out: &Path) -> Vec<u8> {
     let archive = repo.vm("vm").unwrap();
     let gens = archive.generations().unwrap();
-    let view = DiskView::open(&archive, &gens, k, "vda").unwrap();
-    restore(
-        &view,
-        Box::new(FileTarget::create(out, view.size).unwrap()),
-        false,
-        &NoProgress,
-    )
-    .unwrap();
-    std::fs::read(out).unwrap()
+    read_generation(&archive, &gens, k, "vda", out)
+}
+
+/// Disk `disk` of the `k`-th oldest of `gens`, restored to the file `out`.
+fn read_generation(
+    archive: &VmArchive,
+    gens: &[Generation],
+    k: usize,
+    disk: &str,
+    out: &Path,
+) -> Vec<u8> {
+    let view = DiskView::open(archive, gens, k, disk).unwrap();
+    restore_view(&view, out).unwrap()
+}
+
+/// Drop the `k`-th oldest of `gens` under the VM's lock, as prune does.
+fn drop_generation(archive: &VmArchive, gens: &[Generation], k: usize) {
+    let _lock = vmkeep::archive::lock::VmLock::acquire(&archive.dir, "vm", "test").unwrap();
+    vmkeep::engine::prune::drop_generation(&archive.dir, gens, k).unwrap();
 }
 
 /// Every generation restores to its snapshot; the newest image is the disk; check --deep ok.
@@ -234,12 +257,7 @@ fn run_ops(ops: &[Op], block_size: u32) -> Result<(), TestCaseError> {
             Op::Drop { k } if snapshots.len() > 1 => {
                 let k = k % (snapshots.len() - 1);
                 let archive = repo.vm("vm").unwrap();
-                let gens = archive.generations().unwrap();
-                {
-                    let _lock =
-                        vmkeep::archive::lock::VmLock::acquire(&archive.dir, "vm", "test").unwrap();
-                    vmkeep::engine::prune::drop_generation(&archive.dir, &gens, k).unwrap();
-                }
+                drop_generation(&archive, &archive.generations().unwrap(), k);
                 snapshots.remove(k);
                 verify(&repo, dir.path(), &snapshots, &disk)?;
             }
@@ -268,22 +286,12 @@ fn shrink_then_grow_with_a_dropped_middle_generation() {
     // Pins the merge rule for blocks past a middle generation's end: after dropping the
     // small middle generation, the old tail must still read as it was, not as the new tail.
     let ops = vec![
-        Op::Write {
-            at: 0.0,
-            len: 2 << 20,
-            seed: 1,
-            text: false,
-        },
+        Op::write(0.0, 2 << 20, 1, false),
         Op::Backup { mode: Mode::Full },
         Op::Resize { size: 1 << 20 },
         Op::Backup { mode: Mode::Diff },
         Op::Resize { size: 4 << 20 },
-        Op::Write {
-            at: 0.6,
-            len: 1 << 20,
-            seed: 2,
-            text: false,
-        },
+        Op::write(0.6, 1 << 20, 2, false),
         Op::Backup { mode: Mode::Incr },
         Op::Drop { k: 1 },
         Op::Backup { mode: Mode::Auto },
@@ -297,18 +305,8 @@ fn disks_appear_and_disappear() {
     let repo = Repository::init(&dir.path().join("repo")).unwrap();
     let mut a = Disk::new(dir.path().join("a.raw"), 1 << 20);
     let mut b = Disk::new(dir.path().join("b.raw"), 512 << 10);
-    a.apply(&Op::Write {
-        at: 0.1,
-        len: 300 << 10,
-        seed: 5,
-        text: true,
-    });
-    b.apply(&Op::Write {
-        at: 0.0,
-        len: 100 << 10,
-        seed: 6,
-        text: false,
-    });
+    a.apply(&Op::write(0.1, 300 << 10, 5, true));
+    b.apply(&Op::write(0.0, 100 << 10, 6, false));
     let run_with = |disks: &[&Disk]| {
         let inputs = disks
             .iter()
@@ -326,34 +324,16 @@ fn disks_appear_and_disappear() {
     let a0 = a.model.clone();
     run_with(&[&a, &b]); // g1: a, b
     let b1 = b.model.clone();
-    a.apply(&Op::Write {
-        at: 0.5,
-        len: 64 << 10,
-        seed: 7,
-        text: false,
-    });
+    a.apply(&Op::write(0.5, 64 << 10, 7, false));
     run_with(&[&b]); // g2: b only — a's last image becomes a base reverse diff of g1
     let a1 = a.model.clone();
-    b.apply(&Op::Write {
-        at: 0.2,
-        len: 8 << 10,
-        seed: 8,
-        text: false,
-    });
+    b.apply(&Op::write(0.2, 8 << 10, 8, false));
     run_with(&[&a, &b]); // g3: a (changed since g1) and b
     let archive = repo.vm("vm").unwrap();
     let gens = archive.generations().unwrap();
     let read = |k: usize, disk: &str| {
-        let view = DiskView::open(&archive, &gens, k, disk).unwrap();
         let out = dir.path().join(format!("r-{k}-{disk}"));
-        restore(
-            &view,
-            Box::new(FileTarget::create(&out, view.size).unwrap()),
-            false,
-            &NoProgress,
-        )
-        .unwrap();
-        std::fs::read(out).unwrap()
+        read_generation(&archive, &gens, k, disk, &out)
     };
     assert!(read(0, "a") == a0);
     assert!(read(1, "a") == a0);
@@ -365,23 +345,11 @@ fn disks_appear_and_disappear() {
         DiskView::open(&archive, &gens, 2, "a").is_err(),
         "generation 2 has no disk a"
     );
-    let report = check(&repo, "vm", true, &GenSelect::All, &NoProgress).unwrap();
-    assert!(report.ok(), "{:?}", report.problems);
+    deep_check_ok(&repo, "vm");
     // Dropping g2 (the one without a) keeps g1's a readable.
-    let _lock = vmkeep::archive::lock::VmLock::acquire(&archive.dir, "vm", "test").unwrap();
-    vmkeep::engine::prune::drop_generation(&archive.dir, &gens, 2).unwrap();
-    drop(_lock);
+    drop_generation(&archive, &gens, 2);
     let gens = archive.generations().unwrap();
-    let view = DiskView::open(&archive, &gens, 1, "a").unwrap();
     let out = dir.path().join("after-drop");
-    restore(
-        &view,
-        Box::new(FileTarget::create(&out, view.size).unwrap()),
-        false,
-        &NoProgress,
-    )
-    .unwrap();
-    assert!(std::fs::read(out).unwrap() == a0);
-    let report = check(&repo, "vm", true, &GenSelect::All, &NoProgress).unwrap();
-    assert!(report.ok(), "{:?}", report.problems);
+    assert!(read_generation(&archive, &gens, 1, "a", &out) == a0);
+    deep_check_ok(&repo, "vm");
 }

@@ -7,18 +7,18 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 
+mod support;
+
+use support::archive::{deep_check_ok, restore_view};
 use vmkeep::archive::profile;
 use vmkeep::archive::retention::Schedule;
 use vmkeep::archive::Repository;
 use vmkeep::engine::backup::{BackupOptions, BackupRun, DiskInput};
-use vmkeep::engine::check::{check, GenSelect};
 use vmkeep::engine::prune::prune;
 use vmkeep::engine::reader::DiskView;
-use vmkeep::engine::restore::restore;
 use vmkeep::engine::Mode;
 use vmkeep::progress::NoProgress;
 use vmkeep::source::file::FileSource;
-use vmkeep::target::file::FileTarget;
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -120,21 +120,13 @@ fn two_hundred_generations_pruned_as_they_go() {
     );
     assert!(gens.len() as u64 <= 12 + 10 + protected as u64);
     assert_eq!(gens.len(), snapshots.len());
-    let report = check(&repo, "vm", true, &GenSelect::All, &NoProgress).unwrap();
-    assert!(report.ok(), "{:?}", report.problems);
+    let report = deep_check_ok(&repo, "vm");
     assert_eq!(report.generations_proven, gens.len());
     for (k, g) in gens.iter().enumerate() {
         let view = DiskView::open(&archive, &gens, k, "vda").unwrap();
         let out = dir.path().join("restore.raw");
-        restore(
-            &view,
-            Box::new(FileTarget::create(&out, view.size).unwrap()),
-            false,
-            &NoProgress,
-        )
-        .unwrap();
         assert!(
-            std::fs::read(&out).unwrap() == snapshots[&g.id],
+            restore_view(&view, &out).unwrap() == snapshots[&g.id],
             "generation {} ({k}) differs",
             g.id
         );
