@@ -126,7 +126,10 @@ mod tests {
         assert_eq!(l.describe(), "/disk.img");
         l.prefetch(4096, 8192);
         assert_eq!(*l.inner().hints.lock().unwrap(), vec![(4096, 8192)]);
-        assert_eq!((l.size(), l.parallelism(), l.max_read()), (1 << 20, 5, 4096));
+        assert_eq!(
+            (l.size(), l.parallelism(), l.max_read()),
+            (1 << 20, 5, 4096)
+        );
         let mut b = [0u8; 4];
         l.read_at(&mut b, 0).unwrap();
         assert_eq!(b, [7; 4]);

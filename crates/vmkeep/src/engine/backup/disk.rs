@@ -142,7 +142,8 @@ impl RunCtx<'_> {
 
         let image_path = self.new_dir.join(format!("{}.raw", input.name));
         let digest_path = self.new_dir.join(format!("{}.digest", input.name));
-        let mut sink = self.open_sink(&input.name, old.as_ref(), size, &image_path, &digest_path)?;
+        let mut sink =
+            self.open_sink(&input.name, old.as_ref(), size, &image_path, &digest_path)?;
         let read_bytes = self.copy(
             input.source.as_ref(),
             old.as_ref(),

@@ -42,108 +42,108 @@ pub(super) struct Examiner<'a> {
 }
 
 impl Examiner<'_> {
-/// Read and digest one job, and prepare the journal records of the blocks it changes.
-pub(super) fn examine(&self, job: Job) -> Result<Done> {
-    let Examiner {
-        source,
-        old,
-        bs,
-        size,
-        level,
-        full_compare,
-        pool,
-    } = *self;
-    let start = job.first * bs as u64;
-    let end = ((job.first + job.count) * bs as u64).min(size);
-    let mut read_bytes = 0;
-    let data = match job.kind {
-        ExtentKind::Data => {
-            let buf = source.read_buf(pool, start, (end - start) as usize)?;
-            read_bytes = buf.len() as u64;
-            Some(buf)
-        }
-        ExtentKind::Zero => None,
-    };
-    let n = job.count as usize;
-    let mut digests = Vec::with_capacity(n);
-    for i in 0..n {
-        digests.push(match &data {
-            Some(d) => block_digest(block_slice(d, i, bs)),
-            None => ZERO_DIGEST,
-        });
-    }
-    let mut changes = Vec::new();
-    let mut damaged = 0;
-    match old {
-        None => {
-            for (i, d) in digests.iter().enumerate() {
-                if *d != ZERO_DIGEST {
-                    changes.push((i, None));
-                }
+    /// Read and digest one job, and prepare the journal records of the blocks it changes.
+    pub(super) fn examine(&self, job: Job) -> Result<Done> {
+        let Examiner {
+            source,
+            old,
+            bs,
+            size,
+            level,
+            full_compare,
+            pool,
+        } = *self;
+        let start = job.first * bs as u64;
+        let end = ((job.first + job.count) * bs as u64).min(size);
+        let mut read_bytes = 0;
+        let data = match job.kind {
+            ExtentKind::Data => {
+                let buf = source.read_buf(pool, start, (end - start) as usize)?;
+                read_bytes = buf.len() as u64;
+                Some(buf)
             }
+            ExtentKind::Zero => None,
+        };
+        let n = job.count as usize;
+        let mut digests = Vec::with_capacity(n);
+        for i in 0..n {
+            digests.push(match &data {
+                Some(d) => block_digest(block_slice(d, i, bs)),
+                None => ZERO_DIGEST,
+            });
         }
-        Some(o) => {
-            let shared = o.blocks.saturating_sub(job.first).min(job.count) as usize;
-            let mut old_digests = vec![0u8; shared * DIGEST_LEN];
-            o.digest.read_range(job.first, &mut old_digests)?;
-            let od = |i: usize| -> Digest {
-                old_digests[i * DIGEST_LEN..(i + 1) * DIGEST_LEN]
-                    .try_into()
-                    .expect("32")
-            };
-            // Blocks whose old content must be looked at: those that changed (and, in full
-            // mode, every block: the image bytes are compared, not the stored digest).
-            let candidates: Vec<usize> = (0..shared)
-                .filter(|&i| full_compare || od(i) != digests[i])
-                .collect();
-            // Old contents are read in one request per run of adjacent candidates.
-            let mut k = 0;
-            while k < candidates.len() {
-                let mut m = k + 1;
-                while m < candidates.len() && candidates[m] == candidates[m - 1] + 1 {
-                    m += 1;
-                }
-                let (a, b) = (candidates[k], candidates[m - 1] + 1);
-                let from = (job.first + a as u64) * bs as u64;
-                let to = ((job.first + b as u64) * bs as u64).min(o.size);
-                let mut old_buf = vec![0u8; (to - from) as usize];
-                fsutil::read_exact_at(&o.image, &mut old_buf, from, &o.image_path)?;
-                for &i in &candidates[k..m] {
-                    let blk = job.first + i as u64;
-                    let ob = block_slice(&old_buf, i - a, bs);
-                    let rec = old_record_of(blk, ob, od(i), level);
-                    if od(i) == digests[i] {
-                        // Full mode: trust the image bytes, not the stored digest.
-                        let same = match &data {
-                            Some(v) => ob == block_slice(v, i, bs),
-                            None => fsutil::is_zero(ob),
-                        };
-                        if same {
-                            continue;
-                        }
+        let mut changes = Vec::new();
+        let mut damaged = 0;
+        match old {
+            None => {
+                for (i, d) in digests.iter().enumerate() {
+                    if *d != ZERO_DIGEST {
+                        changes.push((i, None));
                     }
-                    damaged += rec.is_damaged() as u64;
-                    changes.push((i, Some(rec)));
                 }
-                k = m;
             }
-            for (i, d) in digests.iter().enumerate().skip(shared) {
-                if *d != ZERO_DIGEST {
-                    changes.push((i, None));
+            Some(o) => {
+                let shared = o.blocks.saturating_sub(job.first).min(job.count) as usize;
+                let mut old_digests = vec![0u8; shared * DIGEST_LEN];
+                o.digest.read_range(job.first, &mut old_digests)?;
+                let od = |i: usize| -> Digest {
+                    old_digests[i * DIGEST_LEN..(i + 1) * DIGEST_LEN]
+                        .try_into()
+                        .expect("32")
+                };
+                // Blocks whose old content must be looked at: those that changed (and, in full
+                // mode, every block: the image bytes are compared, not the stored digest).
+                let candidates: Vec<usize> = (0..shared)
+                    .filter(|&i| full_compare || od(i) != digests[i])
+                    .collect();
+                // Old contents are read in one request per run of adjacent candidates.
+                let mut k = 0;
+                while k < candidates.len() {
+                    let mut m = k + 1;
+                    while m < candidates.len() && candidates[m] == candidates[m - 1] + 1 {
+                        m += 1;
+                    }
+                    let (a, b) = (candidates[k], candidates[m - 1] + 1);
+                    let from = (job.first + a as u64) * bs as u64;
+                    let to = ((job.first + b as u64) * bs as u64).min(o.size);
+                    let mut old_buf = vec![0u8; (to - from) as usize];
+                    fsutil::read_exact_at(&o.image, &mut old_buf, from, &o.image_path)?;
+                    for &i in &candidates[k..m] {
+                        let blk = job.first + i as u64;
+                        let ob = block_slice(&old_buf, i - a, bs);
+                        let rec = old_record_of(blk, ob, od(i), level);
+                        if od(i) == digests[i] {
+                            // Full mode: trust the image bytes, not the stored digest.
+                            let same = match &data {
+                                Some(v) => ob == block_slice(v, i, bs),
+                                None => fsutil::is_zero(ob),
+                            };
+                            if same {
+                                continue;
+                            }
+                        }
+                        damaged += rec.is_damaged() as u64;
+                        changes.push((i, Some(rec)));
+                    }
+                    k = m;
+                }
+                for (i, d) in digests.iter().enumerate().skip(shared) {
+                    if *d != ZERO_DIGEST {
+                        changes.push((i, None));
+                    }
                 }
             }
         }
+        Ok(Done {
+            first: job.first,
+            count: job.count,
+            read_bytes,
+            data: data.map(Arc::new),
+            digests,
+            changes,
+            damaged,
+        })
     }
-    Ok(Done {
-        first: job.first,
-        count: job.count,
-        read_bytes,
-        data: data.map(Arc::new),
-        digests,
-        changes,
-        damaged,
-    })
-}
 }
 
 /// The journal record of block `b` of the previous image, whose bytes are `bytes` and

@@ -204,7 +204,11 @@ mod tests {
             .map(|b| b.name)
             .collect();
         assert_eq!(names, vec![d.bitmap.clone().unwrap()]);
-        let g = repo.vm("vm").unwrap().generation(&second.generation.id).unwrap();
+        let g = repo
+            .vm("vm")
+            .unwrap()
+            .generation(&second.generation.id)
+            .unwrap();
         let stored = std::fs::read(g.image_path("vda")).unwrap();
         assert!(stored == raw_bytes(&img, &dir.path().join("now.raw")));
     }

@@ -142,7 +142,12 @@ const READ_AHEAD_PIECE: u64 = 2 << 20;
 const MAX_ZERO_BLOCKS: u64 = 1 << 16;
 
 impl<'a> Planner<'a> {
-    pub(super) fn new(source: &'a dyn BlockSource, ranges: &'a [(u64, u64)], bs: u32, size: u64) -> Self {
+    pub(super) fn new(
+        source: &'a dyn BlockSource,
+        ranges: &'a [(u64, u64)],
+        bs: u32,
+        size: u64,
+    ) -> Self {
         let request = crate::tuning::tuning("VMKEEP_READ_SIZE", 4096..=32 << 20).unwrap_or(4 << 20);
         let chunk = (source.max_read().min(request) as u64).max(bs as u64);
         Planner {
