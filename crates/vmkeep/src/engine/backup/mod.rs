@@ -496,6 +496,56 @@ impl BackupRun {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::archive::rdiff::{RdiffReader, REC_ZSTD};
+    use crate::progress::NoProgress;
+    use crate::source::file::FileSource;
+
+    /// Back up `bytes` as disk vda of VM vm at zstd level `level`.
+    fn backup_bytes(repo: &Repository, disk: &Path, bytes: &[u8], level: i32) -> BackupReport {
+        std::fs::write(disk, bytes).unwrap();
+        let input = DiskInput::new("vda", Box::new(FileSource::open(disk).unwrap()));
+        let opts = BackupOptions {
+            block_size: Some(4096),
+            compression_level: level,
+            ..BackupOptions::default()
+        };
+        BackupRun::begin(repo, "vm")
+            .unwrap()
+            .execute(vec![input], &opts, &NoProgress)
+            .unwrap()
+    }
+
+    /// Whether the reverse diff of the first generation after a shrink of a compressible
+    /// disk, made at `level`, holds compressed records.
+    fn shrink_rdiff_is_compressed(level: i32) -> bool {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(&dir.path().join("repo")).unwrap();
+        let disk = dir.path().join("d.raw");
+        let text: Vec<u8> = b"every block of this disk compresses well. "
+            .iter()
+            .copied()
+            .cycle()
+            .take(16 * 4096)
+            .collect();
+        let first = backup_bytes(&repo, &disk, &text, level);
+        // The same first block, the other fifteen cut off.
+        backup_bytes(&repo, &disk, &text[..4096], level);
+        let g = repo
+            .vm("vm")
+            .unwrap()
+            .generation(&first.generation.id)
+            .unwrap();
+        let r = RdiffReader::open(&g.rdiff_path("vda")).unwrap();
+        assert_eq!(r.len(), 15);
+        (0..r.len()).any(|i| r.read(i).unwrap().flags & REC_ZSTD != 0)
+    }
+
+    #[test]
+    fn a_shrink_journals_the_cut_off_tail_at_the_runs_level() {
+        // Level 0 stores every record as it is, the cut-off tail included.
+        assert!(!shrink_rdiff_is_compressed(0));
+        assert!(shrink_rdiff_is_compressed(3));
+    }
 
     fn record(origin: Option<&str>, file: Option<(u64, u64)>) -> DiskRecord {
         DiskRecord {

@@ -178,7 +178,7 @@ impl<'a> Sink<'a> {
             for b in new_blocks..old.blocks {
                 let d = old.digest_of(b)?;
                 if d != ZERO_DIGEST {
-                    let rec = old_record(old, b, d, self.bs, 3)?;
+                    let rec = old_record(old, b, d, self.bs, self.level)?;
                     self.damaged += rec.is_damaged() as u64;
                     journal.append(&rec)?;
                     self.unsynced_records = true;
