@@ -20,5 +20,6 @@ pub mod progress;
 pub mod source;
 pub mod target;
 pub mod tls;
+pub mod tuning;
 
 pub use error::{Error, ErrorKind, Result};

@@ -4,8 +4,8 @@
 use anyhow::Result;
 use vmkeep::engine::reader::DiskView;
 use vmkeep::engine::verify::{no_such_disk, verify_disk, DiskVerify};
+use vmkeep::source::open_source;
 
-use super::backup::open_source;
 use super::Ctx;
 use crate::cli::VerifyArgs;
 use crate::output::{bytes, EXIT_FAILURE};

@@ -142,12 +142,29 @@ pub struct GenerationProfile {
     pub block_size: u32,
     /// Where the disks came from: "image", "nbd" or "libvirt".
     #[serde(default)]
-    pub kind: String,
+    pub kind: SourceKind,
     /// libvirt checkpoint made with this generation (incr basis for the next run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskRecord>,
+}
+
+/// Where a generation's disks came from (`kind` in `generation.toml`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// Image files, devices or NBD URIs given as SOURCE.
+    Image,
+    /// An NBD server.
+    Nbd,
+    /// A libvirt domain.
+    Libvirt,
+    /// Not recorded (a profile without `kind`, written as `kind = ""`), or a kind this
+    /// version does not know.
+    #[default]
+    #[serde(rename = "", other)]
+    Unknown,
 }
 
 /// One disk of a generation.

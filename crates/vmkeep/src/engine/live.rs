@@ -14,6 +14,7 @@
 
 use std::path::PathBuf;
 
+use crate::archive::profile::SourceKind;
 use crate::archive::Repository;
 use crate::engine::backup::{BackupOptions, BackupReport, BackupRun, DiskInput};
 use crate::error::{Error, Result};
@@ -24,7 +25,7 @@ use crate::libvirt::{
 use crate::nbd::proto::META_DIRTY_BITMAP_PREFIX;
 use crate::progress::Progress;
 use crate::source::nbd::NbdSource;
-use crate::source::{file::FileSource, qemu, BlockSource};
+use crate::source::{file::FileSource, qemu, BlockSource, Labelled};
 
 /// Where live backups put their sockets and scratch files.
 #[derive(Debug, Clone)]
@@ -47,6 +48,24 @@ impl Default for LiveOptions {
             run_dir: PathBuf::from("/run/vmkeep"),
             scratch_dir: PathBuf::from("/var/tmp/vmkeep"),
             job_wait: std::time::Duration::from_secs(3600),
+        }
+    }
+}
+
+impl LiveOptions {
+    /// The options from plain settings: the disks to skip, and the folders for sockets and
+    /// scratch files (`None`: the defaults).
+    pub fn from_settings(
+        skip_disks: Vec<String>,
+        run_dir: Option<PathBuf>,
+        scratch_dir: Option<PathBuf>,
+    ) -> LiveOptions {
+        let defaults = LiveOptions::default();
+        LiveOptions {
+            skip_disks,
+            run_dir: run_dir.unwrap_or(defaults.run_dir),
+            scratch_dir: scratch_dir.unwrap_or(defaults.scratch_dir),
+            job_wait: defaults.job_wait,
         }
     }
 }
@@ -74,7 +93,7 @@ pub fn backup_domain(
     let new_checkpoint = format!("{prefix}{}", run.generation_id());
     let basis = incr_basis(&dom, &run, &prefix, progress)?;
     let mut opts = opts.clone();
-    opts.kind = "libvirt".into();
+    opts.kind = SourceKind::Libvirt;
     opts.domain_xml = Some(xml);
     // This branch's checkpoint found broken (its bitmap lost when QEMU died): after a
     // good generation it goes with the older ones.
@@ -175,7 +194,7 @@ fn incr_basis(
         return Ok(None);
     };
     let Some(cp) = prev.profile.checkpoint.clone() else {
-        if prev.profile.kind == "libvirt" {
+        if prev.profile.kind == SourceKind::Libvirt {
             progress.warn(&format!(
                 "VM {}: the newest generation has no checkpoint; reading all disks (diff)",
                 dom.name()
@@ -473,10 +492,8 @@ fn open_exports(
         let label = disk_label(disks, &d.target);
         let mut input = DiskInput::new(
             &d.target,
-            Box::new(LabelledSource {
-                inner: Box::new(source),
-                label,
-            }),
+            // Described by the disk's path rather than the temporary NBD socket.
+            Box::new(Labelled::new(Box::new(source), label, ())),
         );
         if bitmap.is_some() {
             input.changed = input.source.changed_extents()?;
@@ -779,47 +796,6 @@ fn forget_old_checkpoints(
                 cp.name
             ));
         }
-    }
-}
-
-/// A source described by the disk's path rather than the temporary NBD socket.
-struct LabelledSource {
-    inner: Box<dyn BlockSource>,
-    label: String,
-}
-
-impl BlockSource for LabelledSource {
-    fn describe(&self) -> String {
-        self.label.clone()
-    }
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn read_buf(
-        &self,
-        pool: &std::sync::Arc<crate::bufpool::BufPool>,
-        offset: u64,
-        len: usize,
-    ) -> Result<crate::bufpool::PoolBuf> {
-        self.inner.read_buf(pool, offset, len)
-    }
-    fn prefetch(&self, offset: u64, length: u64) {
-        self.inner.prefetch(offset, length)
-    }
-    fn extents(&self, offset: u64, length: u64) -> Result<Vec<crate::source::Extent>> {
-        self.inner.extents(offset, length)
-    }
-    fn changed_extents(&self) -> Result<Option<Vec<(u64, u64)>>> {
-        self.inner.changed_extents()
-    }
-    fn parallelism(&self) -> usize {
-        self.inner.parallelism()
-    }
-    fn max_read(&self) -> usize {
-        self.inner.max_read()
     }
 }
 

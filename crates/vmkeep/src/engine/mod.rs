@@ -60,20 +60,6 @@ impl FromStr for Mode {
     }
 }
 
-/// A benchmark knob: the whole number in environment variable `name`, when it is set and
-/// within `range` (anything else is ignored). Used by `bench/nbd-sweep.sh` to measure the
-/// request size and queue depth that the defaults were chosen from; see docs/BENCHMARKS.md.
-pub fn tuning(name: &str, range: std::ops::RangeInclusive<usize>) -> Option<usize> {
-    std::env::var(name)
-        .ok()?
-        .parse()
-        .ok()
-        .filter(|v| range.contains(v))
-}
-
-/// Worker threads for hashing and compression: every core.
-pub fn cpu_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-}
+/// The knobs moved to [`crate::tuning`] (source/ and nbd/ use them too); these names stay
+/// for the engine's callers.
+pub use crate::tuning::{cpu_threads, tuning};

@@ -140,6 +140,17 @@ fn bitmap_op(path: &Path, op: &str, name: &str) -> Result<()> {
     qemu_img(path, &["bitmap", op], &[name]).map(drop)
 }
 
+/// Check a granularity for new bitmaps (bytes per bit): a power of two from 512 bytes to
+/// 2 GiB, as QEMU takes.
+pub fn check_granularity(g: u64) -> Result<()> {
+    if !g.is_power_of_two() || !(512..=(1 << 31)).contains(&g) {
+        return Err(Error::usage(format!(
+            "bitmap granularity {g} is not a power of two from 512 bytes to 2 GiB"
+        )));
+    }
+    Ok(())
+}
+
 /// The bitmap of generation `generation` of repository `repository`, for `prefix`.
 pub fn chain_name(prefix: &str, repository: &str, generation: &str) -> String {
     format!("{prefix}.{repository}.{generation}")

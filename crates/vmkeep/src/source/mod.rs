@@ -5,15 +5,20 @@ pub mod bitmap;
 pub mod changed;
 pub(crate) mod children;
 pub mod file;
+pub mod labelled;
 pub mod nbd;
 pub mod open;
 pub mod qemu;
+pub mod tracked;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::bufpool::{BufPool, PoolBuf};
 use crate::error::Result;
+
+pub use labelled::Labelled;
+pub use open::{open_disk_source, open_source, Opened};
 
 /// What a range of a source holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

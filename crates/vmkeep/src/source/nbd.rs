@@ -167,7 +167,7 @@ impl BlockSource for NbdSource {
     }
 
     fn parallelism(&self) -> usize {
-        crate::engine::tuning("VMKEEP_NBD_QUEUE", 1..=64)
+        crate::tuning::tuning("VMKEEP_NBD_QUEUE", 1..=64)
             .unwrap_or((self.client.connections() * DEPTH_PER_CONNECTION).min(MAX_PARALLELISM))
     }
 

@@ -3,11 +3,17 @@
 //! A path to a block device is raw, always: a guest may write any header into its disk,
 //! and probing a raw device for an image format would let it choose how vmkeep reads it.
 //! A regular file is probed by its magic bytes (`?format=raw` turns probing off).
+//!
+//! A probed image with a backing file is refused (see [`open_source`]), and a qcow2
+//! `PATH?bitmap=PREFIX` is only checked here: its bitmaps are handled under the VM lock
+//! ([`super::tracked`]).
 
 use std::path::{Path, PathBuf};
 
 use super::file::FileSource;
-use super::BlockSource;
+use super::nbd::NbdSource;
+use super::tracked::TrackedImage;
+use super::{bitmap, qemu, BlockSource, SourceIdentity};
 use crate::error::{Error, Result};
 
 /// A parsed SOURCE.
@@ -24,6 +30,7 @@ pub enum SourceSpec {
 }
 
 impl SourceSpec {
+    /// Parse a SOURCE: an NBD URI, or a path with `?format=`/`?bitmap=` options.
     pub fn parse(s: &str) -> Result<SourceSpec> {
         if s.is_empty() {
             return Err(Error::usage("empty disk source"));
@@ -110,6 +117,82 @@ pub fn format_of(path: &Path, format: Option<&str>) -> Result<String> {
         None if is_block_device(path) => "raw".into(),
         None => probe_format(path)?.to_string(),
     })
+}
+
+/// A disk's SOURCE opened before the VM lock is taken, or one whose bitmap waits for it.
+pub enum Opened {
+    /// A source ready to read, and what it is (recorded with the generation).
+    Ready(Box<dyn BlockSource>, SourceIdentity),
+    /// A qcow2 `PATH?bitmap=PREFIX`, checked: open it under the lock with
+    /// [`super::tracked::BitmapRun::open`].
+    Tracked(TrackedImage),
+}
+
+/// Open one disk's SOURCE for a backup; a qcow2 `PATH?bitmap=PREFIX` is only checked here
+/// (its bitmaps are handled under the lock).
+pub fn open_disk_source(spec: &str) -> Result<Opened> {
+    let SourceSpec::Path {
+        path,
+        format,
+        bitmap: Some(prefix),
+    } = SourceSpec::parse(spec)?
+    else {
+        let (source, identity) = open_source(spec)?;
+        return Ok(Opened::Ready(source, identity));
+    };
+    let fmt = format_of(&path, format.as_deref())?;
+    if fmt != "qcow2" {
+        return Err(Error::usage(format!(
+            "{}: ?bitmap= needs a qcow2 image (this is {fmt})",
+            path.display()
+        )));
+    }
+    if format.is_none() {
+        refuse_probed_backing_file(&path, &fmt)?;
+    }
+    Ok(Opened::Tracked(TrackedImage { path, prefix }))
+}
+
+/// Open a SOURCE string: a raw file or device, an image for qemu-nbd, or an NBD URI; and
+/// what the source is (recorded with the generation).
+pub fn open_source(spec: &str) -> Result<(Box<dyn BlockSource>, SourceIdentity)> {
+    match SourceSpec::parse(spec)? {
+        SourceSpec::Path {
+            path,
+            format,
+            bitmap: _,
+        } => {
+            let identity = SourceIdentity::of_path(&path);
+            let fmt = format_of(&path, format.as_deref())?;
+            if fmt == "raw" {
+                return Ok((open_raw(&path)?, identity));
+            }
+            if format.is_none() {
+                refuse_probed_backing_file(&path, &fmt)?;
+            }
+            Ok((qemu::open_image(&path, &fmt, None)?, identity))
+        }
+        SourceSpec::Nbd(uri) => Ok((
+            Box::new(NbdSource::open(&uri, None)?),
+            SourceIdentity::named(&uri),
+        )),
+    }
+}
+
+/// A probed image with a backing file is refused: a guest that can write a raw image file
+/// could plant an image header naming any file of the host as its backing file, and
+/// following it would copy that file into the backup. `?format=FMT` says the format is
+/// known, and then the chain is followed.
+fn refuse_probed_backing_file(path: &Path, fmt: &str) -> Result<()> {
+    let info = bitmap::info(path, Some(fmt))?;
+    if let Some(backing) = info.get("backing-filename").and_then(|b| b.as_str()) {
+        return Err(Error::usage(format!(
+            "{} looks like a {fmt} image with backing file {backing}; vmkeep follows backing files only when the format is given: use {}?format={fmt}",
+            path.display(),
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

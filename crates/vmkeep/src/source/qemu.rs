@@ -17,8 +17,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::children::Helper;
+use super::labelled::Labelled;
 use super::nbd::{contexts_for, NbdSource};
-use super::{BlockSource, Extent};
+use super::BlockSource;
 use crate::error::{Error, Result};
 use crate::nbd::client::{NbdClient, NbdOptions, NbdUri, DEFAULT_MAX_REQUEST};
 
@@ -52,14 +53,16 @@ impl Default for QemuOptions {
     }
 }
 
-/// An image read through a private qemu-nbd, which lives exactly as long as this value.
-pub struct QemuImage {
-    // Drop order is field order: the NBD connections close, then qemu-nbd is stopped,
-    // then its folder is removed.
-    source: NbdSource,
+/// An image read through a private qemu-nbd, which lives exactly as long as this value;
+/// described by the image's path, every other method forwarded to the NBD connection.
+pub type QemuImage = Labelled<NbdSource, QemuServer>;
+
+/// The private qemu-nbd behind a [`QemuImage`].
+pub struct QemuServer {
+    // Drop order is field order (and a `Labelled` drops its source first): the NBD
+    // connections close, then qemu-nbd is stopped, then its folder is removed.
     helper: Helper,
     dir: PrivateDir,
-    path: PathBuf,
 }
 
 /// Open `path` (in `format`, e.g. "qcow2") as a source; `bitmap` names a persistent
@@ -68,11 +71,14 @@ pub fn open_image(path: &Path, format: &str, bitmap: Option<&str>) -> Result<Box
     Ok(Box::new(QemuImage::open(path, format, bitmap)?))
 }
 
-impl QemuImage {
+impl Labelled<NbdSource, QemuServer> {
+    /// Serve `path` (in `format`) with a private read-only qemu-nbd and connect to it;
+    /// `bitmap` names a persistent bitmap to export.
     pub fn open(path: &Path, format: &str, bitmap: Option<&str>) -> Result<QemuImage> {
         QemuImage::open_with(path, format, bitmap, &QemuOptions::default())
     }
 
+    /// [`QemuImage::open`] with explicit options.
     pub fn open_with(
         path: &Path,
         format: &str,
@@ -104,65 +110,26 @@ impl QemuImage {
             &mut || still_running(&mut helper, path, &log),
         )
         .map_err(|e| explain_failure(&mut helper, path, &log).unwrap_or(e))?;
-        Ok(QemuImage {
-            source: NbdSource::from_client(client, bitmap),
-            helper,
-            dir,
-            path: path.to_path_buf(),
-        })
+        Ok(Labelled::new(
+            Box::new(NbdSource::from_client(client, bitmap)),
+            path.display().to_string(),
+            QemuServer { helper, dir },
+        ))
     }
 
     /// The qemu-nbd process id.
     pub fn pid(&self) -> u32 {
-        self.helper.id()
+        self.kept().helper.id()
     }
 
     /// The private folder holding the socket.
     pub fn private_dir(&self) -> &Path {
-        &self.dir.path
+        &self.kept().dir.path
     }
 
+    /// The NBD connection to qemu-nbd.
     pub fn nbd(&self) -> &NbdSource {
-        &self.source
-    }
-}
-
-impl BlockSource for QemuImage {
-    fn describe(&self) -> String {
-        self.path.display().to_string()
-    }
-
-    fn size(&self) -> u64 {
-        self.source.size()
-    }
-
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.source.read_at(buf, offset)
-    }
-
-    fn read_buf(
-        &self,
-        pool: &std::sync::Arc<crate::bufpool::BufPool>,
-        offset: u64,
-        len: usize,
-    ) -> Result<crate::bufpool::PoolBuf> {
-        self.source.read_buf(pool, offset, len)
-    }
-
-    fn extents(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
-        self.source.extents(offset, length)
-    }
-
-    fn changed_extents(&self) -> Result<Option<Vec<(u64, u64)>>> {
-        self.source.changed_extents()
-    }
-
-    fn parallelism(&self) -> usize {
-        self.source.parallelism()
-    }
-
-    fn max_read(&self) -> usize {
-        self.source.max_read()
+        self.inner()
     }
 }
 
