@@ -64,7 +64,8 @@ pub struct AsVmOptions {
 
 impl AsVmOptions {
     /// Options with the defaults: qcow2 disks under [`DEFAULT_DISK_DIR`], not started,
-    /// nothing replaced, the saved networks, `qemu:///system`, [`DEFAULT_RUN_DIR`].
+    /// nothing replaced, the saved networks, [`crate::libvirt::DEFAULT_URI`],
+    /// [`DEFAULT_RUN_DIR`].
     pub fn new(vm: &str, rev: &str, new_name: &str) -> AsVmOptions {
         AsVmOptions {
             vm: vm.to_string(),
@@ -76,7 +77,7 @@ impl AsVmOptions {
             replace: false,
             networks: BTreeMap::new(),
             instant: false,
-            connect: "qemu:///system".to_string(),
+            connect: crate::libvirt::DEFAULT_URI.to_string(),
             ignore_damage: false,
             run_dir: PathBuf::from(DEFAULT_RUN_DIR),
             serve_exe: None,
