@@ -187,7 +187,7 @@ pub struct RestoreArgs {
         required_unless_present = "as_vm",
         conflicts_with = "as_vm"
     )]
-    pub to: Option<String>,
+    pub to: Option<std::ffi::OsString>,
     /// Define a new libvirt VM from the generation, named NEWNAME
     #[arg(long, value_name = "NEWNAME")]
     pub as_vm: Option<String>,

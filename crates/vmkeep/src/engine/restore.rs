@@ -1,19 +1,136 @@
 //! Restore: write one disk of one generation to a target, verifying every block.
+//!
+//! [`restore_disk`] is the whole of `vmkeep restore --to` (and `merge`): pick the disk,
+//! prove its digests, open the target, write. [`restore`] is the pipeline underneath, also
+//! used by `restore --as-vm` ([`crate::engine::recover`]) for each disk.
 
 use std::collections::VecDeque;
 
 use crate::archive::digest::ZERO_DIGEST;
 use crate::archive::format::{block_len, DIGEST_LEN};
+use crate::archive::Repository;
 use crate::bufpool::{BufPool, PoolBuf};
 use crate::engine::pipeline;
 use crate::engine::reader::{DiskView, Loc, Segment};
-use crate::error::Result;
+use crate::engine::resolved::ResolvedGeneration;
+use crate::error::{Error, Result};
 use crate::progress::Progress;
-use crate::target::Target;
+use crate::target::{Destination, Target};
+
+/// What `vmkeep restore --to` (or `merge`) asks for.
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// The VM.
+    pub vm: String,
+    /// The generation: an id or unique prefix, N (0 = newest), or `latest`.
+    pub rev: String,
+    /// The disk; may be left out when the generation has one disk.
+    pub disk: Option<String>,
+    /// Where the disk goes.
+    pub to: Destination,
+    /// Write what can be read where blocks are damaged, and list the ranges.
+    pub ignore_damage: bool,
+}
+
+/// What [`restore_disk`] did.
+#[derive(Debug)]
+pub struct DiskRestore {
+    /// The generation restored (its id).
+    pub generation: String,
+    /// The disk restored.
+    pub disk: String,
+    /// The restore's own report.
+    pub report: RestoreReport,
+    /// The failed proof of a view opened to ignore damage (every block was then read and
+    /// checked against its own digest); `None` when the digests were proven.
+    pub unproven: Option<Error>,
+}
+
+impl DiskRestore {
+    /// Whether anything was unproven or damaged (the CLI's exit 3).
+    pub fn damaged(&self) -> bool {
+        self.unproven.is_some() || !self.report.damaged.is_empty()
+    }
+}
+
+/// `vmkeep restore --to`: disk `opts.disk` (or the only disk) of the generation, its
+/// digests proven before anything is written, to `opts.to`.
+pub fn restore_disk(
+    repo: &Repository,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<DiskRestore> {
+    let (view, unproven) = open_view(
+        repo,
+        &opts.vm,
+        &opts.rev,
+        opts.disk.as_deref(),
+        opts.ignore_damage,
+    )?;
+    let report = restore_to(
+        &view,
+        &opts.to,
+        opts.ignore_damage,
+        unproven.as_ref(),
+        progress,
+    )?;
+    Ok(DiskRestore {
+        generation: view.generation.clone(),
+        disk: view.disk.clone(),
+        report,
+        unproven,
+    })
+}
+
+/// Open disk `disk` (or the only disk) of generation `rev` of `vm`, its digests proven.
+/// With `ignore_damage`, a failed proof comes back beside a view that trusts no zero
+/// digest instead of failing (see [`DiskView::open_ignoring_damage`]).
+pub fn open_view(
+    repo: &Repository,
+    vm: &str,
+    rev: &str,
+    disk: Option<&str>,
+    ignore_damage: bool,
+) -> Result<(DiskView, Option<Error>)> {
+    let resolved = ResolvedGeneration::resolve(repo, vm, rev)?;
+    let disk = match disk {
+        Some(d) => d.to_string(),
+        None => match resolved.disk_names().as_slice() {
+            [only] => only.to_string(),
+            many => {
+                return Err(Error::usage(format!(
+                    "VM {vm} has several disks; name one with --disk ({})",
+                    many.join(", ")
+                )))
+            }
+        },
+    };
+    resolved.view_checked(&disk, ignore_damage)
+}
+
+/// Write `view` to `to`. `unproven` is the failed proof of a view opened to ignore damage
+/// (the restore then reads and checks every block, and lists what fails); `None` for a
+/// proven view, whose damaged blocks (with `ignore_damage`) are listed too.
+pub fn restore_to(
+    view: &DiskView,
+    to: &Destination,
+    ignore_damage: bool,
+    unproven: Option<&Error>,
+    progress: &dyn Progress,
+) -> Result<RestoreReport> {
+    let target = crate::target::open(to, view.size)?;
+    if let Some(e) = unproven {
+        progress.warn(&format!(
+            "{e}; every block is read and checked against its own digest, and those that fail are listed"
+        ));
+    }
+    restore(view, target, ignore_damage, progress)
+}
 
 /// What a restore did.
 #[derive(Debug, Clone, Default)]
 pub struct RestoreReport {
+    /// The disk's size.
     pub size: u64,
     /// Bytes of data written (holes excluded).
     pub written: u64,

@@ -10,17 +10,21 @@
 //! leaves it alone. A backup of the same VM may run meanwhile: it updates the newest image
 //! in place, and the view finds the overwritten blocks in that backup's undo journal.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::archive::digest::ZERO_DIGEST;
 use crate::archive::format::DIGEST_LEN;
 use crate::archive::pin::Pin;
 use crate::archive::Repository;
 use crate::engine::reader::{DiskView, Loc, Segment};
+use crate::engine::resolved::ResolvedGeneration;
 use crate::error::{Error, Result};
 use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
-use crate::nbd::server::{Export, Extent};
+use crate::nbd::server::{resolve_listen, Export, Extent, Listen, Server, ServerConfig};
+use crate::tls::TlsFiles;
 
 /// Image blocks are read and verified in runs of at most this many bytes.
 const RUN_BYTES: u64 = 4 << 20;
@@ -41,6 +45,14 @@ impl ServedGeneration {
     pub fn pin(&self) -> &Pin {
         &self.pin
     }
+
+    /// The exports, as the NBD server takes them.
+    pub fn nbd_exports(&self) -> Vec<Arc<dyn Export>> {
+        self.exports
+            .iter()
+            .map(|e| e.clone() as Arc<dyn Export>)
+            .collect()
+    }
 }
 
 /// Pin generation `rev` of `vm` and open every disk of it.
@@ -49,20 +61,11 @@ pub fn open_generation(repo: &Repository, vm: &str, rev: &str) -> Result<ServedG
     let id = archive.resolve(rev)?;
     // Pin first, then open: once pinned, prune no longer drops it under us.
     let pin = Pin::acquire(&archive.dir, &id, "serve")?;
-    let gens = archive.generations()?;
-    let k = gens.iter().position(|g| g.id == id).ok_or_else(|| {
-        Error::usage(format!(
-            "generation {id} of VM {vm} was removed while it was being opened"
-        ))
-    })?;
-    let exports = gens[k]
-        .profile
-        .disks
-        .iter()
-        .map(|d| {
-            let view = DiskView::open(&archive, &gens, k, &d.name)?;
-            Ok(Arc::new(ArchiveExport::new(vm, view)))
-        })
+    let resolved = ResolvedGeneration::by_id(archive, &id)?;
+    let exports = resolved
+        .disk_names()
+        .into_iter()
+        .map(|d| Ok(Arc::new(ArchiveExport::new(vm, resolved.view(d)?))))
         .collect::<Result<Vec<_>>>()?;
     Ok(ServedGeneration {
         vm: vm.to_string(),
@@ -70,6 +73,172 @@ pub fn open_generation(repo: &Repository, vm: &str, rev: &str) -> Result<ServedG
         exports,
         pin,
     })
+}
+
+/// Everything `vmkeep serve` needs, resolved from flags and config.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// The VM.
+    pub vm: String,
+    /// The generation: an id or unique prefix, N (0 = newest), or `latest`.
+    pub rev: String,
+    /// Listen on a unix socket at this path ...
+    pub socket: Option<PathBuf>,
+    /// ... or on TCP at HOST[:PORT] (one of the two).
+    pub listen: Option<String>,
+    /// Allow TCP addresses beyond loopback.
+    pub allow_remote: bool,
+    /// The TLS files named (flags before config); see [`TlsPaths::files`].
+    pub tls: TlsPaths,
+    /// Serve plain TCP without TLS.
+    pub insecure_tcp: bool,
+    /// Close a connection after this long without a request (`None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// Make the socket 0660 with this group (name or id).
+    pub socket_group: Option<String>,
+}
+
+/// The TLS files a server may be given: a credentials folder and single files, each
+/// optional (single files override the folder's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsPaths {
+    /// A folder with `ca-cert.pem`, `server-cert.pem` and `server-key.pem`.
+    pub dir: Option<PathBuf>,
+    /// The server's certificate chain.
+    pub cert: Option<PathBuf>,
+    /// The server's private key.
+    pub key: Option<PathBuf>,
+    /// The CA client certificates must chain to.
+    pub ca: Option<PathBuf>,
+}
+
+impl TlsPaths {
+    /// Each path from `self`, else from `fallback` (flags, then the config's `[serve]`).
+    pub fn or(self, fallback: TlsPaths) -> TlsPaths {
+        TlsPaths {
+            dir: self.dir.or(fallback.dir),
+            cert: self.cert.or(fallback.cert),
+            key: self.key.or(fallback.key),
+            ca: self.ca.or(fallback.ca),
+        }
+    }
+
+    /// The server's files: `None` when no path is named; single files override the
+    /// folder's; a file neither names is an error.
+    pub fn files(&self) -> Result<Option<TlsFiles>> {
+        if self.dir.is_none() && self.cert.is_none() && self.key.is_none() && self.ca.is_none() {
+            return Ok(None);
+        }
+        let from_dir = self.dir.as_deref().map(TlsFiles::server_dir);
+        let pick = |flag: &Option<PathBuf>, what: &str, f: fn(&TlsFiles) -> &Path| {
+            flag.clone()
+                .or_else(|| from_dir.as_ref().map(|d| f(d).to_path_buf()))
+                .ok_or_else(|| {
+                    Error::usage(format!(
+                        "TLS: no {what}: give --{what} FILE or --tls-dir DIR"
+                    ))
+                })
+        };
+        Ok(Some(TlsFiles {
+            cert: pick(&self.cert, "tls-cert", |d| &d.cert)?,
+            key: pick(&self.key, "tls-key", |d| &d.key)?,
+            ca: pick(&self.ca, "tls-ca", |d| &d.ca)?,
+        }))
+    }
+}
+
+const NEEDS_TLS: &str = "--listen needs TLS: give --tls-dir DIR (ca-cert.pem, server-cert.pem, \
+     server-key.pem) or --tls-cert/--tls-key/--tls-ca, or [serve] tls_dir in the config; \
+     loopback is no boundary between local users (--insecure-tcp serves without TLS anyway)";
+
+/// `vmkeep serve`: export generation `opts.rev` of `opts.vm` in the repository at
+/// `repo_root`, read-only, until the server's shutdown handle is used. `on_listening` is
+/// called once the server listens (to announce it and to hand the shutdown handle to
+/// whatever stops it); the pin on the generation is released when this returns.
+///
+/// The endpoint and TLS are checked before the repository is opened.
+pub fn serve(
+    repo_root: &Path,
+    opts: &ServeOptions,
+    on_listening: &mut dyn FnMut(&ServedGeneration, &Server) -> Result<()>,
+) -> Result<()> {
+    raise_fd_limit();
+    let listen = endpoint(opts)?;
+    let files = if opts.insecure_tcp {
+        None
+    } else {
+        opts.tls.files()?
+    };
+    let tls = match (&listen, files) {
+        (Listen::Tcp(_), Some(files)) => Some(crate::tls::server_config(&files)?),
+        (Listen::Tcp(_), None) if opts.insecure_tcp => {
+            tracing::warn!(
+                "serving plain TCP (--insecure-tcp): every local user can read the served disks"
+            );
+            None
+        }
+        (Listen::Tcp(_), None) => return Err(Error::usage(NEEDS_TLS)),
+        (Listen::Unix(_), _) => None,
+    };
+    let repo = Repository::open(repo_root)?;
+    let served = open_generation(&repo, &opts.vm, &opts.rev)?;
+    let exports = served.nbd_exports();
+    let config = ServerConfig {
+        idle_timeout: opts.idle_timeout,
+        socket_group: opts.socket_group.as_deref().map(group_id).transpose()?,
+        tls,
+        ..ServerConfig::default()
+    };
+    let server = Server::bind(&listen, exports, config)?;
+    on_listening(&served, &server)?;
+    server.run()?;
+    drop(served); // releases the pin
+    Ok(())
+}
+
+/// Where to listen. Addresses beyond loopback need `--allow-remote`, which needs TLS.
+fn endpoint(opts: &ServeOptions) -> Result<Listen> {
+    Ok(match (&opts.socket, &opts.listen) {
+        (Some(path), None) => Listen::Unix(path.clone()),
+        (None, Some(addr)) => resolve_listen(addr, opts.allow_remote)?,
+        _ => return Err(Error::usage("give one of --socket PATH or --listen ADDR")),
+    })
+}
+
+/// Each connection holds three descriptors; a 1024 soft limit would cap the server well
+/// below its own connection limit, so take what the hard limit allows (up to 64Ki).
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write one rlimit on our stack.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            let want = lim.rlim_max.min(65536);
+            if lim.rlim_cur < want {
+                lim.rlim_cur = want;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+        }
+    }
+}
+
+/// A group given by name or number.
+pub fn group_id(group: &str) -> Result<u32> {
+    if let Ok(n) = group.parse() {
+        return Ok(n);
+    }
+    let name = std::ffi::CString::new(group)
+        .map_err(|_| Error::usage(format!("bad group name {group:?}")))?;
+    // SAFETY: getgrnam takes a NUL-terminated string we own for the call and returns a
+    // pointer to static storage (or NULL) that we read once, before any other call.
+    let gr = unsafe { libc::getgrnam(name.as_ptr()) };
+    if gr.is_null() {
+        return Err(Error::usage(format!("unknown group {group:?}")));
+    }
+    // SAFETY: non-NULL pointer to a valid `struct group` (see above).
+    Ok(unsafe { (*gr).gr_gid })
 }
 
 /// One disk of one generation, as an NBD export named after the disk.

@@ -219,3 +219,62 @@ pub fn no_such_disk(vm: &str, generation: &str, disk: &str, have: &[&str]) -> Er
         have.join(", ")
     ))
 }
+
+/// What [`verify`] found.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    /// The generation (its id).
+    pub generation: String,
+    /// One result per disk, in the order given.
+    pub disks: Vec<DiskVerify>,
+}
+
+impl VerifyReport {
+    /// Whether every disk is identical to the generation's.
+    pub fn ok(&self) -> bool {
+        self.disks.iter().all(DiskVerify::ok)
+    }
+}
+
+/// Opens a source spec for [`verify`] (the caller's rules for sources apply).
+pub type OpenSource<'a, E> = dyn FnMut(&str) -> std::result::Result<Box<dyn BlockSource>, E> + 'a;
+
+/// `vmkeep verify`: prove that each `(disk, source)` of `disks` holds disk `disk` of
+/// generation `rev` of `vm`. Every name is checked, and every disk's digests proven,
+/// before anything is read; `open` opens a source spec (with the rules a backup applies);
+/// `on_disk` hears of each disk as it is done (the generation's id, the source spec, the
+/// result).
+pub fn verify<E: From<Error>>(
+    repo: &crate::archive::Repository,
+    vm: &str,
+    rev: &str,
+    disks: &[(String, String)],
+    open: &mut OpenSource<'_, E>,
+    progress: &dyn Progress,
+    on_disk: &mut dyn FnMut(&str, &str, &DiskVerify),
+) -> std::result::Result<VerifyReport, E> {
+    let resolved = crate::engine::resolved::ResolvedGeneration::resolve(repo, vm, rev)?;
+    let id = resolved.id().to_string();
+    let have = resolved.disk_names();
+    let mut jobs: Vec<(&str, &str, DiskView)> = Vec::new();
+    for (name, path) in disks {
+        if !have.contains(&name.as_str()) {
+            return Err(no_such_disk(vm, &id, name, &have).into());
+        }
+        if jobs.iter().any(|(n, _, _)| n == name) {
+            return Err(Error::usage(format!("--disk {name} given twice")).into());
+        }
+        jobs.push((name, path, resolved.view(name)?));
+    }
+    let mut results = Vec::new();
+    for (_, path, view) in &jobs {
+        let source = open(path)?;
+        let r = verify_disk(view, source.as_ref(), progress)?;
+        on_disk(&id, path, &r);
+        results.push(r);
+    }
+    Ok(VerifyReport {
+        generation: id,
+        disks: results,
+    })
+}

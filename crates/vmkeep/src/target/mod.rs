@@ -3,6 +3,11 @@
 pub mod file;
 pub mod nbd;
 
+use std::ffi::OsStr;
+use std::fmt;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
 use crate::error::Result;
 
 /// A restore destination. Writes come in increasing offset order.
@@ -19,14 +24,58 @@ pub trait Target: Send {
     fn abort(self: Box<Self>);
 }
 
-/// Open TARGET for a disk of `size` bytes: an NBD URI, a path ending in `.qcow2` (a new
-/// qcow2 image), or a raw file or block device.
-pub fn open(to: &str, size: u64) -> Result<Box<dyn Target>> {
-    if to.starts_with("nbd://") || to.starts_with("nbd+unix://") || to.starts_with("nbds://") {
-        return Ok(Box::new(nbd::NbdTarget::connect(to, size)?));
+/// A restore destination as given: an NBD URI, or a path (a `.qcow2` path is a new qcow2
+/// image, anything else a raw file or block device). Parsed once from the argument, so
+/// that a path need not be UTF-8.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// `nbd://`, `nbd+unix://` or `nbds://`: an export that accepts writes.
+    Nbd(String),
+    /// A file, block device or new `.qcow2` image.
+    Path(PathBuf),
+}
+
+impl Destination {
+    /// An NBD URI when `to` starts with one of the NBD schemes, else a path.
+    pub fn parse(to: &OsStr) -> Destination {
+        match to.to_str() {
+            Some(s)
+                if s.starts_with("nbd://")
+                    || s.starts_with("nbd+unix://")
+                    || s.starts_with("nbds://") =>
+            {
+                Destination::Nbd(s.to_string())
+            }
+            _ => Destination::Path(PathBuf::from(to)),
+        }
     }
-    let path = std::path::Path::new(to);
-    if to.ends_with(".qcow2") && !crate::source::open::is_block_device(path) {
+}
+
+impl From<&Path> for Destination {
+    fn from(path: &Path) -> Destination {
+        Destination::Path(path.to_path_buf())
+    }
+}
+
+impl fmt::Display for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Destination::Nbd(uri) => f.write_str(uri),
+            Destination::Path(path) => path.display().fmt(f),
+        }
+    }
+}
+
+/// Open `to` for a disk of `size` bytes: an NBD export, a new qcow2 image (a path ending
+/// in `.qcow2` that is not a block device), or a raw file or block device.
+pub fn open(to: &Destination, size: u64) -> Result<Box<dyn Target>> {
+    let path = match to {
+        Destination::Nbd(uri) => return Ok(Box::new(nbd::NbdTarget::connect(uri, size)?)),
+        Destination::Path(path) => path,
+    };
+    if path.as_os_str().as_bytes().ends_with(b".qcow2")
+        && !crate::source::open::is_block_device(path)
+    {
         return Ok(Box::new(nbd::NbdTarget::qcow2(path, size)?));
     }
     Ok(Box::new(file::FileTarget::create(path, size)?))
@@ -34,7 +83,7 @@ pub fn open(to: &str, size: u64) -> Result<Box<dyn Target>> {
 
 /// Where a new file target is written before it is renamed into place (a stale one from an
 /// interrupted restore is removed).
-pub(crate) fn partial_path(path: &std::path::Path) -> Result<std::path::PathBuf> {
+pub(crate) fn partial_path(path: &Path) -> Result<PathBuf> {
     let mut name = path
         .file_name()
         .ok_or_else(|| crate::Error::usage(format!("{} is not a file name", path.display())))?

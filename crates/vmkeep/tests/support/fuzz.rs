@@ -16,7 +16,7 @@ use std::net::Shutdown;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use vmkeep::archive::digest::DigestReader;
@@ -28,7 +28,7 @@ use vmkeep::archive::{Repository, VmArchive};
 use vmkeep::engine::backup::{BackupOptions, BackupRun, DiskInput};
 use vmkeep::engine::serve::{open_generation, ServedGeneration};
 use vmkeep::nbd::proto::*;
-use vmkeep::nbd::server::{Export, Listen, Server, ServerConfig};
+use vmkeep::nbd::server::{Listen, Server, ServerConfig};
 use vmkeep::progress::NoProgress;
 use vmkeep::source::file::FileSource;
 
@@ -429,11 +429,7 @@ fn nbd_fixture() -> &'static NbdFixture {
         let tmp = tempfile::tempdir().expect("server folder");
         let (repo, _) = build_archive(tmp.path());
         let served = open_generation(&repo, "vm", "1").expect("serve");
-        let exports: Vec<Arc<dyn Export>> = served
-            .exports
-            .iter()
-            .map(|e| e.clone() as Arc<dyn Export>)
-            .collect();
+        let exports = served.nbd_exports();
         let config = ServerConfig {
             handshake_timeout: Duration::from_secs(5),
             idle_timeout: Some(Duration::from_secs(5)),

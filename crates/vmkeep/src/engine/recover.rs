@@ -1,0 +1,426 @@
+//! `restore --as-vm`: a generation back as a new libvirt VM, either copied (every disk
+//! written under a folder, then the domain defined) or instant (the domain boots at once
+//! from qcow2 overlays over an NBD export of the archive).
+//!
+//! Instant recovery needs a server that outlives the command that set it up (the VM reads
+//! from it until every `virsh blockpull` has finished): [`restore_as_vm`] starts the
+//! `vmkeep` executable as `serve` in a session of its own and hands back an
+//! [`InstantServer`]; dropping that leaves the server running, [`InstantServer::stop`]
+//! ends it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::archive::Repository;
+use crate::engine::resolved::ResolvedGeneration;
+use crate::engine::restore::{restore_to, RestoreReport};
+use crate::engine::serve::group_id;
+use crate::error::{Error, Result};
+use crate::libvirt::{xml, CopySpec, Hypervisor, NewDisk};
+use crate::progress::Progress;
+use crate::target::Destination;
+
+/// Where `--as-vm` puts the new VM's disks unless told otherwise.
+pub const DEFAULT_DISK_DIR: &str = "/var/lib/libvirt/images";
+/// Where instant recovery makes the folder of its server's socket unless told otherwise.
+pub const DEFAULT_RUN_DIR: &str = "/run/vmkeep";
+/// How long a starting instant-recovery server may take to listen.
+const SERVER_START: Duration = Duration::from_secs(20);
+
+/// Everything `restore --as-vm` needs, resolved from flags and config.
+#[derive(Debug, Clone)]
+pub struct AsVmOptions {
+    /// The archived VM.
+    pub vm: String,
+    /// The generation: an id or unique prefix, N (0 = newest), or `latest`.
+    pub rev: String,
+    /// The new VM's name.
+    pub new_name: String,
+    /// The folder for the new VM's disks (or overlays).
+    pub disk_dir: PathBuf,
+    /// The new disks' format: `qcow2` or `raw` (instant recovery always makes qcow2).
+    pub format: String,
+    /// Start the new VM.
+    pub start: bool,
+    /// Redefine an existing shut-off VM of that name, overwrite existing disk files.
+    pub replace: bool,
+    /// Networks to use instead of the saved ones: old name → new name.
+    pub networks: BTreeMap<String, String>,
+    /// Boot from overlays over a served export instead of writing the disks.
+    pub instant: bool,
+    /// The libvirt connection URI.
+    pub connect: String,
+    /// Write what can be read where blocks are damaged, and list the ranges (copies only;
+    /// an instant recovery serves nothing unproven).
+    pub ignore_damage: bool,
+    /// Where instant recovery makes its server's folder.
+    pub run_dir: PathBuf,
+    /// The `vmkeep` executable that instant recovery starts as `serve`; `None`: this
+    /// process's own ([`std::env::current_exe`]).
+    pub serve_exe: Option<PathBuf>,
+}
+
+impl AsVmOptions {
+    /// Options with the defaults: qcow2 disks under [`DEFAULT_DISK_DIR`], not started,
+    /// nothing replaced, the saved networks, [`crate::libvirt::DEFAULT_URI`],
+    /// [`DEFAULT_RUN_DIR`].
+    pub fn new(vm: &str, rev: &str, new_name: &str) -> AsVmOptions {
+        AsVmOptions {
+            vm: vm.to_string(),
+            rev: rev.to_string(),
+            new_name: new_name.to_string(),
+            disk_dir: PathBuf::from(DEFAULT_DISK_DIR),
+            format: "qcow2".to_string(),
+            start: false,
+            replace: false,
+            networks: BTreeMap::new(),
+            instant: false,
+            connect: crate::libvirt::DEFAULT_URI.to_string(),
+            ignore_damage: false,
+            run_dir: PathBuf::from(DEFAULT_RUN_DIR),
+            serve_exe: None,
+        }
+    }
+}
+
+/// What [`restore_as_vm`] has done so far, as it happens (for a front end to print).
+#[derive(Debug)]
+pub enum AsVmEvent<'a> {
+    /// A disk was written to `path`.
+    DiskRestored {
+        /// The generation (its id).
+        generation: &'a str,
+        /// The disk.
+        disk: &'a str,
+        /// Its new file.
+        path: &'a Path,
+        /// What the restore did.
+        report: &'a RestoreReport,
+    },
+    /// The new VM was defined.
+    Defined {
+        /// The generation (its id).
+        generation: &'a str,
+        /// Its UUID.
+        uuid: &'a str,
+    },
+    /// The new VM was started.
+    Started,
+}
+
+/// What [`restore_as_vm`] did.
+#[derive(Debug)]
+pub struct AsVmReport {
+    /// The generation (its id).
+    pub generation: String,
+    /// The generation's disks, in the profile's order.
+    pub disks: Vec<String>,
+    /// Some disk was unproven or had damaged blocks (only with `ignore_damage`).
+    pub damaged: bool,
+    /// Instant recovery's server, still running.
+    pub server: Option<InstantServer>,
+}
+
+/// The `vmkeep serve` process of an instant recovery: it runs in a session of its own
+/// and outlives this process; dropping this value leaves it running.
+#[derive(Debug)]
+pub struct InstantServer {
+    child: Child,
+    /// The unix socket it serves on (QEMU's group may connect).
+    pub socket: PathBuf,
+    /// Its log file (stdout and stderr).
+    pub log: PathBuf,
+}
+
+impl InstantServer {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// End the server and wait for it.
+    pub fn stop(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `restore --as-vm`: every disk of the generation written under the disk folder (or, with
+/// `instant`, a qcow2 overlay over a served export of it), and a new libvirt VM defined
+/// from the saved XML with a new name, UUID and MACs. Every disk's digests are proven and
+/// every name checked before the first byte is written or served. `on_event` hears of
+/// each step as it is done.
+pub fn restore_as_vm(
+    repo: &Repository,
+    opts: &AsVmOptions,
+    progress: &dyn Progress,
+    on_event: &mut dyn FnMut(AsVmEvent<'_>),
+) -> Result<AsVmReport> {
+    let new_name = opts.new_name.as_str();
+    crate::archive::names::check_vm(new_name)?;
+    if !["qcow2", "raw"].contains(&opts.format.as_str()) {
+        return Err(Error::usage(format!(
+            "--format {}: use qcow2 or raw",
+            opts.format
+        )));
+    }
+    // libvirt's XML names each disk by a UTF-8 path: a folder whose path is not UTF-8
+    // could not be named in the new domain (its disks would be written and never found).
+    if opts.disk_dir.to_str().is_none() {
+        return Err(Error::usage(format!(
+            "--disk-dir {}: not UTF-8, and libvirt names disks by UTF-8 paths; choose another folder",
+            opts.disk_dir.display()
+        )));
+    }
+    let resolved = ResolvedGeneration::resolve(repo, &opts.vm, &opts.rev)?;
+    let gen = resolved.generation();
+    let id = gen.id.clone();
+    let saved = std::fs::read_to_string(gen.dir.join("domain.xml")).map_err(|_| {
+        Error::usage(format!(
+            "generation {id} of VM {} has no saved libvirt XML (it was not backed up from libvirt)",
+            opts.vm
+        ))
+    })?;
+    let dir = &opts.disk_dir;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut disks = BTreeMap::new();
+    // Instant recovery boots from qcow2 overlays whatever --format says.
+    let format = if opts.instant {
+        "qcow2"
+    } else {
+        opts.format.as_str()
+    };
+    for d in &gen.profile.disks {
+        disks.insert(
+            d.name.clone(),
+            NewDisk {
+                path: dir.join(format!("{new_name}-{}.{format}", d.name)),
+                format: format.to_string(),
+                block: false,
+            },
+        );
+    }
+    let spec = CopySpec {
+        new_name: new_name.to_string(),
+        disks,
+        networks: opts.networks.clone(),
+        replace: opts.replace,
+    };
+    let hv = Hypervisor::connect(Some(&opts.connect))?;
+    // Refuse before writing gigabytes: the name, the networks, the disk mapping.
+    if let Ok(existing) = hv.domain(new_name) {
+        if !opts.replace {
+            return Err(Error::usage(format!(
+                "VM {new_name} already exists (choose another name, or --replace a shut-off one)"
+            )));
+        }
+        if existing.state()?.is_active() {
+            return Err(Error::usage(format!(
+                "VM {new_name} is running; vmkeep never replaces a running VM"
+            )));
+        }
+    }
+    let mut n = 0u8;
+    xml::copy_domain_xml(&saved, &spec, &hv.list_networks()?, &mut || {
+        n = n.wrapping_add(1);
+        [0, 0, n]
+    })?;
+    // Every disk's digests are proven before the first byte is written or served (an
+    // instant recovery's server proves them again; this makes a failure exit 3 here).
+    let mut views = Vec::new();
+    for d in &gen.profile.disks {
+        views.push(resolved.view_checked(&d.name, opts.ignore_damage && !opts.instant)?);
+    }
+    let names: Vec<String> = gen.profile.disks.iter().map(|d| d.name.clone()).collect();
+    if opts.instant {
+        drop(views);
+        let server = instant(repo, opts, &id, &names, &spec, &saved, &hv, on_event)?;
+        return Ok(AsVmReport {
+            generation: id,
+            disks: names,
+            damaged: false,
+            server: Some(server),
+        });
+    }
+    for name in &names {
+        let path = &spec.disks[name].path;
+        if path.exists() && !opts.replace {
+            return Err(Error::usage(format!(
+                "{} exists (remove it, or use --replace)",
+                path.display()
+            )));
+        }
+    }
+    let mut damaged = false;
+    for (view, problem) in &views {
+        let path = &spec.disks[&view.disk].path;
+        // A failed proof is warned about (by restore_to), and every block read and
+        // checked against its own digest.
+        damaged |= problem.is_some();
+        let report = restore_to(
+            view,
+            &Destination::from(path.as_path()),
+            opts.ignore_damage,
+            problem.as_ref(),
+            progress,
+        )?;
+        on_event(AsVmEvent::DiskRestored {
+            generation: &id,
+            disk: &view.disk,
+            path,
+            report: &report,
+        });
+        damaged |= !report.damaged.is_empty();
+    }
+    let dom = hv.define_copy(&saved, &spec)?;
+    on_event(AsVmEvent::Defined {
+        generation: &id,
+        uuid: &dom.uuid()?,
+    });
+    if opts.start {
+        dom.start()?;
+        on_event(AsVmEvent::Started);
+    }
+    Ok(AsVmReport {
+        generation: id,
+        disks: names,
+        damaged,
+        server: None,
+    })
+}
+
+/// Instant recovery: `vmkeep serve` in the background exports the generation; each new
+/// disk is a qcow2 overlay whose backing file is that export, so the VM boots at once and
+/// reads what it has not written from the archive. Its writes stay in the overlays.
+#[allow(clippy::too_many_arguments)]
+fn instant(
+    repo: &Repository,
+    opts: &AsVmOptions,
+    id: &str,
+    disks: &[String],
+    spec: &CopySpec,
+    saved: &str,
+    hv: &Hypervisor,
+    on_event: &mut dyn FnMut(AsVmEvent<'_>),
+) -> Result<InstantServer> {
+    let server = start_server(repo, opts, id)?;
+    for d in disks {
+        if let Err(e) = overlay(&spec.disks[d].path, d, &server.socket, opts.replace) {
+            server.stop();
+            return Err(e);
+        }
+    }
+    let dom = match hv.define_copy(saved, spec) {
+        Ok(d) => d,
+        Err(e) => {
+            server.stop();
+            return Err(e);
+        }
+    };
+    on_event(AsVmEvent::Defined {
+        generation: id,
+        uuid: &dom.uuid()?,
+    });
+    if opts.start {
+        dom.start()?;
+        on_event(AsVmEvent::Started);
+    }
+    Ok(server)
+}
+
+/// Create the qcow2 overlay of disk `disk` at `overlay`, its backing file the export of
+/// that disk on `socket`.
+fn overlay(overlay: &Path, disk: &str, socket: &Path, replace: bool) -> Result<()> {
+    if overlay.exists() && !replace {
+        return Err(Error::usage(format!(
+            "{} exists (remove it, or use --replace)",
+            overlay.display()
+        )));
+    }
+    let _ = std::fs::remove_file(overlay);
+    // The recovered guest's writes land here: 0600 from the start (qemu-img create
+    // truncates the file and keeps its mode; libvirt gives QEMU the file when the VM
+    // starts, by owner, not by mode).
+    crate::fsutil::create_new(overlay)?;
+    let mut backing = std::ffi::OsString::from(format!("nbd+unix:///{disk}?socket="));
+    backing.push(socket);
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&backing)
+        .arg(overlay)
+        .output()
+        .map_err(|e| Error::io_ctx("qemu-img (install qemu-utils)", e))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(overlay);
+        return Err(Error::source(
+            "qemu-img create",
+            String::from_utf8_lossy(&out.stderr).trim(),
+        ));
+    }
+    Ok(())
+}
+
+/// Start `vmkeep serve` for generation `id` of `opts.vm`, detached, on a socket QEMU may
+/// use, and wait until it listens.
+fn start_server(repo: &Repository, opts: &AsVmOptions, id: &str) -> Result<InstantServer> {
+    use std::os::unix::process::CommandExt;
+
+    let gid = group_id("libvirt-qemu").or_else(|_| group_id("qemu"))?;
+    // A fresh folder in a parent only root can change: root-owned, QEMU's group may
+    // enter (to connect), nobody else.
+    let run = crate::fsutil::private_dir(&opts.run_dir, 0o711, "instant-", Some(gid), 0o750)?.path;
+    let socket = run.join("nbd.sock");
+    let log = run.join("serve.log");
+    // 0600: QEMU's group may enter the folder, the server's log is root's.
+    let log_file = crate::fsutil::create_truncate(&log)?;
+    let exe = match &opts.serve_exe {
+        Some(exe) => exe.clone(),
+        None => std::env::current_exe().map_err(|e| Error::io_ctx("this executable", e))?,
+    };
+    let mut cmd = Command::new(&exe);
+    cmd.arg("--repo")
+        .arg(repo.root())
+        .args(["serve", &opts.vm, "-g", id, "--idle-timeout", "0"]);
+    cmd.arg("--socket-group")
+        .arg(gid.to_string())
+        .arg("--socket")
+        .arg(&socket);
+    cmd.stdin(Stdio::null())
+        .stdout(log_file.try_clone().map_err(|e| Error::io(&log, e))?)
+        .stderr(log_file);
+    // SAFETY: setsid() is async-signal-safe and touches no memory; it detaches the server
+    // from this terminal's session so that it outlives this command.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| Error::io(&exe, e))?;
+    let mut server = InstantServer { child, socket, log };
+    let deadline = Instant::now() + SERVER_START;
+    while std::os::unix::net::UnixStream::connect(&server.socket).is_err() {
+        if let Some(status) = server
+            .child
+            .try_wait()
+            .map_err(|e| Error::io_ctx("vmkeep serve", e))?
+        {
+            let msg = std::fs::read_to_string(&server.log).unwrap_or_default();
+            return Err(Error::source(
+                "vmkeep serve",
+                format!("exited ({status}): {}", msg.trim()),
+            ));
+        }
+        if Instant::now() > deadline {
+            let _ = server.child.kill();
+            return Err(Error::source(
+                "vmkeep serve",
+                "did not start listening within 20 s",
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(server)
+}
