@@ -10,7 +10,7 @@ use super::plan::{block_ranges, hint, prefetch_ranges, Job, Planner};
 use super::sink::{Sink, SinkTarget};
 use super::{source_changed, DiskInput};
 use crate::archive::digest::{Digest, DigestHeader, DigestReader, DigestWriter, ZERO_DIGEST};
-use crate::archive::format::{block_count, valid_disk_size, DIGEST_LEN};
+use crate::archive::format::{valid_disk_size, DIGEST_LEN};
 use crate::archive::profile::DiskRecord;
 use crate::archive::rdiff::{RdiffHeader, RdiffWriter, COMPRESSION_ZSTD, FLAG_BASE};
 use crate::archive::{self, Generation};
@@ -116,7 +116,6 @@ impl RunCtx<'_> {
                 format!("reports a size of {size} bytes, more than vmkeep handles"),
             ));
         }
-        let new_blocks = block_count(size, bs);
         let old = self.open_old(&input.name, true)?;
         let describe = input.source.describe();
         let identity = input
@@ -129,10 +128,10 @@ impl RunCtx<'_> {
             choice.mode,
             old.as_ref(),
             choice.changed.as_deref(),
+            input.source.as_ref(),
             bs,
-            new_blocks,
             size,
-        );
+        )?;
         let examined: u64 = ranges
             .iter()
             .map(|&(a, b)| (b - a) * bs as u64)

@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::disk::OldDisk;
+use crate::archive::format::block_count;
 use crate::engine::Mode;
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -11,31 +12,86 @@ use crate::source::changed::{merge_ranges, to_block_ranges};
 use crate::source::{BlockSource, ExtentKind};
 
 /// The block ranges a disk's run examines: in incr mode the blocks the tracker names
-/// (`changed`, byte ranges), else every block of the new size.
+/// (`changed`, byte ranges) and those [`zeroed_since`] finds, else every block of the new
+/// size.
 pub(super) fn block_ranges(
     mode: Mode,
     old: Option<&OldDisk>,
     changed: Option<&[(u64, u64)]>,
+    source: &dyn BlockSource,
     bs: u32,
-    new_blocks: u64,
     size: u64,
-) -> Vec<(u64, u64)> {
-    match (&mode, old) {
+) -> Result<Vec<(u64, u64)>> {
+    let new_blocks = block_count(size, bs);
+    Ok(match (&mode, old) {
         (Mode::Incr, Some(o)) => {
             let mut r = to_block_ranges(changed.unwrap_or(&[]), bs, new_blocks);
             if o.size != size {
                 // The block at the old end and everything past it changed length.
                 r.push((o.blocks.min(new_blocks).saturating_sub(1), new_blocks));
-                r.retain(|&(a, b)| a < b);
-                merge_ranges(&mut r);
             }
+            r.extend(zeroed_since(source, o, bs, size)?);
+            r.retain(|&(a, b)| a < b);
+            merge_ranges(&mut r);
             r
         }
         _ => vec![(0, new_blocks)]
             .into_iter()
             .filter(|&(a, b)| a < b)
             .collect(),
+    })
+}
+
+/// The blocks an incremental run reads although no tracker names them: where the source
+/// now reads as zeros (its allocation map says so) and the previous image holds data.
+///
+/// A tracker sees writes, not every way bytes can vanish: a disk shrunk and grown back
+/// between two runs reads as zeros past the cut, often with the size the last generation
+/// recorded, and QEMU 7.2's persistent bitmaps leave the regrown range clean (so would a
+/// changed-block list that names only writes). Reading those blocks costs no I/O (they
+/// are holes or zero extents), and keeps the old bytes out of the new generation. The
+/// previous image's holes read as zeros, so only its data ranges need asking about.
+fn zeroed_since(
+    source: &dyn BlockSource,
+    old: &OldDisk,
+    bs: u32,
+    size: u64,
+) -> Result<Vec<(u64, u64)>> {
+    let bs = bs as u64;
+    let shared = old.size.min(size);
+    let data =
+        fsutil::data_extents(&old.image, 0, shared).map_err(|e| Error::io(&old.image_path, e))?;
+    let mut out = Vec::new();
+    for (start, len) in data {
+        let end = (start + len).min(shared);
+        let mut at = start;
+        while at < end {
+            let before = at;
+            for e in source.extents(at, end - at)? {
+                if e.offset > at {
+                    return Err(Error::source(
+                        source.describe(),
+                        format!("allocation map has a gap at byte {at}"),
+                    ));
+                }
+                let (s, e_end) = (e.offset.max(at), (e.offset + e.length).min(end));
+                if e_end <= s {
+                    continue;
+                }
+                if e.kind == ExtentKind::Zero {
+                    out.push((s / bs, e_end.div_ceil(bs)));
+                }
+                at = at.max(e_end);
+            }
+            if at == before {
+                return Err(Error::source(
+                    source.describe(),
+                    format!("allocation map is empty at byte {at}"),
+                ));
+            }
+        }
     }
+    Ok(out)
 }
 
 /// A run of blocks for one worker.
