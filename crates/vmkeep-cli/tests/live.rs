@@ -1031,3 +1031,38 @@ fn two_repositories_backing_up_one_running_vm_at_once_both_succeed() {
     let cps = checkpoints(&vm.name);
     assert_eq!(cps.len(), 2, "{cps:?}");
 }
+
+#[test]
+fn a_running_disk_shrunk_and_grown_back_restores_as_the_guest_sees_it() {
+    // virsh blockresize cuts off the tail of a running disk and grows it back: the guest
+    // reads zeros past the cut at the size the last generation recorded.
+    let _shared = shared();
+    let (vm, env) = backed_up_with("regrow", ("vda", "qcow2", 32), "12M");
+    let gen0 = disk_now(&vm, "vda");
+    let path = vm.disk("vda").path.to_str().unwrap().to_string();
+    let resize = |size: &str| {
+        let out = std::process::Command::new("virsh")
+            .args(["blockresize", &vm.name, &path, size])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (shrunk, why) = resize("4M");
+    assert!(shrunk, "blockresize to 4M: {why}");
+    let (grown, why) = resize("32M");
+    assert!(grown, "blockresize to 32M: {why}");
+    let now = disk_now(&vm, "vda");
+    assert!(
+        now[4 << 20..12 << 20].iter().all(|&b| b == 0),
+        "the cut-off tail reads zeros"
+    );
+    let (mode, _) = backup(&env, &vm);
+    assert_eq!(mode, "incr", "the checkpoint's bitmap is still the disk's");
+    assert_latest_is_disk(&env, &vm, "vda");
+    assert!(restored(&env, &vm.name, "0", "vda") == now);
+    assert!(restored(&env, &vm.name, "1", "vda") == gen0);
+    env.ok(&["check", &vm.name, "--deep"]);
+}
