@@ -121,7 +121,7 @@ fn as_vm(ctx: &Ctx, repo: &Repository, a: &RestoreArgs, new_name: &str) -> Resul
     let (gens, k) = archive.resolve_generation(&a.generation)?;
     let id = gens[k].id.clone();
     let gen = &gens[k];
-    let saved = std::fs::read_to_string(gen.dir.join("domain.xml")).map_err(|_| {
+    let saved = std::fs::read_to_string(gen.domain_xml_path()).map_err(|_| {
         Error::usage(format!(
             "generation {id} of VM {} has no saved libvirt XML (it was not backed up from libvirt)",
             a.vm

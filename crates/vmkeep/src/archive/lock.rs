@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use rustix::fs::{flock, fstat, openat, FileType, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 
+use crate::archive::names;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
 
@@ -29,10 +30,10 @@ impl VmLock {
     /// Take the lock of the VM whose folder is `dir`, or fail at once naming the holder.
     pub fn acquire(dir: &Path, vm: &str, what: &str) -> Result<VmLock> {
         let dir_fd = fsutil::open_dir_nofollow(dir)?;
-        let path = dir.join("lock");
+        let path = dir.join(names::LOCK);
         let fd = openat(
             &dir_fd,
-            "lock",
+            names::LOCK,
             OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
             Mode::from_raw_mode(fsutil::FILE_MODE),
         )

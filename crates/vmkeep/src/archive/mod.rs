@@ -30,12 +30,6 @@ use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
 use profile::{GenerationProfile, RepoProfile, VmProfile, PROFILE_VERSION};
 
-/// Name of the link to the newest generation.
-pub const LATEST: &str = "latest";
-/// Suffix of a generation folder that is being made.
-pub const PARTIAL: &str = ".partial";
-/// Suffix of a generation folder that is being deleted.
-pub const DELETING: &str = ".deleting";
 
 /// A repository folder.
 #[derive(Debug, Clone)]
@@ -47,7 +41,7 @@ pub struct Repository {
 impl Repository {
     /// Create a repository at `root`, or open the one that is there.
     pub fn init(root: &Path) -> Result<Repository> {
-        let marker = root.join("repo.toml");
+        let marker = root.join(names::REPO_PROFILE);
         if marker.exists() {
             return Repository::open(root);
         }
@@ -77,7 +71,7 @@ impl Repository {
 
     /// Open an existing repository.
     pub fn open(root: &Path) -> Result<Repository> {
-        let marker = root.join("repo.toml");
+        let marker = root.join(names::REPO_PROFILE);
         if !marker.exists() {
             return Err(Error::usage(format!(
                 "{} is not a vmkeep repository (run 'vmkeep --repo {} init')",
@@ -96,6 +90,11 @@ impl Repository {
         &self.root
     }
 
+    /// `REPO/allvm.toml`: the hypervisor inventory `update` writes.
+    pub fn inventory_path(&self) -> PathBuf {
+        self.root.join(names::INVENTORY)
+    }
+
     /// Names of the VMs that have at least a VM profile, sorted.
     pub fn vm_names(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
@@ -104,7 +103,7 @@ impl Repository {
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
-            if names::check_vm(&name).is_ok() && entry.path().join("vm.toml").exists() {
+            if names::check_vm(&name).is_ok() && names::vm_profile(&entry.path()).exists() {
                 out.push(name);
             }
         }
@@ -125,7 +124,7 @@ impl Repository {
     /// Open the archive of VM `name`; an unknown VM is a usage error.
     pub fn vm(&self, name: &str) -> Result<VmArchive> {
         let dir = self.vm_dir(name)?;
-        if !dir.join("vm.toml").exists() {
+        if !names::vm_profile(&dir).exists() {
             return Err(Error::usage(format!(
                 "unknown VM {name:?}: no backups of it in {}",
                 self.root.display()
@@ -152,17 +151,34 @@ pub struct Generation {
 }
 
 impl Generation {
+    /// `DISK.raw`: the image of `disk` (newest generation only).
     pub fn image_path(&self, disk: &str) -> PathBuf {
-        self.dir.join(format!("{disk}.raw"))
+        names::image_file(&self.dir, disk)
     }
+    /// `DISK.digest`: the digests of `disk` (newest generation only).
     pub fn digest_path(&self, disk: &str) -> PathBuf {
-        self.dir.join(format!("{disk}.digest"))
+        names::digest_file(&self.dir, disk)
     }
+    /// `DISK.rdiff`: the reverse diff of `disk` (older generations only).
     pub fn rdiff_path(&self, disk: &str) -> PathBuf {
-        self.dir.join(format!("{disk}.rdiff"))
+        names::rdiff_file(&self.dir, disk)
     }
+    /// `DISK.rdiff.partial`: the reverse diff of `disk` being written, the undo journal of
+    /// a running backup.
+    pub fn journal_path(&self, disk: &str) -> PathBuf {
+        names::journal_file(&self.dir, disk)
+    }
+    /// `DISK.rdiff.merge`: the merged reverse diff of `disk` a prune writes.
+    pub fn merge_path(&self, disk: &str) -> PathBuf {
+        names::merge_file(&self.dir, disk)
+    }
+    /// `generation.toml`: what the run made.
     pub fn profile_path(&self) -> PathBuf {
-        self.dir.join("generation.toml")
+        names::generation_profile(&self.dir)
+    }
+    /// `domain.xml`: the libvirt domain XML saved with the generation, if it has one.
+    pub fn domain_xml_path(&self) -> PathBuf {
+        self.dir.join(names::DOMAIN_XML)
     }
 }
 
@@ -192,16 +208,17 @@ pub fn generation_bytes(id: &str) -> [u8; 16] {
 impl VmArchive {
     pub fn open(dir: PathBuf, name: &str) -> Result<VmArchive> {
         fsutil::refuse_symlink(&dir)?;
-        let profile: VmProfile = profile::load(&dir.join("vm.toml"))?;
+        let path = names::vm_profile(&dir);
+        let profile: VmProfile = profile::load(&path)?;
         if profile.name != name {
             return Err(Error::corrupt(
-                dir.join("vm.toml"),
+                &path,
                 format!("profile names VM {:?}", profile.name),
             ));
         }
         if !format::valid_block_size(profile.block_size as u64) {
             return Err(Error::corrupt(
-                dir.join("vm.toml"),
+                &path,
                 format!("invalid block size {}", profile.block_size),
             ));
         }
@@ -213,7 +230,7 @@ impl VmArchive {
     }
 
     pub fn profile_path(&self) -> PathBuf {
-        self.dir.join("vm.toml")
+        names::vm_profile(&self.dir)
     }
 
     pub fn save_profile(&self) -> Result<()> {
@@ -249,7 +266,7 @@ impl VmArchive {
     /// Load generation `id`.
     pub fn generation(&self, id: &str) -> Result<Generation> {
         let dir = self.dir.join(id);
-        let path = dir.join("generation.toml");
+        let path = names::generation_profile(&dir);
         let profile: GenerationProfile = profile::load(&path)?;
         if profile.id != id {
             return Err(Error::corrupt(
@@ -277,7 +294,7 @@ impl VmArchive {
     /// single path component naming a generation folder of this VM counts. vmkeep never
     /// opens anything through `latest`; it is there for people and scripts (`dd`).
     pub fn latest_target(&self) -> Option<String> {
-        let target = std::fs::read_link(self.dir.join(LATEST)).ok()?;
+        let target = std::fs::read_link(self.dir.join(names::LATEST)).ok()?;
         let target = target.to_str()?;
         let ok = is_generation_name(target)
             && std::fs::symlink_metadata(self.dir.join(target)).is_ok_and(|m| m.is_dir());

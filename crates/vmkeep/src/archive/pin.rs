@@ -20,11 +20,10 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::archive::names::PINS;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
 
-/// Folder of the pins, inside the VM folder.
-pub const PINS: &str = "pins";
 
 /// A held pin; dropping it releases the lock and removes the file.
 #[derive(Debug)]

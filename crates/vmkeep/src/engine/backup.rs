@@ -23,7 +23,7 @@ use crate::archive::lock::VmLock;
 use crate::archive::profile::{self, DiskRecord, GenerationProfile, VmProfile, PROFILE_VERSION};
 use crate::archive::rdiff::{RdiffHeader, RdiffWriter, Record, COMPRESSION_ZSTD, FLAG_BASE};
 use crate::archive::txn::{self, Txn};
-use crate::archive::{self, names, Generation, Repository, VmArchive, PARTIAL};
+use crate::archive::{self, names, Generation, Repository, VmArchive};
 use crate::bufpool::{BufPool, PoolBuf};
 use crate::engine::{cpu_threads, pipeline, Mode};
 use crate::error::{Error, Result};
@@ -182,7 +182,7 @@ impl BackupRun {
         fsutil::create_dir(&vm_dir)?;
         let lock = VmLock::acquire(&vm_dir, vm, "backup")?;
         let recovered = txn::recover(&vm_dir)?;
-        let existing = if vm_dir.join("vm.toml").exists() {
+        let existing = if names::vm_profile(&vm_dir).exists() {
             Some(VmArchive::open(vm_dir.clone(), vm)?)
         } else {
             None
@@ -289,7 +289,7 @@ impl BackupRun {
             names,
         );
         txn.store(&self.vm_dir)?;
-        let new_dir = self.vm_dir.join(format!("{}{PARTIAL}", self.gen_id));
+        let new_dir = names::partial_dir(&self.vm_dir, &self.gen_id);
         let result = self
             .write_generation(&new_dir, disks, block_size, opts, progress)
             .and_then(|written| before_commit().map(|()| written))
@@ -390,7 +390,7 @@ impl BackupRun {
             .find(|m| modes.contains(m))
             .unwrap_or("full");
         if let Some(xml) = &opts.domain_xml {
-            let p = new_dir.join("domain.xml");
+            let p = new_dir.join(names::DOMAIN_XML);
             let f = fsutil::create_new(&p)?;
             fsutil::write_at(&f, xml.as_bytes(), 0, &p)?;
             fsutil::sync_all(&f, &p)?;
@@ -421,7 +421,7 @@ impl BackupRun {
     ) -> Result<GenerationProfile> {
         gp.duration_secs = (self.started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
         profile::store(
-            &new_dir.join("generation.toml"),
+            &names::generation_profile(&new_dir),
             "vmkeep generation profile",
             &gp,
         )?;
@@ -433,7 +433,7 @@ impl BackupRun {
                 created: self.start_time.clone(),
                 last_check: None,
             };
-            profile::store(&self.vm_dir.join("vm.toml"), "vmkeep VM profile", &vp)?;
+            profile::store(&names::vm_profile(&self.vm_dir), "vmkeep VM profile", &vp)?;
         }
         txn.state = "commit".into();
         txn.store(&self.vm_dir)?;
@@ -604,8 +604,8 @@ impl RunCtx<'_> {
             .min(size);
         let task = self.progress.task(&input.name, examined);
 
-        let image_path = self.new_dir.join(format!("{}.raw", input.name));
-        let digest_path = self.new_dir.join(format!("{}.digest", input.name));
+        let image_path = names::image_file(&self.new_dir, &input.name);
+        let digest_path = names::digest_file(&self.new_dir, &input.name);
         let dh = DigestHeader {
             block_size: bs,
             disk_size: size,
@@ -614,7 +614,7 @@ impl RunCtx<'_> {
         let mut sink = match old.as_ref() {
             Some(o) => {
                 let prev = self.prev.expect("old disk implies a previous generation");
-                let journal_path = prev.dir.join(format!("{}.rdiff.partial", input.name));
+                let journal_path = prev.journal_path(&input.name);
                 let rh = RdiffHeader {
                     flags: 0,
                     block_size: bs,
@@ -751,7 +751,7 @@ impl RunCtx<'_> {
             next_size: 0,
             generation: archive::generation_bytes(&prev.id),
         };
-        let mut w = RdiffWriter::create(&prev.dir.join(format!("{name}.rdiff.partial")), rh)?;
+        let mut w = RdiffWriter::create(&prev.journal_path(name), rh)?;
         for b in 0..old.blocks {
             let d = old.digest_of(b)?;
             if d != ZERO_DIGEST {

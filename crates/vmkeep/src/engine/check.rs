@@ -17,7 +17,7 @@ use crate::archive::format::{block_len, DIGEST_LEN};
 use crate::archive::lock::VmLock;
 use crate::archive::profile::{self, CheckRecord};
 use crate::archive::rdiff::RdiffReader;
-use crate::archive::{generation_bytes, txn, Generation, Repository, VmArchive};
+use crate::archive::{generation_bytes, names, txn, Generation, Repository, VmArchive};
 use crate::bufpool::BufPool;
 use crate::engine::pipeline;
 use crate::engine::reader::{open_rdiff, DiskView, Loc};
@@ -110,7 +110,7 @@ pub fn check(
     progress: &dyn Progress,
 ) -> Result<CheckReport> {
     let dir = repo.vm_dir(vm)?;
-    if !dir.join("vm.toml").exists() && !dir.join(txn::TXN_FILE).exists() {
+    if !names::vm_profile(&dir).exists() && !names::txn_file(&dir).exists() {
         return Err(Error::usage(format!(
             "unknown VM {vm:?}: no backups of it in {}",
             repo.root().display()
@@ -133,13 +133,13 @@ pub fn check(
         bad_records: HashSet::new(),
         progress,
     };
-    if lock.is_none() && dir.join(txn::TXN_FILE).exists() {
+    if lock.is_none() && names::txn_file(&dir).exists() {
         let detail =
             "an interrupted command awaits recovery, which a read-only repository cannot do";
         c.problem(
             None,
             None,
-            Some(&dir.join(txn::TXN_FILE)),
+            Some(&names::txn_file(&dir)),
             None,
             detail.into(),
         );
@@ -176,7 +176,7 @@ pub fn check(
     let archive = match VmArchive::open(dir.clone(), vm) {
         Ok(a) => a,
         Err(e) => {
-            c.problem(None, None, Some(&dir.join("vm.toml")), None, e.to_string());
+            c.problem(None, None, Some(&names::vm_profile(&dir)), None, e.to_string());
             return Ok(c.report(deep, 0, 0, recovered));
         }
     };
@@ -206,7 +206,7 @@ pub fn check(
             c.problem(
                 None,
                 None,
-                Some(&dir.join("latest")),
+                Some(&dir.join(names::LATEST)),
                 None,
                 format!("'latest' does not point at the newest generation {newest}"),
             );
@@ -336,7 +336,7 @@ impl Checker<'_> {
                 ),
             }
             let ipath = g.image_path(&d.name);
-            let journal = g.dir.join(format!("{}.rdiff.partial", d.name));
+            let journal = g.journal_path(&d.name);
             let grown = self.pending && journal.exists();
             match std::fs::metadata(&ipath) {
                 Ok(m) if m.len() == d.size || (grown && m.len() > d.size) => {}
@@ -478,7 +478,7 @@ impl Checker<'_> {
         digest: &DigestReader,
         bad: Vec<u64>,
     ) -> Result<Vec<u64>> {
-        let journal = g.dir.join(format!("{disk}.rdiff.partial"));
+        let journal = g.journal_path(disk);
         let Ok(Some(mut scan)) = crate::archive::rdiff::PartialScan::open(&journal) else {
             return Ok(bad);
         };
