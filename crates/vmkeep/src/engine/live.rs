@@ -633,7 +633,9 @@ fn lock_error(path: &std::path::Path, vm: &str, detail: &str) -> Error {
     )
 }
 
-/// One OFD lock call on byte `byte`; returns the lock type `F_OFD_GETLK` found.
+/// One OFD lock call on byte `byte`; returns the lock type `F_OFD_GETLK` found. Not the
+/// archive's `flock` ([`crate::archive::lock::flock`]): QEMU's image locks are byte-range
+/// `fcntl` OFD locks, which an `flock` never conflicts with.
 fn ofd_lock(
     file: &std::fs::File,
     cmd: libc::c_int,
