@@ -263,12 +263,11 @@ fn backup_running(
     // which repository's run made them (see `owned_job`).
     let prefix = format!("vmkeep-{repo_id}-");
     let gid = dom.qemu_gid()?;
-    let mode = if gid.is_some() { 0o770 } else { 0o700 };
+    let share = crate::fsutil::Share::qemu(gid);
     let mut cleanup = RemoveDirs(Vec::new());
-    let socket_dir = crate::fsutil::private_dir(&live.run_dir, 0o711, &prefix, gid, mode)?.path;
+    let socket_dir = crate::fsutil::private_dir(&live.run_dir, &prefix, share)?.path;
     cleanup.0.push(socket_dir.clone());
-    let scratch_dir =
-        crate::fsutil::private_dir(&live.scratch_dir, 0o711, &prefix, gid, mode)?.path;
+    let scratch_dir = crate::fsutil::private_dir(&live.scratch_dir, &prefix, share)?.path;
     cleanup.0.push(scratch_dir.clone());
     let socket = socket_dir.join("nbd.sock");
     *our_socket.borrow_mut() = Some(socket.clone());

@@ -1132,8 +1132,7 @@ fn uri_escape(text: &str) -> String {
 /// libvirt, QEMU runs as the caller) mode 0700. Group and mode are set on the open folder.
 /// See the module docs for why.
 pub fn prepare_private_dir(dir: &Path, qemu_gid: Option<u32>) -> Result<()> {
-    let mode = if qemu_gid.is_some() { 0o770 } else { 0o700 };
-    crate::fsutil::new_private_dir(dir, 0o711, qemu_gid, mode).map(drop)
+    crate::fsutil::new_private_dir(dir, crate::fsutil::Share::qemu(qemu_gid)).map(drop)
 }
 
 /// The VM's disks (not CD-ROMs) outside `tracked`: a checkpoint names them `checkpoint='no'`.
