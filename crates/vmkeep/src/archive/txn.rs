@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::profile::{self, GenerationProfile, Versioned, PROFILE_VERSION};
 use super::names::{self, DELETING, JOURNAL_SUFFIX, LATEST, MERGE_SUFFIX, PARTIAL};
+use super::profile::{self, GenerationProfile, Versioned, PROFILE_VERSION};
 use super::{is_generation_name, rdiff};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
@@ -112,7 +112,7 @@ impl Txn {
         // a symbolic link in the place of one is refused, never followed.
         for id in ids.into_iter().flatten() {
             fsutil::refuse_symlink(&gen_dir(vm_dir, id))?;
-            fsutil::refuse_symlink(&partial_dir(vm_dir, id))?;
+            fsutil::refuse_symlink(&names::partial_dir(vm_dir, id))?;
         }
         let exists = |id: &str| is_real_dir(&gen_dir(vm_dir, id));
         let (base, needed) = match self.op.as_str() {
@@ -130,7 +130,7 @@ impl Txn {
         if let Some(id) = needed.filter(|id| !exists(id)) {
             return bad(format!("generation {id} does not exist"));
         }
-        let made = exists(&self.new) || is_real_dir(&partial_dir(vm_dir, &self.new));
+        let made = exists(&self.new) || is_real_dir(&names::partial_dir(vm_dir, &self.new));
         if self.op == "backup" && self.state == "commit" && !made {
             return bad(format!("generation {} does not exist", self.new));
         }
@@ -190,7 +190,6 @@ fn is_real_dir(path: &Path) -> bool {
 fn gen_dir(vm_dir: &Path, id: &str) -> PathBuf {
     vm_dir.join(id)
 }
-
 
 /// Files in `dir` whose names end in `suffix`, as (stem, path).
 fn files_with_suffix(dir: &Path, suffix: &str) -> Result<Vec<(String, PathBuf)>> {
