@@ -24,7 +24,6 @@ use crate::archive::names::PINS;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
 
-
 /// A held pin; dropping it releases the lock and removes the file.
 #[derive(Debug)]
 pub struct Pin {

@@ -266,9 +266,9 @@ pub fn new_private_dir(path: &Path, share: Share) -> Result<PrivateDir> {
 pub fn private_dir_beside(path: &Path) -> Result<PrivateDir> {
     let (base, name) = split(path)?;
     let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC;
-    let parent = rustix::fs::openat(CWD, base, flags, Mode::empty()).map_err(|e| io_err(base, e))?;
-    fresh(&parent, path, name, Share::Nobody)?
-        .ok_or_else(|| io_err(path, rustix::io::Errno::EXIST))
+    let parent =
+        rustix::fs::openat(CWD, base, flags, Mode::empty()).map_err(|e| io_err(base, e))?;
+    fresh(&parent, path, name, Share::Nobody)?.ok_or_else(|| io_err(path, rustix::io::Errno::EXIST))
 }
 
 /// `mkdirat` + checks + `fchown`/`fchmod` on the open folder; `None` if `name` exists.
