@@ -9,10 +9,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
+use vmkeep::archive::view::DiskView;
 use vmkeep::archive::Repository;
 use vmkeep::engine::backup::{BackupOptions, BackupRun, DiskInput};
 use vmkeep::engine::check::{check, GenSelect};
-use vmkeep::engine::reader::DiskView;
 use vmkeep::engine::restore::restore;
 use vmkeep::engine::Mode;
 use vmkeep::progress::NoProgress;

@@ -9,11 +9,11 @@ use std::os::unix::fs::FileExt;
 
 use vmkeep::archive::profile;
 use vmkeep::archive::retention::Schedule;
+use vmkeep::archive::view::DiskView;
 use vmkeep::archive::Repository;
 use vmkeep::engine::backup::{BackupOptions, BackupRun, DiskInput};
 use vmkeep::engine::check::{check, GenSelect};
 use vmkeep::engine::prune::prune;
-use vmkeep::engine::reader::DiskView;
 use vmkeep::engine::restore::restore;
 use vmkeep::engine::Mode;
 use vmkeep::progress::NoProgress;

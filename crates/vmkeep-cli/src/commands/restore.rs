@@ -1,8 +1,8 @@
 //! `vmkeep restore`
 
 use anyhow::Result;
+use vmkeep::archive::view::DiskView;
 use vmkeep::archive::Repository;
-use vmkeep::engine::reader::DiskView;
 use vmkeep::progress::Progress;
 use vmkeep::Error;
 
@@ -37,10 +37,10 @@ pub fn open_view(
     ignore_damage: bool,
 ) -> Result<(DiskView, Option<Error>)> {
     let archive = repo.vm(vm)?;
-    let (gens, k) = archive.resolve_generation(rev)?;
+    let chosen = archive.select(rev)?;
     let disk = match disk {
         Some(d) => d.to_string(),
-        None => match gens[k].profile.disks.as_slice() {
+        None => match chosen.generation().profile.disks.as_slice() {
             [only] => only.name.clone(),
             many => {
                 let names: Vec<&str> = many.iter().map(|d| d.name.as_str()).collect();
@@ -53,9 +53,9 @@ pub fn open_view(
         },
     };
     if ignore_damage {
-        Ok(DiskView::open_ignoring_damage(&archive, &gens, k, &disk)?)
+        Ok(chosen.view_ignoring_damage(&disk)?)
     } else {
-        Ok((DiskView::open(&archive, &gens, k, &disk)?, None))
+        Ok((chosen.view(&disk)?, None))
     }
 }
 
@@ -118,9 +118,9 @@ fn as_vm(ctx: &Ctx, repo: &Repository, a: &RestoreArgs, new_name: &str) -> Resul
         return Err(Error::usage(format!("--format {}: use qcow2 or raw", a.format)).into());
     }
     let archive = repo.vm(&a.vm)?;
-    let (gens, k) = archive.resolve_generation(&a.generation)?;
-    let id = gens[k].id.clone();
-    let gen = &gens[k];
+    let chosen = archive.select(&a.generation)?;
+    let gen = chosen.generation();
+    let id = gen.id.clone();
     let saved = std::fs::read_to_string(gen.domain_xml_path()).map_err(|_| {
         Error::usage(format!(
             "generation {id} of VM {} has no saved libvirt XML (it was not backed up from libvirt)",
@@ -187,9 +187,9 @@ fn as_vm(ctx: &Ctx, repo: &Repository, a: &RestoreArgs, new_name: &str) -> Resul
     let mut views = Vec::new();
     for d in &gen.profile.disks {
         views.push(if a.ignore_damage && !a.instant {
-            DiskView::open_ignoring_damage(&archive, &gens, k, &d.name)?
+            chosen.view_ignoring_damage(&d.name)?
         } else {
-            (DiskView::open(&archive, &gens, k, &d.name)?, None)
+            (chosen.view(&d.name)?, None)
         });
     }
     if a.instant {
@@ -356,7 +356,8 @@ fn start_server(
         .unwrap_or_else(|| "/run/vmkeep".into());
     // A fresh folder in a parent only root can change: root-owned, QEMU's group may
     // enter (to connect), nobody else.
-    let run = vmkeep::fsutil::private_dir(&base, 0o711, "instant-", Some(gid), 0o750)?.path;
+    let run =
+        vmkeep::fsutil::private_dir(&base, "instant-", vmkeep::fsutil::Share::Enter(gid))?.path;
     let socket = run.join("nbd.sock");
     let log = run.join("serve.log");
     // 0600: QEMU's group may enter the folder, the server's log is root's.

@@ -2,7 +2,7 @@
 //! generation's bytes. The workflow is `vmkeep::engine::verify`; this parses and prints.
 
 use anyhow::Result;
-use vmkeep::engine::reader::DiskView;
+use vmkeep::archive::view::DiskView;
 use vmkeep::engine::verify::{no_such_disk, verify_disk, DiskVerify};
 
 use super::backup::open_source;
@@ -13,9 +13,10 @@ use crate::output::{bytes, EXIT_FAILURE};
 pub fn run(ctx: &Ctx, a: VerifyArgs) -> Result<i32> {
     let repo = ctx.open_repo()?;
     let archive = repo.vm(&a.vm)?;
-    let (gens, k) = archive.resolve_generation(&a.generation)?;
-    let id = gens[k].id.clone();
-    let have: Vec<&str> = gens[k]
+    let chosen = archive.select(&a.generation)?;
+    let id = chosen.generation().id.clone();
+    let have: Vec<&str> = chosen
+        .generation()
         .profile
         .disks
         .iter()
@@ -34,7 +35,7 @@ pub fn run(ctx: &Ctx, a: VerifyArgs) -> Result<i32> {
         {
             return Err(vmkeep::Error::usage(format!("--disk {name} given twice")).into());
         }
-        let view = DiskView::open(&archive, &gens, k, name)?;
+        let view = chosen.view(name)?;
         jobs.push((name.to_string(), path.to_string(), view));
     }
     let mut results: Vec<DiskVerify> = Vec::new();

@@ -23,13 +23,13 @@ pub mod profile;
 pub mod rdiff;
 pub mod retention;
 pub mod txn;
+pub mod view;
 
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
 use profile::{GenerationProfile, RepoProfile, VmProfile, PROFILE_VERSION};
-
 
 /// A repository folder.
 #[derive(Debug, Clone)]
@@ -216,12 +216,7 @@ impl VmArchive {
                 format!("profile names VM {:?}", profile.name),
             ));
         }
-        if !format::valid_block_size(profile.block_size as u64) {
-            return Err(Error::corrupt(
-                &path,
-                format!("invalid block size {}", profile.block_size),
-            ));
-        }
+        format::check_block_size(&path, profile.block_size)?;
         Ok(VmArchive {
             dir,
             name: name.to_string(),
@@ -237,14 +232,20 @@ impl VmArchive {
         profile::store(&self.profile_path(), "vmkeep VM profile", &self.profile)
     }
 
-    /// Ids of the finished generations, oldest first. A generation folder that is a
-    /// symbolic link (to another VM's generation, say) is refused: its files would be read
-    /// as this VM's, and pruning or recovery would change them.
+    /// Ids of the finished generations, oldest first (see [`VmArchive::generation_ids_in`]).
     pub fn generation_ids(&self) -> Result<Vec<String>> {
-        fsutil::refuse_symlink(&self.dir)?;
+        Self::generation_ids_in(&self.dir)
+    }
+
+    /// Ids of the finished generations in the VM folder `dir`, oldest first (for readers
+    /// that hold no archive). A generation folder that is a symbolic link (to another VM's
+    /// generation, say) is refused: its files would be read as this VM's, and pruning or
+    /// recovery would change them.
+    pub fn generation_ids_in(dir: &Path) -> Result<Vec<String>> {
+        fsutil::refuse_symlink(dir)?;
         let mut ids = Vec::new();
-        for entry in std::fs::read_dir(&self.dir).at(&self.dir)? {
-            let entry = entry.at(&self.dir)?;
+        for entry in std::fs::read_dir(dir).at(dir)? {
+            let entry = entry.at(dir)?;
             if let Ok(name) = entry.file_name().into_string() {
                 if !is_generation_name(&name) {
                     continue;
@@ -317,17 +318,40 @@ impl VmArchive {
         let k = ids.iter().position(|i| *i == id).unwrap_or_default();
         Ok((gens, k))
     }
+
+    /// Generation REV, resolved against the listing it indexes
+    /// ([`VmArchive::resolve_generation`]), ready to open its disks.
+    pub fn select(&self, rev: &str) -> Result<view::Selected<'_>> {
+        let (gens, k) = self.resolve_generation(rev)?;
+        Ok(view::Selected::new(self, gens, k))
+    }
+
+    /// The generation `pin` holds, from a listing made after the pin was taken (so prune
+    /// can no longer drop it): a generation gone before that is a usage error.
+    pub fn select_pinned(&self, pin: &pin::Pin) -> Result<view::Selected<'_>> {
+        let id = &pin.generation;
+        let gens = self.generations()?;
+        let k = gens.iter().position(|g| g.id == *id).ok_or_else(|| {
+            Error::usage(format!(
+                "generation {id} of VM {} was removed while it was being opened",
+                self.name
+            ))
+        })?;
+        Ok(view::Selected::new(self, gens, k))
+    }
+
+    /// Disk `disk` of generation REV, its digests proven
+    /// ([`view::DiskView::open`]); for several disks of one generation, [`VmArchive::select`]
+    /// it once and open each from that.
+    pub fn view(&self, rev: &str, disk: &str) -> Result<view::DiskView> {
+        self.select(rev)?.view(disk)
+    }
 }
 
 /// What a generation profile says must be possible: its disk names become file names and
 /// its sizes drive every reader's arithmetic.
 fn check_generation(path: &Path, p: &GenerationProfile) -> Result<()> {
-    if !format::valid_block_size(p.block_size as u64) {
-        return Err(Error::corrupt(
-            path,
-            format!("invalid block size {}", p.block_size),
-        ));
-    }
+    format::check_block_size(path, p.block_size)?;
     let mut seen = std::collections::HashSet::new();
     for d in &p.disks {
         names::check_disk(&d.name).map_err(|e| Error::corrupt(path, e))?;

@@ -9,7 +9,6 @@ pub mod live;
 pub mod pipeline;
 pub mod print;
 pub mod prune;
-pub mod reader;
 pub mod restore;
 pub mod serve;
 pub mod status;

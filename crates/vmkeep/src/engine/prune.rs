@@ -18,8 +18,8 @@ use crate::archive::profile::parse_time;
 use crate::archive::rdiff::{RdiffHeader, RdiffReader, RdiffWriter, Record, FLAG_BASE};
 use crate::archive::retention::{self, Item, Schedule};
 use crate::archive::txn::{self, Txn};
+use crate::archive::view::open_rdiff;
 use crate::archive::{Generation, Repository};
-use crate::engine::reader::open_rdiff;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 
@@ -242,8 +242,8 @@ mod tests {
 
     use super::*;
     use crate::archive::pin::Pin;
+    use crate::archive::view::DiskView;
     use crate::engine::backup::{BackupOptions, BackupRun, DiskInput};
-    use crate::engine::reader::DiskView;
     use crate::progress::NoProgress;
     use crate::source::file::FileSource;
 

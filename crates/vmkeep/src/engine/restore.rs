@@ -4,9 +4,9 @@ use std::collections::VecDeque;
 
 use crate::archive::digest::ZERO_DIGEST;
 use crate::archive::format::{block_len, DIGEST_LEN};
+use crate::archive::view::{DiskView, Loc, Segment};
 use crate::bufpool::{BufPool, PoolBuf};
 use crate::engine::pipeline;
-use crate::engine::reader::{DiskView, Loc, Segment};
 use crate::error::Result;
 use crate::progress::Progress;
 use crate::target::Target;

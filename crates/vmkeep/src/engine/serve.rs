@@ -16,8 +16,8 @@ use std::sync::Arc;
 use crate::archive::digest::ZERO_DIGEST;
 use crate::archive::format::DIGEST_LEN;
 use crate::archive::pin::Pin;
+use crate::archive::view::{DiskView, Loc, Segment};
 use crate::archive::Repository;
-use crate::engine::reader::{DiskView, Loc, Segment};
 use crate::error::{Error, Result};
 use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
 use crate::nbd::server::{Export, Extent};
@@ -49,18 +49,14 @@ pub fn open_generation(repo: &Repository, vm: &str, rev: &str) -> Result<ServedG
     let id = archive.resolve(rev)?;
     // Pin first, then open: once pinned, prune no longer drops it under us.
     let pin = Pin::acquire(&archive.dir, &id, "serve")?;
-    let gens = archive.generations()?;
-    let k = gens.iter().position(|g| g.id == id).ok_or_else(|| {
-        Error::usage(format!(
-            "generation {id} of VM {vm} was removed while it was being opened"
-        ))
-    })?;
-    let exports = gens[k]
+    let chosen = archive.select_pinned(&pin)?;
+    let exports = chosen
+        .generation()
         .profile
         .disks
         .iter()
         .map(|d| {
-            let view = DiskView::open(&archive, &gens, k, &d.name)?;
+            let view = chosen.view(&d.name)?;
             Ok(Arc::new(ArchiveExport::new(vm, view)))
         })
         .collect::<Result<Vec<_>>>()?;

@@ -11,8 +11,8 @@ use serde::Serialize;
 
 use crate::archive::digest::{block_digest, Digest, ZERO_DIGEST};
 use crate::archive::format::{block_count, DIGEST_LEN};
+use crate::archive::view::{DiskView, Loc, Segment};
 use crate::engine::pipeline;
-use crate::engine::reader::{DiskView, Loc, Segment};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::source::{BlockSource, ExtentKind};

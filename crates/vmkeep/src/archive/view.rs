@@ -24,10 +24,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::archive::digest::{block_digest, Digest, DigestReader, RootHasher, ZERO_DIGEST};
-use crate::archive::format::{block_count, block_len, DIGEST_LEN};
-use crate::archive::rdiff::{JournalIndex, RdiffReader, Record};
-use crate::archive::{generation_bytes, Generation, VmArchive};
+use super::digest::{block_digest, Digest, DigestReader, RootHasher, ZERO_DIGEST};
+use super::format::{block_count, block_len, DIGEST_LEN};
+use super::rdiff::{JournalIndex, RdiffReader, Record};
+use super::{generation_bytes, names, Generation, VmArchive};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil;
 
@@ -55,6 +55,39 @@ pub struct Block {
     pub data: Vec<u8>,
     pub digest: Digest,
     pub ok: bool,
+}
+
+/// One generation of a VM chosen by a REV, with the listing it was resolved against
+/// ([`VmArchive::select`]): every disk view opened from it reads that generation and is
+/// proven against that same listing, so a prune or backup in between cannot make the
+/// disks of one restore or verify come from different generations.
+pub struct Selected<'a> {
+    archive: &'a VmArchive,
+    gens: Vec<Generation>,
+    k: usize,
+}
+
+impl<'a> Selected<'a> {
+    /// Generation `gens[k]` of `archive` (`gens`: every generation, oldest first).
+    pub(crate) fn new(archive: &'a VmArchive, gens: Vec<Generation>, k: usize) -> Self {
+        Selected { archive, gens, k }
+    }
+
+    /// The chosen generation.
+    pub fn generation(&self) -> &Generation {
+        &self.gens[self.k]
+    }
+
+    /// Disk `disk` of the chosen generation, its digests proven ([`DiskView::open`]).
+    pub fn view(&self, disk: &str) -> Result<DiskView> {
+        DiskView::open(self.archive, &self.gens, self.k, disk)
+    }
+
+    /// Disk `disk` of the chosen generation for `--ignore-damage`
+    /// ([`DiskView::open_ignoring_damage`]).
+    pub fn view_ignoring_damage(&self, disk: &str) -> Result<(DiskView, Option<Error>)> {
+        DiskView::open_ignoring_damage(self.archive, &self.gens, self.k, disk)
+    }
 }
 
 /// One disk of one generation, ready to be read.
@@ -695,8 +728,8 @@ impl DiskView {
                 let dir = self.vm_dir.join(id);
                 let gid = generation_bytes(id);
                 for path in [
-                    dir.join(format!("{}.rdiff.partial", self.disk)),
-                    dir.join(format!("{}.rdiff", self.disk)),
+                    names::journal_file(&dir, &self.disk),
+                    names::rdiff_file(&dir, &self.disk),
                 ] {
                     let Some(record) = self.lookup(&path, gid, b) else {
                         continue;
@@ -809,17 +842,4 @@ fn read_image_at(file: &File, buf: &mut [u8], off: u64, path: &Path) -> Result<(
         }
     }
     Ok(())
-}
-
-impl VmArchive {
-    /// Generation ids in a VM folder, oldest first (for readers that hold no archive).
-    pub fn generation_ids_in(dir: &Path) -> Result<Vec<String>> {
-        let mut ids: Vec<String> = std::fs::read_dir(dir)
-            .map_err(|e| Error::io(dir, e))?
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| crate::archive::is_generation_name(n))
-            .collect();
-        ids.sort();
-        Ok(ids)
-    }
 }
