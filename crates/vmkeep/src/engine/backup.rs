@@ -421,7 +421,7 @@ impl BackupRun {
     ) -> Result<GenerationProfile> {
         gp.duration_secs = (self.started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
         profile::store(
-            &names::generation_profile(&new_dir),
+            &names::generation_profile(new_dir),
             "vmkeep generation profile",
             &gp,
         )?;
@@ -604,8 +604,8 @@ impl RunCtx<'_> {
             .min(size);
         let task = self.progress.task(&input.name, examined);
 
-        let image_path = names::image_file(&self.new_dir, &input.name);
-        let digest_path = names::digest_file(&self.new_dir, &input.name);
+        let image_path = names::image_file(self.new_dir, &input.name);
+        let digest_path = names::digest_file(self.new_dir, &input.name);
         let dh = DigestHeader {
             block_size: bs,
             disk_size: size,
