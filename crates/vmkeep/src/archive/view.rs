@@ -302,28 +302,10 @@ impl DiskView {
     pub fn prove(&self, gens: &[Generation], k: usize) -> Result<()> {
         for (c, r) in self.chain.iter().enumerate() {
             let g = &gens[k + c];
-            if r.header.generation != generation_bytes(&g.id) {
-                return Err(self.damage(
-                    r.path(),
-                    format!(
-                        "the reverse diff's header names generation {}, not {} (a file of another generation or VM)",
-                        uuid_text(&r.header.generation),
-                        g.id
-                    ),
-                ));
-            }
+            self.header_names(r.path(), "reverse diff", &r.header.generation, &g.id)?;
         }
         if let Some(d) = &self.digest {
-            if d.header.generation != generation_bytes(&self.newest) {
-                return Err(self.damage(
-                    d.path(),
-                    format!(
-                        "the digest file's header names generation {}, not {} (a file of another generation or VM)",
-                        uuid_text(&d.header.generation),
-                        self.newest
-                    ),
-                ));
-            }
+            self.header_names(d.path(), "digest file", &d.header.generation, &self.newest)?;
         }
         let want = gens[k]
             .profile
@@ -356,6 +338,20 @@ impl DiskView {
             &blame,
             "the digests do not match the generation's digest root (restore --ignore-damage writes the blocks that match their own digests and lists the rest)",
         ))
+    }
+
+    /// The header of `path` (the `what`) must name generation `id`.
+    fn header_names(&self, path: &Path, what: &str, found: &[u8; 16], id: &str) -> Result<()> {
+        if *found != generation_bytes(id) {
+            return Err(self.damage(
+                path,
+                format!(
+                    "the {what}'s header names generation {}, not {id} (a file of another generation or VM)",
+                    uuid_text(found)
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn digest_file_root(&self, d: &DigestReader) -> Result<String> {

@@ -315,6 +315,11 @@ impl Checker<'_> {
         self.problems.push(p);
     }
 
+    /// `e`: what is wrong with `path`, a file of disk `disk` of generation `g`.
+    fn file_error(&mut self, g: &Generation, disk: &str, path: &Path, e: &Error) {
+        self.found(self.of(&g.id, disk, strip_path(e)).file(self.rel(path)));
+    }
+
     /// The header of `path`, a file of disk `disk` of generation `g`, must name `g`.
     fn header_names_own(&mut self, g: &Generation, disk: &str, path: &Path, found: &[u8; 16]) {
         if *found != generation_bytes(&g.id) {
@@ -332,10 +337,7 @@ impl Checker<'_> {
             let digest = match DigestReader::open(&dpath) {
                 Ok(r) => r,
                 Err(e) => {
-                    self.found(
-                        self.of(&g.id, &d.name, strip_path(&e))
-                            .file(self.rel(&dpath)),
-                    );
+                    self.file_error(g, &d.name, &dpath, &e);
                     continue;
                 }
             };
@@ -366,10 +368,7 @@ impl Checker<'_> {
                 }
             }
             if let Err(e) = self.verify_image(g, &d.name, d.size, &digest) {
-                self.found(
-                    self.of(&g.id, &d.name, strip_path(&e))
-                        .file(self.rel(&ipath)),
-                );
+                self.file_error(g, &d.name, &ipath, &e);
             }
         }
     }
@@ -506,10 +505,7 @@ impl Checker<'_> {
             let r = match open_rdiff(gens, j, &d.name) {
                 Ok(r) => r,
                 Err(e) => {
-                    self.found(
-                        self.of(&g.id, &d.name, strip_path(&e))
-                            .file(self.rel(&path)),
-                    );
+                    self.file_error(g, &d.name, &path, &e);
                     continue;
                 }
             };
@@ -526,10 +522,7 @@ impl Checker<'_> {
                 (hashing.join().expect("hash thread panicked"), bad)
             });
             if let Err(e) = hashed {
-                self.found(
-                    self.of(&g.id, &d.name, strip_path(&e))
-                        .file(self.rel(&path)),
-                );
+                self.file_error(g, &d.name, &path, &e);
             }
             self.bytes += r.file_len;
             if !deep {
@@ -539,10 +532,7 @@ impl Checker<'_> {
             let bad = match bad {
                 Ok(bad) => bad,
                 Err(e) => {
-                    self.found(
-                        self.of(&g.id, &d.name, strip_path(&e))
-                            .file(self.rel(&path)),
-                    );
+                    self.file_error(g, &d.name, &path, &e);
                     continue;
                 }
             };
