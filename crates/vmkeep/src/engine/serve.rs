@@ -416,6 +416,23 @@ mod tests {
     }
 
     #[test]
+    fn a_rev_selects_one_generation_for_every_view() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(&dir.path().join("repo")).unwrap();
+        let img = dir.path().join("vda.raw");
+        backup(&repo, &img, &noise(1, 3 * BS));
+        backup(&repo, &img, &noise(2, 4 * BS));
+        let archive = repo.vm("vm").unwrap();
+        let older = archive.select("1").unwrap();
+        assert_eq!(older.generation().id, archive.generation_ids().unwrap()[0]);
+        assert_eq!(older.view("vda").unwrap().size, 3 * BS as u64);
+        let newest = archive.view("latest", "vda").unwrap();
+        assert_eq!(newest.size, 4 * BS as u64);
+        assert!(archive.view("2", "vda").is_err());
+        assert!(archive.view("0", "vdb").is_err());
+    }
+
+    #[test]
     fn place_copies_only_the_overlap() {
         let mut dst = [9u8; 8];
         place(4, &[1, 2, 3, 4, 5, 6], 6, &mut dst); // src 4..10, dst 6..14
