@@ -16,15 +16,13 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::archive::lock::{flock, LockKind, Wait};
+use crate::archive::names::PINS;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
-
-/// Folder of the pins, inside the VM folder.
-pub const PINS: &str = "pins";
 
 /// A held pin; dropping it releases the lock and removes the file.
 #[derive(Debug)]
@@ -53,8 +51,8 @@ impl Pin {
         }
         let path = dir.join(name);
         loop {
-            let mut file = open(&path)?;
-            flock(&file, libc::LOCK_SH, &path)?;
+            let mut file = fsutil::open_lock_file(&path)?;
+            flock(&file, LockKind::Shared, Wait::Block, &path)?;
             if same_file(&file, &path) {
                 file.set_len(0).at(&path)?;
                 write!(file, "pid {} ({holder})", std::process::id()).at(&path)?;
@@ -132,37 +130,13 @@ fn is_live(path: &Path) -> Result<bool> {
         }
         Err(e) => return Err(Error::io(path, e)),
     };
-    // SAFETY: flock on a descriptor we own; no pointers.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Ok(true);
-        }
-        return Err(Error::io(path, err));
+    if !flock(&file, LockKind::Exclusive, Wait::NoWait, path)? {
+        return Ok(true);
     }
     if same_file(&file, path) {
         let _ = std::fs::remove_file(path);
     }
     Ok(false)
-}
-
-fn open(path: &Path) -> Result<File> {
-    fsutil::open_lock_file(path)
-}
-
-fn flock(file: &File, op: libc::c_int, path: &Path) -> Result<()> {
-    loop {
-        // SAFETY: flock on a descriptor we own; no pointers.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let err = std::io::Error::last_os_error();
-        if err.kind() != std::io::ErrorKind::Interrupted {
-            return Err(Error::io(path, err));
-        }
-    }
 }
 
 /// Does `path` still name the open `file`?

@@ -15,13 +15,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::names::{self, DELETING, JOURNAL_SUFFIX, LATEST, MERGE_SUFFIX, PARTIAL};
 use super::profile::{self, GenerationProfile, Versioned, PROFILE_VERSION};
-use super::{is_generation_name, names, rdiff};
-use super::{DELETING, LATEST, PARTIAL};
+use super::{is_generation_name, rdiff};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
-
-pub const TXN_FILE: &str = "txn.toml";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -89,11 +87,11 @@ impl Txn {
     }
 
     pub fn store(&self, vm_dir: &Path) -> Result<()> {
-        profile::store(&vm_dir.join(TXN_FILE), "vmkeep transaction", self)
+        profile::store(&names::txn_file(vm_dir), "vmkeep transaction", self)
     }
 
     pub fn clear(vm_dir: &Path) -> Result<()> {
-        fsutil::remove_file(&vm_dir.join(TXN_FILE))?;
+        fsutil::remove_file(&names::txn_file(vm_dir))?;
         fsutil::sync_dir(vm_dir)
     }
 
@@ -101,7 +99,7 @@ impl Txn {
     /// and deletes what the record names, so every name must be a generation or a disk of
     /// this VM folder, and every generation the state relies on must be there.
     pub fn validate(&self, vm_dir: &Path) -> Result<()> {
-        let path = vm_dir.join(TXN_FILE);
+        let path = names::txn_file(vm_dir);
         let bad = |why: String| Err(Error::corrupt(&path, why));
         let ids = [self.old.as_ref(), self.older.as_ref(), Some(&self.new)];
         if let Some(id) = ids.into_iter().flatten().find(|id| !is_generation_name(id)) {
@@ -114,7 +112,7 @@ impl Txn {
         // a symbolic link in the place of one is refused, never followed.
         for id in ids.into_iter().flatten() {
             fsutil::refuse_symlink(&gen_dir(vm_dir, id))?;
-            fsutil::refuse_symlink(&partial_dir(vm_dir, id))?;
+            fsutil::refuse_symlink(&names::partial_dir(vm_dir, id))?;
         }
         let exists = |id: &str| is_real_dir(&gen_dir(vm_dir, id));
         let (base, needed) = match self.op.as_str() {
@@ -132,7 +130,7 @@ impl Txn {
         if let Some(id) = needed.filter(|id| !exists(id)) {
             return bad(format!("generation {id} does not exist"));
         }
-        let made = exists(&self.new) || is_real_dir(&partial_dir(vm_dir, &self.new));
+        let made = exists(&self.new) || is_real_dir(&names::partial_dir(vm_dir, &self.new));
         if self.op == "backup" && self.state == "commit" && !made {
             return bad(format!("generation {} does not exist", self.new));
         }
@@ -145,7 +143,7 @@ impl Txn {
 pub fn recover(vm_dir: &Path) -> Result<Vec<String>> {
     fsutil::refuse_symlink(vm_dir)?;
     let mut done = Vec::new();
-    let txn_path = vm_dir.join(TXN_FILE);
+    let txn_path = names::txn_file(vm_dir);
     if txn_path.exists() {
         let txn: Txn = profile::load(&txn_path)?;
         txn.validate(vm_dir)?;
@@ -193,10 +191,6 @@ fn gen_dir(vm_dir: &Path, id: &str) -> PathBuf {
     vm_dir.join(id)
 }
 
-fn partial_dir(vm_dir: &Path, id: &str) -> PathBuf {
-    vm_dir.join(format!("{id}{PARTIAL}"))
-}
-
 /// Files in `dir` whose names end in `suffix`, as (stem, path).
 fn files_with_suffix(dir: &Path, suffix: &str) -> Result<Vec<(String, PathBuf)>> {
     let mut out = Vec::new();
@@ -230,8 +224,8 @@ fn files_with_suffix(dir: &Path, suffix: &str) -> Result<Vec<(String, PathBuf)>>
 /// journal, so the journal shrinks as the image fills in again. A crash at any point
 /// leaves a shorter journal whose records still hold every block not yet made durable.
 pub fn apply_undo(dir: &Path, disk: &str) -> Result<usize> {
-    let image = dir.join(format!("{disk}.raw"));
-    let journal = dir.join(format!("{disk}.rdiff.partial"));
+    let image = names::image_file(dir, disk);
+    let journal = names::journal_file(dir, disk);
     let Some(mut scan) = rdiff::PartialScan::open(&journal)? else {
         return Ok(0);
     };
@@ -239,7 +233,7 @@ pub fn apply_undo(dir: &Path, disk: &str) -> Result<usize> {
         return Ok(0);
     }
     let h = scan.header.clone();
-    let gp: GenerationProfile = profile::load(&dir.join("generation.toml"))?;
+    let gp: GenerationProfile = profile::load(&names::generation_profile(dir))?;
     if gp.disk(disk).map(|d| d.size) != Some(h.disk_size) || gp.block_size != h.block_size {
         return Err(Error::corrupt(
             &journal,
@@ -287,10 +281,10 @@ pub fn apply_undo(dir: &Path, disk: &str) -> Result<usize> {
 
 fn rollback_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
     // The new generation's files first: they hold space the journal may need back.
-    fsutil::remove_dir_all(&partial_dir(vm_dir, &txn.new))?;
+    fsutil::remove_dir_all(&names::partial_dir(vm_dir, &txn.new))?;
     if let Some(old) = &txn.old {
         let old_dir = gen_dir(vm_dir, old);
-        for (disk, journal) in files_with_suffix(&old_dir, ".rdiff.partial")? {
+        for (disk, journal) in files_with_suffix(&old_dir, JOURNAL_SUFFIX)? {
             apply_undo(&old_dir, &disk)?;
             fsutil::remove_file(&journal)?;
         }
@@ -301,7 +295,7 @@ fn rollback_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
 
 /// The commit steps of a backup; also the normal path right after the record says commit.
 pub fn roll_forward_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
-    let partial = partial_dir(vm_dir, &txn.new);
+    let partial = names::partial_dir(vm_dir, &txn.new);
     let new_dir = if partial.exists() {
         partial.clone()
     } else {
@@ -311,10 +305,10 @@ pub fn roll_forward_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
         let old_dir = gen_dir(vm_dir, old);
         // The old images are removed below: every disk of the old generation must have
         // its reverse diff (the journal, or the file it was renamed to) first.
-        let gp: GenerationProfile = profile::load(&old_dir.join("generation.toml"))?;
+        let gp: GenerationProfile = profile::load(&names::generation_profile(&old_dir))?;
         for d in &gp.disks {
-            let journal = old_dir.join(format!("{}.rdiff.partial", d.name));
-            if !journal.exists() && !old_dir.join(format!("{}.rdiff", d.name)).exists() {
+            let journal = names::journal_file(&old_dir, &d.name);
+            if !journal.exists() && !names::rdiff_file(&old_dir, &d.name).exists() {
                 return Err(Error::corrupt(
                     &journal,
                     format!(
@@ -324,13 +318,13 @@ pub fn roll_forward_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
                 ));
             }
         }
-        for (disk, journal) in files_with_suffix(&old_dir, ".rdiff.partial")? {
-            fsutil::rename(&journal, &old_dir.join(format!("{disk}.rdiff")))?;
+        for (disk, journal) in files_with_suffix(&old_dir, JOURNAL_SUFFIX)? {
+            fsutil::rename(&journal, &names::rdiff_file(&old_dir, &disk))?;
         }
         for disk in &txn.disks {
             let (from, to) = (
-                old_dir.join(format!("{disk}.raw")),
-                new_dir.join(format!("{disk}.raw")),
+                names::image_file(&old_dir, disk),
+                names::image_file(&new_dir, disk),
             );
             if from.exists() && !to.exists() {
                 fsutil::hard_link(&from, &to)?;
@@ -346,7 +340,7 @@ pub fn roll_forward_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
     fsutil::atomic_symlink(Path::new(&txn.new), &vm_dir.join(LATEST))?;
     if let Some(old) = &txn.old {
         let old_dir = gen_dir(vm_dir, old);
-        for suffix in [".raw", ".digest"] {
+        for suffix in [names::IMAGE_SUFFIX, names::DIGEST_SUFFIX] {
             for (_, path) in files_with_suffix(&old_dir, suffix)? {
                 fsutil::remove_file(&path)?;
             }
@@ -366,12 +360,12 @@ pub fn roll_forward_prune(vm_dir: &Path, txn: &Txn) -> Result<()> {
     let older = txn
         .older
         .as_deref()
-        .ok_or_else(|| Error::corrupt(vm_dir.join(TXN_FILE), "prune without older"))?;
+        .ok_or_else(|| Error::corrupt(names::txn_file(vm_dir), "prune without older"))?;
     let older_dir = gen_dir(vm_dir, older);
     let mut renames = Vec::new();
     for (j, disk) in txn.disks.iter().enumerate() {
-        let merge = older_dir.join(format!("{disk}.rdiff.merge"));
-        let done = older_dir.join(format!("{disk}.rdiff"));
+        let merge = names::merge_file(&older_dir, disk);
+        let done = names::rdiff_file(&older_dir, disk);
         let want = txn.merged.get(j);
         let hash_is = |p: &Path| -> Result<bool> {
             Ok(want.is_some_and(|w| rdiff::file_hash(p).is_ok_and(|h| &h == w)))
@@ -398,7 +392,7 @@ pub fn roll_forward_prune(vm_dir: &Path, txn: &Txn) -> Result<()> {
 /// Delete a generation folder atomically: rename it aside, then remove it.
 pub fn delete_generation(vm_dir: &Path, id: &str) -> Result<()> {
     let dir = gen_dir(vm_dir, id);
-    let aside = vm_dir.join(format!("{id}{DELETING}"));
+    let aside = names::deleting_dir(vm_dir, id);
     fsutil::refuse_symlink(vm_dir)?;
     fsutil::refuse_symlink(&dir)?;
     if is_real_dir(&dir) {
@@ -443,16 +437,16 @@ fn cleanup_strays(vm_dir: &Path) -> Result<Vec<String>> {
         } else if is_generation_name(&name) && is_link {
             return Err(fsutil::symlink_refused(&path));
         } else if is_generation_name(&name) && meta.is_dir() {
-            for (disk, journal) in files_with_suffix(&path, ".rdiff.partial")? {
+            for (disk, journal) in files_with_suffix(&path, JOURNAL_SUFFIX)? {
                 // Without a transaction nothing can have been overwritten yet; applying
                 // the journal anyway is harmless and is the safe reading.
                 apply_undo(&path, &disk)?;
                 fsutil::remove_file(&journal)?;
                 done.push(format!(
-                    "undid the leftover journal {name}/{disk}.rdiff.partial"
+                    "undid the leftover journal {name}/{disk}{JOURNAL_SUFFIX}"
                 ));
             }
-            for suffix in [".rdiff.merge", ".tmp"] {
+            for suffix in [MERGE_SUFFIX, ".tmp"] {
                 for (_, p) in files_with_suffix(&path, suffix)? {
                     fsutil::remove_file(&p)?;
                 }

@@ -18,8 +18,8 @@ use crate::archive::profile::parse_time;
 use crate::archive::rdiff::{RdiffHeader, RdiffReader, RdiffWriter, Record, FLAG_BASE};
 use crate::archive::retention::{self, Item, Schedule};
 use crate::archive::txn::{self, Txn};
+use crate::archive::view::open_rdiff;
 use crate::archive::{Generation, Repository};
-use crate::engine::reader::open_rdiff;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 
@@ -130,7 +130,7 @@ pub fn drop_generation(vm_dir: &std::path::Path, gens: &[Generation], m: usize) 
                 continue; // the older generation's chain already ends at itself
             }
             let b = open_rdiff(gens, m, &d.name)?;
-            merge(&a, &b, &older.dir.join(format!("{}.rdiff.merge", d.name)))?;
+            merge(&a, &b, &older.merge_path(&d.name))?;
             merged.push(d.name.clone());
         }
         // The commit record makes recovery rename the merged files over the old ones and
@@ -144,7 +144,7 @@ pub fn drop_generation(vm_dir: &std::path::Path, gens: &[Generation], m: usize) 
     if let Err(e) = written {
         // Nothing is committed yet: the merged files are only drafts.
         for d in &merged {
-            let _ = std::fs::remove_file(older.dir.join(format!("{d}.rdiff.merge")));
+            let _ = std::fs::remove_file(older.merge_path(d));
         }
         return Err(e);
     }
@@ -152,7 +152,7 @@ pub fn drop_generation(vm_dir: &std::path::Path, gens: &[Generation], m: usize) 
     t.merged = t
         .disks
         .iter()
-        .map(|d| crate::archive::rdiff::file_hash(&older.dir.join(format!("{d}.rdiff.merge"))))
+        .map(|d| crate::archive::rdiff::file_hash(&older.merge_path(d)))
         .collect::<Result<_>>()?;
     t.store(vm_dir)?;
     txn::roll_forward_prune(vm_dir, &t)?;
@@ -242,8 +242,8 @@ mod tests {
 
     use super::*;
     use crate::archive::pin::Pin;
+    use crate::archive::view::DiskView;
     use crate::engine::backup::{BackupOptions, BackupRun, DiskInput};
-    use crate::engine::reader::DiskView;
     use crate::progress::NoProgress;
     use crate::source::file::FileSource;
 

@@ -14,10 +14,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::archive::Repository;
-use crate::engine::resolved::ResolvedGeneration;
 use crate::engine::restore::{restore_to, RestoreReport};
 use crate::engine::serve::group_id;
 use crate::error::{Error, Result};
+use crate::fsutil::Share;
 use crate::libvirt::{xml, CopySpec, Hypervisor, NewDisk};
 use crate::progress::Progress;
 use crate::target::Destination;
@@ -174,10 +174,11 @@ pub fn restore_as_vm(
             opts.disk_dir.display()
         )));
     }
-    let resolved = ResolvedGeneration::resolve(repo, &opts.vm, &opts.rev)?;
-    let gen = resolved.generation();
+    let archive = repo.vm(&opts.vm)?;
+    let chosen = archive.select(&opts.rev)?;
+    let gen = chosen.generation();
     let id = gen.id.clone();
-    let saved = std::fs::read_to_string(gen.dir.join("domain.xml")).map_err(|_| {
+    let saved = std::fs::read_to_string(gen.domain_xml_path()).map_err(|_| {
         Error::usage(format!(
             "generation {id} of VM {} has no saved libvirt XML (it was not backed up from libvirt)",
             opts.vm
@@ -231,7 +232,7 @@ pub fn restore_as_vm(
     // instant recovery's server proves them again; this makes a failure exit 3 here).
     let mut views = Vec::new();
     for d in &gen.profile.disks {
-        views.push(resolved.view_checked(&d.name, opts.ignore_damage && !opts.instant)?);
+        views.push(chosen.view_checked(&d.name, opts.ignore_damage && !opts.instant)?);
     }
     let names: Vec<String> = gen.profile.disks.iter().map(|d| d.name.clone()).collect();
     if opts.instant {
@@ -370,7 +371,7 @@ fn start_server(repo: &Repository, opts: &AsVmOptions, id: &str) -> Result<Insta
     let gid = group_id("libvirt-qemu").or_else(|_| group_id("qemu"))?;
     // A fresh folder in a parent only root can change: root-owned, QEMU's group may
     // enter (to connect), nobody else.
-    let run = crate::fsutil::private_dir(&opts.run_dir, 0o711, "instant-", Some(gid), 0o750)?.path;
+    let run = crate::fsutil::private_dir(&opts.run_dir, "instant-", Share::Enter(gid))?.path;
     let socket = run.join("nbd.sock");
     let log = run.join("serve.log");
     // 0600: QEMU's group may enter the folder, the server's log is root's.

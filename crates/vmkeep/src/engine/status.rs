@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::archive::profile::CheckRecord;
-use crate::archive::{txn, Repository};
+use crate::archive::{names, Repository};
 use crate::error::Result;
 
 #[derive(Debug, Clone, Serialize)]
@@ -76,7 +76,7 @@ pub fn vm_status(repo: &Repository, name: &str) -> Result<VmStatus> {
         generations,
         space_used: du(&a.dir),
         last_check: a.profile.last_check.clone(),
-        interrupted: a.dir.join(txn::TXN_FILE).exists(),
+        interrupted: names::txn_file(&a.dir).exists(),
     })
 }
 

@@ -13,7 +13,7 @@ use crate::archive::digest::{Digest, DigestHeader, DigestReader, DigestWriter, Z
 use crate::archive::format::{block_count, valid_disk_size, DIGEST_LEN};
 use crate::archive::profile::DiskRecord;
 use crate::archive::rdiff::{RdiffHeader, RdiffWriter, COMPRESSION_ZSTD, FLAG_BASE};
-use crate::archive::{self, Generation};
+use crate::archive::{self, names, Generation};
 use crate::bufpool::BufPool;
 use crate::engine::{pipeline, Mode};
 use crate::error::{Error, Result};
@@ -140,8 +140,8 @@ impl RunCtx<'_> {
             .min(size);
         let task = self.progress.task(&input.name, examined);
 
-        let image_path = self.new_dir.join(format!("{}.raw", input.name));
-        let digest_path = self.new_dir.join(format!("{}.digest", input.name));
+        let image_path = names::image_file(self.new_dir, &input.name);
+        let digest_path = names::digest_file(self.new_dir, &input.name);
         let mut sink =
             self.open_sink(&input.name, old.as_ref(), size, &image_path, &digest_path)?;
         let read_bytes = self.copy(
@@ -246,7 +246,7 @@ impl RunCtx<'_> {
         let sink = match old {
             Some(o) => {
                 let prev = self.prev.expect("old disk implies a previous generation");
-                let journal_path = prev.dir.join(format!("{name}.rdiff.partial"));
+                let journal_path = prev.journal_path(name);
                 let rh = RdiffHeader {
                     flags: 0,
                     block_size: bs,
@@ -379,7 +379,7 @@ impl RunCtx<'_> {
             next_size: 0,
             generation: archive::generation_bytes(&prev.id),
         };
-        let mut w = RdiffWriter::create(&prev.dir.join(format!("{name}.rdiff.partial")), rh)?;
+        let mut w = RdiffWriter::create(&prev.journal_path(name), rh)?;
         for b in 0..old.blocks {
             let d = old.digest_of(b)?;
             if d != ZERO_DIGEST {

@@ -22,7 +22,7 @@ use crate::archive::profile::{
     self, DiskRecord, GenerationProfile, SourceKind, VmProfile, PROFILE_VERSION,
 };
 use crate::archive::txn::{self, Txn};
-use crate::archive::{self, names, Generation, Repository, VmArchive, PARTIAL};
+use crate::archive::{self, names, Generation, Repository, VmArchive};
 use crate::engine::Mode;
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -232,7 +232,7 @@ impl BackupRun {
         fsutil::create_dir(&vm_dir)?;
         let lock = VmLock::acquire(&vm_dir, vm, "backup")?;
         let recovered = txn::recover(&vm_dir)?;
-        let existing = if vm_dir.join("vm.toml").exists() {
+        let existing = if names::vm_profile(&vm_dir).exists() {
             Some(VmArchive::open(vm_dir.clone(), vm)?)
         } else {
             None
@@ -339,7 +339,7 @@ impl BackupRun {
             names,
         );
         txn.store(&self.vm_dir)?;
-        let new_dir = self.vm_dir.join(format!("{}{PARTIAL}", self.gen_id));
+        let new_dir = names::partial_dir(&self.vm_dir, &self.gen_id);
         let result = self
             .write_generation(&new_dir, disks, block_size, opts, progress)
             .and_then(|written| before_commit().map(|()| written))
@@ -440,7 +440,7 @@ impl BackupRun {
             .find(|m| modes.contains(m))
             .unwrap_or("full");
         if let Some(xml) = &opts.domain_xml {
-            let p = new_dir.join("domain.xml");
+            let p = new_dir.join(names::DOMAIN_XML);
             let f = fsutil::create_new(&p)?;
             fsutil::write_at(&f, xml.as_bytes(), 0, &p)?;
             fsutil::sync_all(&f, &p)?;
@@ -471,7 +471,7 @@ impl BackupRun {
     ) -> Result<GenerationProfile> {
         gp.duration_secs = (self.started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
         profile::store(
-            &new_dir.join("generation.toml"),
+            &names::generation_profile(new_dir),
             "vmkeep generation profile",
             &gp,
         )?;
@@ -483,7 +483,7 @@ impl BackupRun {
                 created: self.start_time.clone(),
                 last_check: None,
             };
-            profile::store(&self.vm_dir.join("vm.toml"), "vmkeep VM profile", &vp)?;
+            profile::store(&names::vm_profile(&self.vm_dir), "vmkeep VM profile", &vp)?;
         }
         txn.state = "commit".into();
         txn.store(&self.vm_dir)?;
