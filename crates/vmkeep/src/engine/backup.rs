@@ -20,10 +20,12 @@ use crate::archive::format::{
     block_count, block_len, valid_block_size, valid_disk_size, DEFAULT_BLOCK_SIZE, DIGEST_LEN,
 };
 use crate::archive::lock::VmLock;
-use crate::archive::profile::{self, DiskRecord, GenerationProfile, VmProfile, PROFILE_VERSION};
+use crate::archive::profile::{
+    self, DiskRecord, GenerationMode, GenerationProfile, VmProfile, PROFILE_VERSION,
+};
 use crate::archive::rdiff::{RdiffHeader, RdiffWriter, Record, COMPRESSION_ZSTD, FLAG_BASE};
 use crate::archive::txn::{self, Txn};
-use crate::archive::{self, names, Generation, Repository, VmArchive, PARTIAL};
+use crate::archive::{self, names, Generation, GenerationId, Repository, VmArchive, PARTIAL};
 use crate::bufpool::{BufPool, PoolBuf};
 use crate::engine::{cpu_threads, pipeline, Mode};
 use crate::error::{Error, Result};
@@ -168,7 +170,7 @@ pub struct BackupRun {
     vm_dir: PathBuf,
     existing: Option<VmArchive>,
     prev: Option<Generation>,
-    gen_id: String,
+    gen_id: GenerationId,
     recovered: Vec<String>,
     started: Instant,
     start_time: String,
@@ -194,7 +196,7 @@ impl BackupRun {
             },
             None => None,
         };
-        let gen_id = archive::new_generation_id(prev.as_ref().map(|g| g.id.as_str()));
+        let gen_id = archive::new_generation_id(prev.as_ref().map(|g| &g.id));
         Ok(BackupRun {
             vm: vm.to_string(),
             vm_dir,
@@ -208,7 +210,7 @@ impl BackupRun {
         })
     }
 
-    pub fn generation_id(&self) -> &str {
+    pub fn generation_id(&self) -> &GenerationId {
         &self.gen_id
     }
 
@@ -284,8 +286,8 @@ impl BackupRun {
         }
         let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
         let txn = Txn::backup(
-            self.prev.as_ref().map(|g| g.id.clone()),
-            self.gen_id.clone(),
+            self.prev.as_ref().map(|g| g.id.to_string()),
+            self.gen_id.to_string(),
             names,
         );
         txn.store(&self.vm_dir)?;
@@ -384,11 +386,15 @@ impl BackupRun {
                 }
             }
         }
-        let modes: Vec<&str> = records.iter().map(|r| r.mode.as_str()).collect();
-        let mode = ["full", "diff", "incr"]
-            .into_iter()
-            .find(|m| modes.contains(m))
-            .unwrap_or("full");
+        let modes: Vec<GenerationMode> = records.iter().map(|r| r.mode).collect();
+        let mode = [
+            GenerationMode::Full,
+            GenerationMode::Diff,
+            GenerationMode::Incr,
+        ]
+        .into_iter()
+        .find(|m| modes.contains(m))
+        .unwrap_or(GenerationMode::Full);
         if let Some(xml) = &opts.domain_xml {
             let p = new_dir.join("domain.xml");
             let f = fsutil::create_new(&p)?;
@@ -400,7 +406,7 @@ impl BackupRun {
             id: self.gen_id.clone(),
             vm: self.vm.clone(),
             time: self.start_time.clone(),
-            mode: mode.to_string(),
+            mode,
             duration_secs: 0.0,
             protected: false,
             block_size,
@@ -564,10 +570,10 @@ impl RunCtx<'_> {
             }
         }
         let mode = match (requested, &old, &changed) {
-            (_, None, _) => Mode::Full,
-            (Mode::Full, Some(_), _) => Mode::Full,
-            (Mode::Diff, Some(_), _) => Mode::Diff,
-            (Mode::Incr | Mode::Auto, Some(_), Some(_)) => Mode::Incr,
+            (_, None, _) => GenerationMode::Full,
+            (Mode::Full, Some(_), _) => GenerationMode::Full,
+            (Mode::Diff, Some(_), _) => GenerationMode::Diff,
+            (Mode::Incr | Mode::Auto, Some(_), Some(_)) => GenerationMode::Incr,
             (Mode::Incr | Mode::Auto, Some(_), None) => {
                 if requested == Mode::Incr || say_why {
                     let why = untracked
@@ -578,11 +584,11 @@ impl RunCtx<'_> {
                         input.name
                     ));
                 }
-                Mode::Diff
+                GenerationMode::Diff
             }
         };
         let ranges = match (&mode, &old) {
-            (Mode::Incr, Some(o)) => {
+            (GenerationMode::Incr, Some(o)) => {
                 let mut r = to_block_ranges(changed.as_deref().unwrap_or(&[]), bs, new_blocks);
                 if o.size != size {
                     // The block at the old end and everything past it changed length.
@@ -664,7 +670,7 @@ impl RunCtx<'_> {
         };
         let read_bytes = AtomicU64::new(0);
         let level = self.level;
-        let full_compare = mode == Mode::Full;
+        let full_compare = mode == GenerationMode::Full;
         {
             let source = input.source.as_ref();
             let old_ref = old.as_ref();
@@ -676,7 +682,7 @@ impl RunCtx<'_> {
             // An incremental run reads scattered blocks: its own thread keeps the reads of
             // the next blocks (source, previous image, digests) in flight well ahead of
             // the workers, far more of them than the pipeline's window holds.
-            let incr = mode == Mode::Incr;
+            let incr = mode == GenerationMode::Incr;
             let planned = AtomicU64::new(0);
             let stop = AtomicBool::new(false);
             let mut next_job = || -> Result<Option<Job>> {
@@ -722,7 +728,7 @@ impl RunCtx<'_> {
         let rec = DiskRecord {
             name: input.name.clone(),
             size,
-            mode: mode.to_string(),
+            mode,
             source: describe,
             read_bytes: read_bytes.load(Ordering::Relaxed),
             changed_bytes,
@@ -1360,7 +1366,7 @@ mod tests {
         DiskRecord {
             name: "vda".into(),
             size: 1,
-            mode: "full".into(),
+            mode: GenerationMode::Full,
             source: "d.qcow2".into(),
             read_bytes: 0,
             changed_bytes: 0,

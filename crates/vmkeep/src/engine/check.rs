@@ -17,7 +17,7 @@ use crate::archive::format::{block_len, DIGEST_LEN};
 use crate::archive::lock::VmLock;
 use crate::archive::profile::{self, CheckRecord};
 use crate::archive::rdiff::RdiffReader;
-use crate::archive::{generation_bytes, txn, Generation, Repository, VmArchive};
+use crate::archive::{generation_bytes, txn, Generation, GenerationId, Repository, VmArchive};
 use crate::bufpool::BufPool;
 use crate::engine::pipeline;
 use crate::engine::reader::{open_rdiff, DiskView, Loc};
@@ -97,7 +97,7 @@ struct Checker<'a> {
     /// whose overwritten blocks are in the journal beside it.
     pending: bool,
     /// Damaged reverse-diff records: (generation, disk, block).
-    bad_records: HashSet<(String, String, u64)>,
+    bad_records: HashSet<(GenerationId, String, u64)>,
     progress: &'a dyn Progress,
 }
 
@@ -646,7 +646,7 @@ impl Checker<'_> {
     ) -> Result<(String, Vec<u64>)> {
         let mut rh = RootHasher::new(view.block_size, view.size);
         let mut damaged = Vec::new();
-        let chain_gen = |c: u32| -> &str { &gens[k + c as usize].id };
+        let chain_gen = |c: u32| -> &GenerationId { &gens[k + c as usize].id };
         let mut buf = Vec::new();
         for seg in view.segments() {
             match seg.loc {
@@ -674,7 +674,7 @@ impl Checker<'_> {
                     let r = &view.chain()[chain as usize];
                     rh.push(&r.record_digest(rec as usize)?);
                     if self.bad_records.contains(&(
-                        chain_gen(chain).to_string(),
+                        chain_gen(chain).clone(),
                         view.disk.clone(),
                         seg.start,
                     )) {

@@ -27,7 +27,7 @@ use std::sync::Mutex;
 use crate::archive::digest::{block_digest, Digest, DigestReader, RootHasher, ZERO_DIGEST};
 use crate::archive::format::{block_count, block_len, DIGEST_LEN};
 use crate::archive::rdiff::{JournalIndex, RdiffReader, Record};
-use crate::archive::{generation_bytes, Generation, VmArchive};
+use crate::archive::{generation_bytes, Generation, GenerationId, VmArchive};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil;
 
@@ -60,7 +60,7 @@ pub struct Block {
 /// One disk of one generation, ready to be read.
 pub struct DiskView {
     pub disk: String,
-    pub generation: String,
+    pub generation: GenerationId,
     pub size: u64,
     pub block_size: u32,
     chain: Vec<RdiffReader>,
@@ -73,7 +73,7 @@ pub struct DiskView {
     image_limit: u64,
     vm_dir: PathBuf,
     vm_name: String,
-    newest: String,
+    newest: GenerationId,
     /// The digests were proven against the generation's digest root. A view opened with
     /// [`DiskView::open_ignoring_damage`] whose proof failed is not trusted: a zero
     /// digest no longer proves a hole, so image blocks are read and hashed whatever
@@ -254,7 +254,7 @@ impl DiskView {
     fn damage(&self, path: &Path, detail: impl std::fmt::Display) -> Error {
         Error::Damage {
             vm: self.vm_name.clone(),
-            generation: self.generation.clone(),
+            generation: self.generation.to_string(),
             disk: self.disk.clone(),
             path: path.to_path_buf(),
             detail: detail.to_string(),
@@ -813,11 +813,10 @@ fn read_image_at(file: &File, buf: &mut [u8], off: u64, path: &Path) -> Result<(
 
 impl VmArchive {
     /// Generation ids in a VM folder, oldest first (for readers that hold no archive).
-    pub fn generation_ids_in(dir: &Path) -> Result<Vec<String>> {
-        let mut ids: Vec<String> = std::fs::read_dir(dir)
+    pub fn generation_ids_in(dir: &Path) -> Result<Vec<GenerationId>> {
+        let mut ids: Vec<GenerationId> = std::fs::read_dir(dir)
             .map_err(|e| Error::io(dir, e))?
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| crate::archive::is_generation_name(n))
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
             .collect();
         ids.sort();
         Ok(ids)

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use crate::archive::digest::ZERO_DIGEST;
 use crate::archive::format::DIGEST_LEN;
 use crate::archive::pin::Pin;
-use crate::archive::Repository;
+use crate::archive::{GenerationId, Repository};
 use crate::engine::reader::{DiskView, Loc, Segment};
 use crate::error::{Error, Result};
 use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
@@ -32,7 +32,7 @@ const STATUS_RECORDS: usize = 1024;
 /// A generation opened for serving: its exports, and the pin that keeps it.
 pub struct ServedGeneration {
     pub vm: String,
-    pub generation: String,
+    pub generation: GenerationId,
     pub exports: Vec<Arc<ArchiveExport>>,
     pin: Pin,
 }
