@@ -228,10 +228,10 @@ fn options(ctx: &Ctx, vm: &str, a: &BackupArgs) -> Result<BackupOptions> {
     let vmc = ctx.config.vm(vm);
     let mode = a
         .mode
-        .clone()
-        .or(vmc.mode.clone())
-        .or(ctx.config.mode.clone())
-        .unwrap_or_else(|| "auto".into());
+        .map(Mode::from)
+        .or(vmc.mode)
+        .or(ctx.config.mode)
+        .unwrap_or_default();
     let block_size = a
         .block_size
         .as_deref()
@@ -247,7 +247,7 @@ fn options(ctx: &Ctx, vm: &str, a: &BackupArgs) -> Result<BackupOptions> {
         return Err(Error::usage(format!("compression level {level} is not in 0..=19")).into());
     }
     Ok(BackupOptions {
-        mode: mode.parse::<Mode>()?,
+        mode,
         block_size,
         default_block_size,
         compression_level: level,
@@ -355,8 +355,8 @@ fn backup_vm(ctx: &Ctx, repo: &Repository, vm: &str, a: &BackupArgs) -> Result<B
 /// run of this VM only for one of this VM's generations, or for an id that is no
 /// generation at all (a run that failed or was killed).
 struct Generations {
-    this: std::collections::HashSet<String>,
-    others: std::collections::HashSet<String>,
+    this: std::collections::HashSet<vmkeep::archive::GenerationId>,
+    others: std::collections::HashSet<vmkeep::archive::GenerationId>,
 }
 
 impl Generations {

@@ -114,9 +114,6 @@ fn as_vm(ctx: &Ctx, repo: &Repository, a: &RestoreArgs, new_name: &str) -> Resul
     use vmkeep::libvirt::{xml, CopySpec, Hypervisor, NewDisk};
 
     vmkeep::archive::names::check_vm(new_name)?;
-    if !["qcow2", "raw"].contains(&a.format.as_str()) {
-        return Err(Error::usage(format!("--format {}: use qcow2 or raw", a.format)).into());
-    }
     let archive = repo.vm(&a.vm)?;
     let (gens, k) = archive.resolve_generation(&a.generation)?;
     let id = gens[k].id.clone();
@@ -137,7 +134,7 @@ fn as_vm(ctx: &Ctx, repo: &Repository, a: &RestoreArgs, new_name: &str) -> Resul
     let format = if a.instant {
         "qcow2".to_string()
     } else {
-        a.format.clone()
+        vmkeep::target::ImageFormat::from(a.format).to_string()
     };
     for d in &gen.profile.disks {
         let path = dir.join(format!("{new_name}-{}.{format}", d.name));

@@ -1,7 +1,10 @@
 //! Where restores write: a raw file, a block device, a new qcow2 image, an NBD export.
 
 pub mod file;
+mod format;
 pub mod nbd;
+
+pub use format::ImageFormat;
 
 use crate::error::Result;
 
