@@ -356,7 +356,7 @@ pub struct ManpagesArgs {
 /// `backup --mode`: the values of [`vmkeep::engine::Mode`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ModeArg {
-    /// incr where changes are tracked, else diff where a previous generation exists, else full
+    /// Incr where changes are tracked, else diff where a previous generation exists, else full
     Auto,
     /// Read every allocated block and compare it with the stored image itself
     Full,

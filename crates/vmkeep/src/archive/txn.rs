@@ -593,7 +593,10 @@ mod tests {
         let mut p = Txn::prune(G1.into(), G2.into(), vec![]);
         p.merged = vec!["m".into()];
         let text = toml::to_string_pretty(&p).unwrap();
-        assert!(text.contains("op = \"prune\"\nstate = \"commit\"\n"), "{text}");
+        assert!(
+            text.contains("op = \"prune\"\nstate = \"commit\"\n"),
+            "{text}"
+        );
         assert_eq!(toml::from_str::<Txn>(&text).unwrap(), p);
     }
 
