@@ -134,7 +134,9 @@ fn as_vm(ctx: &Ctx, repo: &Repository, a: &RestoreArgs, new_name: &str) -> Resul
     let format = if a.instant {
         "qcow2".to_string()
     } else {
-        vmkeep::target::ImageFormat::from(a.format).to_string()
+        vmkeep::target::ImageFormat::from(a.format)
+            .as_str()
+            .to_string()
     };
     for d in &gen.profile.disks {
         let path = dir.join(format!("{new_name}-{}.{format}", d.name));

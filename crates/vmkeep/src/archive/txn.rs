@@ -50,83 +50,57 @@ pub enum TxnState {
     Unknown(String),
 }
 
-impl TxnOp {
-    /// The name written in `txn.toml`.
-    pub fn as_str(&self) -> &str {
-        match self {
-            TxnOp::Backup => "backup",
-            TxnOp::Prune => "prune",
-            TxnOp::Unknown(s) => s,
+/// The text of a record field that keeps unknown values: `as_str`, from and into `String`
+/// (its serde form) and `Display`, for the names vmkeep writes and `Unknown`.
+macro_rules! record_text {
+    ($ty:ident { $($variant:ident = $text:literal),* }) => {
+        impl $ty {
+            /// The name written in `txn.toml`.
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $($ty::$variant => $text,)*
+                    $ty::Unknown(s) => s,
+                }
+            }
         }
-    }
-}
 
-impl TxnState {
-    /// The name written in `txn.toml`.
-    pub fn as_str(&self) -> &str {
-        match self {
-            TxnState::Running => "running",
-            TxnState::Commit => "commit",
-            TxnState::Unknown(s) => s,
+        impl From<&str> for $ty {
+            fn from(s: &str) -> $ty {
+                match s {
+                    $($text => $ty::$variant,)*
+                    _ => $ty::Unknown(s.to_string()),
+                }
+            }
         }
-    }
-}
 
-impl From<&str> for TxnOp {
-    fn from(s: &str) -> TxnOp {
-        match s {
-            "backup" => TxnOp::Backup,
-            "prune" => TxnOp::Prune,
-            _ => TxnOp::Unknown(s.to_string()),
+        impl From<String> for $ty {
+            fn from(s: String) -> $ty {
+                $ty::from(s.as_str())
+            }
         }
-    }
-}
 
-impl From<&str> for TxnState {
-    fn from(s: &str) -> TxnState {
-        match s {
-            "running" => TxnState::Running,
-            "commit" => TxnState::Commit,
-            _ => TxnState::Unknown(s.to_string()),
+        impl From<$ty> for String {
+            fn from(v: $ty) -> String {
+                v.as_str().to_string()
+            }
         }
-    }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
 }
 
-impl From<String> for TxnOp {
-    fn from(s: String) -> TxnOp {
-        TxnOp::from(s.as_str())
-    }
-}
-
-impl From<String> for TxnState {
-    fn from(s: String) -> TxnState {
-        TxnState::from(s.as_str())
-    }
-}
-
-impl From<TxnOp> for String {
-    fn from(op: TxnOp) -> String {
-        op.as_str().to_string()
-    }
-}
-
-impl From<TxnState> for String {
-    fn from(state: TxnState) -> String {
-        state.as_str().to_string()
-    }
-}
-
-impl fmt::Display for TxnOp {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl fmt::Display for TxnState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+record_text!(TxnOp {
+    Backup = "backup",
+    Prune = "prune"
+});
+record_text!(TxnState {
+    Running = "running",
+    Commit = "commit"
+});
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
