@@ -16,6 +16,7 @@
 
 pub mod digest;
 pub mod format;
+mod id;
 pub mod lock;
 pub mod names;
 pub mod pin;
@@ -29,6 +30,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
+pub use id::GenerationId;
 use profile::{GenerationProfile, RepoProfile, VmProfile, PROFILE_VERSION};
 
 /// A repository folder.
@@ -145,7 +147,7 @@ pub struct VmArchive {
 /// One generation, as listed from its folder.
 #[derive(Debug, Clone)]
 pub struct Generation {
-    pub id: String,
+    pub id: GenerationId,
     pub dir: PathBuf,
     pub profile: GenerationProfile,
 }
@@ -184,25 +186,18 @@ impl Generation {
 
 /// Is `name` a generation folder name (a UUID)?
 pub fn is_generation_name(name: &str) -> bool {
-    uuid::Uuid::try_parse(name).is_ok() && name.len() == 36 && name == name.to_ascii_lowercase()
+    GenerationId::is_valid(name)
 }
 
 /// A new generation id that sorts after `after` (UUIDv7: time first, then random).
-pub fn new_generation_id(after: Option<&str>) -> String {
-    loop {
-        let id = uuid::Uuid::now_v7().hyphenated().to_string();
-        if after.is_none_or(|a| id.as_str() > a) {
-            return id;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
+pub fn new_generation_id(after: Option<&GenerationId>) -> GenerationId {
+    GenerationId::new_after(after)
 }
 
-/// The 16 bytes of a generation id, as stored in file headers.
-pub fn generation_bytes(id: &str) -> [u8; 16] {
-    uuid::Uuid::try_parse(id)
-        .map(|u| *u.as_bytes())
-        .unwrap_or([0; 16])
+/// The 16 bytes of a generation id, as stored in file headers. Only a valid id has them:
+/// there is no fallback for a string that is not one.
+pub fn generation_bytes(id: &GenerationId) -> [u8; 16] {
+    id.bytes()
 }
 
 impl VmArchive {
@@ -233,7 +228,7 @@ impl VmArchive {
     }
 
     /// Ids of the finished generations, oldest first (see [`VmArchive::generation_ids_in`]).
-    pub fn generation_ids(&self) -> Result<Vec<String>> {
+    pub fn generation_ids(&self) -> Result<Vec<GenerationId>> {
         Self::generation_ids_in(&self.dir)
     }
 
@@ -241,22 +236,19 @@ impl VmArchive {
     /// that hold no archive). A generation folder that is a symbolic link (to another VM's
     /// generation, say) is refused: its files would be read as this VM's, and pruning or
     /// recovery would change them.
-    pub fn generation_ids_in(dir: &Path) -> Result<Vec<String>> {
+    pub fn generation_ids_in(dir: &Path) -> Result<Vec<GenerationId>> {
         fsutil::refuse_symlink(dir)?;
         let mut ids = Vec::new();
         for entry in std::fs::read_dir(dir).at(dir)? {
             let entry = entry.at(dir)?;
-            if let Ok(name) = entry.file_name().into_string() {
-                if !is_generation_name(&name) {
-                    continue;
-                }
+            if let Some(id) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
                 // `DirEntry::file_type` does not follow a symbolic link.
                 let ft = entry.file_type().at(entry.path())?;
                 if ft.is_symlink() {
                     return Err(fsutil::symlink_refused(&entry.path()));
                 }
                 if ft.is_dir() {
-                    ids.push(name);
+                    ids.push(id);
                 }
             }
         }
@@ -264,9 +256,11 @@ impl VmArchive {
         Ok(ids)
     }
 
-    /// Load generation `id`.
+    /// Load generation `id`; a string that is not a generation id is refused before it
+    /// becomes a path.
     pub fn generation(&self, id: &str) -> Result<Generation> {
-        let dir = self.dir.join(id);
+        let id = GenerationId::parse(id)?;
+        let dir = self.dir.join(&id);
         let path = names::generation_profile(&dir);
         let profile: GenerationProfile = profile::load(&path)?;
         if profile.id != id {
@@ -276,11 +270,7 @@ impl VmArchive {
             ));
         }
         check_generation(&path, &profile)?;
-        Ok(Generation {
-            id: id.to_string(),
-            dir,
-            profile,
-        })
+        Ok(Generation { id, dir, profile })
     }
 
     /// Every generation, oldest first.
@@ -294,16 +284,15 @@ impl VmArchive {
     /// The generation `latest` points at, if any: only a symbolic link whose target is a
     /// single path component naming a generation folder of this VM counts. vmkeep never
     /// opens anything through `latest`; it is there for people and scripts (`dd`).
-    pub fn latest_target(&self) -> Option<String> {
+    pub fn latest_target(&self) -> Option<GenerationId> {
         let target = std::fs::read_link(self.dir.join(names::LATEST)).ok()?;
-        let target = target.to_str()?;
-        let ok = is_generation_name(target)
-            && std::fs::symlink_metadata(self.dir.join(target)).is_ok_and(|m| m.is_dir());
-        ok.then(|| target.to_string())
+        let target: GenerationId = target.to_str()?.parse().ok()?;
+        let ok = std::fs::symlink_metadata(self.dir.join(&target)).is_ok_and(|m| m.is_dir());
+        ok.then_some(target)
     }
 
     /// Resolve a REV: a generation id or unique prefix, N (0 = newest), or `latest`.
-    pub fn resolve(&self, rev: &str) -> Result<String> {
+    pub fn resolve(&self, rev: &str) -> Result<GenerationId> {
         let ids = self.generation_ids()?;
         resolve_rev(&ids, rev).map_err(|e| Error::usage(format!("VM {}: {e}", self.name)))
     }
@@ -312,7 +301,7 @@ impl VmArchive {
     /// against that same listing (so a prune in between cannot make them disagree).
     pub fn resolve_generation(&self, rev: &str) -> Result<(Vec<Generation>, usize)> {
         let gens = self.generations()?;
-        let ids: Vec<String> = gens.iter().map(|g| g.id.clone()).collect();
+        let ids: Vec<GenerationId> = gens.iter().map(|g| g.id.clone()).collect();
         let id =
             resolve_rev(&ids, rev).map_err(|e| Error::usage(format!("VM {}: {e}", self.name)))?;
         let k = ids.iter().position(|i| *i == id).unwrap_or_default();
@@ -372,7 +361,7 @@ fn check_generation(path: &Path, p: &GenerationProfile) -> Result<()> {
 }
 
 /// Resolve `rev` among `ids` (oldest first); the message says what is wrong.
-pub fn resolve_rev(ids: &[String], rev: &str) -> std::result::Result<String, String> {
+pub fn resolve_rev(ids: &[GenerationId], rev: &str) -> std::result::Result<GenerationId, String> {
     if ids.is_empty() {
         return Err("has no generations".into());
     }
@@ -393,7 +382,7 @@ pub fn resolve_rev(ids: &[String], rev: &str) -> std::result::Result<String, Str
                 });
         }
     }
-    let matches: Vec<&String> = ids.iter().filter(|id| id.starts_with(rev)).collect();
+    let matches: Vec<&GenerationId> = ids.iter().filter(|id| id.starts_with(rev)).collect();
     match matches.len() {
         1 => Ok(matches[0].clone()),
         0 => Err(format!("unknown generation {rev:?}")),
@@ -409,11 +398,13 @@ mod tests {
 
     #[test]
     fn revs_resolve() {
-        let ids: Vec<String> = vec![
-            "0193a000-0000-7000-8000-000000000001".into(),
-            "0193a000-0000-7000-8000-000000000002".into(),
-            "0193b000-0000-7000-8000-000000000003".into(),
-        ];
+        let ids: Vec<GenerationId> = [
+            "0193a000-0000-7000-8000-000000000001",
+            "0193a000-0000-7000-8000-000000000002",
+            "0193b000-0000-7000-8000-000000000003",
+        ]
+        .map(|s| s.parse().unwrap())
+        .to_vec();
         assert_eq!(resolve_rev(&ids, "0").unwrap(), ids[2]);
         assert_eq!(resolve_rev(&ids, "latest").unwrap(), ids[2]);
         assert_eq!(resolve_rev(&ids, "2").unwrap(), ids[0]);

@@ -11,6 +11,7 @@
 //! Every step of both is idempotent, so a crash during recovery is recovered in turn.
 //! The full order of writes and fsyncs is in `docs/FORMAT.md`.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -21,14 +22,92 @@ use super::{is_generation_name, rdiff};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
 
+/// What a transaction changes. The record keeps whatever its file says: a value no run of
+/// vmkeep writes is `Unknown`, and recovery refuses it as damage (nothing is touched).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum TxnOp {
+    /// A backup making a new generation.
+    Backup,
+    /// A prune dropping a generation into its older neighbour.
+    Prune,
+    /// Any other text: no run of vmkeep wrote it.
+    Unknown(String),
+}
+
+/// How far a transaction got: whether recovery rolls it back or forward. As with
+/// [`TxnOp`], a value no run of vmkeep writes is kept as `Unknown` and refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum TxnState {
+    /// Files are being written: recovery rolls the run back.
+    Running,
+    /// Every new file is durable: recovery rolls the run forward.
+    Commit,
+    /// Any other text: no run of vmkeep wrote it.
+    Unknown(String),
+}
+
+/// The text of a record field that keeps unknown values: `as_str`, from and into `String`
+/// (its serde form) and `Display`, for the names vmkeep writes and `Unknown`.
+macro_rules! record_text {
+    ($ty:ident { $($variant:ident = $text:literal),* }) => {
+        impl $ty {
+            /// The name written in `txn.toml`.
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $($ty::$variant => $text,)*
+                    $ty::Unknown(s) => s,
+                }
+            }
+        }
+
+        impl From<&str> for $ty {
+            fn from(s: &str) -> $ty {
+                match s {
+                    $($text => $ty::$variant,)*
+                    _ => $ty::Unknown(s.to_string()),
+                }
+            }
+        }
+
+        impl From<String> for $ty {
+            fn from(s: String) -> $ty {
+                $ty::from(s.as_str())
+            }
+        }
+
+        impl From<$ty> for String {
+            fn from(v: $ty) -> String {
+                v.as_str().to_string()
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+record_text!(TxnOp {
+    Backup = "backup",
+    Prune = "prune"
+});
+record_text!(TxnState {
+    Running = "running",
+    Commit = "commit"
+});
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Txn {
     pub format: u32,
     /// "backup" or "prune".
-    pub op: String,
+    pub op: TxnOp,
     /// "running" (roll back) or "commit" (roll forward).
-    pub state: String,
+    pub state: TxnState,
     pub pid: u32,
     pub started: String,
     /// backup: the generation that was newest when the run began.
@@ -59,8 +138,8 @@ impl Txn {
     pub fn backup(old: Option<String>, new: String, disks: Vec<String>) -> Txn {
         Txn {
             format: PROFILE_VERSION,
-            op: "backup".into(),
-            state: "running".into(),
+            op: TxnOp::Backup,
+            state: TxnState::Running,
             pid: std::process::id(),
             started: profile::now_rfc3339(),
             old,
@@ -74,8 +153,8 @@ impl Txn {
     pub fn prune(older: String, dropped: String, disks: Vec<String>) -> Txn {
         Txn {
             format: PROFILE_VERSION,
-            op: "prune".into(),
-            state: "commit".into(),
+            op: TxnOp::Prune,
+            state: TxnState::Commit,
             pid: std::process::id(),
             started: profile::now_rfc3339(),
             old: None,
@@ -115,14 +194,14 @@ impl Txn {
             fsutil::refuse_symlink(&names::partial_dir(vm_dir, id))?;
         }
         let exists = |id: &str| is_real_dir(&gen_dir(vm_dir, id));
-        let (base, needed) = match self.op.as_str() {
-            "backup" if self.older.is_none() => (self.old.as_ref(), self.old.as_ref()),
-            "prune" if self.old.is_none() => match &self.older {
+        let (base, needed) = match self.op {
+            TxnOp::Backup if self.older.is_none() => (self.old.as_ref(), self.old.as_ref()),
+            TxnOp::Prune if self.old.is_none() => match &self.older {
                 Some(older) => (Some(older), Some(older)),
                 None => return bad("prune without older".into()),
             },
-            "backup" | "prune" => return bad(format!("{} with a stray field", self.op)),
-            _ => return Ok(()), // an unknown kind is refused by `recover`
+            TxnOp::Backup | TxnOp::Prune => return bad(format!("{} with a stray field", self.op)),
+            TxnOp::Unknown(_) => return Ok(()), // an unknown kind is refused by `recover`
         };
         if let Some(b) = base.filter(|b| **b >= self.new) {
             return bad(format!("generation {} does not follow {b}", self.new));
@@ -131,7 +210,7 @@ impl Txn {
             return bad(format!("generation {id} does not exist"));
         }
         let made = exists(&self.new) || is_real_dir(&names::partial_dir(vm_dir, &self.new));
-        if self.op == "backup" && self.state == "commit" && !made {
+        if self.op == TxnOp::Backup && self.state == TxnState::Commit && !made {
             return bad(format!("generation {} does not exist", self.new));
         }
         Ok(())
@@ -147,22 +226,22 @@ pub fn recover(vm_dir: &Path) -> Result<Vec<String>> {
     if txn_path.exists() {
         let txn: Txn = profile::load(&txn_path)?;
         txn.validate(vm_dir)?;
-        match (txn.op.as_str(), txn.state.as_str()) {
-            ("backup", "running") => {
+        match (&txn.op, &txn.state) {
+            (TxnOp::Backup, TxnState::Running) => {
                 rollback_backup(vm_dir, &txn)?;
                 done.push(format!(
                     "rolled back the interrupted backup {} (pid {}, started {})",
                     txn.new, txn.pid, txn.started
                 ));
             }
-            ("backup", "commit") => {
+            (TxnOp::Backup, TxnState::Commit) => {
                 roll_forward_backup(vm_dir, &txn)?;
                 done.push(format!(
                     "completed the interrupted commit of backup {}",
                     txn.new
                 ));
             }
-            ("prune", "commit") => {
+            (TxnOp::Prune, TxnState::Commit) => {
                 roll_forward_prune(vm_dir, &txn)?;
                 done.push(format!(
                     "completed the interrupted prune of generation {}",
@@ -457,4 +536,58 @@ fn cleanup_strays(vm_dir: &Path) -> Result<Vec<String>> {
         fsutil::sync_dir(vm_dir)?;
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const G1: &str = "0193a000-0000-7000-8000-000000000001";
+    const G2: &str = "0193a000-0000-7000-8000-000000000002";
+
+    /// The record's bytes are those the string fields wrote (docs/FORMAT.md).
+    #[test]
+    fn record_text_is_unchanged() {
+        let mut t = Txn::backup(Some(G1.into()), G2.into(), vec!["vda".into()]);
+        t.pid = 7;
+        t.started = "2026-01-01T00:00:00Z".into();
+        let body = format!(
+            "format = 1\nop = \"backup\"\nstate = \"running\"\npid = 7\nstarted = \"2026-01-01T00:00:00Z\"\nold = \"{G1}\"\nnew = \"{G2}\"\ndisks = [\"vda\"]\n"
+        );
+        assert_eq!(toml::to_string_pretty(&t).unwrap(), body);
+        t.state = TxnState::Commit;
+        let text = toml::to_string_pretty(&t).unwrap();
+        assert!(text.contains("\nstate = \"commit\"\n"), "{text}");
+        let mut p = Txn::prune(G1.into(), G2.into(), vec![]);
+        p.merged = vec!["m".into()];
+        let text = toml::to_string_pretty(&p).unwrap();
+        assert!(
+            text.contains("op = \"prune\"\nstate = \"commit\"\n"),
+            "{text}"
+        );
+        assert_eq!(toml::from_str::<Txn>(&text).unwrap(), p);
+    }
+
+    /// A value no run of vmkeep writes is kept as read, and recovery refuses it as damage
+    /// with the message it always gave.
+    #[test]
+    fn unknown_op_or_state_is_refused_by_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(G1)).unwrap();
+        for (op, state) in [("rm -rf", "running"), ("backup", "undo")] {
+            let mut t = Txn::backup(Some(G1.into()), G2.into(), vec![]);
+            t.op = op.into();
+            t.state = state.into();
+            t.store(dir.path()).unwrap();
+            let back: Txn = profile::load(&names::txn_file(dir.path())).unwrap();
+            assert_eq!((back.op.as_str(), back.state.as_str()), (op, state));
+            let e = recover(dir.path()).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Corrupt, "{e}");
+            assert!(
+                e.to_string()
+                    .contains(&format!("unknown transaction {op} {state}")),
+                "{e}"
+            );
+        }
+    }
 }

@@ -27,7 +27,7 @@ use std::sync::Mutex;
 use super::digest::{block_digest, Digest, DigestReader, RootHasher, ZERO_DIGEST};
 use super::format::{block_count, block_len, DIGEST_LEN};
 use super::rdiff::{JournalIndex, RdiffReader, Record};
-use super::{generation_bytes, names, Generation, VmArchive};
+use super::{generation_bytes, names, Generation, GenerationId, VmArchive};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil;
 
@@ -101,7 +101,7 @@ impl<'a> Selected<'a> {
     }
 
     /// The chosen generation's id.
-    pub fn id(&self) -> &str {
+    pub fn id(&self) -> &GenerationId {
         &self.generation().id
     }
 
@@ -119,7 +119,7 @@ impl<'a> Selected<'a> {
 /// One disk of one generation, ready to be read.
 pub struct DiskView {
     pub disk: String,
-    pub generation: String,
+    pub generation: GenerationId,
     pub size: u64,
     pub block_size: u32,
     chain: Vec<RdiffReader>,
@@ -132,7 +132,7 @@ pub struct DiskView {
     image_limit: u64,
     vm_dir: PathBuf,
     vm_name: String,
-    newest: String,
+    newest: GenerationId,
     /// The digests were proven against the generation's digest root. A view opened with
     /// [`DiskView::open_ignoring_damage`] whose proof failed is not trusted: a zero
     /// digest no longer proves a hole, so image blocks are read and hashed whatever
@@ -313,7 +313,7 @@ impl DiskView {
     fn damage(&self, path: &Path, detail: impl std::fmt::Display) -> Error {
         Error::Damage {
             vm: self.vm_name.clone(),
-            generation: self.generation.clone(),
+            generation: self.generation.to_string(),
             disk: self.disk.clone(),
             path: path.to_path_buf(),
             detail: detail.to_string(),
@@ -367,7 +367,13 @@ impl DiskView {
     }
 
     /// The header of `path` (the `what`) must name generation `id`.
-    fn header_names(&self, path: &Path, what: &str, found: &[u8; 16], id: &str) -> Result<()> {
+    fn header_names(
+        &self,
+        path: &Path,
+        what: &str,
+        found: &[u8; 16],
+        id: &GenerationId,
+    ) -> Result<()> {
         if *found != generation_bytes(id) {
             return Err(self.damage(
                 path,

@@ -19,7 +19,9 @@ use crate::archive::lock::VmLock;
 use crate::archive::profile::{self, CheckRecord};
 use crate::archive::rdiff::RdiffReader;
 use crate::archive::view::{open_rdiff, DiskView, Loc};
-use crate::archive::{generation_bytes, names, txn, Generation, Repository, VmArchive};
+use crate::archive::{
+    generation_bytes, names, txn, Generation, GenerationId, Repository, VmArchive,
+};
 use crate::bufpool::BufPool;
 use crate::engine::pipeline;
 use crate::error::{Error, Result};
@@ -136,7 +138,7 @@ struct Checker<'a> {
     /// whose overwritten blocks are in the journal beside it.
     pending: bool,
     /// Damaged reverse-diff records: (generation, disk, block).
-    bad_records: HashSet<(String, String, u64)>,
+    bad_records: HashSet<(GenerationId, String, u64)>,
     progress: &'a dyn Progress,
 }
 
@@ -591,7 +593,7 @@ impl Checker<'_> {
     ) -> Result<(String, Vec<u64>)> {
         let mut rh = RootHasher::new(view.block_size, view.size);
         let mut damaged = Vec::new();
-        let chain_gen = |c: u32| -> &str { &gens[k + c as usize].id };
+        let chain_gen = |c: u32| -> &GenerationId { &gens[k + c as usize].id };
         let mut buf = Vec::new();
         for seg in view.segments() {
             match seg.loc {
@@ -619,7 +621,7 @@ impl Checker<'_> {
                     let r = &view.chain()[chain as usize];
                     rh.push(&r.record_digest(rec as usize)?);
                     if self.bad_records.contains(&(
-                        chain_gen(chain).to_string(),
+                        chain_gen(chain).clone(),
                         view.disk.clone(),
                         seg.start,
                     )) {

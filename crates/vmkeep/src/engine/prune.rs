@@ -19,7 +19,7 @@ use crate::archive::rdiff::{RdiffHeader, RdiffReader, RdiffWriter, Record, FLAG_
 use crate::archive::retention::{self, Item, Schedule};
 use crate::archive::txn::{self, Txn};
 use crate::archive::view::open_rdiff;
-use crate::archive::{Generation, Repository};
+use crate::archive::{Generation, GenerationId, Repository};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 
@@ -28,10 +28,10 @@ use crate::progress::Progress;
 pub struct PruneReport {
     pub vm: String,
     pub dry_run: bool,
-    pub kept: Vec<String>,
-    pub removed: Vec<String>,
+    pub kept: Vec<GenerationId>,
+    pub removed: Vec<GenerationId>,
     /// Generations the schedule would drop but a running reader has pinned (also in `kept`).
-    pub pinned: Vec<String>,
+    pub pinned: Vec<GenerationId>,
     pub recovered: Vec<String>,
 }
 
@@ -109,9 +109,9 @@ pub fn prune(
 }
 
 impl PruneReport {
-    fn keep_pinned(&mut self, id: &str) {
-        self.kept.push(id.to_string());
-        self.pinned.push(id.to_string());
+    fn keep_pinned(&mut self, id: &GenerationId) {
+        self.kept.push(id.clone());
+        self.pinned.push(id.clone());
     }
 }
 
@@ -148,7 +148,7 @@ pub fn drop_generation(vm_dir: &std::path::Path, gens: &[Generation], m: usize) 
         }
         return Err(e);
     }
-    let mut t = Txn::prune(older.id.clone(), gens[m].id.clone(), merged);
+    let mut t = Txn::prune(older.id.to_string(), gens[m].id.to_string(), merged);
     t.merged = t
         .disks
         .iter()
@@ -247,7 +247,7 @@ mod tests {
     use crate::progress::NoProgress;
     use crate::source::file::FileSource;
 
-    fn backup(repo: &Repository, img: &Path, fill: u8) -> String {
+    fn backup(repo: &Repository, img: &Path, fill: u8) -> GenerationId {
         std::fs::write(img, vec![fill; 200 << 10]).unwrap();
         let run = BackupRun::begin(repo, "vm").unwrap();
         let disk = DiskInput::new("vda", Box::new(FileSource::open(img).unwrap()));
@@ -263,7 +263,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let repo = Repository::init(&dir.path().join("repo")).unwrap();
         let img = dir.path().join("vda.raw");
-        let ids: Vec<String> = (1..=3).map(|i| backup(&repo, &img, i)).collect();
+        let ids: Vec<GenerationId> = (1..=3).map(|i| backup(&repo, &img, i)).collect();
         let pin = Pin::acquire(&repo.vm_dir("vm").unwrap(), &ids[1], "test").unwrap();
         let last = Schedule {
             keep_last: Some(1),

@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use crate::archive::digest::ZERO_DIGEST;
 use crate::archive::format::{block_len, DIGEST_LEN};
 use crate::archive::view::{DiskView, Loc, Segment};
-use crate::archive::Repository;
+use crate::archive::{GenerationId, Repository};
 use crate::bufpool::{BufPool, PoolBuf};
 use crate::engine::pipeline;
 use crate::error::{Error, Result};
@@ -35,7 +35,7 @@ pub struct RestoreOptions {
 #[derive(Debug)]
 pub struct DiskRestore {
     /// The generation restored (its id).
-    pub generation: String,
+    pub generation: GenerationId,
     /// The disk restored.
     pub disk: String,
     /// The restore's own report.

@@ -19,7 +19,7 @@ use crate::archive::digest::ZERO_DIGEST;
 use crate::archive::format::DIGEST_LEN;
 use crate::archive::pin::Pin;
 use crate::archive::view::{DiskView, Loc, Segment};
-use crate::archive::Repository;
+use crate::archive::{GenerationId, Repository};
 use crate::error::{Error, Result};
 use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
 use crate::nbd::server::{resolve_listen, Export, Extent, Listen, Server, ServerConfig};
@@ -35,7 +35,7 @@ const STATUS_RECORDS: usize = 1024;
 /// A generation opened for serving: its exports, and the pin that keeps it.
 pub struct ServedGeneration {
     pub vm: String,
-    pub generation: String,
+    pub generation: GenerationId,
     pub exports: Vec<Arc<ArchiveExport>>,
     pin: Pin,
 }

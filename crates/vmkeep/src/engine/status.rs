@@ -2,15 +2,15 @@
 
 use serde::Serialize;
 
-use crate::archive::profile::CheckRecord;
-use crate::archive::{names, Repository};
+use crate::archive::profile::{CheckRecord, GenerationMode};
+use crate::archive::{names, GenerationId, Repository};
 use crate::error::Result;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DiskStatus {
     pub name: String,
     pub size: u64,
-    pub mode: String,
+    pub mode: GenerationMode,
     pub read_bytes: u64,
     pub changed_bytes: u64,
     pub stored_bytes: u64,
@@ -18,9 +18,9 @@ pub struct DiskStatus {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct GenerationStatus {
-    pub id: String,
+    pub id: GenerationId,
     pub time: String,
-    pub mode: String,
+    pub mode: GenerationMode,
     pub duration_secs: f64,
     pub protected: bool,
     /// libvirt checkpoint made with this generation (this repository's branch).

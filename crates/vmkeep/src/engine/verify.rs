@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::archive::digest::{block_digest, Digest, ZERO_DIGEST};
 use crate::archive::format::{block_count, DIGEST_LEN};
 use crate::archive::view::{DiskView, Loc, Segment};
+use crate::archive::GenerationId;
 use crate::engine::pipeline;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
@@ -224,7 +225,7 @@ pub fn no_such_disk(vm: &str, generation: &str, disk: &str, have: &[&str]) -> Er
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyReport {
     /// The generation (its id).
-    pub generation: String,
+    pub generation: GenerationId,
     /// One result per disk, in the order given.
     pub disks: Vec<DiskVerify>,
 }
@@ -255,7 +256,7 @@ pub fn verify<E: From<Error>>(
 ) -> std::result::Result<VerifyReport, E> {
     let archive = repo.vm(vm)?;
     let chosen = archive.select(rev)?;
-    let id = chosen.id().to_string();
+    let id = chosen.id().clone();
     let have = chosen.disk_names();
     let mut jobs: Vec<(&str, &str, DiskView)> = Vec::new();
     for (name, path) in disks {

@@ -11,7 +11,7 @@ use super::sink::{Sink, SinkTarget};
 use super::{source_changed, DiskInput};
 use crate::archive::digest::{Digest, DigestHeader, DigestReader, DigestWriter, ZERO_DIGEST};
 use crate::archive::format::{block_count, valid_disk_size, DIGEST_LEN};
-use crate::archive::profile::DiskRecord;
+use crate::archive::profile::{DiskRecord, GenerationMode};
 use crate::archive::rdiff::{RdiffHeader, RdiffWriter, COMPRESSION_ZSTD, FLAG_BASE};
 use crate::archive::{self, names, Generation};
 use crate::bufpool::BufPool;
@@ -34,7 +34,7 @@ pub(super) struct RunCtx<'a> {
 
 /// What the trust and mode stage decided for one disk.
 struct Choice {
-    mode: Mode,
+    mode: GenerationMode,
     /// The tracker's changed byte ranges, when they are trusted.
     changed: Option<Vec<(u64, u64)>>,
     warnings: Vec<String>,
@@ -164,7 +164,7 @@ impl RunCtx<'_> {
         let rec = DiskRecord {
             name: input.name.clone(),
             size,
-            mode: choice.mode.to_string(),
+            mode: choice.mode,
             source: describe,
             read_bytes,
             changed_bytes,
@@ -203,10 +203,10 @@ impl RunCtx<'_> {
             }
         }
         let mode = match (requested, &old, &changed) {
-            (_, None, _) => Mode::Full,
-            (Mode::Full, Some(_), _) => Mode::Full,
-            (Mode::Diff, Some(_), _) => Mode::Diff,
-            (Mode::Incr | Mode::Auto, Some(_), Some(_)) => Mode::Incr,
+            (_, None, _) => GenerationMode::Full,
+            (Mode::Full, Some(_), _) => GenerationMode::Full,
+            (Mode::Diff, Some(_), _) => GenerationMode::Diff,
+            (Mode::Incr | Mode::Auto, Some(_), Some(_)) => GenerationMode::Incr,
             (Mode::Incr | Mode::Auto, Some(_), None) => {
                 if requested == Mode::Incr || say_why {
                     let why = untracked
@@ -217,7 +217,7 @@ impl RunCtx<'_> {
                         input.name
                     ));
                 }
-                Mode::Diff
+                GenerationMode::Diff
             }
         };
         Choice {
@@ -306,7 +306,7 @@ impl RunCtx<'_> {
         source: &dyn BlockSource,
         old: Option<&OldDisk>,
         ranges: &[(u64, u64)],
-        mode: Mode,
+        mode: GenerationMode,
         sink: &mut Sink<'_>,
         task: &dyn Task,
     ) -> Result<u64> {
@@ -324,13 +324,13 @@ impl RunCtx<'_> {
             bs,
             size,
             level: self.level,
-            full_compare: mode == Mode::Full,
+            full_compare: mode == GenerationMode::Full,
             pool: &pool,
         };
         // An incremental run reads scattered blocks: its own thread keeps the reads of
         // the next blocks (source, previous image, digests) in flight well ahead of
         // the workers, far more of them than the pipeline's window holds.
-        let incr = mode == Mode::Incr;
+        let incr = mode == GenerationMode::Incr;
         let planned = AtomicU64::new(0);
         let stop = AtomicBool::new(false);
         let mut next_job = || -> Result<Option<Job>> {

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::disk::OldDisk;
-use crate::engine::Mode;
+use crate::archive::profile::GenerationMode;
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::source::changed::{merge_ranges, to_block_ranges};
@@ -13,7 +13,7 @@ use crate::source::{BlockSource, ExtentKind};
 /// The block ranges a disk's run examines: in incr mode the blocks the tracker names
 /// (`changed`, byte ranges), else every block of the new size.
 pub(super) fn block_ranges(
-    mode: Mode,
+    mode: GenerationMode,
     old: Option<&OldDisk>,
     changed: Option<&[(u64, u64)]>,
     bs: u32,
@@ -21,7 +21,7 @@ pub(super) fn block_ranges(
     size: u64,
 ) -> Vec<(u64, u64)> {
     match (&mode, old) {
-        (Mode::Incr, Some(o)) => {
+        (GenerationMode::Incr, Some(o)) => {
             let mut r = to_block_ranges(changed.unwrap_or(&[]), bs, new_blocks);
             if o.size != size {
                 // The block at the old end and everything past it changed length.
