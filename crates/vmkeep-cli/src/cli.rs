@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -129,9 +129,9 @@ pub struct UpdateArgs {
 pub struct BackupArgs {
     #[command(flatten)]
     pub targets: Targets,
-    /// auto (incr where tracked, else diff, else full), full, diff or incr
+    /// Backup mode [default: from the config file, else auto]
     #[arg(long, value_name = "MODE")]
-    pub mode: Option<String>,
+    pub mode: Option<ModeArg>,
     /// Back up disk NAME from SOURCE (a raw file or device, an image file for qemu-nbd,
     /// PATH?bitmap=PREFIX for qcow2 bitmaps PREFIX.<repository id>.<generation id>, or an
     /// NBD URI); repeat for more disks
@@ -194,9 +194,9 @@ pub struct RestoreArgs {
     /// Folder for the new VM's disks [default: /var/lib/libvirt/images]
     #[arg(long, value_name = "DIR", requires = "as_vm")]
     pub disk_dir: Option<PathBuf>,
-    /// Disk format for --as-vm: qcow2 (default) or raw
+    /// Disk format for --as-vm
     #[arg(long, value_name = "FMT", requires = "as_vm", default_value = "qcow2")]
-    pub format: String,
+    pub format: FormatArg,
     /// Start the new VM
     #[arg(long, requires = "as_vm")]
     pub start: bool,
@@ -351,4 +351,46 @@ pub struct CompletionsArgs {
 #[derive(Debug, Args)]
 pub struct ManpagesArgs {
     pub dir: PathBuf,
+}
+
+/// `backup --mode`: the values of [`vmkeep::engine::Mode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Incr where changes are tracked, else diff where a previous generation exists, else full
+    Auto,
+    /// Read every allocated block and compare it with the stored image itself
+    Full,
+    /// Read every allocated block; store those whose digest changed
+    Diff,
+    /// Read only the blocks a change tracker names
+    Incr,
+}
+
+impl From<ModeArg> for vmkeep::engine::Mode {
+    fn from(m: ModeArg) -> Self {
+        match m {
+            ModeArg::Auto => Self::Auto,
+            ModeArg::Full => Self::Full,
+            ModeArg::Diff => Self::Diff,
+            ModeArg::Incr => Self::Incr,
+        }
+    }
+}
+
+/// `restore --format`: the values of [`vmkeep::target::ImageFormat`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// qcow2 images
+    Qcow2,
+    /// Sparse raw images
+    Raw,
+}
+
+impl From<FormatArg> for vmkeep::target::ImageFormat {
+    fn from(f: FormatArg) -> Self {
+        match f {
+            FormatArg::Qcow2 => Self::Qcow2,
+            FormatArg::Raw => Self::Raw,
+        }
+    }
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use vmkeep::archive::retention::Schedule;
+use vmkeep::engine::Mode;
 use vmkeep::Error;
 
 pub const DEFAULT_PATH: &str = "/etc/vmkeep/vmkeep.toml";
@@ -29,7 +30,8 @@ pub struct Config {
     /// Bytes per bit of new persistent bitmaps ("64K").
     pub bitmap_granularity: Option<SizeValue>,
     /// Default backup mode.
-    pub mode: Option<String>,
+    #[serde(default, deserialize_with = "mode")]
+    pub mode: Option<Mode>,
     /// Minimum age of the newest generation before `backup --if-due` makes another ("1d").
     pub interval: Option<String>,
     #[serde(default)]
@@ -52,7 +54,8 @@ pub struct VmConfig {
     /// libvirt disks (targets) not to back up.
     #[serde(default)]
     pub skip_disks: Vec<String>,
-    pub mode: Option<String>,
+    #[serde(default, deserialize_with = "mode")]
+    pub mode: Option<Mode>,
     pub interval: Option<String>,
     pub retention: Option<Schedule>,
     pub bitmap_granularity: Option<SizeValue>,
@@ -84,6 +87,12 @@ impl SizeValue {
             SizeValue::Text(s) => parse_size(s),
         }
     }
+}
+
+/// A `mode` key: the values of `--mode`, checked by the same enum.
+fn mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Mode>, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map(Some).map_err(serde::de::Error::custom)
 }
 
 /// "64K", "64KiB", "1M", "4096" → bytes.
@@ -199,14 +208,6 @@ impl Config {
             if let Some(i) = &vm.interval {
                 parse_duration(i).map_err(|e| bad(format!("vm {name}: {e}")))?;
             }
-            if let Some(m) = &vm.mode {
-                m.parse::<vmkeep::engine::Mode>()
-                    .map_err(|e| bad(format!("vm {name}: {e}")))?;
-            }
-        }
-        if let Some(m) = &self.mode {
-            m.parse::<vmkeep::engine::Mode>()
-                .map_err(|e| bad(e.to_string()))?;
         }
         for (g, members) in &self.groups {
             if g == "all" {

@@ -510,4 +510,7 @@ pub fn hard_link(from: &Path, to: &Path) -> Result<()> {
 }
 
 mod private;
-pub use private::{new_private_dir, private_dir, safe_base, temp_dir, PrivateDir};
+pub use private::{
+    new_private_dir, private_dir, private_dir_beside, safe_base, temp_dir, PrivateDir, Share,
+    BASE_MODE,
+};

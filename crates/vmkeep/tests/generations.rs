@@ -12,10 +12,10 @@ mod support;
 
 use proptest::prelude::*;
 use support::archive::{deep_check_ok, restore_view};
+use vmkeep::archive::view::DiskView;
 use vmkeep::archive::{Generation, Repository, VmArchive};
 use vmkeep::engine::backup::{BackupOptions, BackupRun, DiskInput};
 use vmkeep::engine::check::{check, GenSelect};
-use vmkeep::engine::reader::DiskView;
 use vmkeep::engine::Mode;
 use vmkeep::progress::NoProgress;
 use vmkeep::source::file::FileSource;

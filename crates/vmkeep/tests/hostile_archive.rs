@@ -21,11 +21,11 @@ use vmkeep::archive::lock::VmLock;
 use vmkeep::archive::profile::{self, GenerationProfile, VmProfile};
 use vmkeep::archive::rdiff::{self, RdiffHeader, RdiffReader, RdiffWriter, Record, REC_ZSTD};
 use vmkeep::archive::txn::Txn;
+use vmkeep::archive::view::DiskView;
 use vmkeep::archive::Repository;
 use vmkeep::engine::backup::{BackupOptions, BackupRun, DiskInput};
 use vmkeep::engine::check::{check, CheckReport, GenSelect};
 use vmkeep::engine::prune::{drop_generation, merge};
-use vmkeep::engine::reader::DiskView;
 use vmkeep::engine::restore::restore;
 use vmkeep::error::{Error, ErrorKind, Result};
 use vmkeep::progress::NoProgress;
@@ -184,7 +184,7 @@ impl Archive {
             .unwrap()
             .execute(vec![input], &opts, &NoProgress)
             .unwrap();
-        self.ids.push(report.generation.id);
+        self.ids.push(report.generation.id.into());
         self.snaps.push(img.to_vec());
     }
 
@@ -1183,10 +1183,10 @@ fn leave_journal(a: &Archive, k: usize, header: RdiffHeader, records: &[Record])
     }
     w.sync().unwrap();
     drop(w);
-    let new = vmkeep::archive::new_generation_id(Some(&a.ids[2]));
+    let new = vmkeep::archive::new_generation_id(Some(&a.ids[2].parse().unwrap()));
     write_txn(
         a,
-        &Txn::backup(Some(a.ids[k].clone()), new, vec!["vda".into()]),
+        &Txn::backup(Some(a.ids[k].clone()), new.into(), vec!["vda".into()]),
     );
     path
 }
@@ -1194,7 +1194,7 @@ fn leave_journal(a: &Archive, k: usize, header: RdiffHeader, records: &[Record])
 fn journal_header(a: &Archive) -> RdiffHeader {
     let h = RdiffReader::open(&a.rdiff(1)).unwrap().header;
     RdiffHeader {
-        generation: vmkeep::archive::generation_bytes(&a.ids[2]),
+        generation: vmkeep::archive::generation_bytes(&a.ids[2].parse().unwrap()),
         ..h
     }
 }
@@ -1297,7 +1297,7 @@ fn recovery_reads_a_large_journal_one_record_at_a_time() {
     w.sync().unwrap();
     drop(w);
     let new = vmkeep::archive::new_generation_id(Some(&id));
-    Txn::backup(Some(id.clone()), new, vec!["vda".into()])
+    Txn::backup(Some(id.to_string()), new.into(), vec!["vda".into()])
         .store(&dir)
         .unwrap();
     let before = LIVE.load(Ordering::Relaxed);

@@ -43,7 +43,7 @@ fn restore_as_vm_writes_every_disk_and_defines_the_copy() {
     let _guard = Undefine(new.clone());
     let mut opts = AsVmOptions::new("orig", "latest", &new);
     opts.disk_dir = tmp.path().join("disks");
-    opts.format = "raw".into();
+    opts.format = vmkeep::target::ImageFormat::Raw;
     opts.connect = URI.into();
 
     // A folder libvirt's XML cannot name is refused before anything is done.

@@ -12,10 +12,10 @@ mod support;
 use support::archive::{deep_check_ok, restore_view};
 use vmkeep::archive::profile;
 use vmkeep::archive::retention::Schedule;
+use vmkeep::archive::view::DiskView;
 use vmkeep::archive::Repository;
 use vmkeep::engine::backup::{BackupOptions, BackupRun, DiskInput};
 use vmkeep::engine::prune::prune;
-use vmkeep::engine::reader::DiskView;
 use vmkeep::engine::Mode;
 use vmkeep::progress::NoProgress;
 use vmkeep::source::file::FileSource;
@@ -59,7 +59,7 @@ fn two_hundred_generations_pruned_as_they_go() {
     let mut model = vec![0u8; base as usize];
     let mut rng = Rng(0x5eed_1234_abcd_0001);
     // The disk as it was at each generation still in the archive.
-    let mut snapshots: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut snapshots: HashMap<vmkeep::archive::GenerationId, Vec<u8>> = HashMap::new();
     let schedule = Schedule {
         keep_last: Some(12),
         ..Default::default()

@@ -198,10 +198,10 @@ impl Settings {
         let vmc = ctx.config.vm(vm);
         let mode = a
             .mode
-            .clone()
-            .or(vmc.mode.clone())
-            .or(ctx.config.mode.clone())
-            .unwrap_or_else(|| "auto".into());
+            .map(Mode::from)
+            .or(vmc.mode)
+            .or(ctx.config.mode)
+            .unwrap_or_default();
         let block_size = a
             .block_size
             .as_deref()
@@ -218,7 +218,7 @@ impl Settings {
             .unwrap_or(DEFAULT_COMPRESSION_LEVEL);
         check_compression_level(level)?;
         let opts = BackupOptions {
-            mode: mode.parse::<Mode>()?,
+            mode,
             block_size,
             default_block_size,
             compression_level: level,

@@ -78,7 +78,7 @@ fn as_vm(ctx: &Ctx, repo: &vmkeep::archive::Repository, a: &RestoreArgs) -> Resu
     if let Some(run) = &ctx.config.run_dir {
         opts.run_dir = run.clone();
     }
-    opts.format = a.format.clone();
+    opts.format = a.format.into();
     opts.start = a.start;
     opts.replace = a.replace;
     opts.instant = a.instant;

@@ -29,7 +29,7 @@ pub fn run(ctx: &Ctx, a: UpdateArgs) -> Result<i32> {
         ctx.say(format!(
             "{} VMs recorded in {}",
             inv.vms.len(),
-            repo.root().join("allvm.toml").display()
+            repo.inventory_path().display()
         ));
     }
     Ok(0)

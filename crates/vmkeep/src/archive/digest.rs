@@ -81,49 +81,27 @@ impl DigestHeader {
     }
 
     fn encode(&self) -> [u8; HEADER_LEN] {
-        let mut b = [0u8; HEADER_LEN];
-        Put::new(&mut b)
-            .bytes(&DIGEST_MAGIC)
-            .u32(FORMAT_VERSION)
-            .u32(0)
-            .u32(self.block_size)
-            .u32(0)
-            .u64(self.disk_size)
-            .u64(self.blocks())
-            .bytes(&self.generation);
-        let c = check64(&b[..56]);
-        b[56..].copy_from_slice(&c.to_le_bytes());
-        b
+        FileHeader {
+            flags: 0,
+            block_size: self.block_size,
+            aux32: 0,
+            disk_size: self.disk_size,
+            aux64: self.blocks(),
+            generation: self.generation,
+        }
+        .encode(&DIGEST_MAGIC)
     }
 
     fn decode(path: &Path, b: &[u8; HEADER_LEN]) -> Result<Self> {
-        let mut g = Get::new(b);
-        let magic: [u8; 8] = g.bytes();
-        let version = g.u32();
-        verify_magic(path, &magic, &DIGEST_MAGIC, version, "digest")?;
-        let _flags = g.u32();
-        let block_size = g.u32();
-        let _reserved = g.u32();
-        let disk_size = g.u64();
-        let count = g.u64();
-        let generation = g.bytes();
-        let check = g.u64();
-        verify_check64(path, "header", &b[..56], check)?;
-        if !valid_block_size(block_size as u64) {
-            return Err(Error::corrupt(
-                path,
-                format!("invalid block size {block_size}"),
-            ));
-        }
-        if !valid_disk_size(disk_size) {
-            return Err(Error::corrupt(path, "impossible disk size"));
-        }
+        let f = FileHeader::decode(path, b, &DIGEST_MAGIC, "digest")?;
+        check_block_size(path, f.block_size)?;
+        check_disk_sizes(path, &[f.disk_size])?;
         let h = DigestHeader {
-            block_size,
-            disk_size,
-            generation,
+            block_size: f.block_size,
+            disk_size: f.disk_size,
+            generation: f.generation,
         };
-        if count != h.blocks() {
+        if f.aux64 != h.blocks() {
             return Err(Error::corrupt(
                 path,
                 "block count does not match the disk size",

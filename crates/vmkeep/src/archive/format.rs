@@ -68,6 +68,85 @@ pub fn check64(bytes: &[u8]) -> u64 {
     u64::from_le_bytes(h.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
+/// Write the check value of a fixed header's first 56 bytes into its last 8.
+pub fn seal(b: &mut [u8; HEADER_LEN]) {
+    let c = check64(&b[..56]);
+    b[56..].copy_from_slice(&c.to_le_bytes());
+}
+
+/// The 64-byte header that digest and reverse-diff files share: magic, version, then the
+/// same field layout for both (`docs/FORMAT.md`), sealed with [`seal`]. `aux32` and
+/// `aux64` mean what each kind says: in a digest file a reserved zero and the block
+/// count, in a reverse diff the compression and the next generation's disk size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileHeader {
+    /// Header flags (none in a digest file).
+    pub flags: u32,
+    /// Block size of the disk.
+    pub block_size: u32,
+    /// The kind's own 32-bit field.
+    pub aux32: u32,
+    /// Size of the disk at the file's generation.
+    pub disk_size: u64,
+    /// The kind's own 64-bit field.
+    pub aux64: u64,
+    /// The generation the file belongs to (its id's 16 bytes).
+    pub generation: [u8; 16],
+}
+
+impl FileHeader {
+    /// The header's bytes, with `magic` and this build's [`FORMAT_VERSION`].
+    pub fn encode(&self, magic: &[u8; 8]) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        Put::new(&mut b)
+            .bytes(magic)
+            .u32(FORMAT_VERSION)
+            .u32(self.flags)
+            .u32(self.block_size)
+            .u32(self.aux32)
+            .u64(self.disk_size)
+            .u64(self.aux64)
+            .bytes(&self.generation);
+        seal(&mut b);
+        b
+    }
+
+    /// Read a header of the `what` kind (`magic`): the magic, the version and the check
+    /// value are verified here; the fields are the caller's to check.
+    pub fn decode(path: &Path, b: &[u8; HEADER_LEN], magic: &[u8; 8], what: &str) -> Result<Self> {
+        let mut g = Get::new(b);
+        let found: [u8; 8] = g.bytes();
+        let version = g.u32();
+        verify_magic(path, &found, magic, version, what)?;
+        let h = FileHeader {
+            flags: g.u32(),
+            block_size: g.u32(),
+            aux32: g.u32(),
+            disk_size: g.u64(),
+            aux64: g.u64(),
+            generation: g.bytes(),
+        };
+        verify_check64(path, "header", &b[..56], g.u64())?;
+        Ok(h)
+    }
+}
+
+/// Reject a block size read from a file (`path`) that no vmkeep writes.
+pub fn check_block_size(path: &Path, bs: u32) -> Result<()> {
+    if !valid_block_size(bs as u64) {
+        return Err(Error::corrupt(path, format!("invalid block size {bs}")));
+    }
+    Ok(())
+}
+
+/// Reject disk sizes read from a file header (`path`) that no disk can have.
+pub fn check_disk_sizes(path: &Path, sizes: &[u64]) -> Result<()> {
+    if !sizes.iter().all(|&s| valid_disk_size(s)) {
+        return Err(Error::corrupt(path, "impossible disk size"));
+    }
+    Ok(())
+}
+
 /// A cursor for writing little-endian fields into a fixed buffer.
 pub struct Put<'a> {
     buf: &'a mut [u8],

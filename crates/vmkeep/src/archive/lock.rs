@@ -12,11 +12,52 @@ use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{flock, fstat, openat, FileType, FlockOperation, Mode, OFlags};
+use rustix::fd::AsFd;
+use rustix::fs::{fstat, openat, FileType, FlockOperation, Mode, OFlags};
 use rustix::io::Errno;
 
+use crate::archive::names;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
+
+/// Which `flock` to take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockKind {
+    /// Many holders at once (a pin).
+    Shared,
+    /// One holder (the VM lock; a stale pin's remover).
+    Exclusive,
+}
+
+/// Whether [`flock`] waits for a lock held by someone else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Block until the lock is free (an interrupted wait is resumed).
+    Block,
+    /// Fail at once: [`flock`] returns `Ok(false)`.
+    NoWait,
+}
+
+/// Take an `flock` of `kind` on the open file `fd` (at `path`, for errors): `Ok(true)` when
+/// taken, `Ok(false)` when someone else holds it and `wait` is [`Wait::NoWait`]. The
+/// kernel drops the lock when the last descriptor of the open file is closed, however the
+/// holder dies. The one lock primitive of the archive: the VM lock and pins use it.
+pub fn flock(fd: impl AsFd, kind: LockKind, wait: Wait, path: &Path) -> Result<bool> {
+    let op = match (kind, wait) {
+        (LockKind::Shared, Wait::Block) => FlockOperation::LockShared,
+        (LockKind::Shared, Wait::NoWait) => FlockOperation::NonBlockingLockShared,
+        (LockKind::Exclusive, Wait::Block) => FlockOperation::LockExclusive,
+        (LockKind::Exclusive, Wait::NoWait) => FlockOperation::NonBlockingLockExclusive,
+    };
+    loop {
+        match rustix::fs::flock(&fd, op) {
+            Ok(()) => return Ok(true),
+            Err(Errno::WOULDBLOCK) if wait == Wait::NoWait => return Ok(false),
+            Err(Errno::INTR) => continue,
+            Err(e) => return Err(Error::io(path, e.into())),
+        }
+    }
+}
 
 /// A held VM lock; dropping it releases the lock.
 #[derive(Debug)]
@@ -29,10 +70,10 @@ impl VmLock {
     /// Take the lock of the VM whose folder is `dir`, or fail at once naming the holder.
     pub fn acquire(dir: &Path, vm: &str, what: &str) -> Result<VmLock> {
         let dir_fd = fsutil::open_dir_nofollow(dir)?;
-        let path = dir.join("lock");
+        let path = dir.join(names::LOCK);
         let fd = openat(
             &dir_fd,
-            "lock",
+            names::LOCK,
             OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
             Mode::from_raw_mode(fsutil::FILE_MODE),
         )
@@ -53,25 +94,21 @@ impl VmLock {
                 ),
             ));
         }
-        match flock(&fd, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(Errno::WOULDBLOCK) => {
-                // The holder line is short; a lock file grown by anything else is not
-                // read whole.
-                let mut holder = String::new();
-                let _ = File::from(fd).take(256).read_to_string(&mut holder);
-                let holder = holder.trim_matches(|c: char| c.is_whitespace() || c == '\0');
-                let holder = if holder.is_empty() {
-                    "locked by another process".to_string()
-                } else {
-                    format!("locked by {holder}")
-                };
-                return Err(Error::Busy {
-                    vm: vm.to_string(),
-                    holder,
-                });
-            }
-            Err(e) => return Err(Error::io(&path, e.into())),
+        if !flock(&fd, LockKind::Exclusive, Wait::NoWait, &path)? {
+            // The holder line is short; a lock file grown by anything else is not
+            // read whole.
+            let mut holder = String::new();
+            let _ = File::from(fd).take(256).read_to_string(&mut holder);
+            let holder = holder.trim_matches(|c: char| c.is_whitespace() || c == '\0');
+            let holder = if holder.is_empty() {
+                "locked by another process".to_string()
+            } else {
+                format!("locked by {holder}")
+            };
+            return Err(Error::Busy {
+                vm: vm.to_string(),
+                holder,
+            });
         }
         let mut file = File::from(fd);
         file.set_len(0).at(&path)?;

@@ -16,6 +16,7 @@
 
 pub mod digest;
 pub mod format;
+mod id;
 pub mod lock;
 pub mod names;
 pub mod pin;
@@ -23,19 +24,14 @@ pub mod profile;
 pub mod rdiff;
 pub mod retention;
 pub mod txn;
+pub mod view;
 
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
+pub use id::GenerationId;
 use profile::{GenerationProfile, RepoProfile, VmProfile, PROFILE_VERSION};
-
-/// Name of the link to the newest generation.
-pub const LATEST: &str = "latest";
-/// Suffix of a generation folder that is being made.
-pub const PARTIAL: &str = ".partial";
-/// Suffix of a generation folder that is being deleted.
-pub const DELETING: &str = ".deleting";
 
 /// A repository folder.
 #[derive(Debug, Clone)]
@@ -47,7 +43,7 @@ pub struct Repository {
 impl Repository {
     /// Create a repository at `root`, or open the one that is there.
     pub fn init(root: &Path) -> Result<Repository> {
-        let marker = root.join("repo.toml");
+        let marker = root.join(names::REPO_PROFILE);
         if marker.exists() {
             return Repository::open(root);
         }
@@ -77,7 +73,7 @@ impl Repository {
 
     /// Open an existing repository.
     pub fn open(root: &Path) -> Result<Repository> {
-        let marker = root.join("repo.toml");
+        let marker = root.join(names::REPO_PROFILE);
         if !marker.exists() {
             return Err(Error::usage(format!(
                 "{} is not a vmkeep repository (run 'vmkeep --repo {} init')",
@@ -96,6 +92,11 @@ impl Repository {
         &self.root
     }
 
+    /// `REPO/allvm.toml`: the hypervisor inventory `update` writes.
+    pub fn inventory_path(&self) -> PathBuf {
+        self.root.join(names::INVENTORY)
+    }
+
     /// Names of the VMs that have at least a VM profile, sorted.
     pub fn vm_names(&self) -> Result<Vec<String>> {
         let mut out = Vec::new();
@@ -104,7 +105,7 @@ impl Repository {
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
-            if names::check_vm(&name).is_ok() && entry.path().join("vm.toml").exists() {
+            if names::check_vm(&name).is_ok() && names::vm_profile(&entry.path()).exists() {
                 out.push(name);
             }
         }
@@ -125,7 +126,7 @@ impl Repository {
     /// Open the archive of VM `name`; an unknown VM is a usage error.
     pub fn vm(&self, name: &str) -> Result<VmArchive> {
         let dir = self.vm_dir(name)?;
-        if !dir.join("vm.toml").exists() {
+        if !names::vm_profile(&dir).exists() {
             return Err(Error::usage(format!(
                 "unknown VM {name:?}: no backups of it in {}",
                 self.root.display()
@@ -146,65 +147,71 @@ pub struct VmArchive {
 /// One generation, as listed from its folder.
 #[derive(Debug, Clone)]
 pub struct Generation {
-    pub id: String,
+    pub id: GenerationId,
     pub dir: PathBuf,
     pub profile: GenerationProfile,
 }
 
 impl Generation {
+    /// `DISK.raw`: the image of `disk` (newest generation only).
     pub fn image_path(&self, disk: &str) -> PathBuf {
-        self.dir.join(format!("{disk}.raw"))
+        names::image_file(&self.dir, disk)
     }
+    /// `DISK.digest`: the digests of `disk` (newest generation only).
     pub fn digest_path(&self, disk: &str) -> PathBuf {
-        self.dir.join(format!("{disk}.digest"))
+        names::digest_file(&self.dir, disk)
     }
+    /// `DISK.rdiff`: the reverse diff of `disk` (older generations only).
     pub fn rdiff_path(&self, disk: &str) -> PathBuf {
-        self.dir.join(format!("{disk}.rdiff"))
+        names::rdiff_file(&self.dir, disk)
     }
+    /// `DISK.rdiff.partial`: the reverse diff of `disk` being written, the undo journal of
+    /// a running backup.
+    pub fn journal_path(&self, disk: &str) -> PathBuf {
+        names::journal_file(&self.dir, disk)
+    }
+    /// `DISK.rdiff.merge`: the merged reverse diff of `disk` a prune writes.
+    pub fn merge_path(&self, disk: &str) -> PathBuf {
+        names::merge_file(&self.dir, disk)
+    }
+    /// `generation.toml`: what the run made.
     pub fn profile_path(&self) -> PathBuf {
-        self.dir.join("generation.toml")
+        names::generation_profile(&self.dir)
+    }
+    /// `domain.xml`: the libvirt domain XML saved with the generation, if it has one.
+    pub fn domain_xml_path(&self) -> PathBuf {
+        self.dir.join(names::DOMAIN_XML)
     }
 }
 
 /// Is `name` a generation folder name (a UUID)?
 pub fn is_generation_name(name: &str) -> bool {
-    uuid::Uuid::try_parse(name).is_ok() && name.len() == 36 && name == name.to_ascii_lowercase()
+    GenerationId::is_valid(name)
 }
 
 /// A new generation id that sorts after `after` (UUIDv7: time first, then random).
-pub fn new_generation_id(after: Option<&str>) -> String {
-    loop {
-        let id = uuid::Uuid::now_v7().hyphenated().to_string();
-        if after.is_none_or(|a| id.as_str() > a) {
-            return id;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
+pub fn new_generation_id(after: Option<&GenerationId>) -> GenerationId {
+    GenerationId::new_after(after)
 }
 
-/// The 16 bytes of a generation id, as stored in file headers.
-pub fn generation_bytes(id: &str) -> [u8; 16] {
-    uuid::Uuid::try_parse(id)
-        .map(|u| *u.as_bytes())
-        .unwrap_or([0; 16])
+/// The 16 bytes of a generation id, as stored in file headers. Only a valid id has them:
+/// there is no fallback for a string that is not one.
+pub fn generation_bytes(id: &GenerationId) -> [u8; 16] {
+    id.bytes()
 }
 
 impl VmArchive {
     pub fn open(dir: PathBuf, name: &str) -> Result<VmArchive> {
         fsutil::refuse_symlink(&dir)?;
-        let profile: VmProfile = profile::load(&dir.join("vm.toml"))?;
+        let path = names::vm_profile(&dir);
+        let profile: VmProfile = profile::load(&path)?;
         if profile.name != name {
             return Err(Error::corrupt(
-                dir.join("vm.toml"),
+                &path,
                 format!("profile names VM {:?}", profile.name),
             ));
         }
-        if !format::valid_block_size(profile.block_size as u64) {
-            return Err(Error::corrupt(
-                dir.join("vm.toml"),
-                format!("invalid block size {}", profile.block_size),
-            ));
-        }
+        format::check_block_size(&path, profile.block_size)?;
         Ok(VmArchive {
             dir,
             name: name.to_string(),
@@ -213,32 +220,35 @@ impl VmArchive {
     }
 
     pub fn profile_path(&self) -> PathBuf {
-        self.dir.join("vm.toml")
+        names::vm_profile(&self.dir)
     }
 
     pub fn save_profile(&self) -> Result<()> {
         profile::store(&self.profile_path(), "vmkeep VM profile", &self.profile)
     }
 
-    /// Ids of the finished generations, oldest first. A generation folder that is a
-    /// symbolic link (to another VM's generation, say) is refused: its files would be read
-    /// as this VM's, and pruning or recovery would change them.
-    pub fn generation_ids(&self) -> Result<Vec<String>> {
-        fsutil::refuse_symlink(&self.dir)?;
+    /// Ids of the finished generations, oldest first (see [`VmArchive::generation_ids_in`]).
+    pub fn generation_ids(&self) -> Result<Vec<GenerationId>> {
+        Self::generation_ids_in(&self.dir)
+    }
+
+    /// Ids of the finished generations in the VM folder `dir`, oldest first (for readers
+    /// that hold no archive). A generation folder that is a symbolic link (to another VM's
+    /// generation, say) is refused: its files would be read as this VM's, and pruning or
+    /// recovery would change them.
+    pub fn generation_ids_in(dir: &Path) -> Result<Vec<GenerationId>> {
+        fsutil::refuse_symlink(dir)?;
         let mut ids = Vec::new();
-        for entry in std::fs::read_dir(&self.dir).at(&self.dir)? {
-            let entry = entry.at(&self.dir)?;
-            if let Ok(name) = entry.file_name().into_string() {
-                if !is_generation_name(&name) {
-                    continue;
-                }
+        for entry in std::fs::read_dir(dir).at(dir)? {
+            let entry = entry.at(dir)?;
+            if let Some(id) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
                 // `DirEntry::file_type` does not follow a symbolic link.
                 let ft = entry.file_type().at(entry.path())?;
                 if ft.is_symlink() {
                     return Err(fsutil::symlink_refused(&entry.path()));
                 }
                 if ft.is_dir() {
-                    ids.push(name);
+                    ids.push(id);
                 }
             }
         }
@@ -246,10 +256,12 @@ impl VmArchive {
         Ok(ids)
     }
 
-    /// Load generation `id`.
+    /// Load generation `id`; a string that is not a generation id is refused before it
+    /// becomes a path.
     pub fn generation(&self, id: &str) -> Result<Generation> {
-        let dir = self.dir.join(id);
-        let path = dir.join("generation.toml");
+        let id = GenerationId::parse(id)?;
+        let dir = self.dir.join(&id);
+        let path = names::generation_profile(&dir);
         let profile: GenerationProfile = profile::load(&path)?;
         if profile.id != id {
             return Err(Error::corrupt(
@@ -258,11 +270,7 @@ impl VmArchive {
             ));
         }
         check_generation(&path, &profile)?;
-        Ok(Generation {
-            id: id.to_string(),
-            dir,
-            profile,
-        })
+        Ok(Generation { id, dir, profile })
     }
 
     /// Every generation, oldest first.
@@ -276,16 +284,15 @@ impl VmArchive {
     /// The generation `latest` points at, if any: only a symbolic link whose target is a
     /// single path component naming a generation folder of this VM counts. vmkeep never
     /// opens anything through `latest`; it is there for people and scripts (`dd`).
-    pub fn latest_target(&self) -> Option<String> {
-        let target = std::fs::read_link(self.dir.join(LATEST)).ok()?;
-        let target = target.to_str()?;
-        let ok = is_generation_name(target)
-            && std::fs::symlink_metadata(self.dir.join(target)).is_ok_and(|m| m.is_dir());
-        ok.then(|| target.to_string())
+    pub fn latest_target(&self) -> Option<GenerationId> {
+        let target = std::fs::read_link(self.dir.join(names::LATEST)).ok()?;
+        let target: GenerationId = target.to_str()?.parse().ok()?;
+        let ok = std::fs::symlink_metadata(self.dir.join(&target)).is_ok_and(|m| m.is_dir());
+        ok.then_some(target)
     }
 
     /// Resolve a REV: a generation id or unique prefix, N (0 = newest), or `latest`.
-    pub fn resolve(&self, rev: &str) -> Result<String> {
+    pub fn resolve(&self, rev: &str) -> Result<GenerationId> {
         let ids = self.generation_ids()?;
         resolve_rev(&ids, rev).map_err(|e| Error::usage(format!("VM {}: {e}", self.name)))
     }
@@ -294,23 +301,46 @@ impl VmArchive {
     /// against that same listing (so a prune in between cannot make them disagree).
     pub fn resolve_generation(&self, rev: &str) -> Result<(Vec<Generation>, usize)> {
         let gens = self.generations()?;
-        let ids: Vec<String> = gens.iter().map(|g| g.id.clone()).collect();
+        let ids: Vec<GenerationId> = gens.iter().map(|g| g.id.clone()).collect();
         let id =
             resolve_rev(&ids, rev).map_err(|e| Error::usage(format!("VM {}: {e}", self.name)))?;
         let k = ids.iter().position(|i| *i == id).unwrap_or_default();
         Ok((gens, k))
+    }
+
+    /// Generation REV, resolved against the listing it indexes
+    /// ([`VmArchive::resolve_generation`]), ready to open its disks.
+    pub fn select(&self, rev: &str) -> Result<view::Selected<'_>> {
+        let (gens, k) = self.resolve_generation(rev)?;
+        Ok(view::Selected::new(self, gens, k))
+    }
+
+    /// The generation `pin` holds, from a listing made after the pin was taken (so prune
+    /// can no longer drop it): a generation gone before that is a usage error.
+    pub fn select_pinned(&self, pin: &pin::Pin) -> Result<view::Selected<'_>> {
+        let id = &pin.generation;
+        let gens = self.generations()?;
+        let k = gens.iter().position(|g| g.id == *id).ok_or_else(|| {
+            Error::usage(format!(
+                "generation {id} of VM {} was removed while it was being opened",
+                self.name
+            ))
+        })?;
+        Ok(view::Selected::new(self, gens, k))
+    }
+
+    /// Disk `disk` of generation REV, its digests proven
+    /// ([`view::DiskView::open`]); for several disks of one generation, [`VmArchive::select`]
+    /// it once and open each from that.
+    pub fn view(&self, rev: &str, disk: &str) -> Result<view::DiskView> {
+        self.select(rev)?.view(disk)
     }
 }
 
 /// What a generation profile says must be possible: its disk names become file names and
 /// its sizes drive every reader's arithmetic.
 fn check_generation(path: &Path, p: &GenerationProfile) -> Result<()> {
-    if !format::valid_block_size(p.block_size as u64) {
-        return Err(Error::corrupt(
-            path,
-            format!("invalid block size {}", p.block_size),
-        ));
-    }
+    format::check_block_size(path, p.block_size)?;
     let mut seen = std::collections::HashSet::new();
     for d in &p.disks {
         names::check_disk(&d.name).map_err(|e| Error::corrupt(path, e))?;
@@ -331,7 +361,7 @@ fn check_generation(path: &Path, p: &GenerationProfile) -> Result<()> {
 }
 
 /// Resolve `rev` among `ids` (oldest first); the message says what is wrong.
-pub fn resolve_rev(ids: &[String], rev: &str) -> std::result::Result<String, String> {
+pub fn resolve_rev(ids: &[GenerationId], rev: &str) -> std::result::Result<GenerationId, String> {
     if ids.is_empty() {
         return Err("has no generations".into());
     }
@@ -352,7 +382,7 @@ pub fn resolve_rev(ids: &[String], rev: &str) -> std::result::Result<String, Str
                 });
         }
     }
-    let matches: Vec<&String> = ids.iter().filter(|id| id.starts_with(rev)).collect();
+    let matches: Vec<&GenerationId> = ids.iter().filter(|id| id.starts_with(rev)).collect();
     match matches.len() {
         1 => Ok(matches[0].clone()),
         0 => Err(format!("unknown generation {rev:?}")),
@@ -368,11 +398,13 @@ mod tests {
 
     #[test]
     fn revs_resolve() {
-        let ids: Vec<String> = vec![
-            "0193a000-0000-7000-8000-000000000001".into(),
-            "0193a000-0000-7000-8000-000000000002".into(),
-            "0193b000-0000-7000-8000-000000000003".into(),
-        ];
+        let ids: Vec<GenerationId> = [
+            "0193a000-0000-7000-8000-000000000001",
+            "0193a000-0000-7000-8000-000000000002",
+            "0193b000-0000-7000-8000-000000000003",
+        ]
+        .map(|s| s.parse().unwrap())
+        .to_vec();
         assert_eq!(resolve_rev(&ids, "0").unwrap(), ids[2]);
         assert_eq!(resolve_rev(&ids, "latest").unwrap(), ids[2]);
         assert_eq!(resolve_rev(&ids, "2").unwrap(), ids[0]);

@@ -16,22 +16,21 @@
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::GenerationId;
+use crate::archive::lock::{flock, LockKind, Wait};
+use crate::archive::names::PINS;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
-
-/// Folder of the pins, inside the VM folder.
-pub const PINS: &str = "pins";
 
 /// A held pin; dropping it releases the lock and removes the file.
 #[derive(Debug)]
 pub struct Pin {
     _file: File,
     path: PathBuf,
-    pub generation: String,
+    pub generation: GenerationId,
 }
 
 /// Distinguishes several pins of one generation in one process.
@@ -39,7 +38,7 @@ static SEQ: AtomicU64 = AtomicU64::new(0);
 
 impl Pin {
     /// Pin generation `generation` of the VM whose folder is `vm_dir`.
-    pub fn acquire(vm_dir: &Path, generation: &str, holder: &str) -> Result<Pin> {
+    pub fn acquire(vm_dir: &Path, generation: &GenerationId, holder: &str) -> Result<Pin> {
         let dir = vm_dir.join(PINS);
         // Pin files are created, truncated and removed in this folder: it must be the VM
         // folder's own, not a symbolic link to somewhere else.
@@ -53,15 +52,15 @@ impl Pin {
         }
         let path = dir.join(name);
         loop {
-            let mut file = open(&path)?;
-            flock(&file, libc::LOCK_SH, &path)?;
+            let mut file = fsutil::open_lock_file(&path)?;
+            flock(&file, LockKind::Shared, Wait::Block, &path)?;
             if same_file(&file, &path) {
                 file.set_len(0).at(&path)?;
                 write!(file, "pid {} ({holder})", std::process::id()).at(&path)?;
                 return Ok(Pin {
                     _file: file,
                     path,
-                    generation: generation.to_string(),
+                    generation: generation.clone(),
                 });
             }
         }
@@ -80,7 +79,7 @@ impl Drop for Pin {
 
 /// Generations pinned by live holders, sorted and without repeats. Stale pins (their
 /// holder died) are removed on the way.
-pub fn pinned_generations(vm_dir: &Path) -> Result<Vec<String>> {
+pub fn pinned_generations(vm_dir: &Path) -> Result<Vec<GenerationId>> {
     let dir = vm_dir.join(PINS);
     // Stale pins are removed from this folder: never through a symbolic link.
     fsutil::refuse_symlink(vm_dir)?;
@@ -106,13 +105,12 @@ pub fn pinned_generations(vm_dir: &Path) -> Result<Vec<String>> {
 }
 
 /// The generation a pin file name names: `<pid>-<generation>[.<n>]`.
-fn generation_of(name: &str) -> Option<String> {
+fn generation_of(name: &str) -> Option<GenerationId> {
     let (pid, rest) = name.split_once('-')?;
     if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let generation = rest.split('.').next()?;
-    crate::archive::is_generation_name(generation).then(|| generation.to_string())
+    rest.split('.').next()?.parse().ok()
 }
 
 /// Is the pin at `path` held? A stale one is removed.
@@ -132,37 +130,13 @@ fn is_live(path: &Path) -> Result<bool> {
         }
         Err(e) => return Err(Error::io(path, e)),
     };
-    // SAFETY: flock on a descriptor we own; no pointers.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Ok(true);
-        }
-        return Err(Error::io(path, err));
+    if !flock(&file, LockKind::Exclusive, Wait::NoWait, path)? {
+        return Ok(true);
     }
     if same_file(&file, path) {
         let _ = std::fs::remove_file(path);
     }
     Ok(false)
-}
-
-fn open(path: &Path) -> Result<File> {
-    fsutil::open_lock_file(path)
-}
-
-fn flock(file: &File, op: libc::c_int, path: &Path) -> Result<()> {
-    loop {
-        // SAFETY: flock on a descriptor we own; no pointers.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
-        if rc == 0 {
-            return Ok(());
-        }
-        let err = std::io::Error::last_os_error();
-        if err.kind() != std::io::ErrorKind::Interrupted {
-            return Err(Error::io(path, err));
-        }
-    }
 }
 
 /// Does `path` still name the open `file`?
@@ -180,13 +154,17 @@ mod tests {
     const G1: &str = "0193a000-0000-7000-8000-000000000001";
     const G2: &str = "0193a000-0000-7000-8000-000000000002";
 
+    fn id(s: &str) -> GenerationId {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn held_pins_are_listed_and_released_ones_are_not() {
         let dir = tempfile::tempdir().unwrap();
         assert!(pinned_generations(dir.path()).unwrap().is_empty());
-        let a = Pin::acquire(dir.path(), G1, "test").unwrap();
-        let b = Pin::acquire(dir.path(), G1, "test").unwrap();
-        let c = Pin::acquire(dir.path(), G2, "test").unwrap();
+        let a = Pin::acquire(dir.path(), &id(G1), "test").unwrap();
+        let b = Pin::acquire(dir.path(), &id(G1), "test").unwrap();
+        let c = Pin::acquire(dir.path(), &id(G2), "test").unwrap();
         assert_ne!(a.path(), b.path());
         assert_eq!(pinned_generations(dir.path()).unwrap(), vec![G1, G2]);
         drop(a);

@@ -5,11 +5,13 @@
 //! profile written by a newer vmkeep is never half-understood. Keys added later get
 //! `#[serde(default)]`.
 
+use std::fmt;
 use std::io::Read;
 use std::path::Path;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use super::GenerationId;
 use crate::error::{Error, Result};
 use crate::fsutil;
 
@@ -130,12 +132,12 @@ pub struct CheckRecord {
 #[serde(deny_unknown_fields)]
 pub struct GenerationProfile {
     pub format: u32,
-    pub id: String,
+    pub id: GenerationId,
     pub vm: String,
     /// Start of the backup (RFC 3339, UTC).
     pub time: String,
     /// The mode actually used: full, diff or incr.
-    pub mode: String,
+    pub mode: GenerationMode,
     pub duration_secs: f64,
     #[serde(default)]
     pub protected: bool,
@@ -174,7 +176,7 @@ pub struct DiskRecord {
     pub name: String,
     pub size: u64,
     /// Mode used for this disk (a disk may fall back from incr to diff).
-    pub mode: String,
+    pub mode: GenerationMode,
     pub source: String,
     pub read_bytes: u64,
     pub changed_bytes: u64,
@@ -195,6 +197,36 @@ pub struct DiskRecord {
     /// Inode number (`st_ino`) of a regular-file source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file_inode: Option<u64>,
+}
+
+/// The mode a generation (or one of its disks) was made in. A stored generation is never
+/// `auto`: that is a request (`engine::Mode`), resolved to one of these for each disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GenerationMode {
+    /// Every allocated block read and compared with the stored image itself.
+    Full,
+    /// Every allocated block read; those whose digest changed stored.
+    Diff,
+    /// Only the blocks a change tracker named read.
+    Incr,
+}
+
+impl GenerationMode {
+    /// The name written in profiles: full, diff or incr.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GenerationMode::Full => "full",
+            GenerationMode::Diff => "diff",
+            GenerationMode::Incr => "incr",
+        }
+    }
+}
+
+impl fmt::Display for GenerationMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl Versioned for RepoProfile {

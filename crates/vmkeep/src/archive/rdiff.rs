@@ -55,50 +55,35 @@ impl RdiffHeader {
     }
 
     fn encode(&self) -> [u8; HEADER_LEN] {
-        let mut b = [0u8; HEADER_LEN];
-        Put::new(&mut b)
-            .bytes(&RDIFF_MAGIC)
-            .u32(FORMAT_VERSION)
-            .u32(self.flags)
-            .u32(self.block_size)
-            .u32(self.compression)
-            .u64(self.disk_size)
-            .u64(self.next_size)
-            .bytes(&self.generation);
-        let c = check64(&b[..56]);
-        b[56..].copy_from_slice(&c.to_le_bytes());
-        b
+        FileHeader {
+            flags: self.flags,
+            block_size: self.block_size,
+            aux32: self.compression,
+            disk_size: self.disk_size,
+            aux64: self.next_size,
+            generation: self.generation,
+        }
+        .encode(&RDIFF_MAGIC)
     }
 
     fn decode(path: &Path, b: &[u8; HEADER_LEN]) -> Result<Self> {
-        let mut g = Get::new(b);
-        let magic: [u8; 8] = g.bytes();
-        let version = g.u32();
-        verify_magic(path, &magic, &RDIFF_MAGIC, version, "reverse diff")?;
+        let f = FileHeader::decode(path, b, &RDIFF_MAGIC, "reverse diff")?;
         let h = RdiffHeader {
-            flags: g.u32(),
-            block_size: g.u32(),
-            compression: g.u32(),
-            disk_size: g.u64(),
-            next_size: g.u64(),
-            generation: g.bytes(),
+            flags: f.flags,
+            block_size: f.block_size,
+            compression: f.aux32,
+            disk_size: f.disk_size,
+            next_size: f.aux64,
+            generation: f.generation,
         };
-        verify_check64(path, "header", &b[..56], g.u64())?;
         if h.flags & !FLAG_BASE != 0 {
             return Err(Error::format(
                 path,
                 format!("unknown header flags {:#x}", h.flags),
             ));
         }
-        if !valid_block_size(h.block_size as u64) {
-            return Err(Error::corrupt(
-                path,
-                format!("invalid block size {}", h.block_size),
-            ));
-        }
-        if !valid_disk_size(h.disk_size) || !valid_disk_size(h.next_size) {
-            return Err(Error::corrupt(path, "impossible disk size"));
-        }
+        check_block_size(path, h.block_size)?;
+        check_disk_sizes(path, &[h.disk_size, h.next_size])?;
         if h.compression > COMPRESSION_ZSTD {
             return Err(Error::format(
                 path,
@@ -178,8 +163,7 @@ impl Record {
             .u32(self.body.len() as u32)
             .u32(self.raw_len)
             .bytes(&self.digest);
-        let c = check64(&b[..56]);
-        b[56..].copy_from_slice(&c.to_le_bytes());
+        seal(&mut b);
         b
     }
 

@@ -11,26 +11,103 @@
 //! Every step of both is idempotent, so a crash during recovery is recovered in turn.
 //! The full order of writes and fsyncs is in `docs/FORMAT.md`.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::names::{self, DELETING, JOURNAL_SUFFIX, LATEST, MERGE_SUFFIX, PARTIAL};
 use super::profile::{self, GenerationProfile, Versioned, PROFILE_VERSION};
-use super::{is_generation_name, names, rdiff};
-use super::{DELETING, LATEST, PARTIAL};
+use super::{is_generation_name, rdiff};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
 
-pub const TXN_FILE: &str = "txn.toml";
+/// What a transaction changes. The record keeps whatever its file says: a value no run of
+/// vmkeep writes is `Unknown`, and recovery refuses it as damage (nothing is touched).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum TxnOp {
+    /// A backup making a new generation.
+    Backup,
+    /// A prune dropping a generation into its older neighbour.
+    Prune,
+    /// Any other text: no run of vmkeep wrote it.
+    Unknown(String),
+}
+
+/// How far a transaction got: whether recovery rolls it back or forward. As with
+/// [`TxnOp`], a value no run of vmkeep writes is kept as `Unknown` and refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum TxnState {
+    /// Files are being written: recovery rolls the run back.
+    Running,
+    /// Every new file is durable: recovery rolls the run forward.
+    Commit,
+    /// Any other text: no run of vmkeep wrote it.
+    Unknown(String),
+}
+
+/// The text of a record field that keeps unknown values: `as_str`, from and into `String`
+/// (its serde form) and `Display`, for the names vmkeep writes and `Unknown`.
+macro_rules! record_text {
+    ($ty:ident { $($variant:ident = $text:literal),* }) => {
+        impl $ty {
+            /// The name written in `txn.toml`.
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $($ty::$variant => $text,)*
+                    $ty::Unknown(s) => s,
+                }
+            }
+        }
+
+        impl From<&str> for $ty {
+            fn from(s: &str) -> $ty {
+                match s {
+                    $($text => $ty::$variant,)*
+                    _ => $ty::Unknown(s.to_string()),
+                }
+            }
+        }
+
+        impl From<String> for $ty {
+            fn from(s: String) -> $ty {
+                $ty::from(s.as_str())
+            }
+        }
+
+        impl From<$ty> for String {
+            fn from(v: $ty) -> String {
+                v.as_str().to_string()
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+record_text!(TxnOp {
+    Backup = "backup",
+    Prune = "prune"
+});
+record_text!(TxnState {
+    Running = "running",
+    Commit = "commit"
+});
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Txn {
     pub format: u32,
     /// "backup" or "prune".
-    pub op: String,
+    pub op: TxnOp,
     /// "running" (roll back) or "commit" (roll forward).
-    pub state: String,
+    pub state: TxnState,
     pub pid: u32,
     pub started: String,
     /// backup: the generation that was newest when the run began.
@@ -61,8 +138,8 @@ impl Txn {
     pub fn backup(old: Option<String>, new: String, disks: Vec<String>) -> Txn {
         Txn {
             format: PROFILE_VERSION,
-            op: "backup".into(),
-            state: "running".into(),
+            op: TxnOp::Backup,
+            state: TxnState::Running,
             pid: std::process::id(),
             started: profile::now_rfc3339(),
             old,
@@ -76,8 +153,8 @@ impl Txn {
     pub fn prune(older: String, dropped: String, disks: Vec<String>) -> Txn {
         Txn {
             format: PROFILE_VERSION,
-            op: "prune".into(),
-            state: "commit".into(),
+            op: TxnOp::Prune,
+            state: TxnState::Commit,
             pid: std::process::id(),
             started: profile::now_rfc3339(),
             old: None,
@@ -89,11 +166,11 @@ impl Txn {
     }
 
     pub fn store(&self, vm_dir: &Path) -> Result<()> {
-        profile::store(&vm_dir.join(TXN_FILE), "vmkeep transaction", self)
+        profile::store(&names::txn_file(vm_dir), "vmkeep transaction", self)
     }
 
     pub fn clear(vm_dir: &Path) -> Result<()> {
-        fsutil::remove_file(&vm_dir.join(TXN_FILE))?;
+        fsutil::remove_file(&names::txn_file(vm_dir))?;
         fsutil::sync_dir(vm_dir)
     }
 
@@ -101,7 +178,7 @@ impl Txn {
     /// and deletes what the record names, so every name must be a generation or a disk of
     /// this VM folder, and every generation the state relies on must be there.
     pub fn validate(&self, vm_dir: &Path) -> Result<()> {
-        let path = vm_dir.join(TXN_FILE);
+        let path = names::txn_file(vm_dir);
         let bad = |why: String| Err(Error::corrupt(&path, why));
         let ids = [self.old.as_ref(), self.older.as_ref(), Some(&self.new)];
         if let Some(id) = ids.into_iter().flatten().find(|id| !is_generation_name(id)) {
@@ -114,17 +191,17 @@ impl Txn {
         // a symbolic link in the place of one is refused, never followed.
         for id in ids.into_iter().flatten() {
             fsutil::refuse_symlink(&gen_dir(vm_dir, id))?;
-            fsutil::refuse_symlink(&partial_dir(vm_dir, id))?;
+            fsutil::refuse_symlink(&names::partial_dir(vm_dir, id))?;
         }
         let exists = |id: &str| is_real_dir(&gen_dir(vm_dir, id));
-        let (base, needed) = match self.op.as_str() {
-            "backup" if self.older.is_none() => (self.old.as_ref(), self.old.as_ref()),
-            "prune" if self.old.is_none() => match &self.older {
+        let (base, needed) = match self.op {
+            TxnOp::Backup if self.older.is_none() => (self.old.as_ref(), self.old.as_ref()),
+            TxnOp::Prune if self.old.is_none() => match &self.older {
                 Some(older) => (Some(older), Some(older)),
                 None => return bad("prune without older".into()),
             },
-            "backup" | "prune" => return bad(format!("{} with a stray field", self.op)),
-            _ => return Ok(()), // an unknown kind is refused by `recover`
+            TxnOp::Backup | TxnOp::Prune => return bad(format!("{} with a stray field", self.op)),
+            TxnOp::Unknown(_) => return Ok(()), // an unknown kind is refused by `recover`
         };
         if let Some(b) = base.filter(|b| **b >= self.new) {
             return bad(format!("generation {} does not follow {b}", self.new));
@@ -132,8 +209,8 @@ impl Txn {
         if let Some(id) = needed.filter(|id| !exists(id)) {
             return bad(format!("generation {id} does not exist"));
         }
-        let made = exists(&self.new) || is_real_dir(&partial_dir(vm_dir, &self.new));
-        if self.op == "backup" && self.state == "commit" && !made {
+        let made = exists(&self.new) || is_real_dir(&names::partial_dir(vm_dir, &self.new));
+        if self.op == TxnOp::Backup && self.state == TxnState::Commit && !made {
             return bad(format!("generation {} does not exist", self.new));
         }
         Ok(())
@@ -145,26 +222,26 @@ impl Txn {
 pub fn recover(vm_dir: &Path) -> Result<Vec<String>> {
     fsutil::refuse_symlink(vm_dir)?;
     let mut done = Vec::new();
-    let txn_path = vm_dir.join(TXN_FILE);
+    let txn_path = names::txn_file(vm_dir);
     if txn_path.exists() {
         let txn: Txn = profile::load(&txn_path)?;
         txn.validate(vm_dir)?;
-        match (txn.op.as_str(), txn.state.as_str()) {
-            ("backup", "running") => {
+        match (&txn.op, &txn.state) {
+            (TxnOp::Backup, TxnState::Running) => {
                 rollback_backup(vm_dir, &txn)?;
                 done.push(format!(
                     "rolled back the interrupted backup {} (pid {}, started {})",
                     txn.new, txn.pid, txn.started
                 ));
             }
-            ("backup", "commit") => {
+            (TxnOp::Backup, TxnState::Commit) => {
                 roll_forward_backup(vm_dir, &txn)?;
                 done.push(format!(
                     "completed the interrupted commit of backup {}",
                     txn.new
                 ));
             }
-            ("prune", "commit") => {
+            (TxnOp::Prune, TxnState::Commit) => {
                 roll_forward_prune(vm_dir, &txn)?;
                 done.push(format!(
                     "completed the interrupted prune of generation {}",
@@ -191,10 +268,6 @@ fn is_real_dir(path: &Path) -> bool {
 
 fn gen_dir(vm_dir: &Path, id: &str) -> PathBuf {
     vm_dir.join(id)
-}
-
-fn partial_dir(vm_dir: &Path, id: &str) -> PathBuf {
-    vm_dir.join(format!("{id}{PARTIAL}"))
 }
 
 /// Files in `dir` whose names end in `suffix`, as (stem, path).
@@ -230,8 +303,8 @@ fn files_with_suffix(dir: &Path, suffix: &str) -> Result<Vec<(String, PathBuf)>>
 /// journal, so the journal shrinks as the image fills in again. A crash at any point
 /// leaves a shorter journal whose records still hold every block not yet made durable.
 pub fn apply_undo(dir: &Path, disk: &str) -> Result<usize> {
-    let image = dir.join(format!("{disk}.raw"));
-    let journal = dir.join(format!("{disk}.rdiff.partial"));
+    let image = names::image_file(dir, disk);
+    let journal = names::journal_file(dir, disk);
     let Some(mut scan) = rdiff::PartialScan::open(&journal)? else {
         return Ok(0);
     };
@@ -239,7 +312,7 @@ pub fn apply_undo(dir: &Path, disk: &str) -> Result<usize> {
         return Ok(0);
     }
     let h = scan.header.clone();
-    let gp: GenerationProfile = profile::load(&dir.join("generation.toml"))?;
+    let gp: GenerationProfile = profile::load(&names::generation_profile(dir))?;
     if gp.disk(disk).map(|d| d.size) != Some(h.disk_size) || gp.block_size != h.block_size {
         return Err(Error::corrupt(
             &journal,
@@ -287,10 +360,10 @@ pub fn apply_undo(dir: &Path, disk: &str) -> Result<usize> {
 
 fn rollback_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
     // The new generation's files first: they hold space the journal may need back.
-    fsutil::remove_dir_all(&partial_dir(vm_dir, &txn.new))?;
+    fsutil::remove_dir_all(&names::partial_dir(vm_dir, &txn.new))?;
     if let Some(old) = &txn.old {
         let old_dir = gen_dir(vm_dir, old);
-        for (disk, journal) in files_with_suffix(&old_dir, ".rdiff.partial")? {
+        for (disk, journal) in files_with_suffix(&old_dir, JOURNAL_SUFFIX)? {
             apply_undo(&old_dir, &disk)?;
             fsutil::remove_file(&journal)?;
         }
@@ -301,7 +374,7 @@ fn rollback_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
 
 /// The commit steps of a backup; also the normal path right after the record says commit.
 pub fn roll_forward_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
-    let partial = partial_dir(vm_dir, &txn.new);
+    let partial = names::partial_dir(vm_dir, &txn.new);
     let new_dir = if partial.exists() {
         partial.clone()
     } else {
@@ -311,10 +384,10 @@ pub fn roll_forward_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
         let old_dir = gen_dir(vm_dir, old);
         // The old images are removed below: every disk of the old generation must have
         // its reverse diff (the journal, or the file it was renamed to) first.
-        let gp: GenerationProfile = profile::load(&old_dir.join("generation.toml"))?;
+        let gp: GenerationProfile = profile::load(&names::generation_profile(&old_dir))?;
         for d in &gp.disks {
-            let journal = old_dir.join(format!("{}.rdiff.partial", d.name));
-            if !journal.exists() && !old_dir.join(format!("{}.rdiff", d.name)).exists() {
+            let journal = names::journal_file(&old_dir, &d.name);
+            if !journal.exists() && !names::rdiff_file(&old_dir, &d.name).exists() {
                 return Err(Error::corrupt(
                     &journal,
                     format!(
@@ -324,13 +397,13 @@ pub fn roll_forward_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
                 ));
             }
         }
-        for (disk, journal) in files_with_suffix(&old_dir, ".rdiff.partial")? {
-            fsutil::rename(&journal, &old_dir.join(format!("{disk}.rdiff")))?;
+        for (disk, journal) in files_with_suffix(&old_dir, JOURNAL_SUFFIX)? {
+            fsutil::rename(&journal, &names::rdiff_file(&old_dir, &disk))?;
         }
         for disk in &txn.disks {
             let (from, to) = (
-                old_dir.join(format!("{disk}.raw")),
-                new_dir.join(format!("{disk}.raw")),
+                names::image_file(&old_dir, disk),
+                names::image_file(&new_dir, disk),
             );
             if from.exists() && !to.exists() {
                 fsutil::hard_link(&from, &to)?;
@@ -346,7 +419,7 @@ pub fn roll_forward_backup(vm_dir: &Path, txn: &Txn) -> Result<()> {
     fsutil::atomic_symlink(Path::new(&txn.new), &vm_dir.join(LATEST))?;
     if let Some(old) = &txn.old {
         let old_dir = gen_dir(vm_dir, old);
-        for suffix in [".raw", ".digest"] {
+        for suffix in [names::IMAGE_SUFFIX, names::DIGEST_SUFFIX] {
             for (_, path) in files_with_suffix(&old_dir, suffix)? {
                 fsutil::remove_file(&path)?;
             }
@@ -366,12 +439,12 @@ pub fn roll_forward_prune(vm_dir: &Path, txn: &Txn) -> Result<()> {
     let older = txn
         .older
         .as_deref()
-        .ok_or_else(|| Error::corrupt(vm_dir.join(TXN_FILE), "prune without older"))?;
+        .ok_or_else(|| Error::corrupt(names::txn_file(vm_dir), "prune without older"))?;
     let older_dir = gen_dir(vm_dir, older);
     let mut renames = Vec::new();
     for (j, disk) in txn.disks.iter().enumerate() {
-        let merge = older_dir.join(format!("{disk}.rdiff.merge"));
-        let done = older_dir.join(format!("{disk}.rdiff"));
+        let merge = names::merge_file(&older_dir, disk);
+        let done = names::rdiff_file(&older_dir, disk);
         let want = txn.merged.get(j);
         let hash_is = |p: &Path| -> Result<bool> {
             Ok(want.is_some_and(|w| rdiff::file_hash(p).is_ok_and(|h| &h == w)))
@@ -398,7 +471,7 @@ pub fn roll_forward_prune(vm_dir: &Path, txn: &Txn) -> Result<()> {
 /// Delete a generation folder atomically: rename it aside, then remove it.
 pub fn delete_generation(vm_dir: &Path, id: &str) -> Result<()> {
     let dir = gen_dir(vm_dir, id);
-    let aside = vm_dir.join(format!("{id}{DELETING}"));
+    let aside = names::deleting_dir(vm_dir, id);
     fsutil::refuse_symlink(vm_dir)?;
     fsutil::refuse_symlink(&dir)?;
     if is_real_dir(&dir) {
@@ -443,16 +516,16 @@ fn cleanup_strays(vm_dir: &Path) -> Result<Vec<String>> {
         } else if is_generation_name(&name) && is_link {
             return Err(fsutil::symlink_refused(&path));
         } else if is_generation_name(&name) && meta.is_dir() {
-            for (disk, journal) in files_with_suffix(&path, ".rdiff.partial")? {
+            for (disk, journal) in files_with_suffix(&path, JOURNAL_SUFFIX)? {
                 // Without a transaction nothing can have been overwritten yet; applying
                 // the journal anyway is harmless and is the safe reading.
                 apply_undo(&path, &disk)?;
                 fsutil::remove_file(&journal)?;
                 done.push(format!(
-                    "undid the leftover journal {name}/{disk}.rdiff.partial"
+                    "undid the leftover journal {name}/{disk}{JOURNAL_SUFFIX}"
                 ));
             }
-            for suffix in [".rdiff.merge", ".tmp"] {
+            for suffix in [MERGE_SUFFIX, ".tmp"] {
                 for (_, p) in files_with_suffix(&path, suffix)? {
                     fsutil::remove_file(&p)?;
                 }
@@ -463,4 +536,58 @@ fn cleanup_strays(vm_dir: &Path) -> Result<Vec<String>> {
         fsutil::sync_dir(vm_dir)?;
     }
     Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const G1: &str = "0193a000-0000-7000-8000-000000000001";
+    const G2: &str = "0193a000-0000-7000-8000-000000000002";
+
+    /// The record's bytes are those the string fields wrote (docs/FORMAT.md).
+    #[test]
+    fn record_text_is_unchanged() {
+        let mut t = Txn::backup(Some(G1.into()), G2.into(), vec!["vda".into()]);
+        t.pid = 7;
+        t.started = "2026-01-01T00:00:00Z".into();
+        let body = format!(
+            "format = 1\nop = \"backup\"\nstate = \"running\"\npid = 7\nstarted = \"2026-01-01T00:00:00Z\"\nold = \"{G1}\"\nnew = \"{G2}\"\ndisks = [\"vda\"]\n"
+        );
+        assert_eq!(toml::to_string_pretty(&t).unwrap(), body);
+        t.state = TxnState::Commit;
+        let text = toml::to_string_pretty(&t).unwrap();
+        assert!(text.contains("\nstate = \"commit\"\n"), "{text}");
+        let mut p = Txn::prune(G1.into(), G2.into(), vec![]);
+        p.merged = vec!["m".into()];
+        let text = toml::to_string_pretty(&p).unwrap();
+        assert!(
+            text.contains("op = \"prune\"\nstate = \"commit\"\n"),
+            "{text}"
+        );
+        assert_eq!(toml::from_str::<Txn>(&text).unwrap(), p);
+    }
+
+    /// A value no run of vmkeep writes is kept as read, and recovery refuses it as damage
+    /// with the message it always gave.
+    #[test]
+    fn unknown_op_or_state_is_refused_by_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(G1)).unwrap();
+        for (op, state) in [("rm -rf", "running"), ("backup", "undo")] {
+            let mut t = Txn::backup(Some(G1.into()), G2.into(), vec![]);
+            t.op = op.into();
+            t.state = state.into();
+            t.store(dir.path()).unwrap();
+            let back: Txn = profile::load(&names::txn_file(dir.path())).unwrap();
+            assert_eq!((back.op.as_str(), back.state.as_str()), (op, state));
+            let e = recover(dir.path()).unwrap_err();
+            assert_eq!(e.kind(), crate::ErrorKind::Corrupt, "{e}");
+            assert!(
+                e.to_string()
+                    .contains(&format!("unknown transaction {op} {state}")),
+                "{e}"
+            );
+        }
+    }
 }

@@ -9,6 +9,7 @@
 //! prove that a restore of that generation returns what was read at backup time.
 
 use std::collections::{HashSet, VecDeque};
+use std::path::Path;
 
 use serde::Serialize;
 
@@ -17,10 +18,12 @@ use crate::archive::format::{block_len, DIGEST_LEN};
 use crate::archive::lock::VmLock;
 use crate::archive::profile::{self, CheckRecord};
 use crate::archive::rdiff::RdiffReader;
-use crate::archive::{generation_bytes, txn, Generation, Repository, VmArchive};
+use crate::archive::view::{open_rdiff, DiskView, Loc};
+use crate::archive::{
+    generation_bytes, names, txn, Generation, GenerationId, Repository, VmArchive,
+};
 use crate::bufpool::BufPool;
 use crate::engine::pipeline;
-use crate::engine::reader::{open_rdiff, DiskView, Loc};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 
@@ -46,6 +49,44 @@ pub struct Problem {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub range: Option<(u64, u64)>,
     pub detail: String,
+}
+
+impl Problem {
+    /// A problem of VM `vm`; `detail` says what is wrong. The setters below say where.
+    pub fn new(vm: &str, detail: impl Into<String>) -> Problem {
+        Problem {
+            vm: vm.to_string(),
+            generation: None,
+            disk: None,
+            file: None,
+            range: None,
+            detail: detail.into(),
+        }
+    }
+
+    /// In generation `id`.
+    pub fn generation(mut self, id: &str) -> Problem {
+        self.generation = Some(id.to_string());
+        self
+    }
+
+    /// Of disk `name`.
+    pub fn disk(mut self, name: &str) -> Problem {
+        self.disk = Some(name.to_string());
+        self
+    }
+
+    /// In `file` (relative to the repository).
+    pub fn file(mut self, file: impl Into<String>) -> Problem {
+        self.file = Some(file.into());
+        self
+    }
+
+    /// Damaged bytes `[start, end)` of the disk.
+    pub fn bytes(mut self, (start, end): (u64, u64)) -> Problem {
+        self.range = Some((start, end));
+        self
+    }
 }
 
 impl std::fmt::Display for Problem {
@@ -97,7 +138,7 @@ struct Checker<'a> {
     /// whose overwritten blocks are in the journal beside it.
     pending: bool,
     /// Damaged reverse-diff records: (generation, disk, block).
-    bad_records: HashSet<(String, String, u64)>,
+    bad_records: HashSet<(GenerationId, String, u64)>,
     progress: &'a dyn Progress,
 }
 
@@ -110,7 +151,7 @@ pub fn check(
     progress: &dyn Progress,
 ) -> Result<CheckReport> {
     let dir = repo.vm_dir(vm)?;
-    if !dir.join("vm.toml").exists() && !dir.join(txn::TXN_FILE).exists() {
+    if !names::vm_profile(&dir).exists() && !names::txn_file(&dir).exists() {
         return Err(Error::usage(format!(
             "unknown VM {vm:?}: no backups of it in {}",
             repo.root().display()
@@ -133,16 +174,10 @@ pub fn check(
         bad_records: HashSet::new(),
         progress,
     };
-    if lock.is_none() && dir.join(txn::TXN_FILE).exists() {
+    if lock.is_none() && names::txn_file(&dir).exists() {
         let detail =
             "an interrupted command awaits recovery, which a read-only repository cannot do";
-        c.problem(
-            None,
-            None,
-            Some(&dir.join(txn::TXN_FILE)),
-            None,
-            detail.into(),
-        );
+        c.found(c.vm_problem(detail).file(c.rel(&names::txn_file(&dir))));
     }
     let mut pending = false;
     let recovered = if lock.is_none() {
@@ -153,7 +188,7 @@ pub fn check(
             Err(Error::Corrupt { path, detail }) => {
                 // A damaged transaction record is left alone: nothing else can be trusted
                 // until someone looks at it.
-                c.problem(None, None, Some(&path), None, detail);
+                c.found(c.vm_problem(detail).file(c.rel(&path)));
                 return Ok(c.report(deep, 0, 0, Vec::new()));
             }
             Err(e @ (Error::Io { .. } | Error::NoSpace { .. })) => {
@@ -176,7 +211,10 @@ pub fn check(
     let archive = match VmArchive::open(dir.clone(), vm) {
         Ok(a) => a,
         Err(e) => {
-            c.problem(None, None, Some(&dir.join("vm.toml")), None, e.to_string());
+            c.found(
+                c.vm_problem(e.to_string())
+                    .file(c.rel(&names::vm_profile(&dir))),
+            );
             return Ok(c.report(deep, 0, 0, recovered));
         }
     };
@@ -188,13 +226,10 @@ pub fn check(
     for id in &ids {
         match archive.generation(id) {
             Ok(g) => gens.push(g),
-            Err(e) => c.problem(
-                Some(id),
-                None,
-                None,
-                None,
-                format!("generation profile unreadable: {e}"),
-            ),
+            Err(e) => {
+                let detail = format!("generation profile unreadable: {e}");
+                c.found(c.vm_problem(detail).generation(id));
+            }
         }
     }
     if gens.len() != ids.len() {
@@ -203,13 +238,8 @@ pub fn check(
     }
     if let Some(newest) = ids.last() {
         if archive.latest_target().as_deref() != Some(newest.as_str()) {
-            c.problem(
-                None,
-                None,
-                Some(&dir.join("latest")),
-                None,
-                format!("'latest' does not point at the newest generation {newest}"),
-            );
+            let detail = format!("'latest' does not point at the newest generation {newest}");
+            c.found(c.vm_problem(detail).file(c.rel(&dir.join(names::LATEST))));
         }
         c.check_newest(&gens[gens.len() - 1]);
     }
@@ -264,32 +294,42 @@ impl Checker<'_> {
         }
     }
 
-    fn rel(&self, path: &std::path::Path) -> String {
+    fn rel(&self, path: &Path) -> String {
         path.strip_prefix(self.repo.root())
             .unwrap_or(path)
             .display()
             .to_string()
     }
 
-    fn problem(
-        &mut self,
-        gen: Option<&str>,
-        disk: Option<&str>,
-        file: Option<&std::path::Path>,
-        range: Option<(u64, u64)>,
-        detail: String,
-    ) {
-        let file = file.map(|f| self.rel(f));
-        let p = Problem {
-            vm: self.vm.clone(),
-            generation: gen.map(str::to_string),
-            disk: disk.map(str::to_string),
-            file,
-            range,
-            detail,
-        };
+    /// A problem of this VM.
+    fn vm_problem(&self, detail: impl Into<String>) -> Problem {
+        Problem::new(&self.vm, detail)
+    }
+
+    /// A problem of disk `disk` of generation `id`.
+    fn of(&self, id: &str, disk: &str, detail: impl Into<String>) -> Problem {
+        self.vm_problem(detail).generation(id).disk(disk)
+    }
+
+    /// Report `p`: a warning now, a line of the report later.
+    fn found(&mut self, p: Problem) {
         self.progress.warn(&p.to_string());
         self.problems.push(p);
+    }
+
+    /// `e`: what is wrong with `path`, a file of disk `disk` of generation `g`.
+    fn file_error(&mut self, g: &Generation, disk: &str, path: &Path, e: &Error) {
+        self.found(self.of(&g.id, disk, strip_path(e)).file(self.rel(path)));
+    }
+
+    /// The header of `path`, a file of disk `disk` of generation `g`, must name `g`.
+    fn header_names_own(&mut self, g: &Generation, disk: &str, path: &Path, found: &[u8; 16]) {
+        if *found != generation_bytes(&g.id) {
+            self.found(
+                self.of(&g.id, disk, foreign_header(found))
+                    .file(self.rel(path)),
+            );
+        }
     }
 
     /// Newest generation: digest file against the root, image against the digests.
@@ -299,72 +339,38 @@ impl Checker<'_> {
             let digest = match DigestReader::open(&dpath) {
                 Ok(r) => r,
                 Err(e) => {
-                    self.problem(
-                        Some(&g.id),
-                        Some(&d.name),
-                        Some(&dpath),
-                        None,
-                        strip_path(&e),
-                    );
+                    self.file_error(g, &d.name, &dpath, &e);
                     continue;
                 }
             };
-            if digest.header.generation != generation_bytes(&g.id) {
-                self.problem(
-                    Some(&g.id),
-                    Some(&d.name),
-                    Some(&dpath),
-                    None,
-                    foreign_header(&digest.header.generation),
-                );
-            }
-            match digest.root() {
-                Ok(root) if root == d.digest_root && digest.header.disk_size == d.size => {}
-                Ok(_) => self.problem(
-                    Some(&g.id),
-                    Some(&d.name),
-                    Some(&dpath),
-                    None,
-                    "digests do not match the generation's digest root".into(),
-                ),
-                Err(e) => self.problem(
-                    Some(&g.id),
-                    Some(&d.name),
-                    Some(&dpath),
-                    None,
-                    strip_path(&e),
-                ),
+            self.header_names_own(g, &d.name, &dpath, &digest.header.generation);
+            let wrong = match digest.root() {
+                Ok(root) if root == d.digest_root && digest.header.disk_size == d.size => None,
+                Ok(_) => Some("digests do not match the generation's digest root".into()),
+                Err(e) => Some(strip_path(&e)),
+            };
+            if let Some(detail) = wrong {
+                self.found(self.of(&g.id, &d.name, detail).file(self.rel(&dpath)));
             }
             let ipath = g.image_path(&d.name);
-            let journal = g.dir.join(format!("{}.rdiff.partial", d.name));
+            let journal = g.journal_path(&d.name);
             let grown = self.pending && journal.exists();
             match std::fs::metadata(&ipath) {
                 Ok(m) if m.len() == d.size || (grown && m.len() > d.size) => {}
                 Ok(m) => {
                     let detail =
                         format!("image is {} bytes, the generation says {}", m.len(), d.size);
-                    self.problem(Some(&g.id), Some(&d.name), Some(&ipath), None, detail);
+                    self.found(self.of(&g.id, &d.name, detail).file(self.rel(&ipath)));
                     continue;
                 }
                 Err(_) => {
-                    self.problem(
-                        Some(&g.id),
-                        Some(&d.name),
-                        Some(&ipath),
-                        None,
-                        "image file is missing".into(),
-                    );
+                    let detail = "image file is missing";
+                    self.found(self.of(&g.id, &d.name, detail).file(self.rel(&ipath)));
                     continue;
                 }
             }
             if let Err(e) = self.verify_image(g, &d.name, d.size, &digest) {
-                self.problem(
-                    Some(&g.id),
-                    Some(&d.name),
-                    Some(&ipath),
-                    None,
-                    strip_path(&e),
-                );
+                self.file_error(g, &d.name, &ipath, &e);
             }
         }
     }
@@ -454,13 +460,8 @@ impl Checker<'_> {
         }
         for (a, b) in coalesce(&bad) {
             let range = (a * bs as u64, (b * bs as u64).min(size));
-            self.problem(
-                Some(&g.id),
-                Some(disk),
-                Some(&ipath),
-                Some(range),
-                "image blocks fail their digests".into(),
-            );
+            let p = self.of(&g.id, disk, "image blocks fail their digests");
+            self.found(p.file(self.rel(&ipath)).bytes(range));
         }
         for b in bad {
             self.bad_image.insert((disk.to_string(), b));
@@ -478,7 +479,7 @@ impl Checker<'_> {
         digest: &DigestReader,
         bad: Vec<u64>,
     ) -> Result<Vec<u64>> {
-        let journal = g.dir.join(format!("{disk}.rdiff.partial"));
+        let journal = g.journal_path(disk);
         let Ok(Some(mut scan)) = crate::archive::rdiff::PartialScan::open(&journal) else {
             return Ok(bad);
         };
@@ -506,25 +507,11 @@ impl Checker<'_> {
             let r = match open_rdiff(gens, j, &d.name) {
                 Ok(r) => r,
                 Err(e) => {
-                    self.problem(
-                        Some(&g.id),
-                        Some(&d.name),
-                        Some(&path),
-                        None,
-                        strip_path(&e),
-                    );
+                    self.file_error(g, &d.name, &path, &e);
                     continue;
                 }
             };
-            if r.header.generation != generation_bytes(&g.id) {
-                self.problem(
-                    Some(&g.id),
-                    Some(&d.name),
-                    Some(&path),
-                    None,
-                    foreign_header(&r.header.generation),
-                );
-            }
+            self.header_names_own(g, &d.name, &path, &r.header.generation);
             // The file checksum on one thread while, in deep mode, the records are
             // decompressed and proven on the others.
             let (hashed, bad) = std::thread::scope(|s| {
@@ -537,13 +524,7 @@ impl Checker<'_> {
                 (hashing.join().expect("hash thread panicked"), bad)
             });
             if let Err(e) = hashed {
-                self.problem(
-                    Some(&g.id),
-                    Some(&d.name),
-                    Some(&path),
-                    None,
-                    strip_path(&e),
-                );
+                self.file_error(g, &d.name, &path, &e);
             }
             self.bytes += r.file_len;
             if !deep {
@@ -553,8 +534,7 @@ impl Checker<'_> {
             let bad = match bad {
                 Ok(bad) => bad,
                 Err(e) => {
-                    let detail = strip_path(&e);
-                    self.problem(Some(&g.id), Some(&d.name), Some(&path), None, detail);
+                    self.file_error(g, &d.name, &path, &e);
                     continue;
                 }
             };
@@ -564,13 +544,8 @@ impl Checker<'_> {
                     b * bs,
                     b * bs + block_len(b, d.size, r.header.block_size) as u64,
                 );
-                self.problem(
-                    Some(&g.id),
-                    Some(&d.name),
-                    Some(&path),
-                    Some(range),
-                    "reverse-diff record fails its digest".into(),
-                );
+                let p = self.of(&g.id, &d.name, "reverse-diff record fails its digest");
+                self.found(p.file(self.rel(&path)).bytes(range));
             }
         }
     }
@@ -580,58 +555,30 @@ impl Checker<'_> {
         let g = &gens[k];
         let mut ok = true;
         for d in &g.profile.disks {
-            let view = match DiskView::open_unproven(archive, gens, k, &d.name) {
-                Ok(v) => v,
+            let proven = DiskView::open_unproven(archive, gens, k, &d.name)
+                .and_then(|view| Ok((self.root_of(&view, gens, k)?, view)));
+            let ((root, damaged), view) = match proven {
+                Ok(p) => p,
                 Err(e) => {
-                    self.problem(
-                        Some(&g.id),
-                        Some(&d.name),
-                        None,
-                        None,
-                        format!("cannot be reconstructed: {e}"),
-                    );
+                    let detail = format!("cannot be reconstructed: {e}");
+                    self.found(self.of(&g.id, &d.name, detail));
                     ok = false;
                     continue;
                 }
             };
-            match self.root_of(&view, gens, k) {
-                Ok((root, damaged)) => {
-                    if root != d.digest_root {
-                        self.problem(
-                            Some(&g.id),
-                            Some(&d.name),
-                            None,
-                            None,
-                            "reconstructed digests do not match the generation's digest root"
-                                .into(),
-                        );
-                        ok = false;
-                    }
-                    let bs = view.block_size as u64;
-                    for (a, b) in coalesce(&damaged) {
-                        if k + 1 < gens.len() {
-                            let range = (a * bs, (b * bs).min(view.size));
-                            self.problem(
-                                Some(&g.id),
-                                Some(&d.name),
-                                None,
-                                Some(range),
-                                "a restore of this generation would meet damaged blocks".into(),
-                            );
-                        }
-                        ok = false;
-                    }
+            if root != d.digest_root {
+                let detail = "reconstructed digests do not match the generation's digest root";
+                self.found(self.of(&g.id, &d.name, detail));
+                ok = false;
+            }
+            let bs = view.block_size as u64;
+            for (a, b) in coalesce(&damaged) {
+                if k + 1 < gens.len() {
+                    let range = (a * bs, (b * bs).min(view.size));
+                    let detail = "a restore of this generation would meet damaged blocks";
+                    self.found(self.of(&g.id, &d.name, detail).bytes(range));
                 }
-                Err(e) => {
-                    self.problem(
-                        Some(&g.id),
-                        Some(&d.name),
-                        None,
-                        None,
-                        format!("cannot be reconstructed: {e}"),
-                    );
-                    ok = false;
-                }
+                ok = false;
             }
         }
         ok
@@ -646,7 +593,7 @@ impl Checker<'_> {
     ) -> Result<(String, Vec<u64>)> {
         let mut rh = RootHasher::new(view.block_size, view.size);
         let mut damaged = Vec::new();
-        let chain_gen = |c: u32| -> &str { &gens[k + c as usize].id };
+        let chain_gen = |c: u32| -> &GenerationId { &gens[k + c as usize].id };
         let mut buf = Vec::new();
         for seg in view.segments() {
             match seg.loc {
@@ -674,7 +621,7 @@ impl Checker<'_> {
                     let r = &view.chain()[chain as usize];
                     rh.push(&r.record_digest(rec as usize)?);
                     if self.bad_records.contains(&(
-                        chain_gen(chain).to_string(),
+                        chain_gen(chain).clone(),
                         view.disk.clone(),
                         seg.start,
                     )) {

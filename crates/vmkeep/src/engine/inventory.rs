@@ -80,6 +80,6 @@ pub fn update(repo: &Repository, hv: &Hypervisor) -> Result<Inventory> {
         uri: hv.uri().to_string(),
         vms,
     };
-    profile::store(&repo.root().join("allvm.toml"), "vmkeep inventory", &inv)?;
+    profile::store(&repo.inventory_path(), "vmkeep inventory", &inv)?;
     Ok(inv)
 }

@@ -355,19 +355,18 @@ fn backup_running(
 }
 
 /// The per-run socket folder and scratch folder (group QEMU's, see
-/// [`crate::libvirt::qemu_dir_mode`]), removed when the returned guard drops; and the
+/// [`crate::fsutil::Share::qemu`]), removed when the returned guard drops; and the
 /// socket's path in the first.
 fn run_dirs(
     dom: &Domain,
     live: &LiveOptions,
     prefix: &str,
 ) -> Result<(RemoveDirs, PathBuf, PathBuf)> {
-    let gid = dom.qemu_gid()?;
-    let mode = crate::libvirt::qemu_dir_mode(gid);
+    let share = crate::fsutil::Share::qemu(dom.qemu_gid()?);
     let mut cleanup = RemoveDirs(Vec::new());
-    let socket_dir = crate::fsutil::private_dir(&live.run_dir, 0o711, prefix, gid, mode)?.path;
+    let socket_dir = crate::fsutil::private_dir(&live.run_dir, prefix, share)?.path;
     cleanup.0.push(socket_dir.clone());
-    let scratch_dir = crate::fsutil::private_dir(&live.scratch_dir, 0o711, prefix, gid, mode)?.path;
+    let scratch_dir = crate::fsutil::private_dir(&live.scratch_dir, prefix, share)?.path;
     cleanup.0.push(scratch_dir.clone());
     Ok((cleanup, socket_dir.join("nbd.sock"), scratch_dir))
 }
@@ -700,7 +699,9 @@ fn lock_error(path: &std::path::Path, vm: &str, detail: &str) -> Error {
     )
 }
 
-/// One OFD lock call on byte `byte`; returns the lock type `F_OFD_GETLK` found.
+/// One OFD lock call on byte `byte`; returns the lock type `F_OFD_GETLK` found. Not the
+/// archive's `flock` ([`crate::archive::lock::flock`]): QEMU's image locks are byte-range
+/// `fcntl` OFD locks, which an `flock` never conflicts with.
 fn ofd_lock(
     file: &std::fs::File,
     cmd: libc::c_int,

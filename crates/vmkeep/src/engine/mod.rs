@@ -9,10 +9,8 @@ pub mod live;
 pub mod pipeline;
 pub mod print;
 pub mod prune;
-pub mod reader;
 #[cfg(feature = "libvirt")]
 pub mod recover;
-pub mod resolved;
 pub mod restore;
 pub mod serve;
 pub mod status;

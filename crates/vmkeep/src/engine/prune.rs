@@ -18,8 +18,8 @@ use crate::archive::profile::parse_time;
 use crate::archive::rdiff::{RdiffHeader, RdiffReader, RdiffWriter, Record, FLAG_BASE};
 use crate::archive::retention::{self, Item, Schedule};
 use crate::archive::txn::{self, Txn};
-use crate::archive::{Generation, Repository};
-use crate::engine::reader::open_rdiff;
+use crate::archive::view::open_rdiff;
+use crate::archive::{Generation, GenerationId, Repository};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 
@@ -28,10 +28,10 @@ use crate::progress::Progress;
 pub struct PruneReport {
     pub vm: String,
     pub dry_run: bool,
-    pub kept: Vec<String>,
-    pub removed: Vec<String>,
+    pub kept: Vec<GenerationId>,
+    pub removed: Vec<GenerationId>,
     /// Generations the schedule would drop but a running reader has pinned (also in `kept`).
-    pub pinned: Vec<String>,
+    pub pinned: Vec<GenerationId>,
     pub recovered: Vec<String>,
 }
 
@@ -109,9 +109,9 @@ pub fn prune(
 }
 
 impl PruneReport {
-    fn keep_pinned(&mut self, id: &str) {
-        self.kept.push(id.to_string());
-        self.pinned.push(id.to_string());
+    fn keep_pinned(&mut self, id: &GenerationId) {
+        self.kept.push(id.clone());
+        self.pinned.push(id.clone());
     }
 }
 
@@ -130,7 +130,7 @@ pub fn drop_generation(vm_dir: &std::path::Path, gens: &[Generation], m: usize) 
                 continue; // the older generation's chain already ends at itself
             }
             let b = open_rdiff(gens, m, &d.name)?;
-            merge(&a, &b, &older.dir.join(format!("{}.rdiff.merge", d.name)))?;
+            merge(&a, &b, &older.merge_path(&d.name))?;
             merged.push(d.name.clone());
         }
         // The commit record makes recovery rename the merged files over the old ones and
@@ -144,15 +144,15 @@ pub fn drop_generation(vm_dir: &std::path::Path, gens: &[Generation], m: usize) 
     if let Err(e) = written {
         // Nothing is committed yet: the merged files are only drafts.
         for d in &merged {
-            let _ = std::fs::remove_file(older.dir.join(format!("{d}.rdiff.merge")));
+            let _ = std::fs::remove_file(older.merge_path(d));
         }
         return Err(e);
     }
-    let mut t = Txn::prune(older.id.clone(), gens[m].id.clone(), merged);
+    let mut t = Txn::prune(older.id.to_string(), gens[m].id.to_string(), merged);
     t.merged = t
         .disks
         .iter()
-        .map(|d| crate::archive::rdiff::file_hash(&older.dir.join(format!("{d}.rdiff.merge"))))
+        .map(|d| crate::archive::rdiff::file_hash(&older.merge_path(d)))
         .collect::<Result<_>>()?;
     t.store(vm_dir)?;
     txn::roll_forward_prune(vm_dir, &t)?;
@@ -242,12 +242,12 @@ mod tests {
 
     use super::*;
     use crate::archive::pin::Pin;
+    use crate::archive::view::DiskView;
     use crate::engine::backup::{BackupOptions, BackupRun, DiskInput};
-    use crate::engine::reader::DiskView;
     use crate::progress::NoProgress;
     use crate::source::file::FileSource;
 
-    fn backup(repo: &Repository, img: &Path, fill: u8) -> String {
+    fn backup(repo: &Repository, img: &Path, fill: u8) -> GenerationId {
         std::fs::write(img, vec![fill; 200 << 10]).unwrap();
         let run = BackupRun::begin(repo, "vm").unwrap();
         let disk = DiskInput::new("vda", Box::new(FileSource::open(img).unwrap()));
@@ -263,7 +263,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let repo = Repository::init(&dir.path().join("repo")).unwrap();
         let img = dir.path().join("vda.raw");
-        let ids: Vec<String> = (1..=3).map(|i| backup(&repo, &img, i)).collect();
+        let ids: Vec<GenerationId> = (1..=3).map(|i| backup(&repo, &img, i)).collect();
         let pin = Pin::acquire(&repo.vm_dir("vm").unwrap(), &ids[1], "test").unwrap();
         let last = Schedule {
             keep_last: Some(1),

@@ -13,14 +13,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::archive::Repository;
-use crate::engine::resolved::ResolvedGeneration;
+use crate::archive::{GenerationId, Repository};
 use crate::engine::restore::{restore_to, RestoreReport};
 use crate::engine::serve::group_id;
 use crate::error::{Error, Result};
+use crate::fsutil::Share;
 use crate::libvirt::{xml, CopySpec, Hypervisor, NewDisk};
 use crate::progress::Progress;
-use crate::target::Destination;
+use crate::target::{Destination, ImageFormat};
 
 /// Where `--as-vm` puts the new VM's disks unless told otherwise.
 pub const DEFAULT_DISK_DIR: &str = "/var/lib/libvirt/images";
@@ -40,8 +40,8 @@ pub struct AsVmOptions {
     pub new_name: String,
     /// The folder for the new VM's disks (or overlays).
     pub disk_dir: PathBuf,
-    /// The new disks' format: `qcow2` or `raw` (instant recovery always makes qcow2).
-    pub format: String,
+    /// The new disks' format (instant recovery always makes qcow2).
+    pub format: ImageFormat,
     /// Start the new VM.
     pub start: bool,
     /// Redefine an existing shut-off VM of that name, overwrite existing disk files.
@@ -72,7 +72,7 @@ impl AsVmOptions {
             rev: rev.to_string(),
             new_name: new_name.to_string(),
             disk_dir: PathBuf::from(DEFAULT_DISK_DIR),
-            format: "qcow2".to_string(),
+            format: ImageFormat::Qcow2,
             start: false,
             replace: false,
             networks: BTreeMap::new(),
@@ -114,7 +114,7 @@ pub enum AsVmEvent<'a> {
 #[derive(Debug)]
 pub struct AsVmReport {
     /// The generation (its id).
-    pub generation: String,
+    pub generation: GenerationId,
     /// The generation's disks, in the profile's order.
     pub disks: Vec<String>,
     /// Some disk was unproven or had damaged blocks (only with `ignore_damage`).
@@ -160,12 +160,6 @@ pub fn restore_as_vm(
 ) -> Result<AsVmReport> {
     let new_name = opts.new_name.as_str();
     crate::archive::names::check_vm(new_name)?;
-    if !["qcow2", "raw"].contains(&opts.format.as_str()) {
-        return Err(Error::usage(format!(
-            "--format {}: use qcow2 or raw",
-            opts.format
-        )));
-    }
     // libvirt's XML names each disk by a UTF-8 path: a folder whose path is not UTF-8
     // could not be named in the new domain (its disks would be written and never found).
     if opts.disk_dir.to_str().is_none() {
@@ -174,10 +168,11 @@ pub fn restore_as_vm(
             opts.disk_dir.display()
         )));
     }
-    let resolved = ResolvedGeneration::resolve(repo, &opts.vm, &opts.rev)?;
-    let gen = resolved.generation();
+    let archive = repo.vm(&opts.vm)?;
+    let chosen = archive.select(&opts.rev)?;
+    let gen = chosen.generation();
     let id = gen.id.clone();
-    let saved = std::fs::read_to_string(gen.dir.join("domain.xml")).map_err(|_| {
+    let saved = std::fs::read_to_string(gen.domain_xml_path()).map_err(|_| {
         Error::usage(format!(
             "generation {id} of VM {} has no saved libvirt XML (it was not backed up from libvirt)",
             opts.vm
@@ -188,10 +183,11 @@ pub fn restore_as_vm(
     let mut disks = BTreeMap::new();
     // Instant recovery boots from qcow2 overlays whatever --format says.
     let format = if opts.instant {
-        "qcow2"
+        ImageFormat::Qcow2
     } else {
-        opts.format.as_str()
-    };
+        opts.format
+    }
+    .as_str();
     for d in &gen.profile.disks {
         disks.insert(
             d.name.clone(),
@@ -231,7 +227,7 @@ pub fn restore_as_vm(
     // instant recovery's server proves them again; this makes a failure exit 3 here).
     let mut views = Vec::new();
     for d in &gen.profile.disks {
-        views.push(resolved.view_checked(&d.name, opts.ignore_damage && !opts.instant)?);
+        views.push(chosen.view_checked(&d.name, opts.ignore_damage && !opts.instant)?);
     }
     let names: Vec<String> = gen.profile.disks.iter().map(|d| d.name.clone()).collect();
     if opts.instant {
@@ -370,7 +366,7 @@ fn start_server(repo: &Repository, opts: &AsVmOptions, id: &str) -> Result<Insta
     let gid = group_id("libvirt-qemu").or_else(|_| group_id("qemu"))?;
     // A fresh folder in a parent only root can change: root-owned, QEMU's group may
     // enter (to connect), nobody else.
-    let run = crate::fsutil::private_dir(&opts.run_dir, 0o711, "instant-", Some(gid), 0o750)?.path;
+    let run = crate::fsutil::private_dir(&opts.run_dir, "instant-", Share::Enter(gid))?.path;
     let socket = run.join("nbd.sock");
     let log = run.join("serve.log");
     // 0600: QEMU's group may enter the folder, the server's log is root's.

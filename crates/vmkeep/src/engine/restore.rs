@@ -8,11 +8,10 @@ use std::collections::VecDeque;
 
 use crate::archive::digest::ZERO_DIGEST;
 use crate::archive::format::{block_len, DIGEST_LEN};
-use crate::archive::Repository;
+use crate::archive::view::{DiskView, Loc, Segment};
+use crate::archive::{GenerationId, Repository};
 use crate::bufpool::{BufPool, PoolBuf};
 use crate::engine::pipeline;
-use crate::engine::reader::{DiskView, Loc, Segment};
-use crate::engine::resolved::ResolvedGeneration;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::target::{Destination, Target};
@@ -36,7 +35,7 @@ pub struct RestoreOptions {
 #[derive(Debug)]
 pub struct DiskRestore {
     /// The generation restored (its id).
-    pub generation: String,
+    pub generation: GenerationId,
     /// The disk restored.
     pub disk: String,
     /// The restore's own report.
@@ -92,10 +91,11 @@ pub fn open_view(
     disk: Option<&str>,
     ignore_damage: bool,
 ) -> Result<(DiskView, Option<Error>)> {
-    let resolved = ResolvedGeneration::resolve(repo, vm, rev)?;
+    let archive = repo.vm(vm)?;
+    let chosen = archive.select(rev)?;
     let disk = match disk {
         Some(d) => d.to_string(),
-        None => match resolved.disk_names().as_slice() {
+        None => match chosen.disk_names().as_slice() {
             [only] => only.to_string(),
             many => {
                 return Err(Error::usage(format!(
@@ -105,7 +105,7 @@ pub fn open_view(
             }
         },
     };
-    resolved.view_checked(&disk, ignore_damage)
+    chosen.view_checked(&disk, ignore_damage)
 }
 
 /// Write `view` to `to`. `unproven` is the failed proof of a view opened to ignore damage

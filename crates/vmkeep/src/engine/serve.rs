@@ -18,9 +18,8 @@ use std::time::Duration;
 use crate::archive::digest::ZERO_DIGEST;
 use crate::archive::format::DIGEST_LEN;
 use crate::archive::pin::Pin;
-use crate::archive::Repository;
-use crate::engine::reader::{DiskView, Loc, Segment};
-use crate::engine::resolved::ResolvedGeneration;
+use crate::archive::view::{DiskView, Loc, Segment};
+use crate::archive::{GenerationId, Repository};
 use crate::error::{Error, Result};
 use crate::nbd::proto::{STATE_HOLE, STATE_ZERO};
 use crate::nbd::server::{resolve_listen, Export, Extent, Listen, Server, ServerConfig};
@@ -36,7 +35,7 @@ const STATUS_RECORDS: usize = 1024;
 /// A generation opened for serving: its exports, and the pin that keeps it.
 pub struct ServedGeneration {
     pub vm: String,
-    pub generation: String,
+    pub generation: GenerationId,
     pub exports: Vec<Arc<ArchiveExport>>,
     pin: Pin,
 }
@@ -61,11 +60,11 @@ pub fn open_generation(repo: &Repository, vm: &str, rev: &str) -> Result<ServedG
     let id = archive.resolve(rev)?;
     // Pin first, then open: once pinned, prune no longer drops it under us.
     let pin = Pin::acquire(&archive.dir, &id, "serve")?;
-    let resolved = ResolvedGeneration::by_id(archive, &id)?;
-    let exports = resolved
+    let chosen = archive.select_pinned(&pin)?;
+    let exports = chosen
         .disk_names()
         .into_iter()
-        .map(|d| Ok(Arc::new(ArchiveExport::new(vm, resolved.view(d)?))))
+        .map(|d| Ok(Arc::new(ArchiveExport::new(vm, chosen.view(d)?))))
         .collect::<Result<Vec<_>>>()?;
     Ok(ServedGeneration {
         vm: vm.to_string(),
@@ -586,6 +585,23 @@ mod tests {
         assert!(ok == old[BS..2 * BS]);
         drop(served);
         assert!(pinned_generations(&vm_dir).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_rev_selects_one_generation_for_every_view() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(&dir.path().join("repo")).unwrap();
+        let img = dir.path().join("vda.raw");
+        backup(&repo, &img, &noise(1, 3 * BS));
+        backup(&repo, &img, &noise(2, 4 * BS));
+        let archive = repo.vm("vm").unwrap();
+        let older = archive.select("1").unwrap();
+        assert_eq!(older.generation().id, archive.generation_ids().unwrap()[0]);
+        assert_eq!(older.view("vda").unwrap().size, 3 * BS as u64);
+        let newest = archive.view("latest", "vda").unwrap();
+        assert_eq!(newest.size, 4 * BS as u64);
+        assert!(archive.view("2", "vda").is_err());
+        assert!(archive.view("0", "vdb").is_err());
     }
 
     #[test]

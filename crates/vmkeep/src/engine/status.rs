@@ -2,15 +2,15 @@
 
 use serde::Serialize;
 
-use crate::archive::profile::CheckRecord;
-use crate::archive::{txn, Repository};
+use crate::archive::profile::{CheckRecord, GenerationMode};
+use crate::archive::{names, GenerationId, Repository};
 use crate::error::Result;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct DiskStatus {
     pub name: String,
     pub size: u64,
-    pub mode: String,
+    pub mode: GenerationMode,
     pub read_bytes: u64,
     pub changed_bytes: u64,
     pub stored_bytes: u64,
@@ -18,9 +18,9 @@ pub struct DiskStatus {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct GenerationStatus {
-    pub id: String,
+    pub id: GenerationId,
     pub time: String,
-    pub mode: String,
+    pub mode: GenerationMode,
     pub duration_secs: f64,
     pub protected: bool,
     /// libvirt checkpoint made with this generation (this repository's branch).
@@ -76,7 +76,7 @@ pub fn vm_status(repo: &Repository, name: &str) -> Result<VmStatus> {
         generations,
         space_used: du(&a.dir),
         last_check: a.profile.last_check.clone(),
-        interrupted: a.dir.join(txn::TXN_FILE).exists(),
+        interrupted: names::txn_file(&a.dir).exists(),
     })
 }
 

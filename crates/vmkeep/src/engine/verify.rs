@@ -11,8 +11,9 @@ use serde::Serialize;
 
 use crate::archive::digest::{block_digest, Digest, ZERO_DIGEST};
 use crate::archive::format::{block_count, DIGEST_LEN};
+use crate::archive::view::{DiskView, Loc, Segment};
+use crate::archive::GenerationId;
 use crate::engine::pipeline;
-use crate::engine::reader::{DiskView, Loc, Segment};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::source::{BlockSource, ExtentKind};
@@ -224,7 +225,7 @@ pub fn no_such_disk(vm: &str, generation: &str, disk: &str, have: &[&str]) -> Er
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyReport {
     /// The generation (its id).
-    pub generation: String,
+    pub generation: GenerationId,
     /// One result per disk, in the order given.
     pub disks: Vec<DiskVerify>,
 }
@@ -253,9 +254,10 @@ pub fn verify<E: From<Error>>(
     progress: &dyn Progress,
     on_disk: &mut dyn FnMut(&str, &str, &DiskVerify),
 ) -> std::result::Result<VerifyReport, E> {
-    let resolved = crate::engine::resolved::ResolvedGeneration::resolve(repo, vm, rev)?;
-    let id = resolved.id().to_string();
-    let have = resolved.disk_names();
+    let archive = repo.vm(vm)?;
+    let chosen = archive.select(rev)?;
+    let id = chosen.id().clone();
+    let have = chosen.disk_names();
     let mut jobs: Vec<(&str, &str, DiskView)> = Vec::new();
     for (name, path) in disks {
         if !have.contains(&name.as_str()) {
@@ -264,7 +266,7 @@ pub fn verify<E: From<Error>>(
         if jobs.iter().any(|(n, _, _)| n == name) {
             return Err(Error::usage(format!("--disk {name} given twice")).into());
         }
-        jobs.push((name, path, resolved.view(name)?));
+        jobs.push((name, path, chosen.view(name)?));
     }
     let mut results = Vec::new();
     for (_, path, view) in &jobs {

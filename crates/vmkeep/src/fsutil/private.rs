@@ -156,6 +156,44 @@ fn walk(dir: &Path, create_mode: u32, sticky_parent: bool) -> Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Mode of the missing parents [`private_dir`] and [`new_private_dir`] make: others may
+/// pass through to a folder shared with them, not list or change anything.
+pub const BASE_MODE: u32 = 0o711;
+
+/// Who besides vmkeep's user may use a private folder; sets its group and mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Share {
+    /// Nobody (mode 0700).
+    Nobody,
+    /// Group `gid` may enter and create files (mode 0770): QEMU's sockets and scratch files.
+    Group(u32),
+    /// Group `gid` may enter, not create (mode 0750): a server's socket folder.
+    Enter(u32),
+}
+
+impl Share {
+    /// For QEMU: its group `gid` may create files (mode 0770) when libvirt runs it under
+    /// one; without a gid (session libvirt, QEMU runs as vmkeep's user) nobody (0700).
+    pub fn qemu(gid: Option<u32>) -> Share {
+        gid.map_or(Share::Nobody, Share::Group)
+    }
+
+    fn gid(self) -> Option<u32> {
+        match self {
+            Share::Nobody => None,
+            Share::Group(g) | Share::Enter(g) => Some(g),
+        }
+    }
+
+    fn mode(self) -> u32 {
+        match self {
+            Share::Nobody => 0o700,
+            Share::Group(_) => 0o770,
+            Share::Enter(_) => 0o750,
+        }
+    }
+}
+
 /// A fresh folder made by [`private_dir`].
 #[derive(Debug)]
 pub struct PrivateDir {
@@ -166,53 +204,40 @@ pub struct PrivateDir {
 }
 
 /// Create a fresh folder `PREFIX` + random characters in `base` (checked, and created
-/// with mode `base_mode` where missing, by [`safe_base`]): mode `mode`, owned by vmkeep's
-/// user, group `gid` when given.
-pub fn private_dir(
-    base: &Path,
-    base_mode: u32,
-    prefix: &str,
-    gid: Option<u32>,
-    mode: u32,
-) -> Result<PrivateDir> {
-    let parent = safe_base(base, base_mode)?;
-    for _ in 0..16 {
-        let name = format!(
-            "{prefix}{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..12]
-        );
-        if let Some(d) = fresh(&parent, &base.join(&name), &name, gid, mode)? {
-            return Ok(d);
-        }
-    }
-    Err(unsafe_dir(base, "cannot find a free name in it"))
+/// with mode [`BASE_MODE`] where missing, by [`safe_base`]): owned by vmkeep's user, group
+/// and mode as `share` says. The one home of vmkeep's private folders (live-backup
+/// sockets and scratch files, instant recovery's server); [`new_private_dir`],
+/// [`temp_dir`] and [`private_dir_beside`] are its variants.
+pub fn private_dir(base: &Path, prefix: &str, share: Share) -> Result<PrivateDir> {
+    let parent = safe_base(base, BASE_MODE)?;
+    fresh_named(&parent, base, prefix, share)
 }
 
-/// Like [`private_dir`] in an existing `base` that may be sticky and world-writable
-/// (`/tmp`): the sticky bit keeps others from renaming or removing the new folder, and it
-/// is made fresh (`mkdirat` fails on any existing entry), so nobody else's entry is used.
-pub fn temp_dir(base: &Path, prefix: &str, mode: u32) -> Result<PrivateDir> {
+/// Like [`private_dir`] (mode 0700) in an existing `base` that may be sticky and
+/// world-writable (`/tmp`): the sticky bit keeps others from renaming or removing the new
+/// folder, and it is made fresh (`mkdirat` fails on any existing entry), so nobody else's
+/// entry is used.
+pub fn temp_dir(base: &Path, prefix: &str) -> Result<PrivateDir> {
     let parent = walk(base, 0o700, true)?;
+    fresh_named(&parent, base, prefix, Share::Nobody)
+}
+
+/// A fresh folder `PREFIX` + 12 random characters in the open folder `parent` (at `base`).
+fn fresh_named(parent: &OwnedFd, base: &Path, prefix: &str, share: Share) -> Result<PrivateDir> {
     for _ in 0..16 {
         let name = format!(
             "{prefix}{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         );
-        if let Some(d) = fresh(&parent, &base.join(&name), &name, None, mode)? {
+        if let Some(d) = fresh(parent, &base.join(&name), &name, share)? {
             return Ok(d);
         }
     }
     Err(unsafe_dir(base, "cannot find a free name in it"))
 }
 
-/// Create exactly the folder `path` (it must not exist) in a parent checked by
-/// [`safe_base`] (missing components made with `base_mode`), like [`private_dir`].
-pub fn new_private_dir(
-    path: &Path,
-    base_mode: u32,
-    gid: Option<u32>,
-    mode: u32,
-) -> Result<PrivateDir> {
+/// The parent folder and last name of `path`, for creating exactly `path`.
+fn split(path: &Path) -> Result<(&Path, &str)> {
     let (Some(base), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str()))
     else {
         return Err(unsafe_dir(path, "not a folder name"));
@@ -222,19 +247,32 @@ pub fn new_private_dir(
     } else {
         base
     };
-    let parent = safe_base(base, base_mode)?;
-    fresh(&parent, path, name, gid, mode)?
+    Ok((base, name))
+}
+
+/// Create exactly the folder `path` (it must not exist) in a parent checked by
+/// [`safe_base`] (missing components made with [`BASE_MODE`]), like [`private_dir`].
+pub fn new_private_dir(path: &Path, share: Share) -> Result<PrivateDir> {
+    let (base, name) = split(path)?;
+    let parent = safe_base(base, BASE_MODE)?;
+    fresh(&parent, path, name, share)?
         .ok_or_else(|| unsafe_dir(path, "it exists already (vmkeep makes this folder itself)"))
 }
 
+/// Create exactly the folder `path` (mode 0700; it must not exist) beside a file whose
+/// place the user chose (a unix socket's): its parent is taken as it is, not checked like
+/// [`safe_base`] checks, but the folder is still made fresh and checked on its open
+/// descriptor like [`private_dir`]'s.
+pub fn private_dir_beside(path: &Path) -> Result<PrivateDir> {
+    let (base, name) = split(path)?;
+    let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC;
+    let parent =
+        rustix::fs::openat(CWD, base, flags, Mode::empty()).map_err(|e| io_err(base, e))?;
+    fresh(&parent, path, name, Share::Nobody)?.ok_or_else(|| io_err(path, rustix::io::Errno::EXIST))
+}
+
 /// `mkdirat` + checks + `fchown`/`fchmod` on the open folder; `None` if `name` exists.
-fn fresh(
-    parent: &OwnedFd,
-    path: &Path,
-    name: &str,
-    gid: Option<u32>,
-    mode: u32,
-) -> Result<Option<PrivateDir>> {
+fn fresh(parent: &OwnedFd, path: &Path, name: &str, share: Share) -> Result<Option<PrivateDir>> {
     let flags = OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
     match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o700)) {
         Ok(()) => {}
@@ -248,11 +286,11 @@ fn fresh(
     {
         return Err(unsafe_dir(path, "replaced while it was being made"));
     }
-    if let Some(g) = gid {
+    if let Some(g) = share.gid() {
         rustix::fs::fchown(&fd, None, Some(rustix::fs::Gid::from_raw(g)))
             .map_err(|e| io_err(path, e))?;
     }
-    rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(|e| io_err(path, e))?;
+    rustix::fs::fchmod(&fd, Mode::from_raw_mode(share.mode())).map_err(|e| io_err(path, e))?;
     Ok(Some(PrivateDir {
         path: path.to_path_buf(),
         fd,
@@ -277,7 +315,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let base = tmp.path().join("a/b");
         let gid = std::fs::metadata(tmp.path()).unwrap().gid();
-        let d = private_dir(&base, 0o711, "run-", Some(gid), 0o770).unwrap();
+        let d = private_dir(&base, "run-", Share::Group(gid)).unwrap();
         assert_eq!(mode(&base), 0o711);
         assert_eq!(mode(&tmp.path().join("a")), 0o711);
         assert_eq!(mode(&d.path), 0o770);
@@ -288,9 +326,23 @@ mod tests {
             .to_str()
             .unwrap()
             .starts_with("run-"));
-        let e = private_dir(&base, 0o711, "run-", None, 0o700).unwrap();
+        let e = private_dir(&base, "run-", Share::Nobody).unwrap();
         assert_ne!(d.path, e.path);
         assert_eq!(mode(&e.path), 0o700);
+    }
+
+    #[test]
+    fn shares_set_group_and_mode_and_a_folder_beside_is_made_fresh() {
+        let tmp = tempfile::tempdir().unwrap();
+        let gid = std::fs::metadata(tmp.path()).unwrap().gid();
+        let d = private_dir(&tmp.path().join("run"), "s-", Share::Enter(gid)).unwrap();
+        assert_eq!(mode(&d.path), 0o750);
+        assert_eq!(std::fs::metadata(&d.path).unwrap().gid(), gid);
+        assert_eq!(Share::qemu(None), Share::Nobody);
+        assert_eq!(Share::qemu(Some(gid)), Share::Group(gid));
+        let beside = tmp.path().join(".beside");
+        assert_eq!(mode(&private_dir_beside(&beside).unwrap().path), 0o700);
+        assert!(private_dir_beside(&beside).is_err());
     }
 
     #[test]
@@ -300,8 +352,8 @@ mod tests {
         let public = tmp.path().join("public");
         std::fs::create_dir(&public).unwrap();
         set_mode(&public, 0o1777);
-        private_dir(&public.join("ours"), 0o711, "x-", None, 0o700).unwrap();
-        let err = private_dir(&public, 0o711, "x-", None, 0o700)
+        private_dir(&public.join("ours"), "x-", Share::Nobody).unwrap();
+        let err = private_dir(&public, "x-", Share::Nobody)
             .unwrap_err()
             .to_string();
         assert!(err.contains("mode 1777") && err.contains("public"), "{err}");
@@ -317,7 +369,7 @@ mod tests {
         set_mode(&victim, 0o755);
         let link = public.join("link");
         std::os::unix::fs::symlink(&victim, &link).unwrap();
-        let err = private_dir(&link, 0o711, "x-", None, 0o700)
+        let err = private_dir(&link, "x-", Share::Nobody)
             .unwrap_err()
             .to_string();
         assert!(err.contains("symlink") && err.contains("link"), "{err}");
@@ -332,8 +384,8 @@ mod tests {
         safe_base(&safe_link.join("sub"), 0o711).unwrap();
         assert!(victim.join("sub").is_dir());
         // Sticky /tmp-like parents are for fresh temporary folders only.
-        let t = temp_dir(&public, "t-", 0o700).unwrap();
+        let t = temp_dir(&public, "t-").unwrap();
         assert_eq!(mode(&t.path), 0o700);
-        assert!(temp_dir(&open, "t-", 0o700).is_err());
+        assert!(temp_dir(&open, "t-").is_err());
     }
 }

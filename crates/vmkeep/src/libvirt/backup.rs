@@ -16,6 +16,7 @@ use super::checkpoint::untracked_disks;
 use super::xml::{self, dirty_bitmap_context, DiskDevice};
 use super::{ffi, lv_error, Domain};
 use crate::error::{Error, Result};
+use crate::fsutil::Share;
 use crate::nbd::client::NbdUri;
 
 /// How long to wait for libvirt to wind a backup job down after an abort.
@@ -60,9 +61,9 @@ impl Domain {
             if !dir.exists() {
                 // A fresh folder (it must not exist) in a parent only root can change
                 // (checked, and created 0711 where missing, by `fsutil::safe_base`); owned
-                // by the caller (root), group and mode as `qemu_dir_mode` says, both set on
-                // the open folder. See the module docs for why.
-                crate::fsutil::new_private_dir(dir, 0o711, gid, qemu_dir_mode(gid))?;
+                // by the caller (root), group and mode as `fsutil::Share::qemu` says, both
+                // set on the open folder. See the module docs for why.
+                crate::fsutil::new_private_dir(dir, Share::qemu(gid))?;
             }
         }
         let specs: Vec<xml::BackupDiskSpec> = selected
@@ -528,25 +529,13 @@ fn remove_if_present(path: &Path) -> Result<()> {
     }
 }
 
-/// The mode of a folder QEMU creates files in (NBD sockets, scratch files): 0770 with
-/// QEMU's group `qemu_gid`, so QEMU can create files in it and nobody else can enter;
-/// without a gid (session libvirt, QEMU runs as the caller) 0700. See the module docs
-/// for why.
-pub fn qemu_dir_mode(qemu_gid: Option<u32>) -> u32 {
-    if qemu_gid.is_some() {
-        0o770
-    } else {
-        0o700
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
     fn prepare(dir: &Path, qemu_gid: Option<u32>) -> Result<()> {
-        crate::fsutil::new_private_dir(dir, 0o711, qemu_gid, qemu_dir_mode(qemu_gid)).map(drop)
+        crate::fsutil::new_private_dir(dir, Share::qemu(qemu_gid)).map(drop)
     }
 
     #[test]

@@ -35,7 +35,7 @@
 //! writable by it; whoever can connect to the socket can read the VM's disks, so nobody
 //! else may enter the socket folder. vmkeep creates missing folders with
 //! [`crate::fsutil::new_private_dir`]: owner root (vmkeep itself), group QEMU's gid, mode
-//! 0770 ([`qemu_dir_mode`]). Root
+//! 0770 ([`crate::fsutil::Share::qemu`]). Root
 //! ownership rather than `libvirt-qemu:… 0700` keeps a compromised QEMU from loosening the
 //! folder's mode (only the owner may chmod), while still letting it create and remove its
 //! socket. QEMU creates the socket itself `rwxrwxr-x` (no write for others, so they could
@@ -71,7 +71,7 @@ pub mod xml;
 use std::fmt;
 
 use crate::error::Error;
-pub use backup::{qemu_dir_mode, BackupDisk, BackupJobState, BackupPlan, BackupStart, PullBackup};
+pub use backup::{BackupDisk, BackupJobState, BackupPlan, BackupStart, PullBackup};
 pub use checkpoint::CheckpointDelete;
 pub use domain::{DiskInfo, Domain, DomainInfo, DomainState, Hypervisor};
 pub use xml::{dirty_bitmap_context, CheckpointInfo, CopySpec, DiskDevice, DiskSource, NewDisk};

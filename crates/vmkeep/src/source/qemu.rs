@@ -250,7 +250,7 @@ impl PrivateDir {
             if len + "/nbd.sock".len() > MAX_SOCKET_PATH {
                 continue;
             }
-            match crate::fsutil::temp_dir(&base, "vmkeep-", 0o700) {
+            match crate::fsutil::temp_dir(&base, "vmkeep-") {
                 Ok(d) => return Ok(PrivateDir { path: d.path }),
                 Err(e) => last = std::io::Error::other(e.to_string()),
             }

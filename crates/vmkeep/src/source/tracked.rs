@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 
 use super::{bitmap, qemu, BlockSource, SourceIdentity};
-use crate::archive::Repository;
+use crate::archive::{GenerationId, Repository};
 use crate::error::Result;
 use crate::progress::Progress;
 
@@ -163,8 +163,8 @@ impl BitmapRun {
 /// run of this VM only for one of this VM's generations, or for an id that is no
 /// generation at all (a run that failed or was killed).
 struct Generations {
-    this: HashSet<String>,
-    others: HashSet<String>,
+    this: HashSet<GenerationId>,
+    others: HashSet<GenerationId>,
 }
 
 impl Generations {

@@ -1,12 +1,15 @@
 //! Where restores write: a raw file, a block device, a new qcow2 image, an NBD export.
 
 pub mod file;
+mod format;
 pub mod nbd;
 
 use std::ffi::OsStr;
 use std::fmt;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+
+pub use format::ImageFormat;
 
 use crate::error::Result;
 

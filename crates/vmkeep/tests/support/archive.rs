@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
+use vmkeep::archive::view::DiskView;
 use vmkeep::archive::Repository;
 use vmkeep::engine::check::{check, CheckReport, GenSelect};
-use vmkeep::engine::reader::DiskView;
 use vmkeep::engine::restore::restore;
 use vmkeep::error::Result;
 use vmkeep::progress::NoProgress;

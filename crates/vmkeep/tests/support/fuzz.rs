@@ -308,7 +308,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     // Profile inputs are stored as generation GEN_ID.
     let mut g: GenerationProfile =
         profile::load(&vm.join(&ids[1]).join("generation.toml")).expect("seed");
-    g.id = GEN_ID.into();
+    g.id = GEN_ID.parse().expect("seed id");
     let gp = tmp.path().join("generation.toml");
     profile::store(&gp, "vmkeep generation profile", &g).expect("seed");
     out.push(("profile:2", read(gp)));
@@ -361,7 +361,7 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
 
 /// Three generations of disk `vda` of VM `vm` in `dir/repo`: raw, zstd and zero records,
 /// a disk that shrank and grew.
-pub fn build_archive(dir: &Path) -> (Repository, Vec<String>) {
+pub fn build_archive(dir: &Path) -> (Repository, Vec<vmkeep::archive::GenerationId>) {
     let repo = Repository::init(&dir.join("repo")).expect("repository");
     let disk = dir.join("disk.raw");
     let text = b"the quick brown fox jumps over the lazy dog ".repeat(DISK_SIZE / 44 + 1);

@@ -11,9 +11,9 @@ use super::sink::{Sink, SinkTarget};
 use super::{source_changed, DiskInput};
 use crate::archive::digest::{Digest, DigestHeader, DigestReader, DigestWriter, ZERO_DIGEST};
 use crate::archive::format::{valid_disk_size, DIGEST_LEN};
-use crate::archive::profile::DiskRecord;
+use crate::archive::profile::{DiskRecord, GenerationMode};
 use crate::archive::rdiff::{RdiffHeader, RdiffWriter, COMPRESSION_ZSTD, FLAG_BASE};
-use crate::archive::{self, Generation};
+use crate::archive::{self, names, Generation};
 use crate::bufpool::BufPool;
 use crate::engine::{pipeline, Mode};
 use crate::error::{Error, Result};
@@ -34,7 +34,7 @@ pub(super) struct RunCtx<'a> {
 
 /// What the trust and mode stage decided for one disk.
 struct Choice {
-    mode: Mode,
+    mode: GenerationMode,
     /// The tracker's changed byte ranges, when they are trusted.
     changed: Option<Vec<(u64, u64)>>,
     warnings: Vec<String>,
@@ -139,8 +139,8 @@ impl RunCtx<'_> {
             .min(size);
         let task = self.progress.task(&input.name, examined);
 
-        let image_path = self.new_dir.join(format!("{}.raw", input.name));
-        let digest_path = self.new_dir.join(format!("{}.digest", input.name));
+        let image_path = names::image_file(self.new_dir, &input.name);
+        let digest_path = names::digest_file(self.new_dir, &input.name);
         let mut sink =
             self.open_sink(&input.name, old.as_ref(), size, &image_path, &digest_path)?;
         let read_bytes = self.copy(
@@ -163,7 +163,7 @@ impl RunCtx<'_> {
         let rec = DiskRecord {
             name: input.name.clone(),
             size,
-            mode: choice.mode.to_string(),
+            mode: choice.mode,
             source: describe,
             read_bytes,
             changed_bytes,
@@ -202,10 +202,10 @@ impl RunCtx<'_> {
             }
         }
         let mode = match (requested, &old, &changed) {
-            (_, None, _) => Mode::Full,
-            (Mode::Full, Some(_), _) => Mode::Full,
-            (Mode::Diff, Some(_), _) => Mode::Diff,
-            (Mode::Incr | Mode::Auto, Some(_), Some(_)) => Mode::Incr,
+            (_, None, _) => GenerationMode::Full,
+            (Mode::Full, Some(_), _) => GenerationMode::Full,
+            (Mode::Diff, Some(_), _) => GenerationMode::Diff,
+            (Mode::Incr | Mode::Auto, Some(_), Some(_)) => GenerationMode::Incr,
             (Mode::Incr | Mode::Auto, Some(_), None) => {
                 if requested == Mode::Incr || say_why {
                     let why = untracked
@@ -216,7 +216,7 @@ impl RunCtx<'_> {
                         input.name
                     ));
                 }
-                Mode::Diff
+                GenerationMode::Diff
             }
         };
         Choice {
@@ -245,7 +245,7 @@ impl RunCtx<'_> {
         let sink = match old {
             Some(o) => {
                 let prev = self.prev.expect("old disk implies a previous generation");
-                let journal_path = prev.dir.join(format!("{name}.rdiff.partial"));
+                let journal_path = prev.journal_path(name);
                 let rh = RdiffHeader {
                     flags: 0,
                     block_size: bs,
@@ -305,7 +305,7 @@ impl RunCtx<'_> {
         source: &dyn BlockSource,
         old: Option<&OldDisk>,
         ranges: &[(u64, u64)],
-        mode: Mode,
+        mode: GenerationMode,
         sink: &mut Sink<'_>,
         task: &dyn Task,
     ) -> Result<u64> {
@@ -323,13 +323,13 @@ impl RunCtx<'_> {
             bs,
             size,
             level: self.level,
-            full_compare: mode == Mode::Full,
+            full_compare: mode == GenerationMode::Full,
             pool: &pool,
         };
         // An incremental run reads scattered blocks: its own thread keeps the reads of
         // the next blocks (source, previous image, digests) in flight well ahead of
         // the workers, far more of them than the pipeline's window holds.
-        let incr = mode == Mode::Incr;
+        let incr = mode == GenerationMode::Incr;
         let planned = AtomicU64::new(0);
         let stop = AtomicBool::new(false);
         let mut next_job = || -> Result<Option<Job>> {
@@ -378,7 +378,7 @@ impl RunCtx<'_> {
             next_size: 0,
             generation: archive::generation_bytes(&prev.id),
         };
-        let mut w = RdiffWriter::create(&prev.dir.join(format!("{name}.rdiff.partial")), rh)?;
+        let mut w = RdiffWriter::create(&prev.journal_path(name), rh)?;
         for b in 0..old.blocks {
             let d = old.digest_of(b)?;
             if d != ZERO_DIGEST {

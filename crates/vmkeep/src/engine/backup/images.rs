@@ -150,6 +150,7 @@ fn open_tracked(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::archive::profile::GenerationMode;
     use crate::progress::NoProgress;
     use std::path::Path;
     use std::process::Command;
@@ -190,11 +191,11 @@ mod tests {
         };
         let opts = BackupOptions::default();
         let first = backup_images(&repo, "vm", &job, &opts, &NoProgress).unwrap();
-        assert_eq!(first.generation.disks[0].mode, "full");
+        assert_eq!(first.generation.disks[0].mode, GenerationMode::Full);
         qemu_io(&img, "write -P 0x7 8M 4k");
         let second = backup_images(&repo, "vm", &job, &opts, &NoProgress).unwrap();
         let d = &second.generation.disks[0];
-        assert_eq!(d.mode, "incr", "{:?}", second.warnings);
+        assert_eq!(d.mode, GenerationMode::Incr, "{:?}", second.warnings);
         // One 64 KiB bit of the default granularity, one 64 KiB block.
         assert_eq!(d.read_bytes, 65536);
         // Only this run's bitmap is left in the image.

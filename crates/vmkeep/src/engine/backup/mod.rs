@@ -19,10 +19,10 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::archive::format::{valid_block_size, DEFAULT_BLOCK_SIZE};
 use crate::archive::lock::VmLock;
 use crate::archive::profile::{
-    self, DiskRecord, GenerationProfile, SourceKind, VmProfile, PROFILE_VERSION,
+    self, DiskRecord, GenerationMode, GenerationProfile, SourceKind, VmProfile, PROFILE_VERSION,
 };
 use crate::archive::txn::{self, Txn};
-use crate::archive::{self, names, Generation, Repository, VmArchive, PARTIAL};
+use crate::archive::{self, names, Generation, GenerationId, Repository, VmArchive};
 use crate::engine::Mode;
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -218,7 +218,7 @@ pub struct BackupRun {
     vm_dir: PathBuf,
     existing: Option<VmArchive>,
     prev: Option<Generation>,
-    gen_id: String,
+    gen_id: GenerationId,
     recovered: Vec<String>,
     started: Instant,
     start_time: String,
@@ -232,7 +232,7 @@ impl BackupRun {
         fsutil::create_dir(&vm_dir)?;
         let lock = VmLock::acquire(&vm_dir, vm, "backup")?;
         let recovered = txn::recover(&vm_dir)?;
-        let existing = if vm_dir.join("vm.toml").exists() {
+        let existing = if names::vm_profile(&vm_dir).exists() {
             Some(VmArchive::open(vm_dir.clone(), vm)?)
         } else {
             None
@@ -244,7 +244,7 @@ impl BackupRun {
             },
             None => None,
         };
-        let gen_id = archive::new_generation_id(prev.as_ref().map(|g| g.id.as_str()));
+        let gen_id = archive::new_generation_id(prev.as_ref().map(|g| &g.id));
         Ok(BackupRun {
             vm: vm.to_string(),
             vm_dir,
@@ -258,7 +258,7 @@ impl BackupRun {
         })
     }
 
-    pub fn generation_id(&self) -> &str {
+    pub fn generation_id(&self) -> &GenerationId {
         &self.gen_id
     }
 
@@ -334,12 +334,12 @@ impl BackupRun {
         }
         let names: Vec<String> = disks.iter().map(|d| d.name.clone()).collect();
         let txn = Txn::backup(
-            self.prev.as_ref().map(|g| g.id.clone()),
-            self.gen_id.clone(),
+            self.prev.as_ref().map(|g| g.id.to_string()),
+            self.gen_id.to_string(),
             names,
         );
         txn.store(&self.vm_dir)?;
-        let new_dir = self.vm_dir.join(format!("{}{PARTIAL}", self.gen_id));
+        let new_dir = names::partial_dir(&self.vm_dir, &self.gen_id);
         let result = self
             .write_generation(&new_dir, disks, block_size, opts, progress)
             .and_then(|written| before_commit().map(|()| written))
@@ -434,13 +434,17 @@ impl BackupRun {
                 }
             }
         }
-        let modes: Vec<&str> = records.iter().map(|r| r.mode.as_str()).collect();
-        let mode = ["full", "diff", "incr"]
-            .into_iter()
-            .find(|m| modes.contains(m))
-            .unwrap_or("full");
+        let modes: Vec<GenerationMode> = records.iter().map(|r| r.mode).collect();
+        let mode = [
+            GenerationMode::Full,
+            GenerationMode::Diff,
+            GenerationMode::Incr,
+        ]
+        .into_iter()
+        .find(|m| modes.contains(m))
+        .unwrap_or(GenerationMode::Full);
         if let Some(xml) = &opts.domain_xml {
-            let p = new_dir.join("domain.xml");
+            let p = new_dir.join(names::DOMAIN_XML);
             let f = fsutil::create_new(&p)?;
             fsutil::write_at(&f, xml.as_bytes(), 0, &p)?;
             fsutil::sync_all(&f, &p)?;
@@ -450,7 +454,7 @@ impl BackupRun {
             id: self.gen_id.clone(),
             vm: self.vm.clone(),
             time: self.start_time.clone(),
-            mode: mode.to_string(),
+            mode,
             duration_secs: 0.0,
             protected: false,
             block_size,
@@ -471,7 +475,7 @@ impl BackupRun {
     ) -> Result<GenerationProfile> {
         gp.duration_secs = (self.started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
         profile::store(
-            &new_dir.join("generation.toml"),
+            &names::generation_profile(new_dir),
             "vmkeep generation profile",
             &gp,
         )?;
@@ -483,7 +487,7 @@ impl BackupRun {
                 created: self.start_time.clone(),
                 last_check: None,
             };
-            profile::store(&self.vm_dir.join("vm.toml"), "vmkeep VM profile", &vp)?;
+            profile::store(&names::vm_profile(&self.vm_dir), "vmkeep VM profile", &vp)?;
         }
         txn.state = "commit".into();
         txn.store(&self.vm_dir)?;
@@ -551,7 +555,7 @@ mod tests {
         DiskRecord {
             name: "vda".into(),
             size: 1,
-            mode: "full".into(),
+            mode: GenerationMode::Full,
             source: "d.qcow2".into(),
             read_bytes: 0,
             changed_bytes: 0,

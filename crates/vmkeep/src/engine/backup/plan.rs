@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::disk::OldDisk;
 use crate::archive::format::block_count;
-use crate::engine::Mode;
+use crate::archive::profile::GenerationMode;
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::source::changed::{merge_ranges, to_block_ranges};
@@ -15,7 +15,7 @@ use crate::source::{BlockSource, ExtentKind};
 /// (`changed`, byte ranges) and those [`zeroed_since`] finds, else every block of the new
 /// size.
 pub(super) fn block_ranges(
-    mode: Mode,
+    mode: GenerationMode,
     old: Option<&OldDisk>,
     changed: Option<&[(u64, u64)]>,
     source: &dyn BlockSource,
@@ -24,7 +24,7 @@ pub(super) fn block_ranges(
 ) -> Result<Vec<(u64, u64)>> {
     let new_blocks = block_count(size, bs);
     Ok(match (&mode, old) {
-        (Mode::Incr, Some(o)) => {
+        (GenerationMode::Incr, Some(o)) => {
             let mut r = to_block_ranges(changed.unwrap_or(&[]), bs, new_blocks);
             if o.size != size {
                 // The block at the old end and everything past it changed length.

@@ -10,7 +10,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -276,10 +276,7 @@ fn bind_unix(path: &Path, group: Option<u32>) -> Result<Listener> {
         )));
     }
     let _ = std::fs::remove_dir_all(&private);
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&private)
-        .at(&private)?;
+    fsutil::private_dir_beside(&private)?;
     let result = bind_private(&tmp, path, group);
     let _ = std::fs::remove_file(&tmp);
     let _ = std::fs::remove_dir(&private);

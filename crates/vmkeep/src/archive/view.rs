@@ -24,10 +24,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::archive::digest::{block_digest, Digest, DigestReader, RootHasher, ZERO_DIGEST};
-use crate::archive::format::{block_count, block_len, DIGEST_LEN};
-use crate::archive::rdiff::{JournalIndex, RdiffReader, Record};
-use crate::archive::{generation_bytes, Generation, VmArchive};
+use super::digest::{block_digest, Digest, DigestReader, RootHasher, ZERO_DIGEST};
+use super::format::{block_count, block_len, DIGEST_LEN};
+use super::rdiff::{JournalIndex, RdiffReader, Record};
+use super::{generation_bytes, names, Generation, GenerationId, VmArchive};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil;
 
@@ -57,10 +57,69 @@ pub struct Block {
     pub ok: bool,
 }
 
+/// One generation of a VM chosen by a REV, with the listing it was resolved against
+/// ([`VmArchive::select`], [`VmArchive::select_pinned`]): every disk view opened from it
+/// reads that generation and is proven against that same listing, so a prune or backup in
+/// between cannot make the id and the index disagree, nor the disks of one restore, verify
+/// or serve come from different generations. The one place restore, merge, verify, serve
+/// and `restore --as-vm` open their disk views from (REV → listing → index).
+pub struct Selected<'a> {
+    archive: &'a VmArchive,
+    gens: Vec<Generation>,
+    k: usize,
+}
+
+impl<'a> Selected<'a> {
+    /// Generation `gens[k]` of `archive` (`gens`: every generation, oldest first).
+    pub(crate) fn new(archive: &'a VmArchive, gens: Vec<Generation>, k: usize) -> Self {
+        Selected { archive, gens, k }
+    }
+
+    /// The chosen generation.
+    pub fn generation(&self) -> &Generation {
+        &self.gens[self.k]
+    }
+
+    /// Disk `disk` of the chosen generation, its digests proven ([`DiskView::open`]).
+    pub fn view(&self, disk: &str) -> Result<DiskView> {
+        DiskView::open(self.archive, &self.gens, self.k, disk)
+    }
+
+    /// [`Self::view`], and with `ignore_damage` (`--ignore-damage`) a failed proof comes
+    /// back beside a view that trusts no zero digest instead of failing (see
+    /// [`DiskView::open_ignoring_damage`]).
+    pub fn view_checked(
+        &self,
+        disk: &str,
+        ignore_damage: bool,
+    ) -> Result<(DiskView, Option<Error>)> {
+        if ignore_damage {
+            DiskView::open_ignoring_damage(self.archive, &self.gens, self.k, disk)
+        } else {
+            Ok((self.view(disk)?, None))
+        }
+    }
+
+    /// The chosen generation's id.
+    pub fn id(&self) -> &GenerationId {
+        &self.generation().id
+    }
+
+    /// The names of its disks, in the profile's order.
+    pub fn disk_names(&self) -> Vec<&str> {
+        self.generation()
+            .profile
+            .disks
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect()
+    }
+}
+
 /// One disk of one generation, ready to be read.
 pub struct DiskView {
     pub disk: String,
-    pub generation: String,
+    pub generation: GenerationId,
     pub size: u64,
     pub block_size: u32,
     chain: Vec<RdiffReader>,
@@ -73,7 +132,7 @@ pub struct DiskView {
     image_limit: u64,
     vm_dir: PathBuf,
     vm_name: String,
-    newest: String,
+    newest: GenerationId,
     /// The digests were proven against the generation's digest root. A view opened with
     /// [`DiskView::open_ignoring_damage`] whose proof failed is not trusted: a zero
     /// digest no longer proves a hole, so image blocks are read and hashed whatever
@@ -254,7 +313,7 @@ impl DiskView {
     fn damage(&self, path: &Path, detail: impl std::fmt::Display) -> Error {
         Error::Damage {
             vm: self.vm_name.clone(),
-            generation: self.generation.clone(),
+            generation: self.generation.to_string(),
             disk: self.disk.clone(),
             path: path.to_path_buf(),
             detail: detail.to_string(),
@@ -269,28 +328,10 @@ impl DiskView {
     pub fn prove(&self, gens: &[Generation], k: usize) -> Result<()> {
         for (c, r) in self.chain.iter().enumerate() {
             let g = &gens[k + c];
-            if r.header.generation != generation_bytes(&g.id) {
-                return Err(self.damage(
-                    r.path(),
-                    format!(
-                        "the reverse diff's header names generation {}, not {} (a file of another generation or VM)",
-                        uuid_text(&r.header.generation),
-                        g.id
-                    ),
-                ));
-            }
+            self.header_names(r.path(), "reverse diff", &r.header.generation, &g.id)?;
         }
         if let Some(d) = &self.digest {
-            if d.header.generation != generation_bytes(&self.newest) {
-                return Err(self.damage(
-                    d.path(),
-                    format!(
-                        "the digest file's header names generation {}, not {} (a file of another generation or VM)",
-                        uuid_text(&d.header.generation),
-                        self.newest
-                    ),
-                ));
-            }
+            self.header_names(d.path(), "digest file", &d.header.generation, &self.newest)?;
         }
         let want = gens[k]
             .profile
@@ -323,6 +364,26 @@ impl DiskView {
             &blame,
             "the digests do not match the generation's digest root (restore --ignore-damage writes the blocks that match their own digests and lists the rest)",
         ))
+    }
+
+    /// The header of `path` (the `what`) must name generation `id`.
+    fn header_names(
+        &self,
+        path: &Path,
+        what: &str,
+        found: &[u8; 16],
+        id: &GenerationId,
+    ) -> Result<()> {
+        if *found != generation_bytes(id) {
+            return Err(self.damage(
+                path,
+                format!(
+                    "the {what}'s header names generation {}, not {id} (a file of another generation or VM)",
+                    uuid_text(found)
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn digest_file_root(&self, d: &DigestReader) -> Result<String> {
@@ -695,8 +756,8 @@ impl DiskView {
                 let dir = self.vm_dir.join(id);
                 let gid = generation_bytes(id);
                 for path in [
-                    dir.join(format!("{}.rdiff.partial", self.disk)),
-                    dir.join(format!("{}.rdiff", self.disk)),
+                    names::journal_file(&dir, &self.disk),
+                    names::rdiff_file(&dir, &self.disk),
                 ] {
                     let Some(record) = self.lookup(&path, gid, b) else {
                         continue;
@@ -809,17 +870,4 @@ fn read_image_at(file: &File, buf: &mut [u8], off: u64, path: &Path) -> Result<(
         }
     }
     Ok(())
-}
-
-impl VmArchive {
-    /// Generation ids in a VM folder, oldest first (for readers that hold no archive).
-    pub fn generation_ids_in(dir: &Path) -> Result<Vec<String>> {
-        let mut ids: Vec<String> = std::fs::read_dir(dir)
-            .map_err(|e| Error::io(dir, e))?
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| crate::archive::is_generation_name(n))
-            .collect();
-        ids.sort();
-        Ok(ids)
-    }
 }
