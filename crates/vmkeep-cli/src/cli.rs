@@ -1,5 +1,5 @@
-//! The command-line surface (a contract: see DESIGN.md). Help, completions and the man
-//! page are generated from these definitions.
+//! The command-line surface (a contract: see docs/ARCHITECTURE.md). Help, completions and
+//! the man page are generated from these definitions.
 
 use std::path::PathBuf;
 

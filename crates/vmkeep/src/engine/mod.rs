@@ -21,7 +21,7 @@ use std::str::FromStr;
 
 use crate::error::Error;
 
-/// Backup modes (see DESIGN.md).
+/// Backup modes (see docs/ARCHITECTURE.md, "Backup of images").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mode {
     /// incr where changes are tracked, else diff where a previous generation exists, else full.
