@@ -130,5 +130,48 @@ impl Drop for VmLock {
     fn drop(&mut self) {
         // The holder line is cleared so that nobody reads a dead pid from it.
         let _ = self.file.set_len(0);
+        unlock(&self.file);
+    }
+}
+
+/// Release a flock now. Closing the descriptor is not enough: a child that any thread
+/// of this process is spawning holds a copy of every descriptor until it runs its
+/// program (close-on-exec closes them only then), and with it the lock.
+pub fn unlock(fd: impl AsFd) {
+    let _ = rustix::fs::flock(&fd, FlockOperation::Unlock);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn a_lock_released_while_a_thread_spawns_children_is_taken_again() {
+        // A child spawned by any thread holds a copy of every descriptor until it runs
+        // its program (close-on-exec closes them only then), and with it the flock: a
+        // run that takes the lock the moment another released it must not fail.
+        let dir = tempfile::tempdir().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let spawner = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = std::process::Command::new("true").status();
+                }
+            })
+        };
+        let mut busy = 0;
+        for _ in 0..400 {
+            match VmLock::acquire(dir.path(), "vm", "test") {
+                Ok(lock) => drop(lock),
+                Err(Error::Busy { .. }) => busy += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        spawner.join().unwrap();
+        assert_eq!(busy, 0, "the lock was busy {busy} times with no holder");
     }
 }

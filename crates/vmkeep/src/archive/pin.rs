@@ -28,7 +28,7 @@ use crate::fsutil;
 /// A held pin; dropping it releases the lock and removes the file.
 #[derive(Debug)]
 pub struct Pin {
-    _file: File,
+    file: File,
     path: PathBuf,
     pub generation: GenerationId,
 }
@@ -58,7 +58,7 @@ impl Pin {
                 file.set_len(0).at(&path)?;
                 write!(file, "pid {} ({holder})", std::process::id()).at(&path)?;
                 return Ok(Pin {
-                    _file: file,
+                    file,
                     path,
                     generation: generation.clone(),
                 });
@@ -74,6 +74,7 @@ impl Pin {
 impl Drop for Pin {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        super::lock::unlock(&self.file);
     }
 }
 

@@ -605,15 +605,27 @@ const PERM_RESIZE: i64 = 3;
 const LOCK_PERM_BASE: i64 = 100;
 const LOCK_SHARED_BASE: i64 = 200;
 
+/// The bytes vmkeep's read locks: *consistent read* held, *write* and *resize* not shared.
+const MINE: [i64; 3] = [
+    LOCK_PERM_BASE + PERM_CONSISTENT_READ,
+    LOCK_SHARED_BASE + PERM_WRITE,
+    LOCK_SHARED_BASE + PERM_RESIZE,
+];
+
+impl Drop for ImageLock {
+    /// Unlock now, not at close: a child that any thread is spawning holds a copy of the
+    /// descriptor until it runs its program, and with it the locks that keep QEMU out.
+    fn drop(&mut self) {
+        for byte in MINE {
+            let _ = ofd_lock(&self.file, libc::F_OFD_SETLK, libc::F_UNLCK, byte);
+        }
+    }
+}
+
 impl ImageLock {
     fn take(path: &std::path::Path, vm: &str) -> Result<ImageLock> {
         let file = std::fs::File::open(path).map_err(|e| Error::source(path.display(), e))?;
-        let mine = [
-            LOCK_PERM_BASE + PERM_CONSISTENT_READ,
-            LOCK_SHARED_BASE + PERM_WRITE,
-            LOCK_SHARED_BASE + PERM_RESIZE,
-        ];
-        for byte in mine {
+        for byte in MINE {
             if let Err(e) = ofd_lock(&file, libc::F_OFD_SETLK, libc::F_RDLCK, byte) {
                 return Err(lock_error(path, vm, &format!("cannot lock it ({e})")));
             }
@@ -971,5 +983,38 @@ mod tests {
         let _ = writer.wait();
         let e = e.expect("the lock was taken while QEMU writes");
         assert!(e.contains("\"write\" lock"), "{e}");
+    }
+
+    #[test]
+    fn image_locks_end_when_dropped_while_a_thread_spawns_children() {
+        // A child spawned meanwhile holds a copy of the descriptor until it runs its
+        // program; QEMU starting the VM right after the read must not find the locks.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.raw");
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let spawner = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = Command::new("true").status();
+                }
+            })
+        };
+        let probe = std::fs::File::open(&path).unwrap();
+        let mut held = 0;
+        for _ in 0..300 {
+            drop(ImageLock::take(&path, "t").unwrap());
+            for byte in MINE {
+                if ofd_lock(&probe, libc::F_OFD_GETLK, libc::F_WRLCK, byte).unwrap()
+                    != libc::F_UNLCK
+                {
+                    held += 1;
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        spawner.join().unwrap();
+        assert_eq!(held, 0, "a dropped image lock was still held {held} times");
     }
 }
