@@ -56,8 +56,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// A write failed with ENOSPC (or, through [`Error::io`], EDQUOT); what the command
-    /// started was rolled back, so the archive is as it was.
+    /// A write found the device full: ENOSPC (and, through [`Error::io`], EDQUOT). The
+    /// message promises the archive is unchanged, so callers must leave it so.
     #[error("{path}: no space left on device (the archive is unchanged)")]
     NoSpace {
         /// The file or context whose write found the device full.

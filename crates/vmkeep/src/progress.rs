@@ -5,7 +5,7 @@
 pub trait Task: Send + Sync {
     /// `bytes` more bytes of the task's `total` are done (a delta, not a position).
     fn advance(&self, _bytes: u64) {}
-    /// The task is over (done, or abandoned on an error); no `advance` follows.
+    /// The task is over; no `advance` follows.
     fn finish(&self) {}
 }
 
