@@ -57,7 +57,7 @@ pub enum Error {
         source: io::Error,
     },
     /// A write found the device full: ENOSPC (and, through [`Error::io`], EDQUOT). The
-    /// message promises the archive is unchanged, so callers must leave it so.
+    /// message tells the user that the archive is unchanged.
     #[error("{path}: no space left on device (the archive is unchanged)")]
     NoSpace {
         /// The file or context whose write found the device full.
