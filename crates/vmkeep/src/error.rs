@@ -34,39 +34,85 @@ pub enum ErrorKind {
 /// Every error the library returns.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The caller asked for something that is not there or not allowed (a bad argument, an
+    /// unknown VM or generation); the message is the whole explanation.
     #[error("{0}")]
     Usage(String),
+    /// Part of the archive fails its checks: bytes that do not decode or verify, or a file
+    /// a generation must have that is missing.
     #[error("{path}: corrupt: {detail}")]
-    Corrupt { path: PathBuf, detail: String },
+    Corrupt {
+        /// The archive file or folder that failed its checks.
+        path: PathBuf,
+        /// What was wrong, for the message.
+        detail: String,
+    },
+    /// An I/O call failed on a repository or target path (anything but a full disk).
     #[error("{context}: {source}")]
     Io {
+        /// The path, or a short description, the failing call worked on.
         context: String,
+        /// The operating system's error.
         #[source]
         source: io::Error,
     },
+    /// A write found the device full: ENOSPC (and, through [`Error::io`], EDQUOT). The
+    /// message tells the user that the archive is unchanged.
     #[error("{path}: no space left on device (the archive is unchanged)")]
-    NoSpace { path: PathBuf },
-    #[error("source {source_name}: {detail}")]
-    Source { source_name: String, detail: String },
-    #[error("VM {vm} is busy: {holder}")]
-    Busy { vm: String, holder: String },
-    #[error("damage: VM {vm}, generation {generation}, disk {disk}: {}: {detail}", path.display())]
-    Damage {
-        vm: String,
-        generation: String,
-        disk: String,
+    NoSpace {
+        /// The file or context whose write found the device full.
         path: PathBuf,
+    },
+    /// The backup source (an image file, an NBD server, the hypervisor) failed.
+    #[error("source {source_name}: {detail}")]
+    Source {
+        /// The source as the user named it (a path, an NBD URI, a VM and disk).
+        source_name: String,
+        /// What failed, for the message.
         detail: String,
     },
+    /// Another process holds the VM's lock in the repository.
+    #[error("VM {vm} is busy: {holder}")]
+    Busy {
+        /// The VM whose lock is taken.
+        vm: String,
+        /// Who holds the lock (as the lock file describes it), for the message.
+        holder: String,
+    },
+    /// A file of a generation is not the one that generation recorded (a digest root or a
+    /// header's generation id does not match).
+    #[error("damage: VM {vm}, generation {generation}, disk {disk}: {}: {detail}", path.display())]
+    Damage {
+        /// The VM the damaged generation belongs to.
+        vm: String,
+        /// The id of the generation being read.
+        generation: String,
+        /// The disk of that generation.
+        disk: String,
+        /// The file that does not match.
+        path: PathBuf,
+        /// What does not match, for the message.
+        detail: String,
+    },
+    /// A file is in a format or version this build does not read.
     #[error("{path}: {detail}")]
-    Format { path: PathBuf, detail: String },
+    Format {
+        /// The file that cannot be read.
+        path: PathBuf,
+        /// Which format or version was found, for the message.
+        detail: String,
+    },
+    /// SIGINT or SIGTERM stopped the command after it undid what it had started; the
+    /// string names the signal.
     #[error("interrupted by {0}; what the command started was undone")]
     Interrupted(String),
 }
 
+/// The library's result type: [`Error`] unless another error type is named.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
+    /// The class of this error, which the CLI maps onto its exit status.
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Usage(_) => ErrorKind::Usage,
@@ -80,10 +126,12 @@ impl Error {
         }
     }
 
+    /// A [`Error::Usage`] with `msg` as the whole message.
     pub fn usage(msg: impl fmt::Display) -> Self {
         Error::Usage(msg.to_string())
     }
 
+    /// A [`Error::Corrupt`]: archive file or folder `path` fails its checks as `detail` says.
     pub fn corrupt(path: impl AsRef<Path>, detail: impl fmt::Display) -> Self {
         Error::Corrupt {
             path: path.as_ref().to_path_buf(),
@@ -91,6 +139,7 @@ impl Error {
         }
     }
 
+    /// A [`Error::Format`]: file `path` is in a format or version this build does not read.
     pub fn format(path: impl AsRef<Path>, detail: impl fmt::Display) -> Self {
         Error::Format {
             path: path.as_ref().to_path_buf(),
@@ -98,6 +147,7 @@ impl Error {
         }
     }
 
+    /// A [`Error::Source`]: the source the user named `name` failed as `detail` says.
     pub fn source(name: impl fmt::Display, detail: impl fmt::Display) -> Self {
         Error::Source {
             source_name: name.to_string(),
@@ -138,6 +188,8 @@ impl Error {
 
 /// Attach a path to `std::io` results.
 pub trait IoContext<T> {
+    /// Turn an I/O error into [`Error::io`] on `path` (so ENOSPC becomes
+    /// [`Error::NoSpace`]); a success passes through.
     fn at(self, path: impl AsRef<Path>) -> Result<T>;
 }
 

@@ -53,6 +53,8 @@ pub enum Op {
 }
 
 impl Op {
+    /// The operation's name in the `KIND` column of the `VMKEEP_FAULT_LOG` log (`fsync`, `rename`,
+    /// `rmtree`, ...).
     pub fn name(self) -> &'static str {
         match self {
             Op::Write => "write",

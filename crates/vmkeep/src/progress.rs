@@ -3,7 +3,9 @@
 
 /// Progress of one disk of one operation.
 pub trait Task: Send + Sync {
+    /// `bytes` more bytes of the task's `total` are done (a delta, not a position).
     fn advance(&self, _bytes: u64) {}
+    /// The task is over; no `advance` follows.
     fn finish(&self) {}
 }
 
@@ -19,6 +21,7 @@ pub trait Progress: Send + Sync {
     }
 }
 
+/// A [`Task`] that reports nothing; what [`Progress::task`] returns by default.
 pub struct NoTask;
 impl Task for NoTask {}
 

@@ -295,6 +295,8 @@ impl TlsStream {
         })
     }
 
+    /// The underlying TCP socket, for timeouts and shutdown; reading or writing it directly
+    /// bypasses TLS and breaks the session.
     pub fn socket(&self) -> &TcpStream {
         &self.shared.sock
     }

@@ -15,21 +15,29 @@ use time::OffsetDateTime;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Schedule {
+    /// Keep the newest N generations, whatever their times (`keep-last`); `None` means the option
+    /// is not given.
     #[serde(default)]
     pub keep_last: Option<u32>,
+    /// Keep the newest generation of each of the newest N UTC calendar hours that have one.
     #[serde(default)]
     pub keep_hourly: Option<u32>,
+    /// Keep the newest generation of each of the newest N UTC calendar days that have one.
     #[serde(default)]
     pub keep_daily: Option<u32>,
+    /// Keep the newest generation of each of the newest N ISO weeks (UTC) that have one.
     #[serde(default)]
     pub keep_weekly: Option<u32>,
+    /// Keep the newest generation of each of the newest N UTC calendar months that have one.
     #[serde(default)]
     pub keep_monthly: Option<u32>,
+    /// Keep the newest generation of each of the newest N UTC calendar years that have one.
     #[serde(default)]
     pub keep_yearly: Option<u32>,
 }
 
 impl Schedule {
+    /// Whether no option is given (`Some(0)` counts as given); an empty schedule keeps everything.
     pub fn is_empty(&self) -> bool {
         self.rules().iter().all(|(n, _)| n.is_none())
     }
@@ -58,13 +66,20 @@ impl Schedule {
     }
 }
 
+/// A retention period: the unit in which one `keep_*` option counts generations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Period {
+    /// Every generation is its own period (`keep_last`).
     Each,
+    /// A UTC calendar hour (`keep_hourly`).
     Hour,
+    /// A UTC calendar day (`keep_daily`).
     Day,
+    /// An ISO 8601 week, Monday to Sunday UTC, numbered in its ISO week-year (`keep_weekly`).
     Week,
+    /// A UTC calendar month (`keep_monthly`).
     Month,
+    /// A UTC calendar year (`keep_yearly`).
     Year,
 }
 
@@ -87,7 +102,9 @@ pub fn period_key(t: OffsetDateTime, p: Period, index: usize) -> (i32, u32, u32)
 /// One generation as retention sees it.
 #[derive(Debug, Clone)]
 pub struct Item {
+    /// When the generation was made; converted to UTC to find its periods.
     pub time: OffsetDateTime,
+    /// A protected generation is kept whatever the schedule says.
     pub protected: bool,
 }
 

@@ -260,6 +260,8 @@ pub struct BackupPlan<'a> {
 /// What [`Domain::try_begin_backup`] did.
 #[derive(Debug)]
 pub enum BackupStart {
+    /// libvirt started the job; the handle must be ended with [`PullBackup::end`] (dropping it
+    /// aborts the job).
     Started(PullBackup),
     /// libvirt refused the incremental backup: a bitmap of the checkpoint it was to start
     /// from is missing or broken (libvirt's message). No job was started.
@@ -269,12 +271,15 @@ pub enum BackupStart {
 /// A disk of a running pull backup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupDisk {
+    /// The disk's `<target dev=…>` (vda, sdb, ...).
     pub target: String,
     /// NBD export name (the target, unless libvirt says otherwise).
     pub export_name: String,
     /// NBD metadata context of the changed blocks (`qemu:dirty-bitmap:backup-vda`) for an
     /// incremental export; `None` for a full one.
     pub dirty_bitmap_context: Option<String>,
+    /// The scratch file QEMU holds the disk's overwritten blocks in while the job runs; removed
+    /// when the job ends.
     pub scratch: PathBuf,
     /// Whether the checkpoint created with this backup tracks the disk.
     pub in_checkpoint: bool,
@@ -315,10 +320,12 @@ impl fmt::Debug for PullBackup {
 }
 
 impl PullBackup {
+    /// The name of the VM being backed up.
     pub fn vm(&self) -> &str {
         &self.vm
     }
 
+    /// The unix socket of the job's NBD server; the handle removes it when the job ends.
     pub fn socket(&self) -> &Path {
         &self.socket
     }
@@ -328,10 +335,12 @@ impl PullBackup {
         self.checkpoint.as_deref()
     }
 
+    /// Every disk the job exports, in the order they were requested.
     pub fn disks(&self) -> &[BackupDisk] {
         &self.disks
     }
 
+    /// The exported disk whose target is `target`; `None` when the job does not export it.
     pub fn disk(&self, target: &str) -> Option<&BackupDisk> {
         self.disks.iter().find(|d| d.target == target)
     }

@@ -86,6 +86,8 @@ impl Domain {
             .collect())
     }
 
+    /// Whether the VM has a checkpoint named `name`; an error other than "no such checkpoint"
+    /// is [`crate::error::Error::Source`].
     pub fn checkpoint_exists(&self, name: &str) -> Result<bool> {
         match ffi::checkpoint_lookup(&self.dom, name) {
             Ok(_) => Ok(true),

@@ -18,13 +18,21 @@ use crate::error::{Error, Result};
 /// A VM's run state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DomainState {
+    /// libvirt reports no state, or one this build does not know (`VIR_DOMAIN_NOSTATE`).
     NoState,
+    /// QEMU runs the guest (`VIR_DOMAIN_RUNNING`).
     Running,
+    /// The guest is blocked on a resource (`VIR_DOMAIN_BLOCKED`); QEMU still runs.
     Blocked,
+    /// The guest's CPUs are paused (`VIR_DOMAIN_PAUSED`); QEMU runs and serves NBD.
     Paused,
+    /// The guest is shutting down (`VIR_DOMAIN_SHUTDOWN`); QEMU still runs.
     ShuttingDown,
+    /// No QEMU process (`VIR_DOMAIN_SHUTOFF`): the disks can be read as files.
     ShutOff,
+    /// The guest crashed and QEMU is gone (`VIR_DOMAIN_CRASHED`).
     Crashed,
+    /// The guest is suspended by power management (`VIR_DOMAIN_PMSUSPENDED`); QEMU still runs.
     Suspended,
 }
 
@@ -71,10 +79,13 @@ impl fmt::Display for DomainState {
 pub struct DiskInfo {
     /// vda, sdb… (also the NBD export name of a pull backup).
     pub target: String,
+    /// What kind of device the guest sees (disk, cdrom, ...).
     pub device: DiskDevice,
     /// qcow2, raw…
     pub format: Option<String>,
+    /// Where the disk's data lives on the host, from the live XML.
     pub source: DiskSource,
+    /// `<readonly/>`: the guest cannot write the disk; such disks are not backed up.
     pub readonly: bool,
     /// Guest-visible size in bytes; `None` when unknown (no medium, unreadable image).
     pub size: Option<u64>,
@@ -83,9 +94,13 @@ pub struct DiskInfo {
 /// A VM as the inventory shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainInfo {
+    /// The libvirt domain name, also the VM's name in the repository.
     pub name: String,
+    /// The domain's UUID as libvirt formats it (36 characters with dashes).
     pub uuid: String,
+    /// The run state when the inventory was read.
     pub state: DomainState,
+    /// Every `<disk>` of the live definition, in document order, backed up or not.
     pub disks: Vec<DiskInfo>,
 }
 
@@ -106,6 +121,7 @@ impl Hypervisor {
         Ok(Hypervisor { conn, uri })
     }
 
+    /// The libvirt URI this connection was opened with (e.g. `qemu:///system`).
     pub fn uri(&self) -> &str {
         &self.uri
     }
@@ -234,6 +250,7 @@ impl fmt::Debug for Domain {
 }
 
 impl Domain {
+    /// The domain's libvirt name.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -242,10 +259,14 @@ impl Domain {
         lv_error(&self.name, detail)
     }
 
+    /// The domain's UUID as libvirt formats it; fails with [`Error::Source`] if libvirt cannot
+    /// answer.
     pub fn uuid(&self) -> Result<String> {
         self.dom.uuid_string().map_err(|e| self.err(e.message()))
     }
 
+    /// The current run state, asked from libvirt on each call; a state libvirt adds later reads as
+    /// [`DomainState::NoState`].
     pub fn state(&self) -> Result<DomainState> {
         let (state, _) = self.dom.state().map_err(|e| self.err(e.message()))?;
         Ok(match state {
@@ -302,6 +323,7 @@ impl Domain {
         qemu_img_virtual_size(path).or_else(|| std::fs::metadata(path).ok().map(|m| m.len()))
     }
 
+    /// Boot the defined VM (`virDomainCreate`); fails if it is already running.
     pub fn start(&self) -> Result<()> {
         self.dom
             .create()

@@ -19,10 +19,15 @@ use crate::error::{Error, Result};
 /// What kind of device a domain disk is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DiskDevice {
+    /// `device='disk'` (also the default when the attribute is absent): an ordinary virtual disk.
     Disk,
+    /// `device='cdrom'`: a CD-ROM drive; never backed up.
     Cdrom,
+    /// `device='floppy'`: a floppy drive; never backed up.
     Floppy,
+    /// `device='lun'`: a SCSI LUN passed through to the guest; backed up like a disk.
     Lun,
+    /// Any other `device=` value, kept verbatim; never backed up.
     Other(String),
 }
 
@@ -37,6 +42,7 @@ impl DiskDevice {
         }
     }
 
+    /// The `device=` attribute value as libvirt writes it (`disk`, `cdrom`, ...).
     pub fn as_str(&self) -> &str {
         match self {
             DiskDevice::Disk => "disk",
@@ -76,10 +82,13 @@ impl DiskSource {
 pub struct DiskXml {
     /// `<target dev=…>`: vda, sdb…; also the NBD export name of a pull backup.
     pub target: String,
+    /// `<disk device=…>`: what kind of device the guest sees.
     pub device: DiskDevice,
     /// `<driver type=…>`: qcow2, raw…
     pub format: Option<String>,
+    /// Where the disk's data lives on the host (`<source>`).
     pub source: DiskSource,
+    /// `<readonly/>`: the guest cannot write the disk; such disks are not backed up.
     pub readonly: bool,
 }
 
@@ -101,8 +110,11 @@ impl DiskXml {
 /// The parts of a domain definition vmkeep needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainXml {
+    /// `<name>`: the libvirt domain name, which is also the VM's name in the repository.
     pub name: String,
+    /// `<uuid>`, as libvirt writes it; `None` when the XML has none.
     pub uuid: Option<String>,
+    /// The `<disk>` elements under `<devices>`, in document order.
     pub disks: Vec<DiskXml>,
     /// The uid and gid QEMU runs as, from the live XML's DAC `<seclabel>` label
     /// (`+64055:+64055`); `None` in the inactive XML or without the DAC driver.
@@ -110,6 +122,7 @@ pub struct DomainXml {
 }
 
 impl DomainXml {
+    /// The disk whose `<target dev=…>` is `target`, if the domain has one.
     pub fn disk(&self, target: &str) -> Option<&DiskXml> {
         self.disks.iter().find(|d| d.target == target)
     }
@@ -236,7 +249,10 @@ pub fn dirty_bitmap_context(bitmap: &str) -> String {
 /// One disk of a pull backup as the XML will request it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupDiskSpec {
+    /// The disk's `<target dev=…>` (vda, sdb, ...).
     pub target: String,
+    /// Host file (`<scratch file=…>`) where QEMU keeps the old content of blocks the guest
+    /// overwrites while the backup runs; QEMU creates it, so it must not exist yet.
     pub scratch: PathBuf,
     /// Export only what changed since this checkpoint; `None` exports the whole disk.
     pub incremental_from: Option<String>,
@@ -304,17 +320,24 @@ pub fn checkpoint_xml(
 /// A disk of a running pull backup, from `virDomainBackupGetXMLDesc`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupJobDisk {
+    /// The disk's `<target dev=…>` (the `name` attribute of the job's `<disk>`).
     pub target: String,
+    /// The NBD export name to connect to for this disk (`exportname`, or libvirt's default for the
+    /// target when absent).
     pub export_name: String,
     /// The exported dirty bitmap (incremental disks only).
     pub export_bitmap: Option<String>,
+    /// The scratch file libvirt reports for the disk, if any.
     pub scratch: Option<PathBuf>,
 }
 
 /// What the running backup job's XML says: its socket and its disks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupJobXml {
+    /// The unix socket of the job's NBD server (`<server socket=…>`); `None` when the job serves
+    /// over TCP or names none.
     pub socket: Option<PathBuf>,
+    /// The disks the job exports (those without `backup='no'`).
     pub disks: Vec<BackupJobDisk>,
 }
 
@@ -355,7 +378,10 @@ pub fn parse_backup_job(xml: &str) -> Result<BackupJobXml> {
 /// disks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckpointInfo {
+    /// The checkpoint's name (`<name>`), unique within the domain.
     pub name: String,
+    /// The name of the checkpoint before it, if any: changes since the parent are what this
+    /// checkpoint's bitmaps extend.
     pub parent: Option<String>,
     /// Seconds since the Unix epoch.
     pub creation_time: Option<i64>,
@@ -418,6 +444,7 @@ pub fn checkpoint_bitmap_sizes(xml: &str) -> Result<Vec<(String, Option<u64>)>> 
 /// Where a disk of a copied domain lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewDisk {
+    /// Host path of the disk's new image file or block device.
     pub path: PathBuf,
     /// `raw`, `qcow2`…
     pub format: String,
@@ -428,6 +455,8 @@ pub struct NewDisk {
 /// How to turn a saved domain definition into a new domain.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CopySpec {
+    /// Name of the new domain (not empty, no `/`); the copy's `<uuid>` is dropped so libvirt makes
+    /// a new one.
     pub new_name: String,
     /// Old disk target → the disk's new home. Every writable disk must be mapped: a
     /// copy must never share a disk with the original.

@@ -248,22 +248,31 @@ impl NbdClient {
         self.flags
     }
 
+    /// Whether the server set `NBD_FLAG_READ_ONLY`: writes, trims and write-zeroes will fail with
+    /// `EPERM`.
     pub fn read_only(&self) -> bool {
         self.flags & TFLAG_READ_ONLY != 0
     }
 
+    /// Whether the server set `NBD_FLAG_CAN_MULTI_CONN`, so that several connections to the export
+    /// are consistent and may be used in parallel.
     pub fn can_multi_conn(&self) -> bool {
         self.flags & TFLAG_CAN_MULTI_CONN != 0
     }
 
+    /// Whether the server accepts `NBD_CMD_TRIM` (`NBD_FLAG_SEND_TRIM`).
     pub fn can_trim(&self) -> bool {
         self.flags & TFLAG_SEND_TRIM != 0
     }
 
+    /// Whether the server accepts `NBD_CMD_WRITE_ZEROES` (`NBD_FLAG_SEND_WRITE_ZEROES`); without it
+    /// zeros have to be written as data.
     pub fn can_write_zeroes(&self) -> bool {
         self.flags & TFLAG_SEND_WRITE_ZEROES != 0
     }
 
+    /// Whether the server accepts `NBD_CMD_FLUSH` (`NBD_FLAG_SEND_FLUSH`); without it writes cannot
+    /// be made durable through NBD.
     pub fn can_flush(&self) -> bool {
         self.flags & TFLAG_SEND_FLUSH != 0
     }
@@ -283,6 +292,8 @@ impl NbdClient {
         self.contexts.iter().map(|n| n.as_str())
     }
 
+    /// The server's block size constraints in bytes (the protocol defaults when it sent no
+    /// `NBD_INFO_BLOCK_SIZE`).
     pub fn block_sizes(&self) -> BlockSizes {
         self.block_sizes
     }

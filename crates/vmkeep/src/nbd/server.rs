@@ -48,7 +48,9 @@ use crate::nbd::uri::uri_escape;
 /// ([`crate::nbd::proto::STATE_HOLE`], [`crate::nbd::proto::STATE_ZERO`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
+    /// Length of the extent in bytes.
     pub len: u64,
+    /// `base:allocation` flags of the extent (`STATE_HOLE`, `STATE_ZERO`; 0 for allocated data).
     pub flags: u32,
 }
 
@@ -213,6 +215,8 @@ impl Server {
         })
     }
 
+    /// A handle another thread (a signal handler, a test) can use to stop [`Server::run`]; it
+    /// shares the server's state and stays valid after the server is gone.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle(self.shared.clone())
     }
@@ -243,6 +247,7 @@ impl Server {
         }
     }
 
+    /// Path of the unix socket the server listens on; `None` when it listens on TCP.
     pub fn socket_path(&self) -> Option<&Path> {
         self.listener.unix_path()
     }

@@ -17,14 +17,24 @@ use crate::nbd::proto::{DEFAULT_PORT, MAX_STRING_LEN};
 /// Where an NBD server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NbdAddress {
-    Tcp { host: String, port: u16 },
+    /// A TCP server (`nbd://`).
+    Tcp {
+        /// Host name or IP address, without the brackets of an IPv6 literal.
+        host: String,
+        /// TCP port ([`DEFAULT_PORT`], 10809, when the URI names none).
+        port: u16,
+    },
+    /// A unix socket (`nbd+unix://`): the path from the URI's `socket=` parameter.
     Unix(PathBuf),
 }
 
 /// A parsed NBD URI: a server address and an export name (empty for the default export).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdUri {
+    /// Where the server listens.
     pub address: NbdAddress,
+    /// The export name, percent-decoded (at most 4096 bytes); empty means the server's default
+    /// export.
     pub export: String,
 }
 

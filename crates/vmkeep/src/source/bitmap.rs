@@ -41,13 +41,17 @@ use crate::error::{Error, Result};
 /// A persistent bitmap as `qemu-img info` reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BitmapInfo {
+    /// The bitmap's name in the image.
     pub name: String,
+    /// Bytes of the disk one bit of the bitmap covers (0 when `qemu-img` did not say).
     pub granularity: u64,
     /// Flags such as `auto` (enabled) and `in-use` (not saved cleanly: untrustworthy).
     pub flags: Vec<String>,
 }
 
 impl BitmapInfo {
+    /// Whether the bitmap was saved cleanly (no `in-use` flag); an inconsistent bitmap cannot be
+    /// trusted for an incremental run.
     pub fn consistent(&self) -> bool {
         !self.flags.iter().any(|f| f == "in-use")
     }

@@ -9,6 +9,8 @@ use super::{BlockSource, Extent, ExtentKind};
 use crate::error::{Error, Result};
 use crate::fsutil;
 
+/// A raw image file or block device read in place with `pread`; holes of a file (`SEEK_HOLE`) are
+/// reported as [`ExtentKind::Zero`] and never read.
 pub struct FileSource {
     file: File,
     path: PathBuf,
@@ -16,6 +18,8 @@ pub struct FileSource {
 }
 
 impl FileSource {
+    /// Open `path` read-only and take its size (a file's length or a block device's size in bytes);
+    /// a folder or an unreadable path is [`Error::Source`].
     pub fn open(path: &Path) -> Result<FileSource> {
         let file = File::open(path).map_err(|e| Error::source(path.display(), e))?;
         let meta = file

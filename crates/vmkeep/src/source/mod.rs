@@ -32,8 +32,11 @@ pub enum ExtentKind {
 /// A byte range of a source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
+    /// Start of the range, in bytes from the start of the disk.
     pub offset: u64,
+    /// Length of the range in bytes (not blocks).
     pub length: u64,
+    /// Whether the range must be read or is known to read as zeros.
     pub kind: ExtentKind,
 }
 

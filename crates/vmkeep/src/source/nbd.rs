@@ -24,6 +24,8 @@ const DEPTH_PER_CONNECTION: usize = 8;
 /// Cap on the pipeline's workers, whatever the connection count.
 const MAX_PARALLELISM: usize = 16;
 
+/// A disk read from an NBD export: ranges the server flags `NBD_STATE_ZERO` in `base:allocation`
+/// are not read, and with a bitmap the `qemu:dirty-bitmap:` context says which ranges changed.
 pub struct NbdSource {
     client: NbdClient,
     /// The dirty-bitmap context that tracks changes, when one was asked for.
@@ -59,6 +61,7 @@ impl NbdSource {
         }
     }
 
+    /// The NBD connection underneath, for the export size, flags and contexts the server granted.
     pub fn client(&self) -> &NbdClient {
         &self.client
     }

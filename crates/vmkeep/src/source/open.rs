@@ -21,8 +21,13 @@ use crate::error::{Error, Result};
 pub enum SourceSpec {
     /// A path, with its `?key=value` options.
     Path {
+        /// The image file or block device, as given (before the `?` options).
         path: PathBuf,
+        /// `?format=`: the image format (`raw`, `qcow2`, ...); `None` probes the file's first
+        /// bytes.
         format: Option<String>,
+        /// `?bitmap=`: the persistent qcow2 bitmap that tracks changes for incremental runs; never
+        /// empty.
         bitmap: Option<String>,
     },
     /// An NBD URI.

@@ -9,6 +9,9 @@ use super::Target;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
 
+/// A restore target on the local file system: a regular file is written sparse to a
+/// `.vmkeep-partial` file beside `path` and renamed into place on `finish`; a block device is
+/// written in place.
 pub struct FileTarget {
     file: File,
     /// Where the bytes go now.

@@ -26,6 +26,8 @@ enum Conn {
     },
 }
 
+/// A restore target reached through NBD: an export of any writable server, or a new qcow2 image
+/// behind a private qemu-nbd that is renamed into place when the restore finishes.
 pub struct NbdTarget {
     conn: Conn,
     name: String,
