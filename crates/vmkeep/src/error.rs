@@ -159,9 +159,7 @@ impl Error {
     /// that the message says what the administrator has to fix.
     pub fn io(path: impl AsRef<Path>, source: io::Error) -> Self {
         let path = path.as_ref();
-        if source.raw_os_error() == Some(libc::ENOSPC)
-            || source.raw_os_error() == Some(libc::EDQUOT)
-        {
+        if is_full(&source) {
             return Error::NoSpace {
                 path: path.to_path_buf(),
             };
@@ -174,7 +172,7 @@ impl Error {
 
     /// An I/O error with a free-form context (not a single path).
     pub fn io_ctx(context: impl fmt::Display, source: io::Error) -> Self {
-        if source.raw_os_error() == Some(libc::ENOSPC) {
+        if is_full(&source) {
             return Error::NoSpace {
                 path: PathBuf::from(context.to_string()),
             };
@@ -184,6 +182,11 @@ impl Error {
             source,
         }
     }
+}
+
+/// The file system is full, or the user's quota is (both leave the archive as it was).
+fn is_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
 /// Attach a path to `std::io` results.
@@ -196,5 +199,25 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for io::Result<T> {
     fn at(self, path: impl AsRef<Path>) -> Result<T> {
         self.map_err(|e| Error::io(path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_or_quota_is_no_space_whichever_constructor_sees_it() {
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            let by_path = Error::io("/repo/vm/x", io::Error::from_raw_os_error(errno));
+            let by_context = Error::io_ctx("writing x", io::Error::from_raw_os_error(errno));
+            assert!(matches!(by_path, Error::NoSpace { .. }), "{by_path:?}");
+            assert!(
+                matches!(by_context, Error::NoSpace { .. }),
+                "{by_context:?}"
+            );
+        }
+        let other = Error::io_ctx("writing x", io::Error::from_raw_os_error(libc::EIO));
+        assert!(matches!(other, Error::Io { .. }), "{other:?}");
     }
 }

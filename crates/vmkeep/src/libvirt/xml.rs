@@ -243,7 +243,7 @@ pub fn default_export_names(target: &str) -> (String, String) {
 
 /// The NBD metadata context through which QEMU's NBD server publishes a dirty bitmap.
 pub fn dirty_bitmap_context(bitmap: &str) -> String {
-    format!("qemu:dirty-bitmap:{bitmap}")
+    format!("{}{bitmap}", crate::nbd::proto::META_DIRTY_BITMAP_PREFIX)
 }
 
 /// One disk of a pull backup as the XML will request it.
