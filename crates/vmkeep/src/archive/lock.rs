@@ -70,7 +70,7 @@ impl VmLock {
     /// Take the lock of the VM whose folder is `dir`, or fail at once naming the holder.
     pub fn acquire(dir: &Path, vm: &str, what: &str) -> Result<VmLock> {
         let dir_fd = fsutil::open_dir_nofollow(dir)?;
-        let path = dir.join(names::LOCK);
+        let path = names::lock_path(dir);
         let fd = openat(
             &dir_fd,
             names::LOCK,

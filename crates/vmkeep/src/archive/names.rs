@@ -56,6 +56,11 @@ pub fn vm_profile(vm_dir: &Path) -> PathBuf {
     vm_dir.join(VM_PROFILE)
 }
 
+/// `VM/lock` of the VM folder `vm_dir`.
+pub fn lock_path(vm_dir: &Path) -> PathBuf {
+    vm_dir.join(LOCK)
+}
+
 /// `VM/txn.toml` of the VM folder `vm_dir`.
 pub fn txn_file(vm_dir: &Path) -> PathBuf {
     vm_dir.join(TXN_FILE)

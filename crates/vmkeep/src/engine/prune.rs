@@ -19,7 +19,7 @@ use crate::archive::rdiff::{RdiffHeader, RdiffReader, RdiffWriter, Record, FLAG_
 use crate::archive::retention::{self, Item, Schedule};
 use crate::archive::txn::{self, Txn};
 use crate::archive::view::open_rdiff;
-use crate::archive::{Generation, GenerationId, Repository};
+use crate::archive::{Generation, GenerationId, Repository, VmArchive};
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 
@@ -35,7 +35,8 @@ pub struct PruneReport {
     pub recovered: Vec<String>,
 }
 
-/// Apply `schedule` to VM `vm`.
+/// Apply `schedule` to VM `vm`: take its lock, finish what an interrupted command left
+/// (unless `dry_run`), then [`prune_held`].
 pub fn prune(
     repo: &Repository,
     vm: &str,
@@ -44,12 +45,31 @@ pub fn prune(
     _progress: &dyn Progress,
 ) -> Result<PruneReport> {
     let archive = repo.vm(vm)?;
-    let _lock = VmLock::acquire(&archive.dir, vm, "prune")?;
+    let lock = VmLock::acquire(&archive.dir, vm, "prune")?;
     let recovered = if dry_run {
         Vec::new()
     } else {
         txn::recover(&archive.dir)?
     };
+    prune_held(&archive, &lock, schedule, dry_run, recovered)
+}
+
+/// Apply `schedule` to `archive` while the caller holds its lock (`_held`; a backup that
+/// prunes as it goes passes its own), with `recovered` the lines of what recovery did.
+pub fn prune_held(
+    archive: &VmArchive,
+    held: &VmLock,
+    schedule: &Schedule,
+    dry_run: bool,
+    recovered: Vec<String>,
+) -> Result<PruneReport> {
+    let vm = archive.name.as_str();
+    if held.path() != crate::archive::names::lock_path(&archive.dir) {
+        return Err(Error::usage(format!(
+            "VM {vm}: pruning needs this VM's lock, not {}",
+            held.path().display()
+        )));
+    }
     let gens = archive.generations()?;
     let items: Vec<Item> = gens
         .iter()

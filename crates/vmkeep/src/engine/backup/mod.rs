@@ -21,8 +21,10 @@ use crate::archive::lock::VmLock;
 use crate::archive::profile::{
     self, DiskRecord, GenerationMode, GenerationProfile, SourceKind, VmProfile, PROFILE_VERSION,
 };
+use crate::archive::retention::Schedule;
 use crate::archive::txn::{self, Txn};
 use crate::archive::{self, names, Generation, GenerationId, Repository, VmArchive};
+use crate::engine::prune::{prune_held, PruneReport};
 use crate::engine::Mode;
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -168,6 +170,10 @@ pub struct BackupOptions {
     pub domain_xml: Option<String>,
     /// The libvirt checkpoint made with this generation.
     pub checkpoint: Option<String>,
+    /// Prune as it goes (config `prune = "after-backup"`): once the generation is
+    /// committed, apply this retention schedule in the same run and lock. A failed
+    /// backup prunes nothing.
+    pub prune_after: Option<Schedule>,
 }
 
 impl Default for BackupOptions {
@@ -180,6 +186,7 @@ impl Default for BackupOptions {
             kind: SourceKind::Image,
             domain_xml: None,
             checkpoint: None,
+            prune_after: None,
         }
     }
 }
@@ -195,6 +202,11 @@ pub struct BackupReport {
     pub recovered: Vec<String>,
     /// Lines the user should read (a disk read whole, and why; damaged old blocks).
     pub warnings: Vec<String>,
+    /// What pruning after the backup did ([`BackupOptions::prune_after`]).
+    pub pruned: Option<PruneReport>,
+    /// Why pruning after the backup failed: the generation is committed all the same,
+    /// and nothing was removed that the schedule keeps.
+    pub prune_error: Option<String>,
 }
 
 impl BackupReport {
@@ -222,7 +234,7 @@ pub struct BackupRun {
     recovered: Vec<String>,
     started: Instant,
     start_time: String,
-    _lock: VmLock,
+    lock: VmLock,
 }
 
 impl BackupRun {
@@ -254,7 +266,7 @@ impl BackupRun {
             recovered,
             started: Instant::now(),
             start_time: profile::now_rfc3339(),
-            _lock: lock,
+            lock,
         })
     }
 
@@ -348,12 +360,23 @@ impl BackupRun {
                     .map(|gp| (gp, warnings))
             });
         match result {
-            Ok((generation, warnings)) => Ok(BackupReport {
-                vm: self.vm.clone(),
-                generation,
-                recovered: self.recovered.clone(),
-                warnings,
-            }),
+            Ok((generation, warnings)) => {
+                let (pruned, prune_error) = match &opts.prune_after {
+                    Some(schedule) => match self.prune_after(schedule) {
+                        Ok(r) => (Some(r), None),
+                        Err(e) => (None, Some(e.to_string())),
+                    },
+                    None => (None, None),
+                };
+                Ok(BackupReport {
+                    vm: self.vm.clone(),
+                    generation,
+                    recovered: self.recovered.clone(),
+                    warnings,
+                    pruned,
+                    prune_error,
+                })
+            }
             Err(e) => {
                 if let Err(undo) = txn::recover(&self.vm_dir) {
                     progress.warn(&format!("VM {}: the failed run could not be rolled back yet ({undo}); the next command will", self.vm));
@@ -361,6 +384,12 @@ impl BackupRun {
                 Err(e)
             }
         }
+    }
+
+    /// Apply `schedule` to the VM under this run's lock, its new generation committed.
+    fn prune_after(&self, schedule: &Schedule) -> Result<PruneReport> {
+        let archive = VmArchive::open(self.vm_dir.clone(), &self.vm)?;
+        prune_held(&archive, &self.lock, schedule, false, Vec::new())
     }
 
     fn block_size(&self, opts: &BackupOptions) -> Result<u32> {
