@@ -123,8 +123,8 @@ pub struct VmProfile {
     pub block_size: u32,
     /// When the first backup made the profile (`created`, RFC 3339 UTC).
     pub created: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     /// The outcome of the last `check` (`[last_check]`); absent until one ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_check: Option<CheckRecord>,
 }
 
@@ -158,8 +158,8 @@ pub struct GenerationProfile {
     pub mode: GenerationMode,
     /// Wall-clock time the backup took (`duration_secs`), in seconds, to the millisecond.
     pub duration_secs: f64,
-    #[serde(default)]
     /// Whether the generation is protected (`protected`): prune never removes it.
+    #[serde(default)]
     pub protected: bool,
     /// Block size B in bytes (`block_size`), the VM's.
     pub block_size: u32,
@@ -169,8 +169,8 @@ pub struct GenerationProfile {
     /// libvirt checkpoint made with this generation (incr basis for the next run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
-    #[serde(default, rename = "disk")]
     /// One `[[disk]]` table per disk the generation holds.
+    #[serde(default, rename = "disk")]
     pub disks: Vec<DiskRecord>,
 }
 
