@@ -142,8 +142,9 @@ const WINDOW_BLOCKS: u64 = 4096;
 impl DigestReader {
     /// Open the digest file at `path` and check its header (magic, version, check value, block
     /// size, disk size, block count) and that the file is exactly 4096 + 32·N bytes long.
-    /// Any mismatch, a missing file and a symbolic link are corrupt-file errors naming
-    /// `path`; a read that fails is an I/O error.
+    /// An unknown format version is a format error; any other mismatch, a missing file and
+    /// a symbolic link are corrupt-file errors naming `path`; a read that fails is an I/O
+    /// error.
     pub fn open(path: &Path) -> Result<Self> {
         let file = fsutil::open_ro(path)?;
         let mut hb = [0u8; HEADER_LEN];
