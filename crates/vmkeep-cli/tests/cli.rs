@@ -360,8 +360,9 @@ fn busy_vm_names_the_holder() {
         .write(true)
         .open(env.repo().join("vm/lock"))
         .unwrap();
-    // SAFETY: flock on a descriptor we own.
     assert_eq!(
+        // SAFETY: flock on a descriptor we own (`lock` is open for the whole call); it
+        // takes no pointers.
         unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
         0
     );

@@ -211,8 +211,8 @@ struct Tmpfs(PathBuf);
 
 impl Tmpfs {
     fn mount(path: &Path, mib: u64) -> Tmpfs {
-        // SAFETY: getuid has no preconditions.
         assert_eq!(
+            // SAFETY: getuid has no preconditions and cannot fail.
             unsafe { libc::getuid() },
             0,
             "the tmpfs tests need root (run scripts/test.sh as root)"

@@ -302,6 +302,7 @@ pub fn tmp_path(path: &Path) -> std::path::PathBuf {
     path.with_file_name(name)
 }
 
+/// The folder holding `path`: its parent, or `.` for a bare file name (and for `/`).
 pub fn parent(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -451,6 +452,8 @@ impl WriteBehind {
         WriteBehind { since: 0, every }
     }
 
+    /// Count `n` more bytes written to `file`; past the threshold, start its writeback
+    /// ([`start_writeback`]) and count again from zero.
     pub fn wrote(&mut self, file: &File, n: u64) {
         self.since += n;
         if self.since >= self.every {

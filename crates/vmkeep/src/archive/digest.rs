@@ -11,6 +11,7 @@ use crate::archive::format::*;
 use crate::error::{Error, Result};
 use crate::fsutil;
 
+/// A block digest: BLAKE3-256 of the block's bytes, or [`ZERO_DIGEST`] for an all-zero block.
 pub type Digest = [u8; DIGEST_LEN];
 
 /// The digest of an all-zero block.
@@ -38,6 +39,9 @@ pub struct RootHasher {
 }
 
 impl RootHasher {
+    /// Start the root of a disk of `disk_size` bytes cut into blocks of `block_size`
+    /// bytes; exactly `ceil(disk_size / block_size)` digests must be pushed before
+    /// [`finish`](Self::finish).
     pub fn new(block_size: u32, disk_size: u64) -> Self {
         let mut h = blake3::Hasher::new_derive_key("vmkeep digest root v1");
         h.update(&(block_size as u64).to_le_bytes());
@@ -48,10 +52,13 @@ impl RootHasher {
             expected: block_count(disk_size, block_size),
         }
     }
+    /// Add the digest of the next block.
     pub fn push(&mut self, d: &Digest) {
         self.h.update(d);
         self.count += 1;
     }
+    /// Add the digests of the next blocks: `ds` holds whole 32-byte digests, back to back
+    /// (as in the entry area of a digest file).
     pub fn push_many(&mut self, ds: &[u8]) {
         debug_assert_eq!(ds.len() % DIGEST_LEN, 0);
         self.h.update(ds);
@@ -70,12 +77,17 @@ impl RootHasher {
 /// The fixed header of a digest file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DigestHeader {
+    /// Block size B of the disk, in bytes (header offset 16).
     pub block_size: u32,
+    /// Disk size S in bytes (header offset 24).
     pub disk_size: u64,
+    /// The generation whose newest image the file describes: the 16 bytes of its UUID
+    /// (header offset 40). Readers require it to name the generation they open.
     pub generation: [u8; 16],
 }
 
 impl DigestHeader {
+    /// Block count N = ceil(S / B): the number of entries in the file.
     pub fn blocks(&self) -> u64 {
         block_count(self.disk_size, self.block_size)
     }
@@ -119,6 +131,7 @@ impl DigestHeader {
 pub struct DigestReader {
     file: File,
     path: PathBuf,
+    /// The decoded header of the file.
     pub header: DigestHeader,
     window_start: u64,
     window: Vec<u8>,
@@ -127,6 +140,11 @@ pub struct DigestReader {
 const WINDOW_BLOCKS: u64 = 4096;
 
 impl DigestReader {
+    /// Open the digest file at `path` and check its header (magic, version, check value, block
+    /// size, disk size, block count) and that the file is exactly 4096 + 32·N bytes long.
+    /// An unknown format version is a format error; any other mismatch, a missing file and
+    /// a symbolic link are corrupt-file errors naming `path`; a read that fails is an I/O
+    /// error.
     pub fn open(path: &Path) -> Result<Self> {
         let file = fsutil::open_ro(path)?;
         let mut hb = [0u8; HEADER_LEN];
@@ -148,10 +166,12 @@ impl DigestReader {
         })
     }
 
+    /// The file this reader reads, for error messages.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// Block count N of the disk: the number of entries.
     pub fn blocks(&self) -> u64 {
         self.header.blocks()
     }
@@ -251,7 +271,7 @@ pub struct DigestWriter {
 const RUN_MAX: usize = 64 << 10;
 
 impl DigestWriter {
-    /// Create `path` (which must not exist) for a disk of `disk_size` bytes.
+    /// Create `path` (which must not exist) with `header`, its entries all zero digests.
     pub fn create(path: &Path, header: DigestHeader) -> Result<Self> {
         let file = fsutil::create_new(path)?;
         fsutil::write_at(&file, &header.encode(), 0, path)?;
@@ -293,6 +313,7 @@ impl DigestWriter {
         Ok(w)
     }
 
+    /// The header written at the start of the file.
     pub fn header(&self) -> &DigestHeader {
         &self.header
     }

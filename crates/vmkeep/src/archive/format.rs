@@ -28,8 +28,9 @@ pub const DIGEST_LEN: usize = 32;
 /// Bytes of one reverse-diff index entry: block number and record offset.
 pub const INDEX_ENTRY_LEN: usize = 16;
 
-/// Smallest and largest block sizes.
+/// Smallest block size in bytes (4 KiB).
 pub const MIN_BLOCK_SIZE: u32 = 4096;
+/// Largest block size in bytes (4 MiB).
 pub const MAX_BLOCK_SIZE: u32 = 4 << 20;
 /// Default block size; see docs/FORMAT.md for the measurements behind it.
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 << 10;
@@ -154,20 +155,25 @@ pub struct Put<'a> {
 }
 
 impl<'a> Put<'a> {
+    /// A cursor at the start of `buf`.
     pub fn new(buf: &'a mut [u8]) -> Self {
         Put { buf, pos: 0 }
     }
+    /// Copy `b` to the cursor and move past it. Panics if `buf` has no room for it.
     pub fn bytes(&mut self, b: &[u8]) -> &mut Self {
         self.buf[self.pos..self.pos + b.len()].copy_from_slice(b);
         self.pos += b.len();
         self
     }
+    /// Write `v` as 2 bytes, little-endian.
     pub fn u16(&mut self, v: u16) -> &mut Self {
         self.bytes(&v.to_le_bytes())
     }
+    /// Write `v` as 4 bytes, little-endian.
     pub fn u32(&mut self, v: u32) -> &mut Self {
         self.bytes(&v.to_le_bytes())
     }
+    /// Write `v` as 8 bytes, little-endian.
     pub fn u64(&mut self, v: u64) -> &mut Self {
         self.bytes(&v.to_le_bytes())
     }
@@ -180,9 +186,11 @@ pub struct Get<'a> {
 }
 
 impl<'a> Get<'a> {
+    /// A cursor at the start of `buf`.
     pub fn new(buf: &'a [u8]) -> Self {
         Get { buf, pos: 0 }
     }
+    /// The next `N` bytes, moving past them. Panics if fewer than `N` are left.
     pub fn bytes<const N: usize>(&mut self) -> [u8; N] {
         let v = self.buf[self.pos..self.pos + N]
             .try_into()
@@ -190,12 +198,15 @@ impl<'a> Get<'a> {
         self.pos += N;
         v
     }
+    /// The next 2 bytes as a little-endian `u16`.
     pub fn u16(&mut self) -> u16 {
         u16::from_le_bytes(self.bytes())
     }
+    /// The next 4 bytes as a little-endian `u32`.
     pub fn u32(&mut self) -> u32 {
         u32::from_le_bytes(self.bytes())
     }
+    /// The next 8 bytes as a little-endian `u64`.
     pub fn u64(&mut self) -> u64 {
         u64::from_le_bytes(self.bytes())
     }

@@ -121,6 +121,7 @@ impl VmLock {
         Ok(VmLock { file, path })
     }
 
+    /// The lock file, `REPO/VM/lock`.
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -37,6 +37,8 @@ use profile::{GenerationProfile, RepoProfile, VmProfile, PROFILE_VERSION};
 #[derive(Debug, Clone)]
 pub struct Repository {
     root: PathBuf,
+    /// The repository's `repo.toml`, as [`open`](Self::open) read it or
+    /// [`init`](Self::init) wrote it.
     pub profile: RepoProfile,
 }
 
@@ -88,6 +90,7 @@ impl Repository {
         })
     }
 
+    /// The repository folder, as given to [`init`](Self::init) or [`open`](Self::open).
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -139,16 +142,24 @@ impl Repository {
 /// One VM's folder.
 #[derive(Debug, Clone)]
 pub struct VmArchive {
+    /// The VM folder `REPO/VM`.
     pub dir: PathBuf,
+    /// The VM's name, also its folder's name.
     pub name: String,
+    /// The VM's `vm.toml` as loaded (block size, last check); [`save_profile`](Self::save_profile)
+    /// writes it back.
     pub profile: VmProfile,
 }
 
 /// One generation, as listed from its folder.
 #[derive(Debug, Clone)]
 pub struct Generation {
+    /// The generation id, also its folder's name.
     pub id: GenerationId,
+    /// The generation folder `REPO/VM/GEN`.
     pub dir: PathBuf,
+    /// The generation's `generation.toml`, checked: it names this id, a valid block size,
+    /// distinct valid disk names and possible disk sizes.
     pub profile: GenerationProfile,
 }
 
@@ -201,6 +212,9 @@ pub fn generation_bytes(id: &GenerationId) -> [u8; 16] {
 }
 
 impl VmArchive {
+    /// Open the VM folder `dir` of VM `name`: a folder that is a symbolic link is refused, and
+    /// its `vm.toml` must load, name `name` and hold a valid block size, else the archive is
+    /// corrupt.
     pub fn open(dir: PathBuf, name: &str) -> Result<VmArchive> {
         fsutil::refuse_symlink(&dir)?;
         let path = names::vm_profile(&dir);
@@ -219,10 +233,13 @@ impl VmArchive {
         })
     }
 
+    /// `vm.toml`: the VM profile.
     pub fn profile_path(&self) -> PathBuf {
         names::vm_profile(&self.dir)
     }
 
+    /// Write [`profile`](Self::profile) back to `vm.toml` atomically (beside, fsync, rename,
+    /// fsync the folder).
     pub fn save_profile(&self) -> Result<()> {
         profile::store(&self.profile_path(), "vmkeep VM profile", &self.profile)
     }

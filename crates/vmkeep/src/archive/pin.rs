@@ -30,6 +30,7 @@ use crate::fsutil;
 pub struct Pin {
     file: File,
     path: PathBuf,
+    /// The generation the pin holds: prune does not drop it while the pin lives.
     pub generation: GenerationId,
 }
 
@@ -66,6 +67,7 @@ impl Pin {
         }
     }
 
+    /// The pin file, `REPO/VM/pins/<pid>-<generation>[.<n>]`.
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -91,7 +91,10 @@ pub fn store<T: Serialize>(path: &Path, title: &str, value: &T) -> Result<()> {
     fsutil::atomic_write(path, render(title, value)?.as_bytes())
 }
 
+/// A profile that carries a `format` number; [`parse`] refuses any other than
+/// [`PROFILE_VERSION`] with a format error.
 pub trait Versioned {
+    /// The profile's `format` key.
     fn version(&self) -> u32;
 }
 
@@ -99,9 +102,11 @@ pub trait Versioned {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RepoProfile {
+    /// Profile format version (`format`, 1).
     pub format: u32,
     /// Stable identity of this repository (names its checkpoints and bitmaps).
     pub id: String,
+    /// When the repository was made (`created`, RFC 3339 UTC).
     pub created: String,
 }
 
@@ -109,10 +114,16 @@ pub struct RepoProfile {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VmProfile {
+    /// Profile format version (`format`, 1).
     pub format: u32,
+    /// The VM's name (`name`); must match its folder's name, else the profile is corrupt.
     pub name: String,
+    /// Block size B in bytes (`block_size`), fixed at the first backup: a power of two from
+    /// 4 KiB to 4 MiB.
     pub block_size: u32,
+    /// When the first backup made the profile (`created`, RFC 3339 UTC).
     pub created: String,
+    /// The outcome of the last `check` (`[last_check]`); absent until one ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_check: Option<CheckRecord>,
 }
@@ -121,9 +132,13 @@ pub struct VmProfile {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CheckRecord {
+    /// When the check finished (`time`, RFC 3339 UTC).
     pub time: String,
+    /// Whether it was a deep check (`deep`): every block read and verified.
     pub deep: bool,
+    /// Whether it found no problem (`ok`).
     pub ok: bool,
+    /// Number of problems it reported (`problems`).
     pub problems: u64,
 }
 
@@ -131,16 +146,22 @@ pub struct CheckRecord {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GenerationProfile {
+    /// Profile format version (`format`, 1).
     pub format: u32,
+    /// The generation id (`id`), equal to its folder's name.
     pub id: GenerationId,
+    /// The VM the generation belongs to (`vm`).
     pub vm: String,
     /// Start of the backup (RFC 3339, UTC).
     pub time: String,
     /// The mode actually used: full, diff or incr.
     pub mode: GenerationMode,
+    /// Wall-clock time the backup took (`duration_secs`), in seconds, to the millisecond.
     pub duration_secs: f64,
+    /// Whether the generation is protected (`protected`): prune never removes it.
     #[serde(default)]
     pub protected: bool,
+    /// Block size B in bytes (`block_size`), the VM's.
     pub block_size: u32,
     /// Where the disks came from: "image", "nbd" or "libvirt".
     #[serde(default)]
@@ -148,6 +169,7 @@ pub struct GenerationProfile {
     /// libvirt checkpoint made with this generation (incr basis for the next run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
+    /// One `[[disk]]` table per disk the generation holds.
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskRecord>,
 }
@@ -173,14 +195,23 @@ pub enum SourceKind {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DiskRecord {
+    /// Disk name (`name`): the `DISK` of its file names (see "Names" in `docs/FORMAT.md`).
     pub name: String,
+    /// Disk size S in bytes (`size`) at this generation.
     pub size: u64,
     /// Mode used for this disk (a disk may fall back from incr to diff).
     pub mode: GenerationMode,
+    /// The source as described for messages (`source`): a path or URI.
     pub source: String,
+    /// Bytes read from the source (`read_bytes`).
     pub read_bytes: u64,
+    /// Bytes of blocks whose content changed (`changed_bytes`).
     pub changed_bytes: u64,
+    /// Bytes the repository grew by (`stored_bytes`): the reverse diff written for the
+    /// previous generation plus the growth of the image's allocation.
     pub stored_bytes: u64,
+    /// Digest root of the disk at this generation (`digest_root`), `blake3:<64 hex digits>`:
+    /// see "Blocks and digests" in `docs/FORMAT.md`.
     pub digest_root: String,
     /// Persistent bitmap (qcow2) that tracks writes after this generation:
     /// `PREFIX.<repository id>.<generation id>`, the run's token inside the image.
@@ -246,6 +277,7 @@ impl Versioned for GenerationProfile {
 }
 
 impl GenerationProfile {
+    /// The record of disk `name`, if the generation has that disk.
     pub fn disk(&self, name: &str) -> Option<&DiskRecord> {
         self.disks.iter().find(|d| d.name == name)
     }
@@ -256,6 +288,7 @@ pub fn now_rfc3339() -> String {
     format_time(time::OffsetDateTime::now_utc())
 }
 
+/// `t` in RFC 3339 at UTC, to the second (`2026-01-02T03:04:05Z`), as profiles store times.
 pub fn format_time(t: time::OffsetDateTime) -> String {
     let f = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
     t.to_offset(time::UtcOffset::UTC)

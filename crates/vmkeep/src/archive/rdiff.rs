@@ -29,27 +29,39 @@ pub const REC_ZSTD: u16 = 2;
 pub const REC_DAMAGED: u16 = 4;
 const REC_KNOWN: u16 = REC_ZERO | REC_ZSTD | REC_DAMAGED;
 
-/// Compression codes in the header.
+/// Header compression code 0: no compression. The code is informational: each record's
+/// [`REC_ZSTD`] flag says how its own body is stored.
 pub const COMPRESSION_NONE: u32 = 0;
+/// Header compression code 1: record bodies may be zstd frames (what this build writes).
 pub const COMPRESSION_ZSTD: u32 = 1;
 
+/// The 64-byte header of a reverse diff of generation g against the next newer one, g+1
+/// (`docs/FORMAT.md`, "DISK.rdiff"). Decoding refuses unknown flags or compression codes
+/// (a format error) and impossible block or disk sizes (corrupt).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RdiffHeader {
+    /// Header flags (offset 12): only [`FLAG_BASE`] is defined.
     pub flags: u32,
+    /// Block size B in bytes (offset 16), the VM's.
     pub block_size: u32,
+    /// Compression code (offset 20): [`COMPRESSION_NONE`] or [`COMPRESSION_ZSTD`].
     pub compression: u32,
     /// Size of the disk at this generation.
     pub disk_size: u64,
     /// Size of the disk at the next newer generation (0 with [`FLAG_BASE`]).
     pub next_size: u64,
+    /// The generation g the file belongs to: the 16 bytes of its UUID (offset 40). Readers
+    /// require it to name the generation whose folder holds the file.
     pub generation: [u8; 16],
 }
 
 impl RdiffHeader {
+    /// Whether [`FLAG_BASE`] is set: the chain ends here, and a block without a record is zero.
     pub fn is_base(&self) -> bool {
         self.flags & FLAG_BASE != 0
     }
 
+    /// Block count N(g) = ceil(S(g) / B): every record's block number is below it.
     pub fn blocks(&self) -> u64 {
         block_count(self.disk_size, self.block_size)
     }
@@ -97,10 +109,14 @@ impl RdiffHeader {
 /// One block of a reverse diff.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
+    /// Block number b, below N(g).
     pub block: u64,
+    /// Record flags: [`REC_ZERO`], [`REC_ZSTD`], [`REC_DAMAGED`].
     pub flags: u16,
     /// Length of the block's bytes (the last block of a disk may be short).
     pub raw_len: u32,
+    /// Digest of the block at this generation (for a [`REC_DAMAGED`] record, what it should
+    /// have been).
     pub digest: Digest,
     /// The stored body: empty for zero blocks, else raw or zstd-compressed bytes.
     pub body: Vec<u8>,
@@ -145,10 +161,13 @@ impl Record {
         }
     }
 
+    /// Whether the record is [`REC_ZERO`]: the block is all zeros and has no body.
     pub fn is_zero(&self) -> bool {
         self.flags & REC_ZERO != 0
     }
 
+    /// Whether the record is [`REC_DAMAGED`]: the block failed its digest before the record
+    /// was made, so its bytes are not the generation's.
     pub fn is_damaged(&self) -> bool {
         self.flags & REC_DAMAGED != 0
     }
@@ -315,10 +334,12 @@ impl RdiffWriter {
         Ok(w)
     }
 
+    /// The header written at the start of the file.
     pub fn header(&self) -> &RdiffHeader {
         &self.header
     }
 
+    /// The file being written.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -348,10 +369,12 @@ impl RdiffWriter {
         self.put(&rec.body)
     }
 
+    /// Number of records appended so far.
     pub fn records(&self) -> usize {
         self.index.len()
     }
 
+    /// Block number of the last record appended, if any.
     pub fn last_block(&self) -> Option<u64> {
         self.index.last().map(|&(b, _)| b)
     }
@@ -404,16 +427,24 @@ pub fn file_hash(path: &Path) -> Result<String> {
 pub struct RdiffReader {
     file: File,
     path: PathBuf,
+    /// The file's decoded header.
     pub header: RdiffHeader,
     index: Vec<(u64, u64)>,
     index_offset: u64,
     file_hash: [u8; 32],
     footer_head: [u8; 32],
+    /// Data bytes from the footer: the sum of the raw lengths of the non-zero records.
     pub data_bytes: u64,
+    /// Length of the file in bytes.
     pub file_len: u64,
 }
 
 impl RdiffReader {
+    /// Open the finished reverse diff at `path`, check its header, footer and index (footer
+    /// consistent with the file's length, index entries strictly increasing in block and
+    /// offset, the first record right after the header) and load the index: 16 bytes of
+    /// memory per record. Records are checked when they are read. A missing, short or
+    /// inconsistent file is corrupt; an unknown version, flag or compression a format error.
     pub fn open(path: &Path) -> Result<Self> {
         let file = fsutil::open_ro(path)?;
         let len = file.metadata().at(path)?.len();
@@ -487,14 +518,18 @@ impl RdiffReader {
         })
     }
 
+    /// The file being read, for error messages.
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// Number of records.
     pub fn len(&self) -> usize {
         self.index.len()
     }
 
+    /// Whether the file has no record: every block of the generation resolves further
+    /// along the chain (or is zero, past the next newer size or with [`FLAG_BASE`]).
     pub fn is_empty(&self) -> bool {
         self.index.is_empty()
     }
@@ -509,6 +544,8 @@ impl RdiffReader {
         self.index.binary_search_by_key(&b, |&(blk, _)| blk).ok()
     }
 
+    /// Block number of record `i` (by index position). Panics if `i` is not below
+    /// [`len`](Self::len).
     pub fn block_at(&self, i: usize) -> u64 {
         self.index[i].0
     }
@@ -604,7 +641,9 @@ impl RdiffReader {
 
 /// The valid prefix of a partial reverse diff (an interrupted backup's undo journal).
 pub struct PartialRdiff {
+    /// The journal's header (the sizes and the generation it undoes).
     pub header: RdiffHeader,
+    /// The records of the valid prefix, in increasing block order.
     pub records: Vec<Record>,
 }
 
@@ -622,6 +661,7 @@ pub struct PartialScan {
     /// Where the next record starts; the file's length once the prefix has ended.
     off: u64,
     last: Option<u64>,
+    /// The journal's header.
     pub header: RdiffHeader,
 }
 
@@ -721,6 +761,7 @@ impl PartialScan {
 pub struct JournalIndex {
     file: File,
     path: PathBuf,
+    /// The journal's header.
     pub header: RdiffHeader,
     /// (device, inode) of the file indexed.
     pub identity: (u64, u64),
@@ -801,6 +842,7 @@ impl JournalIndex {
         }))
     }
 
+    /// Number of records indexed so far.
     pub fn records(&self) -> usize {
         self.entries.len()
     }

@@ -100,15 +100,21 @@ record_text!(TxnState {
     Commit = "commit"
 });
 
+/// `REPO/VM/txn.toml`: the record of a backup or prune in flight, present only while one
+/// runs (or was interrupted). Its fields are those `docs/FORMAT.md` lists under
+/// `txn.toml`; [`recover`] acts on it only after [`Txn::validate`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Txn {
+    /// Profile format version (`format`, 1).
     pub format: u32,
     /// "backup" or "prune".
     pub op: TxnOp,
     /// "running" (roll back) or "commit" (roll forward).
     pub state: TxnState,
+    /// Process id of the command that wrote the record (`pid`), for messages only.
     pub pid: u32,
+    /// When the command began (`started`, RFC 3339 UTC).
     pub started: String,
     /// backup: the generation that was newest when the run began.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -135,6 +141,10 @@ impl Versioned for Txn {
 }
 
 impl Txn {
+    /// The record a backup writes before it changes anything (step 2 of the protocol):
+    /// state `running`, this process's pid, the current time; `old` is the newest generation
+    /// when the run began (`None` for a VM's first backup), `new` the one being made, `disks`
+    /// the new generation's disks.
     pub fn backup(old: Option<String>, new: String, disks: Vec<String>) -> Txn {
         Txn {
             format: PROFILE_VERSION,
@@ -150,6 +160,9 @@ impl Txn {
         }
     }
 
+    /// The record of a prune dropping the middle generation `dropped` into `older`, written
+    /// once every merged reverse diff is durable: state `commit` from the start (a prune is
+    /// only ever rolled forward). The caller fills in [`merged`](Self::merged).
     pub fn prune(older: String, dropped: String, disks: Vec<String>) -> Txn {
         Txn {
             format: PROFILE_VERSION,
@@ -165,10 +178,13 @@ impl Txn {
         }
     }
 
+    /// Write the record to `vm_dir/txn.toml` atomically (`txn.toml.tmp`, fsync, rename, fsync
+    /// `vm_dir`).
     pub fn store(&self, vm_dir: &Path) -> Result<()> {
         profile::store(&names::txn_file(vm_dir), "vmkeep transaction", self)
     }
 
+    /// Remove `vm_dir/txn.toml` and fsync `vm_dir`: the last step of a transaction.
     pub fn clear(vm_dir: &Path) -> Result<()> {
         fsutil::remove_file(&names::txn_file(vm_dir))?;
         fsutil::sync_dir(vm_dir)

@@ -35,7 +35,13 @@ use crate::fsutil;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Loc {
     /// Record `rec` of reverse diff `chain` (0 = the generation's own).
-    Record { chain: u32, rec: u32 },
+    Record {
+        /// Position in [`DiskView::chain`]: 0 is the generation's own reverse diff, 1 the
+        /// next newer one's, and so on.
+        chain: u32,
+        /// Position of the record in that reverse diff's index.
+        rec: u32,
+    },
     /// The newest image.
     Image,
     /// All zeros.
@@ -45,15 +51,22 @@ pub enum Loc {
 /// A run of blocks with one location kind (records are single blocks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
+    /// First block of the run.
     pub start: u64,
+    /// Block after the last one of the run (exclusive end).
     pub end: u64,
+    /// Where every block of the run comes from.
     pub loc: Loc,
 }
 
 /// One block as read: its bytes, the digest it must have, and whether it matched.
 pub struct Block {
+    /// The block's bytes at the generation, at its length there (the last block of a disk
+    /// may be short). When `ok` is false they are what was read, or zeros when nothing could be.
     pub data: Vec<u8>,
+    /// The digest the generation records for the block.
     pub digest: Digest,
+    /// Whether `data` matched `digest` (and, for a record, the record was not marked damaged).
     pub ok: bool,
 }
 
@@ -118,9 +131,13 @@ impl<'a> Selected<'a> {
 
 /// One disk of one generation, ready to be read.
 pub struct DiskView {
+    /// The disk's name.
     pub disk: String,
+    /// The generation the view reads.
     pub generation: GenerationId,
+    /// Disk size S in bytes at that generation.
     pub size: u64,
+    /// Block size B in bytes, the VM's.
     pub block_size: u32,
     chain: Vec<RdiffReader>,
     image: Option<(File, PathBuf)>,
@@ -452,6 +469,7 @@ impl DiskView {
         self.image_limit = if self.image.is_some() { limit } else { 0 };
     }
 
+    /// Block count N = ceil(S / B) of the disk at this generation.
     pub fn blocks(&self) -> u64 {
         block_count(self.size, self.block_size)
     }
@@ -461,6 +479,8 @@ impl DiskView {
         self.map.len()
     }
 
+    /// Where block `b` of the generation comes from. Blocks at or past the end are
+    /// [`Loc::Zero`].
     pub fn locate(&self, b: u64) -> Loc {
         match self.map.binary_search_by_key(&b, |e| e.0) {
             Ok(i) => Loc::Record {
@@ -814,6 +834,8 @@ impl DiskView {
         record
     }
 
+    /// The reverse diffs the view reads, the generation's own first (the index `chain` of
+    /// [`Loc::Record`] counts into it), up to the newest or the first base one.
     pub fn chain(&self) -> &[RdiffReader] {
         &self.chain
     }

@@ -30,16 +30,22 @@ use crate::progress::Progress;
 /// Which generations a deep check reconstructs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GenSelect {
+    /// Every generation (`--generation all`).
     All,
+    /// The one generation a REV names (`--generation REV`): an id or unique prefix, N (0 =
+    /// newest) or `latest`.
     Rev(String),
 }
 
 /// One piece of damage.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Problem {
+    /// The VM the damage is in.
     pub vm: String,
+    /// The generation it is in, when it is in one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub generation: Option<String>,
+    /// The disk it is in, when it concerns one disk.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk: Option<String>,
     /// The damaged file, relative to the repository.
@@ -48,6 +54,7 @@ pub struct Problem {
     /// Damaged bytes of the disk, `[start, end)`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub range: Option<(u64, u64)>,
+    /// What is wrong, in one line.
     pub detail: String,
 }
 
@@ -112,16 +119,26 @@ impl std::fmt::Display for Problem {
 /// What a check found.
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckReport {
+    /// The VM checked.
     pub vm: String,
+    /// Whether it was a deep check.
     pub deep: bool,
+    /// Number of generations the VM folder lists.
     pub generations: usize,
+    /// Number of generations a deep check resolved block by block and proved against their
+    /// digest roots (0 for a fast check).
     pub generations_proven: usize,
+    /// Bytes read and verified: newest-image bytes checked against their digests plus the
+    /// length of every reverse-diff file hashed.
     pub bytes_verified: u64,
+    /// One line per recovery of an interrupted command that the check performed first.
     pub recovered: Vec<String>,
+    /// Every problem found; empty when the archive is sound.
     pub problems: Vec<Problem>,
 }
 
 impl CheckReport {
+    /// Whether no problem was found (exit status 0; any problem makes it 3).
     pub fn ok(&self) -> bool {
         self.problems.is_empty()
     }

@@ -12,32 +12,49 @@ use crate::libvirt::{DiskSource, Hypervisor};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Inventory {
+    /// Profile format version (`format`, 1).
     pub format: u32,
+    /// When `update` read the inventory (`updated`, RFC 3339 UTC).
     pub updated: String,
+    /// The libvirt connection URI it was read from (`uri`).
     pub uri: String,
+    /// One `[[vm]]` table per domain libvirt listed.
     #[serde(default, rename = "vm")]
     pub vms: Vec<InventoryVm>,
 }
 
+/// One domain of the inventory (a `[[vm]]` table of `allvm.toml`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct InventoryVm {
+    /// The libvirt domain name.
     pub name: String,
+    /// The domain's UUID as libvirt formats it (36 characters with dashes).
     pub uuid: String,
+    /// Its run state when the inventory was read (`running`, `shut off`, …).
     pub state: String,
+    /// One `[[disk]]` table per disk of the domain.
     #[serde(default, rename = "disk")]
     pub disks: Vec<InventoryDisk>,
 }
 
+/// One disk of a domain in the inventory (a `[[disk]]` table of a `[[vm]]`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct InventoryDisk {
+    /// `<target dev=…>`: the guest's name for the disk (vda, sdb…), the disk name backups use.
     pub target: String,
+    /// What the guest sees (`disk`, `cdrom`, `floppy`, `lun`, …), in lowercase.
     pub device: String,
+    /// `<driver type=…>`: the image format (qcow2, raw…), when the domain XML names one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,
+    /// The host path of a file or block device source, or a one-line description of any other
+    /// source (network, volume…); absent for a drive without a medium.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// Guest-visible size in bytes; absent when libvirt could not tell (no medium, unreadable
+    /// image).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
 }

@@ -846,6 +846,7 @@ fn description(repo: &std::path::Path) -> String {
 /// One vmkeep checkpoint of a VM, and whose it is.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BranchCheckpoint {
+    /// The checkpoint's name: `vmkeep.<repository id>.<generation id>`.
     pub name: String,
     /// The repository id in the name.
     pub repository_id: String,

@@ -26,12 +26,17 @@ use crate::progress::Progress;
 /// What a prune did (or would do, with `dry_run`).
 #[derive(Debug, Clone, Serialize)]
 pub struct PruneReport {
+    /// The VM pruned.
     pub vm: String,
+    /// Whether this was a dry run: nothing was removed, `removed` says what would be.
     pub dry_run: bool,
+    /// Generations kept, oldest first.
     pub kept: Vec<GenerationId>,
+    /// Generations removed (or that a dry run would remove), oldest first.
     pub removed: Vec<GenerationId>,
     /// Generations the schedule would drop but a running reader has pinned (also in `kept`).
     pub pinned: Vec<GenerationId>,
+    /// One line per recovery of an interrupted command that the prune performed first.
     pub recovered: Vec<String>,
 }
 

@@ -34,13 +34,17 @@ const STATUS_RECORDS: usize = 1024;
 
 /// A generation opened for serving: its exports, and the pin that keeps it.
 pub struct ServedGeneration {
+    /// The VM served.
     pub vm: String,
+    /// The generation served (pinned for as long as this value lives).
     pub generation: GenerationId,
+    /// One export per disk of the generation, in the profile's order, each named after its disk.
     pub exports: Vec<Arc<ArchiveExport>>,
     pin: Pin,
 }
 
 impl ServedGeneration {
+    /// The pin that keeps prune from dropping the generation while it is served.
     pub fn pin(&self) -> &Pin {
         &self.pin
     }
@@ -83,7 +87,7 @@ pub struct ServeOptions {
     pub rev: String,
     /// Listen on a unix socket at this path ...
     pub socket: Option<PathBuf>,
-    /// ... or on TCP at HOST[:PORT] (one of the two).
+    /// ... or on TCP at `HOST[:PORT]` (one of the two).
     pub listen: Option<String>,
     /// Allow TCP addresses beyond loopback.
     pub allow_remote: bool,
@@ -254,6 +258,9 @@ pub struct ArchiveExport {
 const READ_AHEAD: u64 = 16 << 20;
 
 impl ArchiveExport {
+    /// An export of `view` named after its disk, described to NBD clients as
+    /// `vmkeep: VM <vm>, generation <id>, disk <disk>`. Turns off the kernel's readahead on the
+    /// image: the export prefetches what a sequential reader will need itself.
     pub fn new(vm: &str, view: DiskView) -> ArchiveExport {
         let description = format!(
             "vmkeep: VM {vm}, generation {}, disk {}",

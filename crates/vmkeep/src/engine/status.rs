@@ -6,36 +6,57 @@ use crate::archive::profile::{CheckRecord, GenerationMode};
 use crate::archive::{names, GenerationId, Repository};
 use crate::error::Result;
 
+/// One disk of a generation as `status` shows it (from the disk's record in
+/// `generation.toml`). Serialized as one entry of a generation's `disks` in `status --json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct DiskStatus {
+    /// Disk name.
     pub name: String,
+    /// Disk size in bytes at the generation.
     pub size: u64,
+    /// The mode this disk was backed up in (a disk may fall back from incr to diff).
     pub mode: GenerationMode,
+    /// Bytes read from the source.
     pub read_bytes: u64,
+    /// Bytes of the blocks whose content changed.
     pub changed_bytes: u64,
+    /// Bytes the repository grew by: the reverse diff written for the previous generation plus
+    /// the growth of the image's allocation.
     pub stored_bytes: u64,
 }
 
+/// One generation as `status` shows it (from its `generation.toml`).
 #[derive(Debug, Clone, Serialize)]
 pub struct GenerationStatus {
+    /// The generation id.
     pub id: GenerationId,
+    /// Start of the backup (RFC 3339 UTC).
     pub time: String,
+    /// The mode the run used: full, diff or incr (with several disks, the widest).
     pub mode: GenerationMode,
+    /// Wall-clock time the backup took, in seconds.
     pub duration_secs: f64,
+    /// Whether prune keeps it whatever the retention rules say.
     pub protected: bool,
     /// libvirt checkpoint made with this generation (this repository's branch).
     pub checkpoint: Option<String>,
+    /// Its disks, in the profile's order.
     pub disks: Vec<DiskStatus>,
 }
 
+/// One VM as `status` shows it; [`vm_status`] builds it. `status --json` prints a list of
+/// these (`docs/json.md`).
 #[derive(Debug, Clone, Serialize)]
 pub struct VmStatus {
+    /// The VM's name.
     pub name: String,
+    /// Block size in bytes, fixed at the VM's first backup.
     pub block_size: u32,
     /// Newest first.
     pub generations: Vec<GenerationStatus>,
     /// Bytes the VM's folder occupies on disk.
     pub space_used: u64,
+    /// The outcome of the last `check` (from `vm.toml`); `None` if the VM was never checked.
     pub last_check: Option<CheckRecord>,
     /// An interrupted command awaits recovery.
     pub interrupted: bool,

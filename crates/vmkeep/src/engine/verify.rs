@@ -21,7 +21,9 @@ use crate::source::{BlockSource, ExtentKind};
 /// What `verify` found for one disk.
 #[derive(Debug, Clone, Serialize)]
 pub struct DiskVerify {
+    /// The disk of the generation compared.
     pub disk: String,
+    /// What was verified, as the source describes itself (a path or URI).
     pub source: String,
     /// The disk's size at the generation.
     pub size: u64,
@@ -35,6 +37,7 @@ pub struct DiskVerify {
 }
 
 impl DiskVerify {
+    /// Whether the source holds exactly the generation's bytes: same size, no differing range.
     pub fn ok(&self) -> bool {
         self.differing.is_empty()
     }

@@ -42,7 +42,10 @@ pub use images::{backup_images, ImageBackup};
 
 /// One disk to back up.
 pub struct DiskInput {
+    /// The disk's name in the archive (`DISK` of its file names; a valid name, see
+    /// `docs/FORMAT.md`, "Names").
     pub name: String,
+    /// Where the disk's bytes are read from.
     pub source: Box<dyn BlockSource>,
     /// Byte ranges changed since the previous generation, when a trusted tracker says so.
     pub changed: Option<Vec<(u64, u64)>>,
@@ -63,6 +66,8 @@ pub struct DiskInput {
 }
 
 impl DiskInput {
+    /// A disk named `name` read from `source`, with no change list, bitmap or identity
+    /// set (so it is never incr until a caller fills them in).
     pub fn new(name: &str, source: Box<dyn BlockSource>) -> DiskInput {
         DiskInput {
             name: name.to_string(),
@@ -157,6 +162,8 @@ pub fn is_due(repo: &Repository, vm: &str, interval: Option<u64>) -> Result<bool
 /// Settings of one backup run.
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
+    /// The mode requested; each disk gets the one it can have (incr falls back to diff when
+    /// no trusted tracker names its changes).
     pub mode: Mode,
     /// Block size for a VM's first backup; an error if it differs from an existing VM's.
     pub block_size: Option<u32>,
@@ -270,10 +277,13 @@ impl BackupRun {
         })
     }
 
+    /// The id the new generation will have: after every existing one's.
     pub fn generation_id(&self) -> &GenerationId {
         &self.gen_id
     }
 
+    /// The newest generation when the run began (the one this run writes reverse diffs for),
+    /// or `None` for a VM's first backup.
     pub fn previous(&self) -> Option<&Generation> {
         self.prev.as_ref()
     }
@@ -283,6 +293,7 @@ impl BackupRun {
         self.vm_dir.parent().unwrap_or(Path::new("."))
     }
 
+    /// One line per recovery of an interrupted command that [`begin`](Self::begin) performed.
     pub fn recovered(&self) -> &[String] {
         &self.recovered
     }
