@@ -36,6 +36,9 @@ pub struct Config {
     pub interval: Option<String>,
     #[serde(default)]
     pub retention: Schedule,
+    /// When the retention schedule is applied: by `vmkeep prune` (`"separately"`, the
+    /// default) or by each successful backup (`"after-backup"`).
+    pub prune: Option<PruneWhen>,
     #[serde(default)]
     pub serve: ServeConfig,
     #[serde(default)]
@@ -58,7 +61,19 @@ pub struct VmConfig {
     pub mode: Option<Mode>,
     pub interval: Option<String>,
     pub retention: Option<Schedule>,
+    /// This VM's `prune` (over the global one).
+    pub prune: Option<PruneWhen>,
     pub bitmap_granularity: Option<SizeValue>,
+}
+
+/// The `prune` key: when a VM's retention schedule is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PruneWhen {
+    /// Only by `vmkeep prune` (a timer of its own).
+    Separately,
+    /// After each successful backup, in the same run and lock; a failed one prunes nothing.
+    AfterBackup,
 }
 
 /// `[serve]`: TLS credentials for `serve --listen` (flags override each key).
@@ -222,6 +237,12 @@ impl Config {
 
     pub fn vm(&self, name: &str) -> VmConfig {
         self.vm.get(name).cloned().unwrap_or_default()
+    }
+
+    /// Whether a backup of VM `name` prunes as it goes (its `prune`, else the global one).
+    pub fn prunes_after_backup(&self, name: &str) -> bool {
+        let own = self.vm.get(name).and_then(|v| v.prune);
+        own.or(self.prune) == Some(PruneWhen::AfterBackup)
     }
 
     /// The retention schedule of a VM: the global one with the VM's options over it.

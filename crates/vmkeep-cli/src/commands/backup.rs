@@ -29,6 +29,11 @@ struct JsonVm {
     error: Option<String>,
     warnings: Vec<String>,
     recovered: Vec<String>,
+    /// What pruning after the backup did (`prune = "after-backup"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pruned: Option<vmkeep::engine::prune::PruneReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prune_error: Option<String>,
 }
 
 pub fn run(ctx: &Ctx, a: BackupArgs) -> Result<i32> {
@@ -58,13 +63,33 @@ pub fn run(ctx: &Ctx, a: BackupArgs) -> Result<i32> {
                     vmkeep::progress::Progress::warn(&ctx.progress, &format!("{vm}: {line}"));
                 }
                 ctx.say(summary(&r));
+                if let Some(p) = &r.pruned {
+                    for id in &p.removed {
+                        ctx.say(format!("{vm}: removed generation {id}"));
+                    }
+                    for id in &p.pinned {
+                        ctx.say(format!(
+                            "{vm}: kept generation {id}: pinned by a running serve"
+                        ));
+                    }
+                }
+                if let Some(e) = &r.prune_error {
+                    // The generation is committed; the run still fails so that monitoring
+                    // sees a repository that no longer shrinks.
+                    failed += 1;
+                    crate::output::error_line(&anyhow::anyhow!(
+                        "VM {vm}: backed up, but pruning after the backup failed: {e}"
+                    ));
+                }
                 out.push(JsonVm {
                     name: vm.clone(),
-                    ok: true,
+                    ok: r.prune_error.is_none(),
                     generation: Some(r.generation),
-                    error: None,
+                    error: r.prune_error.clone(),
                     warnings: r.warnings,
                     recovered: r.recovered,
+                    pruned: r.pruned,
+                    prune_error: r.prune_error,
                 });
             }
             Err(e) if single && !ctx.json => return Err(e),
@@ -79,6 +104,8 @@ pub fn run(ctx: &Ctx, a: BackupArgs) -> Result<i32> {
                     error: Some(msg),
                     warnings: vec![],
                     recovered: vec![],
+                    pruned: None,
+                    prune_error: None,
                 });
             }
         }
@@ -217,6 +244,19 @@ impl Settings {
             .or(ctx.config.compression_level)
             .unwrap_or(DEFAULT_COMPRESSION_LEVEL);
         check_compression_level(level)?;
+        let prune_after = if ctx.config.prunes_after_backup(vm) {
+            let schedule = ctx.config.retention_for(vm);
+            if schedule.is_empty() {
+                ctx.say(format!(
+                    "{vm}: prune = \"after-backup\" but no retention schedule; keeping everything"
+                ));
+                None
+            } else {
+                Some(schedule)
+            }
+        } else {
+            None
+        };
         let opts = BackupOptions {
             mode,
             block_size,
@@ -225,6 +265,7 @@ impl Settings {
             kind: SourceKind::Image,
             domain_xml: None,
             checkpoint: None,
+            prune_after,
         };
         let disks: Vec<(String, String)> = if !a.disks.is_empty() {
             a.disks
