@@ -409,3 +409,94 @@ fn repository_files_and_restored_disks_are_private_whatever_the_umask() {
         "profiles, image, digest, reverse diff, lock: {seen}"
     );
 }
+
+/// Back up `vm` from `disk` after writing a new 64 KiB of noise (seed `seed`) at its
+/// start; the disk's bytes as backed up.
+fn changed_backup(env: &Env, vm: &str, disk: &std::path::Path, seed: u64) -> (String, Vec<u8>) {
+    write_at(disk, 0, &noise(seed, 65536));
+    let out = env.backup(vm, disk, &[]);
+    (out, std::fs::read(disk).unwrap())
+}
+
+#[test]
+fn prune_after_backup_applies_the_schedule_in_the_same_run() {
+    let env = Env::new();
+    with_config(
+        &env,
+        "prune = \"after-backup\"\n[retention]\nkeep_last = 2\n",
+    );
+    let disk = env.disk("disk.raw", 1 << 20);
+    let mut states = Vec::new();
+    for seed in 1..=4 {
+        let before = if seed == 1 {
+            Vec::new()
+        } else {
+            env.generations("vm")
+        };
+        let (out, state) = changed_backup(&env, "vm", &disk, seed);
+        states.push(state);
+        let after = env.generations("vm");
+        assert_eq!(after.len(), before.len().min(1) + 1, "{out}");
+        if before.len() == 2 {
+            assert!(
+                out.contains(&format!("removed generation {}", before[0])),
+                "{out}"
+            );
+        }
+    }
+    // The two newest remain, each as it was backed up.
+    assert!(env.restored("vm", "0", Some("vda")) == states[3]);
+    assert!(env.restored("vm", "1", Some("vda")) == states[2]);
+    env.ok(&["check", "vm", "--deep"]);
+    // JSON names what was pruned.
+    write_at(&disk, 0, &noise(9, 65536));
+    let spec = format!("vda={}", disk.display());
+    let json: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "backup", "vm", "--disk", &spec])).unwrap();
+    assert_eq!(
+        json["vms"][0]["pruned"]["removed"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "{json}"
+    );
+}
+
+#[test]
+fn prune_after_backup_is_per_vm_and_a_failed_backup_prunes_nothing() {
+    let env = Env::new();
+    let a = env.disk("a.raw", 1 << 20);
+    let b = env.disk("b.raw", 1 << 20);
+    for seed in 1..=3 {
+        changed_backup(&env, "a", &a, seed);
+        changed_backup(&env, "b", &b, seed + 10);
+    }
+    with_config(
+        &env,
+        "[retention]\nkeep_last = 1\n[vm.a]\nprune = \"after-backup\"\n",
+    );
+    // A backup that fails after it took the lock (the disk fills) removes nothing.
+    let spec = format!("vda={}", a.display());
+    let out = env.run_at(
+        &env.repo(),
+        &["backup", "a", "--disk", &spec],
+        &[("VMKEEP_FAULT", "enospc:3")],
+    );
+    assert!(!out.status.success());
+    assert_eq!(env.generations("a").len(), 3, "{}", stderr(&out));
+    // A successful one prunes a, and only a.
+    let (_, state) = changed_backup(&env, "a", &a, 7);
+    changed_backup(&env, "b", &b, 17);
+    assert_eq!(env.generations("a").len(), 1);
+    assert_eq!(env.generations("b").len(), 4);
+    assert!(env.restored("a", "0", Some("vda")) == state);
+    env.ok(&["check", "a", "--deep"]);
+    // A value other than the two is one error line.
+    with_config(&env, "prune = \"sometimes\"\n");
+    let e = env.fails(&["status"], 2);
+    assert!(
+        e.contains("no-config.toml:1") && e.contains("after-backup"),
+        "{e}"
+    );
+}

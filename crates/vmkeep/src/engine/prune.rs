@@ -312,4 +312,29 @@ mod tests {
         assert!(r.pinned.is_empty());
         assert_eq!(vm.generation_ids().unwrap(), ids[2..].to_vec());
     }
+
+    #[test]
+    fn prune_held_refuses_a_lock_of_another_vm() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init(&dir.path().join("repo")).unwrap();
+        let img = dir.path().join("vda.raw");
+        for i in 1..=2 {
+            backup(&repo, &img, i);
+        }
+        let other = repo.vm_dir("other").unwrap();
+        crate::fsutil::create_dir(&other).unwrap();
+        let wrong = VmLock::acquire(&other, "other", "test").unwrap();
+        let last = Schedule {
+            keep_last: Some(1),
+            ..Default::default()
+        };
+        let vm = repo.vm("vm").unwrap();
+        let e = prune_held(&vm, &wrong, &last, false, Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("needs this VM's lock"), "{e}");
+        assert_eq!(vm.generation_ids().unwrap().len(), 2, "nothing removed");
+        drop(wrong);
+        let right = VmLock::acquire(&vm.dir, "vm", "test").unwrap();
+        let r = prune_held(&vm, &right, &last, false, Vec::new()).unwrap();
+        assert_eq!(r.removed.len(), 1);
+    }
 }
