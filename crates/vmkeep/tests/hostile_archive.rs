@@ -922,7 +922,7 @@ fn txn_refused(a: &Archive) {
         ..Default::default()
     };
     expect_corrupt(
-        vmkeep::engine::prune::prune(&a.repo, "vm", &schedule, false, &NoProgress).map(|_| ()),
+        vmkeep::engine::prune::prune(&a.repo, "vm", &schedule, false).map(|_| ()),
         "prune",
     );
     let report = a.check(false).expect("check reports a damaged transaction");

@@ -104,7 +104,7 @@ fn two_hundred_generations_pruned_as_they_go() {
             profile::store(&g.profile_path(), "vmkeep generation profile", &g.profile).unwrap();
         }
         if round % 10 == 9 {
-            let r = prune(&repo, "vm", &schedule, false, &NoProgress).unwrap();
+            let r = prune(&repo, "vm", &schedule, false).unwrap();
             for id in &r.removed {
                 snapshots.remove(id);
             }

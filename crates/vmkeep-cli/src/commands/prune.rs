@@ -30,7 +30,7 @@ pub fn run(ctx: &Ctx, a: PruneArgs) -> Result<i32> {
                 "{vm}: no retention schedule (flags or config); keeping everything"
             ));
         }
-        match prune(&repo, vm, &schedule, a.dry_run, &ctx.progress) {
+        match prune(&repo, vm, &schedule, a.dry_run) {
             Ok(r) => {
                 let verb = if a.dry_run { "would remove" } else { "removed" };
                 for id in &r.removed {

@@ -21,7 +21,6 @@ use crate::archive::txn::{self, Txn};
 use crate::archive::view::open_rdiff;
 use crate::archive::{Generation, GenerationId, Repository, VmArchive};
 use crate::error::{Error, Result};
-use crate::progress::Progress;
 
 /// What a prune did (or would do, with `dry_run`).
 #[derive(Debug, Clone, Serialize)]
@@ -47,7 +46,6 @@ pub fn prune(
     vm: &str,
     schedule: &Schedule,
     dry_run: bool,
-    _progress: &dyn Progress,
 ) -> Result<PruneReport> {
     let archive = repo.vm(vm)?;
     let lock = VmLock::acquire(&archive.dir, vm, "prune")?;
@@ -295,7 +293,7 @@ mod tests {
             ..Default::default()
         };
 
-        let r = prune(&repo, "vm", &last, false, &NoProgress).unwrap();
+        let r = prune(&repo, "vm", &last, false).unwrap();
         assert_eq!(r.removed, vec![ids[0].clone()]);
         assert_eq!(r.pinned, vec![ids[1].clone()]);
         let vm = repo.vm("vm").unwrap();
@@ -307,7 +305,7 @@ mod tests {
         assert!(blk.ok && blk.data.iter().all(|&b| b == 2));
 
         drop(pin);
-        let r = prune(&repo, "vm", &last, false, &NoProgress).unwrap();
+        let r = prune(&repo, "vm", &last, false).unwrap();
         assert_eq!(r.removed, vec![ids[1].clone()]);
         assert!(r.pinned.is_empty());
         assert_eq!(vm.generation_ids().unwrap(), ids[2..].to_vec());

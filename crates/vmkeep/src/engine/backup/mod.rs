@@ -367,7 +367,7 @@ impl BackupRun {
             .write_generation(&new_dir, disks, block_size, opts, progress)
             .and_then(|written| before_commit().map(|()| written))
             .and_then(|(gp, warnings)| {
-                self.commit(txn, &new_dir, gp, block_size, opts)
+                self.commit(txn, &new_dir, gp, block_size)
                     .map(|gp| (gp, warnings))
             });
         match result {
@@ -511,7 +511,6 @@ impl BackupRun {
         new_dir: &Path,
         mut gp: GenerationProfile,
         block_size: u32,
-        _opts: &BackupOptions,
     ) -> Result<GenerationProfile> {
         gp.duration_secs = (self.started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
         profile::store(
