@@ -317,6 +317,17 @@ impl DiskView {
             trusted: true,
             lookups: Mutex::new(HashMap::new()),
         };
+        // The map keeps a record's position in 32 bits: more records in one reverse diff
+        // (over 16 TiB changed at 4 KiB blocks) are refused, never read as other records.
+        if let Some(r) = view.chain.iter().find(|r| r.len() > u32::MAX as usize) {
+            return Err(Error::format(
+                r.path(),
+                format!(
+                    "{} records in one reverse diff; this build reads at most 2^32",
+                    r.len()
+                ),
+            ));
+        }
         view.build_map();
         Ok(view)
     }
