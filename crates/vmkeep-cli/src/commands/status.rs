@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use anyhow::Result;
 use vmkeep::archive::profile::parse_time;
-use vmkeep::engine::status::{vm_status, VmStatus};
+use vmkeep::engine::status::{vm_status, HealthLevel, VmStatus};
 
 use super::Ctx;
 use crate::cli::StatusArgs;
@@ -99,56 +99,27 @@ pub fn table(vm: &VmStatus) -> String {
     out.trim_end().to_string()
 }
 
-/// Seconds since the newest generation of `vm` was made, if it has one.
-fn age_secs(vm: &VmStatus) -> Option<i64> {
-    let t = parse_time(&vm.generations.first()?.time)?;
-    Some((time::OffsetDateTime::now_utc() - t).whole_seconds().max(0))
-}
-
 /// Nagios/Icinga plugin output: one status line, then details; exit 0 OK, 1 WARNING,
-/// 2 CRITICAL. Thresholds from each VM's interval (default one day): WARNING past 1.5
-/// intervals, CRITICAL past 3 or with no generation; a last check that found damage is
-/// CRITICAL, an interrupted command awaiting recovery a WARNING.
+/// 2 CRITICAL (the rules: [`vmkeep::engine::status::health`]; interval default one day).
 fn health(ctx: &Ctx, vms: &[VmStatus]) -> Result<i32> {
-    const WORDS: [&str; 3] = ["OK", "WARNING", "CRITICAL"];
-    let mut worst = 0;
+    let mut worst = HealthLevel::Ok;
     let mut details = Vec::new();
     for vm in vms {
-        let interval = ctx.config.interval_for(&vm.name)?.unwrap_or(86400) as i64;
-        let (level, why) = match age_secs(vm) {
-            None => (2, "no generation".to_string()),
-            Some(age) if age > 3 * interval => {
-                (2, format!("newest generation is {}h old", age / 3600))
-            }
-            Some(age) if age * 2 > 3 * interval => {
-                (1, format!("newest generation is {}h old", age / 3600))
-            }
-            Some(age) => (0, format!("newest generation is {}h old", age / 3600)),
-        };
-        let (level, why) = match &vm.last_check {
-            Some(c) if !c.ok => (
-                2,
-                format!("{why}; last check found {} problems", c.problems),
-            ),
-            _ if vm.interrupted => (
-                level.max(1),
-                format!("{why}; an interrupted command awaits recovery"),
-            ),
-            _ => (level, why),
-        };
+        let interval = ctx.config.interval_for(&vm.name)?.unwrap_or(86400);
+        let (level, why) = vmkeep::engine::status::health(vm, interval);
         worst = worst.max(level);
-        details.push((level, format!("{} {}: {why}", WORDS[level], vm.name)));
+        details.push((level, format!("{} {}: {why}", level.word(), vm.name)));
     }
-    let bad = details.iter().filter(|(l, _)| *l > 0).count();
+    let bad = details.iter().filter(|(l, _)| *l > HealthLevel::Ok).count();
     crate::output::say(format!(
         "VMKEEP {} - {} VMs, {bad} need attention",
-        WORDS[worst],
+        worst.word(),
         vms.len()
     ));
     for (_, d) in details {
         crate::output::say(d);
     }
-    Ok(worst as i32)
+    Ok(worst.exit_code())
 }
 
 /// Metrics for node_exporter's textfile collector, written atomically.

@@ -123,3 +123,67 @@ pub fn du(path: &std::path::Path) -> u64 {
     }
     total
 }
+
+/// How a VM's backups stand, in the Nagios/Icinga convention (`status --check-health`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum HealthLevel {
+    /// Backed up within 1.5 intervals, last check clean.
+    Ok,
+    /// Older than 1.5 intervals, or an interrupted command awaits recovery.
+    Warning,
+    /// Older than 3 intervals, no generation at all, or the last check found damage.
+    Critical,
+}
+
+impl HealthLevel {
+    /// The plugin word (`OK`, `WARNING`, `CRITICAL`).
+    pub fn word(self) -> &'static str {
+        match self {
+            HealthLevel::Ok => "OK",
+            HealthLevel::Warning => "WARNING",
+            HealthLevel::Critical => "CRITICAL",
+        }
+    }
+
+    /// The plugin exit status: 0, 1 or 2.
+    pub fn exit_code(self) -> i32 {
+        self as i32
+    }
+}
+
+/// The health of `vm` whose backups are due every `interval_secs`: WARNING past 1.5
+/// intervals, CRITICAL past 3 or with no generation; a last check that found damage is
+/// CRITICAL, an interrupted command awaiting recovery at least a WARNING. With the reason,
+/// in one line.
+pub fn health(vm: &VmStatus, interval_secs: u64) -> (HealthLevel, String) {
+    let interval = interval_secs as i64;
+    let age = vm
+        .generations
+        .first()
+        .and_then(|g| crate::archive::profile::parse_time(&g.time))
+        .map(|t| (time::OffsetDateTime::now_utc() - t).whole_seconds().max(0));
+    let (level, why) = match age {
+        None => (HealthLevel::Critical, "no generation".to_string()),
+        Some(age) => {
+            let level = if age > 3 * interval {
+                HealthLevel::Critical
+            } else if age * 2 > 3 * interval {
+                HealthLevel::Warning
+            } else {
+                HealthLevel::Ok
+            };
+            (level, format!("newest generation is {}h old", age / 3600))
+        }
+    };
+    match &vm.last_check {
+        Some(c) if !c.ok => (
+            HealthLevel::Critical,
+            format!("{why}; last check found {} problems", c.problems),
+        ),
+        _ if vm.interrupted => (
+            level.max(HealthLevel::Warning),
+            format!("{why}; an interrupted command awaits recovery"),
+        ),
+        _ => (level, why),
+    }
+}
