@@ -63,33 +63,31 @@ pub fn run(ctx: &Ctx, a: BackupArgs) -> Result<i32> {
                     vmkeep::progress::Progress::warn(&ctx.progress, &format!("{vm}: {line}"));
                 }
                 ctx.say(summary(&r));
-                if let Some(p) = &r.pruned {
-                    for id in &p.removed {
-                        ctx.say(format!("{vm}: removed generation {id}"));
+                let (pruned, prune_error) = match r.pruned {
+                    Some(Ok(p)) => {
+                        super::prune::say_pruned(ctx, vm, &p, "removed");
+                        (Some(p), None)
                     }
-                    for id in &p.pinned {
-                        ctx.say(format!(
-                            "{vm}: kept generation {id}: pinned by a running serve"
+                    Some(Err(e)) => {
+                        // The generation is committed; the run still fails so that
+                        // monitoring sees a repository that no longer shrinks.
+                        failed += 1;
+                        crate::output::error_line(&anyhow::anyhow!(
+                            "VM {vm}: backed up, but pruning after the backup failed: {e}"
                         ));
+                        (None, Some(e))
                     }
-                }
-                if let Some(e) = &r.prune_error {
-                    // The generation is committed; the run still fails so that monitoring
-                    // sees a repository that no longer shrinks.
-                    failed += 1;
-                    crate::output::error_line(&anyhow::anyhow!(
-                        "VM {vm}: backed up, but pruning after the backup failed: {e}"
-                    ));
-                }
+                    None => (None, None),
+                };
                 out.push(JsonVm {
                     name: vm.clone(),
-                    ok: r.prune_error.is_none(),
+                    ok: prune_error.is_none(),
                     generation: Some(r.generation),
-                    error: r.prune_error.clone(),
+                    error: prune_error.clone(),
                     warnings: r.warnings,
                     recovered: r.recovered,
-                    pruned: r.pruned,
-                    prune_error: r.prune_error,
+                    pruned,
+                    prune_error,
                 });
             }
             Err(e) if single && !ctx.json => return Err(e),

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use vmkeep::archive::retention::Schedule;
-use vmkeep::engine::prune::prune;
+use vmkeep::engine::prune::{prune, PruneReport};
 
 use super::Ctx;
 use crate::cli::PruneArgs;
@@ -33,14 +33,7 @@ pub fn run(ctx: &Ctx, a: PruneArgs) -> Result<i32> {
         match prune(&repo, vm, &schedule, a.dry_run) {
             Ok(r) => {
                 let verb = if a.dry_run { "would remove" } else { "removed" };
-                for id in &r.removed {
-                    ctx.say(format!("{vm}: {verb} generation {id}"));
-                }
-                for id in &r.pinned {
-                    ctx.say(format!(
-                        "{vm}: kept generation {id}: pinned by a running serve"
-                    ));
-                }
+                say_pruned(ctx, vm, &r, verb);
                 ctx.say(format!(
                     "{vm}: {} kept, {} {verb}",
                     r.kept.len(),
@@ -59,4 +52,17 @@ pub fn run(ctx: &Ctx, a: PruneArgs) -> Result<i32> {
         crate::output::json(&serde_json::json!({ "vms": reports }));
     }
     Ok(if failed > 0 { EXIT_FAILURE } else { 0 })
+}
+
+/// One line per generation `r` removed (`verb`: "removed" or "would remove") and per
+/// generation kept because a running serve pinned it.
+pub fn say_pruned(ctx: &Ctx, vm: &str, r: &PruneReport, verb: &str) {
+    for id in &r.removed {
+        ctx.say(format!("{vm}: {verb} generation {id}"));
+    }
+    for id in &r.pinned {
+        ctx.say(format!(
+            "{vm}: kept generation {id}: pinned by a running serve"
+        ));
+    }
 }

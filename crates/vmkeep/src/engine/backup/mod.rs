@@ -209,11 +209,10 @@ pub struct BackupReport {
     pub recovered: Vec<String>,
     /// Lines the user should read (a disk read whole, and why; damaged old blocks).
     pub warnings: Vec<String>,
-    /// What pruning after the backup did ([`BackupOptions::prune_after`]).
-    pub pruned: Option<PruneReport>,
-    /// Why pruning after the backup failed: the generation is committed all the same,
-    /// and nothing was removed that the schedule keeps.
-    pub prune_error: Option<String>,
+    /// What pruning after the backup did ([`BackupOptions::prune_after`]), or why it
+    /// failed: the generation is committed all the same, and nothing was removed that the
+    /// schedule keeps.
+    pub pruned: Option<std::result::Result<PruneReport, String>>,
 }
 
 impl BackupReport {
@@ -372,20 +371,16 @@ impl BackupRun {
             });
         match result {
             Ok((generation, warnings)) => {
-                let (pruned, prune_error) = match &opts.prune_after {
-                    Some(schedule) => match self.prune_after(schedule) {
-                        Ok(r) => (Some(r), None),
-                        Err(e) => (None, Some(e.to_string())),
-                    },
-                    None => (None, None),
-                };
+                let pruned = opts
+                    .prune_after
+                    .as_ref()
+                    .map(|schedule| self.prune_after(schedule).map_err(|e| e.to_string()));
                 Ok(BackupReport {
                     vm: self.vm.clone(),
                     generation,
                     recovered: self.recovered.clone(),
                     warnings,
                     pruned,
-                    prune_error,
                 })
             }
             Err(e) => {
