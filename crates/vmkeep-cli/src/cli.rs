@@ -156,6 +156,9 @@ pub struct BackupArgs {
     /// Skip VMs whose newest generation is younger than their interval
     #[arg(long)]
     pub if_due: bool,
+    /// How a shut-off libvirt VM is backed up [default: from the config file, else start]
+    #[arg(long, value_name = "HOW")]
+    pub offline_read: Option<OfflineReadArg>,
 }
 
 #[derive(Debug, Args)]
@@ -364,6 +367,26 @@ pub enum ModeArg {
     Diff,
     /// Read only the blocks a change tracker names
     Incr,
+}
+
+/// `--offline-read` and the config's `offline_read`: how a shut-off libvirt VM is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OfflineReadArg {
+    /// Start it paused, back it up like a running VM (incrementals), shut it off again
+    Start,
+    /// Read its disk files directly (local hosts only; every later run is a diff)
+    Files,
+}
+
+#[cfg(feature = "libvirt")]
+impl From<OfflineReadArg> for vmkeep::engine::live::OfflineRead {
+    fn from(m: OfflineReadArg) -> Self {
+        match m {
+            OfflineReadArg::Start => vmkeep::engine::live::OfflineRead::Start,
+            OfflineReadArg::Files => vmkeep::engine::live::OfflineRead::Files,
+        }
+    }
 }
 
 impl From<ModeArg> for vmkeep::engine::Mode {

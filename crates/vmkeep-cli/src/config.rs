@@ -27,6 +27,8 @@ pub struct Config {
     pub run_dir: Option<PathBuf>,
     /// Folder for QEMU's copy-before-write scratch files during live backups.
     pub scratch_dir: Option<PathBuf>,
+    /// How shut-off libvirt VMs are backed up: `"start"` (paused; the default) or `"files"`.
+    pub offline_read: Option<crate::cli::OfflineReadArg>,
     /// Bytes per bit of new persistent bitmaps ("64K").
     pub bitmap_granularity: Option<SizeValue>,
     /// Default backup mode.
@@ -63,6 +65,8 @@ pub struct VmConfig {
     pub retention: Option<Schedule>,
     /// This VM's `prune` (over the global one).
     pub prune: Option<PruneWhen>,
+    /// This VM's `offline_read` (over the global one).
+    pub offline_read: Option<crate::cli::OfflineReadArg>,
     pub bitmap_granularity: Option<SizeValue>,
 }
 
@@ -243,6 +247,14 @@ impl Config {
     pub fn prunes_after_backup(&self, name: &str) -> bool {
         let own = self.vm.get(name).and_then(|v| v.prune);
         own.or(self.prune) == Some(PruneWhen::AfterBackup)
+    }
+
+    /// How shut-off VM `name` is backed up: its `offline_read`, else the global one, else
+    /// start it paused.
+    pub fn offline_read_for(&self, name: &str) -> crate::cli::OfflineReadArg {
+        let own = self.vm.get(name).and_then(|v| v.offline_read);
+        own.or(self.offline_read)
+            .unwrap_or(crate::cli::OfflineReadArg::Start)
     }
 
     /// The retention schedule of a VM: the global one with the VM's options over it.

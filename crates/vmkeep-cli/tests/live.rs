@@ -293,12 +293,130 @@ fn shut_off_domain_is_read_from_its_files() {
     virsh(&["shutdown", &vm.name]);
     // A guest without an OS ignores ACPI: stop it the hard way, but let QEMU save bitmaps.
     virsh(&["destroy", &vm.name, "--graceful"]);
-    let (mode, read) = backup(&env, &vm);
+    env.ok(&["backup", &vm.name, "--offline-read", "files"]);
+    let (mode, read) = newest(&env, &vm.name, "vda");
     // QEMU saved the checkpoint's bitmap when it stopped: qemu-nbd exports it.
     assert_eq!(mode, "incr");
     assert_eq!(read, 65536);
     assert_latest_is_disk(&env, &vm, "vda");
     env.ok(&["check", &vm.name, "--deep"]);
+}
+
+/// The domain's state as `virsh domstate` says it ("shut off", "running", "paused").
+fn domstate(vm: &TestVm) -> String {
+    virsh(&["domstate", &vm.name]).trim().to_string()
+}
+
+/// vmkeep's checkpoints of `vm`.
+fn vmkeep_checkpoints(vm: &TestVm) -> Vec<String> {
+    checkpoints(&vm.name)
+        .into_iter()
+        .filter(|c| c.starts_with("vmkeep."))
+        .collect()
+}
+
+/// A shut-off domain is started paused, backed up through a pull job with a checkpoint,
+/// and shut off again; so the next run of the shut-off domain is incremental and reads
+/// only what the guest wrote in between.
+#[test]
+fn a_shut_off_domain_is_started_paused_and_backed_up_incrementally() {
+    let _shared = shared();
+    let vm = TestVm::define("offincr", &[("vda", "qcow2", 32)], "");
+    lv::run(
+        std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", "write -P 0x11 0 2M"])
+            .arg(&vm.disk("vda").path),
+    );
+    let env = Env::live();
+    assert_eq!(backup(&env, &vm).0, "full");
+    assert_eq!(domstate(&vm), "shut off", "shut off again after the backup");
+    assert_eq!(
+        vmkeep_checkpoints(&vm).len(),
+        1,
+        "the run made a checkpoint"
+    );
+    assert_latest_is_disk(&env, &vm, "vda");
+    // The guest runs for a while, writes, and is shut off (its bitmaps saved).
+    virsh(&["start", &vm.name]);
+    vm.guest_write(0, 0x22, "4M", "64k");
+    virsh(&["destroy", &vm.name, "--graceful"]);
+    assert_eq!(
+        backup(&env, &vm),
+        ("incr".to_string(), 65536),
+        "incremental, reading only what was written"
+    );
+    assert_eq!(domstate(&vm), "shut off");
+    assert_latest_is_disk(&env, &vm, "vda");
+    let cps = vmkeep_checkpoints(&vm);
+    assert_eq!(cps.len(), 1, "only the newest checkpoint is kept: {cps:?}");
+    assert!(cps[0].ends_with(&newest_id(&env, &vm.name)), "{cps:?}");
+    // Shut off throughout: a third run reads nothing and is still incremental.
+    assert_eq!(backup(&env, &vm), ("incr".to_string(), 0));
+    assert_eq!(domstate(&vm), "shut off");
+    env.ok(&["check", &vm.name, "--deep"]);
+    assert_no_leftovers(&env);
+    // Every generation restores to the disk it was.
+    let mut gen0 = vec![0u8; 32 << 20];
+    gen0[..2 << 20].fill(0x11);
+    assert!(restored(&env, &vm.name, "2", "vda") == gen0, "generation 2");
+}
+
+/// A domain saved with `virsh managedsave` is never started for a backup: starting it would
+/// resume the saved memory and shutting it off would lose it. Its files are read instead,
+/// and the saved state is still there afterwards.
+#[test]
+fn a_domain_with_a_saved_memory_state_is_never_started() {
+    let _shared = shared();
+    let (vm, env) = backed_up_with("managedsave", ("vda", "qcow2", 32), "1M");
+    vm.guest_write(0, 0x22, "4M", "64k");
+    virsh(&["managedsave", &vm.name]);
+    assert!(virsh(&["dominfo", &vm.name]).contains("Managed save:   yes"));
+    let err = backup_says(&env, &vm);
+    assert!(err.contains("managedsave"), "{err}");
+    assert_eq!(err.matches("reading its disk files").count(), 1, "{err}");
+    assert_eq!(domstate(&vm), "shut off");
+    assert!(
+        virsh(&["dominfo", &vm.name]).contains("Managed save:   yes"),
+        "the saved state is kept"
+    );
+    assert_latest_is_disk(&env, &vm, "vda");
+    // And it resumes where it was.
+    virsh(&["start", &vm.name]);
+    assert_eq!(domstate(&vm), "running");
+}
+
+/// `offline_read = "files"` in the config reads a shut-off domain's files (never starting
+/// it); `--offline-read start` on the command line overrides it.
+#[test]
+fn offline_read_from_the_config_and_the_command_line() {
+    let _shared = shared();
+    let (vm, env) = backed_up_with("offcfg", ("vda", "qcow2", 32), "1M");
+    virsh(&["destroy", &vm.name, "--graceful"]);
+    let cfg = env.path("no-config.toml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!(
+        "\n[vm.\"{}\"]\noffline_read = \"files\"\n",
+        vm.name
+    ));
+    std::fs::write(&cfg, text).unwrap();
+    // A running VM would hold its image: the files run proves it was never started by
+    // leaving libvirt's log of the domain with one start only.
+    let log = format!("/var/log/libvirt/qemu/{}.log", vm.name);
+    let starts = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("starting up")
+            .count()
+    };
+    let before = starts();
+    env.ok(&["backup", &vm.name]);
+    assert_eq!(starts(), before, "offline_read = files never starts the VM");
+    env.ok(&["backup", &vm.name, "--offline-read", "start"]);
+    assert_eq!(starts(), before + 1, "--offline-read start starts it once");
+    assert_eq!(domstate(&vm), "shut off");
+    assert_latest_is_disk(&env, &vm, "vda");
+    let bad = env.run(&["backup", &vm.name, "--offline-read", "maybe"]);
+    assert_eq!(bad.status.code(), Some(2));
 }
 
 #[test]
@@ -666,6 +784,113 @@ mod failures {
         assert!(entries(&a.path("run")).is_empty() && entries(&a.path("scratch")).is_empty());
     }
 
+    /// A backup of a shut-off domain that fails while vmkeep holds it paused (its job
+    /// aborted from outside) leaves the domain shut off, with no checkpoint and no job,
+    /// and the next run works.
+    #[test]
+    fn a_failed_backup_of_a_shut_off_domain_leaves_it_shut_off_and_clean() {
+        let _shared = shared();
+        let vm = TestVm::define("offfail", &[("vda", "qcow2", 32)], "");
+        let env = Env::live();
+        assert_eq!(backup(&env, &vm).0, "full");
+        let kept = vmkeep_checkpoints(&vm);
+        let out = interrupted(&env, &vm, || {
+            assert_eq!(domstate(&vm), "paused", "started paused for the backup");
+            virsh(&["domjobabort", &vm.name]);
+        });
+        assert_clean_failure(&env, &vm, &out, 1, "backup job");
+        assert_eq!(domstate(&vm), "shut off");
+        assert_eq!(
+            vmkeep_checkpoints(&vm),
+            kept,
+            "the failed run's checkpoint is gone"
+        );
+        assert_eq!(backup(&env, &vm), ("incr".to_string(), 0));
+        assert_eq!(domstate(&vm), "shut off");
+        assert_eq!(vmkeep_checkpoints(&vm).len(), 1);
+    }
+
+    /// Someone resumes the VM vmkeep started paused: it is theirs now and keeps running;
+    /// the backup still succeeds with the point-in-time of its start.
+    #[test]
+    fn a_vm_resumed_during_its_backup_keeps_running() {
+        let _shared = shared();
+        let vm = TestVm::define("offresume", &[("vda", "qcow2", 32)], "");
+        lv::run(
+            std::process::Command::new("qemu-io")
+                .args(["-f", "qcow2", "-c", "write -P 0x11 0 1M"])
+                .arg(&vm.disk("vda").path),
+        );
+        let env = Env::live();
+        let off = disk_now(&vm, "vda");
+        let run = paused_backup(&env, &vm, "after-backup-begin:300");
+        virsh(&["resume", &vm.name]);
+        vm.guest_write(0, 0x22, "0", "64k");
+        run.resume();
+        let err = succeeded(&run.output(), "");
+        assert!(err.contains("it keeps running"), "{err}");
+        assert_eq!(domstate(&vm), "running");
+        assert!(
+            env.latest(&vm.name, "vda") == off,
+            "the disk as it was when the job began"
+        );
+        // The mark is gone: a later run does not take the VM for one it started.
+        assert!(!lv::virsh_quiet(&[
+            "metadata",
+            &vm.name,
+            "--uri",
+            "urn:vmkeep:live:1",
+            "--live"
+        ]));
+        virsh(&["suspend", &vm.name]);
+        env.ok(&["backup", &vm.name]);
+        assert_eq!(
+            domstate(&vm),
+            "paused",
+            "a VM paused by someone is never shut off"
+        );
+    }
+
+    /// A run killed while its VM is paused for the backup: the next run of the same
+    /// repository ends the stale job, backs the VM up, and shuts it off.
+    #[test]
+    fn a_run_killed_while_its_vm_is_paused_is_cleaned_up_by_the_next() {
+        let _shared = shared();
+        let vm = TestVm::define("offkill", &[("vda", "qcow2", 32)], "");
+        let env = Env::live();
+        let mut run = paused_backup(&env, &vm, "after-backup-begin:300");
+        run.child.kill().unwrap();
+        run.child.wait().unwrap();
+        assert_eq!(domstate(&vm), "paused");
+        let err = backup_says(&env, &vm);
+        assert!(err.contains("left paused by an interrupted run"), "{err}");
+        // Shut off, so no job is left either.
+        assert_eq!(domstate(&vm), "shut off");
+        assert_eq!(vmkeep_checkpoints(&vm).len(), 1);
+        assert_latest_is_disk(&env, &vm, "vda");
+        // A VM left paused by another repository's run is backed up as it is and never
+        // stopped: only that repository's next run may.
+        virsh(&["start", "--paused", &vm.name]);
+        virsh(&[
+            "metadata",
+            &vm.name,
+            "--uri",
+            "urn:vmkeep:live:1",
+            "--key",
+            "vmkeep",
+            "--live",
+            "--set",
+            "<started-for-backup repository=\"0123456789ab\" token=\"t\"/>",
+        ]);
+        env.ok(&["backup", &vm.name]);
+        assert_eq!(
+            domstate(&vm),
+            "paused",
+            "another repository's VM is left paused"
+        );
+        assert_latest_is_disk(&env, &vm, "vda");
+    }
+
     #[test]
     fn a_shut_off_domain_started_mid_read_never_tears_a_generation() {
         let _shared = shared();
@@ -677,7 +902,11 @@ mod failures {
             let off = disk_now(&vm, "vda");
             // The backup pauses with its sources open, before it reads a block; the VM is
             // started there, and writes if it runs.
-            let run = paused_backup(&env, &vm, "shut-off-read:120");
+            let run = env.spawn_paused(
+                &["backup", &vm.name, "--offline-read", "files"],
+                "shut-off-read:120",
+            );
+            run.reached(60, "the backup never reached the pause");
             let start = std::process::Command::new("virsh")
                 .args(["-c", lv::URI, "start", &vm.name])
                 .output()

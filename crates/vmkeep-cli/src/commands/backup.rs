@@ -174,11 +174,15 @@ fn backup_domain(
 ) -> Result<BackupReport> {
     use vmkeep::engine::live::{backup_domain, LiveOptions};
     let hv = vmkeep::libvirt::Hypervisor::connect(Some(&ctx.connect_uri(a.connect.as_deref())))?;
-    let live = LiveOptions::from_settings(
+    let mut live = LiveOptions::from_settings(
         ctx.config.vm(vm).skip_disks,
         ctx.config.run_dir.clone(),
         ctx.config.scratch_dir.clone(),
     );
+    live.offline_read = a
+        .offline_read
+        .unwrap_or_else(|| ctx.config.offline_read_for(vm))
+        .into();
     Ok(backup_domain(repo, &hv, vm, opts, &live, &ctx.progress)?)
 }
 

@@ -17,6 +17,8 @@ use std::path::PathBuf;
 use crate::archive::profile::SourceKind;
 use crate::archive::Repository;
 use crate::engine::backup::{BackupOptions, BackupReport, BackupRun, DiskInput};
+pub use crate::engine::paused::OfflineRead;
+use crate::engine::paused::{PausedForBackup, Prepared};
 use crate::error::{Error, Result};
 use crate::libvirt::{
     BackupJobState, BackupPlan, BackupStart, CheckpointDelete, DiskDevice, DiskInfo, DiskSource,
@@ -39,6 +41,8 @@ pub struct LiveOptions {
     /// How long to wait for another repository's backup job of the same VM to end
     /// (libvirt runs one backup job per VM at a time).
     pub job_wait: std::time::Duration,
+    /// How a shut-off domain is backed up (started paused, or read as files).
+    pub offline_read: OfflineRead,
 }
 
 impl Default for LiveOptions {
@@ -48,6 +52,7 @@ impl Default for LiveOptions {
             run_dir: PathBuf::from("/run/vmkeep"),
             scratch_dir: PathBuf::from("/var/tmp/vmkeep"),
             job_wait: std::time::Duration::from_secs(3600),
+            offline_read: OfflineRead::default(),
         }
     }
 }
@@ -66,6 +71,7 @@ impl LiveOptions {
             run_dir: run_dir.unwrap_or(defaults.run_dir),
             scratch_dir: scratch_dir.unwrap_or(defaults.scratch_dir),
             job_wait: defaults.job_wait,
+            offline_read: defaults.offline_read,
         }
     }
 }
@@ -75,7 +81,8 @@ pub fn branch_prefix(repo: &Repository) -> String {
     format!("vmkeep.{}.", repo.profile.id)
 }
 
-/// Back up domain `name`.
+/// Back up domain `name`. A shut-off domain is started paused for the backup and shut
+/// off again ([`crate::engine::paused`]), unless `live.offline_read` says to read its files.
 pub fn backup_domain(
     repo: &Repository,
     hv: &Hypervisor,
@@ -87,25 +94,63 @@ pub fn backup_domain(
     let dom = hv.domain(name)?;
     let info = dom.info()?;
     let xml = dom.xml()?;
-    let disks = select_disks(&info.disks, live, progress, name)?;
+    select_disks(&info.disks, live, progress, name)?;
     let run = BackupRun::begin(repo, name)?;
+    // This run holds the VM's lock of this repository from here on.
+    let paused = match PausedForBackup::prepare(
+        hv,
+        &dom,
+        info.state,
+        &repo.profile.id,
+        live.offline_read,
+        progress,
+    )? {
+        Prepared::Paused(p) => Some(p),
+        Prepared::AsIs => None,
+    };
+    // The NBD socket of this run's backup job, once it has one.
+    let our_socket = std::cell::RefCell::new(None);
+    let result = backup_prepared(repo, hv, &dom, run, xml, opts, live, &our_socket, progress);
+    if let Some(p) = paused {
+        let socket = our_socket.borrow().clone();
+        let ours = |s: &std::path::Path| socket.as_deref() == Some(s);
+        p.finish(&dom, live.job_wait, &ours, progress);
+    }
+    result
+}
+
+/// The backup of `dom` once it is in the state it is backed up in (`run` holds its lock).
+#[allow(clippy::too_many_arguments)]
+fn backup_prepared(
+    repo: &Repository,
+    hv: &Hypervisor,
+    dom: &Domain,
+    run: BackupRun,
+    xml: String,
+    opts: &BackupOptions,
+    live: &LiveOptions,
+    our_socket: &std::cell::RefCell<Option<PathBuf>>,
+    progress: &dyn Progress,
+) -> Result<BackupReport> {
+    let name = dom.name();
+    // Read again: a VM started paused now has its live definition and sizes.
+    let info = dom.info()?;
+    let disks = select_disks(&info.disks, live, progress, name)?;
     let prefix = branch_prefix(repo);
     let new_checkpoint = format!("{prefix}{}", run.generation_id());
-    let basis = incr_basis(&dom, &run, &prefix, progress)?;
+    let basis = incr_basis(dom, &run, &prefix, progress)?;
     let mut opts = opts.clone();
     opts.kind = SourceKind::Libvirt;
     opts.domain_xml = Some(xml);
     // This branch's checkpoint found broken (its bitmap lost when QEMU died): after a
     // good generation it goes with the older ones.
     let broken = std::cell::RefCell::new(None);
-    // The NBD socket of this run's backup job, once it has one.
-    let our_socket = std::cell::RefCell::new(None);
     let result = if info.state.is_active() {
         backup_running(
-            &dom,
+            dom,
             run,
             &repo.profile.id,
-            &our_socket,
+            our_socket,
             &disks,
             &new_checkpoint,
             basis.as_deref(),
@@ -114,9 +159,14 @@ pub fn backup_domain(
             live,
             progress,
         )
+    } else if !hv.is_local() {
+        Err(Error::source(
+            format!("libvirt VM {name}"),
+            "the VM is shut off and the host is remote: its files cannot be read from here (use --offline-read start)",
+        ))
     } else {
         backup_shut_off(
-            &dom,
+            dom,
             run,
             &disks,
             &new_checkpoint,
@@ -127,7 +177,7 @@ pub fn backup_domain(
     };
     match &result {
         Ok(_) => forget_old_checkpoints(
-            &dom,
+            dom,
             &prefix,
             &new_checkpoint,
             broken.borrow().as_deref(),
@@ -137,7 +187,7 @@ pub fn backup_domain(
             // The connection may be what failed (libvirtd restarted): use a fresh one to
             // end a job that is still running and to drop the new checkpoint.
             let fresh = Hypervisor::connect(Some(hv.uri())).and_then(|h| h.domain(name));
-            let dom = fresh.as_ref().unwrap_or(&dom);
+            let dom = fresh.as_ref().unwrap_or(dom);
             if let Some(ours) = our_socket.borrow().as_ref() {
                 let _ = dom.end_stale_backup(&|s: &std::path::Path| s == ours);
             }

@@ -6,6 +6,8 @@ pub mod check;
 pub mod inventory;
 #[cfg(feature = "libvirt")]
 pub mod live;
+#[cfg(feature = "libvirt")]
+pub mod paused;
 pub mod pipeline;
 pub mod print;
 pub mod prune;

@@ -15,6 +15,20 @@ use super::xml::{self, CopySpec, DiskDevice, DiskSource};
 use super::{ffi, lv_error, DEFAULT_URI};
 use crate::error::{Error, Result};
 
+/// The XML namespace of vmkeep's element in a running VM's metadata.
+const MARKER_NS: &str = "urn:vmkeep:live:1";
+/// The namespace prefix libvirt writes for it.
+const MARKER_PREFIX: &str = "vmkeep";
+
+/// What [`Domain::start_paused`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Started {
+    /// vmkeep started the VM, paused.
+    Paused,
+    /// The VM was already running (or being started by someone else): vmkeep did nothing.
+    AlreadyActive,
+}
+
 /// A VM's run state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DomainState {
@@ -124,6 +138,13 @@ impl Hypervisor {
     /// The libvirt URI this connection was opened with (e.g. `qemu:///system`).
     pub fn uri(&self) -> &str {
         &self.uri
+    }
+
+    /// Whether the connection is to this machine: a URI with no host part
+    /// (`qemu:///system`, `qemu+unix:///system`). Any URI naming a host, even
+    /// `localhost`, is treated as remote: its files are not assumed to be visible here.
+    pub fn is_local(&self) -> bool {
+        uri_is_local(&self.uri)
     }
 
     /// Every VM libvirt knows, running or defined, with its disks.
@@ -338,6 +359,82 @@ impl Domain {
             .map_err(|e| self.err(format!("cannot stop: {}", e.message())))
     }
 
+    /// Boot the defined VM with its CPUs paused (`VIR_DOMAIN_START_PAUSED`): QEMU runs and
+    /// can serve a backup job, the guest runs no code. [`Started::AlreadyActive`] when the
+    /// VM was not shut off (someone else started it first; libvirt serialises starts).
+    pub fn start_paused(&self) -> Result<Started> {
+        match self.dom.create_with_flags(sys::VIR_DOMAIN_START_PAUSED) {
+            Ok(_) => Ok(Started::Paused),
+            Err(e) if self.state().is_ok_and(|s| s.is_active()) => {
+                tracing::debug!("{}: start --paused: {}", self.name, e.message());
+                Ok(Started::AlreadyActive)
+            }
+            Err(e) => Err(self.err(format!("cannot start paused: {}", e.message()))),
+        }
+    }
+
+    /// Stop the VM the way QEMU ends cleanly (SIGTERM only,
+    /// `VIR_DOMAIN_DESTROY_GRACEFUL`), so that it writes its persistent dirty bitmaps into
+    /// the images; when QEMU does not end in time, pull the plug.
+    pub fn destroy_graceful(&self) -> Result<()> {
+        match self.dom.destroy_flags(sys::VIR_DOMAIN_DESTROY_GRACEFUL) {
+            Ok(()) => Ok(()),
+            Err(e) if !self.state().is_ok_and(|s| s.is_active()) => {
+                tracing::debug!("{}: destroy --graceful: {}", self.name, e.message());
+                Ok(())
+            }
+            Err(e) => {
+                tracing::debug!("{}: destroy --graceful: {}", self.name, e.message());
+                self.destroy()
+            }
+        }
+    }
+
+    /// Whether the VM has a managed-save image (`virsh managedsave`): starting it would
+    /// resume the saved memory state, not boot.
+    pub fn has_managed_save(&self) -> Result<bool> {
+        self.dom
+            .has_managed_save(0)
+            .map_err(|e| self.err(e.message()))
+    }
+
+    /// Set (`Some`) or remove (`None`) vmkeep's element in the *running* VM's metadata
+    /// (`VIR_DOMAIN_AFFECT_LIVE` only: it ends with the QEMU process and never reaches the
+    /// persistent definition). `xml` is one element, e.g. `<started .../>`.
+    pub fn set_live_marker(&self, xml: Option<&str>) -> Result<()> {
+        self.dom
+            .set_metadata(
+                sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+                xml,
+                xml.map(|_| MARKER_PREFIX),
+                Some(MARKER_NS),
+                sys::VIR_DOMAIN_AFFECT_LIVE,
+            )
+            .map_err(|e| self.err(format!("cannot set live metadata: {}", e.message())))
+    }
+
+    /// vmkeep's element in the running VM's metadata, `None` when there is none.
+    pub fn live_marker(&self) -> Result<Option<String>> {
+        match self.dom.metadata(
+            sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
+            Some(MARKER_NS),
+            sys::VIR_DOMAIN_AFFECT_LIVE,
+        ) {
+            Ok(xml) => Ok(Some(xml)),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    virt::enumutil::Enum::Known(ErrorNumber::NoDomainMetadata)
+                ) =>
+            {
+                Ok(None)
+            }
+            // An inactive domain has no live metadata.
+            Err(_) if !self.state()?.is_active() => Ok(None),
+            Err(e) => Err(self.err(format!("cannot read live metadata: {}", e.message()))),
+        }
+    }
+
     /// Remove the VM's definition with its snapshot and checkpoint metadata, managed-save
     /// image and NVRAM (disk images stay).
     pub fn undefine(&self) -> Result<()> {
@@ -355,6 +452,16 @@ impl Domain {
         Ok(xml::parse_domain(&self.live_xml()?)?
             .qemu_ids
             .map(|(_, gid)| gid))
+    }
+}
+
+/// Whether a libvirt URI has no host part (see [`Hypervisor::is_local`]).
+pub(crate) fn uri_is_local(uri: &str) -> bool {
+    match uri.split_once("://") {
+        Some((_, rest)) => rest.starts_with('/'),
+        // A bare alias or driver name ("qemu"): libvirt resolves it locally unless an alias
+        // in libvirt.conf says otherwise; not provably local.
+        None => false,
     }
 }
 
@@ -380,5 +487,16 @@ mod tests {
         assert_eq!(DomainState::ShutOff.to_string(), "shut off");
         assert!(DomainState::Paused.is_active());
         assert!(!DomainState::ShutOff.is_active());
+    }
+
+    #[test]
+    fn only_uris_without_a_host_are_local() {
+        assert!(uri_is_local("qemu:///system"));
+        assert!(uri_is_local("qemu+unix:///system"));
+        assert!(uri_is_local("qemu:///session"));
+        assert!(!uri_is_local("qemu+ssh://root@localhost/system"));
+        assert!(!uri_is_local("qemu+tcp://127.0.0.1/system"));
+        assert!(!uri_is_local("qemu+tls://host.example/system"));
+        assert!(!uri_is_local("qemu"));
     }
 }

@@ -73,7 +73,7 @@ use std::fmt;
 use crate::error::Error;
 pub use backup::{BackupDisk, BackupJobState, BackupPlan, BackupStart, PullBackup};
 pub use checkpoint::CheckpointDelete;
-pub use domain::{DiskInfo, Domain, DomainInfo, DomainState, Hypervisor};
+pub use domain::{DiskInfo, Domain, DomainInfo, DomainState, Hypervisor, Started};
 pub use xml::{dirty_bitmap_context, CheckpointInfo, CopySpec, DiskDevice, DiskSource, NewDisk};
 
 /// The connection used when none is given.

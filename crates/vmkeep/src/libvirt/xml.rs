@@ -233,6 +233,42 @@ pub fn escape(text: &str) -> String {
     out
 }
 
+/// vmkeep's mark on a VM it started paused for a backup, kept in the running VM's live
+/// metadata (it ends with the QEMU process): which repository's run started it, and a
+/// token of that run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartedMark {
+    /// The id of the repository whose run started the VM.
+    pub repository: String,
+    /// A random token of that run.
+    pub token: String,
+}
+
+/// The live-metadata element of a [`StartedMark`].
+pub fn started_mark_xml(mark: &StartedMark) -> String {
+    format!(
+        "<started-for-backup repository=\"{}\" token=\"{}\"/>",
+        escape(&mark.repository),
+        escape(&mark.token)
+    )
+}
+
+/// The [`StartedMark`] in a live-metadata element; `None` for anything else (another
+/// shape is not vmkeep's mark, and nothing is trusted from it).
+pub fn parse_started_mark(xml: &str) -> Option<StartedMark> {
+    let doc = Document::parse(xml).ok()?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "started-for-backup" {
+        return None;
+    }
+    let repository = root.attribute("repository")?.to_string();
+    let token = root.attribute("token")?.to_string();
+    if repository.is_empty() || token.is_empty() {
+        return None;
+    }
+    Some(StartedMark { repository, token })
+}
+
 /// The NBD export name and the name of the dirty bitmap that libvirt gives a disk of a
 /// pull backup when the backup XML does not choose them: the export is the disk target,
 /// the bitmap `backup-<target>` (libvirt's qemu_backup.c; the running job's XML from
@@ -698,6 +734,30 @@ fn copy_interface(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn started_mark_round_trips_and_nothing_else_parses() {
+        let mark = StartedMark {
+            repository: "ab12<\"&".into(),
+            token: "t0k3n".into(),
+        };
+        assert_eq!(parse_started_mark(&started_mark_xml(&mark)), Some(mark));
+        // As libvirt gives it back, with its namespace prefix.
+        assert_eq!(
+            parse_started_mark(
+                "<vmkeep:started-for-backup xmlns:vmkeep=\"urn:vmkeep:live:1\" repository=\"r\" token=\"t\"/>"
+            ),
+            Some(StartedMark { repository: "r".into(), token: "t".into() })
+        );
+        for other in [
+            "<started-for-backup repository=\"r\"/>",
+            "<started-for-backup repository=\"\" token=\"t\"/>",
+            "<other repository=\"r\" token=\"t\"/>",
+            "not xml",
+        ] {
+            assert_eq!(parse_started_mark(other), None, "{other}");
+        }
+    }
 
     const DOMAIN: &str = r#"<domain type='kvm' id='3'>
   <name>web1</name>
