@@ -251,6 +251,7 @@ impl Config {
 
     /// How shut-off VM `name` is backed up: its `offline_read`, else the global one, else
     /// start it paused.
+    #[cfg(feature = "libvirt")]
     pub fn offline_read_for(&self, name: &str) -> crate::cli::OfflineReadArg {
         let own = self.vm.get(name).and_then(|v| v.offline_read);
         own.or(self.offline_read)

@@ -1,5 +1,6 @@
-//! Backups of libvirt domains: running ones through a pull-mode backup job, shut-off ones
-//! from their disk files.
+//! Backups of libvirt domains through a pull-mode backup job: running ones as they are,
+//! shut-off ones started paused for it ([`crate::engine::paused`]); or, with
+//! [`OfflineRead::Files`], shut-off ones from their disk files.
 //!
 //! Each generation gets a libvirt checkpoint `vmkeep.<repository id>.<generation>`; the
 //! repository id keeps the chains of two repositories backing up the same VM apart (a
@@ -7,10 +8,11 @@
 //! another tool. The next run is incremental from that checkpoint's dirty bitmap when the
 //! checkpoint still exists and is the one the newest generation recorded; any other state
 //! (missing, foreign, not matching, or broken: a bitmap QEMU lost when it was killed) makes
-//! the run a diff — read everything, store only changes — and starts a fresh chain. Disks that cannot carry bitmaps (raw) are read in
-//! diff mode. After a successful generation only the new checkpoint of this branch is
-//! kept; after a failed one, the new checkpoint is deleted. A shut-off VM's disks are read
-//! under QEMU's own image locks (`ImageLock`), so the VM cannot start mid-read.
+//! the run a diff — read everything, store only changes — and starts a fresh chain. Disks
+//! that cannot carry bitmaps (raw) are read in diff mode. After a successful generation only the new checkpoint of this branch is
+//! kept; after a failed one, the new checkpoint is deleted. A shut-off VM's disks read as
+//! files are read under QEMU's own image locks (`ImageLock`), so the VM cannot start
+//! mid-read.
 
 use std::path::PathBuf;
 
