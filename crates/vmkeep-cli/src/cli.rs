@@ -159,6 +159,10 @@ pub struct BackupArgs {
     /// How a shut-off libvirt VM is backed up [default: from the config file, else start]
     #[arg(long, value_name = "HOW")]
     pub offline_read: Option<OfflineReadArg>,
+    /// Let a remote host's backup job export the disks over plain TCP, without TLS: anyone
+    /// on the network path can read them (a trusted, isolated network only)
+    #[arg(long)]
+    pub insecure_nbd: bool,
 }
 
 #[derive(Debug, Args)]

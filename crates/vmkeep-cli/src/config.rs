@@ -29,6 +29,13 @@ pub struct Config {
     pub scratch_dir: Option<PathBuf>,
     /// How shut-off libvirt VMs are backed up: `"start"` (paused; the default) or `"files"`.
     pub offline_read: Option<crate::cli::OfflineReadArg>,
+    /// TCP ports a remote host's backup job may listen on ("10810-10849").
+    pub nbd_ports: Option<String>,
+    /// The address a remote host's backup job listens on and vmkeep connects to (default:
+    /// the host of the libvirt URI).
+    pub nbd_address: Option<String>,
+    /// vmkeep's TLS client credentials for remote backup jobs.
+    pub nbd_tls_dir: Option<PathBuf>,
     /// Bytes per bit of new persistent bitmaps ("64K").
     pub bitmap_granularity: Option<SizeValue>,
     /// Default backup mode.
@@ -67,6 +74,8 @@ pub struct VmConfig {
     pub prune: Option<PruneWhen>,
     /// This VM's `offline_read` (over the global one).
     pub offline_read: Option<crate::cli::OfflineReadArg>,
+    /// This VM's `nbd_address` (over the global one).
+    pub nbd_address: Option<String>,
     pub bitmap_granularity: Option<SizeValue>,
 }
 
@@ -256,6 +265,22 @@ impl Config {
         let own = self.vm.get(name).and_then(|v| v.offline_read);
         own.or(self.offline_read)
             .unwrap_or(crate::cli::OfflineReadArg::Start)
+    }
+
+    /// The `nbd_ports` range (`"LOW-HIGH"` or one port); `None` when not set.
+    #[cfg(feature = "libvirt")]
+    pub fn nbd_ports(&self) -> Result<Option<std::ops::RangeInclusive<u16>>, Error> {
+        let Some(text) = self.nbd_ports.as_deref() else {
+            return Ok(None);
+        };
+        let bad = || Error::usage(format!("nbd_ports {text:?}: expected \"LOW-HIGH\" (ports 1-65535)"));
+        let (low, high) = text.split_once('-').unwrap_or((text, text));
+        let low: u16 = low.trim().parse().map_err(|_| bad())?;
+        let high: u16 = high.trim().parse().map_err(|_| bad())?;
+        if low == 0 || low > high {
+            return Err(bad());
+        }
+        Ok(Some(low..=high))
     }
 
     /// The retention schedule of a VM: the global one with the VM's options over it.

@@ -24,10 +24,15 @@ fn hypervisor() -> Hypervisor {
 }
 
 fn plan<'a>(socket: &'a std::path::Path, disks: &'a [&'a str]) -> BackupPlan<'a> {
+    // A test's plan lives as long as the test: leaking the small server value is fine.
+    let server: &'static vmkeep::libvirt::xml::NbdServer = Box::leak(Box::new(
+        vmkeep::libvirt::xml::NbdServer::Unix(socket.to_path_buf()),
+    ));
     BackupPlan {
         disks,
-        socket,
-        scratch_dir: socket.parent().unwrap(),
+        server,
+        export_prefix: None,
+        scratch_dir: socket.parent(),
         checkpoint: None,
         incremental_from: None,
         checkpoint_description: None,
@@ -105,9 +110,12 @@ fn full_pull_backup_exports_the_point_in_time_and_cleans_up() {
     assert_eq!(disk.export_name, "vda");
     assert_eq!(disk.dirty_bitmap_context, None, "full backup");
     assert!(disk.in_checkpoint);
-    assert!(disk.scratch.exists(), "scratch file while running");
+    assert!(
+        disk.scratch.as_ref().unwrap().exists(),
+        "scratch file while running"
+    );
     assert_eq!(backup.state().unwrap(), BackupJobState::Running);
-    let uri = backup.nbd_uri(disk);
+    let uri = backup.nbd_uri(disk, None);
     assert_eq!(uri, format!("nbd+unix:///vda?socket={}", socket.display()));
 
     let before = read_all(
@@ -132,7 +140,7 @@ fn full_pull_backup_exports_the_point_in_time_and_cleans_up() {
     let exports = run(Command::new("nbdinfo").arg("--list").arg(&uri));
     assert!(!exports.contains("export=\"vdb\""), "{exports}");
 
-    let scratch = disk.scratch.clone();
+    let scratch = disk.scratch.clone().unwrap();
     backup.end().unwrap();
     assert!(virsh(&["domjobinfo", &vm.name]).contains("None"));
     assert!(!socket.exists(), "socket removed");
@@ -166,7 +174,7 @@ fn incremental_pull_backup_maps_exactly_the_written_range() {
     let disk = incr.disk("vda").unwrap();
     let context = disk.dirty_bitmap_context.clone().unwrap();
     assert_eq!(context, "qemu:dirty-bitmap:backup-vda");
-    let uri = incr.nbd_uri(disk);
+    let uri = incr.nbd_uri(disk, None);
     assert_eq!(map_ranges(&uri, &context), [(8 * MIB, MIB)]);
     let data = read_all(&uri, "raw", &vm.path("export.raw"));
     assert!(data[8 << 20..9 << 20].iter().all(|&b| b == 0x22));
@@ -282,7 +290,7 @@ fn vm_destroyed_mid_backup_is_failed_and_leaves_no_files() {
     let dom = hv.domain(&vm.name).unwrap();
     let socket = vm.path("run/nbd.sock");
     let backup = dom.begin_backup(&plan(&socket, &[])).unwrap();
-    let scratch = backup.disks()[0].scratch.clone();
+    let scratch = backup.disks()[0].scratch.clone().unwrap();
     dom.destroy().unwrap();
     match backup.state().unwrap() {
         BackupJobState::Failed(why) => assert!(why.contains("VM stopped"), "{why}"),

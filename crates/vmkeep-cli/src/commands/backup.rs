@@ -183,6 +183,19 @@ fn backup_domain(
         .offline_read
         .unwrap_or_else(|| ctx.config.offline_read_for(vm))
         .into();
+    if let Some(ports) = ctx.config.nbd_ports()? {
+        live.remote.ports = ports;
+    }
+    live.remote.address = ctx
+        .config
+        .vm
+        .get(vm)
+        .and_then(|v| v.nbd_address.clone())
+        .or_else(|| ctx.config.nbd_address.clone());
+    if let Some(dir) = &ctx.config.nbd_tls_dir {
+        live.remote.tls_dir = dir.clone();
+    }
+    live.remote.insecure = a.insecure_nbd;
     Ok(backup_domain(repo, &hv, vm, opts, &live, &ctx.progress)?)
 }
 

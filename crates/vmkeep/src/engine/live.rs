@@ -22,6 +22,7 @@ use crate::engine::backup::{BackupOptions, BackupReport, BackupRun, DiskInput};
 pub use crate::engine::paused::OfflineRead;
 use crate::engine::paused::{PausedForBackup, Prepared};
 use crate::error::{Error, Result};
+use crate::libvirt::xml::{BackupJobXml, NbdServer};
 use crate::libvirt::{
     BackupJobState, BackupPlan, BackupStart, CheckpointDelete, DiskDevice, DiskInfo, DiskSource,
     Domain, Hypervisor, PullBackup,
@@ -45,6 +46,39 @@ pub struct LiveOptions {
     pub job_wait: std::time::Duration,
     /// How a shut-off domain is backed up (started paused, or read as files).
     pub offline_read: OfflineRead,
+    /// How the backup job of a domain on a remote host exports its disks (TCP).
+    pub remote: RemoteExport,
+}
+
+/// The NBD export of a backup job on a remote host: TCP, with TLS unless `insecure`.
+#[derive(Debug, Clone)]
+pub struct RemoteExport {
+    /// The address QEMU listens on and vmkeep connects to; `None`: the host of the
+    /// libvirt URI. The server certificate must name it.
+    pub address: Option<String>,
+    /// The TCP ports to try, lowest first (the first one free on the host is used).
+    pub ports: std::ops::RangeInclusive<u16>,
+    /// vmkeep's TLS client credentials (`ca-cert.pem`, `client-cert.pem`, `client-key.pem`).
+    pub tls_dir: PathBuf,
+    /// Plain NBD without TLS (`--insecure-nbd`): anyone on the network path can read the
+    /// disks. Never the default.
+    pub insecure: bool,
+}
+
+/// The ports remote backup jobs listen on by default.
+pub const DEFAULT_NBD_PORTS: std::ops::RangeInclusive<u16> = 10810..=10849;
+/// Where vmkeep's NBD TLS client credentials are by default.
+pub const DEFAULT_NBD_TLS_DIR: &str = "/etc/pki/vmkeep";
+
+impl Default for RemoteExport {
+    fn default() -> Self {
+        RemoteExport {
+            address: None,
+            ports: DEFAULT_NBD_PORTS,
+            tls_dir: PathBuf::from(DEFAULT_NBD_TLS_DIR),
+            insecure: false,
+        }
+    }
 }
 
 impl Default for LiveOptions {
@@ -55,6 +89,7 @@ impl Default for LiveOptions {
             scratch_dir: PathBuf::from("/var/tmp/vmkeep"),
             job_wait: std::time::Duration::from_secs(3600),
             offline_read: OfflineRead::default(),
+            remote: RemoteExport::default(),
         }
     }
 }
@@ -74,6 +109,7 @@ impl LiveOptions {
             scratch_dir: scratch_dir.unwrap_or(defaults.scratch_dir),
             job_wait: defaults.job_wait,
             offline_read: defaults.offline_read,
+            remote: defaults.remote,
         }
     }
 }
@@ -110,12 +146,12 @@ pub fn backup_domain(
         Prepared::Paused(p) => Some(p),
         Prepared::AsIs => None,
     };
-    // The NBD socket of this run's backup job, once it has one.
-    let our_socket = std::cell::RefCell::new(None);
-    let result = backup_prepared(repo, hv, &dom, run, xml, opts, live, &our_socket, progress);
+    // This run's backup job, once it tries to start one.
+    let our_job = std::cell::RefCell::new(None);
+    let result = backup_prepared(repo, hv, &dom, run, xml, opts, live, &our_job, progress);
     if let Some(p) = paused {
-        let socket = our_socket.borrow().clone();
-        let ours = |s: &std::path::Path| socket.as_deref() == Some(s);
+        let mine = our_job.borrow().clone();
+        let ours = |j: &BackupJobXml| mine.as_ref().is_some_and(|m: &OurJob| m.is(j));
         p.finish(&dom, live.job_wait, &ours, progress);
     }
     result
@@ -131,7 +167,7 @@ fn backup_prepared(
     xml: String,
     opts: &BackupOptions,
     live: &LiveOptions,
-    our_socket: &std::cell::RefCell<Option<PathBuf>>,
+    our_job: &std::cell::RefCell<Option<OurJob>>,
     progress: &dyn Progress,
 ) -> Result<BackupReport> {
     let name = dom.name();
@@ -150,9 +186,10 @@ fn backup_prepared(
     let result = if info.state.is_active() {
         backup_running(
             dom,
+            hv,
             run,
             &repo.profile.id,
-            our_socket,
+            our_job,
             &disks,
             &new_checkpoint,
             basis.as_deref(),
@@ -190,8 +227,8 @@ fn backup_prepared(
             // end a job that is still running and to drop the new checkpoint.
             let fresh = Hypervisor::connect(Some(hv.uri())).and_then(|h| h.domain(name));
             let dom = fresh.as_ref().unwrap_or(dom);
-            if let Some(ours) = our_socket.borrow().as_ref() {
-                let _ = dom.end_stale_backup(&|s: &std::path::Path| s == ours);
+            if let Some(ours) = our_job.borrow().as_ref() {
+                let _ = dom.end_stale_backup(&|j: &BackupJobXml| ours.is(j));
             }
             if dom.checkpoint_exists(&new_checkpoint).unwrap_or(false) {
                 let _ = dom.delete_checkpoint(&new_checkpoint, CheckpointDelete::default());
@@ -315,12 +352,68 @@ fn abandon_checkpoint(
     *broken.borrow_mut() = Some(cp.to_string());
 }
 
+/// The job this run starts: its NBD server and, for TCP, the export-name prefix that
+/// carries the repository id and a token of the run.
+#[derive(Debug, Clone)]
+struct OurJob {
+    server: NbdServer,
+    export_prefix: Option<String>,
+}
+
+impl OurJob {
+    /// Whether `job` is this run's.
+    fn is(&self, job: &BackupJobXml) -> bool {
+        job.server.as_ref() == Some(&self.server)
+            && match &self.export_prefix {
+                None => true,
+                Some(p) => {
+                    !job.disks.is_empty()
+                        && job.disks.iter().all(|d| d.export_name.starts_with(p.as_str()))
+                }
+            }
+    }
+}
+
+/// How this run's job exports its disks: a unix socket in `socket` on a local host, TCP
+/// on a remote one.
+enum Export {
+    Unix(PathBuf),
+    Tcp {
+        name: String,
+        ports: std::ops::RangeInclusive<u16>,
+        tls: bool,
+    },
+}
+
+impl Export {
+    fn choose(hv: &Hypervisor, live: &LiveOptions, socket: PathBuf) -> Result<Export> {
+        if hv.is_local() {
+            return Ok(Export::Unix(socket));
+        }
+        let name = match &live.remote.address {
+            Some(a) => a.clone(),
+            None => crate::libvirt::uri_host(hv.uri()).ok_or_else(|| {
+                Error::usage(format!(
+                    "libvirt URI {}: no host to reach the backup export at (set nbd_address)",
+                    hv.uri()
+                ))
+            })?,
+        };
+        Ok(Export::Tcp {
+            name,
+            ports: live.remote.ports.clone(),
+            tls: !live.remote.insecure,
+        })
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn backup_running(
     dom: &Domain,
+    hv: &Hypervisor,
     run: BackupRun,
     repo_id: &str,
-    our_socket: &std::cell::RefCell<Option<PathBuf>>,
+    our_job: &std::cell::RefCell<Option<OurJob>>,
     disks: &[DiskInfo],
     new_checkpoint: &str,
     basis: Option<&str>,
@@ -331,14 +424,29 @@ fn backup_running(
 ) -> Result<BackupReport> {
     let targets: Vec<&str> = disks.iter().map(|d| d.target.as_str()).collect();
     // Fresh folders with random names, in parents only root can change; the name says
-    // which repository's run made them (see `owned_job`).
+    // which repository's run made them (see `owned_job`). A remote host's job needs none.
     let prefix = format!("vmkeep-{repo_id}-");
-    let (_cleanup, socket, scratch_dir) = run_dirs(dom, live, &prefix)?;
-    *our_socket.borrow_mut() = Some(socket.clone());
+    let (_cleanup, export, scratch_dir) = if hv.is_local() {
+        let (cleanup, socket, scratch_dir) = run_dirs(dom, live, &prefix)?;
+        (cleanup, Export::choose(hv, live, socket)?, Some(scratch_dir))
+    } else {
+        (
+            RemoveDirs(Vec::new()),
+            Export::choose(hv, live, PathBuf::new())?,
+            None,
+        )
+    };
+    // TCP exports are named vmkeep.<repository id>.<run token>.<target>: the job is
+    // told from another one on the same port, and from a dead run of this repository.
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    let export_prefix = match &export {
+        Export::Unix(_) => None,
+        Export::Tcp { .. } => Some(format!("{}{}.", tcp_export_prefix(repo_id), &token[..12])),
+    };
     // A job left behind by a dead run of this repository would hold the bitmaps: end it
     // first. This run holds the VM's lock of this repository, so any such run is dead.
     // Another repository's job in flight is waited for, never ended.
-    let owned = |s: &std::path::Path| owned_job(s, &live.run_dir, &prefix);
+    let owned = |j: &BackupJobXml| owned_job(j, &live.run_dir, &prefix, repo_id);
     let mut others = OtherJobs {
         dom,
         owned: &owned,
@@ -350,15 +458,53 @@ fn backup_running(
     others.wait()?;
     let mut basis = basis.filter(|cp| checkpoint_intact(dom, cp, broken, progress));
     let description = description(run.repository());
-    let mut plan = BackupPlan {
-        disks: &targets,
-        socket: &socket,
-        scratch_dir: &scratch_dir,
-        checkpoint: Some(new_checkpoint),
-        incremental_from: basis,
-        checkpoint_description: Some(&description),
+    let mut ports = match &export {
+        Export::Tcp { ports, .. } => ports.clone(),
+        Export::Unix(_) => 0..=0,
     };
-    let first = start_job(dom, &mut plan, &mut basis, broken, &mut others, progress)?;
+    let first = loop {
+        let server = match &export {
+            Export::Unix(socket) => NbdServer::Unix(socket.clone()),
+            Export::Tcp { name, tls, .. } => {
+                let Some(port) = ports.next() else {
+                    return Err(job_failed(
+                        dom,
+                        format!(
+                            "no free port for the backup export in {}-{} on the host (nbd_ports)",
+                            live.remote.ports.start(),
+                            live.remote.ports.end()
+                        ),
+                    ));
+                };
+                NbdServer::Tcp {
+                    name: name.clone(),
+                    port,
+                    tls: *tls,
+                }
+            }
+        };
+        *our_job.borrow_mut() = Some(OurJob {
+            server: server.clone(),
+            export_prefix: export_prefix.clone(),
+        });
+        let mut plan = BackupPlan {
+            disks: &targets,
+            server: &server,
+            export_prefix: export_prefix.as_deref(),
+            scratch_dir: scratch_dir.as_deref(),
+            checkpoint: Some(new_checkpoint),
+            incremental_from: basis,
+            checkpoint_description: Some(&description),
+        };
+        match start_job(dom, &mut plan, &mut basis, broken, &mut others, progress) {
+            Err(e) if matches!(server, NbdServer::Tcp { .. })
+                && crate::libvirt::port_taken(&e.to_string()) =>
+            {
+                tracing::debug!("VM {}: {server} is taken; trying the next port", dom.name());
+            }
+            other => break other?,
+        }
+    };
     let job = std::cell::RefCell::new(Some(first));
     crate::fault::pause("after-backup-begin");
     // A job that failed (aborted from outside, the VM stopped, scratch space exhausted)
@@ -382,6 +528,7 @@ fn backup_running(
         disks,
         basis,
         broken_cp.as_deref(),
+        &live.remote.tls_dir,
     )
     .map_err(explain)?;
     let mut opts = opts.clone();
@@ -427,8 +574,8 @@ fn run_dirs(
 /// ending this repository's leftovers on the way.
 struct OtherJobs<'a> {
     dom: &'a Domain,
-    /// Whether a job's NBD socket is one a run of this repository made.
-    owned: &'a dyn Fn(&std::path::Path) -> bool,
+    /// Whether a job is one a run of this repository made.
+    owned: &'a dyn Fn(&BackupJobXml) -> bool,
     job_wait: std::time::Duration,
     deadline: std::time::Instant,
     /// The warning about waiting was given.
@@ -443,16 +590,15 @@ impl OtherJobs<'_> {
         let dom = self.dom;
         loop {
             dom.end_stale_backup(self.owned)?;
-            let other = match dom.backup_job_socket()? {
+            let other = match dom.backup_job()? {
                 None => return Ok(()),
-                Some(s) => s,
+                Some(job) => crate::libvirt::describe_job(&job),
             };
             if std::time::Instant::now() >= self.deadline {
                 return Err(job_failed(
                     dom,
                     format!(
-                        "another backup job (NBD socket {}) is still running after {} s; end it with `virsh domjobabort {}` if nobody uses it",
-                        other.as_deref().unwrap_or(std::path::Path::new("none")).display(),
+                        "another backup job ({other}) is still running after {} s; end it with `virsh domjobabort {}` if nobody uses it",
                         self.job_wait.as_secs(),
                         dom.name()
                     ),
@@ -460,12 +606,8 @@ impl OtherJobs<'_> {
             }
             if !self.said {
                 self.progress.warn(&format!(
-                    "VM {}: another backup job is running (NBD socket {}); waiting for it to end",
+                    "VM {}: another backup job is running ({other}); waiting for it to end",
                     dom.name(),
-                    other
-                        .as_deref()
-                        .unwrap_or(std::path::Path::new("none"))
-                        .display()
                 ));
                 self.said = true;
             }
@@ -490,7 +632,7 @@ fn start_job(
     // Another repository's job may begin between the wait and ours: wait again.
     let begin = |plan: &BackupPlan<'_>, others: &mut OtherJobs<'_>| loop {
         match dom.try_begin_backup(plan) {
-            Err(e) if matches!(dom.backup_job_socket(), Ok(Some(s)) if s.as_deref() != Some(plan.socket)) =>
+            Err(e) if matches!(dom.backup_job(), Ok(Some(j)) if j.server.as_ref() != Some(plan.server)) =>
             {
                 if std::time::Instant::now() >= deadline {
                     return Err(e);
@@ -532,6 +674,7 @@ fn open_exports(
     disks: &[DiskInfo],
     basis: Option<&str>,
     broken: Option<&str>,
+    tls_dir: &std::path::Path,
 ) -> Result<Vec<DiskInput>> {
     let mut inputs = Vec::new();
     for d in job.disks() {
@@ -539,7 +682,7 @@ fn open_exports(
             .dirty_bitmap_context
             .as_deref()
             .and_then(|c| c.strip_prefix(META_DIRTY_BITMAP_PREFIX));
-        let source = NbdSource::open(&job.nbd_uri(d), bitmap)?;
+        let source = NbdSource::open(&job.nbd_uri(d, Some(tls_dir)), bitmap)?;
         let label = disk_label(disks, &d.target);
         let mut input = DiskInput::new(
             &d.target,
@@ -864,17 +1007,36 @@ fn forget_old_checkpoints(
     }
 }
 
-/// Whether a backup job's NBD socket is one a run of this repository made: in a folder
-/// directly under `run_dir` whose name starts with `prefix` (`vmkeep-<repository id>-`).
-fn owned_job(socket: &std::path::Path, run_dir: &std::path::Path, prefix: &str) -> bool {
-    let Some(folder) = socket.parent() else {
-        return false;
-    };
-    folder.parent() == Some(run_dir)
-        && folder
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(prefix))
+/// The export-name prefix of this repository's TCP backup jobs (a run adds its token).
+fn tcp_export_prefix(repo_id: &str) -> String {
+    format!("vmkeep.{repo_id}.")
+}
+
+/// Whether a backup job is one a run of this repository made: a unix socket in a folder
+/// directly under `run_dir` whose name starts with `prefix` (`vmkeep-<repository id>-`),
+/// or a TCP job whose every export is named `vmkeep.<repository id>.…`.
+fn owned_job(job: &BackupJobXml, run_dir: &std::path::Path, prefix: &str, repo_id: &str) -> bool {
+    match &job.server {
+        Some(NbdServer::Unix(socket)) => {
+            let Some(folder) = socket.parent() else {
+                return false;
+            };
+            folder.parent() == Some(run_dir)
+                && folder
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(prefix))
+        }
+        Some(NbdServer::Tcp { .. }) => {
+            let ours = tcp_export_prefix(repo_id);
+            !job.disks.is_empty()
+                && job
+                    .disks
+                    .iter()
+                    .all(|d| d.export_name.starts_with(ours.as_str()))
+        }
+        None => false,
+    }
 }
 
 /// Removes folders when dropped (per-run socket and scratch folders).

@@ -166,7 +166,7 @@ impl PausedForBackup {
         self,
         dom: &Domain,
         job_wait: Duration,
-        ours: &dyn Fn(&std::path::Path) -> bool,
+        ours: &dyn Fn(&crate::libvirt::xml::BackupJobXml) -> bool,
         progress: &dyn Progress,
     ) {
         let name = dom.name();
@@ -197,8 +197,8 @@ impl PausedForBackup {
                     return;
                 }
             }
-            match dom.backup_job_socket() {
-                Ok(Some(socket)) if !socket.as_deref().is_some_and(ours) => {
+            match dom.backup_job() {
+                Ok(Some(job)) if !ours(&job) => {
                     if Instant::now() >= deadline {
                         progress.warn(&format!(
                             "VM {name}: another backup job still runs after {} s; left paused for the next run of this repository to shut off",

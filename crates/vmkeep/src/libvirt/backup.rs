@@ -28,7 +28,7 @@ impl Domain {
         match self.try_begin_backup(plan)? {
             BackupStart::Started(job) => Ok(job),
             BackupStart::CheckpointInconsistent(message) => {
-                Err(self.err(backup_begin_failure(&message, None)))
+                Err(self.err(backup_begin_failure(&message, None, plan.server)))
             }
         }
     }
@@ -52,12 +52,9 @@ impl Domain {
                 .collect(),
             None => BTreeSet::new(),
         };
-        self.clear_stale_job(plan.socket)?;
         let gid = live.qemu_ids.map(|(_, gid)| gid);
-        for dir in [
-            plan.socket.parent().unwrap_or(Path::new("/")),
-            plan.scratch_dir,
-        ] {
+        let socket_dir = plan.server.socket().map(|s| s.parent().unwrap_or(Path::new("/")));
+        for dir in socket_dir.into_iter().chain(plan.scratch_dir) {
             if !dir.exists() {
                 // A fresh folder (it must not exist) in a parent only root can change
                 // (checked, and created 0711 where missing, by `fsutil::safe_base`); owned
@@ -70,17 +67,31 @@ impl Domain {
             .iter()
             .map(|d| xml::BackupDiskSpec {
                 target: d.target.clone(),
-                scratch: plan.scratch_dir.join(scratch_name(&self.name, &d.target)),
+                export_name: plan.export_prefix.map(|p| format!("{p}{}", d.target)),
+                scratch: plan
+                    .scratch_dir
+                    .map(|dir| dir.join(scratch_name(&self.name, &d.target))),
                 incremental_from: plan
                     .incremental_from
                     .filter(|_| bitmaps.contains(&d.target))
                     .map(str::to_string),
             })
             .collect();
-        for spec in &specs {
-            remove_if_present(&spec.scratch)?;
+        let planned: Vec<String> = specs
+            .iter()
+            .map(|s| {
+                s.export_name
+                    .clone()
+                    .unwrap_or_else(|| xml::default_export_names(&s.target).0)
+            })
+            .collect();
+        self.clear_stale_job(plan.server, &planned)?;
+        for scratch in specs.iter().filter_map(|s| s.scratch.as_deref()) {
+            remove_if_present(scratch)?;
         }
-        remove_if_present(plan.socket)?;
+        if let Some(socket) = plan.server.socket() {
+            remove_if_present(socket)?;
+        }
         let chosen: BTreeSet<&str> = selected.iter().map(|d| d.target.as_str()).collect();
         let others: Vec<&str> = live
             .disks
@@ -89,7 +100,7 @@ impl Domain {
             .map(|d| d.target.as_str())
             .filter(|t| !chosen.contains(t))
             .collect();
-        let backup_xml = xml::backup_xml(plan.socket, &specs, &others);
+        let backup_xml = xml::backup_xml(plan.server, &specs, &others);
         let tracked: Vec<&str> = selected
             .iter()
             .filter(|d| d.can_checkpoint())
@@ -105,12 +116,16 @@ impl Domain {
             if e.is(ErrorNumber::CheckpointInconsistent) && plan.incremental_from.is_some() {
                 return Ok(BackupStart::CheckpointInconsistent(e.message));
             }
-            return Err(self.err(backup_begin_failure(&e.message, live.qemu_ids)));
+            return Err(self.err(backup_begin_failure(
+                &e.message,
+                live.qemu_ids,
+                plan.server,
+            )));
         }
         let mut backup = PullBackup {
             dom: self.dom.clone(),
             vm: self.name.clone(),
-            socket: plan.socket.to_path_buf(),
+            server: plan.server.clone(),
             checkpoint: checkpoint.map(str::to_string),
             disks: Vec::new(),
             ended: false,
@@ -134,7 +149,7 @@ impl Domain {
                     dirty_bitmap_context: bitmap.as_deref().map(dirty_bitmap_context),
                     scratch: from_job
                         .and_then(|d| d.scratch.clone())
-                        .unwrap_or_else(|| spec.scratch.clone()),
+                        .or_else(|| spec.scratch.clone()),
                     in_checkpoint: checkpoint.is_some() && tracked.contains(&spec.target.as_str()),
                 }
             })
@@ -181,17 +196,17 @@ impl Domain {
             .collect()
     }
 
-    /// A backup job serving `socket` can only be a leftover of a vmkeep run that died
-    /// (the VM's lock file admits one vmkeep at a time): end it. Any other backup job is
-    /// someone else's.
-    fn clear_stale_job(&self, socket: &Path) -> Result<()> {
-        let Some(job_socket) = self.running_backup_socket()? else {
+    /// A backup job with the identity this run plans (`server` and `exports`) can only be
+    /// a leftover of a vmkeep run that died (the VM's lock file admits one vmkeep at a
+    /// time): end it. Any other backup job is someone else's.
+    fn clear_stale_job(&self, server: &xml::NbdServer, exports: &[String]) -> Result<()> {
+        let Some(job) = self.backup_job()? else {
             return Ok(());
         };
-        if job_socket.as_deref() != Some(socket) {
+        if !same_job(&job, server, exports) {
             return Err(self.err(format!(
-                "another backup job is running (NBD socket {}); end it with `virsh domjobabort {}`",
-                job_socket.as_deref().unwrap_or(Path::new("none")).display(),
+                "another backup job is running ({}); end it with `virsh domjobabort {}`",
+                describe(&job),
                 self.name
             )));
         }
@@ -202,37 +217,54 @@ impl Domain {
         Ok(())
     }
 
-    /// End the backup job if `owned` says its NBD socket is one of ours: a job a vmkeep
-    /// run of this repository left behind when it died or lost its connection (libvirtd
-    /// restarted). Returns whether there was one. Jobs of anyone else (another
-    /// repository's run in flight, another tool) are left alone.
-    pub fn end_stale_backup(&self, owned: &dyn Fn(&Path) -> bool) -> Result<bool> {
-        match self.running_backup_socket()? {
-            Some(Some(socket)) if owned(&socket) => {
+    /// End the backup job if `owned` says it is one of ours: a job a vmkeep run of this
+    /// repository left behind when it died or lost its connection (libvirtd restarted).
+    /// Returns whether there was one. Jobs of anyone else (another repository's run in
+    /// flight, another tool) are left alone.
+    pub fn end_stale_backup(&self, owned: &dyn Fn(&xml::BackupJobXml) -> bool) -> Result<bool> {
+        match self.backup_job()? {
+            Some(job) if owned(&job) => {
                 tracing::warn!(vm = %self.name, "ending a backup job left behind by an earlier vmkeep run");
                 ffi::abort_job(&self.dom)
                     .map_err(|e| self.err(format!("cannot end the stale backup job: {e}")))?;
-                wait_job_end_of(&self.dom, &socket);
-                let _ = std::fs::remove_file(&socket);
+                wait_job_end_of(&self.dom, &job);
+                if let Some(socket) = job.server.as_ref().and_then(xml::NbdServer::socket) {
+                    let _ = std::fs::remove_file(socket);
+                }
                 Ok(true)
             }
             _ => Ok(false),
         }
     }
 
-    /// The NBD socket of the active backup job: `None` without one, `Some(None)` for a
-    /// job without a unix socket (push mode, TCP).
-    pub fn backup_job_socket(&self) -> Result<Option<Option<PathBuf>>> {
-        self.running_backup_socket()
-    }
-
-    fn running_backup_socket(&self) -> Result<Option<Option<PathBuf>>> {
+    /// The active backup job as its XML describes it (NBD server, disks, export names);
+    /// `None` without one.
+    pub fn backup_job(&self) -> Result<Option<xml::BackupJobXml>> {
         if !backup_job_active(&self.dom) {
             return Ok(None);
         }
         let job =
             xml::parse_backup_job(&ffi::backup_xml_desc(&self.dom).map_err(|e| self.err(e))?)?;
-        Ok(Some(job.socket))
+        Ok(Some(job))
+    }
+}
+
+/// Whether `job` is the job with NBD server `server` and exactly the export names
+/// `exports`: for a unix socket its per-run folder makes it unique, for TCP the export
+/// names carry the run's token (a port is reused by the next job).
+pub(crate) fn same_job(job: &xml::BackupJobXml, server: &xml::NbdServer, exports: &[String]) -> bool {
+    let mut theirs: Vec<&str> = job.disks.iter().map(|d| d.export_name.as_str()).collect();
+    let mut ours: Vec<&str> = exports.iter().map(String::as_str).collect();
+    theirs.sort_unstable();
+    ours.sort_unstable();
+    job.server.as_ref() == Some(server) && theirs == ours
+}
+
+/// How messages name a backup job: its NBD server.
+pub fn describe(job: &xml::BackupJobXml) -> String {
+    match &job.server {
+        Some(s) => s.to_string(),
+        None => "no NBD server".into(),
     }
 }
 
@@ -242,11 +274,17 @@ pub struct BackupPlan<'a> {
     /// Disk targets to export; empty means every writable disk with a medium. The VM's
     /// other disks get `backup='no'`.
     pub disks: &'a [&'a str],
-    /// Unix socket QEMU's NBD server listens on (see the module docs on permissions).
-    pub socket: &'a Path,
+    /// Where QEMU's NBD server listens: a unix socket (see the module docs on
+    /// permissions) or TCP, with TLS or without.
+    pub server: &'a xml::NbdServer,
+    /// Export names are this prefix followed by the disk target (`None`: the target).
+    /// vmkeep gives TCP exports a prefix naming the repository and the run, so that a job
+    /// can be told from another one on the same port.
+    pub export_prefix: Option<&'a str>,
     /// Folder for the per-disk scratch files, which hold the old content of blocks the
-    /// guest overwrites while the backup runs (at most the disk's size each).
-    pub scratch_dir: &'a Path,
+    /// guest overwrites while the backup runs (at most the disk's size each); `None` lets
+    /// libvirt put them next to each disk image (a remote hypervisor).
+    pub scratch_dir: Option<&'a Path>,
     /// Create this checkpoint atomically with the backup, tracking every exported qcow2
     /// disk (skipped when none is qcow2).
     pub checkpoint: Option<&'a str>,
@@ -278,9 +316,9 @@ pub struct BackupDisk {
     /// NBD metadata context of the changed blocks (`qemu:dirty-bitmap:backup-vda`) for an
     /// incremental export; `None` for a full one.
     pub dirty_bitmap_context: Option<String>,
-    /// The scratch file QEMU holds the disk's overwritten blocks in while the job runs; removed
-    /// when the job ends.
-    pub scratch: PathBuf,
+    /// The scratch file QEMU holds the disk's overwritten blocks in while the job runs
+    /// (when libvirt names it); removed when the job ends.
+    pub scratch: Option<PathBuf>,
     /// Whether the checkpoint created with this backup tracks the disk.
     pub in_checkpoint: bool,
 }
@@ -288,7 +326,7 @@ pub struct BackupDisk {
 /// What has become of a pull-mode backup job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BackupJobState {
-    /// The job serves our socket: what the exports show is the point-in-time view.
+    /// The job serves our exports: what they show is the point-in-time view.
     Running,
     /// The job ended with no error (libvirt reported it completed, without a message).
     Completed,
@@ -302,7 +340,7 @@ pub enum BackupJobState {
 pub struct PullBackup {
     dom: VirtDomain,
     vm: String,
-    socket: PathBuf,
+    server: xml::NbdServer,
     checkpoint: Option<String>,
     disks: Vec<BackupDisk>,
     ended: bool,
@@ -312,7 +350,7 @@ impl fmt::Debug for PullBackup {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PullBackup")
             .field("vm", &self.vm)
-            .field("socket", &self.socket)
+            .field("server", &self.server)
             .field("checkpoint", &self.checkpoint)
             .field("disks", &self.disks)
             .finish()
@@ -325,9 +363,20 @@ impl PullBackup {
         &self.vm
     }
 
-    /// The unix socket of the job's NBD server; the handle removes it when the job ends.
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    /// The job's NBD server; the handle removes a unix socket when the job ends.
+    pub fn server(&self) -> &xml::NbdServer {
+        &self.server
+    }
+
+    /// The export names of the job's disks: with [`PullBackup::server`], the job's
+    /// identity.
+    fn exports(&self) -> Vec<String> {
+        self.disks.iter().map(|d| d.export_name.clone()).collect()
+    }
+
+    /// Whether `job` is this one.
+    pub fn is(&self, job: &xml::BackupJobXml) -> bool {
+        same_job(job, &self.server, &self.exports())
     }
 
     /// The checkpoint created with this backup, if any.
@@ -345,9 +394,32 @@ impl PullBackup {
         self.disks.iter().find(|d| d.target == target)
     }
 
-    /// `nbd+unix:///EXPORT?socket=PATH` for a disk of this backup.
-    pub fn nbd_uri(&self, disk: &BackupDisk) -> String {
-        NbdUri::unix(self.socket.clone(), &disk.export_name).to_string()
+    /// The NBD URI of a disk of this backup: `nbd+unix:///EXPORT?socket=PATH`, or for TCP
+    /// `nbd://NAME:PORT/EXPORT`, with TLS `nbds://NAME:PORT/EXPORT?tls-certificates=DIR`
+    /// (`tls_dir`: the client's credentials, `ca-cert.pem`, `client-cert.pem`,
+    /// `client-key.pem`; the server's certificate must name NAME).
+    pub fn nbd_uri(&self, disk: &BackupDisk, tls_dir: Option<&Path>) -> String {
+        match &self.server {
+            xml::NbdServer::Unix(socket) => {
+                NbdUri::unix(socket.clone(), &disk.export_name).to_string()
+            }
+            xml::NbdServer::Tcp { name, port, tls } => {
+                let host = if name.contains(':') {
+                    format!("[{name}]")
+                } else {
+                    name.clone()
+                };
+                let export = crate::nbd::uri::uri_escape(&disk.export_name, true);
+                match (tls, tls_dir) {
+                    (true, Some(dir)) => format!(
+                        "nbds://{host}:{port}/{export}?tls-certificates={}",
+                        crate::nbd::uri::uri_escape(&dir.to_string_lossy(), true)
+                    ),
+                    (true, None) => format!("nbds://{host}:{port}/{export}"),
+                    (false, _) => format!("nbd://{host}:{port}/{export}"),
+                }
+            }
+        }
     }
 
     fn err(&self, detail: impl fmt::Display) -> Error {
@@ -370,7 +442,7 @@ impl PullBackup {
             .and_then(Result::ok)
             .map(|x| xml::parse_backup_job(&x))
         {
-            if job.socket.as_deref() == Some(self.socket.as_path()) {
+            if self.is(&job) {
                 return Ok(BackupJobState::Running);
             }
             // After vmkeep ended its job, another one (another repository's run, which
@@ -432,7 +504,7 @@ impl PullBackup {
         self.ended = true;
         // Another repository's run may begin its job as soon as this one ends: wait for
         // this job, not for the domain to have none.
-        if wait_job_end_of(&self.dom, &self.socket) {
+        if wait_job_end_of(&self.dom, &self.identity()) {
             return Err(self.err("the backup job did not end within 30 s of the abort"));
         }
         match self.state()? {
@@ -441,14 +513,35 @@ impl PullBackup {
         }
     }
 
+    /// This job as its XML describes it (server and export names), for [`same_job`].
+    fn identity(&self) -> xml::BackupJobXml {
+        xml::BackupJobXml {
+            server: Some(self.server.clone()),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| xml::BackupJobDisk {
+                    target: d.target.clone(),
+                    export_name: d.export_name.clone(),
+                    export_bitmap: None,
+                    scratch: None,
+                })
+                .collect(),
+        }
+    }
+
     /// Remove the scratch files (libvirt normally does) and the socket (left behind when
-    /// QEMU dies).
+    /// QEMU dies); only for a local job (a unix socket): the paths of a TCP job are on
+    /// another host, and a file of the same name here is not its.
     fn remove_files(&self) {
+        let Some(socket) = self.server.socket() else {
+            return;
+        };
         for path in self
             .disks
             .iter()
-            .map(|d| d.scratch.as_path())
-            .chain([self.socket.as_path()])
+            .filter_map(|d| d.scratch.as_deref())
+            .chain([socket])
         {
             if let Err(e) = remove_if_present(path) {
                 tracing::warn!(vm = %self.vm, "{e}");
@@ -465,16 +558,29 @@ impl Drop for PullBackup {
         if matches!(self.state(), Ok(BackupJobState::Running)) {
             tracing::warn!(vm = %self.vm, "aborting a backup job that was not ended");
             let _ = ffi::abort_job(&self.dom);
-            wait_job_end_of(&self.dom, &self.socket);
+            wait_job_end_of(&self.dom, &self.identity());
         }
         self.remove_files();
     }
 }
 
 /// The message for a failed `virDomainBackupBegin`, with a hint when QEMU could not
-/// create its socket or scratch file.
-fn backup_begin_failure(message: &str, qemu_ids: Option<(u32, u32)>) -> String {
+/// create its socket or scratch file, or has no TLS credentials for a TCP export.
+fn backup_begin_failure(
+    message: &str,
+    qemu_ids: Option<(u32, u32)>,
+    server: &xml::NbdServer,
+) -> String {
     let mut text = format!("cannot start the backup: {message}");
+    if let xml::NbdServer::Tcp { tls: true, .. } = server {
+        if tls_setup_missing(message) {
+            text.push_str(
+                " (the host has no TLS credentials for backups: set backup_tls_x509_cert_dir \
+                 in its /etc/libvirt/qemu.conf, see docs/remote.md; or use --insecure-nbd \
+                 on a network you trust)",
+            );
+        }
+    }
     if message.contains("Permission denied") {
         let who = qemu_ids.map_or("QEMU".to_string(), |(uid, gid)| {
             format!("QEMU (uid {uid}, gid {gid})")
@@ -500,15 +606,30 @@ fn backup_job_active(dom: &VirtDomain) -> bool {
     }
 }
 
-/// Wait (at most [`JOB_END_TIMEOUT`]) until no backup job serves `socket`; returns
-/// whether one still does.
-fn wait_job_end_of(dom: &VirtDomain, socket: &Path) -> bool {
+/// Whether libvirt's message for a failed TLS export says the credentials are missing.
+pub(crate) fn tls_setup_missing(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("tls") || m.contains("x509") || m.contains("cert")
+}
+
+/// Whether libvirt's message for a failed TCP export says the port is taken.
+pub(crate) fn port_taken(message: &str) -> bool {
+    message.contains("Address already in use") || message.contains("address already in use")
+}
+
+/// Wait (at most [`JOB_END_TIMEOUT`]) until the backup job `job` (server and export
+/// names) no longer runs; returns whether it still does.
+fn wait_job_end_of(dom: &VirtDomain, job: &xml::BackupJobXml) -> bool {
+    let exports: Vec<String> = job.disks.iter().map(|d| d.export_name.clone()).collect();
+    let Some(server) = job.server.clone() else {
+        return false;
+    };
     let serving = || {
         backup_job_active(dom)
             && ffi::backup_xml_desc(dom)
                 .ok()
                 .and_then(|x| xml::parse_backup_job(&x).ok())
-                .is_some_and(|job| job.socket.as_deref() == Some(socket))
+                .is_some_and(|j| same_job(&j, &server, &exports))
     };
     let start = Instant::now();
     while serving() {

@@ -455,6 +455,20 @@ impl Domain {
     }
 }
 
+/// The host a libvirt URI names (`qemu+ssh://root@hv1:2222/system` → `hv1`; an IPv6
+/// literal without its brackets); `None` for a local URI.
+pub fn uri_host(uri: &str) -> Option<String> {
+    let (_, rest) = uri.split_once("://")?;
+    let authority = rest.split(['/', '?']).next()?;
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(v6) = hostport.strip_prefix('[') {
+        v6.split_once(']')?.0
+    } else {
+        hostport.split(':').next()?
+    };
+    (!host.is_empty()).then(|| host.to_string())
+}
+
 /// Whether a libvirt URI has no host part (see [`Hypervisor::is_local`]).
 pub(crate) fn uri_is_local(uri: &str) -> bool {
     match uri.split_once("://") {
@@ -498,5 +512,16 @@ mod tests {
         assert!(!uri_is_local("qemu+tcp://127.0.0.1/system"));
         assert!(!uri_is_local("qemu+tls://host.example/system"));
         assert!(!uri_is_local("qemu"));
+    }
+
+    #[test]
+    fn the_host_of_a_libvirt_uri() {
+        assert_eq!(uri_host("qemu:///system"), None);
+        assert_eq!(
+            uri_host("qemu+ssh://root@hv1.example:2222/system?keyfile=/k").as_deref(),
+            Some("hv1.example")
+        );
+        assert_eq!(uri_host("qemu+tls://10.0.0.5/system").as_deref(), Some("10.0.0.5"));
+        assert_eq!(uri_host("qemu+tcp://[fd00::5]:16509/system").as_deref(), Some("fd00::5"));
     }
 }

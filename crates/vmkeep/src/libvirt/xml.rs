@@ -282,39 +282,99 @@ pub fn dirty_bitmap_context(bitmap: &str) -> String {
     format!("{}{bitmap}", crate::nbd::proto::META_DIRTY_BITMAP_PREFIX)
 }
 
+/// Where the NBD server of a pull backup listens (`<server>` of the backup XML).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdServer {
+    /// A unix socket on the hypervisor (`transport='unix'`): local backups.
+    Unix(PathBuf),
+    /// TCP (`transport='tcp'`): `name` is the address QEMU listens on and clients connect
+    /// to; `tls` makes QEMU require TLS with the host's `backup_tls_x509_cert_dir`.
+    Tcp {
+        /// Host name or IP address.
+        name: String,
+        /// TCP port.
+        port: u16,
+        /// Whether the export requires TLS (`tls='yes'`).
+        tls: bool,
+    },
+}
+
+impl NbdServer {
+    /// The unix socket, for a unix server.
+    pub fn socket(&self) -> Option<&Path> {
+        match self {
+            NbdServer::Unix(p) => Some(p),
+            NbdServer::Tcp { .. } => None,
+        }
+    }
+}
+
+impl std::fmt::Display for NbdServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NbdServer::Unix(p) => write!(f, "NBD socket {}", p.display()),
+            NbdServer::Tcp { name, port, tls } => write!(
+                f,
+                "NBD server {name}:{port}{}",
+                if *tls { " (TLS)" } else { " (no TLS)" }
+            ),
+        }
+    }
+}
+
 /// One disk of a pull backup as the XML will request it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupDiskSpec {
     /// The disk's `<target dev=…>` (vda, sdb, ...).
     pub target: String,
+    /// The NBD export name to ask for (`exportname`); `None`: libvirt's default, the target.
+    pub export_name: Option<String>,
     /// Host file (`<scratch file=…>`) where QEMU keeps the old content of blocks the guest
-    /// overwrites while the backup runs; QEMU creates it, so it must not exist yet.
-    pub scratch: PathBuf,
+    /// overwrites while the backup runs; QEMU creates it, so it must not exist yet. `None`
+    /// lets libvirt choose (next to the disk image, on the hypervisor).
+    pub scratch: Option<PathBuf>,
     /// Export only what changed since this checkpoint; `None` exports the whole disk.
     pub incremental_from: Option<String>,
 }
 
-/// The `<domainbackup mode='pull'>` document: an NBD server on a unix socket, a scratch
-/// file per exported disk, and `backup='no'` for the domain's other disks.
-pub fn backup_xml(socket: &Path, disks: &[BackupDiskSpec], other_disks: &[&str]) -> String {
+/// The `<domainbackup mode='pull'>` document: an NBD server on `server`, a scratch file per
+/// exported disk, and `backup='no'` for the domain's other disks.
+pub fn backup_xml(server: &NbdServer, disks: &[BackupDiskSpec], other_disks: &[&str]) -> String {
     let mut xml = String::from("<domainbackup mode='pull'>\n");
-    let _ = writeln!(
-        xml,
-        "  <server transport='unix' socket='{}'/>",
-        escape(&socket.to_string_lossy())
-    );
+    let _ = match server {
+        NbdServer::Unix(socket) => writeln!(
+            xml,
+            "  <server transport='unix' socket='{}'/>",
+            escape(&socket.to_string_lossy())
+        ),
+        NbdServer::Tcp { name, port, tls } => writeln!(
+            xml,
+            "  <server transport='tcp' name='{}' port='{port}' tls='{}'/>",
+            escape(name),
+            if *tls { "yes" } else { "no" }
+        ),
+    };
     xml.push_str("  <disks>\n");
     for disk in disks {
         let mode = match &disk.incremental_from {
             Some(cp) => format!("backupmode='incremental' incremental='{}'", escape(cp)),
             None => "backupmode='full'".to_string(),
         };
+        let export = match &disk.export_name {
+            Some(e) => format!(" exportname='{}'", escape(e)),
+            None => String::new(),
+        };
+        let scratch = match &disk.scratch {
+            Some(p) => format!(
+                "\n      <scratch file='{}'/>\n    ",
+                escape(&p.to_string_lossy())
+            ),
+            None => String::new(),
+        };
         let _ = writeln!(
             xml,
-            "    <disk name='{}' backup='yes' type='file' {mode}>\n      \
-             <scratch file='{}'/>\n    </disk>",
+            "    <disk name='{}' backup='yes' type='file' {mode}{export}>{scratch}</disk>",
             escape(&disk.target),
-            escape(&disk.scratch.to_string_lossy())
         );
     }
     for other in other_disks {
@@ -367,12 +427,11 @@ pub struct BackupJobDisk {
     pub scratch: Option<PathBuf>,
 }
 
-/// What the running backup job's XML says: its socket and its disks.
+/// What the running backup job's XML says: its NBD server and its disks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupJobXml {
-    /// The unix socket of the job's NBD server (`<server socket=…>`); `None` when the job serves
-    /// over TCP or names none.
-    pub socket: Option<PathBuf>,
+    /// The job's NBD server (`<server>`); `None` for a push job or one that names none.
+    pub server: Option<NbdServer>,
     /// The disks the job exports (those without `backup='no'`).
     pub disks: Vec<BackupJobDisk>,
 }
@@ -381,9 +440,15 @@ pub struct BackupJobXml {
 pub fn parse_backup_job(xml: &str) -> Result<BackupJobXml> {
     let doc = parse_doc(xml, "domainbackup")?;
     let root = doc.root_element();
-    let socket = child(root, "server")
-        .and_then(|s| s.attribute("socket"))
-        .map(PathBuf::from);
+    let server = child(root, "server").and_then(|s| match s.attribute("transport") {
+        Some("tcp") | None if s.attribute("socket").is_none() => Some(NbdServer::Tcp {
+            name: s.attribute("name")?.to_string(),
+            port: s.attribute("port")?.parse().ok()?,
+            tls: s.attribute("tls") == Some("yes"),
+        }),
+        Some("unix") | None => s.attribute("socket").map(|p| NbdServer::Unix(p.into())),
+        Some(_) => None,
+    });
     let disks = child(root, "disks")
         .map(|disks| {
             disks
@@ -407,7 +472,7 @@ pub fn parse_backup_job(xml: &str) -> Result<BackupJobXml> {
                 .collect()
         })
         .unwrap_or_default();
-    Ok(BackupJobXml { socket, disks })
+    Ok(BackupJobXml { server, disks })
 }
 
 /// A checkpoint: a point in time from which libvirt tracks the changed blocks of some
@@ -839,10 +904,12 @@ mod tests {
     fn backup_xml_exports_selected_disks_and_excludes_the_rest() {
         let disks = [BackupDiskSpec {
             target: "vda".into(),
-            scratch: "/s/web1.vda.scratch".into(),
+            export_name: None,
+            scratch: Some("/s/web1.vda.scratch".into()),
             incremental_from: Some("g'1".into()),
         }];
-        let xml = backup_xml(Path::new("/run/vmkeep/web1/nbd.sock"), &disks, &["vdb"]);
+        let socket = NbdServer::Unix("/run/vmkeep/web1/nbd.sock".into());
+        let xml = backup_xml(&socket, &disks, &["vdb"]);
         let doc = Document::parse(&xml).unwrap();
         let root = doc.root_element();
         assert_eq!(root.attribute("mode"), Some("pull"));
@@ -866,6 +933,40 @@ mod tests {
         );
         assert_eq!(list[1].attribute("name"), Some("vdb"));
         assert_eq!(list[1].attribute("backup"), Some("no"));
+    }
+
+    /// A TCP export with TLS, chosen export names and no scratch element (libvirt puts
+    /// the scratch file on the hypervisor); the job XML libvirt gives back parses to the
+    /// same server.
+    #[test]
+    fn backup_xml_over_tcp_round_trips_through_the_job_parser() {
+        let disks = [BackupDiskSpec {
+            target: "vda".into(),
+            export_name: Some("vmkeep.r1.t1.vda".into()),
+            scratch: None,
+            incremental_from: None,
+        }];
+        let tcp = NbdServer::Tcp {
+            name: "hv1.example".into(),
+            port: 10811,
+            tls: true,
+        };
+        let xml = backup_xml(&tcp, &disks, &[]);
+        let doc = Document::parse(&xml).unwrap();
+        let server = child(doc.root_element(), "server").unwrap();
+        assert_eq!(server.attribute("transport"), Some("tcp"));
+        assert_eq!(server.attribute("tls"), Some("yes"));
+        let disk = child(child(doc.root_element(), "disks").unwrap(), "disk").unwrap();
+        assert_eq!(disk.attribute("exportname"), Some("vmkeep.r1.t1.vda"));
+        assert!(child(disk, "scratch").is_none());
+        let job = parse_backup_job(&xml).unwrap();
+        assert_eq!(job.server, Some(tcp));
+        assert_eq!(job.disks[0].export_name, "vmkeep.r1.t1.vda");
+        let plain = "<domainbackup mode='pull'><server transport='tcp' name='h' port='1'/></domainbackup>";
+        assert_eq!(
+            parse_backup_job(plain).unwrap().server,
+            Some(NbdServer::Tcp { name: "h".into(), port: 1, tls: false })
+        );
     }
 
     #[test]
@@ -920,7 +1021,7 @@ mod tests {
                    <driver type='qcow2'/><scratch file='/tmp/vda.scratch'/></disk>\
                    <disk name='vdb' backup='no'/></disks></domainbackup>";
         let job = parse_backup_job(xml).unwrap();
-        assert_eq!(job.socket.as_deref(), Some(Path::new("/tmp/s.sock")));
+        assert_eq!(job.server, Some(NbdServer::Unix("/tmp/s.sock".into())));
         assert_eq!(
             job.disks,
             vec![BackupJobDisk {

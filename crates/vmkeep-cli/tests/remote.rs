@@ -1,0 +1,332 @@
+//! A remote hypervisor: vmkeep reaches libvirt over `qemu+tcp://127.0.0.1/system` and the
+//! backup job's NBD export over TCP with TLS, from a private mount namespace in which the
+//! domain's disk folder and libvirt's run folder are hidden, so that any local shortcut
+//! (reading the image, the unix socket, QEMU's pid file) fails the test.
+//!
+//! The test reconfigures the host's libvirtd for its run and puts it back afterwards:
+//! `backup_tls_x509_cert_dir` in /etc/libvirt/qemu.conf (a CA, server and client
+//! certificates made with certtool), and libvirtd listening on TCP on 127.0.0.1 with a
+//! config file of its own. The tests of this file run one at a time.
+
+#![cfg(feature = "libvirt")]
+
+mod common;
+#[path = "../../vmkeep/tests/support/libvirt.rs"]
+#[allow(dead_code)]
+mod lv;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::*;
+use lv::{virsh, TestVm};
+
+/// The tests here restart libvirtd: one at a time.
+static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+const QEMU_CONF: &str = "/etc/libvirt/qemu.conf";
+/// libvirtd's TCP port in these tests (not the default 16509, which a real set-up may use).
+const LIBVIRT_PORT: u16 = 16599;
+
+fn remote_uri() -> String {
+    format!("qemu+tcp://127.0.0.1:{LIBVIRT_PORT}/system")
+}
+
+fn certtool(dir: &Path, args: &[&str]) {
+    lv::run(Command::new("certtool").args(args).current_dir(dir));
+}
+
+/// A CA in `dir` (`ca-cert.pem`, `ca-key.pem`) named `cn`.
+fn make_ca(dir: &Path, cn: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("ca.info"), format!("cn = {cn}\nca\ncert_signing_key\n")).unwrap();
+    certtool(dir, &["--generate-privkey", "--outfile=ca-key.pem"]);
+    certtool(
+        dir,
+        &[
+            "--generate-self-signed",
+            "--load-privkey=ca-key.pem",
+            "--template=ca.info",
+            "--outfile=ca-cert.pem",
+        ],
+    );
+}
+
+/// A certificate `name`-cert.pem / `name`-key.pem in `out`, signed by the CA in `ca`,
+/// with `template` (certtool's template lines).
+fn make_cert(ca: &Path, out: &Path, name: &str, template: &str) {
+    std::fs::create_dir_all(out).unwrap();
+    std::fs::write(out.join(format!("{name}.info")), template).unwrap();
+    let key = out.join(format!("{name}-key.pem"));
+    let cert = out.join(format!("{name}-cert.pem"));
+    certtool(
+        out,
+        &["--generate-privkey", &format!("--outfile={}", key.display())],
+    );
+    certtool(
+        out,
+        &[
+            "--generate-certificate",
+            &format!("--load-privkey={}", key.display()),
+            &format!("--load-ca-certificate={}", ca.join("ca-cert.pem").display()),
+            &format!("--load-ca-privkey={}", ca.join("ca-key.pem").display()),
+            &format!("--template={name}.info"),
+            &format!("--outfile={}", cert.display()),
+        ],
+    );
+    std::fs::copy(ca.join("ca-cert.pem"), out.join("ca-cert.pem")).unwrap();
+}
+
+/// The x509 material of a test: QEMU's server folder (for `backup_tls_x509_cert_dir`),
+/// vmkeep's client folder, and a client folder whose certificate another CA signed.
+struct Pki {
+    server: PathBuf,
+    client: PathBuf,
+    stranger: PathBuf,
+}
+
+fn make_pki(root: &Path) -> Pki {
+    let ca = root.join("ca");
+    make_ca(&ca, "vmkeep test CA");
+    let server = root.join("server");
+    make_cert(
+        &ca,
+        &server,
+        "server",
+        "cn = 127.0.0.1\nip_address = 127.0.0.1\ntls_www_server\nencryption_key\nsigning_key\n",
+    );
+    let client = root.join("client");
+    make_cert(
+        &ca,
+        &client,
+        "client",
+        "cn = vmkeep backup host\ntls_www_client\nencryption_key\nsigning_key\n",
+    );
+    let other_ca = root.join("other-ca");
+    make_ca(&other_ca, "another CA");
+    let stranger = root.join("stranger");
+    make_cert(
+        &other_ca,
+        &stranger,
+        "client",
+        "cn = stranger\ntls_www_client\nencryption_key\nsigning_key\n",
+    );
+    // QEMU runs as libvirt-qemu and reads its folder.
+    set_mode(root, 0o755);
+    for d in [&server, &ca] {
+        set_mode(d, 0o755);
+    }
+    for f in ["ca-cert.pem", "server-cert.pem", "server-key.pem"] {
+        set_mode(&server.join(f), 0o644);
+    }
+    Pki {
+        server,
+        client,
+        stranger,
+    }
+}
+
+/// libvirtd reconfigured for this test, put back as it was when dropped.
+struct RemoteLibvirtd {
+    saved_conf: String,
+}
+
+impl RemoteLibvirtd {
+    /// Restart libvirtd listening on TCP, with `tls_dir` as the backup TLS folder (`None`:
+    /// the host's qemu.conf as it was, so no TLS for backups).
+    fn start(dir: &Path, tls_dir: Option<&Path>) -> RemoteLibvirtd {
+        let saved_conf = std::fs::read_to_string(QEMU_CONF).unwrap();
+        let mut conf = saved_conf.clone();
+        if let Some(t) = tls_dir {
+            conf.push_str(&format!(
+                "\n# vmkeep test (removed when the test ends)\nbackup_tls_x509_cert_dir = \"{}\"\n",
+                t.display()
+            ));
+        }
+        std::fs::write(QEMU_CONF, conf).unwrap();
+        let daemon_conf = dir.join("libvirtd.conf");
+        std::fs::write(
+            &daemon_conf,
+            format!(
+                "listen_tls = 0\nlisten_tcp = 1\nlisten_addr = \"127.0.0.1\"\ntcp_port = \"{LIBVIRT_PORT}\"\nauth_tcp = \"none\"\n"
+            ),
+        )
+        .unwrap();
+        let me = RemoteLibvirtd { saved_conf };
+        restart_libvirtd(&["-d", "--listen", "-f", daemon_conf.to_str().unwrap()]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !Command::new("virsh")
+            .args(["-c", &remote_uri(), "version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            assert!(Instant::now() < deadline, "libvirtd did not answer on TCP");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        me
+    }
+}
+
+impl Drop for RemoteLibvirtd {
+    fn drop(&mut self) {
+        let _ = std::fs::write(QEMU_CONF, &self.saved_conf);
+        restart_libvirtd(&["-d"]);
+    }
+}
+
+fn restart_libvirtd(args: &[&str]) {
+    let _ = Command::new("pkill").args(["-x", "libvirtd"]).status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Command::new("pgrep")
+        .args(["-x", "libvirtd"])
+        .status()
+        .unwrap()
+        .success()
+    {
+        assert!(Instant::now() < deadline, "libvirtd did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(Command::new("libvirtd").args(args).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !lv::virsh_quiet(&["version"]) {
+        assert!(Instant::now() < deadline, "libvirtd did not come back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `vmkeep ARGS…` in a private mount namespace where `hidden` (the domain's disk folder)
+/// and libvirt's run folder (its unix sockets, QEMU's pid files) are empty tmpfs mounts.
+fn blind(env: &Env, hidden: &Path, args: &[&str]) -> Output {
+    let inner = env.std_cmd(args);
+    let mut c = Command::new("unshare");
+    c.args(["-m", "--propagation", "private", "--", "sh", "-ec"])
+        .arg(
+            "mount -t tmpfs none /run/libvirt; mount -t tmpfs none \"$1\"; \
+             ls /run/libvirt | grep -q . && exit 99; shift; exec \"$@\"",
+        )
+        .arg("sh")
+        .arg(hidden)
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    for (k, v) in inner.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c.stdin(std::process::Stdio::null());
+    c.output().unwrap()
+}
+
+/// The disk as the guest sees it now (QEMU's caches flushed to the file first).
+fn disk_now(vm: &TestVm) -> Vec<u8> {
+    vm.flush(0);
+    let d = vm.disk("vda");
+    lv::read_all(d.path.to_str().unwrap(), d.format, &vm.path("now.raw"))
+}
+
+/// (mode, read bytes) of disk vda of the newest generation.
+fn newest(env: &Env, vm: &TestVm) -> (String, u64) {
+    let d = env.newest_disk(&vm.name, "vda");
+    (
+        d["mode"].as_str().unwrap().to_string(),
+        d["read_bytes"].as_u64().unwrap(),
+    )
+}
+
+/// The test's environment: a config naming the remote host and the client credentials.
+fn remote_env(client: &Path) -> Env {
+    let env = Env::live();
+    let cfg = env.path("no-config.toml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!(
+        "connect = \"{}\"\nnbd_tls_dir = \"{}\"\nnbd_ports = \"10870-10879\"\n",
+        remote_uri(),
+        client.display()
+    ));
+    std::fs::write(&cfg, text).unwrap();
+    env
+}
+
+/// Full and incremental backups of a running domain through the remote connection, the
+/// export on TCP with TLS, vmkeep blind to the host's files; then a shut-off run (started
+/// paused on the remote host) is incremental too. A client certificate of another CA is
+/// refused with a clear error and nothing is committed.
+#[test]
+fn a_remote_host_is_backed_up_over_tls_without_seeing_its_files() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    lv::ensure_libvirtd();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = make_pki(tmp.path());
+    let _daemon = RemoteLibvirtd::start(tmp.path(), Some(&pki.server));
+    let vm = TestVm::start("remote", &[("vda", "qcow2", 32)]);
+    let hidden = vm.disk("vda").path.parent().unwrap().to_path_buf();
+    let env = remote_env(&pki.client);
+    vm.guest_write(0, 0x11, "0", "2M");
+    let out = blind(&env, &hidden, &["backup", &vm.name]);
+    let err = succeeded(&out, "full: ");
+    assert_eq!(newest(&env, &vm).0, "full", "{err}");
+    assert!(env.latest(&vm.name, "vda") == disk_now(&vm), "latest/vda.raw is the disk");
+    vm.guest_write(0, 0x22, "8M", "64k");
+    succeeded(&blind(&env, &hidden, &["backup", &vm.name]), "incr: ");
+    assert_eq!(newest(&env, &vm), ("incr".to_string(), 65536));
+    assert!(env.latest(&vm.name, "vda") == disk_now(&vm));
+
+    // A client certificate from another CA: refused in the TLS handshake.
+    let strange = remote_env(&pki.stranger);
+    let out = blind(&strange, &hidden, &["backup", &vm.name]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let e = stderr(&out);
+    assert!(e.to_lowercase().contains("tls"), "{e}");
+    assert_eq!(e.lines().filter(|l| l.contains("error")).count(), 1, "{e}");
+    assert!(strange.generations(&vm.name).is_empty(), "nothing committed");
+    assert!(
+        !virsh(&["domjobinfo", &vm.name]).contains("Backup"),
+        "no job left"
+    );
+
+    // Shut off: started paused on the remote host, backed up incrementally, shut off.
+    vm.guest_write(0, 0x33, "16M", "64k");
+    vm.flush(0);
+    virsh(&["destroy", &vm.name, "--graceful"]);
+    let expected = {
+        let d = vm.disk("vda");
+        lv::read_all(d.path.to_str().unwrap(), d.format, &vm.path("off.raw"))
+    };
+    succeeded(&blind(&env, &hidden, &["backup", &vm.name]), "shut off: ");
+    assert_eq!(newest(&env, &vm), ("incr".to_string(), 65536));
+    assert!(virsh(&["domstate", &vm.name]).contains("shut off"));
+    assert!(env.latest(&vm.name, "vda") == expected);
+    // `--offline-read files` cannot work on a remote host: one clear error.
+    let out = blind(&env, &hidden, &["backup", &vm.name, "--offline-read", "files"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("remote"), "{}", stderr(&out));
+    env.ok(&["check", &vm.name, "--deep"]);
+}
+
+/// A host without backup TLS set up: vmkeep never falls back to plain NBD by itself (the
+/// run fails and says how to set TLS up); `--insecure-nbd` exports over plain TCP.
+#[test]
+fn plain_tcp_only_when_asked_for() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    lv::ensure_libvirtd();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = make_pki(tmp.path());
+    // /etc/pki/qemu, libvirt's fallback, must not hold credentials for this to mean much.
+    let _daemon = RemoteLibvirtd::start(tmp.path(), None);
+    let vm = TestVm::start("plain", &[("vda", "qcow2", 32)]);
+    let hidden = vm.disk("vda").path.parent().unwrap().to_path_buf();
+    let env = remote_env(&pki.client);
+    vm.guest_write(0, 0x11, "0", "1M");
+    let out = blind(&env, &hidden, &["backup", &vm.name]);
+    let e = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    if !Path::new("/etc/pki/qemu/ca-cert.pem").exists() {
+        assert!(e.contains("backup_tls_x509_cert_dir"), "{e}");
+    }
+    assert!(env.generations(&vm.name).is_empty());
+    let out = blind(&env, &hidden, &["backup", &vm.name, "--insecure-nbd"]);
+    succeeded(&out, "insecure: ");
+    assert!(env.latest(&vm.name, "vda") == disk_now(&vm));
+}
