@@ -36,6 +36,8 @@ pub struct Config {
     pub nbd_address: Option<String>,
     /// vmkeep's TLS client credentials for remote backup jobs.
     pub nbd_tls_dir: Option<PathBuf>,
+    /// The folder on a remote hypervisor for QEMU's scratch files.
+    pub remote_scratch_dir: Option<PathBuf>,
     /// Bytes per bit of new persistent bitmaps ("64K").
     pub bitmap_granularity: Option<SizeValue>,
     /// Default backup mode.

@@ -195,6 +195,9 @@ fn backup_domain(
     if let Some(dir) = &ctx.config.nbd_tls_dir {
         live.remote.tls_dir = dir.clone();
     }
+    if let Some(dir) = &ctx.config.remote_scratch_dir {
+        live.remote.scratch_dir = dir.clone();
+    }
     live.remote.insecure = a.insecure_nbd;
     Ok(backup_domain(repo, &hv, vm, opts, &live, &ctx.progress)?)
 }

@@ -63,7 +63,14 @@ pub struct RemoteExport {
     /// Plain NBD without TLS (`--insecure-nbd`): anyone on the network path can read the
     /// disks. Never the default.
     pub insecure: bool,
+    /// The folder *on the hypervisor* for QEMU's copy-before-write scratch files (libvirt
+    /// 9.0 needs a name for each; it creates and removes them). QEMU must be able to write
+    /// there: the default is libvirt's own state folder of QEMU domains.
+    pub scratch_dir: PathBuf,
 }
+
+/// Where a remote host's scratch files go by default (libvirt's QEMU state folder).
+pub const DEFAULT_REMOTE_SCRATCH_DIR: &str = "/var/lib/libvirt/qemu";
 
 /// The ports remote backup jobs listen on by default.
 pub const DEFAULT_NBD_PORTS: std::ops::RangeInclusive<u16> = 10810..=10849;
@@ -77,6 +84,7 @@ impl Default for RemoteExport {
             ports: DEFAULT_NBD_PORTS,
             tls_dir: PathBuf::from(DEFAULT_NBD_TLS_DIR),
             insecure: false,
+            scratch_dir: PathBuf::from(DEFAULT_REMOTE_SCRATCH_DIR),
         }
     }
 }
@@ -433,7 +441,7 @@ fn backup_running(
         (
             RemoveDirs(Vec::new()),
             Export::choose(hv, live, PathBuf::new())?,
-            None,
+            Some(live.remote.scratch_dir.clone()),
         )
     };
     // TCP exports are named vmkeep.<repository id>.<run token>.<target>: the job is

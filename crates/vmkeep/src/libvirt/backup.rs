@@ -53,8 +53,14 @@ impl Domain {
             None => BTreeSet::new(),
         };
         let gid = live.qemu_ids.map(|(_, gid)| gid);
+        // Folders and files are this host's only for a local job (a unix socket); a TCP
+        // job's scratch folder is on the hypervisor, which libvirt looks after.
+        let local = plan.server.socket().is_some();
         let socket_dir = plan.server.socket().map(|s| s.parent().unwrap_or(Path::new("/")));
-        for dir in socket_dir.into_iter().chain(plan.scratch_dir) {
+        for dir in socket_dir
+            .into_iter()
+            .chain(plan.scratch_dir.filter(|_| local))
+        {
             if !dir.exists() {
                 // A fresh folder (it must not exist) in a parent only root can change
                 // (checked, and created 0711 where missing, by `fsutil::safe_base`); owned
@@ -68,9 +74,13 @@ impl Domain {
             .map(|d| xml::BackupDiskSpec {
                 target: d.target.clone(),
                 export_name: plan.export_prefix.map(|p| format!("{p}{}", d.target)),
-                scratch: plan
-                    .scratch_dir
-                    .map(|dir| dir.join(scratch_name(&self.name, &d.target))),
+                scratch: plan.scratch_dir.map(|dir| {
+                    dir.join(format!(
+                        "{}{}",
+                        plan.export_prefix.unwrap_or(""),
+                        scratch_name(&self.name, &d.target)
+                    ))
+                }),
                 incremental_from: plan
                     .incremental_from
                     .filter(|_| bitmaps.contains(&d.target))
@@ -86,7 +96,11 @@ impl Domain {
             })
             .collect();
         self.clear_stale_job(plan.server, &planned)?;
-        for scratch in specs.iter().filter_map(|s| s.scratch.as_deref()) {
+        for scratch in specs
+            .iter()
+            .filter_map(|s| s.scratch.as_deref())
+            .filter(|_| local)
+        {
             remove_if_present(scratch)?;
         }
         if let Some(socket) = plan.server.socket() {
@@ -282,8 +296,9 @@ pub struct BackupPlan<'a> {
     /// can be told from another one on the same port.
     pub export_prefix: Option<&'a str>,
     /// Folder for the per-disk scratch files, which hold the old content of blocks the
-    /// guest overwrites while the backup runs (at most the disk's size each); `None` lets
-    /// libvirt put them next to each disk image (a remote hypervisor).
+    /// guest overwrites while the backup runs (at most the disk's size each). For a TCP
+    /// job it is a folder on the hypervisor, neither made nor checked here; `None` leaves
+    /// the choice to libvirt (libvirt 9.0 refuses a pull backup without scratch files).
     pub scratch_dir: Option<&'a Path>,
     /// Create this checkpoint atomically with the backup, tracking every exported qcow2
     /// disk (skipped when none is qcow2).

@@ -331,7 +331,7 @@ pub struct BackupDiskSpec {
     pub export_name: Option<String>,
     /// Host file (`<scratch file=…>`) where QEMU keeps the old content of blocks the guest
     /// overwrites while the backup runs; QEMU creates it, so it must not exist yet. `None`
-    /// lets libvirt choose (next to the disk image, on the hypervisor).
+    /// writes no `<scratch>` (libvirt 9.0 then refuses a pull backup).
     pub scratch: Option<PathBuf>,
     /// Export only what changed since this checkpoint; `None` exports the whole disk.
     pub incremental_from: Option<String>,
