@@ -558,7 +558,7 @@ impl Write for TlsStream {
 
 #[cfg(test)]
 #[path = "../tests/nbd_support/pki.rs"]
-mod pki;
+pub(crate) mod pki;
 
 #[cfg(test)]
 mod tests {
