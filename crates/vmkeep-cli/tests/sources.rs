@@ -243,20 +243,11 @@ fn restore_to_an_nbd_server_and_to_qcow2() {
 /// A persistent qemu-nbd on a free loopback port that requires TLS with a client
 /// certificate (`tls-creds-x509` from the server folder `creds`); and its port.
 fn qemu_nbd_tls(image: &Path, creds: &Path, extra: &[&str]) -> (Proc, u16) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = pki::free_port();
     let mut c = Command::new("qemu-nbd");
     c.args(["-t", "-f", "raw", "--bind=127.0.0.1"])
         .arg(format!("--port={port}"))
-        .arg("--object")
-        .arg(format!(
-            "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on",
-            creds.display()
-        ))
-        .arg("--tls-creds=tls0")
+        .args(pki::qemu_tls_args(creds))
         .args(extra)
         .arg(image);
     let p = Proc(c.stderr(Stdio::null()).spawn().expect("qemu-nbd"));
@@ -291,33 +282,19 @@ fn backup_from_and_restore_to_nbds() {
     );
 
     // Plain NBD to the TLS-only server: told to use nbds://.
-    let err = env.fails(
-        &[
-            "backup",
-            "vm",
-            "--disk",
-            &format!("vda=nbd://127.0.0.1:{port}/"),
-        ],
-        1,
-    );
+    let plain = format!("vda=nbd://127.0.0.1:{port}/");
+    let err = env.fails(&["backup", "vm", "--disk", &plain], 1);
     assert!(
         err.contains("requires TLS") && err.contains("nbds://"),
         "{err}"
     );
     // A credentials folder that does not exist: one line naming the file.
     let nowhere = env.path("no-creds");
-    let err = env.fails(
-        &[
-            "backup",
-            "vm",
-            "--disk",
-            &format!(
-                "vda=nbds://127.0.0.1:{port}/?tls-certificates={}",
-                nowhere.display()
-            ),
-        ],
-        2,
+    let spec = format!(
+        "vda=nbds://127.0.0.1:{port}/?tls-certificates={}",
+        nowhere.display()
     );
+    let err = env.fails(&["backup", "vm", "--disk", &spec], 2);
     assert!(
         err.contains(&format!("{}/ca-cert.pem", nowhere.display())),
         "{err}"
@@ -341,15 +318,8 @@ fn backup_from_and_restore_to_nbds() {
 fn an_empty_format_is_refused() {
     let env = Env::new();
     let disk = env.disk("d.raw", 1 << 20);
-    let err = env.fails(
-        &[
-            "backup",
-            "vm",
-            "--disk",
-            &format!("vda={}?format=", disk.display()),
-        ],
-        2,
-    );
+    let spec = format!("vda={}?format=", disk.display());
+    let err = env.fails(&["backup", "vm", "--disk", &spec], 2);
     assert!(err.contains("format="), "{err}");
 }
 

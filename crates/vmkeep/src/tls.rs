@@ -115,20 +115,41 @@ fn key_mismatch(files: &TlsFiles, e: rustls::Error) -> Error {
     )
 }
 
+/// One side's credentials, loaded, with the crypto provider both sides use.
+struct Credentials {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    roots: RootCertStore,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Credentials {
+    fn load(files: &TlsFiles) -> Result<Credentials> {
+        Ok(Credentials {
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+            roots: roots(&files.ca)?,
+            chain: certificates(&files.cert)?,
+            key: private_key(&files.key)?,
+        })
+    }
+}
+
+fn no_versions(e: rustls::Error) -> Error {
+    Error::usage(format!("TLS: {e}"))
+}
+
 /// The rustls configuration of a server that requires client certificates from `files.ca`.
 pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = roots(&files.ca)?;
-    let chain = certificates(&files.cert)?;
-    let key = private_key(&files.key)?;
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| bad_file(&files.ca, format!("cannot verify clients with it: {e}")))?;
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    let c = Credentials::load(files)?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(c.roots), c.provider.clone())
+            .build()
+            .map_err(|e| bad_file(&files.ca, format!("cannot verify clients with it: {e}")))?;
+    let config = rustls::ServerConfig::builder_with_provider(c.provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::usage(format!("TLS: {e}")))?
+        .map_err(no_versions)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
+        .with_single_cert(c.chain, c.key)
         .map_err(|e| key_mismatch(files, e))?;
     Ok(Arc::new(config))
 }
@@ -137,15 +158,12 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>> {
 /// whose certificate chains to `files.ca` (and carries the name it connects to, checked
 /// in [`TlsStream::connect`]).
 pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = roots(&files.ca)?;
-    let chain = certificates(&files.cert)?;
-    let key = private_key(&files.key)?;
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let c = Credentials::load(files)?;
+    let config = rustls::ClientConfig::builder_with_provider(c.provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::usage(format!("TLS: {e}")))?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
+        .map_err(no_versions)?
+        .with_root_certificates(c.roots)
+        .with_client_auth_cert(c.chain, c.key)
         .map_err(|e| key_mismatch(files, e))?;
     Ok(Arc::new(config))
 }
@@ -282,10 +300,7 @@ impl Socket {
     pub fn peer(&self) -> String {
         match self {
             Socket::Unix(_) => "unix socket".to_string(),
-            Socket::Tcp(s) => s
-                .peer_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_else(|_| "tcp".into()),
+            Socket::Tcp(s) => tcp_peer(s),
         }
     }
 
@@ -295,6 +310,13 @@ impl Socket {
             Socket::Unix(s) => s.as_raw_fd(),
         }
     }
+}
+
+/// A TCP peer's address for log lines ("tcp" when it is gone).
+pub fn tcp_peer(s: &TcpStream) -> String {
+    s.peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "tcp".into())
 }
 
 impl Read for &Socket {

@@ -8,10 +8,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nbd_support::pki::{make_pki, make_pki_for, Pki};
+use nbd_support::pki::{make_pki, make_pki_for, qemu_tls_args, Pki};
 use nbd_support::{
     nbdcopy_hash, nbdinfo_map, nbdkit, process_exists, process_running, qemu_nbd, qemu_nbd_tcp,
-    qemu_tls_args, run, Rng,
+    run, Rng,
 };
 use proptest::prelude::*;
 use vmkeep::error::{Error, ErrorKind};

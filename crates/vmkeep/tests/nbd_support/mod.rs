@@ -73,11 +73,7 @@ pub fn qemu_nbd(args: &[&str], image: &Path) -> Server {
 /// `qemu-nbd --persistent ARGS IMAGE` on a free port of 127.0.0.1.
 pub fn qemu_nbd_tcp(args: &[&str], image: &Path) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = pki::free_port();
     let mut cmd = Command::new("qemu-nbd");
     cmd.arg("--persistent")
         .arg("--bind=127.0.0.1")
@@ -86,19 +82,6 @@ pub fn qemu_nbd_tcp(args: &[&str], image: &Path) -> Server {
         .arg(image);
     let sock = dir.path().join("unused");
     start(cmd, dir, sock, Some(port))
-}
-
-/// The qemu-nbd arguments that require TLS with a client certificate, from the server
-/// credentials folder `dir` (QEMU's `tls-creds-x509` layout).
-pub fn qemu_tls_args(dir: &Path) -> Vec<String> {
-    vec![
-        "--object".into(),
-        format!(
-            "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on",
-            dir.display()
-        ),
-        "--tls-creds=tls0".into(),
-    ]
 }
 
 /// `nbdkit -f -U SOCKET ARGS` (plugin, filters and parameters in ARGS).

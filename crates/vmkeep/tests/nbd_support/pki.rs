@@ -112,3 +112,25 @@ pub fn make_pki_for(root: &Path, name: &str, server_names: &str) -> Pki {
     }
     Pki { server, client }
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for a server the test starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The qemu-nbd arguments that require TLS with a client certificate, from the server
+/// credentials folder `dir` (QEMU's `tls-creds-x509` layout).
+pub fn qemu_tls_args(dir: &Path) -> Vec<String> {
+    vec![
+        "--object".into(),
+        format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on",
+            dir.display()
+        ),
+        "--tls-creds=tls0".into(),
+    ]
+}

@@ -146,10 +146,7 @@ impl Stream {
     pub(crate) fn peer(&self) -> String {
         match self {
             Stream::Unix(_) => "unix socket".to_string(),
-            Stream::Tcp(s) => s
-                .peer_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_else(|_| "tcp".into()),
+            Stream::Tcp(s) => crate::tls::tcp_peer(s),
             Stream::Tls(s) => s.socket().peer(),
         }
     }
