@@ -484,4 +484,16 @@ mod tests {
         assert!(is_nbd_uri("nbds+unix:///x?socket=/s"));
         assert!(!is_nbd_uri("/var/nbd://x"));
     }
+
+    /// Without `tls-certificates=`, libnbd's default folder: root's, or under `$HOME`.
+    #[test]
+    fn default_certificates_folder_is_libnbds() {
+        let d = NbdTls::default().certificates_dir();
+        if rustix::process::geteuid().is_root() || std::env::var_os("HOME").is_none() {
+            assert_eq!(d, PathBuf::from("/etc/pki/libnbd"));
+        } else {
+            let home = PathBuf::from(std::env::var_os("HOME").unwrap());
+            assert!(d == home.join(".pki/libnbd") || d == home.join(".config/pki/libnbd"));
+        }
+    }
 }
