@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use assert_cmd::cargo::cargo_bin;
 
 mod common;
+#[path = "../../vmkeep/tests/nbd_support/pki.rs"]
+mod pki;
 use common::{noise, spawn_first_line};
+use pki::make_pki;
 
 const BS: usize = 64 << 10;
 const MIB: usize = 1 << 20;
@@ -641,72 +644,6 @@ fn tcp_needs_tls_unless_insecure_and_is_loopback_only() {
     server.stop();
 }
 
-/// x509 credentials made with certtool: a CA, a server certificate for 127.0.0.1 and a
-/// client certificate, in the layouts of QEMU's `tls-creds-x509` (server) and libnbd's
-/// `tls-certificates` (client).
-struct Pki {
-    server: PathBuf,
-    client: PathBuf,
-}
-
-fn certtool(args: &[&str], dir: &Path) {
-    let out = Command::new("certtool")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "certtool {args:?}: {}", text(&out));
-}
-
-fn make_pki(root: &Path, name: &str) -> Pki {
-    let dir = root.join(name);
-    let (server, client) = (dir.join("server"), dir.join("client"));
-    for d in [&server, &client] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    let w = |f: &str, t: &str| std::fs::write(dir.join(f), t).unwrap();
-    w(
-        "ca.info",
-        &format!("cn = {name} CA\nca\ncert_signing_key\nexpiration_days = 2\n"),
-    );
-    w(
-        "server.info",
-        "cn = localhost\ndns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\n\
-         encryption_key\nsigning_key\nexpiration_days = 2\n",
-    );
-    w(
-        "client.info",
-        "cn = client\ntls_www_client\nencryption_key\nsigning_key\nexpiration_days = 2\n",
-    );
-    certtool(&["--generate-privkey", "--outfile", "ca-key.pem"], &dir);
-    certtool(
-        &[
-            "--generate-self-signed",
-            "--load-privkey=ca-key.pem",
-            "--template=ca.info",
-            "--outfile=server/ca-cert.pem",
-        ],
-        &dir,
-    );
-    std::fs::copy(server.join("ca-cert.pem"), client.join("ca-cert.pem")).unwrap();
-    for (side, who) in [("server", "server"), ("client", "client")] {
-        let key = format!("--outfile={side}/{who}-key.pem");
-        certtool(&["--generate-privkey", &key], &dir);
-        certtool(
-            &[
-                "--generate-certificate",
-                &format!("--load-privkey={side}/{who}-key.pem"),
-                "--load-ca-certificate=server/ca-cert.pem",
-                "--load-ca-privkey=ca-key.pem",
-                &format!("--template={who}.info"),
-                &format!("--outfile={side}/{who}-cert.pem"),
-            ],
-            &dir,
-        );
-    }
-    Pki { server, client }
-}
-
 /// Run `nbdinfo`/`nbdcopy` as the unprivileged user `nobody`, as another local user would.
 fn as_nobody(tool: &str, args: &[&str]) -> Output {
     Command::new("setpriv")
@@ -820,6 +757,76 @@ fn tls_serves_only_clients_with_a_certificate_from_its_ca() {
         "a refused client received disk bytes"
     );
     // A certificate of the other CA is refused in the TLS handshake; the server says so.
+    let log = server.stop();
+    assert!(log.contains("refused: TLS"), "no refusal logged: {log}");
+}
+
+/// vmkeep's own NBD client reads `serve --listen … --tls-dir` as a backup source, from
+/// the very URI serve printed (with the client's folder added): the backup equals what
+/// nbdcopy reads over the same TLS. Plain NBD, another CA's client certificate and a
+/// missing credentials file are each refused with an error that says why.
+#[test]
+fn vmkeep_backs_up_from_serve_over_tls() {
+    if !have(&["nbdcopy", "certtool"]) {
+        return;
+    }
+    let repo = Repo::new();
+    let data = noise(33, 3 * MIB + 4096);
+    repo.backup("vm", &[("vda", &data)]);
+    let pki = make_pki(repo.dir.path(), "own");
+    let foreign = make_pki(repo.dir.path(), "other");
+    let server = repo.serve(
+        "vm",
+        &[
+            "-v",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-dir",
+            pki.server.to_str().unwrap(),
+        ],
+    );
+    let printed = server.uri("vda").to_string();
+    assert!(printed.starts_with("nbds://127.0.0.1:"), "{printed}");
+    let with = |dir: &Path| format!("{printed}?tls-certificates={}", dir.display());
+    let copied = fetch(&with(&pki.client), &repo.path("copy.raw"));
+    assert!(copied == data, "nbdcopy over TLS differs from the backup");
+
+    let spec = format!("vda={}", with(&pki.client));
+    let out = repo.vmkeep(&["backup", "copy", "--disk", &spec]);
+    assert!(out.status.success(), "backup over TLS: {}", text(&out));
+    assert!(repo.restore("copy", "0", "vda") == copied);
+
+    let plain = format!("vda={}", printed.replacen("nbds://", "nbd://", 1));
+    let mixed = repo.path("mixed");
+    std::fs::create_dir(&mixed).unwrap();
+    std::fs::copy(pki.client.join("ca-cert.pem"), mixed.join("ca-cert.pem")).unwrap();
+    for f in ["client-cert.pem", "client-key.pem"] {
+        std::fs::copy(foreign.client.join(f), mixed.join(f)).unwrap();
+    }
+    let nowhere = repo.path("no-such-folder");
+    for (spec, code, why) in [
+        (plain, 1, "requires TLS"),
+        (
+            format!("vda={}", with(&mixed)),
+            1,
+            "refused the TLS session",
+        ),
+        (
+            format!("vda={}", with(&foreign.client)),
+            1,
+            "invalid peer certificate",
+        ),
+        (
+            format!("vda={}", with(&nowhere)),
+            2,
+            "no-such-folder/ca-cert.pem",
+        ),
+    ] {
+        let out = repo.vmkeep(&["backup", "refused", "--disk", &spec]);
+        assert_eq!(out.status.code(), Some(code), "{spec}: {}", text(&out));
+        assert!(text(&out).contains(why), "{spec}: {}", text(&out));
+        assert_eq!(text(&out).trim().lines().count(), 1, "{}", text(&out));
+    }
     let log = server.stop();
     assert!(log.contains("refused: TLS"), "no refusal logged: {log}");
 }

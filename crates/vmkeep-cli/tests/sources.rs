@@ -3,6 +3,8 @@
 //! and NBD targets checked with `qemu-img compare`.
 
 mod common;
+#[path = "../../vmkeep/tests/nbd_support/pki.rs"]
+mod pki;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -236,6 +238,89 @@ fn restore_to_an_nbd_server_and_to_qcow2() {
     // As private as the archive it came from.
     use std::os::unix::fs::MetadataExt;
     assert_eq!(std::fs::metadata(&q).unwrap().mode() & 0o7777, 0o600);
+}
+
+/// A persistent qemu-nbd on a free loopback port that requires TLS with a client
+/// certificate (`tls-creds-x509` from the server folder `creds`); and its port.
+fn qemu_nbd_tls(image: &Path, creds: &Path, extra: &[&str]) -> (Proc, u16) {
+    let port = pki::free_port();
+    let mut c = Command::new("qemu-nbd");
+    c.args(["-t", "-f", "raw", "--bind=127.0.0.1"])
+        .arg(format!("--port={port}"))
+        .args(pki::qemu_tls_args(creds))
+        .args(extra)
+        .arg(image);
+    let p = Proc(c.stderr(Stdio::null()).spawn().expect("qemu-nbd"));
+    wait_until(20, "qemu-nbd never listened", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    (p, port)
+}
+
+/// `--disk vda=nbds://…` backs up a qemu-nbd export that requires TLS, and `restore --to
+/// nbds://…` writes one: the bytes are the disk's. Plain NBD and missing credentials are
+/// refused with errors that say so.
+#[test]
+fn backup_from_and_restore_to_nbds() {
+    let env = Env::new();
+    let pki = pki::make_pki(&env.path("pki"), "ca");
+    let disk = env.disk("d.raw", 24 << 20);
+    write_at(&disk, 2 << 20, &noise(5, 5 << 20));
+    write_at(&disk, 20 << 20, &noise(6, 1 << 20));
+    let (source, port) = qemu_nbd_tls(&disk, &pki.server, &["-r", "--shared=4"]);
+    let nbds = |port: u16| {
+        format!(
+            "nbds://127.0.0.1:{port}/?tls-certificates={}",
+            pki.client.display()
+        )
+    };
+    env.ok(&["backup", "vm", "--disk", &format!("vda={}", nbds(port))]);
+    let want = std::fs::read(&disk).unwrap();
+    assert!(
+        env.latest("vm", "vda") == want,
+        "the backup differs from the disk"
+    );
+
+    // Plain NBD to the TLS-only server: told to use nbds://.
+    let plain = format!("vda=nbd://127.0.0.1:{port}/");
+    let err = env.fails(&["backup", "vm", "--disk", &plain], 1);
+    assert!(
+        err.contains("requires TLS") && err.contains("nbds://"),
+        "{err}"
+    );
+    // A credentials folder that does not exist: one line naming the file.
+    let nowhere = env.path("no-creds");
+    let spec = format!(
+        "vda=nbds://127.0.0.1:{port}/?tls-certificates={}",
+        nowhere.display()
+    );
+    let err = env.fails(&["backup", "vm", "--disk", &spec], 2);
+    assert!(
+        err.contains(&format!("{}/ca-cert.pem", nowhere.display())),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    drop(source);
+
+    // Restore through TLS into an export that holds other data.
+    let target = env.path("t.raw");
+    std::fs::write(&target, noise(7, 24 << 20)).unwrap();
+    let (dest, port) = qemu_nbd_tls(&target, &pki.server, &[]);
+    env.ok(&["restore", "vm", "--to", &nbds(port)]);
+    drop(dest);
+    let gen = env.generations("vm").pop().unwrap();
+    assert!(std::fs::read(&target).unwrap() == env.restored("vm", &gen, None));
+    assert!(std::fs::read(&target).unwrap() == want);
+}
+
+/// `?format=` with nothing after it is a mistake, not "probe the file".
+#[test]
+fn an_empty_format_is_refused() {
+    let env = Env::new();
+    let disk = env.disk("d.raw", 1 << 20);
+    let spec = format!("vda={}?format=", disk.display());
+    let err = env.fails(&["backup", "vm", "--disk", &spec], 2);
+    assert!(err.contains("format="), "{err}");
 }
 
 #[test]

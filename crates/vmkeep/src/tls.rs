@@ -1,26 +1,31 @@
 //! TLS for NBD: x509 credentials in the file layout of libvirt and QEMU's
-//! `tls-creds-x509` (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`), mutual
-//! authentication, and a blocking TLS stream that one thread reads while others write.
+//! `tls-creds-x509` (`ca-cert.pem`, `server-cert.pem`, `server-key.pem` for a server;
+//! `ca-cert.pem`, `client-cert.pem`, `client-key.pem` for a client, which is also
+//! libnbd's `tls-certificates` layout), mutual authentication, and a blocking TLS stream
+//! that one thread reads while others write.
 //!
 //! The server asks every client for a certificate and refuses, in the TLS handshake, one
 //! that sends none or one that does not chain to the configured CA (rustls' webpki
-//! verifier). TLS 1.2 and 1.3 only, with rustls' safe defaults and the `ring` provider.
+//! verifier). The client sends its certificate and verifies the server's against its CA
+//! and the expected server name (webpki as well). TLS 1.2 and 1.3 only, with rustls' safe
+//! defaults and the `ring` provider.
 //!
-//! [`TlsStream`] wraps a TCP socket and a rustls connection so that the NBD server keeps
-//! its threading model: the connection's reader thread decrypts requests while workers
-//! encrypt replies. The rustls state sits under a lock that is never held across a
-//! socket read; socket writes happen under a separate output lock, so records leave in
-//! the order they were sealed. Written to be shared with the NBD client later (it holds
-//! a [`rustls::Connection`], client or server).
+//! [`TlsStream`] wraps a [`Socket`] (TCP or unix) and a rustls connection so that both
+//! NBD sides keep their threading model: one reader thread decrypts (requests on the
+//! server, replies on the client) while other threads encrypt. The rustls state sits
+//! under a lock that is never held across a socket read; socket writes happen under a
+//! separate output lock, so records leave in the order they were sealed.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 
@@ -44,6 +49,15 @@ impl TlsFiles {
             ca: dir.join("ca-cert.pem"),
             cert: dir.join("server-cert.pem"),
             key: dir.join("server-key.pem"),
+        }
+    }
+
+    /// A client's files in a libvirt/QEMU (and libnbd `tls-certificates`) folder.
+    pub fn client_dir(dir: &Path) -> TlsFiles {
+        TlsFiles {
+            ca: dir.join("ca-cert.pem"),
+            cert: dir.join("client-cert.pem"),
+            key: dir.join("client-key.pem"),
         }
     }
 }
@@ -70,40 +84,94 @@ fn pem_error(e: rustls::pki_types::pem::Error) -> String {
     }
 }
 
-/// The rustls configuration of a server that requires client certificates from `files.ca`.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+/// The CA certificates of `path` as a root store.
+fn roots(path: &Path) -> Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
-    for c in certificates(&files.ca)? {
+    for c in certificates(path)? {
         roots
             .add(c)
-            .map_err(|e| bad_file(&files.ca, format!("not a usable CA certificate: {e}")))?;
+            .map_err(|e| bad_file(path, format!("not a usable CA certificate: {e}")))?;
     }
-    let chain = certificates(&files.cert)?;
-    let key =
-        PrivateKeyDer::from_pem_file(&files.key).map_err(|e| bad_file(&files.key, pem_error(e)))?;
-    let key = match key {
+    Ok(roots)
+}
+
+/// The private key of `path`; certtool's padded ECDSA scalars are repaired
+/// ([`sec1_unpadded`]).
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    let key = PrivateKeyDer::from_pem_file(path).map_err(|e| bad_file(path, pem_error(e)))?;
+    Ok(match key {
         PrivateKeyDer::Sec1(k) => match sec1_unpadded(k.secret_sec1_der()) {
             Some(fixed) => PrivateKeyDer::Sec1(fixed.into()),
             None => PrivateKeyDer::Sec1(k),
         },
         other => other,
-    };
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| bad_file(&files.ca, format!("cannot verify clients with it: {e}")))?;
-    let config = rustls::ServerConfig::builder_with_provider(provider)
+    })
+}
+
+fn key_mismatch(files: &TlsFiles, e: rustls::Error) -> Error {
+    bad_file(
+        &files.key,
+        format!("does not fit {}: {e}", files.cert.display()),
+    )
+}
+
+/// One side's credentials, loaded, with the crypto provider both sides use.
+struct Credentials {
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    roots: RootCertStore,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Credentials {
+    fn load(files: &TlsFiles) -> Result<Credentials> {
+        Ok(Credentials {
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+            roots: roots(&files.ca)?,
+            chain: certificates(&files.cert)?,
+            key: private_key(&files.key)?,
+        })
+    }
+}
+
+fn no_versions(e: rustls::Error) -> Error {
+    Error::usage(format!("TLS: {e}"))
+}
+
+/// The rustls configuration of a server that requires client certificates from `files.ca`.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>> {
+    let c = Credentials::load(files)?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(c.roots), c.provider.clone())
+            .build()
+            .map_err(|e| bad_file(&files.ca, format!("cannot verify clients with it: {e}")))?;
+    let config = rustls::ServerConfig::builder_with_provider(c.provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::usage(format!("TLS: {e}")))?
+        .map_err(no_versions)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| {
-            bad_file(
-                &files.key,
-                format!("does not fit {}: {e}", files.cert.display()),
-            )
-        })?;
+        .with_single_cert(c.chain, c.key)
+        .map_err(|e| key_mismatch(files, e))?;
     Ok(Arc::new(config))
+}
+
+/// The rustls configuration of a client that presents `files.cert` and trusts only servers
+/// whose certificate chains to `files.ca` (and carries the name it connects to, checked
+/// in [`TlsStream::connect`]).
+pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>> {
+    let c = Credentials::load(files)?;
+    let config = rustls::ClientConfig::builder_with_provider(c.provider)
+        .with_safe_default_protocol_versions()
+        .map_err(no_versions)?
+        .with_root_certificates(c.roots)
+        .with_client_auth_cert(c.chain, c.key)
+        .map_err(|e| key_mismatch(files, e))?;
+    Ok(Arc::new(config))
+}
+
+/// The name a server certificate must carry: a DNS name or an IP address.
+pub fn server_name(name: &str) -> Result<ServerName<'static>> {
+    ServerName::try_from(name.to_string())
+        .map_err(|_| Error::usage(format!("TLS: {name:?} is not a host name or IP address")))
 }
 
 /// DER length octets for `n`.
@@ -174,14 +242,126 @@ fn sec1_unpadded(der: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// A connected stream socket: TCP or unix.
+#[derive(Debug)]
+pub enum Socket {
+    /// A TCP connection.
+    Tcp(TcpStream),
+    /// A unix socket connection.
+    Unix(UnixStream),
+}
+
+impl From<TcpStream> for Socket {
+    fn from(s: TcpStream) -> Socket {
+        Socket::Tcp(s)
+    }
+}
+
+impl From<UnixStream> for Socket {
+    fn from(s: UnixStream) -> Socket {
+        Socket::Unix(s)
+    }
+}
+
+impl Socket {
+    /// Another handle on the same socket.
+    pub fn try_clone(&self) -> io::Result<Socket> {
+        Ok(match self {
+            Socket::Tcp(s) => Socket::Tcp(s.try_clone()?),
+            Socket::Unix(s) => Socket::Unix(s.try_clone()?),
+        })
+    }
+
+    /// The read timeout; it belongs to the socket, so every clone shares it.
+    pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Socket::Tcp(s) => s.set_read_timeout(t),
+            Socket::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// The write timeout; shared by every clone.
+    pub fn set_write_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Socket::Tcp(s) => s.set_write_timeout(t),
+            Socket::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    /// Shut the socket down; a thread blocked reading it wakes up with EOF.
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            Socket::Tcp(s) => s.shutdown(how),
+            Socket::Unix(s) => s.shutdown(how),
+        }
+    }
+
+    /// The peer for log lines: its TCP address, or "unix socket".
+    pub fn peer(&self) -> String {
+        match self {
+            Socket::Unix(_) => "unix socket".to_string(),
+            Socket::Tcp(s) => tcp_peer(s),
+        }
+    }
+
+    fn fd(&self) -> RawFd {
+        match self {
+            Socket::Tcp(s) => s.as_raw_fd(),
+            Socket::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+/// A TCP peer's address for log lines ("tcp" when it is gone).
+pub fn tcp_peer(s: &TcpStream) -> String {
+    s.peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "tcp".into())
+}
+
+impl Read for &Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(s) => (&*s).read(buf),
+            Socket::Unix(s) => (&*s).read(buf),
+        }
+    }
+}
+
+impl Write for &Socket {
+    /// `send(MSG_NOSIGNAL)` rather than `write`: a peer that hangs up must give us
+    /// EPIPE, not a SIGPIPE that kills the process when the binary restored SIGPIPE's
+    /// default action (as command-line tools do to exit quietly on a closed pipe).
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // SAFETY: `buf` is a valid readable slice of `buf.len()` bytes and the descriptor
+        // is owned by `self` for the duration of the call.
+        let n = unsafe {
+            libc::send(
+                self.fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 struct Shared {
     conn: Mutex<rustls::Connection>,
     /// Held from sealing records to writing them, so they leave in sequence.
     out: Mutex<()>,
-    sock: TcpStream,
+    sock: Socket,
 }
 
-/// A TLS connection over TCP; clones share it (one reads, any write).
+/// A TLS connection over a [`Socket`]; clones share it (one reads, any write).
 pub struct TlsStream {
     shared: Arc<Shared>,
     /// Plaintext this handle decrypted and its reader has not taken yet.
@@ -210,14 +390,32 @@ impl TlsStream {
     /// whose certificate is missing or does not chain to the CA fails here (it gets an
     /// alert), before any NBD byte is exchanged under TLS.
     pub fn accept(
-        sock: TcpStream,
+        sock: impl Into<Socket>,
         config: Arc<rustls::ServerConfig>,
         deadline: Instant,
     ) -> io::Result<TlsStream> {
         let conn = rustls::ServerConnection::new(config).map_err(tls_error)?;
+        TlsStream::start(sock.into(), conn.into(), deadline)
+    }
+
+    /// Run the client side of the TLS handshake on `sock` before `deadline`: the server's
+    /// certificate must chain to the configured CA and carry `name`; ours goes with it.
+    /// With TLS 1.3 a server that refuses our certificate says so only after this
+    /// returns (its alert arrives with the first read).
+    pub fn connect(
+        sock: impl Into<Socket>,
+        config: Arc<rustls::ClientConfig>,
+        name: ServerName<'static>,
+        deadline: Instant,
+    ) -> io::Result<TlsStream> {
+        let conn = rustls::ClientConnection::new(config, name).map_err(tls_error)?;
+        TlsStream::start(sock.into(), conn.into(), deadline)
+    }
+
+    fn start(sock: Socket, conn: rustls::Connection, deadline: Instant) -> io::Result<TlsStream> {
         let s = TlsStream {
             shared: Arc::new(Shared {
-                conn: Mutex::new(conn.into()),
+                conn: Mutex::new(conn),
                 out: Mutex::new(()),
                 sock,
             }),
@@ -245,7 +443,10 @@ impl TlsStream {
             self.shared.sock.set_read_timeout(Some(left))?;
             let n = (&self.shared.sock).read(&mut buf)?;
             if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection during the TLS handshake",
+                ));
             }
             if let Err(e) = self.feed(&buf[..n], None) {
                 let _ = self.flush_tls(); // the alert that tells the client why
@@ -295,9 +496,9 @@ impl TlsStream {
         })
     }
 
-    /// The underlying TCP socket, for timeouts and shutdown; reading or writing it directly
+    /// The underlying socket, for timeouts and shutdown; reading or writing it directly
     /// bypasses TLS and breaks the session.
-    pub fn socket(&self) -> &TcpStream {
+    pub fn socket(&self) -> &Socket {
         &self.shared.sock
     }
 
@@ -378,68 +579,69 @@ impl Write for TlsStream {
 }
 
 #[cfg(test)]
+#[path = "../tests/nbd_support/pki.rs"]
+pub(crate) mod pki;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
-    fn certtool(dir: &Path, args: &[&str]) {
-        let out = std::process::Command::new("certtool")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("certtool is installed (scripts/test.sh installs gnutls-bin)");
-        assert!(out.status.success(), "certtool {args:?}: {out:?}");
-    }
-
-    /// ECDSA keys as certtool makes them (about half with a padded scalar) are accepted:
-    /// each one loads and fits its certificate.
+    /// ECDSA keys as certtool makes them (about half with a padded scalar) are accepted
+    /// on both sides: each one loads and fits its certificate.
     #[test]
     fn certtool_ecdsa_keys_load() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        std::fs::write(d.join("ca.info"), "cn = CA\nca\ncert_signing_key\n").unwrap();
-        std::fs::write(
-            d.join("s.info"),
-            "cn = localhost\ntls_www_server\nsigning_key\n",
-        )
-        .unwrap();
-        certtool(d, &["--generate-privkey", "--outfile=ca-key.pem"]);
-        certtool(
-            d,
-            &[
-                "--generate-self-signed",
-                "--load-privkey=ca-key.pem",
-                "--template=ca.info",
-                "--outfile=ca-cert.pem",
-            ],
-        );
+        super::pki::new_ca(d, "keys");
         let mut padded = 0;
         for _ in 0..8 {
-            certtool(
+            super::pki::issue(
                 d,
-                &[
-                    "--generate-privkey",
-                    "--key-type=ecdsa",
-                    "--outfile=server-key.pem",
-                ],
-            );
-            certtool(
-                d,
-                &[
-                    "--generate-certificate",
-                    "--load-privkey=server-key.pem",
-                    "--load-ca-certificate=ca-cert.pem",
-                    "--load-ca-privkey=ca-key.pem",
-                    "--template=s.info",
-                    "--outfile=server-cert.pem",
-                ],
+                "server-key.pem",
+                "server-cert.pem",
+                "cn = localhost\ntls_www_server\nsigning_key\n",
+                Some("ecdsa"),
             );
             let key = PrivateKeyDer::from_pem_file(d.join("server-key.pem")).unwrap();
             if let PrivateKeyDer::Sec1(k) = &key {
                 padded += sec1_unpadded(k.secret_sec1_der()).is_some() as u32;
             }
             server_config(&TlsFiles::server_dir(d)).expect("a certtool ECDSA key loads");
+            std::fs::copy(d.join("server-key.pem"), d.join("client-key.pem")).unwrap();
+            std::fs::copy(d.join("server-cert.pem"), d.join("client-cert.pem")).unwrap();
+            client_config(&TlsFiles::client_dir(d)).expect("a certtool ECDSA client key loads");
         }
         eprintln!("{padded} of 8 keys had a padded scalar");
+    }
+
+    /// A missing or unreadable credentials file is one line naming it.
+    #[test]
+    fn missing_client_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let e = client_config(&TlsFiles::client_dir(d)).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Usage);
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("{}/ca-cert.pem", d.display())),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 1, "{text}");
+        super::pki::new_ca(d, "x");
+        let e = client_config(&TlsFiles::client_dir(d))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("client-cert.pem"), "{e}");
+        std::fs::write(d.join("client-cert.pem"), "not PEM").unwrap();
+        let e = client_config(&TlsFiles::client_dir(d))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("client-cert.pem") && e.contains("no PEM certificate"),
+            "{e}"
+        );
+        assert!(server_name("not a name!").is_err());
+        assert!(server_name("::1").is_ok() && server_name("backup.example").is_ok());
     }
 
     #[test]

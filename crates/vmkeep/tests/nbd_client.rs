@@ -8,12 +8,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nbd_support::pki::{make_pki, make_pki_for, qemu_tls_args, Pki};
 use nbd_support::{
-    nbdcopy_hash, nbdinfo_map, nbdkit, process_exists, process_running, qemu_nbd, run, Rng,
+    nbdcopy_hash, nbdinfo_map, nbdkit, process_exists, process_running, qemu_nbd, qemu_nbd_tcp,
+    run, Rng,
 };
 use proptest::prelude::*;
 use vmkeep::error::{Error, ErrorKind};
-use vmkeep::nbd::client::{NbdClient, NbdOptions, NbdUri};
+use vmkeep::nbd::client::{NbdClient, NbdOptions, NbdTls, NbdUri};
 use vmkeep::nbd::proto::{META_BASE_ALLOCATION, STATE_ZERO};
 use vmkeep::source::nbd::NbdSource;
 use vmkeep::source::qemu::{open_image, QemuImage, QemuOptions};
@@ -774,4 +776,242 @@ fn a_signal_stops_qemu_nbd_and_fails_the_run() {
         assert!(!process_running(pid), "qemu-nbd outlived the run");
         assert!(!dir.exists(), "the private folder was left behind");
     }
+}
+
+// ---------------------------------------------------------------- TLS
+
+/// `base:allocation` of the whole export as (offset, length, flags) rows.
+fn map_of(client: &NbdClient) -> Vec<(u64, u64, u32)> {
+    let mut at = 0;
+    client
+        .block_status(META_BASE_ALLOCATION, 0, client.size())
+        .unwrap()
+        .into_iter()
+        .map(|(l, f)| {
+            at += l;
+            (at - l, l, f)
+        })
+        .collect()
+}
+
+/// A qemu-nbd that requires TLS with a certificate from `pki`'s CA, on TCP.
+fn tls_qemu_nbd(pki: &Pki, args: &[&str], image: &Path) -> nbd_support::Server {
+    let mut all = qemu_tls_args(&pki.server);
+    all.extend(args.iter().map(|a| a.to_string()));
+    qemu_nbd_tcp(&all.iter().map(String::as_str).collect::<Vec<_>>(), image)
+}
+
+fn tls_error(uri: &NbdUri) -> Error {
+    let opts = NbdOptions {
+        timeout: Duration::from_secs(10),
+        ..NbdOptions::default()
+    };
+    match NbdClient::connect(uri, &opts) {
+        Ok(_) => panic!("{uri} was admitted"),
+        Err(e) => e,
+    }
+}
+
+/// vmkeep's client reads a qemu-nbd export that requires TLS and a client certificate,
+/// over several connections (each with its own STARTTLS): bytes equal the image, and
+/// block status equals nbdinfo's over the same TLS.
+#[test]
+fn tls_reads_of_qemu_nbd_match_the_image_and_nbdinfo_map() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = make_pki(tmp.path(), "ca");
+    let (qcow2, img) = converted(tmp.path(), "qcow2");
+    let server = tls_qemu_nbd(
+        &pki,
+        &["--read-only", "--shared=4", "--format=qcow2"],
+        &qcow2,
+    );
+    let uri = server
+        .tcp_uri()
+        .with_tls(NbdTls::with_certificates(&pki.client));
+    assert!(uri.to_string().starts_with("nbds://127.0.0.1:"), "{uri}");
+    let client = Arc::new(connect(&uri));
+    assert!(client.can_multi_conn() && client.structured_replies());
+    assert_eq!(
+        client.connections(),
+        4,
+        "every extra connection ran STARTTLS"
+    );
+    assert_eq!(client.size(), img.len() as u64);
+    assert_eq!(read_all_parallel(&client, 4), blake3::hash(&img));
+    let ours = map_of(&client);
+    client.disconnect().unwrap();
+    assert_eq!(ours, nbdinfo_map(&uri.to_string(), META_BASE_ALLOCATION));
+    assert_eq!(
+        blake3::hash(&img),
+        nbdcopy_hash(&uri.to_string(), tmp.path())
+    );
+    // The parsed URI string connects the same way, through the source.
+    let source = NbdSource::open(&uri.to_string(), None).unwrap();
+    let mut head = vec![0u8; MIB as usize];
+    source.read_at(&mut head, 0).unwrap();
+    assert!(head[..] == img[..MIB as usize]);
+}
+
+/// nbds+unix:// against qemu-nbd on a unix socket with TLS: the server certificate is
+/// checked for `localhost` by default, or for `tls-hostname=`.
+#[test]
+fn tls_over_a_unix_socket_checks_localhost_or_tls_hostname() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = make_pki(tmp.path(), "ca");
+    let raw = tmp.path().join("a.raw");
+    let img = make_raw(&raw);
+    let mut args = qemu_tls_args(&pki.server);
+    args.extend([
+        "--read-only".into(),
+        "--format=raw".into(),
+        "--shared=2".into(),
+    ]);
+    let server = qemu_nbd(&args.iter().map(String::as_str).collect::<Vec<_>>(), &raw);
+    let uri = server
+        .uri()
+        .with_tls(NbdTls::with_certificates(&pki.client));
+    assert!(
+        uri.to_string().starts_with("nbds+unix:///?socket="),
+        "{uri}"
+    );
+    let parsed = NbdUri::parse(&uri.to_string()).unwrap();
+    assert_eq!(parsed, uri);
+    let client = connect(&parsed);
+    let mut all = vec![0u8; img.len()];
+    client.read(0, &mut all).unwrap();
+    assert!(all == img);
+    drop(client);
+    // A name the certificate does not carry is refused.
+    let wrong = NbdUri::parse(&format!("{uri}&tls-hostname=elsewhere.example")).unwrap();
+    let e = tls_error(&wrong).to_string();
+    assert!(
+        e.contains("elsewhere.example") && e.contains("certificate"),
+        "{e}"
+    );
+}
+
+/// Every refusal is a clear error, and none falls back to plain NBD.
+#[test]
+fn tls_refusals_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ours = make_pki(tmp.path(), "ours");
+    let theirs = make_pki(tmp.path(), "theirs");
+    let raw = tmp.path().join("a.raw");
+    make_raw(&raw);
+    let tls = tls_qemu_nbd(&ours, &["--read-only", "--format=raw", "--shared=8"], &raw);
+    let with = |dir: &Path| tls.tcp_uri().with_tls(NbdTls::with_certificates(dir));
+
+    // A client certificate from another CA (its CA file trusts the server): the server
+    // refuses it in the TLS handshake.
+    let mixed = tmp.path().join("mixed");
+    std::fs::create_dir(&mixed).unwrap();
+    std::fs::copy(ours.client.join("ca-cert.pem"), mixed.join("ca-cert.pem")).unwrap();
+    for f in ["client-cert.pem", "client-key.pem"] {
+        std::fs::copy(theirs.client.join(f), mixed.join(f)).unwrap();
+    }
+    let e = tls_error(&with(&mixed));
+    assert_eq!(e.kind(), ErrorKind::Source, "{e}");
+    assert!(e.to_string().contains("refused the TLS session"), "{e}");
+    // Credentials of another CA altogether: our side refuses the server's certificate.
+    let e = tls_error(&with(&theirs.client)).to_string();
+    assert!(
+        e.contains("invalid peer certificate") && e.contains("signed by the CA"),
+        "{e}"
+    );
+
+    // A plain client meets the TLS-only server: told to use TLS.
+    let e = tls_error(&tls.tcp_uri()).to_string();
+    assert!(e.contains("requires TLS") && e.contains("nbds://"), "{e}");
+
+    // A TLS client meets a plain server: refused, not read in clear.
+    let plain = qemu_nbd_tcp(&["--read-only", "--format=raw"], &raw);
+    let uri = plain
+        .tcp_uri()
+        .with_tls(NbdTls::with_certificates(&ours.client));
+    let e = tls_error(&uri).to_string();
+    assert!(e.contains("does not offer TLS"), "{e}");
+
+    // A missing folder or file: one line naming the file, before any connection.
+    for (dir, file) in [
+        (tmp.path().join("nowhere"), "ca-cert.pem"),
+        (ours.server.clone(), "client-cert.pem"),
+    ] {
+        let e = tls_error(&with(&dir));
+        assert_eq!(e.kind(), ErrorKind::Usage, "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("{}/{file}", dir.display())),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 1, "{text}");
+    }
+}
+
+/// A server certificate for another host name is refused; naming that host with
+/// `tls-hostname=` is how to accept it.
+#[test]
+fn tls_server_certificate_for_another_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = make_pki_for(tmp.path(), "ca", "dns_name = backup.example\n");
+    let raw = tmp.path().join("a.raw");
+    let img = make_raw(&raw);
+    let server = tls_qemu_nbd(&pki, &["--read-only", "--format=raw", "--shared=2"], &raw);
+    let uri = server
+        .tcp_uri()
+        .with_tls(NbdTls::with_certificates(&pki.client));
+    let e = tls_error(&uri).to_string();
+    assert!(
+        e.contains("not valid for name") && e.contains("\"127.0.0.1\""),
+        "{e}"
+    );
+    let named = uri.with_tls(NbdTls {
+        certificates: Some(pki.client.clone()),
+        hostname: Some("backup.example".into()),
+    });
+    let client = connect(&named);
+    let mut b = vec![0u8; 4096];
+    client.read(5 * MIB, &mut b).unwrap();
+    assert!(b[..] == img[5 * MIB as usize..][..4096]);
+}
+
+/// A server that acknowledges STARTTLS and then stalls in the TLS handshake is a
+/// timeout, not a hang.
+#[test]
+fn a_server_stalling_mid_tls_handshake_times_out() {
+    use std::io::{Read, Write};
+    use vmkeep::nbd::proto::*;
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = make_pki(tmp.path(), "ca");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stall = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut g = NBDMAGIC.to_be_bytes().to_vec();
+        g.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        g.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        s.write_all(&g).unwrap();
+        let mut flags_and_option = [0u8; 4 + OPTION_HEADER_LEN];
+        s.read_exact(&mut flags_and_option).unwrap();
+        let r = OptionReply {
+            option: OPT_STARTTLS,
+            kind: REP_ACK,
+            length: 0,
+        };
+        s.write_all(&r.encode()).unwrap();
+        // Take the ClientHello and say nothing until the client gives up.
+        let mut sink = [0u8; 4096];
+        while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+    });
+    let uri = NbdUri::tcp("127.0.0.1", port, "").with_tls(NbdTls::with_certificates(&pki.client));
+    let opts = NbdOptions {
+        timeout: Duration::from_millis(700),
+        ..NbdOptions::default()
+    };
+    let t = Instant::now();
+    let e = NbdClient::connect(&uri, &opts)
+        .err()
+        .expect("a stalled server");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(e.to_string().contains("timed out"), "{e}");
+    stall.join().unwrap();
 }

@@ -14,8 +14,10 @@
 //! Large requests are split to the server's maximum block size (32 MiB when it gives
 //! none) and unaligned reads are widened to its minimum block size.
 //!
-//! Not spoken yet: TLS (`nbds://`) and extended headers; see `client/transport.rs` and
-//! `client/handshake.rs` for where they go.
+//! TLS (`nbds://`, `nbds+unix://`, or [`NbdUri::tls`] set by a caller): every connection
+//! starts with `NBD_OPT_STARTTLS` and the rustls handshake ([`crate::tls`]) before any
+//! other option, and a server that does not offer TLS is refused, never read in clear.
+//! Extended headers are not negotiated (`docs/NBD-CLIENT.md` says why).
 
 mod conn;
 mod error;
@@ -26,10 +28,10 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-pub use crate::nbd::uri::{NbdAddress, NbdUri};
+pub use crate::nbd::uri::{NbdAddress, NbdTls, NbdUri};
 use conn::{Conn, Reply, Ticket};
 use error::NbdError;
-use transport::{Deadline, Transport};
+use transport::{Deadline, TlsClient, Transport};
 
 use crate::error::{Error, Result};
 use crate::nbd::proto::*;
@@ -154,6 +156,7 @@ impl NbdClient {
     ) -> Result<NbdClient> {
         let name = opts.name.clone().unwrap_or_else(|| uri.to_string());
         check_options(&name, uri, opts)?;
+        let tls = tls_client(uri)?;
         let first = loop {
             alive()?;
             match Transport::connect(&uri.address, opts.timeout) {
@@ -164,21 +167,22 @@ impl NbdClient {
                 Err(e) => return Err(Error::source(&name, NbdError::io("cannot connect", e))),
             }
         };
-        let (n, conn) =
-            open(first, uri, opts, opts.timeout).map_err(|e| Error::source(&name, e))?;
+        let (n, conn) = open(first, uri, opts, tls.as_ref(), opts.timeout)
+            .map_err(|e| Error::source(&name, e))?;
         let mut client = NbdClient::new(name, n, conn, opts);
         if client.can_multi_conn() {
-            client.add_connections(uri, opts);
+            client.add_connections(uri, opts, tls.as_ref());
         }
         tracing::debug!(
-            "{}: {} bytes, flags {:#06x}, structured {}, contexts {:?}, {:?}, {} connection(s)",
+            "{}: {} bytes, flags {:#06x}, structured {}, contexts {:?}, {:?}, {} connection(s), TLS {}",
             client.name,
             client.size,
             client.flags,
             client.structured,
             client.contexts,
             client.block_sizes,
-            client.conns.len()
+            client.conns.len(),
+            tls.is_some()
         );
         Ok(client)
     }
@@ -201,13 +205,14 @@ impl NbdClient {
         }
     }
 
-    /// Open up to `opts.connections - 1` more connections; a failure only means fewer.
-    fn add_connections(&mut self, uri: &NbdUri, opts: &NbdOptions) {
+    /// Open up to `opts.connections - 1` more connections (each with its own STARTTLS
+    /// when `tls`); a failure only means fewer.
+    fn add_connections(&mut self, uri: &NbdUri, opts: &NbdOptions, tls: Option<&TlsClient>) {
         let deadline = opts.timeout.min(EXTRA_HANDSHAKE);
         while self.conns.len() < opts.connections {
             let extra = Transport::connect(&uri.address, deadline)
                 .map_err(|e| NbdError::io("cannot connect", e))
-                .and_then(|t| open(t, uri, opts, deadline));
+                .and_then(|t| open(t, uri, opts, tls, deadline));
             match extra {
                 Ok((n, conn))
                     if n.size == self.size && context_names(&n.contexts) == self.contexts =>
@@ -636,23 +641,82 @@ impl Drop for NbdClient {
     }
 }
 
-/// Negotiate on a fresh socket (within `handshake_timeout`) and start its connection.
+/// Negotiate on a fresh socket (within `handshake_timeout`; with `tls`, STARTTLS and the
+/// TLS handshake first) and start its connection.
 fn open(
     mut t: Transport,
     uri: &NbdUri,
     opts: &NbdOptions,
+    tls: Option<&TlsClient>,
     handshake_timeout: Duration,
 ) -> std::result::Result<(handshake::Negotiated, Conn), NbdError> {
-    let n = {
-        let mut s = Deadline {
+    let deadline = Instant::now() + handshake_timeout;
+    let greeting = handshake::greet(&mut Deadline {
+        inner: &mut t,
+        deadline,
+    })?;
+    if let Some(tls) = tls {
+        handshake::start_tls(
+            &mut Deadline {
+                inner: &mut t,
+                deadline,
+            },
+            &greeting,
+        )?;
+        t = t
+            .start_tls(tls, deadline)
+            .map_err(|e| tls_failure(handshake::io_error(e), tls))?;
+    }
+    let n = handshake::options(
+        &mut Deadline {
             inner: &mut t,
-            deadline: Instant::now() + handshake_timeout,
-        };
-        handshake::negotiate(&mut s, &uri.export, &opts.contexts)?
-    };
+            deadline,
+        },
+        &greeting,
+        &uri.export,
+        &opts.contexts,
+    )
+    .map_err(|e| match tls {
+        Some(tls) => tls_failure(e, tls),
+        None => e,
+    })?;
     let conn = Conn::start(t, n.structured, n.contexts.clone(), opts.timeout)
         .map_err(|e| NbdError::io("cannot start the connection", e))?;
     Ok((n, conn))
+}
+
+/// A handshake failure once TLS started, said plainly: a certificate we refused names
+/// what was expected; an alert or a hang-up right after the TLS handshake is the server
+/// refusing us (with TLS 1.3 a client learns that its certificate was refused only then).
+fn tls_failure(e: NbdError, tls: &TlsClient) -> NbdError {
+    match e {
+        NbdError::Tls(why) if why.contains("alert") => NbdError::TlsRefused(why),
+        NbdError::Tls(why) => NbdError::Tls(format!("{why} ({})", tls.expect)),
+        NbdError::ServerClosed { handshake: true } => {
+            NbdError::TlsRefused("TLS: the server closed the connection".into())
+        }
+        other => other,
+    }
+}
+
+/// The TLS client of `uri` (`None` for a plain one): its credentials loaded once for
+/// every connection; a missing or bad file is a usage error naming it.
+fn tls_client(uri: &NbdUri) -> Result<Option<TlsClient>> {
+    let Some(t) = &uri.tls else {
+        return Ok(None);
+    };
+    let dir = t.certificates_dir();
+    let files = crate::tls::TlsFiles::client_dir(&dir);
+    let config = crate::tls::client_config(&files)?;
+    let server = t.server_name(&uri.address);
+    Ok(Some(TlsClient {
+        config,
+        name: crate::tls::server_name(server)?,
+        expect: format!(
+            "the server certificate must be for {server:?} and signed by the CA in {}",
+            files.ca.display()
+        ),
+    }))
 }
 
 fn check_options(name: &str, uri: &NbdUri, opts: &NbdOptions) -> Result<()> {

@@ -42,7 +42,7 @@ pub use net::{resolve_listen, Listen};
 use net::{Listener, Stream};
 
 use crate::error::{Error, Result};
-use crate::nbd::uri::uri_escape;
+use crate::nbd::uri::{NbdTls, NbdUri};
 
 /// One extent of a block-status answer: `len` bytes with `base:allocation` flags
 /// ([`crate::nbd::proto::STATE_HOLE`], [`crate::nbd::proto::STATE_ZERO`]).
@@ -226,24 +226,18 @@ impl Server {
         self.listener.local_tcp()
     }
 
-    /// The NBD URI of export `name` on this server (`nbds://` with TLS).
+    /// The NBD URI of export `name` on this server, as our client parses it: `nbds://`
+    /// (or `nbds+unix://`) with TLS, naming no credentials folder (the client's own, or
+    /// libnbd's default, is added by whoever connects).
     pub fn uri(&self, name: &str) -> String {
-        let export = uri_escape(name, false);
-        let scheme = if self.shared.config.tls.is_some() {
-            "nbds"
-        } else {
-            "nbd"
+        let uri = match (self.listener.unix_path(), self.local_addr()) {
+            (Some(p), _) => NbdUri::unix(p, name),
+            (None, Some(a)) => NbdUri::tcp(&a.ip().to_string(), a.port(), name),
+            (None, None) => NbdUri::tcp("localhost", crate::nbd::proto::DEFAULT_PORT, name),
         };
-        match (self.listener.unix_path(), self.local_addr()) {
-            (Some(p), _) => format!(
-                "nbd+unix:///{export}?socket={}",
-                uri_escape(&p.to_string_lossy(), true)
-            ),
-            (None, Some(SocketAddr::V6(a))) => {
-                format!("{scheme}://[{}]:{}/{export}", a.ip(), a.port())
-            }
-            (None, Some(a)) => format!("{scheme}://{a}/{export}"),
-            (None, None) => format!("nbd:///{export}"),
+        match self.shared.config.tls {
+            Some(_) => uri.with_tls(NbdTls::default()).to_string(),
+            None => uri.to_string(),
         }
     }
 

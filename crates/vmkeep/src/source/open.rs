@@ -23,14 +23,14 @@ pub enum SourceSpec {
     Path {
         /// The image file or block device, as given (before the `?` options).
         path: PathBuf,
-        /// `?format=`: the image format (`raw`, `qcow2`, ...); `None` probes the file's first
-        /// bytes.
+        /// `?format=`: the image format (`raw`, `qcow2`, ...; never empty); `None` probes the
+        /// file's first bytes.
         format: Option<String>,
         /// `?bitmap=`: the persistent qcow2 bitmap that tracks changes for incremental runs; never
         /// empty.
         bitmap: Option<String>,
     },
-    /// An NBD URI.
+    /// An NBD URI (`nbd://`, `nbd+unix://`, `nbds://`, `nbds+unix://`).
     Nbd(String),
 }
 
@@ -40,7 +40,7 @@ impl SourceSpec {
         if s.is_empty() {
             return Err(Error::usage("empty disk source"));
         }
-        if s.starts_with("nbd://") || s.starts_with("nbd+unix://") || s.starts_with("nbds://") {
+        if crate::nbd::uri::is_nbd_uri(s) {
             return Ok(SourceSpec::Nbd(s.to_string()));
         }
         let (path, query) = match s.rsplit_once('?') {
@@ -50,7 +50,7 @@ impl SourceSpec {
         let (mut format, mut bitmap) = (None, None);
         for kv in query.into_iter().flat_map(|q| q.split('&')) {
             match kv.split_once('=') {
-                Some(("format", v)) => format = Some(v.to_string()),
+                Some(("format", v)) if !v.is_empty() => format = Some(v.to_string()),
                 Some(("bitmap", v)) if !v.is_empty() => bitmap = Some(v.to_string()),
                 _ => {
                     return Err(Error::usage(format!(
@@ -227,6 +227,16 @@ mod tests {
             }
         );
         assert!(SourceSpec::parse("/a?colour=red").is_err());
+        for tls in [
+            "nbds://h:1/vda?tls-certificates=/d",
+            "nbds+unix:///vda?socket=/s&tls-certificates=/d",
+        ] {
+            assert_eq!(SourceSpec::parse(tls).unwrap(), SourceSpec::Nbd(tls.into()));
+        }
+        // An empty format is a mistake, not "probe".
+        let e = SourceSpec::parse("/a.img?format=").unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Usage);
+        assert!(e.to_string().contains("format="), "{e}");
         assert!(SourceSpec::parse("").is_err());
     }
 }

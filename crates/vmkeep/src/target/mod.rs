@@ -32,7 +32,7 @@ pub trait Target: Send {
 /// that a path need not be UTF-8.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Destination {
-    /// `nbd://`, `nbd+unix://` or `nbds://`: an export that accepts writes.
+    /// `nbd://`, `nbd+unix://`, `nbds://` or `nbds+unix://`: an export that accepts writes.
     Nbd(String),
     /// A file, block device or new `.qcow2` image.
     Path(PathBuf),
@@ -42,13 +42,7 @@ impl Destination {
     /// An NBD URI when `to` starts with one of the NBD schemes, else a path.
     pub fn parse(to: &OsStr) -> Destination {
         match to.to_str() {
-            Some(s)
-                if s.starts_with("nbd://")
-                    || s.starts_with("nbd+unix://")
-                    || s.starts_with("nbds://") =>
-            {
-                Destination::Nbd(s.to_string())
-            }
+            Some(s) if crate::nbd::uri::is_nbd_uri(s) => Destination::Nbd(s.to_string()),
             _ => Destination::Path(PathBuf::from(to)),
         }
     }
@@ -95,4 +89,28 @@ pub(crate) fn partial_path(path: &Path) -> Result<PathBuf> {
     let tmp = path.with_file_name(name);
     let _ = std::fs::remove_file(&tmp);
     Ok(tmp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_nbd_scheme_is_a_uri_target() {
+        for s in [
+            "nbd://h/vda",
+            "nbd+unix:///vda?socket=/s",
+            "nbds://h/vda?tls-certificates=/d",
+            "nbds+unix:///vda?socket=/s&tls-certificates=/d",
+        ] {
+            assert!(
+                matches!(Destination::parse(OsStr::new(s)), Destination::Nbd(u) if u == s),
+                "{s}"
+            );
+        }
+        assert!(matches!(
+            Destination::parse(OsStr::new("/tmp/nbds.raw")),
+            Destination::Path(_)
+        ));
+    }
 }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod fake;
+pub mod pki;
 
 use std::fs::File;
 use std::io::Read;
@@ -17,16 +18,23 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use vmkeep::nbd::client::NbdUri;
 
-/// A server process on a unix socket in its own temp folder.
+/// A server process on a unix socket in its own temp folder, or on a loopback TCP port.
 pub struct Server {
     child: Child,
     pub dir: TempDir,
     pub sock: PathBuf,
+    /// The TCP port on 127.0.0.1, for a server started with [`qemu_nbd_tcp`].
+    pub port: Option<u16>,
 }
 
 impl Server {
     pub fn uri(&self) -> NbdUri {
         NbdUri::unix(&self.sock, "")
+    }
+
+    /// `nbd://127.0.0.1:PORT/` of a server started with [`qemu_nbd_tcp`].
+    pub fn tcp_uri(&self) -> NbdUri {
+        NbdUri::tcp("127.0.0.1", self.port.expect("a TCP server"), "")
     }
 
     pub fn uri_string(&self) -> String {
@@ -59,7 +67,21 @@ pub fn qemu_nbd(args: &[&str], image: &Path) -> Server {
         .arg(format!("--socket={}", sock.display()))
         .args(args)
         .arg(image);
-    start(cmd, dir, sock)
+    start(cmd, dir, sock, None)
+}
+
+/// `qemu-nbd --persistent ARGS IMAGE` on a free port of 127.0.0.1.
+pub fn qemu_nbd_tcp(args: &[&str], image: &Path) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let port = pki::free_port();
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.arg("--persistent")
+        .arg("--bind=127.0.0.1")
+        .arg(format!("--port={port}"))
+        .args(args)
+        .arg(image);
+    let sock = dir.path().join("unused");
+    start(cmd, dir, sock, Some(port))
 }
 
 /// `nbdkit -f -U SOCKET ARGS` (plugin, filters and parameters in ARGS).
@@ -72,7 +94,7 @@ pub fn nbdkit(args: &[&str]) -> Server {
         .arg("-U")
         .arg(&sock)
         .args(args);
-    start(cmd, dir, sock)
+    start(cmd, dir, sock, None)
 }
 
 /// Servers and tools die with the test thread that started them, even if it panics.
@@ -87,7 +109,7 @@ fn die_with_parent(cmd: &mut Command) {
     }
 }
 
-fn start(mut cmd: Command, dir: TempDir, sock: PathBuf) -> Server {
+fn start(mut cmd: Command, dir: TempDir, sock: PathBuf, port: Option<u16>) -> Server {
     let log = dir.path().join("log");
     die_with_parent(&mut cmd);
     cmd.stdin(Stdio::null())
@@ -97,6 +119,7 @@ fn start(mut cmd: Command, dir: TempDir, sock: PathBuf) -> Server {
         child: cmd.spawn().expect("start the NBD server"),
         dir,
         sock,
+        port,
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -106,7 +129,11 @@ fn start(mut cmd: Command, dir: TempDir, sock: PathBuf) -> Server {
                 std::fs::read_to_string(&log).unwrap_or_default()
             );
         }
-        if UnixStream::connect(&server.sock).is_ok() {
+        let listening = match port {
+            Some(p) => std::net::TcpStream::connect(("127.0.0.1", p)).is_ok(),
+            None => UnixStream::connect(&server.sock).is_ok(),
+        };
+        if listening {
             return server;
         }
         assert!(Instant::now() < deadline, "{cmd:?} did not listen in time");

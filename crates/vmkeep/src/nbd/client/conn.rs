@@ -11,9 +11,14 @@
 //! the connection: the socket is shut down, the reader stops, and every waiting caller
 //! gets the same message at once; later calls fail immediately.
 //!
-//! Extended headers would change the request encoding in [`Conn::submit`] and the reply
-//! headers in [`Reader::next_message`] (64-bit lengths, `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`);
-//! nothing else here depends on the header size.
+//! Over TLS the reader and the writers hold clones of one [`crate::tls::TlsStream`]: the
+//! reader decrypts while writers encrypt, and killing the connection shuts the socket
+//! down under both.
+//!
+//! Extended headers (not negotiated; `docs/NBD-CLIENT.md` says why) would change the
+//! request encoding in [`Conn::submit`] and the reply headers in [`Reader::next_message`]
+//! (64-bit lengths, `NBD_REPLY_TYPE_BLOCK_STATUS_EXT`); nothing else here depends on the
+//! header size.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
@@ -120,16 +125,19 @@ impl Conn {
             structured,
             contexts: contexts.iter().map(|(_, id)| *id).collect(),
         });
+        // The reader gets the handle the handshake read with: over TLS it may hold
+        // plaintext already decrypted.
+        let (writer, control) = (t.try_clone()?, t.try_clone()?);
         let reader = Reader {
-            t: t.try_clone()?,
+            t,
             shared: shared.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("nbd-reader".into())
             .spawn(move || reader.run())?;
         Ok(Conn {
-            control: t.try_clone()?,
-            writer: Mutex::new(t),
+            control,
+            writer: Mutex::new(writer),
             shared,
             reader: Mutex::new(Some(handle)),
             next_cookie: AtomicU64::new(1),
@@ -267,7 +275,10 @@ impl Conn {
                 offset: 0,
                 length: 0,
             };
-            let _ = lock(&self.writer).write_all(&req.encode());
+            let mut w = lock(&self.writer);
+            if w.write_all(&req.encode()).is_ok() {
+                w.close_notify();
+            }
         }
         self.control.shutdown();
         if let Some(h) = lock(&self.reader).take() {

@@ -46,8 +46,16 @@ pub(super) enum NbdError {
     NoReply { what: String, within: f32 },
     /// The handshake did not finish within its deadline.
     HandshakeTimeout,
-    /// The server requires TLS (`NBD_REP_ERR_TLS_REQD`).
+    /// The server requires TLS (`NBD_REP_ERR_TLS_REQD`) and the URI is a plain one.
     TlsRequired,
+    /// TLS was asked for and the server does not offer it: `reason` says how it answered.
+    NoTls { reason: String },
+    /// TLS failed: the handshake (a certificate refused either way) or the session
+    /// (an alert); the text is rustls' (it starts with `TLS`).
+    Tls(String),
+    /// The server ended the TLS session at its start (an alert, or a hang-up right after
+    /// the handshake): it refused our certificate, most likely.
+    TlsRefused(String),
     /// The server does not know the export (`NBD_REP_ERR_UNKNOWN`); `message` is the
     /// server's, with its `": "` prefix, or empty.
     NoExport { export: String, message: String },
@@ -129,9 +137,20 @@ impl fmt::Display for NbdError {
                 write!(f, "no reply to the {what} within {within} s")
             }
             NbdError::HandshakeTimeout => f.write_str("the handshake timed out"),
-            NbdError::TlsRequired => {
-                f.write_str("the server requires TLS, which vmkeep does not speak yet")
-            }
+            NbdError::TlsRequired => f.write_str(
+                "the server requires TLS: connect with an nbds:// (or nbds+unix://) URI \
+                 and client credentials (tls-certificates=DIR)",
+            ),
+            NbdError::NoTls { reason } => write!(
+                f,
+                "the server does not offer TLS ({reason}); vmkeep does not fall back to plain NBD"
+            ),
+            NbdError::Tls(detail) => f.write_str(detail),
+            NbdError::TlsRefused(detail) => write!(
+                f,
+                "{detail}: the server refused the TLS session (does it trust the CA that \
+                 signed this client certificate?)"
+            ),
             NbdError::NoExport { export, message } => {
                 write!(f, "export {export:?} does not exist{message}")
             }

@@ -1,11 +1,18 @@
 //! The fixed newstyle handshake, from the client's side.
 //!
-//! Order of options: structured replies first (block status needs them), then the
-//! metadata contexts, then `NBD_OPT_GO` asking for the block size constraints. Each step
-//! degrades gracefully: no structured replies means no block status (everything is data);
-//! no `NBD_OPT_GO` falls back to `NBD_OPT_EXPORT_NAME`; a server that is not fixed
-//! newstyle gets `NBD_OPT_EXPORT_NAME` straight away. Every length the server sends is
-//! checked against a small bound before anything is allocated for it.
+//! Order of options: with TLS, `NBD_OPT_STARTTLS` first ([`start_tls`]; the caller then
+//! runs the TLS handshake and everything after it is encrypted); then structured replies
+//! (block status needs them), the metadata contexts, and `NBD_OPT_GO` asking for the
+//! block size constraints ([`options`]). Each later step degrades gracefully: no
+//! structured replies means no block status (everything is data); no `NBD_OPT_GO` falls
+//! back to `NBD_OPT_EXPORT_NAME`; a server that is not fixed newstyle gets
+//! `NBD_OPT_EXPORT_NAME` straight away. TLS never degrades: a server that does not
+//! acknowledge `STARTTLS` is refused, and one that requires TLS from a plain client
+//! (`NBD_REP_ERR_TLS_REQD`) is refused with a message that says so. Every length the
+//! server sends is checked against a small bound before anything is allocated for it.
+//!
+//! Extended headers (`NBD_OPT_EXTENDED_HEADERS`) are never asked for; see
+//! `docs/NBD-CLIENT.md`.
 
 use std::io::{self, Read, Write};
 
@@ -29,12 +36,26 @@ pub(super) struct Negotiated {
     pub block_sizes: Option<BlockSizes>,
 }
 
-/// Run the handshake for `export`, asking for the metadata contexts `want`.
+/// The server's greeting, answered.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Greeting {
+    fixed: bool,
+    no_zeroes: bool,
+}
+
+/// Run the whole handshake in clear for `export`, asking for the metadata contexts `want`.
+#[cfg(test)]
 pub(super) fn negotiate<S: Read + Write>(
     s: &mut S,
     export: &str,
     want: &[String],
 ) -> Result<Negotiated, NbdError> {
+    let g = greet(s)?;
+    options(s, &g, export, want)
+}
+
+/// Read the server's greeting and send our flags.
+pub(super) fn greet<S: Read + Write>(s: &mut S) -> Result<Greeting, NbdError> {
     let greeting: [u8; 18] = read_array(s)?;
     if be64(&greeting[0..8]) != NBDMAGIC {
         return Err(NbdError::protocol("not an NBD server (bad greeting magic)"));
@@ -49,22 +70,62 @@ pub(super) fn negotiate<S: Read + Write>(
         m => return Err(NbdError::protocol(format!("bad handshake magic {m:#018x}"))),
     }
     let hflags = be16(&greeting[16..18]);
-    let fixed = hflags & FLAG_FIXED_NEWSTYLE != 0;
-    let no_zeroes = hflags & FLAG_NO_ZEROES != 0;
+    let g = Greeting {
+        fixed: hflags & FLAG_FIXED_NEWSTYLE != 0,
+        no_zeroes: hflags & FLAG_NO_ZEROES != 0,
+    };
     let mut cflags = 0u32;
-    if fixed {
+    if g.fixed {
         cflags |= FLAG_C_FIXED_NEWSTYLE;
     }
-    if no_zeroes {
+    if g.no_zeroes {
         cflags |= FLAG_C_NO_ZEROES;
     }
     write_all(s, &cflags.to_be_bytes())?;
-    if !fixed {
-        return export_name(s, export, no_zeroes);
+    Ok(g)
+}
+
+/// `NBD_OPT_STARTTLS`: `Ok` when the server acknowledged it (the TLS handshake comes
+/// next); a server that refuses it, or cannot be asked (not fixed newstyle), is an error:
+/// the client never goes on in clear.
+pub(super) fn start_tls<S: Read + Write>(s: &mut S, g: &Greeting) -> Result<(), NbdError> {
+    if !g.fixed {
+        return Err(NbdError::NoTls {
+            reason: "it does not speak the fixed newstyle handshake".into(),
+        });
     }
-    // TLS would start here (NBD_OPT_STARTTLS, then a TLS transport), before any option
-    // that sets state. Extended headers (NBD_OPT_EXTENDED_HEADERS) would be asked for
-    // next; they imply structured replies and change the header codecs in `conn`.
+    send_option(s, OPT_STARTTLS, &[])?;
+    let (kind, data) = read_reply(s, OPT_STARTTLS)?;
+    match kind {
+        REP_ACK if data.is_empty() => Ok(()),
+        REP_ACK => Err(NbdError::protocol(format!(
+            "STARTTLS acknowledged with {} bytes of data",
+            data.len()
+        ))),
+        k if k & REP_FLAG_ERROR != 0 => Err(NbdError::NoTls {
+            reason: format!(
+                "it answered STARTTLS with {}{}",
+                rep_error_name(k),
+                message(&data)
+            ),
+        }),
+        k => Err(NbdError::protocol(format!(
+            "unexpected reply type {k} to STARTTLS"
+        ))),
+    }
+}
+
+/// The options after the greeting (and after TLS, when it runs): structured replies,
+/// metadata contexts, the export.
+pub(super) fn options<S: Read + Write>(
+    s: &mut S,
+    g: &Greeting,
+    export: &str,
+    want: &[String],
+) -> Result<Negotiated, NbdError> {
+    if !g.fixed {
+        return export_name(s, export, g.no_zeroes);
+    }
     let structured = structured_replies(s)?;
     let contexts = if structured && !want.is_empty() {
         set_meta_context(s, export, want)?
@@ -80,7 +141,7 @@ pub(super) fn negotiate<S: Read + Write>(
             block_sizes,
         }),
         None => {
-            let n = export_name(s, export, no_zeroes)?;
+            let n = export_name(s, export, g.no_zeroes)?;
             Ok(Negotiated {
                 structured,
                 contexts,
@@ -95,6 +156,7 @@ fn structured_replies<S: Read + Write>(s: &mut S) -> Result<bool, NbdError> {
     let (kind, _) = read_reply(s, OPT_STRUCTURED_REPLY)?;
     match kind {
         REP_ACK => Ok(true),
+        REP_ERR_TLS_REQD => Err(NbdError::TlsRequired),
         k if k & REP_FLAG_ERROR != 0 => Ok(false),
         k => Err(NbdError::protocol(format!(
             "unexpected reply type {k} to the structured-reply option"
@@ -129,6 +191,7 @@ fn set_meta_context<S: Read + Write>(
                 out.push((name, be32(&data[0..4])));
             }
             REP_ACK => return Ok(out),
+            REP_ERR_TLS_REQD => return Err(NbdError::TlsRequired),
             // The spec says to disregard the contexts of a failed request.
             k if k & REP_FLAG_ERROR != 0 => {
                 tracing::debug!("server refused metadata contexts: {}", rep_error_name(k));
@@ -294,10 +357,15 @@ fn write_all<S: Write>(s: &mut S, b: &[u8]) -> Result<(), NbdError> {
     s.write_all(b).map_err(io_error)
 }
 
-fn io_error(e: io::Error) -> NbdError {
+/// A socket error of the handshake; TLS ones (a failed TLS handshake, an alert from the
+/// server) keep rustls' words.
+pub(super) fn io_error(e: io::Error) -> NbdError {
     match e.kind() {
         io::ErrorKind::UnexpectedEof => NbdError::ServerClosed { handshake: true },
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => NbdError::HandshakeTimeout,
+        io::ErrorKind::InvalidData if e.to_string().starts_with("TLS") => {
+            NbdError::Tls(e.to_string())
+        }
         _ => NbdError::io("handshake failed", e),
     }
 }
@@ -413,5 +481,49 @@ mod tests {
         assert!(run(huge, &[]).unwrap_err().contains("too long"));
 
         assert!(run(b"HTTP/1.1 400".to_vec(), &[]).is_err());
+    }
+
+    /// A plain client meets a server that requires TLS: refused, saying so, whichever
+    /// option hears it first.
+    #[test]
+    fn tls_required_is_named() {
+        let mut v = greeting(FLAG_FIXED_NEWSTYLE);
+        reply(&mut v, OPT_STRUCTURED_REPLY, REP_ERR_TLS_REQD, &[]);
+        let e = run(v, &[]).unwrap_err();
+        assert!(e.contains("requires TLS") && e.contains("nbds://"), "{e}");
+        let mut v = greeting(FLAG_FIXED_NEWSTYLE);
+        reply(&mut v, OPT_STRUCTURED_REPLY, REP_ACK, &[]);
+        reply(&mut v, OPT_SET_META_CONTEXT, REP_ERR_TLS_REQD, &[]);
+        assert!(run(v, &["base:allocation"])
+            .unwrap_err()
+            .contains("requires TLS"));
+    }
+
+    /// A TLS client never goes on in clear: a refused STARTTLS, or a server that cannot
+    /// be asked, is an error, and nothing but STARTTLS was sent.
+    #[test]
+    fn starttls_refused_is_an_error() {
+        for (flags, answer) in [
+            (FLAG_FIXED_NEWSTYLE, Some(REP_ERR_UNSUP)),
+            (FLAG_FIXED_NEWSTYLE, Some(REP_ERR_POLICY)),
+            (0, None),
+        ] {
+            let mut v = greeting(flags);
+            if let Some(k) = answer {
+                reply(&mut v, OPT_STARTTLS, k, b"no TLS here");
+            }
+            let mut s = Script {
+                input: io::Cursor::new(v),
+                output: Vec::new(),
+            };
+            let g = greet(&mut s).unwrap();
+            let e = start_tls(&mut s, &g).unwrap_err().to_string();
+            assert!(e.contains("does not offer TLS"), "{e}");
+            let mut sent = 4u32.to_be_bytes().to_vec(); // the client flags
+            if answer.is_some() {
+                sent.extend_from_slice(&option_header(OPT_STARTTLS, 0));
+            }
+            assert_eq!(s.output[4..], sent[4..], "only STARTTLS was sent");
+        }
     }
 }

@@ -1,26 +1,38 @@
-//! The byte stream under an NBD connection: TCP or a unix socket.
-//!
-//! TLS would be a third variant here, wrapping the socket after a successful
-//! `NBD_OPT_STARTTLS`; everything above this module only sees `Read + Write`.
+//! The byte stream under an NBD connection: a TCP or unix socket, in clear or, after a
+//! successful `NBD_OPT_STARTTLS`, inside TLS ([`crate::tls::TlsStream`]). Everything
+//! above this module only sees `Read + Write`.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::ServerName;
+
 use crate::nbd::uri::NbdAddress;
+use crate::tls::{Socket, TlsStream};
 
 pub(super) enum Transport {
-    Tcp(TcpStream),
-    Unix(UnixStream),
+    Plain(Socket),
+    Tls(TlsStream),
+}
+
+/// What a connection needs to start TLS: the client configuration (credentials loaded
+/// once for every connection) and the name the server certificate must carry.
+#[derive(Clone)]
+pub(super) struct TlsClient {
+    pub config: Arc<rustls::ClientConfig>,
+    pub name: ServerName<'static>,
+    /// What the server's certificate is checked for, for the message when it fails.
+    pub expect: String,
 }
 
 impl Transport {
     /// Connect, giving up on each TCP address after `timeout`.
     pub fn connect(address: &NbdAddress, timeout: Duration) -> io::Result<Transport> {
         match address {
-            NbdAddress::Unix(path) => Ok(Transport::Unix(UnixStream::connect(path)?)),
+            NbdAddress::Unix(path) => Ok(Transport::Plain(UnixStream::connect(path)?.into())),
             NbdAddress::Tcp { host, port } => {
                 let mut last = io::Error::new(io::ErrorKind::NotFound, "host has no address");
                 for addr in (host.as_str(), *port).to_socket_addrs()? {
@@ -28,7 +40,7 @@ impl Transport {
                         Ok(s) => {
                             // The protocol document asks for it: replies are small messages.
                             s.set_nodelay(true)?;
-                            return Ok(Transport::Tcp(s));
+                            return Ok(Transport::Plain(s.into()));
                         }
                         Err(e) => last = e,
                     }
@@ -38,71 +50,73 @@ impl Transport {
         }
     }
 
+    /// Run the TLS handshake (before `deadline`) on a connection in clear whose server
+    /// acknowledged `NBD_OPT_STARTTLS`.
+    pub fn start_tls(self, tls: &TlsClient, deadline: Instant) -> io::Result<Transport> {
+        match self {
+            Transport::Plain(s) => Ok(Transport::Tls(TlsStream::connect(
+                s,
+                tls.config.clone(),
+                tls.name.clone(),
+                deadline,
+            )?)),
+            Transport::Tls(_) => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "TLS is already running",
+            )),
+        }
+    }
+
     pub fn try_clone(&self) -> io::Result<Transport> {
         Ok(match self {
-            Transport::Tcp(s) => Transport::Tcp(s.try_clone()?),
-            Transport::Unix(s) => Transport::Unix(s.try_clone()?),
+            Transport::Plain(s) => Transport::Plain(s.try_clone()?),
+            Transport::Tls(s) => Transport::Tls(s.try_clone()?),
         })
     }
 
+    fn socket(&self) -> &Socket {
+        match self {
+            Transport::Plain(s) => s,
+            Transport::Tls(s) => s.socket(),
+        }
+    }
+
     /// Close both directions; a thread blocked reading this socket wakes up with EOF.
+    /// Never blocks (no TLS alert is written: a writer may be stuck holding the session).
     pub fn shutdown(&self) {
-        let _ = match self {
-            Transport::Tcp(s) => s.shutdown(Shutdown::Both),
-            Transport::Unix(s) => s.shutdown(Shutdown::Both),
-        };
+        let _ = self.socket().shutdown(Shutdown::Both);
+    }
+
+    /// End a TLS session with `close_notify` (best effort, after `NBD_CMD_DISC`), so the
+    /// server sees a clean end rather than a truncated session; nothing for a plain one.
+    pub fn close_notify(&self) {
+        if let Transport::Tls(s) = self {
+            s.close();
+        }
     }
 
     /// Socket timeouts; they belong to the socket, so every clone shares them.
     pub fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
-        match self {
-            Transport::Tcp(s) => {
-                s.set_read_timeout(read)?;
-                s.set_write_timeout(write)
-            }
-            Transport::Unix(s) => {
-                s.set_read_timeout(read)?;
-                s.set_write_timeout(write)
-            }
-        }
-    }
-
-    fn fd(&self) -> RawFd {
-        match self {
-            Transport::Tcp(s) => s.as_raw_fd(),
-            Transport::Unix(s) => s.as_raw_fd(),
-        }
+        self.socket().set_read_timeout(read)?;
+        self.socket().set_write_timeout(write)
     }
 }
 
 impl Read for Transport {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Transport::Tcp(s) => s.read(buf),
-            Transport::Unix(s) => s.read(buf),
+            Transport::Plain(s) => (&*s).read(buf),
+            Transport::Tls(s) => s.read(buf),
         }
     }
 }
 
 impl Write for Transport {
-    /// `send(MSG_NOSIGNAL)` rather than `write`: a server that hangs up must give us
-    /// EPIPE, not a SIGPIPE that kills the process when the binary restored SIGPIPE's
-    /// default action (as command-line tools do to exit quietly on a closed pipe).
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // SAFETY: `buf` is a valid readable slice of `buf.len()` bytes and the descriptor
-        // is owned by `self` for the duration of the call.
-        let n = unsafe {
-            libc::send(
-                self.fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_NOSIGNAL,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
+        match self {
+            Transport::Plain(s) => (&*s).write(buf),
+            Transport::Tls(s) => s.write(buf),
         }
-        Ok(n as usize)
     }
 
     fn flush(&mut self) -> io::Result<()> {

@@ -144,14 +144,11 @@ impl Stream {
     }
 
     pub(crate) fn peer(&self) -> String {
-        let tcp = match self {
-            Stream::Unix(_) => return "unix socket".to_string(),
-            Stream::Tcp(s) => s,
-            Stream::Tls(s) => s.socket(),
-        };
-        tcp.peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| "tcp".into())
+        match self {
+            Stream::Unix(_) => "unix socket".to_string(),
+            Stream::Tcp(s) => crate::tls::tcp_peer(s),
+            Stream::Tls(s) => s.socket().peer(),
+        }
     }
 }
 

@@ -652,37 +652,8 @@ fn slow_readers_do_not_starve_other_clients() {
 
 /// A CA and a server certificate made with certtool, in QEMU's server layout.
 fn server_pki(dir: &std::path::Path) -> crate::tls::TlsFiles {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("certtool")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("certtool is installed (scripts/test.sh installs gnutls-bin)");
-        assert!(out.status.success(), "certtool {args:?}: {out:?}");
-    };
-    std::fs::write(dir.join("ca.info"), "cn = test CA\nca\ncert_signing_key\n").unwrap();
-    std::fs::write(
-        dir.join("server.info"),
-        "cn = localhost\nip_address = 127.0.0.1\ntls_www_server\nsigning_key\nencryption_key\n",
-    )
-    .unwrap();
-    run(&["--generate-privkey", "--outfile=ca-key.pem"]);
-    run(&[
-        "--generate-self-signed",
-        "--load-privkey=ca-key.pem",
-        "--template=ca.info",
-        "--outfile=ca-cert.pem",
-    ]);
-    run(&["--generate-privkey", "--outfile=server-key.pem"]);
-    run(&[
-        "--generate-certificate",
-        "--load-privkey=server-key.pem",
-        "--load-ca-certificate=ca-cert.pem",
-        "--load-ca-privkey=ca-key.pem",
-        "--template=server.info",
-        "--outfile=server-cert.pem",
-    ]);
-    crate::tls::TlsFiles::server_dir(dir)
+    let pki = crate::tls::pki::make_pki(dir, "test");
+    crate::tls::TlsFiles::server_dir(&pki.server)
 }
 
 /// FORCEDTLS as the spec describes it: before `NBD_OPT_STARTTLS`, every option but
@@ -700,6 +671,13 @@ fn a_tls_server_refuses_every_option_before_starttls() {
     let server = Server::bind(&listen, vec![mem("vda")], config).unwrap();
     let addr = server.local_addr().unwrap();
     assert!(server.uri("vda").starts_with("nbds://127.0.0.1:"));
+    // What the server prints is what the client parses: TLS, this address, this export.
+    let printed = crate::nbd::uri::NbdUri::parse(&server.uri("vda")).unwrap();
+    assert_eq!(
+        printed,
+        crate::nbd::uri::NbdUri::tcp("127.0.0.1", addr.port(), "vda")
+            .with_tls(crate::nbd::uri::NbdTls::default())
+    );
     let handle = server.shutdown_handle();
     let thread = std::thread::spawn(move || server.run());
     let connect = || {
@@ -767,6 +745,71 @@ fn a_tls_server_refuses_every_option_before_starttls() {
         "export named after a failed TLS"
     );
 
+    handle.shutdown();
+    thread.join().unwrap().unwrap();
+}
+
+/// Our client against our server, both over TLS: several connections (each with its own
+/// STARTTLS) read what the export holds, pipelined from several threads; a plain client
+/// is refused with a message that names TLS.
+#[test]
+fn our_tls_client_reads_our_tls_server() {
+    use crate::nbd::client::{NbdClient, NbdOptions};
+    use crate::nbd::uri::{NbdTls, NbdUri};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = crate::tls::pki::make_pki(dir.path(), "both");
+    let tls = crate::tls::server_config(&crate::tls::TlsFiles::server_dir(&pki.server)).unwrap();
+    let listen = resolve_listen("127.0.0.1:0", false).unwrap();
+    let config = ServerConfig {
+        tls: Some(tls),
+        ..Default::default()
+    };
+    let server = Server::bind(&listen, vec![mem("vda")], config).unwrap();
+    let port = server.local_addr().unwrap().port();
+    let handle = server.shutdown_handle();
+    let thread = std::thread::spawn(move || server.run());
+    let uri =
+        NbdUri::tcp("127.0.0.1", port, "vda").with_tls(NbdTls::with_certificates(&pki.client));
+    let client = Arc::new(NbdClient::connect(&uri, &NbdOptions::default()).unwrap());
+    assert_eq!(client.size(), SIZE as u64);
+    assert!(
+        client.connections() > 1,
+        "{} connection(s)",
+        client.connections()
+    );
+    let want = {
+        let mut d = vec![0u8; 64 << 10];
+        for (i, b) in d.iter_mut().enumerate() {
+            *b = (i % 251) as u8 + 1;
+        }
+        d
+    };
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            let (c, want) = (client.clone(), &want);
+            s.spawn(move || {
+                for _ in 0..20 {
+                    let mut b = vec![0u8; 64 << 10];
+                    c.read(0, &mut b).unwrap();
+                    assert!(b == *want);
+                    let mut z = vec![1u8; 4096];
+                    c.read(512 << 10, &mut z).unwrap();
+                    assert!(z.iter().all(|&x| x == 0xab));
+                }
+            });
+        }
+    });
+    // A block that fails on the server is that request's error; the session goes on.
+    assert!(client.read(256 << 10, &mut [0u8; 512]).is_err());
+    let mut b = vec![0u8; 512];
+    client.read(0, &mut b).unwrap();
+    assert!(b[..] == want[..512]);
+    drop(client);
+    let plain = NbdUri::tcp("127.0.0.1", port, "vda");
+    let e = NbdClient::connect(&plain, &NbdOptions::default())
+        .err()
+        .expect("a plain client is refused");
+    assert!(e.to_string().contains("requires TLS"), "{e}");
     handle.shutdown();
     thread.join().unwrap().unwrap();
 }
