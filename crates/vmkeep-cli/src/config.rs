@@ -275,7 +275,11 @@ impl Config {
         let Some(text) = self.nbd_ports.as_deref() else {
             return Ok(None);
         };
-        let bad = || Error::usage(format!("nbd_ports {text:?}: expected \"LOW-HIGH\" (ports 1-65535)"));
+        let bad = || {
+            Error::usage(format!(
+                "nbd_ports {text:?}: expected \"LOW-HIGH\" (ports 1-65535)"
+            ))
+        };
         let (low, high) = text.split_once('-').unwrap_or((text, text));
         let low: u16 = low.trim().parse().map_err(|_| bad())?;
         let high: u16 = high.trim().parse().map_err(|_| bad())?;

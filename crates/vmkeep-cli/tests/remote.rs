@@ -40,7 +40,11 @@ fn certtool(dir: &Path, args: &[&str]) {
 /// A CA in `dir` (`ca-cert.pem`, `ca-key.pem`) named `cn`.
 fn make_ca(dir: &Path, cn: &str) {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("ca.info"), format!("cn = {cn}\nca\ncert_signing_key\n")).unwrap();
+    std::fs::write(
+        dir.join("ca.info"),
+        format!("cn = {cn}\nca\ncert_signing_key\n"),
+    )
+    .unwrap();
     certtool(dir, &["--generate-privkey", "--outfile=ca-key.pem"]);
     certtool(
         dir,
@@ -62,7 +66,10 @@ fn make_cert(ca: &Path, out: &Path, name: &str, template: &str) {
     let cert = out.join(format!("{name}-cert.pem"));
     certtool(
         out,
-        &["--generate-privkey", &format!("--outfile={}", key.display())],
+        &[
+            "--generate-privkey",
+            &format!("--outfile={}", key.display()),
+        ],
     );
     certtool(
         out,
@@ -187,7 +194,11 @@ fn restart_libvirtd(args: &[&str]) {
         assert!(Instant::now() < deadline, "libvirtd did not stop");
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(Command::new("libvirtd").args(args).status().unwrap().success());
+    assert!(Command::new("libvirtd")
+        .args(args)
+        .status()
+        .unwrap()
+        .success());
     let deadline = Instant::now() + Duration::from_secs(30);
     while !lv::virsh_quiet(&["version"]) {
         assert!(Instant::now() < deadline, "libvirtd did not come back");
@@ -267,7 +278,10 @@ fn a_remote_host_is_backed_up_over_tls_without_seeing_its_files() {
     let out = blind(&env, &hidden, &["backup", &vm.name]);
     let err = succeeded(&out, "full: ");
     assert_eq!(newest(&env, &vm).0, "full", "{err}");
-    assert!(env.latest(&vm.name, "vda") == disk_now(&vm), "latest/vda.raw is the disk");
+    assert!(
+        env.latest(&vm.name, "vda") == disk_now(&vm),
+        "latest/vda.raw is the disk"
+    );
     vm.guest_write(0, 0x22, "8M", "64k");
     succeeded(&blind(&env, &hidden, &["backup", &vm.name]), "incr: ");
     assert_eq!(newest(&env, &vm), ("incr".to_string(), 65536));
@@ -280,7 +294,10 @@ fn a_remote_host_is_backed_up_over_tls_without_seeing_its_files() {
     let e = stderr(&out);
     assert!(e.to_lowercase().contains("tls"), "{e}");
     assert_eq!(e.lines().filter(|l| l.contains("error")).count(), 1, "{e}");
-    assert!(strange.generations(&vm.name).is_empty(), "nothing committed");
+    assert!(
+        strange.generations(&vm.name).is_empty(),
+        "nothing committed"
+    );
     assert!(
         !virsh(&["domjobinfo", &vm.name]).contains("Backup"),
         "no job left"
@@ -299,7 +316,11 @@ fn a_remote_host_is_backed_up_over_tls_without_seeing_its_files() {
     assert!(virsh(&["domstate", &vm.name]).contains("shut off"));
     assert!(env.latest(&vm.name, "vda") == expected);
     // `--offline-read files` cannot work on a remote host: one clear error.
-    let out = blind(&env, &hidden, &["backup", &vm.name, "--offline-read", "files"]);
+    let out = blind(
+        &env,
+        &hidden,
+        &["backup", &vm.name, "--offline-read", "files"],
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("remote"), "{}", stderr(&out));
     env.ok(&["check", &vm.name, "--deep"]);

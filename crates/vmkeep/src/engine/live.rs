@@ -376,7 +376,10 @@ impl OurJob {
                 None => true,
                 Some(p) => {
                     !job.disks.is_empty()
-                        && job.disks.iter().all(|d| d.export_name.starts_with(p.as_str()))
+                        && job
+                            .disks
+                            .iter()
+                            .all(|d| d.export_name.starts_with(p.as_str()))
                 }
             }
     }
@@ -436,7 +439,11 @@ fn backup_running(
     let prefix = format!("vmkeep-{repo_id}-");
     let (_cleanup, export, scratch_dir) = if hv.is_local() {
         let (cleanup, socket, scratch_dir) = run_dirs(dom, live, &prefix)?;
-        (cleanup, Export::choose(hv, live, socket)?, Some(scratch_dir))
+        (
+            cleanup,
+            Export::choose(hv, live, socket)?,
+            Some(scratch_dir),
+        )
     } else {
         (
             RemoveDirs(Vec::new()),
@@ -505,8 +512,9 @@ fn backup_running(
             checkpoint_description: Some(&description),
         };
         match start_job(dom, &mut plan, &mut basis, broken, &mut others, progress) {
-            Err(e) if matches!(server, NbdServer::Tcp { .. })
-                && crate::libvirt::port_taken(&e.to_string()) =>
+            Err(e)
+                if matches!(server, NbdServer::Tcp { .. })
+                    && crate::libvirt::port_taken(&e.to_string()) =>
             {
                 tracing::debug!("VM {}: {server} is taken; trying the next port", dom.name());
             }

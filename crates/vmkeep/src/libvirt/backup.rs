@@ -18,6 +18,7 @@ use super::{ffi, lv_error, Domain};
 use crate::error::{Error, Result};
 use crate::fsutil::Share;
 use crate::nbd::client::NbdUri;
+use crate::nbd::uri::NbdTls;
 
 /// How long to wait for libvirt to wind a backup job down after an abort.
 const JOB_END_TIMEOUT: Duration = Duration::from_secs(30);
@@ -56,7 +57,10 @@ impl Domain {
         // Folders and files are this host's only for a local job (a unix socket); a TCP
         // job's scratch folder is on the hypervisor, which libvirt looks after.
         let local = plan.server.socket().is_some();
-        let socket_dir = plan.server.socket().map(|s| s.parent().unwrap_or(Path::new("/")));
+        let socket_dir = plan
+            .server
+            .socket()
+            .map(|s| s.parent().unwrap_or(Path::new("/")));
         for dir in socket_dir
             .into_iter()
             .chain(plan.scratch_dir.filter(|_| local))
@@ -130,11 +134,7 @@ impl Domain {
             if e.is(ErrorNumber::CheckpointInconsistent) && plan.incremental_from.is_some() {
                 return Ok(BackupStart::CheckpointInconsistent(e.message));
             }
-            return Err(self.err(backup_begin_failure(
-                &e.message,
-                live.qemu_ids,
-                plan.server,
-            )));
+            return Err(self.err(backup_begin_failure(&e.message, live.qemu_ids, plan.server)));
         }
         let mut backup = PullBackup {
             dom: self.dom.clone(),
@@ -266,7 +266,11 @@ impl Domain {
 /// Whether `job` is the job with NBD server `server` and exactly the export names
 /// `exports`: for a unix socket its per-run folder makes it unique, for TCP the export
 /// names carry the run's token (a port is reused by the next job).
-pub(crate) fn same_job(job: &xml::BackupJobXml, server: &xml::NbdServer, exports: &[String]) -> bool {
+pub(crate) fn same_job(
+    job: &xml::BackupJobXml,
+    server: &xml::NbdServer,
+    exports: &[String],
+) -> bool {
     let mut theirs: Vec<&str> = job.disks.iter().map(|d| d.export_name.as_str()).collect();
     let mut ours: Vec<&str> = exports.iter().map(String::as_str).collect();
     theirs.sort_unstable();
@@ -414,27 +418,18 @@ impl PullBackup {
     /// (`tls_dir`: the client's credentials, `ca-cert.pem`, `client-cert.pem`,
     /// `client-key.pem`; the server's certificate must name NAME).
     pub fn nbd_uri(&self, disk: &BackupDisk, tls_dir: Option<&Path>) -> String {
-        match &self.server {
-            xml::NbdServer::Unix(socket) => {
-                NbdUri::unix(socket.clone(), &disk.export_name).to_string()
-            }
+        let uri = match &self.server {
+            xml::NbdServer::Unix(socket) => NbdUri::unix(socket.clone(), &disk.export_name),
             xml::NbdServer::Tcp { name, port, tls } => {
-                let host = if name.contains(':') {
-                    format!("[{name}]")
-                } else {
-                    name.clone()
-                };
-                let export = crate::nbd::uri::uri_escape(&disk.export_name, true);
+                let uri = NbdUri::tcp(name, *port, &disk.export_name);
                 match (tls, tls_dir) {
-                    (true, Some(dir)) => format!(
-                        "nbds://{host}:{port}/{export}?tls-certificates={}",
-                        crate::nbd::uri::uri_escape(&dir.to_string_lossy(), true)
-                    ),
-                    (true, None) => format!("nbds://{host}:{port}/{export}"),
-                    (false, _) => format!("nbd://{host}:{port}/{export}"),
+                    (true, Some(dir)) => uri.with_tls(NbdTls::with_certificates(dir)),
+                    (true, None) => uri.with_tls(NbdTls::default()),
+                    (false, _) => uri,
                 }
             }
-        }
+        };
+        uri.to_string()
     }
 
     fn err(&self, detail: impl fmt::Display) -> Error {

@@ -521,7 +521,13 @@ mod tests {
             uri_host("qemu+ssh://root@hv1.example:2222/system?keyfile=/k").as_deref(),
             Some("hv1.example")
         );
-        assert_eq!(uri_host("qemu+tls://10.0.0.5/system").as_deref(), Some("10.0.0.5"));
-        assert_eq!(uri_host("qemu+tcp://[fd00::5]:16509/system").as_deref(), Some("fd00::5"));
+        assert_eq!(
+            uri_host("qemu+tls://10.0.0.5/system").as_deref(),
+            Some("10.0.0.5")
+        );
+        assert_eq!(
+            uri_host("qemu+tcp://[fd00::5]:16509/system").as_deref(),
+            Some("fd00::5")
+        );
     }
 }

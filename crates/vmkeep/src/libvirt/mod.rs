@@ -71,12 +71,12 @@ pub mod xml;
 use std::fmt;
 
 use crate::error::Error;
+pub(crate) use backup::port_taken;
 pub use backup::{
     describe as describe_job, BackupDisk, BackupJobState, BackupPlan, BackupStart, PullBackup,
 };
-pub(crate) use backup::port_taken;
-pub use domain::uri_host;
 pub use checkpoint::CheckpointDelete;
+pub use domain::uri_host;
 pub use domain::{DiskInfo, Domain, DomainInfo, DomainState, Hypervisor, Started};
 pub use xml::{dirty_bitmap_context, CheckpointInfo, CopySpec, DiskDevice, DiskSource, NewDisk};
 

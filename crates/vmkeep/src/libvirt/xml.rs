@@ -962,10 +962,15 @@ mod tests {
         let job = parse_backup_job(&xml).unwrap();
         assert_eq!(job.server, Some(tcp));
         assert_eq!(job.disks[0].export_name, "vmkeep.r1.t1.vda");
-        let plain = "<domainbackup mode='pull'><server transport='tcp' name='h' port='1'/></domainbackup>";
+        let plain =
+            "<domainbackup mode='pull'><server transport='tcp' name='h' port='1'/></domainbackup>";
         assert_eq!(
             parse_backup_job(plain).unwrap().server,
-            Some(NbdServer::Tcp { name: "h".into(), port: 1, tls: false })
+            Some(NbdServer::Tcp {
+                name: "h".into(),
+                port: 1,
+                tls: false
+            })
         );
     }
 
