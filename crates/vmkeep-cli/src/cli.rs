@@ -199,8 +199,12 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "NEWNAME")]
     pub as_vm: Option<String>,
     /// Folder for the new VM's disks [default: /var/lib/libvirt/images]
-    #[arg(long, value_name = "DIR", requires = "as_vm")]
+    #[arg(long, value_name = "DIR", requires = "as_vm", conflicts_with = "pool")]
     pub disk_dir: Option<PathBuf>,
+    /// Upload the new VM's disks into this libvirt storage pool (through the connection:
+    /// the way onto a remote host, where it is the default, with pool "default")
+    #[arg(long, value_name = "POOL", requires = "as_vm")]
+    pub pool: Option<String>,
     /// Disk format for --as-vm
     #[arg(long, value_name = "FMT", requires = "as_vm", default_value = "qcow2")]
     pub format: FormatArg,

@@ -230,6 +230,15 @@ fn blind(env: &Env, hidden: &Path, args: &[&str]) -> Output {
     c.output().unwrap()
 }
 
+/// A transient storage pool, destroyed when dropped.
+struct PoolGuard(String);
+
+impl Drop for PoolGuard {
+    fn drop(&mut self) {
+        lv::virsh_quiet(&["pool-destroy", &self.0]);
+    }
+}
+
 /// The disk as the guest sees it now (QEMU's caches flushed to the file first).
 fn disk_now(vm: &TestVm) -> Vec<u8> {
     vm.flush(0);
@@ -286,6 +295,49 @@ fn a_remote_host_is_backed_up_over_tls_without_seeing_its_files() {
     succeeded(&blind(&env, &hidden, &["backup", &vm.name]), "incr: ");
     assert_eq!(newest(&env, &vm), ("incr".to_string(), 65536));
     assert!(env.latest(&vm.name, "vda") == disk_now(&vm));
+
+    // Restored as a new VM on the remote host: its disk uploaded into a storage pool
+    // through the libvirt connection; the new domain starts; its disk is the generation.
+    let pool_dir = tmp.path().join("pool");
+    std::fs::create_dir(&pool_dir).unwrap();
+    set_mode(&pool_dir, 0o755);
+    let pool = format!("vmkeep-test-pool-{}", std::process::id());
+    virsh(&[
+        "pool-create-as",
+        &pool,
+        "dir",
+        "--target",
+        pool_dir.to_str().unwrap(),
+    ]);
+    let _pool = PoolGuard(pool.clone());
+    let copy = format!("{}-copy", vm.name);
+    let _copy = lv::Undefine(copy.clone());
+    let out = blind(
+        &env,
+        &hidden,
+        &[
+            "restore", &vm.name, "--as-vm", &copy, "--pool", &pool, "--start",
+        ],
+    );
+    succeeded(&out, "restore --as-vm: ");
+    assert!(virsh(&["domstate", &copy]).contains("running"));
+    let volume = pool_dir.join(format!("{copy}-vda.qcow2"));
+    assert!(
+        virsh(&["dumpxml", &copy]).contains(volume.to_str().unwrap()),
+        "the copy's disk is the volume"
+    );
+    let uploaded = lv::read_all(volume.to_str().unwrap(), "qcow2", &vm.path("copy.raw"));
+    assert!(
+        uploaded == env.restored(&vm.name, "0", Some("vda")),
+        "the uploaded volume is the generation"
+    );
+    // The same name again is refused, nothing overwritten.
+    let out = blind(
+        &env,
+        &hidden,
+        &["restore", &vm.name, "--as-vm", &copy, "--pool", &pool],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 
     // A client certificate from another CA: refused in the TLS handshake.
     let strange = remote_env(&pki.stranger);

@@ -436,3 +436,77 @@ fn socket_folder_closed_to_qemu_is_reported_with_a_hint() {
         "no job left behind"
     );
 }
+
+/// A file uploaded into a storage volume arrives byte for byte: data, holes (sent as
+/// zeros) and the tail, for sizes around the stream's message size.
+#[test]
+fn a_file_uploaded_into_a_volume_arrives_byte_for_byte() {
+    let hv = hypervisor();
+    let dir = tempfile::Builder::new()
+        .prefix("vmkeep-pool-")
+        .tempdir()
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let pool = format!("vmkeep-test-upload-{}", std::process::id());
+    virsh(&[
+        "pool-create-as",
+        &pool,
+        "dir",
+        "--target",
+        dir.path().to_str().unwrap(),
+    ]);
+    struct Destroy(String);
+    impl Drop for Destroy {
+        fn drop(&mut self) {
+            support::libvirt::virsh_quiet(&["pool-destroy", &self.0]);
+        }
+    }
+    let _pool = Destroy(pool.clone());
+    let src = tempfile::tempdir().unwrap();
+    for (i, len) in [2490368usize, 262144, 1 << 20, 3 * (1 << 20) + 12345]
+        .into_iter()
+        .enumerate()
+    {
+        let path = src.path().join(format!("f{i}"));
+        let mut data: Vec<u8> = (0..len).map(|k| (k * 7 + i) as u8 | 1).collect();
+        // A real hole in the middle (punched: the file system reports it as a hole), and
+        // one at the end.
+        let hole = (len / 3) & !4095..((len / 3 + len / 4) & !4095);
+        data[hole.clone()].fill(0);
+        let tail = len - (len / 8 & !4095)..len;
+        data[tail.clone()].fill(0);
+        std::fs::write(&path, &data[..tail.start]).unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len as u64).unwrap();
+        // SAFETY: fallocate on an open file of this test.
+        let rc = unsafe {
+            libc::fallocate(
+                std::os::unix::io::AsRawFd::as_raw_fd(&f),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                hole.start as i64,
+                (hole.end - hole.start) as i64,
+            )
+        };
+        assert_eq!(rc, 0);
+        drop(f);
+        for format in ["raw", "qcow2"] {
+            let name = format!("v{i}.{format}");
+            let vol = hv
+                .create_volume(&pool, &name, format, len as u64, false)
+                .unwrap();
+            let sent = vol.upload_file(&hv, &path, len as u64);
+            if format == "raw" {
+                let sent = sent.unwrap();
+                assert!(
+                    sent < len as u64,
+                    "{name}: holes are not sent as data ({sent} of {len} bytes)"
+                );
+            }
+            let got = std::fs::read(dir.path().join(&name)).unwrap();
+            assert_eq!(got.len(), len, "size of {name}");
+            let first = got.iter().zip(&data).position(|(a, b)| a != b);
+            assert_eq!(first, None, "{name}: first differing byte");
+        }
+    }
+}

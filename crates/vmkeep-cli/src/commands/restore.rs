@@ -78,6 +78,10 @@ fn as_vm(ctx: &Ctx, repo: &vmkeep::archive::Repository, a: &RestoreArgs) -> Resu
     if let Some(run) = &ctx.config.run_dir {
         opts.run_dir = run.clone();
     }
+    if let Some(scratch) = &ctx.config.scratch_dir {
+        opts.staging_dir = scratch.clone();
+    }
+    opts.pool = a.pool.clone();
     opts.format = a.format.into();
     opts.start = a.start;
     opts.replace = a.replace;

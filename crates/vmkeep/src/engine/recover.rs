@@ -60,7 +60,19 @@ pub struct AsVmOptions {
     /// The `vmkeep` executable that instant recovery starts as `serve`; `None`: this
     /// process's own ([`std::env::current_exe`]).
     pub serve_exe: Option<PathBuf>,
+    /// Put the disks into this libvirt storage pool, uploaded through the connection,
+    /// instead of files under `disk_dir`. A remote connection always uses a pool
+    /// ([`DEFAULT_POOL`] unless given).
+    pub pool: Option<String>,
+    /// Where a disk is staged here before its upload into a pool (a fresh private folder
+    /// in it, removed afterwards).
+    pub staging_dir: PathBuf,
 }
+
+/// The storage pool of a restore onto a remote host when none is given.
+pub const DEFAULT_POOL: &str = "default";
+/// Where disks are staged before an upload unless told otherwise.
+pub const DEFAULT_STAGING_DIR: &str = "/var/tmp/vmkeep";
 
 impl AsVmOptions {
     /// Options with the defaults: qcow2 disks under [`DEFAULT_DISK_DIR`], not started,
@@ -81,6 +93,8 @@ impl AsVmOptions {
             ignore_damage: false,
             run_dir: PathBuf::from(DEFAULT_RUN_DIR),
             serve_exe: None,
+            pool: None,
+            staging_dir: PathBuf::from(DEFAULT_STAGING_DIR),
         }
     }
 }
@@ -88,7 +102,7 @@ impl AsVmOptions {
 /// What [`restore_as_vm`] has done so far, as it happens (for a front end to print).
 #[derive(Debug)]
 pub enum AsVmEvent<'a> {
-    /// A disk was written to `path`.
+    /// A disk was written to `path` (for a pool: the volume's path on its host).
     DiskRestored {
         /// The generation (its id).
         generation: &'a str,
@@ -178,8 +192,21 @@ pub fn restore_as_vm(
             opts.vm
         ))
     })?;
+    let hv = Hypervisor::connect(Some(&opts.connect))?;
+    // A remote host's files are not here: its disks go into a storage pool.
+    let pool = opts
+        .pool
+        .clone()
+        .or_else(|| (!hv.is_local()).then(|| DEFAULT_POOL.to_string()));
+    if pool.is_some() && opts.instant {
+        return Err(Error::usage(
+            "--instant into a storage pool or on a remote host is not supported yet (restore the disks, or run it on the host)",
+        ));
+    }
     let dir = &opts.disk_dir;
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    if pool.is_none() {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
     let mut disks = BTreeMap::new();
     // Instant recovery boots from qcow2 overlays whatever --format says.
     let format = if opts.instant {
@@ -189,22 +216,26 @@ pub fn restore_as_vm(
     }
     .as_str();
     for d in &gen.profile.disks {
+        let file = format!("{new_name}-{}.{format}", d.name);
         disks.insert(
             d.name.clone(),
             NewDisk {
-                path: dir.join(format!("{new_name}-{}.{format}", d.name)),
+                // In a pool: a stand-in until the volume exists (its path is the host's).
+                path: match &pool {
+                    Some(p) => Path::new("/").join(p).join(&file),
+                    None => dir.join(&file),
+                },
                 format: format.to_string(),
                 block: false,
             },
         );
     }
-    let spec = CopySpec {
+    let mut spec = CopySpec {
         new_name: new_name.to_string(),
         disks,
         networks: opts.networks.clone(),
         replace: opts.replace,
     };
-    let hv = Hypervisor::connect(Some(&opts.connect))?;
     // Refuse before writing gigabytes: the name, the networks, the disk mapping.
     if let Ok(existing) = hv.domain(new_name) {
         if !opts.replace {
@@ -240,6 +271,12 @@ pub fn restore_as_vm(
             server: Some(server),
         });
     }
+    if let Some(pool) = &pool {
+        let damaged = to_pool(
+            &hv, pool, &views, &mut spec, opts, format, &id, progress, on_event,
+        )?;
+        return define_and_start(&hv, &saved, &spec, opts, id, names, damaged, on_event);
+    }
     for name in &names {
         let path = &spec.disks[name].path;
         if path.exists() && !opts.replace {
@@ -270,7 +307,22 @@ pub fn restore_as_vm(
         });
         damaged |= !report.damaged.is_empty();
     }
-    let dom = hv.define_copy(&saved, &spec)?;
+    define_and_start(&hv, &saved, &spec, opts, id, names, damaged, on_event)
+}
+
+/// Define the copy, start it when asked; the report.
+#[allow(clippy::too_many_arguments)]
+fn define_and_start(
+    hv: &Hypervisor,
+    saved: &str,
+    spec: &CopySpec,
+    opts: &AsVmOptions,
+    id: GenerationId,
+    names: Vec<String>,
+    damaged: bool,
+    on_event: &mut dyn FnMut(AsVmEvent<'_>),
+) -> Result<AsVmReport> {
+    let dom = hv.define_copy(saved, spec)?;
     on_event(AsVmEvent::Defined {
         generation: &id,
         uuid: &dom.uuid()?,
@@ -285,6 +337,84 @@ pub fn restore_as_vm(
         damaged,
         server: None,
     })
+}
+
+/// Every disk restored (proven, as `restore --to`) into a staged image here, then uploaded
+/// into a new volume of `pool` through the libvirt connection; `spec`'s disks then name
+/// the volumes. Volumes of a failed run are deleted. Returns whether a disk was damaged.
+#[allow(clippy::too_many_arguments)]
+fn to_pool(
+    hv: &Hypervisor,
+    pool: &str,
+    views: &[(crate::archive::view::DiskView, Option<Error>)],
+    spec: &mut CopySpec,
+    opts: &AsVmOptions,
+    format: &str,
+    id: &GenerationId,
+    progress: &dyn Progress,
+    on_event: &mut dyn FnMut(AsVmEvent<'_>),
+) -> Result<bool> {
+    let volume_name = |disk: &str| format!("{}-{disk}.{format}", opts.new_name);
+    for (view, _) in views {
+        if hv.volume_exists(pool, &volume_name(&view.disk))? && !opts.replace {
+            return Err(Error::usage(format!(
+                "volume {} exists in pool {pool} on {} (remove it, or use --replace)",
+                volume_name(&view.disk),
+                hv.uri()
+            )));
+        }
+    }
+    let staging = crate::fsutil::private_dir(&opts.staging_dir, "vmkeep-upload-", Share::Nobody)?;
+    let _cleanup = RemoveDir(staging.path.clone());
+    let mut made: Vec<crate::libvirt::Volume> = Vec::new();
+    let mut damaged = false;
+    let result = (|| -> Result<()> {
+        for (view, problem) in views {
+            let name = volume_name(&view.disk);
+            let staged = staging.path.join(&name);
+            damaged |= problem.is_some();
+            let report = restore_to(
+                view,
+                &Destination::from(staged.as_path()),
+                opts.ignore_damage,
+                problem.as_ref(),
+                progress,
+            )?;
+            damaged |= !report.damaged.is_empty();
+            let vol = hv.create_volume(pool, &name, format, view.size, opts.replace)?;
+            let uploaded = vol.upload_file(hv, &staged, view.size);
+            let _ = std::fs::remove_file(&staged);
+            made.push(vol);
+            uploaded?;
+            let vol = made.last().expect("just pushed");
+            if let Some(d) = spec.disks.get_mut(&view.disk) {
+                d.path = vol.path().to_path_buf();
+            }
+            on_event(AsVmEvent::DiskRestored {
+                generation: id,
+                disk: &view.disk,
+                path: vol.path(),
+                report: &report,
+            });
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        for vol in made {
+            vol.delete();
+        }
+        return Err(e);
+    }
+    Ok(damaged)
+}
+
+/// Removes a folder tree when dropped.
+struct RemoveDir(PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Instant recovery: `vmkeep serve` in the background exports the generation; each new

@@ -120,7 +120,7 @@ pub struct DomainInfo {
 
 /// A connection to libvirt.
 pub struct Hypervisor {
-    conn: Connect,
+    pub(super) conn: Connect,
     uri: String,
 }
 

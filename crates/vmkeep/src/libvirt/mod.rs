@@ -66,6 +66,7 @@ mod backup;
 mod checkpoint;
 mod domain;
 mod ffi;
+mod volume;
 pub mod xml;
 
 use std::fmt;
@@ -78,6 +79,7 @@ pub use backup::{
 pub use checkpoint::CheckpointDelete;
 pub use domain::uri_host;
 pub use domain::{DiskInfo, Domain, DomainInfo, DomainState, Hypervisor, Started};
+pub use volume::Volume;
 pub use xml::{dirty_bitmap_context, CheckpointInfo, CopySpec, DiskDevice, DiskSource, NewDisk};
 
 /// The connection used when none is given.
