@@ -61,37 +61,68 @@ fn zeroed_since(
     let shared = old.size.min(size);
     let data =
         fsutil::data_extents(&old.image, 0, shared).map_err(|e| Error::io(&old.image_path, e))?;
-    let mut out = Vec::new();
-    for (start, len) in data {
-        let end = (start + len).min(shared);
-        let mut at = start;
-        while at < end {
-            let before = at;
-            for e in source.extents(at, end - at)? {
-                if e.offset > at {
-                    return Err(Error::source(
-                        source.describe(),
-                        format!("allocation map has a gap at byte {at}"),
-                    ));
-                }
-                let (s, e_end) = (e.offset.max(at), (e.offset + e.length).min(end));
-                if e_end <= s {
-                    continue;
-                }
-                if e.kind == ExtentKind::Zero {
-                    out.push((s / bs, e_end.div_ceil(bs)));
-                }
-                at = at.max(e_end);
-            }
-            if at == before {
+    let (Some(first), Some(last)) = (data.first(), data.last()) else {
+        return Ok(Vec::new());
+    };
+    // One walk over the source's allocation map from the first to the last data range, in
+    // queries as long as the source takes (a few for a whole disk), intersected here with
+    // the data ranges: not a query per data range, each a round trip (1054 of them for the
+    // 4 GiB benchmark disk, 17 s over TLS to QEMU 7.2's NBD server).
+    let (lo, hi) = (first.0, (last.0 + last.1).min(shared));
+    let mut zeros = Vec::new();
+    let mut at = lo;
+    while at < hi {
+        let before = at;
+        for e in source.extents(at, hi - at)? {
+            if e.offset > at {
                 return Err(Error::source(
                     source.describe(),
-                    format!("allocation map is empty at byte {at}"),
+                    format!("allocation map has a gap at byte {at}"),
                 ));
             }
+            let (s, e_end) = (e.offset.max(at), (e.offset + e.length).min(hi));
+            if e_end <= s {
+                continue;
+            }
+            if e.kind == ExtentKind::Zero {
+                zeros.push((s, e_end));
+            }
+            at = at.max(e_end);
+        }
+        if at == before {
+            return Err(Error::source(
+                source.describe(),
+                format!("allocation map is empty at byte {at}"),
+            ));
         }
     }
-    Ok(out)
+    Ok(intersect_blocks(&zeros, &data, shared, bs))
+}
+
+/// The blocks (first, end) of `bs` bytes touched by both the byte ranges `zeros`
+/// (start, end) and the ranges `data` (start, length, cut at `limit`); both sorted.
+fn intersect_blocks(
+    zeros: &[(u64, u64)],
+    data: &[(u64, u64)],
+    limit: u64,
+    bs: u64,
+) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < zeros.len() && j < data.len() {
+        let (zs, ze) = zeros[i];
+        let (ds, de) = (data[j].0, (data[j].0 + data[j].1).min(limit));
+        let (s, e) = (zs.max(ds), ze.min(de));
+        if s < e {
+            out.push((s / bs, e.div_ceil(bs)));
+        }
+        if ze <= de {
+            i += 1;
+        } else {
+            j += 1;
+        }
+    }
+    out
 }
 
 /// A run of blocks for one worker.
@@ -341,5 +372,32 @@ impl<'a> Planner<'a> {
         self.map_start = pos;
         self.map_end = want;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::intersect_blocks;
+
+    #[test]
+    fn zero_ranges_meet_data_ranges_block_by_block() {
+        const B: u64 = 64 << 10;
+        // Data at [0, 2B) and [4B, 6B) (start, length); zeros at [B, 5B) (start, end).
+        let data = [(0, 2 * B), (4 * B, 2 * B)];
+        assert_eq!(
+            intersect_blocks(&[(B, 5 * B)], &data, 10 * B, B),
+            vec![(1, 2), (4, 5)]
+        );
+        // Unaligned ends touch their blocks; the limit cuts the data.
+        assert_eq!(
+            intersect_blocks(&[(B + 1, 9 * B)], &data, 5 * B + 7, B),
+            vec![(1, 2), (4, 6)]
+        );
+        // Zeros outside every data range touch nothing.
+        assert_eq!(
+            intersect_blocks(&[(2 * B, 4 * B)], &data, 10 * B, B),
+            vec![]
+        );
+        assert_eq!(intersect_blocks(&[], &data, 10 * B, B), vec![]);
     }
 }
