@@ -71,8 +71,8 @@ measure() {
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$key" "$(echo "$t1 - $t0" | bc)" "$rss" "$user" "$sys" \
         "$((b0 | b1))" >>"$tsv"
 }
-# alternate I A B: A then B for odd I, B then A for even I.
-alternate() { if [ $(($1 % 2)) = 1 ]; then "$2"; "$3"; else "$3"; "$2"; fi; }
+# both I FN: FN unix, then FN tls for odd I; the other way round for even I.
+both() { if [ $(($1 % 2)) = 1 ]; then "$2" unix; "$2" tls; else "$2" tls; "$2" unix; fi; }
 col() { awk -F'\t' -v k="$1" -v c="$2" '$1 == k { print $c }' "$tsv"; }
 median() {
     sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
@@ -111,6 +111,7 @@ sock=$w/q.sock
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 uuri="nbd+unix:///?socket=$sock"
 turi="nbds://127.0.0.1:$port/?tls-certificates=$pki/client"
+declare -A uri=([unix]=$uuri [tls]=$turi)   # and the repositories: $w/R_unix, $w/R_tls
 # Both exports of the qcow2, read-only, persistent; restarted around each round's writes
 # (qemu-io needs the image's write lock), with the same socket and port, so the URIs (the
 # sources' recorded identities) stay the same.
@@ -131,27 +132,18 @@ size=$(nbdinfo --size "$turi")
 
 # ---------------------------------------------------------------- full backups
 echo "$reps full backups of each export into fresh repositories; nbdcopy of each + sync"
-full_u() { rm -rf "$w/RU"; "$vk" --repo "$w/RU" -q init
-           measure full_unix "$vk" --repo "$w/RU" -q backup vm --disk vda="$uuri" --mode full; }
-full_t() { rm -rf "$w/RT"; "$vk" --repo "$w/RT" -q init
-           measure full_tls "$vk" --repo "$w/RT" -q backup vm --disk vda="$turi" --mode full; }
-copy_u() { rm -f "$w/copy.raw"
-           measure nbdcopy_unix sh -c "nbdcopy '$uuri' '$w/copy.raw' && sync '$w/copy.raw'"; }
-copy_t() { rm -f "$w/copy.raw"
-           measure nbdcopy_tls sh -c "nbdcopy '$turi' '$w/copy.raw' && sync '$w/copy.raw'"; }
-for i in $(seq 1 "$reps"); do
-    alternate "$i" full_u full_t
-    alternate "$i" copy_u copy_t
-done
+full() { rm -rf "$w/R_$1"; "$vk" --repo "$w/R_$1" -q init
+         measure "full_$1" "$vk" --repo "$w/R_$1" -q backup vm --disk vda="${uri[$1]}" --mode full; }
+copy() { rm -f "$w/copy.raw"
+         measure "nbdcopy_$1" sh -c "nbdcopy '${uri[$1]}' '$w/copy.raw' && sync '$w/copy.raw'"; }
+for i in $(seq 1 "$reps"); do both "$i" full; both "$i" copy; done
 rm -f "$w/copy.raw"
 
 # ---------------------------------------------------------------- incrementals
 echo "$rounds rounds of 1 % scattered 4-256 KiB writes, each an incr (changed-block list) of both"
 : >"$w/changed_bytes"
-incr_u() { measure incr_unix "$vk" --repo "$w/RU" -q backup vm --disk vda="$uuri" \
-               --changed-blocks vda="$w/changed.$r" --mode incr; }
-incr_t() { measure incr_tls "$vk" --repo "$w/RT" -q backup vm --disk vda="$turi" \
-               --changed-blocks vda="$w/changed.$r" --mode incr; }
+incr() { measure "incr_$1" "$vk" --repo "$w/R_$1" -q backup vm --disk vda="${uri[$1]}" \
+             --changed-blocks vda="$w/changed.$r" --mode incr; }
 for r in $(seq 1 "$rounds"); do
     stop_servers
     python3 bench/gen.py scatter "$w/disk.raw" 1 $((100 + r)) 4 256 "$w/changed.$r" "$w/dump.$r" >>"$w/changed_bytes"
@@ -159,15 +151,15 @@ for r in $(seq 1 "$rounds"); do
     qemu-io -f qcow2 "${qio[@]}" "$w/disk.qcow2" >>"$log" 2>&1 || { echo "qemu-io failed" >&2; exit 1; }
     rm -rf "$w/dump.$r"
     start_servers
-    alternate "$r" incr_u incr_t
+    both "$r" incr
 done
 stop_servers
 changed=$(awk '{ s += $1 } END { printf "%.0f\n", s / NR }' "$w/changed_bytes")
 
 echo "restoring both repositories' newest generation and comparing with the disk"
-for R in RU RT; do
-    "$vk" --repo "$w/$R" -q restore vm -g 0 --to "$w/restored.raw"
-    cmp "$w/restored.raw" "$w/disk.raw" || { echo "$R: the restored newest generation differs from the disk" >&2; exit 1; }
+for k in unix tls; do
+    "$vk" --repo "$w/R_$k" -q restore vm -g 0 --to "$w/restored.raw"
+    cmp "$w/restored.raw" "$w/disk.raw" || { echo "$k: the restored newest generation differs from the disk" >&2; exit 1; }
     rm -f "$w/restored.raw"
 done
 
