@@ -156,6 +156,10 @@ pub struct BackupArgs {
     /// Skip VMs whose newest generation is younger than their interval
     #[arg(long)]
     pub if_due: bool,
+    /// Back up this many VMs at once, each under its own lock [default: from the config
+    /// file, else 1]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub jobs: Option<u32>,
 }
 
 #[derive(Debug, Args)]
