@@ -304,11 +304,17 @@ fn all_vms(ctx: &Ctx, a: &BackupArgs) -> Result<Vec<Planned>> {
                     };
                     ctx.progress.warn(&format!("libvirt: {e}; {rest}"));
                 }
-                for (name, _) in ctx.config.vm.iter().filter(|(_, v)| v.disks.is_empty()) {
-                    if a.connect.is_none()
-                        && ctx.config.connect_of(name) == Some(uri.as_str())
-                        && !vms.iter().any(|v| &v.name == name)
-                    {
+                // The VMs the config file names without disks: libvirt domains.
+                let named = ctx
+                    .config
+                    .vm
+                    .iter()
+                    .filter(|(_, v)| v.disks.is_empty())
+                    .map(|(n, _)| n)
+                    .chain(ctx.config.groups.values().flat_map(|g| g.members()));
+                for name in named {
+                    let here = a.connect.is_some() || ctx.config.connect_of(name) == Some(uri);
+                    if here && !vms.iter().any(|v| &v.name == name) {
                         vms.push(Planned {
                             name: name.clone(),
                             uri: None,
