@@ -198,4 +198,44 @@ mod tests {
         );
         assert_eq!(public_uri("qemu+ssh://u@h"), "qemu+ssh://h");
     }
+
+    /// Profiles written before the host fields (no `uri`/`hostname` per VM, no `[host]`)
+    /// still parse; the fields come back as written.
+    #[test]
+    fn profiles_without_host_fields_stay_readable() {
+        let old_inventory = "format = 1\nupdated = \"2026-01-01T00:00:00Z\"\nuri = \"qemu:///system\"\n\n[[vm]]\nname = \"a\"\nuuid = \"u\"\nstate = \"running\"\n";
+        let text = profile::render(
+            "vmkeep inventory",
+            &toml::from_str::<toml::Value>(old_inventory).unwrap(),
+        )
+        .unwrap();
+        let inv: Inventory = profile::parse(std::path::Path::new("allvm.toml"), &text).unwrap();
+        assert_eq!(inv.vms[0].uri, None);
+        assert_eq!(inv.host_of("a"), None);
+        let old_vm =
+            "format = 1\nname = \"a\"\nblock_size = 65536\ncreated = \"2026-01-01T00:00:00Z\"\n";
+        let text = profile::render(
+            "vmkeep VM profile",
+            &toml::from_str::<toml::Value>(old_vm).unwrap(),
+        )
+        .unwrap();
+        let mut vp: profile::VmProfile =
+            profile::parse(std::path::Path::new("vm.toml"), &text).unwrap();
+        assert_eq!(vp.host, None);
+        vp.host = Some(HostRecord {
+            uri: "qemu+ssh://h1/system".into(),
+            hostname: "h1.example".into(),
+            time: "2026-01-02T00:00:00Z".into(),
+        });
+        let text = profile::render("vmkeep VM profile", &vp).unwrap();
+        assert!(
+            text.contains(
+                "[host]\nuri = \"qemu+ssh://h1/system\"\nhostname = \"h1.example\"\ntime = "
+            ),
+            "{text}"
+        );
+        let back: profile::VmProfile =
+            profile::parse(std::path::Path::new("vm.toml"), &text).unwrap();
+        assert_eq!(back, vp);
+    }
 }
