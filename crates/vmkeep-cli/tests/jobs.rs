@@ -32,6 +32,18 @@ fn noisy_vms(env: &Env, names: &[&str], size: u64) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
+/// [`noisy_vms`] and their `[vm.NAME]` tables.
+fn noisy_config(env: &Env, names: &[&str], size: u64) -> (Vec<std::path::PathBuf>, String) {
+    let disks = noisy_vms(env, names, size);
+    let vms: Vec<(&str, &std::path::Path)> = names
+        .iter()
+        .zip(&disks)
+        .map(|(n, d)| (*n, d.as_path()))
+        .collect();
+    let text = image_vms(&vms);
+    (disks, text)
+}
+
 fn json_of(out: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -130,15 +142,9 @@ fn jobs_3_backs_up_every_vm_and_a_broken_source_fails_alone() {
 fn group_and_if_due_and_prune_after_backup_hold_per_vm_under_jobs() {
     let env = Env::new();
     let names = ["p", "q", "r", "s"];
-    let disks = noisy_vms(&env, &names, 1 << 20);
-    let vms: Vec<(&str, &std::path::Path)> = names
-        .iter()
-        .zip(&disks)
-        .map(|(n, d)| (*n, d.as_path()))
-        .collect();
+    let (disks, vms) = noisy_config(&env, &names, 1 << 20);
     let base = format!(
-        "prune = \"after-backup\"\n[retention]\nkeep_last = 1\n[groups]\ng = [\"s\", \"q\", \"p\"]\n{}",
-        image_vms(&vms)
+        "prune = \"after-backup\"\n[retention]\nkeep_last = 1\n[groups]\ng = [\"s\", \"q\", \"p\"]\n{vms}"
     );
     with_config(&env, &base);
     // --group keeps the group's order; r is not in it.
@@ -186,13 +192,8 @@ fn a_signal_stops_every_job_and_the_next_run_recovers() {
     for (sig, name) in [(libc::SIGINT, "SIGINT"), (libc::SIGTERM, "SIGTERM")] {
         let env = Env::new();
         let names = ["w", "x", "y", "z"];
-        let disks = noisy_vms(&env, &names, 48 << 20);
-        let vms: Vec<(&str, &std::path::Path)> = names
-            .iter()
-            .zip(&disks)
-            .map(|(n, d)| (*n, d.as_path()))
-            .collect();
-        with_config(&env, &image_vms(&vms));
+        let (disks, vms) = noisy_config(&env, &names, 48 << 20);
+        with_config(&env, &vms);
         // A first generation of each, so that the interrupted run has undo journals.
         env.ok(&["backup", "--all", "--jobs", "3"]);
         let before: Vec<Vec<u8>> = disks.iter().map(|d| std::fs::read(d).unwrap()).collect();
@@ -328,14 +329,12 @@ fn a_host_that_does_not_answer_fails_only_its_vms() {
     let e = env.fails(&["backup", "ghost"], 1);
     assert!(e.contains("127.0.0.1:1"), "{e}");
     // --connect overrides the VM's connect.
-    let e = env.fails(
-        &[
-            "backup",
-            "ghost",
-            "--connect",
-            "qemu+tcp://127.0.0.1:2/system",
-        ],
-        1,
-    );
+    let other = [
+        "backup",
+        "ghost",
+        "--connect",
+        "qemu+tcp://127.0.0.1:2/system",
+    ];
+    let e = env.fails(&other, 1);
     assert!(e.contains("127.0.0.1:2"), "{e}");
 }

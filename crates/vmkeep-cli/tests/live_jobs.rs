@@ -172,3 +172,50 @@ fn status_shows_the_host_of_the_newest_update_or_backup() {
     let out = env.ok(&["update"]);
     assert!(out.contains(&vm.name), "{out}");
 }
+
+/// `update` over two hosts, one of which does not answer: one warning line, exit 1, the
+/// answering host's VMs recorded, the silent host's VMs kept from the last inventory.
+#[test]
+fn update_keeps_the_vms_of_a_host_that_does_not_answer() {
+    let env = Env::live();
+    let dead = "qemu+tcp://127.0.0.1:1/system";
+    // The inventory of an earlier update, when the far host answered (a user in its URI
+    // is dropped when recorded, so it is absent here too).
+    let body = format!(
+        "# vmkeep inventory (written by vmkeep; edits break the checksum)\nformat = 1\nupdated = \"2026-01-01T00:00:00Z\"\nuri = \"{dead}\"\n\n[[vm]]\nname = \"far1\"\nuuid = \"00000000-0000-0000-0000-000000000001\"\nstate = \"running\"\nuri = \"{dead}\"\nhostname = \"far.example\"\n"
+    );
+    let sum = blake3::hash(body.as_bytes()).to_hex();
+    std::fs::write(
+        env.repo().join("allvm.toml"),
+        format!("{body}checksum = \"blake3:{sum}\"\n"),
+    )
+    .unwrap();
+    add_config(
+        &env,
+        &format!("connect = \"qemu:///system\"\n[vm.far1]\nconnect = \"qemu+tcp://admin@127.0.0.1:1/system\"\n"),
+    );
+    let out = env.run(&["--json", "update"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    let warnings: Vec<&str> = err.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(warnings[0].contains("127.0.0.1:1"), "{err}");
+    let js: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(js["uri"], "qemu:///system", "{js}");
+    let vms = js["vm"].as_array().unwrap();
+    let far: Vec<&serde_json::Value> = vms.iter().filter(|v| v["name"] == "far1").collect();
+    assert_eq!(far.len(), 1, "{js}");
+    assert_eq!(far[0]["hostname"], "far.example");
+    let host = this_host();
+    assert!(
+        vms.iter()
+            .filter(|v| v["name"] != "far1")
+            .all(|v| v["uri"] == "qemu:///system" && v["hostname"] == host.as_str()),
+        "{js}"
+    );
+    assert!(
+        !err.contains("admin@"),
+        "no user in what vmkeep prints: {err}"
+    );
+    env.ok(&["print", env.repo().join("allvm.toml").to_str().unwrap()]);
+}

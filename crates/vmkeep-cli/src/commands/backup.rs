@@ -98,10 +98,11 @@ pub fn run(ctx: &Ctx, a: BackupArgs) -> Result<i32> {
         }
     } else {
         let outcomes = run_parallel(ctx, &repo, &vms, &a, jobs);
-        vmkeep::interrupt::check()?;
         for (vm, o) in vms.iter().zip(outcomes) {
             report.add(ctx, &vm.name, o);
         }
+        // As without --jobs: what finished is reported, then the signal ends the run.
+        vmkeep::interrupt::check()?;
     }
     if ctx.json {
         crate::output::json(&serde_json::json!({ "vms": report.out }));

@@ -12,6 +12,7 @@ pub fn run(ctx: &Ctx, a: UpdateArgs) -> Result<i32> {
     let uris = ctx.libvirt_uris(a.connect.as_deref(), true)?;
     // A host that does not answer is a warning; the others are still recorded.
     let mut hosts = Vec::new();
+    let mut unreachable = Vec::new();
     let mut first_error = None;
     for uri in &uris {
         match Hypervisor::connect(Some(uri)) {
@@ -19,8 +20,9 @@ pub fn run(ctx: &Ctx, a: UpdateArgs) -> Result<i32> {
             Err(e) if uris.len() > 1 => {
                 vmkeep::progress::Progress::warn(
                     &ctx.progress,
-                    &format!("{e}; its VMs are not recorded"),
+                    &format!("{e}; its VMs stay as the last update recorded them"),
                 );
+                unreachable.push(uri.clone());
                 first_error.get_or_insert(e);
             }
             Err(e) => return Err(e.into()),
@@ -32,7 +34,7 @@ pub fn run(ctx: &Ctx, a: UpdateArgs) -> Result<i32> {
         }
     }
     let refs: Vec<&Hypervisor> = hosts.iter().collect();
-    let inv = vmkeep::engine::inventory::update_hosts(&repo, &refs)?;
+    let inv = vmkeep::engine::inventory::update_hosts(&repo, &refs, &unreachable)?;
     if ctx.json {
         crate::output::json(&inv);
     } else {

@@ -76,12 +76,18 @@ impl Versioned for Inventory {
 
 /// Read the inventory from libvirt and store it in the repository.
 pub fn update(repo: &Repository, hv: &Hypervisor) -> Result<Inventory> {
-    update_hosts(repo, &[hv])
+    update_hosts(repo, &[hv], &[])
 }
 
 /// Read the inventory of every host in `hosts` (in order) and store it in the repository,
 /// replacing the previous one; every VM records the URI and hostname it was listed by.
-pub fn update_hosts(repo: &Repository, hosts: &[&Hypervisor]) -> Result<Inventory> {
+/// The previous inventory's VMs on the hosts `unreachable` names (URIs that did not
+/// answer this time) are kept as they were.
+pub fn update_hosts(
+    repo: &Repository,
+    hosts: &[&Hypervisor],
+    unreachable: &[String],
+) -> Result<Inventory> {
     let mut vms = Vec::new();
     for hv in hosts {
         let uri = public_uri(hv.uri());
@@ -111,6 +117,16 @@ pub fn update_hosts(repo: &Repository, hosts: &[&Hypervisor]) -> Result<Inventor
                     })
                     .collect(),
             });
+        }
+    }
+    if !unreachable.is_empty() {
+        let gone: Vec<String> = unreachable.iter().map(|u| public_uri(u)).collect();
+        if let Some(old) = load(repo)? {
+            vms.extend(
+                old.vms
+                    .into_iter()
+                    .filter(|v| v.uri.as_ref().is_some_and(|u| gone.contains(u))),
+            );
         }
     }
     let inv = Inventory {
