@@ -13,14 +13,9 @@
 # printed at the end and kept in bench/out/jobs/results.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-root=$PWD
-size=${1:-512}
-vms=${VMS:-6}
-reps=${REPS:-3}
-out=$root/bench/out/jobs
-w=$out/work
-tsv=$out/samples.tsv
-log=$out/run.log
+root=$PWD out=$PWD/bench/out/jobs
+size=${1:-512} vms=${VMS:-6} reps=${REPS:-3}
+w=$out/work tsv=$out/samples.tsv log=$out/run.log
 [ -x /usr/bin/time ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -q time >/dev/null
 
 echo "building vmkeep (release)"
@@ -29,13 +24,7 @@ vk=$root/target/release/vmkeep
 
 rm -rf "$out"; mkdir -p "$w"
 : >"$tsv"; : >"$log"
-if [ -w /proc/sys/vm/drop_caches ] && sync && echo 3 >/proc/sys/vm/drop_caches 2>/dev/null; then
-    cache="cold: page cache dropped before every timed command"
-    drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-else
-    cache="HOT: page caches could not be dropped (not root?)"
-    drop() { sync; }
-fi
+. "$root/bench/cache.sh"
 
 echo "making $vms disks of $size MiB"
 for n in $(seq 1 "$vms"); do
