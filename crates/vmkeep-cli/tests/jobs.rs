@@ -111,9 +111,29 @@ fn jobs_3_backs_up_every_vm_and_a_broken_source_fails_alone() {
         write_at(d, (i as u64) << 16, &noise(100 + i as u64, 1 << 16));
     }
     let vm_flags: Vec<&str> = names.to_vec();
-    let mut args = vec!["backup", "--jobs", "3"];
+    // --mode incr on raw files: every VM warns that it reads all (diff), on a line of its
+    // own that names it.
+    let mut args = vec!["backup", "--jobs", "3", "--mode", "incr"];
     args.extend(&vm_flags);
-    let text = env.ok(&args);
+    let out = env.run(&args);
+    let err = succeeded(&out, "second run: ");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut warned: Vec<&str> = err
+        .lines()
+        .map(|l| {
+            let rest = l
+                .strip_prefix("vmkeep: warning: ")
+                .unwrap_or_else(|| panic!("{err}"));
+            let (vm, what) = rest.split_once(": ").unwrap();
+            assert!(
+                what.starts_with("disk vda: incr not possible") && what.ends_with("(diff)"),
+                "a whole line: {err}"
+            );
+            vm
+        })
+        .collect();
+    warned.sort();
+    assert_eq!(warned, names, "{err}");
     let order: Vec<&str> = text
         .lines()
         .filter_map(|l| {
