@@ -348,6 +348,11 @@ fn a_host_that_does_not_answer_fails_only_its_vms() {
     // A single VM on the dead host: its own error, exit 1.
     let e = env.fails(&["backup", "ghost"], 1);
     assert!(e.contains("127.0.0.1:1"), "{e}");
+    // `checkpoints` asks the VM's host too; a group member its group's.
+    let e = env.fails(&["checkpoints", "ghost"], 1);
+    assert!(e.contains("127.0.0.1:1"), "{e}");
+    let e = env.fails(&["checkpoints", "ghost2"], 1);
+    assert!(e.contains("127.0.0.1:1"), "{e}");
     // --connect overrides the VM's connect.
     let other = [
         "backup",

@@ -171,6 +171,21 @@ fn status_shows_the_host_of_the_newest_update_or_backup() {
     // update with no flag asks every configured host, the default one included.
     let out = env.ok(&["update"]);
     assert!(out.contains(&vm.name), "{out}");
+    // restore --as-vm: the new VM's own connect when the config gives one, else the
+    // source VM's host.
+    let new = format!("{}-copy", vm.name);
+    add_config(
+        &env,
+        &format!("[vm.{new}]\nconnect = \"qemu+tcp://127.0.0.1:1/system\"\n"),
+    );
+    let dir = env.disk_dir();
+    let e = env.fails(&restore_as_vm(&vm.name, &new, &dir), 1);
+    assert!(e.contains("127.0.0.1:1"), "{e}");
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        0,
+        "nothing written"
+    );
 }
 
 /// `update` over two hosts, one of which does not answer: one warning line, exit 1, the
