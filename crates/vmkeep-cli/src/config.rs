@@ -71,8 +71,7 @@ pub struct VmConfig {
 }
 
 /// A `[groups]` entry: `NAME = ["vm1", …]`, or a table `{ vms = [...], connect = "URI" }`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum GroupConfig {
     /// Just the members.
     List(Vec<String>),
@@ -87,6 +86,35 @@ pub struct GroupTable {
     pub vms: Vec<String>,
     /// libvirt URI of the group's VMs (under a VM's own `connect`).
     pub connect: Option<String>,
+}
+
+/// A list or a table, each with the parser's own errors (an unknown key in the table is
+/// named, as everywhere else in the file).
+impl<'de> Deserialize<'de> for GroupConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = GroupConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of VM names, or a table with `vms` and `connect`")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                a: A,
+            ) -> Result<GroupConfig, A::Error> {
+                Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(a))
+                    .map(GroupConfig::List)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                a: A,
+            ) -> Result<GroupConfig, A::Error> {
+                GroupTable::deserialize(serde::de::value::MapAccessDeserializer::new(a))
+                    .map(GroupConfig::Table)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 impl GroupConfig {
@@ -432,6 +460,60 @@ mod tests {
         assert_eq!(c.retention_for("a").keep_last, Some(3));
         assert_eq!(c.retention_for("a").keep_daily, Some(7));
         assert_eq!(c.interval_for("b").unwrap(), Some(86400));
+    }
+
+    #[test]
+    fn groups_are_lists_or_tables_and_connect_has_a_precedence() {
+        let c = load_text(
+            "connect = \"qemu+ssh://g/system\"\n[groups]\nweb = [\"a\", \"b\"]\n[groups.far]\nvms = [\"b\", \"c\"]\nconnect = \"qemu+ssh://h2/system\"\n[vm.b]\nconnect = \"qemu+ssh://h3/system\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.groups["web"].members(), ["a", "b"]);
+        assert_eq!(c.connect_of("a"), Some("qemu+ssh://g/system"));
+        assert_eq!(c.connect_of("b"), Some("qemu+ssh://h3/system"));
+        assert_eq!(c.connect_of("c"), Some("qemu+ssh://h2/system"));
+        assert_eq!(c.connect_of("zz"), Some("qemu+ssh://g/system"));
+        assert!(!c.has_own_connect("a") && c.has_own_connect("c"));
+        assert_eq!(
+            c.configured_uris(),
+            [
+                "qemu+ssh://g/system",
+                "qemu+ssh://h3/system",
+                "qemu+ssh://h2/system"
+            ]
+        );
+        let err = load_text("[groups.far]\nvms = [\"a\"]\ncolour = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("c.toml:3") && err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn uris_are_checked_for_form() {
+        for good in [
+            "qemu:///system",
+            "qemu:///session",
+            "qemu+ssh://root@h1.example:2222/system?keyfile=/k",
+            "qemu+tls://h/system",
+            "qemu+tcp://10.0.0.1/system",
+            "qemu+unix:///system",
+            "test:///default",
+        ] {
+            check_uri(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        for bad in [
+            "",
+            "system",
+            "qemu:/system",
+            "qemu://h",
+            "QEMU:///system",
+            "qemu+ssh+x://h/system",
+            "qemu ssh://h/system",
+            "qemu:///sys\ntem",
+            "+ssh://h/system",
+        ] {
+            assert!(check_uri(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
