@@ -167,9 +167,17 @@ fn group_and_if_due_and_prune_after_backup_hold_per_vm_under_jobs() {
         "prune = \"after-backup\"\n[retention]\nkeep_last = 1\n[groups]\ng = [\"s\", \"q\", \"p\"]\n{vms}"
     );
     with_config(&env, &base);
-    // --group keeps the group's order; r is not in it.
-    let js = json_of(&env.run(&["--json", "backup", "--group", "g", "--jobs", "3"]));
-    assert_eq!(names_in(&js), ["s", "q", "p"], "{js}");
+    // --group keeps the group's order; r is not in it; q named twice runs once.
+    let js = json_of(&env.run(&["--json", "backup", "q", "--group", "g", "--jobs", "3"]));
+    assert_eq!(names_in(&js), ["q", "s", "p"], "{js}");
+    assert!(
+        js["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["ok"] == true),
+        "{js}"
+    );
     assert!(!env.repo().join("r").exists());
     for (i, d) in disks.iter().enumerate() {
         write_at(d, 0, &noise(50 + i as u64, 4096));

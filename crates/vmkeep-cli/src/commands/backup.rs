@@ -69,7 +69,7 @@ pub fn run(ctx: &Ctx, a: BackupArgs) -> Result<i32> {
     if let Some(f) = &a.connect {
         crate::config::check_uri(f)?;
     }
-    let vms = if a.targets.is_all() {
+    let mut vms = if a.targets.is_all() {
         all_vms(ctx, &a)?
     } else {
         ctx.named_targets(&a.targets)?
@@ -97,6 +97,10 @@ pub fn run(ctx: &Ctx, a: BackupArgs) -> Result<i32> {
             }
         }
     } else {
+        // A VM named twice (by name and by group) runs once: two jobs would contend for
+        // its lock.
+        let mut seen = std::collections::HashSet::new();
+        vms.retain(|v| seen.insert(v.name.clone()));
         let outcomes = run_parallel(ctx, &repo, &vms, &a, jobs);
         for (vm, o) in vms.iter().zip(outcomes) {
             report.add(ctx, &vm.name, o);
