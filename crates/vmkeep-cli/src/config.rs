@@ -92,25 +92,19 @@ pub struct GroupTable {
 /// named, as everywhere else in the file).
 impl<'de> Deserialize<'de> for GroupConfig {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::value::{MapAccessDeserializer as Map, SeqAccessDeserializer as Seq};
+        use serde::de::{MapAccess, SeqAccess, Visitor};
         struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
+        impl<'de> Visitor<'de> for V {
             type Value = GroupConfig;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a list of VM names, or a table with `vms` and `connect`")
             }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(
-                self,
-                a: A,
-            ) -> Result<GroupConfig, A::Error> {
-                Vec::deserialize(serde::de::value::SeqAccessDeserializer::new(a))
-                    .map(GroupConfig::List)
+            fn visit_seq<A: SeqAccess<'de>>(self, a: A) -> Result<GroupConfig, A::Error> {
+                Vec::deserialize(Seq::new(a)).map(GroupConfig::List)
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(
-                self,
-                a: A,
-            ) -> Result<GroupConfig, A::Error> {
-                GroupTable::deserialize(serde::de::value::MapAccessDeserializer::new(a))
-                    .map(GroupConfig::Table)
+            fn visit_map<A: MapAccess<'de>>(self, a: A) -> Result<GroupConfig, A::Error> {
+                GroupTable::deserialize(Map::new(a)).map(GroupConfig::Table)
             }
         }
         d.deserialize_any(V)
