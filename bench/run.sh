@@ -55,13 +55,7 @@ rm -rf "$w"; mkdir -p "$w"
 : >"$tsv"; : >"$log"
 t_start=$EPOCHREALTIME
 
-if [ -w /proc/sys/vm/drop_caches ] && sync && echo 3 >/proc/sys/vm/drop_caches 2>/dev/null; then
-    cache="cold: page cache dropped (sync; echo 3 > /proc/sys/vm/drop_caches) before every timed command"
-    drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
-else
-    cache="HOT: page caches could not be dropped (not root?); every run is hot-cache"
-    drop() { sync; }
-fi
+. "$root/bench/cache.sh"
 
 # measure KEY CMD...: drop caches, time CMD (wall clock) and its peak RSS; one sample.
 measure() {

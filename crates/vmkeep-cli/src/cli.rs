@@ -163,6 +163,10 @@ pub struct BackupArgs {
     /// on the network path can read them (a trusted, isolated network only)
     #[arg(long)]
     pub insecure_nbd: bool,
+    /// Back up this many VMs at once, each under its own lock [default: from the config
+    /// file, else 1]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub jobs: Option<u32>,
 }
 
 #[derive(Debug, Args)]

@@ -21,8 +21,10 @@ pub struct Config {
     pub block_size: Option<SizeValue>,
     /// zstd level of reverse diffs.
     pub compression_level: Option<i32>,
-    /// libvirt URI.
+    /// libvirt URI (a VM's or group's `connect` overrides it).
     pub connect: Option<String>,
+    /// VMs `backup` runs at once (`--jobs`); default 1.
+    pub jobs: Option<usize>,
     /// Folder for the NBD sockets of live backups (short; closed to other users).
     pub run_dir: Option<PathBuf>,
     /// Folder for QEMU's copy-before-write scratch files during live backups.
@@ -53,7 +55,7 @@ pub struct Config {
     #[serde(default)]
     pub serve: ServeConfig,
     #[serde(default)]
-    pub groups: BTreeMap<String, Vec<String>>,
+    pub groups: BTreeMap<String, GroupConfig>,
     #[serde(default)]
     pub vm: BTreeMap<String, VmConfig>,
 }
@@ -79,6 +81,98 @@ pub struct VmConfig {
     /// This VM's `nbd_address` (over the global one).
     pub nbd_address: Option<String>,
     pub bitmap_granularity: Option<SizeValue>,
+    /// This VM's libvirt URI (over its group's and the global one).
+    pub connect: Option<String>,
+}
+
+/// A `[groups]` entry: `NAME = ["vm1", …]`, or a table `{ vms = [...], connect = "URI" }`.
+#[derive(Debug, Clone)]
+pub enum GroupConfig {
+    /// Just the members.
+    List(Vec<String>),
+    /// Members and settings.
+    Table(GroupTable),
+}
+
+/// The table form of a group.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupTable {
+    pub vms: Vec<String>,
+    /// libvirt URI of the group's VMs (under a VM's own `connect`).
+    pub connect: Option<String>,
+}
+
+/// A list or a table, each with the parser's own errors (an unknown key in the table is
+/// named, as everywhere else in the file).
+impl<'de> Deserialize<'de> for GroupConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::value::{MapAccessDeserializer as Map, SeqAccessDeserializer as Seq};
+        use serde::de::{MapAccess, SeqAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = GroupConfig;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of VM names, or a table with `vms` and `connect`")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, a: A) -> Result<GroupConfig, A::Error> {
+                Vec::deserialize(Seq::new(a)).map(GroupConfig::List)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, a: A) -> Result<GroupConfig, A::Error> {
+                GroupTable::deserialize(Map::new(a)).map(GroupConfig::Table)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl GroupConfig {
+    pub fn members(&self) -> &[String] {
+        match self {
+            GroupConfig::List(v) => v,
+            GroupConfig::Table(t) => &t.vms,
+        }
+    }
+
+    pub fn connect(&self) -> Option<&str> {
+        match self {
+            GroupConfig::List(_) => None,
+            GroupConfig::Table(t) => t.connect.as_deref(),
+        }
+    }
+}
+
+/// Check the form of a libvirt URI: `DRIVER[+TRANSPORT]://[USER@][HOST[:PORT]]/[PATH][?…]`.
+/// libvirt itself decides whether it can connect; this only turns a typo into one clear
+/// line before anything runs.
+pub fn check_uri(uri: &str) -> Result<(), Error> {
+    let bad = |why: &str| {
+        Error::usage(format!(
+            "connect {uri:?}: {why} (a libvirt URI is DRIVER[+TRANSPORT]://[USER@][HOST]/PATH, e.g. qemu:///system or qemu+ssh://root@host/system)"
+        ))
+    };
+    if uri.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad("spaces or control characters"));
+    }
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return Err(bad("no \"://\""));
+    };
+    let mut parts = scheme.split('+');
+    let driver = parts.next().unwrap_or_default();
+    let transport = parts.next();
+    let good_word = |w: &str| {
+        w.starts_with(|c: char| c.is_ascii_lowercase())
+            && w.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    };
+    if !good_word(driver) || transport.is_some_and(|t| !good_word(t)) || parts.next().is_some() {
+        return Err(bad("the driver is not a word like qemu or qemu+ssh"));
+    }
+    let authority = rest.split(['/', '?']).next().unwrap_or_default();
+    if !rest[authority.len()..].starts_with('/') {
+        return Err(bad("no path (like /system) after the host"));
+    }
+    Ok(())
 }
 
 /// The `prune` key: when a VM's retention schedule is applied.
@@ -238,16 +332,82 @@ impl Config {
             if let Some(i) = &vm.interval {
                 parse_duration(i).map_err(|e| bad(format!("vm {name}: {e}")))?;
             }
+            if let Some(u) = &vm.connect {
+                check_uri(u).map_err(|e| bad(format!("vm {name}: {e}")))?;
+            }
         }
-        for (g, members) in &self.groups {
+        if let Some(u) = &self.connect {
+            check_uri(u).map_err(|e| bad(e.to_string()))?;
+        }
+        if let Some(j) = self.jobs.filter(|j| !(1..=256).contains(j)) {
+            return Err(bad(format!("jobs = {j}: must be 1 to 256")));
+        }
+        // Which group's connect a VM takes: at most one group with a connect may hold it.
+        let mut group_of: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
+        for (g, group) in &self.groups {
             if g == "all" {
                 return Err(bad("group 'all' is built in and cannot be redefined".into()));
             }
-            for m in members {
+            for m in group.members() {
                 vmkeep::archive::names::check_vm(m).map_err(|e| bad(format!("group {g}: {e}")))?;
+            }
+            let Some(u) = group.connect() else {
+                continue;
+            };
+            check_uri(u).map_err(|e| bad(format!("group {g}: {e}")))?;
+            for m in group.members() {
+                if let Some((other, ou)) = group_of.insert(m, (g, u)) {
+                    if ou != u
+                        && self
+                            .vm
+                            .get(m.as_str())
+                            .and_then(|v| v.connect.as_ref())
+                            .is_none()
+                    {
+                        return Err(bad(format!(
+                            "vm {m} is in groups {other} and {g}, which connect to different URIs; give [vm.{m}] its own connect"
+                        )));
+                    }
+                }
             }
         }
         Ok(())
+    }
+
+    /// The libvirt URI configured for VM `name`: its own `connect`, else its group's, else
+    /// the global one (`None`: the default).
+    pub fn connect_of(&self, name: &str) -> Option<&str> {
+        if let Some(u) = self.vm.get(name).and_then(|v| v.connect.as_deref()) {
+            return Some(u);
+        }
+        self.groups
+            .values()
+            .filter(|g| g.members().iter().any(|m| m == name))
+            .find_map(GroupConfig::connect)
+            .or(self.connect.as_deref())
+    }
+
+    /// Whether a VM or group names a libvirt URI of its own.
+    pub fn has_own_connect(&self, name: &str) -> bool {
+        self.connect_of(name) != self.connect.as_deref()
+    }
+
+    /// Every libvirt URI the file names (global, per VM, per group), each once, the global
+    /// one first.
+    pub fn configured_uris(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        let all = self
+            .connect
+            .as_deref()
+            .into_iter()
+            .chain(self.vm.values().filter_map(|v| v.connect.as_deref()))
+            .chain(self.groups.values().filter_map(GroupConfig::connect));
+        for u in all {
+            if !out.contains(&u) {
+                out.push(u);
+            }
+        }
+        out
     }
 
     pub fn vm(&self, name: &str) -> VmConfig {
@@ -338,6 +498,60 @@ mod tests {
         assert_eq!(c.retention_for("a").keep_last, Some(3));
         assert_eq!(c.retention_for("a").keep_daily, Some(7));
         assert_eq!(c.interval_for("b").unwrap(), Some(86400));
+    }
+
+    #[test]
+    fn groups_are_lists_or_tables_and_connect_has_a_precedence() {
+        let c = load_text(
+            "connect = \"qemu+ssh://g/system\"\n[groups]\nweb = [\"a\", \"b\"]\n[groups.far]\nvms = [\"b\", \"c\"]\nconnect = \"qemu+ssh://h2/system\"\n[vm.b]\nconnect = \"qemu+ssh://h3/system\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.groups["web"].members(), ["a", "b"]);
+        assert_eq!(c.connect_of("a"), Some("qemu+ssh://g/system"));
+        assert_eq!(c.connect_of("b"), Some("qemu+ssh://h3/system"));
+        assert_eq!(c.connect_of("c"), Some("qemu+ssh://h2/system"));
+        assert_eq!(c.connect_of("zz"), Some("qemu+ssh://g/system"));
+        assert!(!c.has_own_connect("a") && c.has_own_connect("c"));
+        assert_eq!(
+            c.configured_uris(),
+            [
+                "qemu+ssh://g/system",
+                "qemu+ssh://h3/system",
+                "qemu+ssh://h2/system"
+            ]
+        );
+        let err = load_text("[groups.far]\nvms = [\"a\"]\ncolour = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("c.toml:3") && err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn uris_are_checked_for_form() {
+        for good in [
+            "qemu:///system",
+            "qemu:///session",
+            "qemu+ssh://root@h1.example:2222/system?keyfile=/k",
+            "qemu+tls://h/system",
+            "qemu+tcp://10.0.0.1/system",
+            "qemu+unix:///system",
+            "test:///default",
+        ] {
+            check_uri(good).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        for bad in [
+            "",
+            "system",
+            "qemu:/system",
+            "qemu://h",
+            "QEMU:///system",
+            "qemu+ssh+x://h/system",
+            "qemu ssh://h/system",
+            "qemu:///sys\ntem",
+            "+ssh://h/system",
+        ] {
+            assert!(check_uri(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

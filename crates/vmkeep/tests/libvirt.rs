@@ -474,7 +474,7 @@ fn a_file_uploaded_into_a_volume_arrives_byte_for_byte() {
         // one at the end.
         let hole = (len / 3) & !4095..((len / 3 + len / 4) & !4095);
         data[hole.clone()].fill(0);
-        let tail = len - (len / 8 & !4095)..len;
+        let tail = len - ((len / 8) & !4095)..len;
         data[tail.clone()].fill(0);
         std::fs::write(&path, &data[..tail.start]).unwrap();
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();

@@ -11,7 +11,9 @@ pub fn run(ctx: &Ctx, a: CheckpointsArgs) -> Result<i32> {
     use vmkeep::engine::live::{branch_checkpoints, remove_orphans};
     let repo = ctx.open_repo()?;
     vmkeep::archive::names::check_vm(&a.vm)?;
-    let hv = vmkeep::libvirt::Hypervisor::connect(Some(&ctx.connect_uri(a.connect.as_deref())))?;
+    let hv = vmkeep::libvirt::Hypervisor::connect(Some(
+        &ctx.connect_uri(Some(&a.vm), a.connect.as_deref())?,
+    ))?;
     let dom = hv.domain(&a.vm)?;
     let removed = if a.remove_orphans {
         remove_orphans(&repo, &dom)?

@@ -37,6 +37,9 @@ pub struct Ctx {
 /// Default repository when neither flag nor config names one.
 pub const DEFAULT_REPO: &str = "/var/lib/vmkeep";
 
+/// libvirt URI when neither flag nor config names one.
+pub const DEFAULT_CONNECT: &str = "qemu:///system";
+
 impl Ctx {
     pub fn repo_path(&self) -> PathBuf {
         self.repo_flag
@@ -56,12 +59,40 @@ impl Ctx {
         }
     }
 
-    /// The libvirt URI: the flag, else the config file, else qemu:///system.
+    /// The libvirt URI of VM `vm` (`None`: no particular VM): `--connect`, else the VM's
+    /// `connect`, else its group's, else the global one, else qemu:///system. A malformed
+    /// flag is a usage error (the config file's values were checked when it was read).
     #[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
-    pub fn connect_uri(&self, flag: Option<&str>) -> String {
-        flag.map(str::to_string)
-            .or_else(|| self.config.connect.clone())
-            .unwrap_or_else(|| "qemu:///system".to_string())
+    pub fn connect_uri(&self, vm: Option<&str>, flag: Option<&str>) -> Result<String> {
+        if let Some(f) = flag {
+            crate::config::check_uri(f)?;
+            return Ok(f.to_string());
+        }
+        let configured = match vm {
+            Some(vm) => self.config.connect_of(vm),
+            None => self.config.connect.as_deref(),
+        };
+        Ok(configured.unwrap_or(DEFAULT_CONNECT).to_string())
+    }
+
+    /// The libvirt hosts to ask for their domains: `--connect` alone, else every URI the
+    /// config file names (global first), with qemu:///system first when there is no global
+    /// `connect` and `default_host` (the VMs without a connect of their own are there).
+    #[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
+    pub fn libvirt_uris(&self, flag: Option<&str>, default_host: bool) -> Result<Vec<String>> {
+        if flag.is_some() {
+            return Ok(vec![self.connect_uri(None, flag)?]);
+        }
+        let mut uris: Vec<String> = Vec::new();
+        if self.config.connect.is_none() && default_host {
+            uris.push(DEFAULT_CONNECT.to_string());
+        }
+        for u in self.config.configured_uris() {
+            if !uris.iter().any(|x| x == u) {
+                uris.push(u.to_string());
+            }
+        }
+        Ok(uris)
     }
 
     /// VM names for a command that takes `VM... | --group G | --all`, from the repository.
@@ -81,7 +112,7 @@ impl Ctx {
                     "unknown group {g:?} (groups come from the config file)"
                 ))
             })?;
-            out.extend(members.iter().cloned());
+            out.extend(members.members().iter().cloned());
         }
         if out.is_empty() {
             return Err(Error::usage("name at least one VM, or use --group G or --all").into());

@@ -87,7 +87,13 @@ fn as_vm(ctx: &Ctx, repo: &vmkeep::archive::Repository, a: &RestoreArgs) -> Resu
     opts.replace = a.replace;
     opts.instant = a.instant;
     opts.ignore_damage = a.ignore_damage;
-    opts.connect = ctx.connect_uri(a.connect.as_deref());
+    // The new VM's own connect when the config gives it one, else the source VM's host.
+    let host_of = if ctx.config.has_own_connect(new_name) {
+        new_name
+    } else {
+        a.vm.as_str()
+    };
+    opts.connect = ctx.connect_uri(Some(host_of), a.connect.as_deref())?;
     for n in &a.networks {
         let (old, new) = super::name_value(n, "--network")?;
         opts.networks.insert(old.to_string(), new.to_string());

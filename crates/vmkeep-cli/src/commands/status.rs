@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use anyhow::Result;
 use vmkeep::archive::profile::parse_time;
-use vmkeep::engine::status::{vm_status, HealthLevel, VmStatus};
+use vmkeep::engine::status::{vm_status_seen, HealthLevel, Hosts, VmStatus};
 
 use super::Ctx;
 use crate::cli::StatusArgs;
@@ -17,9 +17,10 @@ pub fn run(ctx: &Ctx, a: StatusArgs) -> Result<i32> {
     } else {
         a.vms.clone()
     };
+    let hosts = Hosts::load(&repo);
     let vms: Vec<VmStatus> = names
         .iter()
-        .map(|n| vm_status(&repo, n))
+        .map(|n| vm_status_seen(&repo, n, &hosts))
         .collect::<Result<_, _>>()?;
     if let Some(path) = &a.prometheus {
         write_prometheus(path, &vms)?;
@@ -71,6 +72,12 @@ pub fn table(vm: &VmStatus) -> String {
             bytes(stored),
             g.duration_secs,
             if g.protected { "protected" } else { "" }
+        ));
+    }
+    if let Some(h) = &vm.host {
+        out.push_str(&format!(
+            "host: {} ({}), seen {}\n",
+            h.hostname, h.uri, h.time
         ));
     }
     if let Some(cp) = vm.generations.first().and_then(|g| g.checkpoint.as_ref()) {

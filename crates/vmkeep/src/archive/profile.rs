@@ -126,6 +126,23 @@ pub struct VmProfile {
     /// The outcome of the last `check` (`[last_check]`); absent until one ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_check: Option<CheckRecord>,
+    /// The libvirt host of the VM's last live backup (`[host]`); absent for image VMs and
+    /// in profiles written before vmkeep recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<HostRecord>,
+}
+
+/// Which libvirt host a VM was on, and when that was seen (`[host]` of `vm.toml`, a
+/// `[[vm]]` of `allvm.toml`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HostRecord {
+    /// The libvirt URI as configured, without user or password (`uri`).
+    pub uri: String,
+    /// The host's name as libvirt reports it (`hostname`, `virConnectGetHostname`).
+    pub hostname: String,
+    /// When it was seen there (`time`, RFC 3339 UTC).
+    pub time: String,
 }
 
 /// The outcome of the last `check` of a VM.

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::archive::profile::{CheckRecord, GenerationMode};
+use crate::archive::profile::{parse_time, CheckRecord, GenerationMode, HostRecord};
 use crate::archive::{names, GenerationId, Repository};
 use crate::error::Result;
 
@@ -60,10 +60,56 @@ pub struct VmStatus {
     pub last_check: Option<CheckRecord>,
     /// An interrupted command awaits recovery.
     pub interrupted: bool,
+    /// The libvirt host the VM was last seen on: by its last live backup (`vm.toml`) or by
+    /// `update` (`allvm.toml`), whichever is newer; `None` for image VMs never listed.
+    pub host: Option<HostRecord>,
 }
 
 /// Status of VM `name`.
 pub fn vm_status(repo: &Repository, name: &str) -> Result<VmStatus> {
+    vm_status_seen(repo, name, &Hosts::load(repo))
+}
+
+/// Where `update` last saw the VMs, read once for many [`vm_status_seen`] calls.
+pub struct Hosts {
+    #[cfg(feature = "libvirt")]
+    inventory: Option<crate::engine::inventory::Inventory>,
+}
+
+impl Hosts {
+    /// The repository's inventory (none when `update` never ran, the build has no libvirt,
+    /// or `allvm.toml` cannot be read: `status` reports backups, and `check` the damage).
+    pub fn load(repo: &Repository) -> Hosts {
+        #[cfg(feature = "libvirt")]
+        return Hosts {
+            inventory: crate::engine::inventory::load(repo).ok().flatten(),
+        };
+        #[cfg(not(feature = "libvirt"))]
+        {
+            let _ = repo;
+            Hosts {}
+        }
+    }
+
+    /// The newer of the VM's own record and the inventory's.
+    fn newest(&self, name: &str, own: Option<HostRecord>) -> Option<HostRecord> {
+        #[cfg(feature = "libvirt")]
+        let listed = self.inventory.as_ref().and_then(|i| i.host_of(name));
+        #[cfg(not(feature = "libvirt"))]
+        let listed: Option<HostRecord> = {
+            let _ = name;
+            None
+        };
+        let when = |h: &HostRecord| parse_time(&h.time);
+        match (own, listed) {
+            (Some(o), Some(l)) => Some(if when(&l) > when(&o) { l } else { o }),
+            (o, l) => o.or(l),
+        }
+    }
+}
+
+/// Status of VM `name`, its host looked up in `hosts`.
+pub fn vm_status_seen(repo: &Repository, name: &str, hosts: &Hosts) -> Result<VmStatus> {
     let a = repo.vm(name)?;
     let mut generations: Vec<GenerationStatus> = a
         .generations()?
@@ -98,6 +144,7 @@ pub fn vm_status(repo: &Repository, name: &str) -> Result<VmStatus> {
         space_used: du(&a.dir),
         last_check: a.profile.last_check.clone(),
         interrupted: names::txn_file(&a.dir).exists(),
+        host: hosts.newest(name, a.profile.host.clone()),
     })
 }
 

@@ -147,6 +147,17 @@ impl Hypervisor {
         uri_is_local(&self.uri)
     }
 
+    /// The name of the host libvirt runs on (`virConnectGetHostname`): the remote
+    /// system's for a remote URI.
+    pub fn hostname(&self) -> Result<String> {
+        self.conn.hostname().map_err(|e| {
+            lv_error(
+                "",
+                format!("cannot ask {} for its hostname: {}", self.uri, e.message()),
+            )
+        })
+    }
+
     /// Every VM libvirt knows, running or defined, with its disks.
     pub fn list_domains(&self) -> Result<Vec<DomainInfo>> {
         let all = self

@@ -237,6 +237,7 @@ pub fn profile(data: &[u8]) {
                         block_size: BS,
                         created: String::new(),
                         last_check: None,
+                        host: None,
                     },
                 };
                 if let Ok(g) = vm.generation(GEN_ID) {

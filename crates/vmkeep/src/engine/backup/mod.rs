@@ -520,6 +520,7 @@ impl BackupRun {
                 block_size,
                 created: self.start_time.clone(),
                 last_check: None,
+                host: None,
             };
             profile::store(&names::vm_profile(&self.vm_dir), "vmkeep VM profile", &vp)?;
         }
