@@ -1075,27 +1075,8 @@ mod failures {
         let (vm, env) = backed_up("restart");
         vm.guest_write(0, 0x22, "0", "64k");
         let out = interrupted(&env, &vm, || {
-            let st = std::process::Command::new("pkill")
-                .args(["-x", "libvirtd"])
-                .status()
-                .unwrap();
-            assert!(st.success());
+            lv::restart_libvirtd(&["-d"]);
             let deadline = Instant::now() + Duration::from_secs(20);
-            while std::process::Command::new("pgrep")
-                .args(["-x", "libvirtd"])
-                .status()
-                .unwrap()
-                .success()
-            {
-                assert!(Instant::now() < deadline, "libvirtd did not stop");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let st = std::process::Command::new("libvirtd")
-                .arg("-d")
-                .status()
-                .unwrap();
-            assert!(st.success());
-            lv::ensure_libvirtd();
             while !lv::virsh_quiet(&["domstate", &vm.name]) {
                 assert!(Instant::now() < deadline, "libvirtd did not come back");
                 std::thread::sleep(Duration::from_millis(100));

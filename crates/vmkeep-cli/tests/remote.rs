@@ -14,6 +14,8 @@ mod common;
 #[path = "../../vmkeep/tests/support/libvirt.rs"]
 #[allow(dead_code)]
 mod lv;
+#[path = "../../vmkeep/tests/nbd_support/pki.rs"]
+mod pki;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -33,58 +35,6 @@ fn remote_uri() -> String {
     format!("qemu+tcp://127.0.0.1:{LIBVIRT_PORT}/system")
 }
 
-fn certtool(dir: &Path, args: &[&str]) {
-    lv::run(Command::new("certtool").args(args).current_dir(dir));
-}
-
-/// A CA in `dir` (`ca-cert.pem`, `ca-key.pem`) named `cn`.
-fn make_ca(dir: &Path, cn: &str) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        dir.join("ca.info"),
-        format!("cn = {cn}\nca\ncert_signing_key\n"),
-    )
-    .unwrap();
-    certtool(dir, &["--generate-privkey", "--outfile=ca-key.pem"]);
-    certtool(
-        dir,
-        &[
-            "--generate-self-signed",
-            "--load-privkey=ca-key.pem",
-            "--template=ca.info",
-            "--outfile=ca-cert.pem",
-        ],
-    );
-}
-
-/// A certificate `name`-cert.pem / `name`-key.pem in `out`, signed by the CA in `ca`,
-/// with `template` (certtool's template lines).
-fn make_cert(ca: &Path, out: &Path, name: &str, template: &str) {
-    std::fs::create_dir_all(out).unwrap();
-    std::fs::write(out.join(format!("{name}.info")), template).unwrap();
-    let key = out.join(format!("{name}-key.pem"));
-    let cert = out.join(format!("{name}-cert.pem"));
-    certtool(
-        out,
-        &[
-            "--generate-privkey",
-            &format!("--outfile={}", key.display()),
-        ],
-    );
-    certtool(
-        out,
-        &[
-            "--generate-certificate",
-            &format!("--load-privkey={}", key.display()),
-            &format!("--load-ca-certificate={}", ca.join("ca-cert.pem").display()),
-            &format!("--load-ca-privkey={}", ca.join("ca-key.pem").display()),
-            &format!("--template={name}.info"),
-            &format!("--outfile={}", cert.display()),
-        ],
-    );
-    std::fs::copy(ca.join("ca-cert.pem"), out.join("ca-cert.pem")).unwrap();
-}
-
 /// The x509 material of a test: QEMU's server folder (for `backup_tls_x509_cert_dir`),
 /// vmkeep's client folder, and a client folder whose certificate another CA signed.
 struct Pki {
@@ -94,43 +44,19 @@ struct Pki {
 }
 
 fn make_pki(root: &Path) -> Pki {
-    let ca = root.join("ca");
-    make_ca(&ca, "vmkeep test CA");
-    let server = root.join("server");
-    make_cert(
-        &ca,
-        &server,
-        "server",
-        "cn = 127.0.0.1\nip_address = 127.0.0.1\ntls_www_server\nencryption_key\nsigning_key\n",
-    );
-    let client = root.join("client");
-    make_cert(
-        &ca,
-        &client,
-        "client",
-        "cn = vmkeep backup host\ntls_www_client\nencryption_key\nsigning_key\n",
-    );
-    let other_ca = root.join("other-ca");
-    make_ca(&other_ca, "another CA");
-    let stranger = root.join("stranger");
-    make_cert(
-        &other_ca,
-        &stranger,
-        "client",
-        "cn = stranger\ntls_www_client\nencryption_key\nsigning_key\n",
-    );
+    let ours = pki::make_pki(root, "test");
+    let other = pki::make_pki(root, "other");
     // QEMU runs as libvirt-qemu and reads its folder.
-    set_mode(root, 0o755);
-    for d in [&server, &ca] {
+    for d in [root, &root.join("test"), &ours.server] {
         set_mode(d, 0o755);
     }
     for f in ["ca-cert.pem", "server-cert.pem", "server-key.pem"] {
-        set_mode(&server.join(f), 0o644);
+        set_mode(&ours.server.join(f), 0o644);
     }
     Pki {
-        server,
-        client,
-        stranger,
+        server: ours.server,
+        client: ours.client,
+        stranger: other.client,
     }
 }
 
@@ -161,7 +87,7 @@ impl RemoteLibvirtd {
         )
         .unwrap();
         let me = RemoteLibvirtd { saved_conf };
-        restart_libvirtd(&["-d", "--listen", "-f", daemon_conf.to_str().unwrap()]);
+        lv::restart_libvirtd(&["-d", "--listen", "-f", daemon_conf.to_str().unwrap()]);
         let deadline = Instant::now() + Duration::from_secs(30);
         while !Command::new("virsh")
             .args(["-c", &remote_uri(), "version"])
@@ -178,31 +104,7 @@ impl RemoteLibvirtd {
 impl Drop for RemoteLibvirtd {
     fn drop(&mut self) {
         let _ = std::fs::write(QEMU_CONF, &self.saved_conf);
-        restart_libvirtd(&["-d"]);
-    }
-}
-
-fn restart_libvirtd(args: &[&str]) {
-    let _ = Command::new("pkill").args(["-x", "libvirtd"]).status();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Command::new("pgrep")
-        .args(["-x", "libvirtd"])
-        .status()
-        .unwrap()
-        .success()
-    {
-        assert!(Instant::now() < deadline, "libvirtd did not stop");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(Command::new("libvirtd")
-        .args(args)
-        .status()
-        .unwrap()
-        .success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !lv::virsh_quiet(&["version"]) {
-        assert!(Instant::now() < deadline, "libvirtd did not come back");
-        std::thread::sleep(Duration::from_millis(100));
+        lv::restart_libvirtd(&["-d"]);
     }
 }
 

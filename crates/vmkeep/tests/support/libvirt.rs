@@ -64,6 +64,36 @@ pub fn ensure_libvirtd() {
     });
 }
 
+/// Stop libvirtd and start it again as `libvirtd ARGS…` (`-d`, and a test's own config);
+/// running VMs keep running. Returns once it answers on [`URI`].
+pub fn restart_libvirtd(args: &[&str]) {
+    let _ = Command::new("pkill").args(["-x", "libvirtd"]).status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Command::new("pgrep")
+        .args(["-x", "libvirtd"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        // A daemon busy winding down streams may take long: after 15 s, make it stop.
+        if Instant::now() + Duration::from_secs(15) > deadline {
+            let _ = Command::new("pkill")
+                .args(["-KILL", "-x", "libvirtd"])
+                .status();
+        }
+        assert!(Instant::now() < deadline, "libvirtd did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(Command::new("libvirtd")
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !libvirtd_answers() {
+        assert!(Instant::now() < deadline, "libvirtd did not come back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A disk of a test VM.
 pub struct TestDisk {
     pub target: &'static str,
