@@ -71,6 +71,7 @@ pub fn restart_libvirtd(args: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while Command::new("pgrep")
         .args(["-x", "libvirtd"])
+        .stdout(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
     {
