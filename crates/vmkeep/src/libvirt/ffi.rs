@@ -1,5 +1,6 @@
 //! The libvirt calls that the `virt` crate offers only as raw C functions in `virt::sys`:
-//! pull-mode backup, checkpoints, job abort and job statistics.
+//! pull-mode backup, checkpoints, job abort and job statistics, and the hole of a sparse
+//! stream.
 //!
 //! This is the only file of vmkeep with `unsafe` for libvirt. Every wrapper turns a NULL or
 //! `-1` return into an [`FfiError`] carrying libvirt's own message (`virGetLastError`,
@@ -132,6 +133,14 @@ pub(crate) fn backup_xml_desc(dom: &Domain) -> FfiResult<String> {
 pub(crate) fn abort_job(dom: &Domain) -> FfiResult<()> {
     // SAFETY: valid domain pointer, no other arguments.
     check(unsafe { sys::virDomainAbortJob(dom_ptr(dom)) }).map(drop)
+}
+
+/// Send a hole of `length` bytes on a sparse stream (`virStreamSendHole`; the stream was
+/// opened for a sparse upload).
+pub(crate) fn stream_send_hole(stream: &virt::stream::Stream, length: i64) -> FfiResult<()> {
+    // SAFETY: `stream` is a live stream borrowed for the call; virStreamSendHole only
+    // reads its arguments and keeps no pointer.
+    check(unsafe { sys::virStreamSendHole(stream.as_ptr(), length, 0) }).map(drop)
 }
 
 /// Capacity (guest-visible size) of a domain disk in bytes (`virDomainGetBlockInfo`);

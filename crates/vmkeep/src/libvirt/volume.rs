@@ -224,12 +224,7 @@ fn send_hole(stream: &Stream, mut length: u64) -> std::result::Result<(), String
     // A hole message carries a signed 64-bit length; send very long holes in pieces.
     while length > 0 {
         let n = length.min(i64::MAX as u64);
-        // SAFETY: `stream` is a live stream this function borrows, opened for a sparse
-        // upload; virStreamSendHole only reads its arguments.
-        let rc = unsafe { sys::virStreamSendHole(stream.as_ptr(), n as i64, 0) };
-        if rc < 0 {
-            return Err(virt::error::Error::last_error().message().to_string());
-        }
+        super::ffi::stream_send_hole(stream, n as i64).map_err(|e| e.message)?;
         length -= n;
     }
     Ok(())
