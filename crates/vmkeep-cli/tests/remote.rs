@@ -241,6 +241,17 @@ fn a_remote_host_is_backed_up_over_tls_without_seeing_its_files() {
     );
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 
+    // The host is recorded by the backup and by `update`, as the URI was configured.
+    let status = env.status(&vm.name);
+    assert_eq!(
+        status["vms"][0]["host"]["uri"].as_str(),
+        Some(remote_uri().as_str()),
+        "{status}"
+    );
+    succeeded(&blind(&env, &hidden, &["update"]), "update: ");
+    let inventory = std::fs::read_to_string(env.repo().join("allvm.toml")).unwrap();
+    assert!(inventory.contains(&remote_uri()), "{inventory}");
+
     // A client certificate from another CA: refused in the TLS handshake.
     let strange = remote_env(&pki.stranger);
     let out = blind(&strange, &hidden, &["backup", &vm.name]);
