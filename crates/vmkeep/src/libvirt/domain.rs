@@ -170,6 +170,7 @@ impl Hypervisor {
             match (Domain {
                 dom,
                 name: name.clone(),
+                local: self.is_local(),
             })
             .info()
             {
@@ -189,6 +190,7 @@ impl Hypervisor {
             Ok(dom) => Ok(Domain {
                 dom,
                 name: name.to_string(),
+                local: self.is_local(),
             }),
             Err(e) if e.code().is(ErrorNumber::NoDomain) => {
                 Err(Error::usage(format!("unknown VM {name} on {}", self.uri)))
@@ -239,6 +241,7 @@ impl Hypervisor {
                 let old = Domain {
                     dom,
                     name: name.clone(),
+                    local: self.is_local(),
                 };
                 if old.state()?.is_active() {
                     return Err(Error::usage(format!(
@@ -254,6 +257,7 @@ impl Hypervisor {
             Ok(dom) => Ok(Domain {
                 dom,
                 name: name.clone(),
+                local: self.is_local(),
             }),
             Err(e) => {
                 if let Some(old_xml) = replaced {
@@ -273,6 +277,9 @@ impl Hypervisor {
 pub struct Domain {
     pub(super) dom: VirtDomain,
     pub(super) name: String,
+    /// Whether its host is this machine ([`Hypervisor::is_local`]): only then are its
+    /// image paths files here.
+    pub(super) local: bool,
 }
 
 impl fmt::Debug for Domain {
@@ -343,13 +350,17 @@ impl Domain {
         })
     }
 
-    /// `virDomainGetBlockInfo`, else `qemu-img info -U` of the image, else its file size.
+    /// `virDomainGetBlockInfo`, else (on a local host only: a remote host's paths are not
+    /// files here) `qemu-img info -U` of the image, else its file size.
     fn disk_size(&self, disk: &xml::DiskXml) -> Option<u64> {
         if disk.source == DiskSource::None {
             return None;
         }
         if let Ok(size) = ffi::block_capacity(&self.dom, &disk.target) {
             return Some(size);
+        }
+        if !self.local {
+            return None;
         }
         let path = disk.source.path()?;
         qemu_img_virtual_size(path).or_else(|| std::fs::metadata(path).ok().map(|m| m.len()))
