@@ -385,22 +385,16 @@ impl OurJob {
     }
 }
 
-/// How this run's job exports its disks: a unix socket in `socket` on a local host, TCP
-/// on a remote one.
+/// How this run's job exports its disks: a unix socket on a local host, TCP on a remote
+/// one (the port is chosen when the job begins).
 enum Export {
     Unix(PathBuf),
-    Tcp {
-        name: String,
-        ports: std::ops::RangeInclusive<u16>,
-        tls: bool,
-    },
+    Tcp { name: String, tls: bool },
 }
 
 impl Export {
-    fn choose(hv: &Hypervisor, live: &LiveOptions, socket: PathBuf) -> Result<Export> {
-        if hv.is_local() {
-            return Ok(Export::Unix(socket));
-        }
+    /// The TCP export of a remote host: at `nbd_address`, else at the URI's host.
+    fn remote(hv: &Hypervisor, live: &LiveOptions) -> Result<Export> {
         let name = match &live.remote.address {
             Some(a) => a.clone(),
             None => crate::libvirt::uri_host(hv.uri()).ok_or_else(|| {
@@ -412,7 +406,6 @@ impl Export {
         };
         Ok(Export::Tcp {
             name,
-            ports: live.remote.ports.clone(),
             tls: !live.remote.insecure,
         })
     }
@@ -439,16 +432,12 @@ fn backup_running(
     let prefix = format!("vmkeep-{repo_id}-");
     let (_cleanup, export, scratch_dir) = if hv.is_local() {
         let (cleanup, socket, scratch_dir) = run_dirs(dom, live, &prefix)?;
-        (
-            cleanup,
-            Export::choose(hv, live, socket)?,
-            Some(scratch_dir),
-        )
+        (cleanup, Export::Unix(socket), scratch_dir)
     } else {
         (
             RemoveDirs(Vec::new()),
-            Export::choose(hv, live, PathBuf::new())?,
-            Some(live.remote.scratch_dir.clone()),
+            Export::remote(hv, live)?,
+            live.remote.scratch_dir.clone(),
         )
     };
     // TCP exports are named vmkeep.<repository id>.<run token>.<target>: the job is
@@ -473,14 +462,11 @@ fn backup_running(
     others.wait()?;
     let mut basis = basis.filter(|cp| checkpoint_intact(dom, cp, broken, progress));
     let description = description(run.repository());
-    let mut ports = match &export {
-        Export::Tcp { ports, .. } => ports.clone(),
-        Export::Unix(_) => 0..=0,
-    };
+    let mut ports = live.remote.ports.clone();
     let first = loop {
         let server = match &export {
             Export::Unix(socket) => NbdServer::Unix(socket.clone()),
-            Export::Tcp { name, tls, .. } => {
+            Export::Tcp { name, tls } => {
                 let Some(port) = ports.next() else {
                     return Err(job_failed(
                         dom,
@@ -506,7 +492,7 @@ fn backup_running(
             disks: &targets,
             server: &server,
             export_prefix: export_prefix.as_deref(),
-            scratch_dir: scratch_dir.as_deref(),
+            scratch_dir: Some(&scratch_dir),
             checkpoint: Some(new_checkpoint),
             incremental_from: basis,
             checkpoint_description: Some(&description),

@@ -51,28 +51,6 @@ pub enum OfflineRead {
     Files,
 }
 
-impl std::str::FromStr for OfflineRead {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "start" => Ok(OfflineRead::Start),
-            "files" => Ok(OfflineRead::Files),
-            _ => Err(Error::usage(format!(
-                "unknown offline read {s:?} (start or files)"
-            ))),
-        }
-    }
-}
-
-impl std::fmt::Display for OfflineRead {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            OfflineRead::Start => "start",
-            OfflineRead::Files => "files",
-        })
-    }
-}
-
 /// A VM this run started paused (or adopted from a dead run of this repository); shut off
 /// again by [`PausedForBackup::finish`].
 pub(crate) struct PausedForBackup {

@@ -241,9 +241,11 @@ impl Domain {
                 tracing::warn!(vm = %self.name, "ending a backup job left behind by an earlier vmkeep run");
                 ffi::abort_job(&self.dom)
                     .map_err(|e| self.err(format!("cannot end the stale backup job: {e}")))?;
-                wait_job_end_of(&self.dom, &job);
-                if let Some(socket) = job.server.as_ref().and_then(xml::NbdServer::socket) {
-                    let _ = std::fs::remove_file(socket);
+                if let Some(server) = &job.server {
+                    wait_job_end_of(&self.dom, server, &job.export_names());
+                    if let Some(socket) = server.socket() {
+                        let _ = std::fs::remove_file(socket);
+                    }
                 }
                 Ok(true)
             }
@@ -271,8 +273,8 @@ pub(crate) fn same_job(
     server: &xml::NbdServer,
     exports: &[String],
 ) -> bool {
-    let mut theirs: Vec<&str> = job.disks.iter().map(|d| d.export_name.as_str()).collect();
-    let mut ours: Vec<&str> = exports.iter().map(String::as_str).collect();
+    let mut theirs = job.export_names();
+    let mut ours = exports.to_vec();
     theirs.sort_unstable();
     ours.sort_unstable();
     job.server.as_ref() == Some(server) && theirs == ours
@@ -514,29 +516,12 @@ impl PullBackup {
         self.ended = true;
         // Another repository's run may begin its job as soon as this one ends: wait for
         // this job, not for the domain to have none.
-        if wait_job_end_of(&self.dom, &self.identity()) {
+        if wait_job_end_of(&self.dom, &self.server, &self.exports()) {
             return Err(self.err("the backup job did not end within 30 s of the abort"));
         }
         match self.state()? {
             BackupJobState::Failed(why) => Err(self.err(format!("backup failed: {why}"))),
             _ => Ok(()),
-        }
-    }
-
-    /// This job as its XML describes it (server and export names), for [`same_job`].
-    fn identity(&self) -> xml::BackupJobXml {
-        xml::BackupJobXml {
-            server: Some(self.server.clone()),
-            disks: self
-                .disks
-                .iter()
-                .map(|d| xml::BackupJobDisk {
-                    target: d.target.clone(),
-                    export_name: d.export_name.clone(),
-                    export_bitmap: None,
-                    scratch: None,
-                })
-                .collect(),
         }
     }
 
@@ -568,7 +553,7 @@ impl Drop for PullBackup {
         if matches!(self.state(), Ok(BackupJobState::Running)) {
             tracing::warn!(vm = %self.vm, "aborting a backup job that was not ended");
             let _ = ffi::abort_job(&self.dom);
-            wait_job_end_of(&self.dom, &self.identity());
+            wait_job_end_of(&self.dom, &self.server, &self.exports());
         }
         self.remove_files();
     }
@@ -627,19 +612,15 @@ pub(crate) fn port_taken(message: &str) -> bool {
     message.contains("Address already in use") || message.contains("address already in use")
 }
 
-/// Wait (at most [`JOB_END_TIMEOUT`]) until the backup job `job` (server and export
-/// names) no longer runs; returns whether it still does.
-fn wait_job_end_of(dom: &VirtDomain, job: &xml::BackupJobXml) -> bool {
-    let exports: Vec<String> = job.disks.iter().map(|d| d.export_name.clone()).collect();
-    let Some(server) = job.server.clone() else {
-        return false;
-    };
+/// Wait (at most [`JOB_END_TIMEOUT`]) until the backup job with NBD server `server` and
+/// export names `exports` no longer runs; returns whether it still does.
+fn wait_job_end_of(dom: &VirtDomain, server: &xml::NbdServer, exports: &[String]) -> bool {
     let serving = || {
         backup_job_active(dom)
             && ffi::backup_xml_desc(dom)
                 .ok()
                 .and_then(|x| xml::parse_backup_job(&x).ok())
-                .is_some_and(|j| same_job(&j, &server, &exports))
+                .is_some_and(|j| same_job(&j, server, exports))
     };
     let start = Instant::now();
     while serving() {

@@ -436,18 +436,28 @@ pub struct BackupJobXml {
     pub disks: Vec<BackupJobDisk>,
 }
 
+impl BackupJobXml {
+    /// The export names of the job's disks.
+    pub fn export_names(&self) -> Vec<String> {
+        self.disks.iter().map(|d| d.export_name.clone()).collect()
+    }
+}
+
 /// Parse the XML of a running backup job.
 pub fn parse_backup_job(xml: &str) -> Result<BackupJobXml> {
     let doc = parse_doc(xml, "domainbackup")?;
     let root = doc.root_element();
-    let server = child(root, "server").and_then(|s| match s.attribute("transport") {
-        Some("tcp") | None if s.attribute("socket").is_none() => Some(NbdServer::Tcp {
-            name: s.attribute("name")?.to_string(),
-            port: s.attribute("port")?.parse().ok()?,
-            tls: s.attribute("tls") == Some("yes"),
-        }),
-        Some("unix") | None => s.attribute("socket").map(|p| NbdServer::Unix(p.into())),
-        Some(_) => None,
+    // No transport: a socket means unix, a name TCP (libvirt's default).
+    let server = child(root, "server").and_then(|s| {
+        match (s.attribute("transport"), s.attribute("socket")) {
+            (Some("unix") | None, Some(p)) => Some(NbdServer::Unix(p.into())),
+            (Some("tcp") | None, None) => Some(NbdServer::Tcp {
+                name: s.attribute("name")?.to_string(),
+                port: s.attribute("port")?.parse().ok()?,
+                tls: s.attribute("tls") == Some("yes"),
+            }),
+            _ => None,
+        }
     });
     let disks = child(root, "disks")
         .map(|disks| {
