@@ -187,6 +187,35 @@ fn damage_in_an_old_generation_fails_only_the_restores_that_need_it() {
     // The newest generation does not depend on it.
     env.ok(&["restore", "vm", "--to", out.to_str().unwrap()]);
 }
+/// A damaged profile of an old generation costs that generation only: the newer ones still
+/// restore, the next backup still runs, and check names the profile.
+#[test]
+fn a_damaged_old_profile_fails_only_its_own_generation() {
+    let (env, ids) = archive();
+    let disk = env.path("disk.raw");
+    flip_byte(&file(&env, &ids[0], "generation.toml"), 30);
+    let e = env.fails(
+        &[
+            "restore",
+            "vm",
+            "-g",
+            &ids[0],
+            "--to",
+            env.path("r0.raw").to_str().unwrap(),
+        ],
+        1,
+    );
+    assert!(e.contains(&ids[0]) && e.contains("generation.toml"), "{e}");
+    assert_eq!(env.restored("vm", &ids[1], None).len(), 1 << 20);
+    write_at(&disk, 0, &noise(9, 16 << 10));
+    env.backup("vm", &disk, &[]);
+    assert_eq!(
+        env.restored("vm", "latest", None),
+        std::fs::read(&disk).unwrap()
+    );
+    damaged(&env, false, &[&ids[0], "profile"]);
+}
+
 #[test]
 fn restore_refuses_damaged_blocks_unless_told() {
     let (env, disk) = Env::one_noise_generation(1 << 20, 5);

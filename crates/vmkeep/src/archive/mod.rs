@@ -314,36 +314,42 @@ impl VmArchive {
         resolve_rev(&ids, rev).map_err(|e| Error::usage(format!("VM {}: {e}", self.name)))
     }
 
-    /// Every generation, oldest first, and the index of the one REV names, resolved
-    /// against that same listing (so a prune in between cannot make them disagree).
-    pub fn resolve_generation(&self, rev: &str) -> Result<(Vec<Generation>, usize)> {
-        let gens = self.generations()?;
-        let ids: Vec<GenerationId> = gens.iter().map(|g| g.id.clone()).collect();
+    /// Generation REV and every newer one, oldest first (the chain a read of REV goes
+    /// through), resolved against one listing (so a prune in between cannot make the id and
+    /// the chain disagree). Older generations' profiles are not read: a damaged one costs
+    /// only its own generation, never the newer ones.
+    pub fn resolve_generation(&self, rev: &str) -> Result<Vec<Generation>> {
+        let ids = self.generation_ids()?;
         let id =
             resolve_rev(&ids, rev).map_err(|e| Error::usage(format!("VM {}: {e}", self.name)))?;
-        let k = ids.iter().position(|i| *i == id).unwrap_or_default();
-        Ok((gens, k))
+        self.chain_from(&ids, &id)
     }
 
-    /// Generation REV, resolved against the listing it indexes
-    /// ([`VmArchive::resolve_generation`]), ready to open its disks.
-    pub fn select(&self, rev: &str) -> Result<view::Selected<'_>> {
-        let (gens, k) = self.resolve_generation(rev)?;
-        Ok(view::Selected::new(self, gens, k))
-    }
-
-    /// The generation `pin` holds, from a listing made after the pin was taken (so prune
-    /// can no longer drop it): a generation gone before that is a usage error.
-    pub fn select_pinned(&self, pin: &pin::Pin) -> Result<view::Selected<'_>> {
-        let id = &pin.generation;
-        let gens = self.generations()?;
-        let k = gens.iter().position(|g| g.id == *id).ok_or_else(|| {
+    /// The generations of `ids` from `id` to the newest, their profiles loaded.
+    fn chain_from(&self, ids: &[GenerationId], id: &GenerationId) -> Result<Vec<Generation>> {
+        let k = ids.iter().position(|i| i == id).ok_or_else(|| {
             Error::usage(format!(
                 "generation {id} of VM {} was removed while it was being opened",
                 self.name
             ))
         })?;
-        Ok(view::Selected::new(self, gens, k))
+        ids[k..].iter().map(|i| self.generation(i)).collect()
+    }
+
+    /// Generation REV, resolved against the listing it indexes
+    /// ([`VmArchive::resolve_generation`]), ready to open its disks.
+    pub fn select(&self, rev: &str) -> Result<view::Selected<'_>> {
+        Ok(view::Selected::new(self, self.resolve_generation(rev)?))
+    }
+
+    /// The generation `pin` holds, from a listing made after the pin was taken (so prune
+    /// can no longer drop it): a generation gone before that is a usage error.
+    pub fn select_pinned(&self, pin: &pin::Pin) -> Result<view::Selected<'_>> {
+        let ids = self.generation_ids()?;
+        Ok(view::Selected::new(
+            self,
+            self.chain_from(&ids, &pin.generation)?,
+        ))
     }
 
     /// Disk `disk` of generation REV, its digests proven
@@ -358,6 +364,11 @@ impl VmArchive {
 /// its sizes drive every reader's arithmetic.
 fn check_generation(path: &Path, p: &GenerationProfile) -> Result<()> {
     format::check_block_size(path, p.block_size)?;
+    // vmkeep never writes a generation without a disk (a backup of none is refused): a
+    // profile that lists none has lost its disks, and would hide their files from check.
+    if p.disks.is_empty() {
+        return Err(Error::corrupt(path, "lists no disks"));
+    }
     let mut seen = std::collections::HashSet::new();
     for d in &p.disks {
         names::check_disk(&d.name).map_err(|e| Error::corrupt(path, e))?;

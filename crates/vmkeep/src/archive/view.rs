@@ -78,24 +78,26 @@ pub struct Block {
 /// and `restore --as-vm` open their disk views from (REV → listing → index).
 pub struct Selected<'a> {
     archive: &'a VmArchive,
-    gens: Vec<Generation>,
-    k: usize,
+    /// The chosen generation (first) and every newer one, oldest first.
+    chain: Vec<Generation>,
 }
 
 impl<'a> Selected<'a> {
-    /// Generation `gens[k]` of `archive` (`gens`: every generation, oldest first).
-    pub(crate) fn new(archive: &'a VmArchive, gens: Vec<Generation>, k: usize) -> Self {
-        Selected { archive, gens, k }
+    /// Generation `chain[0]` of `archive` (`chain`: it and every newer generation, oldest
+    /// first; never empty).
+    pub(crate) fn new(archive: &'a VmArchive, chain: Vec<Generation>) -> Self {
+        debug_assert!(!chain.is_empty());
+        Selected { archive, chain }
     }
 
     /// The chosen generation.
     pub fn generation(&self) -> &Generation {
-        &self.gens[self.k]
+        &self.chain[0]
     }
 
     /// Disk `disk` of the chosen generation, its digests proven ([`DiskView::open`]).
     pub fn view(&self, disk: &str) -> Result<DiskView> {
-        DiskView::open(self.archive, &self.gens, self.k, disk)
+        DiskView::open(self.archive, &self.chain, 0, disk)
     }
 
     /// [`Self::view`], and with `ignore_damage` (`--ignore-damage`) a failed proof comes
@@ -107,7 +109,7 @@ impl<'a> Selected<'a> {
         ignore_damage: bool,
     ) -> Result<(DiskView, Option<Error>)> {
         if ignore_damage {
-            DiskView::open_ignoring_damage(self.archive, &self.gens, self.k, disk)
+            DiskView::open_ignoring_damage(self.archive, &self.chain, 0, disk)
         } else {
             Ok((self.view(disk)?, None))
         }

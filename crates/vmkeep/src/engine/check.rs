@@ -260,6 +260,9 @@ pub fn check(
         }
         c.check_newest(&gens[gens.len() - 1]);
     }
+    for g in &gens {
+        c.check_disk_files(g);
+    }
     for j in 0..gens.len().saturating_sub(1) {
         c.check_rdiffs(&gens, j, deep);
     }
@@ -350,6 +353,41 @@ impl Checker<'_> {
     }
 
     /// Newest generation: digest file against the root, image against the digests.
+    /// A disk file (image, digests, reverse diff, journal) in a generation's folder whose
+    /// disk the profile does not list: the profile has lost a disk, or a file was put there.
+    fn check_disk_files(&mut self, g: &Generation) {
+        let Ok(entries) = std::fs::read_dir(&g.dir) else {
+            return;
+        };
+        const SUFFIXES: [&str; 5] = [
+            names::IMAGE_SUFFIX,
+            names::DIGEST_SUFFIX,
+            names::RDIFF_SUFFIX,
+            names::JOURNAL_SUFFIX,
+            names::MERGE_SUFFIX,
+        ];
+        let mut stray: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|name| {
+                SUFFIXES
+                    .iter()
+                    .filter_map(|s| name.strip_suffix(s))
+                    .any(|disk| !disk.is_empty() && g.profile.disk(disk).is_none())
+            })
+            .collect();
+        stray.sort();
+        for name in stray {
+            let listed: Vec<&str> = g.profile.disks.iter().map(|d| d.name.as_str()).collect();
+            let detail = format!(
+                "file of a disk the generation's profile does not list (it lists: {})",
+                listed.join(", ")
+            );
+            let p = self.vm_problem(detail).generation(&g.id);
+            self.found(p.file(self.rel(&g.dir.join(name))));
+        }
+    }
+
     fn check_newest(&mut self, g: &Generation) {
         for d in &g.profile.disks {
             let dpath = g.digest_path(&d.name);
