@@ -273,6 +273,17 @@ pub struct ServeArgs {
     /// Make the socket 0660 with this group (name or id) so that, say, QEMU can connect
     #[arg(long, value_name = "GROUP", requires = "socket")]
     pub socket_group: Option<String>,
+    /// Instant recovery: once libvirt domain NAME runs, pull the generation into the disks
+    /// whose backing store is this server, and exit when none needs it
+    #[arg(long, value_name = "NAME")]
+    pub finish_domain: Option<String>,
+    /// libvirt connection URI of --finish-domain [default: from the config file, else
+    /// qemu:///system]
+    #[arg(long, value_name = "URI", requires = "finish_domain")]
+    pub connect: Option<String>,
+    /// Write the progress of --finish-domain to FILE (JSON; `status` reads it)
+    #[arg(long, value_name = "FILE", requires = "finish_domain")]
+    pub state: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]

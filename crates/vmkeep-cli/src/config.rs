@@ -185,10 +185,15 @@ pub enum PruneWhen {
     AfterBackup,
 }
 
-/// `[serve]`: TLS credentials for `serve --listen` (flags override each key).
+/// `[serve]`: TLS credentials for `serve --listen` (flags override each key), and the
+/// name remote hypervisors reach this host by (instant recovery onto them).
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServeConfig {
+    /// The host name or address a remote hypervisor's QEMU connects to for an instant
+    /// recovery (the server certificate must name it); default: this host's name.
+    #[cfg_attr(not(feature = "libvirt"), allow(dead_code))]
+    pub address: Option<String>,
     /// Folder with `ca-cert.pem`, `server-cert.pem`, `server-key.pem`.
     pub tls_dir: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,

@@ -462,8 +462,50 @@ fn restore_as_a_new_vm() {
     assert!(e.contains("already exists"), "{e}");
 }
 
+/// The pid of the instant-recovery server a `restore --as-vm --instant` printed.
+fn server_pid(out: &str) -> u32 {
+    out.split("(pid ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no server pid in: {out}"))
+}
+
+/// Ends an instant-recovery server the test started, whatever happens.
+struct KillServer(u32);
+
+impl Drop for KillServer {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the server this test started.
+        unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
+    }
+}
+
+/// Whether process `pid` still runs (and is not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// Wait (at most `secs`) until process `pid` has ended.
+fn wait_gone(pid: u32, secs: u64, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while alive(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: server {pid} still runs after {secs} s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 #[test]
-fn instant_recovery_boots_from_the_archive_and_blockpull_makes_it_permanent() {
+fn instant_recovery_boots_from_the_archive_and_finishes_by_itself() {
     let _shared = shared();
     let vm = TestVm::start("instant", &[("vda", "qcow2", 32)]);
     let env = Env::live();
@@ -472,27 +514,14 @@ fn instant_recovery_boots_from_the_archive_and_blockpull_makes_it_permanent() {
     let _guard = lv::Undefine(new.clone());
     let dir = env.disk_dir();
     let mut args = restore_as_vm(&vm.name, &new, &dir);
-    args.extend(["-g", "1", "--instant", "--start"]);
+    args.extend(["-g", "1", "--instant"]);
     let out = env.ok(&args);
-    let pid: u32 = out
-        .split("(pid ")
-        .nth(1)
-        .and_then(|s| s.split(')').next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    struct Kill(u32);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            // SAFETY: kill(2) on the server this test started.
-            unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
-        }
-    }
-    let _server = Kill(pid);
-    assert!(virsh(&["domstate", &new]).contains("running"));
+    let pid = server_pid(&out);
+    let _server = KillServer(pid);
+    assert!(out.contains("vmkeep status"), "{out}");
     let overlay = dir.join(format!("{new}-vda.qcow2"));
     // The recovered guest's writes are as private as every other restore target; libvirt
-    // gave the file to QEMU by owner (DAC labelling), the mode stays.
+    // gives the file to QEMU by owner (DAC labelling), the mode stays.
     {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(&overlay).unwrap();
@@ -503,16 +532,50 @@ fn instant_recovery_boots_from_the_archive_and_blockpull_makes_it_permanent() {
         info.contains("backing file: nbd+unix:///vda?socket="),
         "{info}"
     );
+    // The definition names the export as the disk's backing store.
+    let inactive = virsh(&["dumpxml", "--inactive", &new]);
+    assert!(
+        inactive.contains("<backingStore type='network'") && inactive.contains("protocol='nbd'"),
+        "{inactive}"
+    );
     // Reading the overlay chain reads the generation from the archive.
     let through = lv::read_all(overlay.to_str().unwrap(), "qcow2", &vm.path("through.raw"));
     assert!(through == gen0, "the instant VM's disk is the generation");
-    virsh(&["blockpull", &new, "vda", "--wait"]);
+    // Not started yet: the server waits for the VM, and status says so.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(alive(pid), "the server must wait while the VM is shut off");
+    let status = env.ok(&["status", &vm.name]);
+    assert!(
+        status.contains("instant recoveries:")
+            && status.contains(&new)
+            && status.contains("waiting for the VM to run"),
+        "{status}"
+    );
+    // Started: the server copies everything into the overlay, then ends by itself.
+    virsh(&["start", &new]);
+    wait_gone(pid, 180, "instant recovery");
+    let status = env.ok(&["status", &vm.name]);
+    assert!(status.contains("finished"), "{status}");
+    assert!(status.contains("100.0 % copied"), "{status}");
+    let js: serde_json::Value =
+        serde_json::from_str(&env.ok(&["--json", "status", &vm.name])).unwrap();
+    assert_eq!(js["instant"][0]["phase"], "finished", "{js}");
+    assert_eq!(js["instant"][0]["domain"], new.as_str(), "{js}");
+    assert!(virsh(&["domstate", &new]).contains("running"));
+    for xml in [
+        virsh(&["dumpxml", &new]),
+        virsh(&["dumpxml", "--inactive", &new]),
+    ] {
+        assert!(
+            !xml.contains("protocol='nbd'"),
+            "the export is still named: {xml}"
+        );
+    }
     let info = image_info(&overlay);
     assert!(
         !info.contains("backing file"),
-        "blockpull left a backing file: {info}"
+        "the pull left a backing file: {info}"
     );
-    drop(_server);
     // QEMU keeps the overlay's new metadata in memory until it flushes.
     virsh(&[
         "qemu-monitor-command",
@@ -523,7 +586,49 @@ fn instant_recovery_boots_from_the_archive_and_blockpull_makes_it_permanent() {
     let pulled = lv::read_all(overlay.to_str().unwrap(), "qcow2", &vm.path("pulled.raw"));
     assert!(
         pulled == gen0,
-        "after blockpull the disk no longer needs the archive"
+        "after the copy the disk no longer needs the archive"
+    );
+    // A restart opens the overlay alone.
+    virsh(&["destroy", &new]);
+    virsh(&["start", &new]);
+    assert!(virsh(&["domstate", &new]).contains("running"));
+}
+
+/// An instant recovery whose domain is removed before it ever runs: nothing needs the
+/// export, and the server ends by itself; one whose server was killed shows so in status.
+#[test]
+fn instant_recovery_server_ends_with_its_domain_and_status_shows_a_dead_one() {
+    let _shared = shared();
+    let vm = TestVm::start("instgone", &[("vda", "qcow2", 16)]);
+    let env = Env::live();
+    two_generations(&env, &vm, "1M", "1M");
+    let dir = env.disk_dir();
+    let gone = format!("{}-gone", vm.name);
+    let _g1 = lv::Undefine(gone.clone());
+    let mut args = restore_as_vm(&vm.name, &gone, &dir);
+    args.extend(["--instant"]);
+    let pid = server_pid(&env.ok(&args));
+    let _s1 = KillServer(pid);
+    virsh(&["undefine", &gone]);
+    wait_gone(pid, 30, "undefined domain");
+    let status = env.ok(&["status", &vm.name]);
+    assert!(
+        status.contains("ended: the VM no longer exists"),
+        "{status}"
+    );
+    let dead = format!("{}-dead", vm.name);
+    let _g2 = lv::Undefine(dead.clone());
+    let mut args = restore_as_vm(&vm.name, &dead, &dir);
+    args.extend(["--instant"]);
+    let pid = server_pid(&env.ok(&args));
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    // SAFETY: kill(2) on the server this test started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    wait_gone(pid, 10, "killed server");
+    let status = env.ok(&["status", &vm.name]);
+    assert!(
+        status.contains(&format!("SERVER NOT RUNNING (pid {pid})")),
+        "{status}"
     );
 }
 

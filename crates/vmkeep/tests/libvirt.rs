@@ -360,6 +360,7 @@ fn define_copy_makes_a_new_startable_vm() {
             path: restored.clone(),
             format: "raw".into(),
             block: false,
+            backing: None,
         },
     );
     let spec = CopySpec {

@@ -81,6 +81,14 @@ fn as_vm(ctx: &Ctx, repo: &vmkeep::archive::Repository, a: &RestoreArgs) -> Resu
     if let Some(scratch) = &ctx.config.scratch_dir {
         opts.staging_dir = scratch.clone();
     }
+    let serve = &ctx.config.serve;
+    opts.instant_tcp.address = serve.address.clone();
+    if let Some(ports) = ctx.config.nbd_ports()? {
+        opts.instant_tcp.ports = ports;
+    }
+    if let Some(dir) = serve.tls_dir.as_ref().or(ctx.config.nbd_tls_dir.as_ref()) {
+        opts.instant_tcp.tls_dir = dir.clone();
+    }
     opts.pool = a.pool.clone();
     opts.format = a.format.into();
     opts.start = a.start;
@@ -122,20 +130,15 @@ fn as_vm(ctx: &Ctx, repo: &vmkeep::archive::Repository, a: &RestoreArgs) -> Resu
         AsVmEvent::Started => ctx.say(format!("VM {new_name} started")),
     })?;
     if let Some(server) = &report.server {
-        let pid = server.pid();
         ctx.say(format!(
-            "vmkeep serve (pid {pid}) exports the generation on {} (log: {})",
-            server.socket.display(),
+            "vmkeep serve (pid {}) exports the generation on {} (log: {})",
+            server.pid(),
+            server.server,
             server.log.display()
         ));
-        ctx.say("The VM's unwritten data stays in the archive. To make the copy permanent:");
-        for d in &report.disks {
-            ctx.say(format!("  virsh blockpull {new_name} {d} --wait --verbose"));
-        }
         ctx.say(format!(
-            "  kill {pid}    # once every blockpull has finished, or the VM is gone"
+            "Once {new_name} runs, it copies the generation into the VM's disks and then exits; `vmkeep status` shows the progress."
         ));
-        ctx.say("  (or, shut off: qemu-img convert -O qcow2 OVERLAY FULL.qcow2 and point the VM at FULL.qcow2)");
     }
     // The instant server outlives this command: the report is dropped, the server runs on.
     Ok(if report.damaged {

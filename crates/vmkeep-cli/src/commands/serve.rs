@@ -16,6 +16,7 @@ pub fn run(ctx: &Ctx, a: ServeArgs) -> Result<i32> {
     // Before any thread starts, so that every thread inherits the mask (a process-wide
     // matter, so the command's, not the library's).
     let signals = block_signals()?;
+    let finish = finish_options(ctx, &a)?;
     let c = &ctx.config.serve;
     let flags = TlsPaths {
         dir: a.tls_dir,
@@ -51,9 +52,94 @@ pub fn run(ctx: &Ctx, a: ServeArgs) -> Result<i32> {
                 stop.shutdown();
             })
             .map_err(|e| vmkeep::Error::io_ctx("signal thread", e))?;
+        if let Some(f) = &finish {
+            finisher(f, served, server)?;
+        }
         Ok(())
     })?;
     Ok(0)
+}
+
+/// `--finish-domain` without libvirt support.
+#[cfg(not(feature = "libvirt"))]
+struct FinishArgs;
+
+#[cfg(not(feature = "libvirt"))]
+fn finish_options(_ctx: &Ctx, a: &ServeArgs) -> Result<Option<FinishArgs>> {
+    if a.finish_domain.is_some() {
+        anyhow::bail!(vmkeep::Error::usage(
+            "--finish-domain needs libvirt: this vmkeep was built without it"
+        ));
+    }
+    Ok(None)
+}
+
+#[cfg(not(feature = "libvirt"))]
+fn finisher(_f: &FinishArgs, _served: &ServedGeneration, _server: &Server) -> vmkeep::Result<()> {
+    Ok(())
+}
+
+/// `--finish-domain NAME [--connect URI] [--state FILE]`.
+#[cfg(feature = "libvirt")]
+struct FinishArgs {
+    domain: String,
+    uri: String,
+    state: std::path::PathBuf,
+}
+
+#[cfg(feature = "libvirt")]
+fn finish_options(ctx: &Ctx, a: &ServeArgs) -> Result<Option<FinishArgs>> {
+    let Some(domain) = &a.finish_domain else {
+        return Ok(None);
+    };
+    Ok(Some(FinishArgs {
+        domain: domain.clone(),
+        uri: ctx.connect_uri(Some(domain), a.connect.as_deref())?,
+        state: a
+            .state
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join(format!("vmkeep-finish-{domain}.json"))),
+    }))
+}
+
+/// Start the thread that finishes the instant recovery into `f.domain` and stops the
+/// server when it is complete.
+#[cfg(feature = "libvirt")]
+fn finisher(f: &FinishArgs, served: &ServedGeneration, server: &Server) -> vmkeep::Result<()> {
+    use vmkeep::engine::finish::{self, Finish, OurExport};
+
+    let ours = match (server.socket_path(), server.local_addr()) {
+        (Some(socket), _) => OurExport::Unix(socket.to_path_buf()),
+        (None, Some(addr)) => OurExport::Tcp(addr.port()),
+        (None, None) => {
+            return Err(vmkeep::Error::usage(
+                "--finish-domain: the server has no address",
+            ))
+        }
+    };
+    let plan = Finish {
+        uri: f.uri.clone(),
+        domain: f.domain.clone(),
+        ours,
+        exports: served
+            .exports
+            .iter()
+            .map(|e| e.name().to_string())
+            .collect(),
+        vm: served.vm.clone(),
+        generation: served.generation.to_string(),
+        state: f.state.clone(),
+    };
+    let stop = server.shutdown_handle();
+    std::thread::Builder::new()
+        .name("finish".into())
+        .spawn(move || {
+            let phase = finish::run(&plan);
+            tracing::info!("instant recovery of {}: {phase:?}; stopping", plan.domain);
+            stop.shutdown();
+        })
+        .map_err(|e| vmkeep::Error::io_ctx("finish thread", e))?;
+    Ok(())
 }
 
 /// One line (or a JSON object) naming every export's URI.

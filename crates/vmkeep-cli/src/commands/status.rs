@@ -28,8 +28,11 @@ pub fn run(ctx: &Ctx, a: StatusArgs) -> Result<i32> {
     if a.check_health {
         return health(ctx, &vms);
     }
+    let recoveries = instant::recoveries(ctx, &names);
     if ctx.json {
-        crate::output::json(&serde_json::json!({ "repository": repo.root(), "vms": vms }));
+        crate::output::json(&serde_json::json!({
+            "repository": repo.root(), "vms": vms, "instant": recoveries,
+        }));
         return Ok(0);
     }
     for (i, vm) in vms.iter().enumerate() {
@@ -41,7 +44,125 @@ pub fn run(ctx: &Ctx, a: StatusArgs) -> Result<i32> {
     if vms.is_empty() {
         crate::output::say(format!("no VMs in {}", repo.root().display()));
     }
+    if !recoveries.is_empty() {
+        crate::output::say("");
+        crate::output::say(instant::table(&recoveries));
+    }
     Ok(0)
+}
+
+/// Instant recoveries of these VMs, from their servers' progress files.
+#[cfg(feature = "libvirt")]
+mod instant {
+    use std::fmt::Write as _;
+
+    use serde::Serialize;
+    use vmkeep::engine::finish::{FinishState, Phase, STATE_FILE};
+    use vmkeep::engine::recover::DEFAULT_RUN_DIR;
+
+    use crate::commands::Ctx;
+    use crate::output::bytes;
+
+    /// One recovery as `status` shows it.
+    #[derive(Debug, Serialize)]
+    pub struct Recovery {
+        #[serde(flatten)]
+        pub state: FinishState,
+        /// Its server still runs.
+        pub serving: bool,
+        /// The recovery's folder.
+        pub dir: std::path::PathBuf,
+    }
+
+    /// Every recovery under the run folder whose archived VM is one of `vms`, newest
+    /// progress first.
+    pub fn recoveries(ctx: &Ctx, vms: &[String]) -> Vec<Recovery> {
+        let run = ctx
+            .config
+            .run_dir
+            .clone()
+            .unwrap_or_else(|| DEFAULT_RUN_DIR.into());
+        let Ok(entries) = std::fs::read_dir(&run) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Recovery> = entries
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("instant-"))
+            .filter_map(|e| {
+                let state = FinishState::load(&e.path().join(STATE_FILE)).ok()?;
+                vms.contains(&state.vm).then(|| Recovery {
+                    serving: serving(state.pid),
+                    state,
+                    dir: e.path(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| b.state.updated.cmp(&a.state.updated));
+        out
+    }
+
+    /// Whether process `pid` is a running `vmkeep serve`.
+    fn serving(pid: u32) -> bool {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .is_ok_and(|c| c.split(|&b| b == 0).any(|arg| arg == b"serve"))
+    }
+
+    /// The human lines: one per recovery, one per disk.
+    pub fn table(recoveries: &[Recovery]) -> String {
+        let mut out = String::from("instant recoveries:\n");
+        for r in recoveries {
+            let s = &r.state;
+            let phase = match (s.phase, r.serving) {
+                (Phase::Finished, _) => "finished: the disks hold every block".to_string(),
+                (Phase::Gone, _) => "ended: the VM no longer exists".to_string(),
+                (_, false) => format!(
+                    "SERVER NOT RUNNING (pid {}): the VM cannot read what is not yet copied",
+                    s.pid
+                ),
+                (Phase::Waiting, true) => "waiting for the VM to run".to_string(),
+                (Phase::Pulling, true) => "copying".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "  {} (from {} generation {}, {}): {phase}",
+                s.domain, s.vm, s.generation, s.uri
+            );
+            for d in &s.disks {
+                let pct = if d.pulled {
+                    100.0
+                } else if d.total > 0 {
+                    100.0 * d.done as f64 / d.total as f64
+                } else {
+                    0.0
+                };
+                let _ = writeln!(
+                    out,
+                    "    {:<6} {:>5.1} % copied ({} of {})",
+                    d.target,
+                    pct,
+                    bytes(d.done),
+                    bytes(d.total)
+                );
+            }
+            if let Some(note) = &s.note {
+                let _ = writeln!(out, "    note: {note}");
+            }
+        }
+        out.trim_end().to_string()
+    }
+}
+
+#[cfg(not(feature = "libvirt"))]
+mod instant {
+    use crate::commands::Ctx;
+
+    pub fn recoveries(_ctx: &Ctx, _vms: &[String]) -> Vec<()> {
+        Vec::new()
+    }
+
+    pub fn table(_recoveries: &[()]) -> String {
+        String::new()
+    }
 }
 
 /// The human table for one VM.

@@ -3,6 +3,8 @@
 pub mod backup;
 pub mod check;
 #[cfg(feature = "libvirt")]
+pub mod finish;
+#[cfg(feature = "libvirt")]
 pub mod inventory;
 #[cfg(feature = "libvirt")]
 pub mod live;

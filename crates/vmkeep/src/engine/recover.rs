@@ -67,6 +67,32 @@ pub struct AsVmOptions {
     /// Where a disk is staged here before its upload into a pool (a fresh private folder
     /// in it, removed afterwards).
     pub staging_dir: PathBuf,
+    /// How instant recovery onto a remote host serves the generation: TCP with TLS.
+    pub instant_tcp: InstantTcp,
+}
+
+/// The TCP export of an instant recovery onto a remote host: `vmkeep serve --listen` on
+/// this host, with TLS, which the hypervisor's QEMU connects to.
+#[derive(Debug, Clone)]
+pub struct InstantTcp {
+    /// The name (or address) the hypervisor reaches this host by; the server certificate
+    /// must name it. `None`: this host's name (`uname -n`).
+    pub address: Option<String>,
+    /// The TCP ports to try, lowest first.
+    pub ports: std::ops::RangeInclusive<u16>,
+    /// The server's TLS folder (`ca-cert.pem`, `server-cert.pem`, `server-key.pem`): the
+    /// hypervisor's client certificate must chain to that CA.
+    pub tls_dir: PathBuf,
+}
+
+impl Default for InstantTcp {
+    fn default() -> Self {
+        InstantTcp {
+            address: None,
+            ports: crate::engine::live::DEFAULT_NBD_PORTS,
+            tls_dir: PathBuf::from(crate::engine::live::DEFAULT_NBD_TLS_DIR),
+        }
+    }
 }
 
 /// The storage pool of a restore onto a remote host when none is given.
@@ -95,6 +121,7 @@ impl AsVmOptions {
             serve_exe: None,
             pool: None,
             staging_dir: PathBuf::from(DEFAULT_STAGING_DIR),
+            instant_tcp: InstantTcp::default(),
         }
     }
 }
@@ -142,8 +169,10 @@ pub struct AsVmReport {
 #[derive(Debug)]
 pub struct InstantServer {
     child: Child,
-    /// The unix socket it serves on (QEMU's group may connect).
-    pub socket: PathBuf,
+    /// Where it serves, as QEMU connects to it.
+    pub server: xml::NbdServer,
+    /// Its folder: the log and the progress of the copy ([`crate::engine::finish`]).
+    pub dir: PathBuf,
     /// Its log file (stdout and stderr).
     pub log: PathBuf,
 }
@@ -152,6 +181,21 @@ impl InstantServer {
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Wait (at most [`SERVER_START`]) until the server has found the new domain and the
+    /// disks it is to finish, so that whatever happens to the domain from now on (even
+    /// its removal at once) is seen by the server.
+    fn wait_seen(&self) {
+        let path = self.dir.join(crate::engine::finish::STATE_FILE);
+        let deadline = Instant::now() + SERVER_START;
+        while Instant::now() < deadline {
+            if crate::engine::finish::FinishState::load(&path).is_ok_and(|s| s.seen) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        tracing::warn!("the instant-recovery server has not found the new VM yet");
     }
 
     /// End the server and wait for it.
@@ -198,11 +242,6 @@ pub fn restore_as_vm(
         .pool
         .clone()
         .or_else(|| (!hv.is_local()).then(|| DEFAULT_POOL.to_string()));
-    if pool.is_some() && opts.instant {
-        return Err(Error::usage(
-            "--instant into a storage pool or on a remote host is not supported yet (restore the disks, or run it on the host)",
-        ));
-    }
     let dir = &opts.disk_dir;
     if pool.is_none() {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -227,6 +266,7 @@ pub fn restore_as_vm(
                 },
                 format: format.to_string(),
                 block: false,
+                backing: None,
             },
         );
     }
@@ -262,8 +302,20 @@ pub fn restore_as_vm(
     }
     let names: Vec<String> = gen.profile.disks.iter().map(|d| d.name.clone()).collect();
     if opts.instant {
+        let sizes: Vec<u64> = views.iter().map(|(v, _)| v.size).collect();
         drop(views);
-        let server = instant(repo, opts, &id, &names, &spec, &saved, &hv, on_event)?;
+        let server = instant(
+            repo,
+            opts,
+            &id,
+            &names,
+            &sizes,
+            &mut spec,
+            &saved,
+            &hv,
+            pool.as_deref(),
+            on_event,
+        )?;
         return Ok(AsVmReport {
             generation: id,
             disks: names,
@@ -418,47 +470,93 @@ impl Drop for RemoveDir {
 }
 
 /// Instant recovery: `vmkeep serve` in the background exports the generation; each new
-/// disk is a qcow2 overlay whose backing file is that export, so the VM boots at once and
-/// reads what it has not written from the archive. Its writes stay in the overlays.
+/// disk is a qcow2 overlay whose backing store is that export, named in the definition
+/// (and in the overlay's header), so the VM boots at once and reads what it has not written
+/// from the archive. Its writes stay in the overlays. The server pulls the rest into the
+/// overlays once the VM runs ([`crate::engine::finish`]) and then exits.
+///
+/// On this host the export is a unix socket and the overlays are files under the disk
+/// folder; into a pool (and on a remote host, always) each overlay is made here and
+/// uploaded as a volume. A remote host's QEMU reaches the export over TCP with TLS.
 #[allow(clippy::too_many_arguments)]
 fn instant(
     repo: &Repository,
     opts: &AsVmOptions,
     id: &str,
     disks: &[String],
-    spec: &CopySpec,
+    sizes: &[u64],
+    spec: &mut CopySpec,
     saved: &str,
     hv: &Hypervisor,
+    pool: Option<&str>,
     on_event: &mut dyn FnMut(AsVmEvent<'_>),
 ) -> Result<InstantServer> {
-    let server = start_server(repo, opts, id)?;
-    for d in disks {
-        if let Err(e) = overlay(&spec.disks[d].path, d, &server.socket, opts.replace) {
-            server.stop();
-            return Err(e);
-        }
-    }
-    let dom = match hv.define_copy(saved, spec) {
-        Ok(d) => d,
-        Err(e) => {
-            server.stop();
-            return Err(e);
-        }
+    let listen = if hv.is_local() {
+        ServeListen::Unix
+    } else {
+        ServeListen::Tcp(&opts.instant_tcp)
     };
-    on_event(AsVmEvent::Defined {
-        generation: id,
-        uuid: &dom.uuid()?,
-    });
-    if opts.start {
-        dom.start()?;
-        on_event(AsVmEvent::Started);
+    let server = start_server(repo, opts, id, &listen, hv.uri())?;
+    let mut made: Vec<crate::libvirt::Volume> = Vec::new();
+    let result = (|| -> Result<()> {
+        for (d, size) in disks.iter().zip(sizes) {
+            let backing = xml::NbdBacking {
+                server: server.server.clone(),
+                export: d.clone(),
+            };
+            match pool {
+                None => overlay(&spec.disks[d].path, &backing, *size, opts.replace)?,
+                Some(pool) => {
+                    let name = format!("{}-{d}.qcow2", opts.new_name);
+                    if hv.volume_exists(pool, &name)? && !opts.replace {
+                        return Err(Error::usage(format!(
+                            "volume {name} exists in pool {pool} on {} (remove it, or use --replace)",
+                            hv.uri()
+                        )));
+                    }
+                    let staged = server.dir.join(&name);
+                    overlay(&staged, &backing, *size, false)?;
+                    let vol = hv.create_volume(pool, &name, "qcow2", *size, opts.replace)?;
+                    let uploaded = vol.upload_file(hv, &staged, *size);
+                    let _ = std::fs::remove_file(&staged);
+                    made.push(vol);
+                    uploaded?;
+                    let vol = made.last().expect("just pushed");
+                    if let Some(new) = spec.disks.get_mut(d) {
+                        new.path = vol.path().to_path_buf();
+                    }
+                }
+            }
+            if let Some(new) = spec.disks.get_mut(d) {
+                new.backing = Some(backing);
+            }
+        }
+        let dom = hv.define_copy(saved, spec)?;
+        on_event(AsVmEvent::Defined {
+            generation: id,
+            uuid: &dom.uuid()?,
+        });
+        if opts.start {
+            dom.start()?;
+            on_event(AsVmEvent::Started);
+        }
+        server.wait_seen();
+        Ok(())
+    })();
+    if let Err(e) = result {
+        server.stop();
+        for vol in made {
+            vol.delete();
+        }
+        return Err(e);
     }
     Ok(server)
 }
 
-/// Create the qcow2 overlay of disk `disk` at `overlay`, its backing file the export of
-/// that disk on `socket`.
-fn overlay(overlay: &Path, disk: &str, socket: &Path, replace: bool) -> Result<()> {
+/// Create the qcow2 overlay `overlay` of `size` bytes whose backing file is `backing`
+/// (for a TCP export without its TLS, which only the domain definition can give QEMU:
+/// the file alone cannot be read, it is never read as plain zeros).
+fn overlay(overlay: &Path, backing: &xml::NbdBacking, size: u64, replace: bool) -> Result<()> {
     if overlay.exists() && !replace {
         return Err(Error::usage(format!(
             "{} exists (remove it, or use --replace)",
@@ -470,12 +568,29 @@ fn overlay(overlay: &Path, disk: &str, socket: &Path, replace: bool) -> Result<(
     // truncates the file and keeps its mode; libvirt gives QEMU the file when the VM
     // starts, by owner, not by mode).
     crate::fsutil::create_new(overlay)?;
-    let mut backing = std::ffi::OsString::from(format!("nbd+unix:///{disk}?socket="));
-    backing.push(socket);
+    let mut name = std::ffi::OsString::new();
+    match &backing.server {
+        xml::NbdServer::Unix(socket) => {
+            name.push(format!("nbd+unix:///{}?socket=", backing.export));
+            name.push(socket);
+        }
+        xml::NbdServer::Tcp {
+            name: host, port, ..
+        } => {
+            let host = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host.clone()
+            };
+            name.push(format!("nbd://{host}:{port}/{}", backing.export));
+        }
+    }
+    // -u: the export is not opened (a TCP one needs TLS credentials only QEMU has).
     let out = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
-        .arg(&backing)
+        .args(["create", "-q", "-u", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&name)
         .arg(overlay)
+        .arg(size.to_string())
         .output()
         .map_err(|e| Error::io_ctx("qemu-img (install qemu-utils)", e))?;
     if !out.status.success() {
@@ -488,19 +603,37 @@ fn overlay(overlay: &Path, disk: &str, socket: &Path, replace: bool) -> Result<(
     Ok(())
 }
 
-/// Start `vmkeep serve` for generation `id` of `opts.vm`, detached, on a socket QEMU may
-/// use, and wait until it listens.
-fn start_server(repo: &Repository, opts: &AsVmOptions, id: &str) -> Result<InstantServer> {
-    use std::os::unix::process::CommandExt;
+/// Where an instant recovery's server listens.
+enum ServeListen<'a> {
+    /// A unix socket in its folder, QEMU's group may connect: the hypervisor is this host.
+    Unix,
+    /// TCP with TLS, for a remote hypervisor.
+    Tcp(&'a InstantTcp),
+}
 
+/// This host's name (`uname -n`).
+fn this_host() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Start `vmkeep serve` for generation `id` of `opts.vm`, detached, where `listen` says,
+/// told to finish the copy into domain `opts.new_name` on `uri` and exit then; wait until
+/// it listens. A TCP port that is taken moves on to the next of the range.
+fn start_server(
+    repo: &Repository,
+    opts: &AsVmOptions,
+    id: &str,
+    listen: &ServeListen<'_>,
+    uri: &str,
+) -> Result<InstantServer> {
     let gid = group_id("libvirt-qemu").or_else(|_| group_id("qemu"))?;
     // A fresh folder in a parent only root can change: root-owned, QEMU's group may
     // enter (to connect), nobody else.
     let run = crate::fsutil::private_dir(&opts.run_dir, "instant-", Share::Enter(gid))?.path;
-    let socket = run.join("nbd.sock");
     let log = run.join("serve.log");
-    // 0600: QEMU's group may enter the folder, the server's log is root's.
-    let log_file = crate::fsutil::create_truncate(&log)?;
     let exe = match &opts.serve_exe {
         Some(exe) => exe.clone(),
         None => std::env::current_exe().map_err(|e| Error::io_ctx("this executable", e))?,
@@ -508,13 +641,68 @@ fn start_server(repo: &Repository, opts: &AsVmOptions, id: &str) -> Result<Insta
     let mut cmd = Command::new(&exe);
     cmd.arg("--repo")
         .arg(repo.root())
-        .args(["serve", &opts.vm, "-g", id, "--idle-timeout", "0"]);
-    cmd.arg("--socket-group")
-        .arg(gid.to_string())
-        .arg("--socket")
-        .arg(&socket);
+        .args(["serve", &opts.vm, "-g", id, "--idle-timeout", "0"])
+        .arg("--finish-domain")
+        .arg(&opts.new_name)
+        .arg("--connect")
+        .arg(uri)
+        .arg("--state")
+        .arg(run.join(crate::engine::finish::STATE_FILE));
+    let tcp = match listen {
+        ServeListen::Unix => {
+            let socket = run.join("nbd.sock");
+            cmd.arg("--socket-group")
+                .arg(gid.to_string())
+                .arg("--socket")
+                .arg(&socket);
+            return spawn_server(cmd, &exe, &run, &log, xml::NbdServer::Unix(socket));
+        }
+        ServeListen::Tcp(tcp) => tcp,
+    };
+    let name = tcp.address.clone().unwrap_or_else(this_host);
+    // An address is listened on as it is; a name on every address of this host.
+    let bind = match name.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(a)) => format!("[{a}]"),
+        Ok(a) => a.to_string(),
+        Err(_) => "0.0.0.0".to_string(),
+    };
+    cmd.arg("--allow-remote").arg("--tls-dir").arg(&tcp.tls_dir);
+    let mut last = None;
+    for port in tcp.ports.clone() {
+        let mut attempt = Command::new(cmd.get_program());
+        attempt
+            .args(cmd.get_args())
+            .arg("--listen")
+            .arg(format!("{bind}:{port}"));
+        let server = xml::NbdServer::Tcp {
+            name: name.clone(),
+            port,
+            tls: true,
+        };
+        match spawn_server(attempt, &exe, &run, &log, server) {
+            Err(e) if crate::libvirt::port_taken(&e.to_string()) => last = Some(e),
+            other => return other,
+        }
+    }
+    let _ = std::fs::remove_dir_all(&run);
+    Err(last.unwrap_or_else(|| Error::usage("nbd_ports is an empty range")))
+}
+
+/// Spawn the server `cmd` in a session of its own, its output into `log`, and wait until
+/// it announces that it listens (its first line); its exit before that is the error.
+fn spawn_server(
+    mut cmd: Command,
+    exe: &Path,
+    run: &Path,
+    log: &Path,
+    server: xml::NbdServer,
+) -> Result<InstantServer> {
+    use std::os::unix::process::CommandExt;
+
+    // 0600: QEMU's group may enter the folder, the server's log is root's.
+    let log_file = crate::fsutil::create_truncate(log)?;
     cmd.stdin(Stdio::null())
-        .stdout(log_file.try_clone().map_err(|e| Error::io(&log, e))?)
+        .stdout(log_file.try_clone().map_err(|e| Error::io(log, e))?)
         .stderr(log_file);
     // SAFETY: setsid() is async-signal-safe and touches no memory; it detaches the server
     // from this terminal's session so that it outlives this command.
@@ -524,23 +712,32 @@ fn start_server(repo: &Repository, opts: &AsVmOptions, id: &str) -> Result<Insta
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|e| Error::io(&exe, e))?;
-    let mut server = InstantServer { child, socket, log };
+    let child = cmd.spawn().map_err(|e| Error::io(exe, e))?;
+    let mut server = InstantServer {
+        child,
+        server,
+        dir: run.to_path_buf(),
+        log: log.to_path_buf(),
+    };
     let deadline = Instant::now() + SERVER_START;
-    while std::os::unix::net::UnixStream::connect(&server.socket).is_err() {
+    loop {
+        let said = std::fs::read_to_string(&server.log).unwrap_or_default();
+        if said.contains(": serving generation ") {
+            return Ok(server);
+        }
         if let Some(status) = server
             .child
             .try_wait()
             .map_err(|e| Error::io_ctx("vmkeep serve", e))?
         {
-            let msg = std::fs::read_to_string(&server.log).unwrap_or_default();
             return Err(Error::source(
                 "vmkeep serve",
-                format!("exited ({status}): {}", msg.trim()),
+                format!("exited ({status}): {}", said.trim()),
             ));
         }
         if Instant::now() > deadline {
             let _ = server.child.kill();
+            let _ = server.child.wait();
             return Err(Error::source(
                 "vmkeep serve",
                 "did not start listening within 20 s",
@@ -548,5 +745,4 @@ fn start_server(repo: &Repository, opts: &AsVmOptions, id: &str) -> Result<Insta
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(server)
 }

@@ -469,6 +469,20 @@ impl Domain {
             .map_err(|e| self.err(format!("cannot undefine: {}", e.message())))
     }
 
+    /// Start pulling every block of disk `target`'s backing chain into its top image
+    /// (`virsh blockpull`); when the job completes the disk has no backing store.
+    pub fn block_pull(&self, target: &str) -> Result<()> {
+        ffi::block_pull(&self.dom, target)
+            .map_err(|e| self.err(format!("cannot pull disk {target}: {e}")))
+    }
+
+    /// The progress of disk `target`'s block job: `None` without one, else (bytes done,
+    /// bytes in all).
+    pub fn block_job_progress(&self, target: &str) -> Result<Option<(u64, u64)>> {
+        ffi::block_job_progress(&self.dom, target)
+            .map_err(|e| self.err(format!("block job of disk {target}: {e}")))
+    }
+
     /// QEMU's group (from the running VM's DAC label), `None` if QEMU runs as the caller.
     pub fn qemu_gid(&self) -> Result<Option<u32>> {
         Ok(xml::parse_domain(&self.live_xml()?)?

@@ -1,6 +1,6 @@
 //! The libvirt calls that the `virt` crate offers only as raw C functions in `virt::sys`:
-//! pull-mode backup, checkpoints, job abort and job statistics, and the hole of a sparse
-//! stream.
+//! pull-mode backup, checkpoints, job abort and job statistics, block pull and its
+//! progress, and the hole of a sparse stream.
 //!
 //! This is the only file of vmkeep with `unsafe` for libvirt. Every wrapper turns a NULL or
 //! `-1` return into an [`FfiError`] carrying libvirt's own message (`virGetLastError`,
@@ -156,6 +156,32 @@ pub(crate) fn block_capacity(dom: &Domain, disk: &str) -> FfiResult<u64> {
     // initialised struct that libvirt fills on success.
     check(unsafe { sys::virDomainGetBlockInfo(dom_ptr(dom), disk.as_ptr(), &mut info, 0) })?;
     Ok(info.capacity)
+}
+
+/// Start pulling every block of disk `disk`'s backing chain into its top image
+/// (`virDomainBlockPull`, no bandwidth limit): when the job completes the disk no longer
+/// has a backing file.
+pub(crate) fn block_pull(dom: &Domain, disk: &str) -> FfiResult<()> {
+    let disk = c_string(disk, "disk name")?;
+    // SAFETY: valid domain pointer and NUL-terminated disk name, both live for the call.
+    check(unsafe { sys::virDomainBlockPull(dom_ptr(dom), disk.as_ptr(), 0, 0) }).map(drop)
+}
+
+/// The progress of disk `disk`'s block job (`virDomainGetBlockJobInfo`): `None` when the
+/// disk has no block job, else (bytes done, bytes in all) as QEMU counts them.
+pub(crate) fn block_job_progress(dom: &Domain, disk: &str) -> FfiResult<Option<(u64, u64)>> {
+    let disk = c_string(disk, "disk name")?;
+    let mut info = sys::virDomainBlockJobInfo {
+        type_: 0,
+        bandwidth: 0,
+        cur: 0,
+        end: 0,
+    };
+    // SAFETY: valid domain pointer, NUL-terminated disk name, and `info` is a live,
+    // initialised struct that libvirt fills when it returns 1.
+    let rc =
+        check(unsafe { sys::virDomainGetBlockJobInfo(dom_ptr(dom), disk.as_ptr(), &mut info, 0) })?;
+    Ok((rc == 1).then_some((info.cur, info.end)))
 }
 
 /// What `virDomainGetJobStats` reports about the current or the last completed job.

@@ -561,6 +561,101 @@ pub struct NewDisk {
     pub format: String,
     /// A block device (`<disk type='block'>`) rather than a file.
     pub block: bool,
+    /// An NBD export the disk reads what it has not written from (instant recovery's
+    /// overlays), written into the definition as the disk's `<backingStore>`.
+    pub backing: Option<NbdBacking>,
+}
+
+/// An NBD export as the backing store of a copied disk: a raw image read from `export` on
+/// `server` (a unix socket, or TCP with TLS unless `tls` is false).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdBacking {
+    /// Where QEMU connects.
+    pub server: NbdServer,
+    /// The export name.
+    pub export: String,
+}
+
+impl NbdBacking {
+    /// The `<backingStore>` element.
+    fn element(&self) -> String {
+        let (tls, host) = match &self.server {
+            NbdServer::Unix(socket) => (
+                String::new(),
+                format!(
+                    "<host transport='unix' socket='{}'/>",
+                    escape(&socket.to_string_lossy())
+                ),
+            ),
+            NbdServer::Tcp { name, port, tls } => (
+                format!(" tls='{}'", if *tls { "yes" } else { "no" }),
+                format!("<host name='{}' port='{port}'/>", escape(name)),
+            ),
+        };
+        format!(
+            "<backingStore type='network'>\n        <format type='raw'/>\n        \
+             <source protocol='nbd' name='{}'{tls}>\n          {host}\n        </source>\n        \
+             <backingStore/>\n      </backingStore>",
+            escape(&self.export)
+        )
+    }
+}
+
+/// An NBD source somewhere in a disk's backing chain, as a domain definition names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdSourceXml {
+    /// The disk's `<target dev=…>`.
+    pub target: String,
+    /// The export name (`name`), empty when the XML has none.
+    pub export: String,
+    /// The unix socket (`<host transport='unix' socket=…>`).
+    pub socket: Option<PathBuf>,
+    /// The TCP host name and port (`<host name=… port=…>`; 10809 when no port is given).
+    pub tcp: Option<(String, u16)>,
+}
+
+/// Every NBD source in the backing chains (`<backingStore>`, nested) of the domain's
+/// disks, in document order. The disk's own `<source>` is not a backing store and is not
+/// listed.
+pub fn nbd_backing_sources(xml: &str) -> Result<Vec<NbdSourceXml>> {
+    let doc = parse_doc(xml, "domain")?;
+    let mut out = Vec::new();
+    let Some(devices) = child(doc.root_element(), "devices") else {
+        return Ok(out);
+    };
+    for disk in devices.children().filter(|c| c.has_tag_name("disk")) {
+        let Some(target) = child(disk, "target").and_then(|t| t.attribute("dev")) else {
+            continue;
+        };
+        let mut store = child(disk, "backingStore");
+        while let Some(b) = store {
+            if let Some(src) = child(b, "source").filter(|s| s.attribute("protocol") == Some("nbd"))
+            {
+                let host = child(src, "host");
+                let socket = host
+                    .filter(|h| h.attribute("transport") == Some("unix"))
+                    .and_then(|h| h.attribute("socket"))
+                    .map(PathBuf::from);
+                let tcp = host
+                    .filter(|h| h.attribute("transport").unwrap_or("tcp") == "tcp")
+                    .and_then(|h| {
+                        let port = match h.attribute("port") {
+                            None => 10809,
+                            Some(p) => p.parse().ok()?,
+                        };
+                        Some((h.attribute("name")?.to_string(), port))
+                    });
+                out.push(NbdSourceXml {
+                    target: target.to_string(),
+                    export: src.attribute("name").unwrap_or_default().to_string(),
+                    socket,
+                    tcp,
+                });
+            }
+            store = child(b, "backingStore");
+        }
+    }
+    Ok(out)
 }
 
 /// How to turn a saved domain definition into a new domain.
@@ -763,6 +858,13 @@ fn copy_disk(
         .filter(|c| c.has_tag_name("backingStore") || c.has_tag_name("auth"))
     {
         splice.remove(stale);
+    }
+    if let Some(backing) = &new.backing {
+        let target = child(disk, "target").expect("parse_disk found the target");
+        splice.replace(
+            target.range().start..target.range().start,
+            format!("{}\n      ", backing.element()),
+        );
     }
     Ok(())
 }
@@ -1063,6 +1165,7 @@ mod tests {
                 path: "/restore/vda.raw".into(),
                 format: "raw".into(),
                 block: false,
+                backing: None,
             },
         );
         spec.disks.insert(
@@ -1071,6 +1174,7 @@ mod tests {
                 path: "/restore/vdb & co.raw".into(),
                 format: "raw".into(),
                 block: false,
+                backing: None,
             },
         );
         spec
@@ -1122,6 +1226,54 @@ mod tests {
         assert_eq!(src.attribute("bridge"), None);
     }
 
+    /// Instant recovery's overlays name their NBD backing in the definition, for a unix
+    /// socket and for TCP with TLS; the parser finds exactly those sources again.
+    #[test]
+    fn copy_writes_nbd_backing_stores_that_parse_back() {
+        let mut spec = spec();
+        spec.disks.get_mut("vda").unwrap().backing = Some(NbdBacking {
+            server: NbdServer::Unix("/run/vmkeep/instant-x/nbd.sock".into()),
+            export: "vda".into(),
+        });
+        spec.disks.get_mut("vdb").unwrap().backing = Some(NbdBacking {
+            server: NbdServer::Tcp {
+                name: "backup1.example".into(),
+                port: 10811,
+                tls: true,
+            },
+            export: "vdb & co".into(),
+        });
+        let out = copy_domain_xml(DOMAIN, &spec, &["default".into()], &mut macs()).unwrap();
+        Document::parse(&out).unwrap();
+        assert!(out.contains("tls='yes'"), "{out}");
+        let found = nbd_backing_sources(&out).unwrap();
+        assert_eq!(
+            found,
+            [
+                NbdSourceXml {
+                    target: "vda".into(),
+                    export: "vda".into(),
+                    socket: Some("/run/vmkeep/instant-x/nbd.sock".into()),
+                    tcp: None,
+                },
+                NbdSourceXml {
+                    target: "vdb".into(),
+                    export: "vdb & co".into(),
+                    socket: None,
+                    tcp: Some(("backup1.example".into(), 10811)),
+                },
+            ]
+        );
+        // The disks' own sources are the overlays.
+        let d = parse_domain(&out).unwrap();
+        assert_eq!(
+            d.disk("vda").unwrap().source,
+            DiskSource::File("/restore/vda.raw".into())
+        );
+        // A definition without backing stores has none.
+        assert!(nbd_backing_sources(DOMAIN).unwrap().is_empty());
+    }
+
     #[test]
     fn copy_refuses_unknown_network_unless_mapped() {
         let err = copy_domain_xml(DOMAIN, &spec(), &["lan".into()], &mut macs()).unwrap_err();
@@ -1146,6 +1298,7 @@ mod tests {
                 path: "/x".into(),
                 format: "raw".into(),
                 block: false,
+                backing: None,
             },
         );
         let err = copy_domain_xml(DOMAIN, &extra, &["default".into()], &mut macs()).unwrap_err();
@@ -1167,6 +1320,7 @@ mod tests {
                 path: "/dev/vg/b".into(),
                 format: "raw".into(),
                 block: true,
+                backing: None,
             },
         );
         let out = copy_domain_xml(xml, &spec, &[], &mut macs()).unwrap();
