@@ -69,11 +69,23 @@ impl RemoteLibvirtd {
     /// Restart libvirtd listening on TCP, with `tls_dir` as the backup TLS folder (`None`:
     /// the host's qemu.conf as it was, so no TLS for backups).
     fn start(dir: &Path, tls_dir: Option<&Path>) -> RemoteLibvirtd {
+        Self::start_with(dir, tls_dir, None)
+    }
+
+    /// [`Self::start`], and with `nbd_client` QEMU's client credentials for NBD disks
+    /// with TLS (`nbd_tls_x509_cert_dir`: an instant recovery's backing export).
+    fn start_with(dir: &Path, tls_dir: Option<&Path>, nbd_client: Option<&Path>) -> RemoteLibvirtd {
         let saved_conf = std::fs::read_to_string(QEMU_CONF).unwrap();
         let mut conf = saved_conf.clone();
         if let Some(t) = tls_dir {
             conf.push_str(&format!(
                 "\n# vmkeep test (removed when the test ends)\nbackup_tls_x509_cert_dir = \"{}\"\n",
+                t.display()
+            ));
+        }
+        if let Some(t) = nbd_client {
+            conf.push_str(&format!(
+                "\n# vmkeep test (removed when the test ends)\nnbd_tls_x509_cert_dir = \"{}\"\n",
                 t.display()
             ));
         }
@@ -289,6 +301,171 @@ fn a_remote_host_is_backed_up_over_tls_without_seeing_its_files() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("remote"), "{}", stderr(&out));
     env.ok(&["check", &vm.name, "--deep"]);
+}
+
+/// Whether process `pid` still runs (and is not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// Instant recovery onto the remote host: `serve` listens here on TCP with TLS, the new
+/// domain's overlay (uploaded into a pool) names that export as its backing store, the
+/// domain boots from it, and the server copies everything into the overlay and ends by
+/// itself. A server whose certificate the hypervisor does not trust: the start fails with
+/// one error line, and nothing is left (no domain, no volume, no server).
+#[test]
+fn instant_recovery_onto_a_remote_host_over_tls_finishes_by_itself() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    lv::ensure_libvirtd();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = make_pki(tmp.path());
+    // QEMU (libvirt-qemu) reads its NBD client credentials.
+    set_mode(&pki.client, 0o755);
+    for f in ["ca-cert.pem", "client-cert.pem", "client-key.pem"] {
+        set_mode(&pki.client.join(f), 0o644);
+    }
+    let _daemon = RemoteLibvirtd::start_with(tmp.path(), Some(&pki.server), Some(&pki.client));
+    let vm = TestVm::start("rinstant", &[("vda", "qcow2", 32)]);
+    let hidden = vm.disk("vda").path.parent().unwrap().to_path_buf();
+    let env = remote_env(&pki.client);
+    let cfg = env.path("no-config.toml");
+    let base = std::fs::read_to_string(&cfg).unwrap();
+    let serve_config = |tls: &Path| {
+        let serve = format!(
+            "\n[serve]\naddress = \"127.0.0.1\"\ntls_dir = \"{}\"\n",
+            tls.display()
+        );
+        std::fs::write(&cfg, format!("{base}{serve}")).unwrap();
+    };
+    serve_config(&pki.server);
+    vm.guest_write(0, 0x11, "0", "3M");
+    succeeded(&blind(&env, &hidden, &["backup", &vm.name]), "backup: ");
+    let generation = env.restored(&vm.name, "0", Some("vda"));
+    let pool_dir = tmp.path().join("pool");
+    std::fs::create_dir(&pool_dir).unwrap();
+    set_mode(&pool_dir, 0o755);
+    let pool = format!("vmkeep-test-ipool-{}", std::process::id());
+    virsh(&[
+        "pool-create-as",
+        &pool,
+        "dir",
+        "--target",
+        pool_dir.to_str().unwrap(),
+    ]);
+    let _pool = PoolGuard(pool.clone());
+
+    // A server certificate of another CA: QEMU refuses it, the start fails, nothing stays.
+    let other = pki::make_pki(tmp.path(), "other-server");
+    serve_config(&other.server);
+    let bad = format!("{}-bad", vm.name);
+    let _bad = lv::Undefine(bad.clone());
+    let out = blind(
+        &env,
+        &hidden,
+        &[
+            "restore",
+            &vm.name,
+            "--as-vm",
+            &bad,
+            "--instant",
+            "--pool",
+            &pool,
+            "--start",
+        ],
+    );
+    let e = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert_eq!(e.lines().filter(|l| l.contains("error")).count(), 1, "{e}");
+    assert!(e.contains("certificate"), "{e}");
+    assert!(
+        !lv::virsh_quiet(&["domstate", &bad]),
+        "the failed recovery's domain is gone"
+    );
+    assert!(
+        !pool_dir.join(format!("{bad}-vda.qcow2")).exists(),
+        "the failed recovery's volume is gone"
+    );
+
+    serve_config(&pki.server);
+    let new = format!("{}-instant", vm.name);
+    let _new = lv::Undefine(new.clone());
+    let out = blind(
+        &env,
+        &hidden,
+        &[
+            "restore",
+            &vm.name,
+            "--as-vm",
+            &new,
+            "--instant",
+            "--pool",
+            &pool,
+            "--start",
+        ],
+    );
+    succeeded(&out, "instant: ");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        said.contains("NBD server 127.0.0.1:1087") && said.contains("(TLS)"),
+        "{said}"
+    );
+    let pid: u32 = said
+        .split("(pid ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    struct Kill(u32);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) on the server this test started.
+            unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
+        }
+    }
+    let _server = Kill(pid);
+    assert!(virsh(&["domstate", &new]).contains("running"));
+    // (The pull of so small a disk may be complete already: the overlay was uploaded
+    // empty, so what it holds at the end came through the TLS export.)
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the server still runs after 180 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = env.status(&vm.name);
+    assert_eq!(status["instant"][0]["phase"], "finished", "{status}");
+    assert_eq!(status["instant"][0]["disks"][0]["pulled"], true, "{status}");
+    for xml in [
+        virsh(&["dumpxml", &new]),
+        virsh(&["dumpxml", "--inactive", &new]),
+    ] {
+        assert!(
+            !xml.contains("protocol='nbd'"),
+            "the export is still named: {xml}"
+        );
+    }
+    virsh(&[
+        "qemu-monitor-command",
+        &new,
+        "--hmp",
+        "qemu-io -d /machine/peripheral/virtio-disk0/virtio-backend flush",
+    ]);
+    let volume = pool_dir.join(format!("{new}-vda.qcow2"));
+    let info = lv::run(Command::new("qemu-img").args(["info", "-U"]).arg(&volume));
+    assert!(!info.contains("backing file"), "{info}");
+    let pulled = lv::read_all(volume.to_str().unwrap(), "qcow2", &vm.path("pulled.raw"));
+    assert!(
+        pulled == generation,
+        "the volume holds the generation, without the archive"
+    );
 }
 
 /// A host without backup TLS set up: vmkeep never falls back to plain NBD by itself (the

@@ -537,7 +537,11 @@ fn instant(
             uuid: &dom.uuid()?,
         });
         if opts.start {
-            dom.start()?;
+            if let Err(e) = dom.start() {
+                // Its disks read from a server that ends now: the definition goes too.
+                let _ = dom.undefine();
+                return Err(e);
+            }
             on_event(AsVmEvent::Started);
         }
         server.wait_seen();
