@@ -32,7 +32,7 @@ fn plan<'a>(socket: &'a std::path::Path, disks: &'a [&'a str]) -> BackupPlan<'a>
         disks,
         server,
         export_prefix: None,
-        scratch_dir: socket.parent(),
+        scratch_dir: socket.parent().unwrap(),
         checkpoint: None,
         incremental_from: None,
         checkpoint_description: None,

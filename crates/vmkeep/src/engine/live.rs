@@ -492,7 +492,7 @@ fn backup_running(
             disks: &targets,
             server: &server,
             export_prefix: export_prefix.as_deref(),
-            scratch_dir: Some(&scratch_dir),
+            scratch_dir: &scratch_dir,
             checkpoint: Some(new_checkpoint),
             incremental_from: basis,
             checkpoint_description: Some(&description),

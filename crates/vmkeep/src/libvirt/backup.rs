@@ -63,7 +63,7 @@ impl Domain {
             .map(|s| s.parent().unwrap_or(Path::new("/")));
         for dir in socket_dir
             .into_iter()
-            .chain(plan.scratch_dir.filter(|_| local))
+            .chain(local.then_some(plan.scratch_dir))
         {
             if !dir.exists() {
                 // A fresh folder (it must not exist) in a parent only root can change
@@ -78,13 +78,11 @@ impl Domain {
             .map(|d| xml::BackupDiskSpec {
                 target: d.target.clone(),
                 export_name: plan.export_prefix.map(|p| format!("{p}{}", d.target)),
-                scratch: plan.scratch_dir.map(|dir| {
-                    dir.join(format!(
-                        "{}{}",
-                        plan.export_prefix.unwrap_or(""),
-                        scratch_name(&self.name, &d.target)
-                    ))
-                }),
+                scratch: Some(plan.scratch_dir.join(format!(
+                    "{}{}",
+                    plan.export_prefix.unwrap_or(""),
+                    scratch_name(&self.name, &d.target)
+                ))),
                 incremental_from: plan
                     .incremental_from
                     .filter(|_| bitmaps.contains(&d.target))
@@ -303,9 +301,9 @@ pub struct BackupPlan<'a> {
     pub export_prefix: Option<&'a str>,
     /// Folder for the per-disk scratch files, which hold the old content of blocks the
     /// guest overwrites while the backup runs (at most the disk's size each). For a TCP
-    /// job it is a folder on the hypervisor, neither made nor checked here; `None` leaves
-    /// the choice to libvirt (libvirt 9.0 refuses a pull backup without scratch files).
-    pub scratch_dir: Option<&'a Path>,
+    /// job it is a folder on the hypervisor, neither made nor checked here (libvirt 9.0
+    /// refuses a pull backup without scratch files, so there is always one).
+    pub scratch_dir: &'a Path,
     /// Create this checkpoint atomically with the backup, tracking every exported qcow2
     /// disk (skipped when none is qcow2).
     pub checkpoint: Option<&'a str>,
