@@ -468,6 +468,120 @@ fn instant_recovery_onto_a_remote_host_over_tls_finishes_by_itself() {
     );
 }
 
+/// sshd on 127.0.0.1:`port` for root, with a key pair of its own (host key and client key
+/// in `dir`), ended when dropped; the client's known-hosts entry for it is removed then.
+struct Sshd {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Sshd {
+    fn start(dir: &Path, port: u16) -> (Sshd, PathBuf) {
+        let keygen = |file: &Path| {
+            lv::run(
+                Command::new("ssh-keygen")
+                    .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                    .arg(file),
+            );
+        };
+        let (host_key, client_key) = (dir.join("host_key"), dir.join("id_ed25519"));
+        keygen(&host_key);
+        keygen(&client_key);
+        let authorized = dir.join("authorized_keys");
+        std::fs::copy(client_key.with_extension("pub"), &authorized).unwrap();
+        let config = dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
+                 PermitRootLogin prohibit-password\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPidFile none\n",
+                host_key.display(),
+                authorized.display()
+            ),
+        )
+        .unwrap();
+        // Privilege separation needs its empty folder.
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let child = Command::new("/usr/sbin/sshd")
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stderr(std::fs::File::create(dir.join("sshd.log")).unwrap())
+            .spawn()
+            .expect("sshd (install openssh-server)");
+        let sshd = Sshd { child, port };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "sshd did not listen");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        (sshd, client_key)
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new("ssh-keygen")
+            .args(["-R", &format!("[127.0.0.1]:{}", self.port)])
+            .output();
+    }
+}
+
+/// The README's remote backup: `qemu+ssh://root@HOST/system`. Full and incremental
+/// backups through libvirt over ssh, the export on TCP with TLS, vmkeep blind to the
+/// host's files.
+#[test]
+fn a_remote_host_is_backed_up_through_qemu_ssh() {
+    let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
+    lv::ensure_libvirtd();
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = make_pki(tmp.path());
+    let _daemon = RemoteLibvirtd::start(tmp.path(), Some(&pki.server));
+    let port = pki::free_port();
+    let (_sshd, key) = Sshd::start(tmp.path(), port);
+    let uri = format!(
+        "qemu+ssh://root@127.0.0.1:{port}/system?keyfile={}&no_verify=1",
+        key.display()
+    );
+    let vm = TestVm::start("ssh", &[("vda", "qcow2", 32)]);
+    let hidden = vm.disk("vda").path.parent().unwrap().to_path_buf();
+    let env = remote_env(&pki.client);
+    vm.guest_write(0, 0x41, "0", "2M");
+    succeeded(
+        &blind(&env, &hidden, &["backup", &vm.name, "--connect", &uri]),
+        "full over ssh: ",
+    );
+    assert_eq!(newest(&env, &vm).0, "full");
+    assert!(env.latest(&vm.name, "vda") == disk_now(&vm));
+    vm.guest_write(0, 0x42, "12M", "64k");
+    succeeded(
+        &blind(&env, &hidden, &["backup", &vm.name, "--connect", &uri]),
+        "incr over ssh: ",
+    );
+    assert_eq!(newest(&env, &vm), ("incr".to_string(), 65536));
+    assert!(env.latest(&vm.name, "vda") == disk_now(&vm));
+    let status = env.status(&vm.name);
+    // Recorded without the user (a URI may carry a password there).
+    let recorded = uri.replace("root@", "");
+    assert_eq!(
+        status["vms"][0]["host"]["uri"].as_str(),
+        Some(recorded.as_str()),
+        "{status}"
+    );
+    // A connection that fails names the host, never the user or a password.
+    let bad = format!(
+        "qemu+ssh://root:s3cret@127.0.0.1:{}/system?no_verify=1",
+        pki::free_port()
+    );
+    let out = env.run(&["backup", &vm.name, "--connect", &bad]);
+    let e = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert!(e.contains("cannot connect to qemu+ssh://127.0.0.1:"), "{e}");
+    assert!(!e.contains("s3cret") && !e.contains("root@"), "{e}");
+}
+
 /// A host without backup TLS set up: vmkeep never falls back to plain NBD by itself (the
 /// run fails and says how to set TLS up); `--insecure-nbd` exports over plain TCP.
 #[test]

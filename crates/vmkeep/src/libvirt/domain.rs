@@ -130,8 +130,10 @@ impl Hypervisor {
         let uri = uri.unwrap_or(DEFAULT_URI).to_string();
         // libvirt's default handler prints every error on stderr; vmkeep reports them.
         virt::error::clear_error_callback();
-        let conn = Connect::open(Some(&uri))
-            .map_err(|e| lv_error("", format!("cannot connect to {uri}: {}", e.message())))?;
+        let conn = Connect::open(Some(&uri)).map_err(|e| {
+            let shown = crate::engine::inventory::public_uri(&uri);
+            lv_error("", format!("cannot connect to {shown}: {}", e.message()))
+        })?;
         Ok(Hypervisor { conn, uri })
     }
 
