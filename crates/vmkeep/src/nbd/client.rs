@@ -206,13 +206,34 @@ impl NbdClient {
     }
 
     /// Open up to `opts.connections - 1` more connections (each with its own STARTTLS
-    /// when `tls`); a failure only means fewer.
+    /// when `tls`), all at once: their handshakes (TLS's above all, and a remote host's
+    /// round trips) overlap instead of adding up. A failure only means fewer.
     fn add_connections(&mut self, uri: &NbdUri, opts: &NbdOptions, tls: Option<&TlsClient>) {
         let deadline = opts.timeout.min(EXTRA_HANDSHAKE);
-        while self.conns.len() < opts.connections {
-            let extra = Transport::connect(&uri.address, deadline)
-                .map_err(|e| NbdError::io("cannot connect", e))
-                .and_then(|t| open(t, uri, opts, tls, deadline));
+        let wanted = opts.connections.saturating_sub(self.conns.len());
+        let opened: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..wanted)
+                .map(|_| {
+                    s.spawn(|| {
+                        Transport::connect(&uri.address, deadline)
+                            .map_err(|e| NbdError::io("cannot connect", e))
+                            .and_then(|t| open(t, uri, opts, tls, deadline))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(NbdError::io(
+                            "cannot connect",
+                            std::io::Error::other("handshake thread panicked"),
+                        ))
+                    })
+                })
+                .collect()
+        });
+        for extra in opened {
             match extra {
                 Ok((n, conn))
                     if n.size == self.size && context_names(&n.contexts) == self.contexts =>
@@ -221,21 +242,16 @@ impl NbdClient {
                 }
                 Ok(_) => {
                     tracing::warn!(
-                        "{}: a second connection saw another export; using one",
+                        "{}: another connection saw another export; not using it",
                         self.name
                     );
-                    break;
                 }
                 Err(e) => {
-                    tracing::warn!(
-                        "{}: extra connection failed ({e}); using {}",
-                        self.name,
-                        self.conns.len()
-                    );
-                    break;
+                    tracing::warn!("{}: extra connection failed ({e})", self.name);
                 }
             }
         }
+        tracing::debug!("{}: {} connection(s)", self.name, self.conns.len());
     }
 
     /// How messages name the server.
