@@ -52,6 +52,12 @@ pub struct Config {
     /// When the retention schedule is applied: by `vmkeep prune` (`"separately"`, the
     /// default) or by each successful backup (`"after-backup"`).
     pub prune: Option<PruneWhen>,
+    /// Program run before each VM's backup (a VM's own overrides it).
+    pub pre_backup: Option<PathBuf>,
+    /// Program run after each VM's backup, whether it succeeded or not.
+    pub post_backup: Option<PathBuf>,
+    /// Seconds a hook may run (default 300).
+    pub hook_timeout: Option<u64>,
     #[serde(default)]
     pub serve: ServeConfig,
     #[serde(default)]
@@ -83,6 +89,12 @@ pub struct VmConfig {
     pub bitmap_granularity: Option<SizeValue>,
     /// This VM's libvirt URI (over its group's and the global one).
     pub connect: Option<String>,
+    /// This VM's `pre_backup` hook (over the global one; `""`: none).
+    pub pre_backup: Option<PathBuf>,
+    /// This VM's `post_backup` hook (over the global one; `""`: none).
+    pub post_backup: Option<PathBuf>,
+    /// This VM's `hook_timeout` (over the global one).
+    pub hook_timeout: Option<u64>,
 }
 
 /// A `[groups]` entry: `NAME = ["vm1", …]`, or a table `{ vms = [...], connect = "URI" }`.
@@ -417,6 +429,27 @@ impl Config {
 
     pub fn vm(&self, name: &str) -> VmConfig {
         self.vm.get(name).cloned().unwrap_or_default()
+    }
+
+    /// VM `name`'s hook for `phase`: its own, else the global one (an empty path: none),
+    /// with its time limit.
+    pub fn hook(&self, name: &str, phase: vmkeep::hooks::Phase) -> Option<vmkeep::hooks::Hook> {
+        use vmkeep::hooks::Phase;
+        let own = self.vm.get(name);
+        let path = match phase {
+            Phase::PreBackup => own
+                .and_then(|v| v.pre_backup.clone())
+                .or_else(|| self.pre_backup.clone()),
+            Phase::PostBackup => own
+                .and_then(|v| v.post_backup.clone())
+                .or_else(|| self.post_backup.clone()),
+        }
+        .filter(|p| !p.as_os_str().is_empty())?;
+        let secs = own.and_then(|v| v.hook_timeout).or(self.hook_timeout);
+        Some(vmkeep::hooks::Hook {
+            path,
+            timeout: secs.map_or(vmkeep::hooks::DEFAULT_TIMEOUT, std::time::Duration::from_secs),
+        })
     }
 
     /// Whether a backup of VM `name` prunes as it goes (its `prune`, else the global one).

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod error;
 pub mod fault;
 pub mod fsutil;
+pub mod hooks;
 pub mod interrupt;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;

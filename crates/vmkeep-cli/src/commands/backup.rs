@@ -60,7 +60,8 @@ impl Planned {
 enum Outcome {
     /// `--if-due` and not due.
     Skipped,
-    Done(Box<BackupReport>),
+    /// Backed up; the post-backup hook's failure, if it failed.
+    Done(Box<BackupReport>, Option<String>),
     Failed(anyhow::Error),
 }
 
@@ -191,11 +192,53 @@ fn run_one(
     };
     match due() {
         Ok(false) => Outcome::Skipped,
-        Ok(true) => match backup_vm(ctx, repo, vm, a, progress) {
-            Ok(r) => Outcome::Done(Box::new(r)),
-            Err(e) => Outcome::Failed(e),
-        },
+        Ok(true) => with_hooks(ctx, repo, vm, a, progress),
         Err(e) => Outcome::Failed(e),
+    }
+}
+
+/// The backup of `vm` between its hooks: a pre-backup hook that fails fails the VM
+/// before anything is read; the post-backup hook runs after every attempt (also after a
+/// failed pre-backup hook, to undo what it began), told how it went.
+fn with_hooks(
+    ctx: &Ctx,
+    repo: &Repository,
+    vm: &Planned,
+    a: &BackupArgs,
+    progress: &dyn Progress,
+) -> Outcome {
+    use vmkeep::hooks::{self, Phase};
+    let mut env = vec![
+        ("VMKEEP_VM", vm.name.clone()),
+        ("VMKEEP_REPOSITORY", repo.root().display().to_string()),
+    ];
+    let result = match ctx.config.hook(&vm.name, Phase::PreBackup) {
+        Some(pre) => hooks::run(&pre, Phase::PreBackup, &env).map_err(anyhow::Error::from),
+        None => Ok(()),
+    }
+    .and_then(|()| backup_vm(ctx, repo, vm, a, progress));
+    let Some(post) = ctx.config.hook(&vm.name, Phase::PostBackup) else {
+        return match result {
+            Ok(r) => Outcome::Done(Box::new(r), None),
+            Err(e) => Outcome::Failed(e),
+        };
+    };
+    match &result {
+        Ok(r) => {
+            env.push(("VMKEEP_STATUS", "ok".into()));
+            env.push(("VMKEEP_GENERATION", r.generation.id.to_string()));
+            env.push(("VMKEEP_MODE", r.generation.mode.to_string()));
+        }
+        Err(e) => {
+            env.push(("VMKEEP_STATUS", "failed".into()));
+            env.push(("VMKEEP_ERROR", e.to_string()));
+        }
+    }
+    let post = hooks::run(&post, Phase::PostBackup, &env);
+    match (result, post) {
+        (Ok(r), post) => Outcome::Done(Box::new(r), post.err().map(|e| e.to_string())),
+        (Err(e), Ok(())) => Outcome::Failed(e),
+        (Err(e), Err(p)) => Outcome::Failed(e.context(format!("{p}; and before that"))),
     }
 }
 
@@ -210,7 +253,7 @@ impl Report {
     fn add(&mut self, ctx: &Ctx, vm: &str, o: Outcome) {
         match o {
             Outcome::Skipped => {}
-            Outcome::Done(r) => self.done(ctx, vm, *r),
+            Outcome::Done(r, hook) => self.done(ctx, vm, *r, hook),
             Outcome::Failed(e) => {
                 self.failed += 1;
                 let msg = e.to_string();
@@ -229,7 +272,7 @@ impl Report {
         }
     }
 
-    fn done(&mut self, ctx: &Ctx, vm: &str, r: BackupReport) {
+    fn done(&mut self, ctx: &Ctx, vm: &str, r: BackupReport, hook_error: Option<String>) {
         for w in &r.warnings {
             ctx.progress.warn(&format!("{vm}: {w}"));
         }
@@ -253,11 +296,16 @@ impl Report {
             }
             None => (None, None),
         };
+        if let Some(e) = &hook_error {
+            // The generation is committed; the run fails so that monitoring sees it.
+            self.failed += 1;
+            crate::output::error_line(&anyhow::anyhow!("VM {vm}: backed up, but {e}"));
+        }
         self.out.push(JsonVm {
             name: vm.to_string(),
-            ok: prune_error.is_none(),
+            ok: prune_error.is_none() && hook_error.is_none(),
             generation: Some(r.generation),
-            error: prune_error.clone(),
+            error: prune_error.clone().or(hook_error),
             warnings: r.warnings,
             recovered: r.recovered,
             pruned,
