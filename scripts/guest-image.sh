@@ -155,7 +155,8 @@ AGENT_PORT=/dev/virtio-ports/org.qemu.guest_agent.0
 [ -e $AGENT_PORT ] || say "ERROR: no $AGENT_PORT"
 (
     while :; do
-        qemu-ga -m virtio-serial -p $AGENT_PORT
+        # guest-exec without input-data lets the command inherit this stdin: none.
+        qemu-ga -m virtio-serial -p $AGENT_PORT </dev/null
         say "qemu-ga ended ($?), starting it again"
         sleep 1
     done

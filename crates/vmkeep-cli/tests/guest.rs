@@ -1,0 +1,113 @@
+//! The real test guest (scripts/guest-image.sh, tests/support/guest.rs): it boots under
+//! TCG, its agent answers, it reads the known files of its data disk and writes new ones,
+//! `virsh domfsfreeze`/`domfsthaw` freeze and thaw its file system, and what it wrote is
+//! on the disk image once it is shut down. Skipped only when VMKEEP_TEST_GUEST is unset.
+
+#![cfg(feature = "libvirt")]
+
+mod common;
+#[path = "support/guest.rs"]
+#[allow(dead_code)]
+mod guest;
+#[path = "../../vmkeep/tests/support/libvirt.rs"]
+#[allow(dead_code)]
+mod lv;
+
+use common::noise;
+use guest::{debugfs_cat, e2fsck_clean, Guest, READY};
+use lv::virsh;
+use serde_json::json;
+
+const HELLO: &[u8] = b"hello from the host\n";
+
+#[test]
+fn the_guest_boots_reads_writes_freezes_and_its_writes_reach_the_disk() {
+    let known = noise(1, 200 * 1024);
+    let Some(g) = Guest::boot("basic", &[("hello.txt", HELLO), ("dir/known.bin", &known)]) else {
+        return;
+    };
+    eprintln!(
+        "guest {}: agent answered {:.1} s after start",
+        g.name,
+        g.boot_time.as_secs_f64()
+    );
+    assert!(g.console_log().contains(READY), "{}", g.console_log());
+    assert!(
+        g.console_log()
+            .contains("vmkeep-guest: data disk /dev/vda mounted at /data"),
+        "{}",
+        g.console_log()
+    );
+
+    // The known files, read by the guest from its data disk.
+    assert_eq!(g.read_file("/data/hello.txt"), HELLO);
+    assert_eq!(g.read_file("/data/dir/known.bin"), known);
+
+    // guest-exec: exit codes and standard output as the guest's command left them.
+    assert_eq!(
+        g.exec("/bin/sh", &["-c", "echo out; exit 7"]),
+        (7, b"out\n".to_vec())
+    );
+    let missing = g.exec("/bin/cat", &["/data/no-such-file"]);
+    assert_ne!(missing.0, 0, "cat of a missing file succeeded");
+
+    // A new file, larger than one piece of write_file, read back through the guest.
+    let written = noise(2, 150 * 1024 + 17);
+    assert_eq!(g.exec("/bin/mkdir", &["-p", "/data/written"]).0, 0);
+    g.write_file("/data/written/new.bin", &written);
+    assert_eq!(g.read_file("/data/written/new.bin"), written);
+
+    // Freeze: what the guest wrote (without a sync) is on the image, whose file system is
+    // clean, while it stays frozen; the agent refuses other commands until the thaw.
+    g.write_file(
+        "/data/before-freeze.txt",
+        b"written just before the freeze\n",
+    );
+    let froze = virsh(&["domfsfreeze", &g.name]);
+    assert!(froze.contains("Froze 1 filesystem(s)"), "{froze}");
+    assert_eq!(
+        g.agent(&json!({"execute": "guest-fsfreeze-status"})),
+        "frozen"
+    );
+    let refused =
+        g.agent_try(&json!({"execute": "guest-exec", "arguments": {"path": "/bin/true"}}));
+    assert!(
+        refused.is_err(),
+        "guest-exec ran in a frozen guest: {refused:?}"
+    );
+    let frozen = g.disk_raw();
+    e2fsck_clean(&frozen).unwrap();
+    assert_eq!(
+        debugfs_cat(&frozen, "/before-freeze.txt").unwrap(),
+        b"written just before the freeze\n"
+    );
+    assert_eq!(debugfs_cat(&frozen, "/written/new.bin").unwrap(), written);
+    let thawed = virsh(&["domfsthaw", &g.name]);
+    assert!(thawed.contains("Thawed 1 filesystem(s)"), "{thawed}");
+    assert_eq!(
+        g.agent(&json!({"execute": "guest-fsfreeze-status"})),
+        "thawed"
+    );
+
+    // After the thaw the guest writes again; shut down, the image holds it all.
+    g.write_file("/data/after-thaw.txt", b"after the thaw\n");
+    g.sync();
+    g.shutdown();
+    assert!(
+        g.console_log().contains("reboot: Power down"),
+        "{}",
+        g.console_log()
+    );
+    let raw = g.disk_raw();
+    e2fsck_clean(&raw).unwrap();
+    assert_eq!(
+        debugfs_cat(&raw, "/after-thaw.txt").unwrap(),
+        b"after the thaw\n"
+    );
+    assert_eq!(debugfs_cat(&raw, "/written/new.bin").unwrap(), written);
+    assert_eq!(debugfs_cat(&raw, "/hello.txt").unwrap(), HELLO);
+    assert_eq!(debugfs_cat(&raw, "/dir/known.bin").unwrap(), known);
+    // A file the guest never wrote is reported missing, never read as empty.
+    let err = debugfs_cat(&raw, "/no-such-file").unwrap_err();
+    assert!(err.contains("not found"), "{err}");
+}
