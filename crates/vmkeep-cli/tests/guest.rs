@@ -20,6 +20,20 @@ use serde_json::json;
 
 const HELLO: &[u8] = b"hello from the host\n";
 
+/// The ext4 image `raw` is clean (`e2fsck -fn`) and holds each file with its content.
+fn assert_image_holds(raw: &std::path::Path, files: &[(&str, &[u8])]) {
+    e2fsck_clean(raw).unwrap();
+    for (path, bytes) in files {
+        let got = debugfs_cat(raw, path).unwrap();
+        assert!(
+            got == *bytes,
+            "{path}: {} bytes on the image, {} expected",
+            got.len(),
+            bytes.len()
+        );
+    }
+}
+
 #[test]
 fn the_guest_boots_reads_writes_freezes_and_its_writes_reach_the_disk() {
     let known = noise(1, 200 * 1024);
@@ -75,13 +89,13 @@ fn the_guest_boots_reads_writes_freezes_and_its_writes_reach_the_disk() {
         refused.is_err(),
         "guest-exec ran in a frozen guest: {refused:?}"
     );
-    let frozen = g.disk_raw();
-    e2fsck_clean(&frozen).unwrap();
-    assert_eq!(
-        debugfs_cat(&frozen, "/before-freeze.txt").unwrap(),
-        b"written just before the freeze\n"
+    assert_image_holds(
+        &g.disk_raw(),
+        &[
+            ("/before-freeze.txt", b"written just before the freeze\n"),
+            ("/written/new.bin", &written),
+        ],
     );
-    assert_eq!(debugfs_cat(&frozen, "/written/new.bin").unwrap(), written);
     let thawed = virsh(&["domfsthaw", &g.name]);
     assert!(thawed.contains("Thawed 1 filesystem(s)"), "{thawed}");
     assert_eq!(
@@ -99,14 +113,15 @@ fn the_guest_boots_reads_writes_freezes_and_its_writes_reach_the_disk() {
         g.console_log()
     );
     let raw = g.disk_raw();
-    e2fsck_clean(&raw).unwrap();
-    assert_eq!(
-        debugfs_cat(&raw, "/after-thaw.txt").unwrap(),
-        b"after the thaw\n"
+    assert_image_holds(
+        &raw,
+        &[
+            ("/after-thaw.txt", b"after the thaw\n"),
+            ("/written/new.bin", &written),
+            ("/hello.txt", HELLO),
+            ("/dir/known.bin", &known),
+        ],
     );
-    assert_eq!(debugfs_cat(&raw, "/written/new.bin").unwrap(), written);
-    assert_eq!(debugfs_cat(&raw, "/hello.txt").unwrap(), HELLO);
-    assert_eq!(debugfs_cat(&raw, "/dir/known.bin").unwrap(), known);
     // A file the guest never wrote is reported missing, never read as empty.
     let err = debugfs_cat(&raw, "/no-such-file").unwrap_err();
     assert!(err.contains("not found"), "{err}");

@@ -10,12 +10,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::lv::{ensure_libvirtd, run, set_mode, virsh, Undefine, URI};
+use crate::lv::{new_domain, run, virsh, Undefine, URI};
 
 /// The environment variable naming the folder of the built image.
 pub const IMAGE_ENV: &str = "VMKEEP_TEST_GUEST";
@@ -120,15 +119,13 @@ pub struct Exec {
     pub err: Vec<u8>,
 }
 
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
 /// A domain of the test guest: kernel, initrd, data disk (`vda`, qcow2) and console log in
 /// its own temp folder; destroyed and undefined on drop (its first field), also when the
 /// test panics, and then its folder removed.
 pub struct Guest {
     /// Dropped first: the domain goes before its files do.
     _undefine: Undefine,
-    /// The domain's name (`vmkeep-guest-TAG-PID-N`).
+    /// The domain's name (`vmkeep-test-guest-TAG-PID-N`).
     pub name: String,
     /// The guest's folder: `vmlinuz`, `initrd.img`, `data.qcow2`, `console.log`, `files/`.
     pub dir: tempfile::TempDir,
@@ -154,15 +151,7 @@ impl Guest {
     /// Define (not start) a guest of the image in `image` whose data disk (64 MiB) holds
     /// `files`; `extra_devices` is spliced into `<devices>`.
     pub fn define(tag: &str, image: &Path, files: &[(&str, &[u8])], extra_devices: &str) -> Guest {
-        ensure_libvirtd();
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let name = format!("vmkeep-guest-{tag}-{}-{n}", std::process::id());
-        let dir = tempfile::Builder::new()
-            .prefix("vmkeep-guest-")
-            .tempdir()
-            .unwrap();
-        // QEMU runs as libvirt-qemu and must traverse to the files.
-        set_mode(dir.path(), 0o755);
+        let (name, dir) = new_domain(&format!("guest-{tag}"));
         let folder = dir.path().join("files");
         std::fs::create_dir(&folder).unwrap();
         for (path, bytes) in files {
