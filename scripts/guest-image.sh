@@ -2,8 +2,8 @@
 # The tests' real guest: a Linux kernel and an initramfs, from Debian packages only, booted
 # by direct kernel boot (<os><kernel>/<initrd>) under QEMU TCG. Its /init mounts the ext4
 # data disk /dev/vda at /data, runs qemu-guest-agent on the virtio-serial port
-# org.qemu.guest_agent.0 (guest-exec, fsfreeze, guest-shutdown work) and prints
-# "vmkeep-guest: ready" on the serial console.
+# org.qemu.guest_agent.0 (guest-exec, fsfreeze, guest-shutdown work), mounts efivarfs when
+# booted by UEFI firmware (OVMF) and prints "vmkeep-guest: ready" on the serial console.
 #
 #   scripts/guest-image.sh [OUT_DIR]                     as root; builds into OUT_DIR
 #                                                         (default /var/cache/vmkeep-test-guest)
@@ -24,8 +24,9 @@ SELF="${BASH_SOURCE[0]}"
 # The kernel modules the guest loads, dependencies first (resolved from the module tree);
 # those the kernel has built in are skipped. crc32c_generic backs ext4's and jbd2's
 # metadata checksums (they ask the crypto API for "crc32c", and the guest has no modprobe).
+# efivarfs (the UEFI variables at /sys/firmware/efi/efivars) is loaded on UEFI boots only.
 GUEST_MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci
-    virtio_blk virtio_console crc32c_generic ext4)
+    virtio_blk virtio_console crc32c_generic ext4 efivarfs)
 
 QEMU_GA=/usr/sbin/qemu-ga
 BUSYBOX=/bin/busybox
@@ -126,8 +127,16 @@ exec </dev/console >/dev/console 2>&1
 say() { echo "vmkeep-guest: $*"; }
 say "init on $(uname -r)"
 while read -r m; do
+    [ "$m" = efivarfs ] && [ ! -d /sys/firmware/efi ] && continue
     insmod "/lib/modules/$m.ko" || say "insmod $m failed"
 done </etc/modules-order
+if [ -d /sys/firmware/efi ]; then
+    if mount -t efivarfs efivarfs /sys/firmware/efi/efivars; then
+        say "UEFI variables at /sys/firmware/efi/efivars"
+    else
+        say "ERROR: efivarfs not mounted"
+    fi
+fi
 # Wait (up to 10 s) until a condition holds.
 settle() {
     i=0

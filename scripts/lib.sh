@@ -17,8 +17,8 @@ as_root() {
 # prove each package works once installed.
 # The test guest's packages (scripts/guest-image.sh) are among them: busybox, qemu-ga and
 # the libraries it needs go into its initramfs, modinfo resolves the kernel modules, cpio
-# packs it, and e2fsprogs makes and reads its ext4 data disks.
-GUEST_PACKAGES=(busybox-static qemu-guest-agent kmod cpio e2fsprogs)
+# packs it, e2fsprogs makes and reads its ext4 data disks, and ovmf is its UEFI firmware.
+GUEST_PACKAGES=(busybox-static qemu-guest-agent kmod cpio e2fsprogs ovmf)
 BASE_PACKAGES=(pkg-config qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev nbdkit libnbd-bin gnutls-bin
     "${GUEST_PACKAGES[@]}")
 BASE_COMMANDS=(qemu-img qemu-nbd qemu-io qemu-system-x86_64 virsh libvirtd nbdkit nbdcopy nbdinfo pkg-config certtool

@@ -1,7 +1,9 @@
 //! The real test guest (scripts/guest-image.sh, tests/support/guest.rs): it boots under
 //! TCG, its agent answers, it reads the known files of its data disk and writes new ones,
 //! `virsh domfsfreeze`/`domfsthaw` freeze and thaw its file system, and what it wrote is
-//! on the disk image once it is shut down. Skipped only when VMKEEP_TEST_GUEST is unset.
+//! on the disk image once it is shut down; booted by UEFI firmware (OVMF), a variable it
+//! sets is kept in its `<nvram>` file across a restart. Skipped only when
+//! VMKEEP_TEST_GUEST is unset.
 
 #![cfg(feature = "libvirt")]
 
@@ -14,7 +16,7 @@ mod guest;
 mod lv;
 
 use common::noise;
-use guest::{debugfs_cat, e2fsck_clean, Guest, READY};
+use guest::{debugfs_cat, e2fsck_clean, Firmware, Guest, OVMF_VARS, READY};
 use lv::virsh;
 use serde_json::json;
 
@@ -125,4 +127,63 @@ fn the_guest_boots_reads_writes_freezes_and_its_writes_reach_the_disk() {
     // A file the guest never wrote is reported missing, never read as empty.
     let err = debugfs_cat(&raw, "/no-such-file").unwrap_err();
     assert!(err.contains("not found"), "{err}");
+}
+
+/// `needle` occurs somewhere in `haystack`.
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn a_uefi_guest_keeps_the_variable_it_set_in_its_nvram_across_a_restart() {
+    let Some(mut g) = Guest::boot_with("uefi", &[("hello.txt", HELLO)], Firmware::Uefi) else {
+        return;
+    };
+    eprintln!(
+        "UEFI guest {}: agent answered {:.1} s after start",
+        g.name,
+        g.boot_time.as_secs_f64()
+    );
+    let log = g.console_log();
+    assert!(log.contains("efi: EFI v"), "not booted by UEFI:\n{log}");
+    assert!(
+        log.contains("vmkeep-guest: UEFI variables at /sys/firmware/efi/efivars"),
+        "{log}"
+    );
+    assert_eq!(g.read_file("/data/hello.txt"), HELLO);
+
+    // efivarfs: 4 bytes of attributes (non-volatile, boot and runtime access), then the
+    // data, in one write.
+    let name = "VmkeepTest-6c1f3b2a-8d4e-4f5a-9b7c-0e2d1a3f4b5c";
+    let path = format!("/sys/firmware/efi/efivars/{name}");
+    let mut var = vec![7, 0, 0, 0];
+    var.extend_from_slice(b"kept across boots");
+    let of = format!("of={path}");
+    let dd = g.exec_with_input("/bin/dd", &[&of, "bs=4096"], &var);
+    assert_eq!(dd.code, 0, "{}", String::from_utf8_lossy(&dd.err));
+    assert_eq!(g.read_file(&path), var);
+
+    g.shutdown();
+    // The variable is in the domain's own variable store, never in OVMF's template.
+    let nvram = std::fs::read(g.nvram.as_ref().unwrap()).unwrap();
+    let utf16: Vec<u8> = "VmkeepTest"
+        .encode_utf16()
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    assert!(
+        contains(&nvram, &utf16),
+        "variable name not in the NVRAM file"
+    );
+    assert!(
+        contains(&nvram, b"kept across boots"),
+        "variable data not in the NVRAM file"
+    );
+    assert!(!contains(&std::fs::read(OVMF_VARS).unwrap(), &utf16));
+
+    g.start();
+    assert_eq!(
+        g.read_file(&path),
+        var,
+        "the variable did not survive the restart"
+    );
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::lv::{new_domain, run, virsh, Undefine, URI};
+use crate::lv::{new_domain, remove_domain, run, virsh, URI};
 
 /// The environment variable naming the folder of the built image.
 pub const IMAGE_ENV: &str = "VMKEEP_TEST_GUEST";
@@ -24,6 +24,22 @@ pub const READY: &str = "vmkeep-guest: ready";
 
 /// How long a boot may take until the agent answers (TCG on a busy 2-core machine).
 const BOOT_SECS: u64 = 120;
+
+/// OVMF's code (read-only pflash) for [`Firmware::Uefi`] guests (Debian's `ovmf`).
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+
+/// OVMF's empty variable store, the template of each UEFI guest's `<nvram>`.
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// The firmware a guest boots its kernel with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Firmware {
+    /// SeaBIOS, libvirt's default.
+    Bios,
+    /// OVMF (UEFI) with the guest's own variable store (`<nvram>`, in its folder, made
+    /// by libvirt from [`OVMF_VARS`]); the guest mounts efivarfs.
+    Uefi,
+}
 
 /// The built image's folder (with `vmlinuz` and `initrd.img`), or `None` after printing
 /// why the test is skipped when [`IMAGE_ENV`] is unset. A set variable naming a folder
@@ -120,11 +136,9 @@ pub struct Exec {
 }
 
 /// A domain of the test guest: kernel, initrd, data disk (`vda`, qcow2) and console log in
-/// its own temp folder; destroyed and undefined on drop (its first field), also when the
+/// its own temp folder; destroyed and undefined (with its NVRAM) on drop, also when the
 /// test panics, and then its folder removed.
 pub struct Guest {
-    /// Dropped first: the domain goes before its files do.
-    _undefine: Undefine,
     /// The domain's name (`vmkeep-test-guest-TAG-PID-N`).
     pub name: String,
     /// The guest's folder: `vmlinuz`, `initrd.img`, `data.qcow2`, `console.log`, `files/`.
@@ -133,6 +147,8 @@ pub struct Guest {
     pub disk: PathBuf,
     /// The serial console's log file.
     pub console: PathBuf,
+    /// The UEFI variable store (`<nvram>`) of a [`Firmware::Uefi`] guest.
+    pub nvram: Option<PathBuf>,
     /// How long the last [`Guest::start`] took until the agent answered `guest-ping`.
     pub boot_time: Duration,
 }
@@ -142,15 +158,26 @@ impl Guest {
     /// content), and wait for its agent; `None` (the test skips) when [`IMAGE_ENV`] is
     /// unset.
     pub fn boot(tag: &str, files: &[(&str, &[u8])]) -> Option<Guest> {
+        Guest::boot_with(tag, files, Firmware::Bios)
+    }
+
+    /// [`Guest::boot`] with the firmware `firmware`.
+    pub fn boot_with(tag: &str, files: &[(&str, &[u8])], firmware: Firmware) -> Option<Guest> {
         let image = image()?;
-        let mut g = Guest::define(tag, &image, files, "");
+        let mut g = Guest::define(tag, &image, files, firmware, "");
         g.start();
         Some(g)
     }
 
-    /// Define (not start) a guest of the image in `image` whose data disk (64 MiB) holds
-    /// `files`; `extra_devices` is spliced into `<devices>`.
-    pub fn define(tag: &str, image: &Path, files: &[(&str, &[u8])], extra_devices: &str) -> Guest {
+    /// Define (not start) a guest of the image in `image` booting through `firmware`,
+    /// whose data disk (64 MiB) holds `files`; `extra_devices` is spliced into `<devices>`.
+    pub fn define(
+        tag: &str,
+        image: &Path,
+        files: &[(&str, &[u8])],
+        firmware: Firmware,
+        extra_devices: &str,
+    ) -> Guest {
         let (name, dir) = new_domain(&format!("guest-{tag}"));
         let folder = dir.path().join("files");
         std::fs::create_dir(&folder).unwrap();
@@ -173,9 +200,18 @@ impl Guest {
             std::fs::copy(image.join(f), dir.path().join(f)).unwrap();
         }
         let console = dir.path().join("console.log");
+        let nvram = (firmware == Firmware::Uefi).then(|| dir.path().join("nvram.fd"));
+        let loader = match &nvram {
+            None => String::new(),
+            Some(vars) => format!(
+                "<loader readonly='yes' type='pflash'>{OVMF_CODE}</loader>\
+                 <nvram template='{OVMF_VARS}'>{}</nvram>",
+                vars.display()
+            ),
+        };
         let xml = format!(
             "<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory><vcpu>1</vcpu>\
-             <os><type arch='x86_64' machine='pc'>hvm</type>\
+             <os><type arch='x86_64' machine='pc'>hvm</type>{loader}\
              <kernel>{kernel}</kernel><initrd>{initrd}</initrd>\
              <cmdline>console=ttyS0 panic=-1</cmdline></os>\
              <features><acpi/><apic/></features>\
@@ -195,11 +231,11 @@ impl Guest {
         std::fs::write(&file, xml).unwrap();
         virsh(&["define", file.to_str().unwrap()]);
         Guest {
-            _undefine: Undefine(name.clone()),
             name,
             dir,
             disk,
             console,
+            nvram,
             boot_time: Duration::ZERO,
         }
     }
@@ -398,6 +434,12 @@ impl Guest {
     /// the image now, read from outside the guest with debugfs.
     pub fn disk_file(&self, path: &str) -> Result<Vec<u8>, String> {
         debugfs_cat(&self.disk_raw(), path)
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        remove_domain(&self.name);
     }
 }
 

@@ -229,14 +229,21 @@ impl TestVm {
 
 impl Drop for TestVm {
     fn drop(&mut self) {
-        virsh_quiet(&["destroy", &self.name]);
-        virsh_quiet(&[
-            "undefine",
-            &self.name,
-            "--checkpoints-metadata",
-            "--snapshots-metadata",
-        ]);
+        remove_domain(&self.name);
     }
+}
+
+/// Stop and undefine the domain `name` with its checkpoint and snapshot metadata and its
+/// NVRAM file, if it has one; quietly, for cleanup.
+pub fn remove_domain(name: &str) {
+    virsh_quiet(&["destroy", name]);
+    virsh_quiet(&[
+        "undefine",
+        name,
+        "--nvram",
+        "--checkpoints-metadata",
+        "--snapshots-metadata",
+    ]);
 }
 
 pub fn set_mode(path: &Path, mode: u32) {
@@ -281,12 +288,6 @@ pub struct Undefine(pub String);
 
 impl Drop for Undefine {
     fn drop(&mut self) {
-        virsh_quiet(&["destroy", &self.0]);
-        virsh_quiet(&[
-            "undefine",
-            &self.0,
-            "--checkpoints-metadata",
-            "--snapshots-metadata",
-        ]);
+        remove_domain(&self.0);
     }
 }
