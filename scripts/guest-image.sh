@@ -291,7 +291,7 @@ case "${1:-}" in
     data_disk "$@"
     ;;
 -h | --help)
-    sed -n '2,20p' "$SELF" | sed 's/^# \{0,1\}//'
+    awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$SELF"
     ;;
 -*) die "unknown option $1 (see $0 --help)" ;;
 *) build "${1:-/var/cache/vmkeep-test-guest}" ;;
