@@ -15,8 +15,20 @@ as_root() {
 
 # Everything vmkeep and its tests use at run time and build time, and the commands that
 # prove each package works once installed.
-BASE_PACKAGES=(pkg-config qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev nbdkit libnbd-bin gnutls-bin)
-BASE_COMMANDS=(qemu-img qemu-nbd qemu-io qemu-system-x86_64 virsh libvirtd nbdkit nbdcopy nbdinfo pkg-config certtool)
+# The test guest's packages (scripts/guest-image.sh) are among them: busybox, qemu-ga and
+# the libraries it needs go into its initramfs, modinfo resolves the kernel modules, cpio
+# packs it, e2fsprogs makes and reads its ext4 data disks, and ovmf is its UEFI firmware.
+GUEST_PACKAGES=(busybox-static qemu-guest-agent kmod cpio e2fsprogs ovmf)
+BASE_PACKAGES=(pkg-config qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev nbdkit libnbd-bin gnutls-bin
+    "${GUEST_PACKAGES[@]}")
+BASE_COMMANDS=(qemu-img qemu-nbd qemu-io qemu-system-x86_64 virsh libvirtd nbdkit nbdcopy nbdinfo pkg-config certtool
+    qemu-ga modinfo cpio)
+
+# The test guest's kernel is only downloaded (`apt-get download`) and unpacked into the
+# guest's cache folder, never installed: installing a linux-image package runs the host's
+# kernel hooks (initramfs-tools builds an initramfs in /boot, a bootloader hook may rewrite
+# the boot menu), none of which a test needs or should do to the machine.
+GUEST_KERNEL_PACKAGE=linux-image-cloud-amd64
 
 # The packages that must come from one QEMU build: qemu-system-x86 refuses a qemu-utils of
 # another version (the machine image ships a newer qemu-utils from backports), and apt

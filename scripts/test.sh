@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian machine (as root) and run vmkeep's whole test suite:
 # formatting, lints, the image-only build, and every test with every feature
-# (libvirt, and the crash hook the kill tests need). Tests start the servers they use.
+# (libvirt, and the crash hook the kill tests need). Tests start the servers they use;
+# the real test guest (scripts/guest-image.sh) is built, or taken from its cache, first.
 source "$(dirname "$0")/lib.sh"
 as_root
 ensure_packages "${BASE_PACKAGES[@]}"
@@ -14,6 +15,9 @@ log "clippy"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 log "image-only build (no libvirt)"
 cargo build -p vmkeep-cli --no-default-features --locked
+log "test guest (cached)"
+export VMKEEP_TEST_GUEST=${VMKEEP_TEST_GUEST:-/var/cache/vmkeep-test-guest}
+"$REPO_ROOT/scripts/guest-image.sh" "$VMKEEP_TEST_GUEST"
 log "tests"
 cargo test --workspace --all-features --locked 2>&1 | tee /tmp/vmkeep-test.log
 # The summary line CI reads: totals over every test binary.

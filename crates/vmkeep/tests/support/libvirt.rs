@@ -113,6 +113,20 @@ pub struct TestVm {
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
+/// A unique name for a test domain (`vmkeep-test-TAG-PID-N`) and a new temp folder for its
+/// files that QEMU (libvirt-qemu) can traverse; libvirtd runs.
+pub fn new_domain(tag: &str) -> (String, tempfile::TempDir) {
+    ensure_libvirtd();
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let name = format!("vmkeep-test-{tag}-{}-{n}", std::process::id());
+    let dir = tempfile::Builder::new()
+        .prefix("vmkeep-lv-")
+        .tempdir()
+        .unwrap();
+    set_mode(dir.path(), 0o755);
+    (name, dir)
+}
+
 impl TestVm {
     /// Define and start a VM with the given disks (target, format, MiB); virtio, so the
     /// targets are vda, vdb… and QEMU's devices virtio-disk0, virtio-disk1…
@@ -128,15 +142,7 @@ impl TestVm {
         disks: &[(&'static str, &'static str, u64)],
         extra_devices: &str,
     ) -> TestVm {
-        ensure_libvirtd();
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let name = format!("vmkeep-test-{tag}-{}-{n}", std::process::id());
-        let dir = tempfile::Builder::new()
-            .prefix("vmkeep-lv-")
-            .tempdir()
-            .unwrap();
-        // QEMU runs as libvirt-qemu and must traverse to the images.
-        set_mode(dir.path(), 0o755);
+        let (name, dir) = new_domain(tag);
         let mut vm = TestVm {
             name,
             dir,
@@ -223,14 +229,21 @@ impl TestVm {
 
 impl Drop for TestVm {
     fn drop(&mut self) {
-        virsh_quiet(&["destroy", &self.name]);
-        virsh_quiet(&[
-            "undefine",
-            &self.name,
-            "--checkpoints-metadata",
-            "--snapshots-metadata",
-        ]);
+        remove_domain(&self.name);
     }
+}
+
+/// Stop and undefine the domain `name` with its checkpoint and snapshot metadata and its
+/// NVRAM file, if it has one; quietly, for cleanup.
+pub fn remove_domain(name: &str) {
+    virsh_quiet(&["destroy", name]);
+    virsh_quiet(&[
+        "undefine",
+        name,
+        "--nvram",
+        "--checkpoints-metadata",
+        "--snapshots-metadata",
+    ]);
 }
 
 pub fn set_mode(path: &Path, mode: u32) {
@@ -275,12 +288,6 @@ pub struct Undefine(pub String);
 
 impl Drop for Undefine {
     fn drop(&mut self) {
-        virsh_quiet(&["destroy", &self.0]);
-        virsh_quiet(&[
-            "undefine",
-            &self.0,
-            "--checkpoints-metadata",
-            "--snapshots-metadata",
-        ]);
+        remove_domain(&self.0);
     }
 }
