@@ -19,8 +19,10 @@ as_root() {
 # the libraries it needs go into its initramfs, modinfo resolves the kernel modules, cpio
 # packs it, e2fsprogs makes and reads its ext4 data disks, and ovmf is its UEFI firmware.
 GUEST_PACKAGES=(busybox-static qemu-guest-agent kmod cpio e2fsprogs ovmf)
+# openssh-server and -client: the remote tests reach libvirt over qemu+ssh through an sshd
+# they start themselves (on a free port, with keys of their own).
 BASE_PACKAGES=(pkg-config qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev nbdkit libnbd-bin gnutls-bin
-    "${GUEST_PACKAGES[@]}")
+    openssh-server openssh-client "${GUEST_PACKAGES[@]}")
 BASE_COMMANDS=(qemu-img qemu-nbd qemu-io qemu-system-x86_64 virsh libvirtd nbdkit nbdcopy nbdinfo pkg-config certtool
     qemu-ga modinfo cpio)
 

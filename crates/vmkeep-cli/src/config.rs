@@ -448,7 +448,10 @@ impl Config {
         let secs = own.and_then(|v| v.hook_timeout).or(self.hook_timeout);
         Some(vmkeep::hooks::Hook {
             path,
-            timeout: secs.map_or(vmkeep::hooks::DEFAULT_TIMEOUT, std::time::Duration::from_secs),
+            timeout: secs.map_or(
+                vmkeep::hooks::DEFAULT_TIMEOUT,
+                std::time::Duration::from_secs,
+            ),
         })
     }
 

@@ -76,7 +76,7 @@ pub fn run(hook: &Hook, phase: Phase, env: &[(&str, String)]) -> Result<()> {
                 tries += 1;
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Err(e) => return Err(Error::source(&what, format!("cannot run it: {e}"))),
+            Err(e) => return Err(failed(&what, format!("cannot run it: {e}"))),
         }
     };
     let out = child.stdout.take().map(collect);
@@ -87,7 +87,7 @@ pub fn run(hook: &Hook, phase: Phase, env: &[(&str, String)]) -> Result<()> {
             Ok(Some(status)) => break Some(status),
             Ok(None) if Instant::now() >= deadline => break None,
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(Error::source(&what, format!("cannot wait for it: {e}"))),
+            Err(e) => return Err(failed(&what, format!("cannot wait for it: {e}"))),
         }
     };
     if status.is_none() {
@@ -117,13 +117,22 @@ pub fn run(hook: &Hook, phase: Phase, env: &[(&str, String)]) -> Result<()> {
             ),
         )),
         Some(s) if s.success() => Ok(()),
-        Some(s) => Err(Error::source(&what, format!("failed ({s}){last}"))),
+        Some(s) => Err(failed(&what, format!("failed ({s}){last}"))),
     }
+}
+
+/// A hook that could not run or did not succeed (exit 1; the message is "PHASE hook
+/// PATH: what happened").
+fn failed(what: &str, detail: String) -> Error {
+    Error::io_ctx(what, std::io::Error::other(detail))
 }
 
 /// The last line of `text` that is not blank, trimmed.
 fn last_of(text: &str) -> Option<&str> {
-    text.lines().rev().find(|l| !l.trim().is_empty()).map(str::trim)
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(str::trim)
 }
 
 /// Read a pipe to its end in a thread (keeping at most [`MAX_OUTPUT`] bytes), so that a
