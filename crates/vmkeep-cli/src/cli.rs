@@ -159,6 +159,11 @@ pub struct BackupArgs {
     /// How a shut-off libvirt VM is backed up [default: from the config file, else start]
     #[arg(long, value_name = "HOW")]
     pub offline_read: Option<OfflineReadArg>,
+    /// Freeze the guest's file systems (guest agent) at the backup point: require, auto
+    /// (crash-consistent when no agent answers), off [default: from the config file, else
+    /// auto]
+    #[arg(long, value_name = "HOW")]
+    pub quiesce: Option<QuiesceArg>,
     /// Let a remote host's backup job export the disks over plain TCP, without TLS: anyone
     /// on the network path can read them (a trusted, isolated network only)
     #[arg(long)]
@@ -390,6 +395,30 @@ pub enum ModeArg {
     Diff,
     /// Read only the blocks a change tracker names
     Incr,
+}
+
+/// `--quiesce` and the config's `quiesce`: whether the guest is frozen for the backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuiesceArg {
+    /// Freeze; fail the VM's backup when its guest agent does not answer
+    Require,
+    /// Freeze when the guest agent answers, else a crash-consistent backup (said in one line)
+    Auto,
+    /// Never freeze
+    Off,
+}
+
+#[cfg(feature = "libvirt")]
+impl From<QuiesceArg> for vmkeep::engine::quiesce::Quiesce {
+    fn from(q: QuiesceArg) -> Self {
+        use vmkeep::engine::quiesce::Quiesce;
+        match q {
+            QuiesceArg::Require => Quiesce::Require,
+            QuiesceArg::Auto => Quiesce::Auto,
+            QuiesceArg::Off => Quiesce::Off,
+        }
+    }
 }
 
 /// `--offline-read` and the config's `offline_read`: how a shut-off libvirt VM is read.

@@ -31,6 +31,8 @@ pub struct Config {
     pub scratch_dir: Option<PathBuf>,
     /// How shut-off libvirt VMs are backed up: `"start"` (paused; the default) or `"files"`.
     pub offline_read: Option<crate::cli::OfflineReadArg>,
+    /// Whether running libvirt VMs' guests are frozen for the backup (default `"auto"`).
+    pub quiesce: Option<crate::cli::QuiesceArg>,
     /// TCP ports a remote host's backup job may listen on ("10810-10849").
     pub nbd_ports: Option<String>,
     /// The address a remote host's backup job listens on and vmkeep connects to (default:
@@ -84,6 +86,8 @@ pub struct VmConfig {
     pub prune: Option<PruneWhen>,
     /// This VM's `offline_read` (over the global one).
     pub offline_read: Option<crate::cli::OfflineReadArg>,
+    /// This VM's `quiesce` (over the global one).
+    pub quiesce: Option<crate::cli::QuiesceArg>,
     /// This VM's `nbd_address` (over the global one).
     pub nbd_address: Option<String>,
     pub bitmap_granularity: Option<SizeValue>,

@@ -187,3 +187,90 @@ fn a_uefi_guest_keeps_the_variable_it_set_in_its_nvram_across_a_restart() {
         "the variable did not survive the restart"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Application-consistent backups (--quiesce)
+
+/// The guest agent's freeze state.
+fn freeze_status(g: &Guest) -> String {
+    g.agent(&json!({"execute": "guest-fsfreeze-status"}))
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The consistency `status --json` records for the newest generation of `vm`.
+fn newest_consistency(env: &common::Env, vm: &str) -> String {
+    env.status(vm)["vms"][0]["generations"][0]["consistency"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// With the guest writing all the time, a backup frozen through the agent restores to a
+/// file system `e2fsck` finds clean, holding what the guest had synced before it; the guest
+/// is thawed afterwards, and the generation says it was frozen.
+#[test]
+fn a_frozen_backup_of_a_busy_guest_restores_a_clean_file_system() {
+    let synced = noise(7, 300 * 1024);
+    let Some(g) = Guest::boot("freeze", &[("hello.txt", HELLO)]) else {
+        return;
+    };
+    g.write_file("/data/synced.bin", &synced);
+    g.sync();
+    // A writer that never stops (its output nowhere, so guest-exec returns at once).
+    let (code, _) = g.exec(
+        "/bin/sh",
+        &[
+            "-c",
+            "(while :; do dd if=/dev/urandom of=/data/busy.bin bs=64k count=8 2>/dev/null; done) </dev/null >/dev/null 2>&1 &",
+        ],
+    );
+    assert_eq!(code, 0);
+    let env = common::Env::live();
+    let out = env.run(&["backup", &g.name, "--quiesce", "require"]);
+    let e = common::stderr(&out);
+    assert!(out.status.success(), "{e}");
+    assert!(!e.contains("crash-consistent"), "{e}");
+    assert_eq!(newest_consistency(&env, &g.name), "frozen");
+    assert_eq!(
+        freeze_status(&g),
+        "thawed",
+        "the guest is thawed after the backup"
+    );
+    let raw = env.path("restored.raw");
+    std::fs::write(&raw, env.restored(&g.name, "latest", Some("vda"))).unwrap();
+    assert_image_holds(&raw, &[("/hello.txt", HELLO), ("/synced.bin", &synced)]);
+    // The status table shows it.
+    let table = env.ok(&["status", &g.name]);
+    assert!(table.contains("frozen"), "{table}");
+}
+
+/// A run killed (SIGKILL) while the guest is frozen leaves it frozen; the next backup of
+/// the VM thaws it, says so, and is itself frozen and complete.
+#[test]
+fn a_guest_left_frozen_by_a_killed_run_is_thawed_by_the_next_one() {
+    let Some(g) = Guest::boot("killfrozen", &[("hello.txt", HELLO)]) else {
+        return;
+    };
+    let env = common::Env::live();
+    let run = env.spawn_paused(&["backup", &g.name], "while-frozen:300");
+    run.reached(60, "the freeze");
+    assert_eq!(freeze_status(&g), "frozen");
+    // SAFETY: kill(2) on the child this test started.
+    unsafe { libc::kill(run.child.id() as i32, libc::SIGKILL) };
+    let _ = run.output();
+    assert_eq!(freeze_status(&g), "frozen", "nothing thawed the guest yet");
+    let out = env.run(&["backup", &g.name]);
+    let e = common::stderr(&out);
+    assert!(out.status.success(), "{e}");
+    assert!(
+        e.contains("thawed") && e.contains("left frozen by a vmkeep run"),
+        "{e}"
+    );
+    assert_eq!(freeze_status(&g), "thawed");
+    assert_eq!(newest_consistency(&env, &g.name), "frozen");
+    let raw = env.path("restored.raw");
+    std::fs::write(&raw, env.restored(&g.name, "latest", Some("vda"))).unwrap();
+    assert_image_holds(&raw, &[("/hello.txt", HELLO)]);
+}

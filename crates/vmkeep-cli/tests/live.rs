@@ -632,6 +632,55 @@ fn instant_recovery_server_ends_with_its_domain_and_status_shows_a_dead_one() {
     );
 }
 
+/// A guest without an agent: `--quiesce auto` (the default) backs it up crash-consistent
+/// and says so in one line, `require` fails the VM with nothing made, `off` says nothing;
+/// the generation records it. A shut-off VM started paused is recorded offline.
+#[test]
+fn without_a_guest_agent_backups_are_crash_consistent_and_say_so() {
+    let _shared = shared();
+    let vm = TestVm::start("noagent", &[("vda", "qcow2", 16)]);
+    let env = Env::live();
+    vm.guest_write(0, 0x31, "0", "1M");
+    let out = env.run(&["backup", &vm.name]);
+    let e = stderr(&out);
+    assert!(out.status.success(), "{e}");
+    let said: Vec<&str> = e
+        .lines()
+        .filter(|l| l.contains("crash-consistent"))
+        .collect();
+    assert_eq!(said.len(), 1, "{e}");
+    assert!(
+        said[0].contains(&vm.name) && said[0].contains("agent"),
+        "{e}"
+    );
+    let consistency = |env: &Env| {
+        env.status(&vm.name)["vms"][0]["generations"][0]["consistency"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(consistency(&env), "crash");
+    let e = env.fails(&["backup", &vm.name, "--quiesce", "require"], 1);
+    assert!(e.contains("--quiesce require"), "{e}");
+    assert_eq!(env.generations(&vm.name).len(), 1, "nothing made");
+    assert!(
+        !virsh(&["domjobinfo", &vm.name]).contains("Backup"),
+        "no job left"
+    );
+    let out = env.run(&["backup", &vm.name, "--quiesce", "off"]);
+    assert!(out.status.success());
+    assert!(
+        !stderr(&out).contains("crash-consistent"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(consistency(&env), "crash");
+    vm.flush(0);
+    virsh(&["destroy", &vm.name, "--graceful"]);
+    env.ok(&["backup", &vm.name, "--quiesce", "require"]);
+    assert_eq!(consistency(&env), "offline");
+}
+
 #[test]
 fn two_repositories_keep_independent_incremental_chains() {
     let _shared = shared();

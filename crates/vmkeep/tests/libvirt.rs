@@ -35,6 +35,7 @@ fn plan<'a>(socket: &'a std::path::Path, disks: &'a [&'a str]) -> BackupPlan<'a>
         scratch_dir: socket.parent().unwrap(),
         checkpoint: None,
         incremental_from: None,
+        around_begin: None,
         checkpoint_description: None,
     }
 }
@@ -167,6 +168,7 @@ fn incremental_pull_backup_maps_exactly_the_written_range() {
         .begin_backup(&BackupPlan {
             checkpoint: Some("c2"),
             incremental_from: Some("c1"),
+            around_begin: None,
             checkpoint_description: None,
             ..plan(&socket, &[])
         })
@@ -227,6 +229,7 @@ fn checkpoints_are_listed_deleted_and_a_missing_one_is_reported() {
     let err = dom
         .begin_backup(&BackupPlan {
             incremental_from: Some("gone"),
+            around_begin: None,
             checkpoint_description: None,
             ..plan(&socket, &[])
         })

@@ -430,6 +430,13 @@ fn backup_domain(
         .offline_read
         .unwrap_or_else(|| ctx.config.offline_read_for(name))
         .into();
+    if let Some(q) = a
+        .quiesce
+        .or_else(|| ctx.config.vm.get(name).and_then(|v| v.quiesce))
+        .or(ctx.config.quiesce)
+    {
+        live.quiesce = q.into();
+    }
     if let Some(ports) = ctx.config.nbd_ports()? {
         live.remote.ports = ports;
     }
@@ -538,6 +545,7 @@ impl Settings {
             kind: SourceKind::Image,
             domain_xml: None,
             checkpoint: None,
+            consistency: None,
             prune_after,
         };
         let disks: Vec<(String, String)> = if !a.disks.is_empty() {

@@ -192,7 +192,14 @@ pub fn table(vm: &VmStatus) -> String {
             bytes(changed),
             bytes(stored),
             g.duration_secs,
-            if g.protected { "protected" } else { "" }
+            [
+                g.protected.then_some("protected"),
+                g.consistency.map(|c| c.as_str()),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(",")
         ));
     }
     if let Some(h) = &vm.host {

@@ -186,9 +186,37 @@ pub struct GenerationProfile {
     /// libvirt checkpoint made with this generation (incr basis for the next run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint: Option<String>,
+    /// How consistent the disks are (libvirt VMs; absent for images and in generations
+    /// written before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<Consistency>,
     /// One `[[disk]]` table per disk the generation holds.
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskRecord>,
+}
+
+/// How consistent a libvirt generation's disks are (`consistency` in `generation.toml`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// The guest's file systems were frozen by its agent at the backup point: what the
+    /// guest had written is on the disks, as after a clean unmount.
+    Frozen,
+    /// The disks as at a power cut (no agent, or it did not answer).
+    Crash,
+    /// The VM was shut off (started paused for the backup, or its files read).
+    Offline,
+}
+
+impl Consistency {
+    /// The name in the profile.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Consistency::Frozen => "frozen",
+            Consistency::Crash => "crash",
+            Consistency::Offline => "offline",
+        }
+    }
 }
 
 /// Where a generation's disks came from (`kind` in `generation.toml`).

@@ -48,6 +48,8 @@ pub struct LiveOptions {
     pub offline_read: OfflineRead,
     /// How the backup job of a domain on a remote host exports its disks (TCP).
     pub remote: RemoteExport,
+    /// Whether to freeze the guest's file systems at the backup point.
+    pub quiesce: crate::engine::quiesce::Quiesce,
 }
 
 /// The NBD export of a backup job on a remote host: TCP, with TLS unless `insecure`.
@@ -98,6 +100,7 @@ impl Default for LiveOptions {
             job_wait: std::time::Duration::from_secs(3600),
             offline_read: OfflineRead::default(),
             remote: RemoteExport::default(),
+            quiesce: Default::default(),
         }
     }
 }
@@ -118,6 +121,7 @@ impl LiveOptions {
             job_wait: defaults.job_wait,
             offline_read: defaults.offline_read,
             remote: defaults.remote,
+            quiesce: defaults.quiesce,
         }
     }
 }
@@ -142,6 +146,10 @@ pub fn backup_domain(
     let xml = dom.xml()?;
     select_disks(&info.disks, live, progress, name)?;
     let run = BackupRun::begin(repo, name)?;
+    if info.state.is_active() {
+        // A guest a killed run left frozen is thawed first, whichever repository it was.
+        crate::engine::quiesce::thaw_leftover(&dom, progress);
+    }
     // This run holds the VM's lock of this repository from here on.
     let paused = match PausedForBackup::prepare(
         hv,
@@ -156,7 +164,10 @@ pub fn backup_domain(
     };
     // This run's backup job, once it tries to start one.
     let our_job = std::cell::RefCell::new(None);
-    let result = backup_prepared(repo, hv, &dom, run, xml, opts, live, &our_job, progress);
+    let started = paused.is_some();
+    let result = backup_prepared(
+        repo, hv, &dom, run, xml, opts, live, &our_job, started, progress,
+    );
     if let Some(p) = paused {
         let mine = our_job.borrow().clone();
         let ours = |j: &BackupJobXml| mine.as_ref().is_some_and(|m: &OurJob| m.is(j));
@@ -176,6 +187,7 @@ fn backup_prepared(
     opts: &BackupOptions,
     live: &LiveOptions,
     our_job: &std::cell::RefCell<Option<OurJob>>,
+    started_paused: bool,
     progress: &dyn Progress,
 ) -> Result<BackupReport> {
     let name = dom.name();
@@ -191,6 +203,25 @@ fn backup_prepared(
     // This branch's checkpoint found broken (its bitmap lost when QEMU died): after a
     // good generation it goes with the older ones.
     let broken = std::cell::RefCell::new(None);
+    use crate::engine::quiesce::{Freezer, Quiesce};
+    // Only a guest that runs can be frozen; one vmkeep started paused (or read from its
+    // files) was shut off, as consistent as that.
+    let freezer = (info.state == crate::libvirt::DomainState::Running && !started_paused)
+        .then(|| Freezer::new(dom, live.quiesce, progress));
+    if info.state.is_active() && !started_paused {
+        if freezer.is_none() && live.quiesce == Quiesce::Require {
+            return Err(Error::source(
+                format!("libvirt VM {name}"),
+                format!(
+                    "--quiesce require: the VM is {}, its guest cannot be frozen",
+                    info.state
+                ),
+            ));
+        }
+        opts.consistency = Some(crate::archive::profile::Consistency::Crash);
+    } else {
+        opts.consistency = Some(crate::archive::profile::Consistency::Offline);
+    }
     let result = if info.state.is_active() {
         backup_running(
             dom,
@@ -202,6 +233,7 @@ fn backup_prepared(
             &new_checkpoint,
             basis.as_deref(),
             &broken,
+            freezer.as_ref(),
             &opts,
             live,
             progress,
@@ -422,6 +454,7 @@ fn backup_running(
     new_checkpoint: &str,
     basis: Option<&str>,
     broken: &std::cell::RefCell<Option<String>>,
+    freezer: Option<&crate::engine::quiesce::Freezer<'_>>,
     opts: &BackupOptions,
     live: &LiveOptions,
     progress: &dyn Progress,
@@ -495,6 +528,7 @@ fn backup_running(
             scratch_dir: &scratch_dir,
             checkpoint: Some(new_checkpoint),
             incremental_from: basis,
+            around_begin: freezer.map(|f| f as &dyn crate::libvirt::AroundBegin),
             checkpoint_description: Some(&description),
         };
         match start_job(dom, &mut plan, &mut basis, broken, &mut others, progress) {
@@ -538,6 +572,16 @@ fn backup_running(
         .borrow()
         .as_ref()
         .and_then(|j| j.checkpoint().map(str::to_string));
+    if let Some(f) = freezer {
+        let (consistency, why) = f.consistency();
+        opts.consistency = Some(consistency);
+        if let Some(why) = why {
+            progress.warn(&format!(
+                "VM {}: crash-consistent backup: the guest's file systems were not frozen ({why})",
+                dom.name()
+            ));
+        }
+    }
     let mut confirm = || -> Result<()> {
         let j = job.borrow_mut().take().expect("confirmed once");
         match j.state()? {

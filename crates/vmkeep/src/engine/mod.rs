@@ -14,6 +14,8 @@ pub mod pipeline;
 pub mod print;
 pub mod prune;
 #[cfg(feature = "libvirt")]
+pub mod quiesce;
+#[cfg(feature = "libvirt")]
 pub mod recover;
 pub mod restore;
 pub mod serve;

@@ -40,6 +40,9 @@ pub struct GenerationStatus {
     pub protected: bool,
     /// libvirt checkpoint made with this generation (this repository's branch).
     pub checkpoint: Option<String>,
+    /// How consistent its disks are (libvirt VMs): frozen, crash or offline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<crate::archive::profile::Consistency>,
     /// Its disks, in the profile's order.
     pub disks: Vec<DiskStatus>,
 }
@@ -121,6 +124,7 @@ pub fn vm_status_seen(repo: &Repository, name: &str, hosts: &Hosts) -> Result<Vm
             duration_secs: g.profile.duration_secs,
             protected: g.profile.protected,
             checkpoint: g.profile.checkpoint,
+            consistency: g.profile.consistency,
             disks: g
                 .profile
                 .disks

@@ -128,7 +128,14 @@ impl Domain {
         let checkpoint_xml = checkpoint.map(|name| {
             xml::checkpoint_xml(name, plan.checkpoint_description, &tracked, &untracked)
         });
-        if let Err(e) = ffi::backup_begin(&self.dom, &backup_xml, checkpoint_xml.as_deref(), 0) {
+        if let Some(a) = plan.around_begin {
+            a.before()?;
+        }
+        let began = ffi::backup_begin(&self.dom, &backup_xml, checkpoint_xml.as_deref(), 0);
+        if let Some(a) = plan.around_begin {
+            a.after();
+        }
+        if let Err(e) = began {
             if e.is(ErrorNumber::CheckpointInconsistent) && plan.incremental_from.is_some() {
                 return Ok(BackupStart::CheckpointInconsistent(e.message));
             }
@@ -310,6 +317,9 @@ pub struct BackupPlan<'a> {
     /// Export only what changed since this checkpoint: each disk it tracks offers the
     /// dirty bitmap; disks it does not track (added since) are exported in full.
     pub incremental_from: Option<&'a str>,
+    /// Called right before the job begins and right after, whatever happened (the guest's
+    /// file systems frozen for exactly that moment).
+    pub around_begin: Option<&'a dyn AroundBegin>,
     /// Description of the new checkpoint (vmkeep names its repository there).
     pub checkpoint_description: Option<&'a str>,
 }
@@ -603,6 +613,25 @@ fn backup_job_active(dom: &VirtDomain) -> bool {
 pub(crate) fn tls_setup_missing(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
     m.contains("tls") || m.contains("x509") || m.contains("cert")
+}
+
+impl std::fmt::Debug for dyn AroundBegin + '_ {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
+/// What runs around the instant a backup job begins (its point in time): the guest
+/// agent's freeze before and thaw after ([`crate::engine::quiesce`]).
+pub trait AroundBegin {
+    /// What it is, for `Debug` output of a plan.
+    fn describe(&self) -> &'static str {
+        "around-begin"
+    }
+    /// Right before the job begins; an error stops the backup before it.
+    fn before(&self) -> Result<()>;
+    /// Right after, whether the job began or not.
+    fn after(&self);
 }
 
 /// Whether libvirt's message for a failed TCP export says the port is taken.

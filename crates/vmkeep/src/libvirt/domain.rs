@@ -17,6 +17,9 @@ use crate::error::{Error, Result};
 
 /// The XML namespace of vmkeep's element in a running VM's metadata.
 const MARKER_NS: &str = "urn:vmkeep:live:1";
+/// The namespace of vmkeep's mark on a guest whose file systems it froze (live metadata,
+/// removed after the thaw; what a killed run leaves, the next run thaws).
+const FROZEN_NS: &str = "urn:vmkeep:frozen:1";
 /// The namespace prefix libvirt writes for it.
 const MARKER_PREFIX: &str = "vmkeep";
 
@@ -426,22 +429,59 @@ impl Domain {
     /// (`VIR_DOMAIN_AFFECT_LIVE` only: it ends with the QEMU process and never reaches the
     /// persistent definition). `xml` is one element, e.g. `<started .../>`.
     pub fn set_live_marker(&self, xml: Option<&str>) -> Result<()> {
+        self.set_marker_in(MARKER_NS, xml)
+    }
+
+    /// vmkeep's element in the running VM's metadata, `None` when there is none.
+    pub fn live_marker(&self) -> Result<Option<String>> {
+        self.marker_in(MARKER_NS)
+    }
+
+    /// Set or remove vmkeep's frozen-guest mark (live metadata, as [`Self::set_live_marker`]).
+    pub fn set_frozen_marker(&self, xml: Option<&str>) -> Result<()> {
+        self.set_marker_in(FROZEN_NS, xml)
+    }
+
+    /// vmkeep's frozen-guest mark, `None` when there is none.
+    pub fn frozen_marker(&self) -> Result<Option<String>> {
+        self.marker_in(FROZEN_NS)
+    }
+
+    /// Freeze every file system of the guest through its agent, waiting at most
+    /// `timeout_secs` for the agent's answer: the number frozen. No agent, or one that
+    /// does not answer in time, is an error. libvirt's wait for the agent is put back to
+    /// its default afterwards.
+    pub fn fs_freeze(&self, timeout_secs: i32) -> Result<u32> {
+        let _ = ffi::agent_timeout(&self.dom, timeout_secs);
+        let frozen = ffi::fs_freeze(&self.dom);
+        let _ = ffi::agent_timeout(&self.dom, sys::VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT);
+        frozen.map_err(|e| self.err(format!("cannot freeze the guest's file systems: {e}")))
+    }
+
+    /// Thaw every file system of the guest: the number thawed (0 when none was frozen).
+    pub fn fs_thaw(&self, timeout_secs: i32) -> Result<u32> {
+        let _ = ffi::agent_timeout(&self.dom, timeout_secs);
+        let thawed = ffi::fs_thaw(&self.dom);
+        let _ = ffi::agent_timeout(&self.dom, sys::VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT);
+        thawed.map_err(|e| self.err(format!("cannot thaw the guest's file systems: {e}")))
+    }
+
+    fn set_marker_in(&self, ns: &str, xml: Option<&str>) -> Result<()> {
         self.dom
             .set_metadata(
                 sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
                 xml,
                 xml.map(|_| MARKER_PREFIX),
-                Some(MARKER_NS),
+                Some(ns),
                 sys::VIR_DOMAIN_AFFECT_LIVE,
             )
             .map_err(|e| self.err(format!("cannot set live metadata: {}", e.message())))
     }
 
-    /// vmkeep's element in the running VM's metadata, `None` when there is none.
-    pub fn live_marker(&self) -> Result<Option<String>> {
+    fn marker_in(&self, ns: &str) -> Result<Option<String>> {
         match self.dom.metadata(
             sys::VIR_DOMAIN_METADATA_ELEMENT as i32,
-            Some(MARKER_NS),
+            Some(ns),
             sys::VIR_DOMAIN_AFFECT_LIVE,
         ) {
             Ok(xml) => Ok(Some(xml)),

@@ -1,6 +1,6 @@
 //! The libvirt calls that the `virt` crate offers only as raw C functions in `virt::sys`:
 //! pull-mode backup, checkpoints, job abort and job statistics, block pull and its
-//! progress, and the hole of a sparse stream.
+//! progress, the guest agent's freeze and thaw, and the hole of a sparse stream.
 //!
 //! This is the only file of vmkeep with `unsafe` for libvirt. Every wrapper turns a NULL or
 //! `-1` return into an [`FfiError`] carrying libvirt's own message (`virGetLastError`,
@@ -182,6 +182,26 @@ pub(crate) fn block_job_progress(dom: &Domain, disk: &str) -> FfiResult<Option<(
     let rc =
         check(unsafe { sys::virDomainGetBlockJobInfo(dom_ptr(dom), disk.as_ptr(), &mut info, 0) })?;
     Ok((rc == 1).then_some((info.cur, info.end)))
+}
+
+/// Freeze every file system of the guest through its agent (`virDomainFSFreeze`, all
+/// mount points): the number frozen.
+pub(crate) fn fs_freeze(dom: &Domain) -> FfiResult<u32> {
+    // SAFETY: valid domain pointer; NULL and 0 mean "every mount point".
+    check(unsafe { sys::virDomainFSFreeze(dom_ptr(dom), ptr::null_mut(), 0, 0) }).map(|n| n as u32)
+}
+
+/// Thaw every file system of the guest (`virDomainFSThaw`): the number thawed.
+pub(crate) fn fs_thaw(dom: &Domain) -> FfiResult<u32> {
+    // SAFETY: valid domain pointer; NULL and 0 mean "every mount point".
+    check(unsafe { sys::virDomainFSThaw(dom_ptr(dom), ptr::null_mut(), 0, 0) }).map(|n| n as u32)
+}
+
+/// How long libvirt waits for the guest agent's answers, in seconds
+/// (`virDomainAgentSetResponseTimeout`; -1: libvirt's default).
+pub(crate) fn agent_timeout(dom: &Domain, seconds: c_int) -> FfiResult<()> {
+    // SAFETY: valid domain pointer; plain integers.
+    check(unsafe { sys::virDomainAgentSetResponseTimeout(dom_ptr(dom), seconds, 0) }).map(drop)
 }
 
 /// What `virDomainGetJobStats` reports about the current or the last completed job.

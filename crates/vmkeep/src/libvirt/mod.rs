@@ -74,7 +74,8 @@ use std::fmt;
 use crate::error::Error;
 pub(crate) use backup::port_taken;
 pub use backup::{
-    describe as describe_job, BackupDisk, BackupJobState, BackupPlan, BackupStart, PullBackup,
+    describe as describe_job, AroundBegin, BackupDisk, BackupJobState, BackupPlan, BackupStart,
+    PullBackup,
 };
 pub use checkpoint::CheckpointDelete;
 pub use domain::uri_host;

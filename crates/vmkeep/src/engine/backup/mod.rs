@@ -177,6 +177,8 @@ pub struct BackupOptions {
     pub domain_xml: Option<String>,
     /// The libvirt checkpoint made with this generation.
     pub checkpoint: Option<String>,
+    /// How consistent the disks are (libvirt VMs).
+    pub consistency: Option<crate::archive::profile::Consistency>,
     /// Prune as it goes (config `prune = "after-backup"`): once the generation is
     /// committed, apply this retention schedule in the same run and lock. A failed
     /// backup prunes nothing.
@@ -193,6 +195,7 @@ impl Default for BackupOptions {
             kind: SourceKind::Image,
             domain_xml: None,
             checkpoint: None,
+            consistency: None,
             prune_after: None,
         }
     }
@@ -495,6 +498,7 @@ impl BackupRun {
             block_size,
             kind: opts.kind,
             checkpoint: opts.checkpoint.clone(),
+            consistency: opts.consistency,
             disks: records,
         };
         Ok((gp, warnings))
