@@ -545,6 +545,7 @@ impl Settings {
             kind: SourceKind::Image,
             domain_xml: None,
             checkpoint: None,
+            checkpoint_xml: None,
             consistency: None,
             prune_after,
         };

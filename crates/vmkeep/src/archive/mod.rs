@@ -193,6 +193,11 @@ impl Generation {
     pub fn domain_xml_path(&self) -> PathBuf {
         self.dir.join(names::DOMAIN_XML)
     }
+    /// `checkpoint.xml`: the libvirt checkpoint made with the generation, as libvirt
+    /// described it (without its `<domain>`), if it has one.
+    pub fn checkpoint_xml_path(&self) -> PathBuf {
+        self.dir.join(names::CHECKPOINT_XML)
+    }
 }
 
 /// Is `name` a generation folder name (a UUID)?

@@ -34,6 +34,9 @@ pub const DELETING: &str = ".deleting";
 pub const GENERATION_PROFILE: &str = "generation.toml";
 /// The libvirt domain XML a generation saved (`REPO/VM/GEN/domain.xml`).
 pub const DOMAIN_XML: &str = "domain.xml";
+/// The libvirt checkpoint XML a generation saved, to redefine the checkpoint should
+/// libvirt lose it (`REPO/VM/GEN/checkpoint.xml`).
+pub const CHECKPOINT_XML: &str = "checkpoint.xml";
 /// Suffix of a disk image of the newest generation (`DISK.raw`).
 pub const IMAGE_SUFFIX: &str = ".raw";
 /// Suffix of a digest file of the newest generation (`DISK.digest`).

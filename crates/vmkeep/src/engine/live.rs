@@ -339,13 +339,49 @@ fn incr_basis(
         return Ok(None);
     }
     if !dom.checkpoint_exists(&cp)? {
-        progress.warn(&format!(
-            "VM {}: checkpoint {cp} of the newest generation is gone; reading all disks (diff) and starting a new checkpoint chain",
-            dom.name()
-        ));
-        return Ok(None);
+        // libvirt lost the metadata (the domain was undefined and defined again, made
+        // transient, moved) but the disks may still carry the bitmaps: give the checkpoint
+        // back from the generation's copy, which libvirt validates against the bitmaps.
+        match redefine(dom, prev, &cp) {
+            Ok(()) => {
+                progress.warn(&format!(
+                    "VM {}: libvirt had lost checkpoint {cp}; redefined it from the newest generation (its bitmaps validated)",
+                    dom.name()
+                ));
+                return Ok(Some(cp));
+            }
+            Err(why) => {
+                progress.warn(&format!(
+                    "VM {}: checkpoint {cp} of the newest generation is gone ({why}); reading all disks (diff) and starting a new checkpoint chain",
+                    dom.name()
+                ));
+                return Ok(None);
+            }
+        }
     }
     Ok(Some(cp))
+}
+
+/// The most a saved checkpoint XML may be (a few KiB; larger is damage, not read).
+const MAX_CHECKPOINT_XML: u64 = 1 << 20;
+
+/// Redefine checkpoint `cp` of `dom` from generation `prev`'s saved XML; why not, if not.
+fn redefine(
+    dom: &Domain,
+    prev: &crate::archive::Generation,
+    cp: &str,
+) -> std::result::Result<(), String> {
+    use std::io::Read;
+    let path = prev.checkpoint_xml_path();
+    let file = crate::fsutil::open_ro(&path).map_err(|_| "no saved checkpoint XML".to_string())?;
+    let mut text = String::new();
+    file.take(MAX_CHECKPOINT_XML)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    dom.redefine_checkpoint(cp, &text).map_err(|e| match e {
+        Error::Source { detail, .. } => detail,
+        e => e.to_string(),
+    })
 }
 
 /// Whether the bitmaps of checkpoint `cp` (this branch's, of a running VM) are intact
@@ -572,6 +608,12 @@ fn backup_running(
         .borrow()
         .as_ref()
         .and_then(|j| j.checkpoint().map(str::to_string));
+    // Saved with the generation: libvirt can be given the checkpoint back should it lose
+    // it (the domain undefined and defined again, made transient, moved).
+    opts.checkpoint_xml = opts
+        .checkpoint
+        .as_deref()
+        .and_then(|cp| dom.checkpoint_xml(cp).ok());
     if let Some(f) = freezer {
         let (consistency, why) = f.consistency();
         opts.consistency = Some(consistency);

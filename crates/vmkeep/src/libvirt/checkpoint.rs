@@ -67,6 +67,38 @@ impl Domain {
         })
     }
 
+    /// Checkpoint `name`'s XML as libvirt describes it, without its `<domain>`: what
+    /// [`Domain::redefine_checkpoint`] takes should libvirt lose the checkpoint.
+    pub fn checkpoint_xml(&self, name: &str) -> Result<String> {
+        self.lookup_checkpoint(name)?
+            .xml_desc(sys::VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN)
+            .map_err(|e| self.err(format!("checkpoint '{name}': {e}")))
+    }
+
+    /// Give libvirt back checkpoint `name` from its saved XML `xml`
+    /// (`VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE` with `_VALIDATE`: libvirt checks that every
+    /// disk the checkpoint tracks carries its bitmap, consistent). The XML must name
+    /// `name`; its `<parent>` is dropped (older checkpoints are gone by design). Needs a
+    /// running VM.
+    pub fn redefine_checkpoint(&self, name: &str, xml: &str) -> Result<()> {
+        let saved = xml::parse_checkpoint(xml)?;
+        if saved.name != name {
+            return Err(self.err(format!(
+                "the saved checkpoint XML names checkpoint '{}', not '{name}'",
+                saved.name
+            )));
+        }
+        let text = xml::without_parent(xml)?;
+        ffi::checkpoint_create_xml(
+            &self.dom,
+            &text,
+            sys::VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE
+                | sys::VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE,
+        )
+        .map(drop)
+        .map_err(|e| self.err(format!("cannot redefine checkpoint '{name}': {e}")))
+    }
+
     /// The disks whose bitmap of checkpoint `name` QEMU cannot use: missing from the image
     /// or marked inconsistent (QEMU was killed, or the host crashed, before it saved the
     /// bitmap). libvirt reports a bitmap's size (`VIR_DOMAIN_CHECKPOINT_XML_SIZE`) only

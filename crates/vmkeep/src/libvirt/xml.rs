@@ -532,6 +532,16 @@ pub fn parse_checkpoint(xml: &str) -> Result<CheckpointInfo> {
     })
 }
 
+/// A checkpoint's XML without its `<parent>` element (to redefine it alone).
+pub fn without_parent(xml: &str) -> Result<String> {
+    let doc = parse_doc(xml, "domaincheckpoint")?;
+    let mut splice = Splice::default();
+    if let Some(parent) = child(doc.root_element(), "parent") {
+        splice.remove(parent);
+    }
+    Ok(splice.apply(xml))
+}
+
 /// The disks of a checkpoint's XML that carry a bitmap, as (disk target, bitmap size):
 /// the size is what libvirt adds with `VIR_DOMAIN_CHECKPOINT_XML_SIZE` for a bitmap QEMU
 /// holds and can read; `None` when it added none (the bitmap is missing or inconsistent).

@@ -177,6 +177,8 @@ pub struct BackupOptions {
     pub domain_xml: Option<String>,
     /// The libvirt checkpoint made with this generation.
     pub checkpoint: Option<String>,
+    /// That checkpoint's XML, saved with the generation (`checkpoint.xml`).
+    pub checkpoint_xml: Option<String>,
     /// How consistent the disks are (libvirt VMs).
     pub consistency: Option<crate::archive::profile::Consistency>,
     /// Prune as it goes (config `prune = "after-backup"`): once the generation is
@@ -195,6 +197,7 @@ impl Default for BackupOptions {
             kind: SourceKind::Image,
             domain_xml: None,
             checkpoint: None,
+            checkpoint_xml: None,
             consistency: None,
             prune_after: None,
         }
@@ -481,11 +484,16 @@ impl BackupRun {
         .into_iter()
         .find(|m| modes.contains(m))
         .unwrap_or(GenerationMode::Full);
-        if let Some(xml) = &opts.domain_xml {
-            let p = new_dir.join(names::DOMAIN_XML);
-            let f = fsutil::create_new(&p)?;
-            fsutil::write_at(&f, xml.as_bytes(), 0, &p)?;
-            fsutil::sync_all(&f, &p)?;
+        for (name, xml) in [
+            (names::DOMAIN_XML, &opts.domain_xml),
+            (names::CHECKPOINT_XML, &opts.checkpoint_xml),
+        ] {
+            if let Some(xml) = xml {
+                let p = new_dir.join(name);
+                let f = fsutil::create_new(&p)?;
+                fsutil::write_at(&f, xml.as_bytes(), 0, &p)?;
+                fsutil::sync_all(&f, &p)?;
+            }
         }
         let gp = GenerationProfile {
             format: PROFILE_VERSION,
