@@ -483,17 +483,6 @@ impl Drop for KillServer {
     }
 }
 
-/// Whether process `pid` still runs (and is not a zombie).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
-}
-
 /// Wait (at most `secs`) until process `pid` has ended.
 fn wait_gone(pid: u32, secs: u64, what: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);

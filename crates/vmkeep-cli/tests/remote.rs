@@ -147,6 +147,25 @@ fn blind(env: &Env, hidden: &Path, args: &[&str]) -> Output {
 /// A transient storage pool, destroyed when dropped.
 struct PoolGuard(String);
 
+impl PoolGuard {
+    /// A transient dir pool `vmkeep-test-TAG-PID` over a fresh folder `pool` under
+    /// `parent`: (its folder, its name, the guard).
+    fn create(parent: &Path, tag: &str) -> (PathBuf, String, PoolGuard) {
+        let dir = parent.join("pool");
+        std::fs::create_dir(&dir).unwrap();
+        set_mode(&dir, 0o755);
+        let pool = format!("vmkeep-test-{tag}-{}", std::process::id());
+        virsh(&[
+            "pool-create-as",
+            &pool,
+            "dir",
+            "--target",
+            dir.to_str().unwrap(),
+        ]);
+        (dir, pool.clone(), PoolGuard(pool))
+    }
+}
+
 impl Drop for PoolGuard {
     fn drop(&mut self) {
         lv::virsh_quiet(&["pool-destroy", &self.0]);
@@ -212,18 +231,7 @@ fn a_remote_host_is_backed_up_over_tls_without_seeing_its_files() {
 
     // Restored as a new VM on the remote host: its disk uploaded into a storage pool
     // through the libvirt connection; the new domain starts; its disk is the generation.
-    let pool_dir = tmp.path().join("pool");
-    std::fs::create_dir(&pool_dir).unwrap();
-    set_mode(&pool_dir, 0o755);
-    let pool = format!("vmkeep-test-pool-{}", std::process::id());
-    virsh(&[
-        "pool-create-as",
-        &pool,
-        "dir",
-        "--target",
-        pool_dir.to_str().unwrap(),
-    ]);
-    let _pool = PoolGuard(pool.clone());
+    let (pool_dir, pool, _pool) = PoolGuard::create(tmp.path(), "pool");
     let copy = format!("{}-copy", vm.name);
     let _copy = lv::Undefine(copy.clone());
     let out = blind(
@@ -303,17 +311,6 @@ fn a_remote_host_is_backed_up_over_tls_without_seeing_its_files() {
     env.ok(&["check", &vm.name, "--deep"]);
 }
 
-/// Whether process `pid` still runs (and is not a zombie).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        !s.rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z')
-    })
-}
-
 /// Instant recovery onto the remote host: `serve` listens here on TCP with TLS, the new
 /// domain's overlay (uploaded into a pool) names that export as its backing store, the
 /// domain boots from it, and the server copies everything into the overlay and ends by
@@ -347,18 +344,7 @@ fn instant_recovery_onto_a_remote_host_over_tls_finishes_by_itself() {
     vm.guest_write(0, 0x11, "0", "3M");
     succeeded(&blind(&env, &hidden, &["backup", &vm.name]), "backup: ");
     let generation = env.restored(&vm.name, "0", Some("vda"));
-    let pool_dir = tmp.path().join("pool");
-    std::fs::create_dir(&pool_dir).unwrap();
-    set_mode(&pool_dir, 0o755);
-    let pool = format!("vmkeep-test-ipool-{}", std::process::id());
-    virsh(&[
-        "pool-create-as",
-        &pool,
-        "dir",
-        "--target",
-        pool_dir.to_str().unwrap(),
-    ]);
-    let _pool = PoolGuard(pool.clone());
+    let (pool_dir, pool, _pool) = PoolGuard::create(tmp.path(), "ipool");
 
     // A server certificate of another CA: QEMU refuses it, the start fails, nothing stays.
     let other = pki::make_pki(tmp.path(), "other-server");

@@ -451,3 +451,14 @@ pub fn flip_byte(path: &Path, off: u64) {
     b[0] ^= 0x40;
     f.write_all_at(&b, off).unwrap();
 }
+
+/// Whether process `pid` still runs (and is not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
