@@ -145,14 +145,6 @@ fn blind(env: &Env, hidden: &Path, args: &[&str]) -> Output {
 }
 
 /// A transient storage pool, destroyed when dropped.
-struct PoolGuard(String);
-
-impl Drop for PoolGuard {
-    fn drop(&mut self) {
-        lv::virsh_quiet(&["pool-destroy", &self.0]);
-    }
-}
-
 /// The disk as the guest sees it now (QEMU's caches flushed to the file first).
 fn disk_now(vm: &TestVm) -> Vec<u8> {
     vm.flush(0);
@@ -213,17 +205,8 @@ fn a_remote_host_is_backed_up_over_tls_without_seeing_its_files() {
     // Restored as a new VM on the remote host: its disk uploaded into a storage pool
     // through the libvirt connection; the new domain starts; its disk is the generation.
     let pool_dir = tmp.path().join("pool");
-    std::fs::create_dir(&pool_dir).unwrap();
-    set_mode(&pool_dir, 0o755);
     let pool = format!("vmkeep-test-pool-{}", std::process::id());
-    virsh(&[
-        "pool-create-as",
-        &pool,
-        "dir",
-        "--target",
-        pool_dir.to_str().unwrap(),
-    ]);
-    let _pool = PoolGuard(pool.clone());
+    let _pool = lv::PoolGuard::create(&pool, &pool_dir);
     let copy = format!("{}-copy", vm.name);
     let _copy = lv::Undefine(copy.clone());
     let out = blind(
@@ -348,17 +331,8 @@ fn instant_recovery_onto_a_remote_host_over_tls_finishes_by_itself() {
     succeeded(&blind(&env, &hidden, &["backup", &vm.name]), "backup: ");
     let generation = env.restored(&vm.name, "0", Some("vda"));
     let pool_dir = tmp.path().join("pool");
-    std::fs::create_dir(&pool_dir).unwrap();
-    set_mode(&pool_dir, 0o755);
     let pool = format!("vmkeep-test-ipool-{}", std::process::id());
-    virsh(&[
-        "pool-create-as",
-        &pool,
-        "dir",
-        "--target",
-        pool_dir.to_str().unwrap(),
-    ]);
-    let _pool = PoolGuard(pool.clone());
+    let _pool = lv::PoolGuard::create(&pool, &pool_dir);
 
     // A server certificate of another CA: QEMU refuses it, the start fails, nothing stays.
     let other = pki::make_pki(tmp.path(), "other-server");
