@@ -736,6 +736,109 @@ fn a_redefined_domain_stays_incremental_through_its_saved_checkpoint() {
     env.ok(&["check", &vm.name, "--deep"]);
 }
 
+/// A port on 127.0.0.1 nobody listens on, from `range`.
+fn free_port(range: std::ops::RangeInclusive<u16>) -> u16 {
+    range
+        .into_iter()
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port")
+}
+
+/// Every host path (absolute attribute value) in a domain's XML, and its graphics ports.
+fn paths_and_ports(xml: &str) -> (std::collections::BTreeSet<String>, Vec<String>) {
+    let doc = roxmltree::Document::parse(xml).unwrap();
+    let paths = doc
+        .descendants()
+        .flat_map(|n| n.attributes())
+        .map(|a| a.value().to_string())
+        .filter(|v| v.starts_with('/'))
+        .collect();
+    let ports = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("graphics"))
+        .flat_map(|g| ["port", "websocket"].map(|a| g.attribute(a).unwrap_or("").to_string()))
+        .collect();
+    (paths, ports)
+}
+
+/// Copies of a running domain with file-backed serial and console, a `<log>` file and VNC
+/// on fixed ports, restored beside it (copied, instant, into a pool) and started: each
+/// starts, names none of the original's files or ports, and writes its console beside the
+/// original's under its own name; all of them and the original run.
+#[test]
+fn copies_beside_the_running_original_share_no_file_or_port() {
+    let _shared = shared();
+    let dir = tempfile::Builder::new()
+        .prefix("vmkeep-share-")
+        .tempdir()
+        .unwrap();
+    lv::set_mode(dir.path(), 0o755);
+    let (vnc, ws) = (free_port(5990..=6200), free_port(15790..=16000));
+    let console = dir.path().join("console.log");
+    let at = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    // The log's file name carries the VM's name, the console's does not.
+    let devices = format!(
+        "<serial type='file'><source path='{c}'/><log file='{log}'/><target port='0'/></serial>\
+         <console type='file'><source path='{c}'/><target type='serial' port='0'/></console>\
+         <graphics type='vnc' port='{vnc}' autoport='no' websocket='{ws}' listen='127.0.0.1'/>",
+        c = console.display(),
+        log = at(&format!("{}.serial.log", lv::NAME)),
+    );
+    let vm = TestVm::define("shared", &[("vda", "qcow2", 16)], &devices);
+    virsh(&["start", &vm.name]);
+    let env = Env::live();
+    env.ok(&["backup", &vm.name]);
+    let original = virsh(&["dumpxml", &vm.name]);
+    let (orig_paths, orig_ports) = paths_and_ports(&original);
+    assert!(orig_paths.contains(console.to_str().unwrap()), "{original}");
+    assert_eq!(orig_ports, [vnc.to_string(), ws.to_string()], "{original}");
+
+    let disks = env.disk_dir();
+    let pool = format!("vmkeep-test-share-{}", std::process::id());
+    let _pool = lv::PoolGuard::create(&pool, &env.path("pool"));
+    let copied = format!("{}-copy", vm.name);
+    let instant = format!("{}-instant", vm.name);
+    let pooled = format!("{}-pool", vm.name);
+    let _guards = [&copied, &instant, &pooled].map(|n| lv::Undefine(n.to_string()));
+    let mut args = restore_as_vm(&vm.name, &copied, &disks);
+    args.push("--start");
+    env.ok(&args);
+    let mut args = restore_as_vm(&vm.name, &instant, &disks);
+    args.extend(["--instant", "--start"]);
+    let _server = KillServer(server_pid(&env.ok(&args)));
+    env.ok(&[
+        "restore", &vm.name, "--as-vm", &pooled, "--pool", &pool, "--start",
+    ]);
+
+    for copy in [&copied, &instant, &pooled] {
+        assert!(virsh(&["domstate", copy]).contains("running"), "{copy}");
+        let xml = virsh(&["dumpxml", copy]);
+        let (paths, ports) = paths_and_ports(&xml);
+        let shared: Vec<_> = paths.intersection(&orig_paths).collect();
+        assert!(shared.is_empty(), "{copy} shares {shared:?}:\n{xml}");
+        for port in [vnc, ws] {
+            assert!(
+                !ports.contains(&port.to_string()),
+                "{copy}: port {port}:\n{xml}"
+            );
+        }
+        assert_eq!(ports.len(), 2, "VNC and its websocket: {xml}");
+        // The console and the log beside the original's, named for the copy.
+        for file in [
+            at(&format!("{copy}-console.log")),
+            at(&format!("{copy}.serial.log")),
+        ] {
+            assert!(paths.contains(&file), "{copy}: no {file}:\n{xml}");
+            assert!(std::path::Path::new(&file).exists(), "{file}");
+        }
+    }
+    assert!(virsh(&["domstate", &vm.name]).contains("running"));
+    assert_eq!(
+        paths_and_ports(&virsh(&["dumpxml", &vm.name])).1,
+        orig_ports
+    );
+}
+
 #[test]
 fn two_repositories_keep_independent_incremental_chains() {
     let _shared = shared();

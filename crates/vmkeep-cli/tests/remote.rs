@@ -145,33 +145,6 @@ fn blind(env: &Env, hidden: &Path, args: &[&str]) -> Output {
 }
 
 /// A transient storage pool, destroyed when dropped.
-struct PoolGuard(String);
-
-impl PoolGuard {
-    /// A transient dir pool `vmkeep-test-TAG-PID` over a fresh folder `pool` under
-    /// `parent`: (its folder, its name, the guard).
-    fn create(parent: &Path, tag: &str) -> (PathBuf, String, PoolGuard) {
-        let dir = parent.join("pool");
-        std::fs::create_dir(&dir).unwrap();
-        set_mode(&dir, 0o755);
-        let pool = format!("vmkeep-test-{tag}-{}", std::process::id());
-        virsh(&[
-            "pool-create-as",
-            &pool,
-            "dir",
-            "--target",
-            dir.to_str().unwrap(),
-        ]);
-        (dir, pool.clone(), PoolGuard(pool))
-    }
-}
-
-impl Drop for PoolGuard {
-    fn drop(&mut self) {
-        lv::virsh_quiet(&["pool-destroy", &self.0]);
-    }
-}
-
 /// The disk as the guest sees it now (QEMU's caches flushed to the file first).
 fn disk_now(vm: &TestVm) -> Vec<u8> {
     vm.flush(0);
@@ -231,7 +204,9 @@ fn a_remote_host_is_backed_up_over_tls_without_seeing_its_files() {
 
     // Restored as a new VM on the remote host: its disk uploaded into a storage pool
     // through the libvirt connection; the new domain starts; its disk is the generation.
-    let (pool_dir, pool, _pool) = PoolGuard::create(tmp.path(), "pool");
+    let pool_dir = tmp.path().join("pool");
+    let pool = format!("vmkeep-test-pool-{}", std::process::id());
+    let _pool = lv::PoolGuard::create(&pool, &pool_dir);
     let copy = format!("{}-copy", vm.name);
     let _copy = lv::Undefine(copy.clone());
     let out = blind(
@@ -344,7 +319,9 @@ fn instant_recovery_onto_a_remote_host_over_tls_finishes_by_itself() {
     vm.guest_write(0, 0x11, "0", "3M");
     succeeded(&blind(&env, &hidden, &["backup", &vm.name]), "backup: ");
     let generation = env.restored(&vm.name, "0", Some("vda"));
-    let (pool_dir, pool, _pool) = PoolGuard::create(tmp.path(), "ipool");
+    let pool_dir = tmp.path().join("pool");
+    let pool = format!("vmkeep-test-ipool-{}", std::process::id());
+    let _pool = lv::PoolGuard::create(&pool, &pool_dir);
 
     // A server certificate of another CA: QEMU refuses it, the start fails, nothing stays.
     let other = pki::make_pki(tmp.path(), "other-server");

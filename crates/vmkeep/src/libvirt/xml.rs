@@ -780,22 +780,21 @@ pub fn copy_domain_xml(
         splice.remove(nvram);
     }
     let mut used_disks = BTreeSet::new();
+    let mut fresh = Fresh::new(&doc, spec)?;
     if let Some(devices) = child(root, "devices") {
         for dev in devices.children().filter(Node::is_element) {
             match dev.tag_name().name() {
                 "disk" => copy_disk(dev, spec, &mut splice, &mut used_disks)?,
                 "interface" => copy_interface(dev, spec, networks, &mut splice, new_mac)?,
-                "channel" => {
-                    // A per-domain socket path (the guest agent's) would clash with the
-                    // original's; without one libvirt generates a fresh path.
-                    if let Some(src) =
-                        child(dev, "source").filter(|s| s.attribute("mode") == Some("bind"))
-                    {
-                        if dev.attribute("type") == Some("unix") {
-                            splice.remove_attr(src, "path");
-                        }
-                    }
+                "serial" | "console" | "parallel" | "channel" | "redirdev" => {
+                    copy_chardev(dev, &mut fresh, &mut splice)?;
                 }
+                "graphics" => copy_graphics(dev, &mut splice),
+                "tpm" => copy_tpm(dev, &mut splice)?,
+                "filesystem" => check_filesystem(dev)?,
+                "hostdev" => return Err(not_copied(dev, "a host device only one VM can own")),
+                "shmem" => copy_shmem(dev, &mut fresh, &mut splice)?,
+                "vsock" => copy_vsock(dev, &mut splice),
                 _ => {}
             }
         }
@@ -889,6 +888,9 @@ fn copy_interface(
     if let Some(mac) = child(iface, "mac") {
         splice.set_attr(mac, "address", &format_mac(new_mac()));
     }
+    if iface.attribute("type") == Some("hostdev") {
+        return Err(not_copied(iface, "a host device only one VM can own"));
+    }
     if iface.attribute("type") != Some("network") {
         return Ok(());
     }
@@ -916,6 +918,239 @@ fn copy_interface(
         splice.remove_attr(source, attr);
     }
     Ok(())
+}
+
+/// The fresh per-domain names of a copy: host files (chardev files and sockets, `<log>`
+/// files) and shared-memory names. A path stays in its folder; in its file name the old
+/// domain name becomes the new one, or, when the file name does not contain the old name,
+/// the new name and a dash go in front (`console.log` → `NEW-console.log`). The mapping is
+/// a function of the old path (a `<console>` that is the first `<serial>` gets the same new
+/// path), and a new path equal to any path the original names, or to another of the copy's,
+/// is refused.
+struct Fresh {
+    old_name: String,
+    new_name: String,
+    /// Every absolute path the original's definition names.
+    taken: BTreeSet<String>,
+    /// The copy's new paths → the original's paths they replace.
+    given: BTreeMap<String, String>,
+}
+
+impl Fresh {
+    fn new(doc: &Document<'_>, spec: &CopySpec) -> Result<Fresh> {
+        let old_name = child_text(doc.root_element(), "name")
+            .ok_or_else(|| Error::source("libvirt XML", "domain without <name>"))?;
+        let taken = doc
+            .descendants()
+            .flat_map(|n| n.attributes())
+            .map(|a| a.value().trim())
+            .chain(doc.descendants().filter_map(|n| n.text()).map(str::trim))
+            .filter(|v| v.starts_with('/'))
+            .map(str::to_string)
+            .collect();
+        Ok(Fresh {
+            old_name,
+            new_name: spec.new_name.clone(),
+            taken,
+            given: BTreeMap::new(),
+        })
+    }
+
+    /// `name` with the old domain name replaced by the new one, or the new one in front.
+    fn rename(&self, name: &str) -> String {
+        if !self.old_name.is_empty() && name.contains(&self.old_name) {
+            name.replace(&self.old_name, &self.new_name)
+        } else {
+            format!("{}-{name}", self.new_name)
+        }
+    }
+
+    /// The copy's path for the original's host file `old`, named for `dev`.
+    fn path(&mut self, dev: Node<'_, '_>, old: &str) -> Result<String> {
+        let (folder, file) = old.rsplit_once('/').map_or(("", old), |(d, f)| (d, f));
+        let new = if old.contains('/') {
+            format!("{folder}/{}", self.rename(file))
+        } else {
+            self.rename(file)
+        };
+        let clash =
+            self.taken.contains(&new) || self.given.get(&new).is_some_and(|earlier| earlier != old);
+        if clash {
+            return Err(Error::usage(format!(
+                "{} of the saved VM names {old}; its copy's path {new} is also a path of \
+                 the original VM: choose another name for the copy",
+                describe(dev)
+            )));
+        }
+        self.given.insert(new.clone(), old.to_string());
+        Ok(new)
+    }
+}
+
+/// A device element as the messages name it: `<serial type='file'>`.
+fn describe(dev: Node<'_, '_>) -> String {
+    match dev.attribute("type") {
+        Some(t) => format!("<{} type='{t}'>", dev.tag_name().name()),
+        None => format!("<{}>", dev.tag_name().name()),
+    }
+}
+
+/// The usage error of a device a copy cannot have.
+fn not_copied(dev: Node<'_, '_>, why: &str) -> Error {
+    Error::usage(format!(
+        "the saved VM has {}, {why}: a copy beside the original cannot have it too, \
+         so vmkeep does not copy this VM (restore its disks with --to instead)",
+        describe(dev)
+    ))
+}
+
+/// A character device (`<serial>`, `<console>`, `<parallel>`, `<channel>`, `<redirdev>`):
+/// its host file, its `<log>` file and a unix socket it listens on get fresh paths (a
+/// virtio channel's socket loses its path, which libvirt then generates per domain); a TCP
+/// or UDP port it listens on becomes `0`, a free port QEMU picks; a host device or named
+/// pipe, which the original owns, is refused.
+fn copy_chardev(dev: Node<'_, '_>, fresh: &mut Fresh, splice: &mut Splice) -> Result<()> {
+    for log in dev.children().filter(|c| c.has_tag_name("log")) {
+        if let Some(file) = log.attribute("file") {
+            let new = fresh.path(dev, file)?;
+            splice.set_attr(log, "file", &new);
+        }
+    }
+    let sources = dev.children().filter(|c| c.has_tag_name("source"));
+    match dev.attribute("type").unwrap_or("pty") {
+        "file" => {
+            for src in sources {
+                if let Some(path) = src.attribute("path") {
+                    let new = fresh.path(dev, path)?;
+                    splice.set_attr(src, "path", &new);
+                }
+            }
+        }
+        "unix" => {
+            let virtio = child(dev, "target").and_then(|t| t.attribute("type")) == Some("virtio");
+            for src in sources.filter(|s| s.attribute("mode") == Some("bind")) {
+                match src.attribute("path") {
+                    Some(_) if virtio && dev.has_tag_name("channel") => {
+                        splice.remove_attr(src, "path");
+                    }
+                    Some(path) => {
+                        let new = fresh.path(dev, path)?;
+                        splice.set_attr(src, "path", &new);
+                    }
+                    None => {}
+                }
+            }
+        }
+        "tcp" | "udp" => {
+            for src in sources.filter(|s| s.attribute("mode") == Some("bind")) {
+                if src.attribute("service").is_some_and(|p| p != "0") {
+                    splice.set_attr(src, "service", "0");
+                }
+            }
+        }
+        "dev" => return Err(not_copied(dev, "a host device only one VM can own")),
+        "pipe" => return Err(not_copied(dev, "a named pipe of the original's")),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `<graphics>`: ports chosen by libvirt (`autoport='yes'`, a websocket port too) instead
+/// of the original's fixed ones, and a VNC/SPICE unix socket libvirt names per domain; the
+/// listen addresses stay.
+fn copy_graphics(dev: Node<'_, '_>, splice: &mut Splice) {
+    let fixed = ["port", "tlsPort"]
+        .iter()
+        .any(|a| dev.attribute(*a).is_some_and(|p| p != "-1"));
+    if fixed || dev.attribute("autoport") == Some("no") {
+        splice.set_attr(dev, "autoport", "yes");
+    }
+    for attr in ["port", "tlsPort"] {
+        splice.remove_attr(dev, attr);
+    }
+    if dev.attribute("websocket").is_some_and(|p| p != "-1") {
+        splice.set_attr(dev, "websocket", "-1");
+    }
+    let sockets: Vec<_> = dev
+        .children()
+        .filter(|l| l.has_tag_name("listen") && l.attribute("type") == Some("socket"))
+        .collect();
+    for listen in &sockets {
+        splice.remove_attr(*listen, "socket");
+    }
+    if !sockets.is_empty() {
+        splice.remove_attr(dev, "socket");
+    }
+}
+
+/// `<tpm>`: an emulator's state folder is libvirt's per domain UUID (the copy has a new
+/// one) unless the XML names one (`<backend><source type='dir' path=…>`): that is dropped.
+/// A host TPM passed through is refused.
+fn copy_tpm(dev: Node<'_, '_>, splice: &mut Splice) -> Result<()> {
+    let Some(backend) = child(dev, "backend") else {
+        return Ok(());
+    };
+    match backend.attribute("type") {
+        Some("emulator") => {
+            for src in backend.children().filter(|c| c.has_tag_name("source")) {
+                splice.remove(src);
+            }
+            Ok(())
+        }
+        Some("passthrough") => Err(not_copied(dev, "the host's TPM")),
+        _ => Ok(()),
+    }
+}
+
+/// `<filesystem>`: a host folder, file or device shared with the guest is the original's;
+/// a copy that could write it would write the original's files, so only a read-only one
+/// (and guest memory, `type='ram'`) is copied, and never one served by an external
+/// virtiofsd (`<source socket=…>`).
+fn check_filesystem(dev: Node<'_, '_>) -> Result<()> {
+    if dev.attribute("type") == Some("ram") {
+        return Ok(());
+    }
+    let external = child(dev, "source").is_some_and(|s| s.attribute("socket").is_some());
+    if external {
+        return Err(not_copied(dev, "served by the original's virtiofsd socket"));
+    }
+    if child(dev, "readonly").is_none() {
+        let what = child(dev, "source")
+            .and_then(|s| {
+                ["dir", "file", "dev", "name"]
+                    .iter()
+                    .find_map(|a| s.attribute(*a))
+            })
+            .map_or_else(String::new, |p| format!(" {p}"));
+        return Err(not_copied(
+            dev,
+            &format!("host files{what} the guest can write"),
+        ));
+    }
+    Ok(())
+}
+
+/// `<shmem name=…>`: the copy's shared memory gets a name of its own (the rule of
+/// [`Fresh`]); one served by an ivshmem server (`<server>`) is the original's and refused.
+fn copy_shmem(dev: Node<'_, '_>, fresh: &mut Fresh, splice: &mut Splice) -> Result<()> {
+    if child(dev, "server").is_some() {
+        return Err(not_copied(
+            dev,
+            "memory shared through the original's ivshmem server",
+        ));
+    }
+    if let Some(name) = dev.attribute("name") {
+        splice.set_attr(dev, "name", &fresh.rename(name));
+    }
+    Ok(())
+}
+
+/// `<vsock>`: a fixed guest CID is the original's; the copy gets one libvirt picks.
+fn copy_vsock(dev: Node<'_, '_>, splice: &mut Splice) {
+    if let Some(cid) = child(dev, "cid") {
+        splice.set_attr(cid, "auto", "yes");
+        splice.remove_attr(cid, "address");
+    }
 }
 
 #[cfg(test)]
@@ -1337,5 +1572,292 @@ mod tests {
         let d = parse_domain(&out).unwrap();
         assert_eq!(d.disks[0].source, DiskSource::Block("/dev/vg/b".into()));
         assert_eq!(d.disks[0].format.as_deref(), Some("raw"));
+    }
+
+    /// A copy named web1-restored of a diskless domain web1 with these devices.
+    fn copy_of(devices: &str) -> Result<String> {
+        let xml = format!(
+            "<domain type='qemu'><name>web1</name><uuid>7fa83f96-3e40-4d8e-9656-58259e306419</uuid>\
+             <devices>{devices}</devices></domain>"
+        );
+        let spec = CopySpec {
+            new_name: "web1-restored".into(),
+            ..CopySpec::default()
+        };
+        copy_domain_xml(&xml, &spec, &[], &mut macs())
+    }
+
+    /// Every host path (absolute attribute value) a definition names.
+    fn host_paths(xml: &str) -> BTreeSet<String> {
+        let doc = Document::parse(xml).unwrap();
+        let paths = doc
+            .descendants()
+            .flat_map(|n| n.attributes())
+            .map(|a| a.value().to_string())
+            .filter(|v| v.starts_with('/'))
+            .collect();
+        paths
+    }
+
+    /// The attribute `attr` of every element `tag`, in document order.
+    fn attrs(xml: &str, tag: &str, attr: &str) -> Vec<Option<String>> {
+        let doc = Document::parse(xml).unwrap();
+        let found = doc
+            .descendants()
+            .filter(|n| n.has_tag_name(tag))
+            .map(|n| n.attribute(attr).map(str::to_string))
+            .collect();
+        found
+    }
+
+    const FILE_CHARDEVS: &str = "\
+        <serial type='file'><source path='/var/log/vms/web1-serial.log' append='on'/>\
+          <log file='/var/log/vms/qemu-serial.log' append='off'/><target port='0'/></serial>\
+        <console type='file'><source path='/var/log/vms/web1-serial.log'/><target type='serial' port='0'/></console>\
+        <parallel type='file'><source path='/srv/console.log'/><target port='0'/></parallel>\
+        <channel type='pty'><source path='/dev/pts/4'/><log file='/var/log/ch.log'/>\
+          <target type='virtio' name='org.example.0'/></channel>";
+
+    /// File chardevs and `<log>` files: beside the original, the old domain name replaced
+    /// by the new one, else the new one in front; a console that is the first serial gets
+    /// the serial's new path; the copy names none of the original's files.
+    #[test]
+    fn copy_gives_chardev_and_log_files_fresh_paths() {
+        let original =
+            format!("<domain><name>web1</name><devices>{FILE_CHARDEVS}</devices></domain>");
+        let out = copy_of(FILE_CHARDEVS).unwrap();
+        Document::parse(&out).unwrap();
+        assert_eq!(
+            attrs(&out, "source", "path"),
+            [
+                Some("/var/log/vms/web1-restored-serial.log".into()),
+                Some("/var/log/vms/web1-restored-serial.log".into()),
+                Some("/srv/web1-restored-console.log".into()),
+                Some("/dev/pts/4".into()),
+            ]
+        );
+        assert_eq!(
+            attrs(&out, "log", "file"),
+            [
+                Some("/var/log/vms/web1-restored-qemu-serial.log".into()),
+                Some("/var/log/web1-restored-ch.log".into()),
+            ]
+        );
+        assert!(
+            out.contains("append='on'") && out.contains("append='off'"),
+            "{out}"
+        );
+        // Only the pty, which libvirt allocates anew, is in both.
+        let shared: Vec<_> = host_paths(&original)
+            .intersection(&host_paths(&out))
+            .cloned()
+            .collect();
+        assert_eq!(shared, ["/dev/pts/4"]);
+    }
+
+    /// The copy's path is refused when the original names it too, or when two of the
+    /// original's files would get the same one.
+    #[test]
+    fn copy_refuses_a_fresh_path_the_original_has() {
+        let taken = "<serial type='file'><source path='/l/console.log'/></serial>\
+                     <parallel type='file'><source path='/l/web1-restored-console.log'/></parallel>";
+        let err = copy_of(taken).unwrap_err();
+        assert_eq!(err.kind(), crate::error::ErrorKind::Usage, "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("<serial type='file'>"), "{msg}");
+        assert!(msg.contains("/l/web1-restored-console.log"), "{msg}");
+        let two = "<serial type='file'><source path='/l/console.log'/></serial>\
+                   <parallel type='file'><source path='/l/web1-console.log'/></parallel>";
+        let err = copy_of(two).unwrap_err();
+        assert!(err.to_string().contains("<parallel type='file'>"), "{err}");
+    }
+
+    /// Unix sockets the copy would listen on: a virtio channel's path is dropped (libvirt
+    /// makes one per domain), another gets a fresh path; a client socket stays.
+    #[test]
+    fn copy_gives_listening_unix_sockets_fresh_paths() {
+        let devices = "\
+            <serial type='unix'><source mode='bind' path='/run/vms/web1.serial'/><target port='0'/></serial>\
+            <console type='unix'><source mode='bind' path='/run/vms/web1.serial'/><target type='serial'/></console>\
+            <channel type='unix'><source mode='bind' path='/var/lib/libvirt/qemu/channel/target/domain-3-web1/org.qemu.guest_agent.0'/>\
+              <target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
+            <channel type='unix'><source mode='bind' path='/run/fwd.sock'/>\
+              <target type='guestfwd' address='10.0.2.1' port='4600'/></channel>\
+            <serial type='unix'><source mode='connect' path='/run/hub.sock'/><target port='1'/></serial>";
+        let out = copy_of(devices).unwrap();
+        assert_eq!(
+            attrs(&out, "source", "path"),
+            [
+                Some("/run/vms/web1-restored.serial".into()),
+                Some("/run/vms/web1-restored.serial".into()),
+                None,
+                Some("/run/web1-restored-fwd.sock".into()),
+                Some("/run/hub.sock".into()),
+            ]
+        );
+    }
+
+    /// A TCP or UDP port the original listens on becomes 0 (QEMU picks a free one); the
+    /// host address and the ports it connects to stay.
+    #[test]
+    fn copy_lets_qemu_pick_listening_tcp_and_udp_ports() {
+        let devices = "\
+            <serial type='tcp'><source mode='bind' host='127.0.0.1' service='4555'/><protocol type='telnet'/></serial>\
+            <serial type='tcp'><source mode='connect' host='10.0.0.1' service='4556'/></serial>\
+            <serial type='udp'><source mode='bind' host='0.0.0.0' service='4557'/>\
+              <source mode='connect' host='10.0.0.2' service='4558'/></serial>";
+        let out = copy_of(devices).unwrap();
+        assert_eq!(
+            attrs(&out, "source", "service"),
+            [
+                Some("0".into()),
+                Some("4556".into()),
+                Some("0".into()),
+                Some("4558".into())
+            ]
+        );
+        assert_eq!(
+            attrs(&out, "source", "host"),
+            [
+                Some("127.0.0.1".into()),
+                Some("10.0.0.1".into()),
+                Some("0.0.0.0".into()),
+                Some("10.0.0.2".into())
+            ]
+        );
+    }
+
+    /// VNC and SPICE with fixed ports get libvirt's ports (websocket too), keep their
+    /// listen addresses, and a socket listener loses the original's socket path.
+    #[test]
+    fn copy_gives_graphics_automatic_ports() {
+        let devices = "\
+            <graphics type='vnc' port='5911' autoport='no' websocket='5711' listen='127.0.0.1'>\
+              <listen type='address' address='127.0.0.1'/></graphics>\
+            <graphics type='spice' port='5912' tlsPort='5913' autoport='no'>\
+              <listen type='address' address='0.0.0.0'/></graphics>\
+            <graphics type='vnc' socket='/var/lib/libvirt/qemu/domain-3-web1/vnc.sock'>\
+              <listen type='socket' socket='/var/lib/libvirt/qemu/domain-3-web1/vnc.sock'/></graphics>";
+        let out = copy_of(devices).unwrap();
+        Document::parse(&out).unwrap();
+        assert_eq!(
+            attrs(&out, "graphics", "autoport"),
+            [Some("yes".into()), Some("yes".into()), None]
+        );
+        for attr in ["port", "tlsPort", "socket"] {
+            assert_eq!(
+                attrs(&out, "graphics", attr),
+                [None, None, None],
+                "{attr}: {out}"
+            );
+        }
+        assert_eq!(
+            attrs(&out, "graphics", "websocket"),
+            [Some("-1".into()), None, None]
+        );
+        assert_eq!(
+            attrs(&out, "graphics", "listen"),
+            [Some("127.0.0.1".into()), None, None]
+        );
+        assert_eq!(
+            attrs(&out, "listen", "address"),
+            [Some("127.0.0.1".into()), Some("0.0.0.0".into()), None]
+        );
+        assert_eq!(attrs(&out, "listen", "socket"), [None, None, None]);
+        assert!(!out.contains("domain-3-web1"), "{out}");
+    }
+
+    /// An emulated TPM keeps its state in libvirt's folder of the domain's UUID, which the
+    /// copy does not have; a state path the XML names is dropped; a host TPM is refused.
+    #[test]
+    fn copy_tpm_names_none_of_the_originals_state() {
+        let devices =
+            "<tpm model='tpm-crb'><backend type='emulator' version='2.0' persistent_state='yes'>\
+                       <source type='dir' path='/var/lib/swtpm/web1'/>\
+                       <active_pcr_banks><sha256/></active_pcr_banks></backend></tpm>";
+        let out = copy_of(devices).unwrap();
+        let doc = Document::parse(&out).unwrap();
+        assert!(
+            doc.descendants().all(|n| !n.has_tag_name("source")),
+            "{out}"
+        );
+        assert!(host_paths(&out).is_empty(), "{out}");
+        assert_eq!(parse_domain(&out).unwrap().uuid, None);
+        assert!(
+            out.contains("<active_pcr_banks><sha256/></active_pcr_banks>"),
+            "{out}"
+        );
+        assert_eq!(attrs(&out, "backend", "type"), [Some("emulator".into())]);
+        let host = "<tpm model='tpm-tis'><backend type='passthrough'><device path='/dev/tpm0'/></backend></tpm>";
+        let err = copy_of(host).unwrap_err();
+        assert!(err.to_string().contains("<tpm>"), "{err}");
+    }
+
+    /// What only one VM may own or write is refused, one usage error naming the element:
+    /// host devices (also as an interface), a writable host folder, a host serial port, a
+    /// named pipe; a read-only folder and guest memory are copied.
+    #[test]
+    fn copy_refuses_what_only_the_original_may_own() {
+        for (devices, named) in [
+            (
+                "<hostdev mode='subsystem' type='pci' managed='yes'><source>\
+                 <address domain='0x0000' bus='0x03' slot='0x00' function='0x0'/></source></hostdev>",
+                "<hostdev type='pci'>",
+            ),
+            (
+                "<interface type='hostdev'><source><address type='pci' bus='0x04'/></source></interface>",
+                "<interface type='hostdev'>",
+            ),
+            (
+                "<filesystem type='mount' accessmode='passthrough'><driver type='virtiofs'/>\
+                 <source dir='/srv/web1-data'/><target dir='data'/></filesystem>",
+                "<filesystem type='mount'>",
+            ),
+            (
+                "<filesystem type='mount'><driver type='virtiofs' queue='1024'/>\
+                 <source socket='/run/virtiofsd.sock'/><target dir='data'/><readonly/></filesystem>",
+                "<filesystem type='mount'>",
+            ),
+            (
+                "<serial type='dev'><source path='/dev/ttyS0'/></serial>",
+                "<serial type='dev'>",
+            ),
+            (
+                "<channel type='pipe'><source path='/tmp/pipe'/><target type='virtio' name='x'/></channel>",
+                "<channel type='pipe'>",
+            ),
+            (
+                "<shmem name='web1-shm'><model type='ivshmem-doorbell'/>\
+                 <server path='/tmp/ivshmem_socket'/></shmem>",
+                "<shmem>",
+            ),
+        ] {
+            let err = copy_of(devices).unwrap_err();
+            assert_eq!(err.kind(), crate::error::ErrorKind::Usage, "{err}");
+            assert!(err.to_string().contains(named), "{named}: {err}");
+        }
+        let fine = "<filesystem type='mount'><source dir='/srv/iso'/><target dir='iso'/><readonly/></filesystem>\
+                    <filesystem type='ram'><source usage='1024' units='KiB'/><target dir='tmp'/></filesystem>";
+        let out = copy_of(fine).unwrap();
+        assert!(out.contains("<source dir='/srv/iso'/>"), "{out}");
+    }
+
+    /// Shared memory gets a name of the copy's own; a fixed vsock CID becomes automatic.
+    #[test]
+    fn copy_renames_shared_memory_and_frees_the_vsock_cid() {
+        let devices =
+            "<shmem name='web1-shm'><model type='ivshmem-plain'/><size unit='M'>4</size></shmem>\
+                       <shmem name='board'><model type='ivshmem-plain'/></shmem>\
+                       <vsock model='virtio'><cid auto='no' address='7'/></vsock>";
+        let out = copy_of(devices).unwrap();
+        assert_eq!(
+            attrs(&out, "shmem", "name"),
+            [
+                Some("web1-restored-shm".into()),
+                Some("web1-restored-board".into())
+            ]
+        );
+        assert_eq!(attrs(&out, "cid", "auto"), [Some("yes".into())]);
+        assert_eq!(attrs(&out, "cid", "address"), [None]);
     }
 }

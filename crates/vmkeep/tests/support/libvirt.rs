@@ -111,6 +111,9 @@ pub struct TestVm {
     pub disks: Vec<TestDisk>,
 }
 
+/// Stands for the VM's name in the extra devices of [`TestVm::define`].
+pub const NAME: &str = "@VM_NAME@";
+
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 /// A unique name for a test domain (`vmkeep-test-TAG-PID-N`) and a new temp folder for its
@@ -136,7 +139,8 @@ impl TestVm {
         vm
     }
 
-    /// Define (not start) a VM; `extra_devices` is spliced into `<devices>`.
+    /// Define (not start) a VM; `extra_devices` is spliced into `<devices>`, with the VM's
+    /// name in place of each [`NAME`].
     pub fn define(
         tag: &str,
         disks: &[(&'static str, &'static str, u64)],
@@ -170,8 +174,9 @@ impl TestVm {
         let xml = format!(
             "<domain type='qemu'><name>{}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
              <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>\
-             <on_poweroff>destroy</on_poweroff><devices>{devices}{extra_devices}</devices></domain>",
-            vm.name
+             <on_poweroff>destroy</on_poweroff><devices>{devices}{}</devices></domain>",
+            vm.name,
+            extra_devices.replace(NAME, &vm.name)
         );
         let file = vm.dir.path().join("domain.xml");
         std::fs::write(&file, xml).unwrap();
@@ -289,5 +294,31 @@ pub struct Undefine(pub String);
 impl Drop for Undefine {
     fn drop(&mut self) {
         remove_domain(&self.0);
+    }
+}
+
+/// A transient libvirt `dir` storage pool on a fresh folder `dir` (made here, mode 0755 so
+/// that QEMU reaches its volumes); destroyed on drop (its folder stays with the test's).
+pub struct PoolGuard(pub String);
+
+impl PoolGuard {
+    /// Create pool `name` on the new folder `dir`.
+    pub fn create(name: &str, dir: &Path) -> PoolGuard {
+        std::fs::create_dir(dir).unwrap();
+        set_mode(dir, 0o755);
+        virsh(&[
+            "pool-create-as",
+            name,
+            "dir",
+            "--target",
+            dir.to_str().unwrap(),
+        ]);
+        PoolGuard(name.to_string())
+    }
+}
+
+impl Drop for PoolGuard {
+    fn drop(&mut self) {
+        virsh_quiet(&["pool-destroy", &self.0]);
     }
 }
