@@ -126,6 +126,15 @@ impl Error {
         }
     }
 
+    /// The message without the name a [`Error::Source`] starts with (what failed, for a
+    /// line that already names the source); the whole message for the other kinds.
+    pub fn detail(&self) -> String {
+        match self {
+            Error::Source { detail, .. } => detail.clone(),
+            e => e.to_string(),
+        }
+    }
+
     /// A [`Error::Usage`] with `msg` as the whole message.
     pub fn usage(msg: impl fmt::Display) -> Self {
         Error::Usage(msg.to_string())

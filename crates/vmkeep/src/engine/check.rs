@@ -377,8 +377,8 @@ impl Checker<'_> {
             })
             .collect();
         stray.sort();
+        let listed: Vec<&str> = g.profile.disks.iter().map(|d| d.name.as_str()).collect();
         for name in stray {
-            let listed: Vec<&str> = g.profile.disks.iter().map(|d| d.name.as_str()).collect();
             let detail = format!(
                 "file of a disk the generation's profile does not list (it lists: {})",
                 listed.join(", ")

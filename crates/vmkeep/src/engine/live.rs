@@ -373,15 +373,18 @@ fn redefine(
 ) -> std::result::Result<(), String> {
     use std::io::Read;
     let path = prev.checkpoint_xml_path();
-    let file = crate::fsutil::open_ro(&path).map_err(|_| "no saved checkpoint XML".to_string())?;
+    let file = crate::fsutil::open_ro(&path).map_err(|e| match e {
+        Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            "no saved checkpoint XML".to_string()
+        }
+        // A symbolic link planted there, say: said as it is.
+        e => e.to_string(),
+    })?;
     let mut text = String::new();
     file.take(MAX_CHECKPOINT_XML)
         .read_to_string(&mut text)
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    dom.redefine_checkpoint(cp, &text).map_err(|e| match e {
-        Error::Source { detail, .. } => detail,
-        e => e.to_string(),
-    })
+    dom.redefine_checkpoint(cp, &text).map_err(|e| e.detail())
 }
 
 /// Whether the bitmaps of checkpoint `cp` (this branch's, of a running VM) are intact

@@ -107,10 +107,10 @@ impl AroundBegin for Freezer<'_> {
             }
             Err(e) if self.mode == Quiesce::Require => Err(Error::source(
                 format!("libvirt VM {}", self.dom.name()),
-                format!("--quiesce require: {}", strip(&e)),
+                format!("--quiesce require: {}", e.detail()),
             )),
             Err(e) => {
-                *self.outcome.borrow_mut() = Some(Err(strip(&e)));
+                *self.outcome.borrow_mut() = Some(Err(e.detail()));
                 Ok(())
             }
         }
@@ -146,32 +146,17 @@ fn thaw(dom: &Domain) -> Result<u32> {
     Err(last.expect("tried"))
 }
 
-/// The error's message without the libvirt prefix.
-fn strip(e: &Error) -> String {
-    match e {
-        Error::Source { detail, .. } => detail.clone(),
-        e => e.to_string(),
-    }
-}
-
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
-fn this_host() -> String {
-    rustix::system::uname()
-        .nodename()
-        .to_string_lossy()
-        .into_owned()
-}
-
 /// The mark of this run: `<frozen host=… pid=… since=…/>`.
 fn mark() -> String {
     format!(
         "<frozen host='{}' pid='{}' since='{}'/>",
-        crate::libvirt::xml::escape(&this_host()),
+        crate::libvirt::xml::escape(&crate::libvirt::this_host()),
         std::process::id(),
         now()
     )
@@ -187,7 +172,7 @@ fn stale(mark: &str) -> bool {
     if now().saturating_sub(since) > STALE_AFTER {
         return true;
     }
-    let same_host = attr("host").is_some_and(|h| h == this_host());
+    let same_host = attr("host").is_some_and(|h| h == crate::libvirt::this_host());
     let pid: Option<u32> = attr("pid").and_then(|p| p.parse().ok());
     same_host && pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
 }
@@ -231,7 +216,7 @@ mod tests {
         assert!(!stale(&other_host), "a fresh mark of another host's run");
         let dead = format!(
             "<frozen host='{}' pid='999999999' since='{}'/>",
-            this_host(),
+            crate::libvirt::this_host(),
             now()
         );
         assert!(stale(&dead), "this host's dead run");

@@ -407,18 +407,10 @@ fn to_pool(
     on_event: &mut dyn FnMut(AsVmEvent<'_>),
 ) -> Result<bool> {
     let volume_name = |disk: &str| format!("{}-{disk}.{format}", opts.new_name);
-    for (view, _) in views {
-        if hv.volume_exists(pool, &volume_name(&view.disk))? && !opts.replace {
-            return Err(Error::usage(format!(
-                "volume {} exists in pool {pool} on {} (remove it, or use --replace)",
-                volume_name(&view.disk),
-                hv.uri()
-            )));
-        }
-    }
+    let names: Vec<String> = views.iter().map(|(v, _)| volume_name(&v.disk)).collect();
+    let mut volumes = PoolUpload::new(hv, pool, &names, opts.replace)?;
     let staging = crate::fsutil::private_dir(&opts.staging_dir, "vmkeep-upload-", Share::Nobody)?;
     let _cleanup = RemoveDir(staging.path.clone());
-    let mut made: Vec<crate::libvirt::Volume> = Vec::new();
     let mut damaged = false;
     let result = (|| -> Result<()> {
         for (view, problem) in views {
@@ -433,12 +425,7 @@ fn to_pool(
                 progress,
             )?;
             damaged |= !report.damaged.is_empty();
-            let vol = hv.create_volume(pool, &name, format, view.size, opts.replace)?;
-            let uploaded = vol.upload_file(hv, &staged, view.size);
-            let _ = std::fs::remove_file(&staged);
-            made.push(vol);
-            uploaded?;
-            let vol = made.last().expect("just pushed");
+            let vol = volumes.upload(&name, format, view.size, &staged)?;
             if let Some(d) = spec.disks.get_mut(&view.disk) {
                 d.path = vol.path().to_path_buf();
             }
@@ -452,12 +439,65 @@ fn to_pool(
         Ok(())
     })();
     if let Err(e) = result {
-        for vol in made {
-            vol.delete();
-        }
+        volumes.discard();
         return Err(e);
     }
     Ok(damaged)
+}
+
+/// The volumes a restore makes in a pool: an existing one of the names is refused before
+/// anything is written (unless `replace`); each is made and filled from a staged file
+/// here; [`PoolUpload::discard`] deletes them all when the restore fails.
+struct PoolUpload<'a> {
+    hv: &'a Hypervisor,
+    pool: &'a str,
+    replace: bool,
+    made: Vec<crate::libvirt::Volume>,
+}
+
+impl<'a> PoolUpload<'a> {
+    fn new(hv: &'a Hypervisor, pool: &'a str, names: &[String], replace: bool) -> Result<Self> {
+        for name in names {
+            if hv.volume_exists(pool, name)? && !replace {
+                return Err(Error::usage(format!(
+                    "volume {name} exists in pool {pool} on {} (remove it, or use --replace)",
+                    hv.uri()
+                )));
+            }
+        }
+        Ok(PoolUpload {
+            hv,
+            pool,
+            replace,
+            made: Vec::new(),
+        })
+    }
+
+    /// Volume `name` of `format` and `capacity`, its content the file `staged` (removed
+    /// afterwards, uploaded or not).
+    fn upload(
+        &mut self,
+        name: &str,
+        format: &str,
+        capacity: u64,
+        staged: &Path,
+    ) -> Result<&crate::libvirt::Volume> {
+        let vol = self
+            .hv
+            .create_volume(self.pool, name, format, capacity, self.replace)?;
+        let uploaded = vol.upload_file(self.hv, staged, capacity);
+        let _ = std::fs::remove_file(staged);
+        self.made.push(vol);
+        uploaded?;
+        Ok(self.made.last().expect("just pushed"))
+    }
+
+    /// Delete every volume made.
+    fn discard(self) {
+        for vol in self.made {
+            vol.delete();
+        }
+    }
 }
 
 /// Removes a folder tree when dropped.
@@ -496,32 +536,27 @@ fn instant(
     } else {
         ServeListen::Tcp(&opts.instant_tcp)
     };
+    let volume_name = |d: &str| format!("{}-{d}.qcow2", opts.new_name);
+    let mut volumes = match pool {
+        Some(pool) => {
+            let names: Vec<String> = disks.iter().map(|d| volume_name(d)).collect();
+            Some(PoolUpload::new(hv, pool, &names, opts.replace)?)
+        }
+        None => None,
+    };
     let server = start_server(repo, opts, id, &listen, hv.uri())?;
-    let mut made: Vec<crate::libvirt::Volume> = Vec::new();
     let result = (|| -> Result<()> {
         for (d, size) in disks.iter().zip(sizes) {
             let backing = xml::NbdBacking {
                 server: server.server.clone(),
                 export: d.clone(),
             };
-            match pool {
+            match volumes.as_mut() {
                 None => overlay(&spec.disks[d].path, &backing, *size, opts.replace)?,
-                Some(pool) => {
-                    let name = format!("{}-{d}.qcow2", opts.new_name);
-                    if hv.volume_exists(pool, &name)? && !opts.replace {
-                        return Err(Error::usage(format!(
-                            "volume {name} exists in pool {pool} on {} (remove it, or use --replace)",
-                            hv.uri()
-                        )));
-                    }
-                    let staged = server.dir.join(&name);
+                Some(volumes) => {
+                    let staged = server.dir.join(volume_name(d));
                     overlay(&staged, &backing, *size, false)?;
-                    let vol = hv.create_volume(pool, &name, "qcow2", *size, opts.replace)?;
-                    let uploaded = vol.upload_file(hv, &staged, *size);
-                    let _ = std::fs::remove_file(&staged);
-                    made.push(vol);
-                    uploaded?;
-                    let vol = made.last().expect("just pushed");
+                    let vol = volumes.upload(&volume_name(d), "qcow2", *size, &staged)?;
                     if let Some(new) = spec.disks.get_mut(d) {
                         new.path = vol.path().to_path_buf();
                     }
@@ -549,8 +584,8 @@ fn instant(
     })();
     if let Err(e) = result {
         server.stop();
-        for vol in made {
-            vol.delete();
+        if let Some(volumes) = volumes {
+            volumes.discard();
         }
         return Err(e);
     }
@@ -615,14 +650,6 @@ enum ServeListen<'a> {
     Tcp(&'a InstantTcp),
 }
 
-/// This host's name (`uname -n`).
-fn this_host() -> String {
-    rustix::system::uname()
-        .nodename()
-        .to_string_lossy()
-        .into_owned()
-}
-
 /// Start `vmkeep serve` for generation `id` of `opts.vm`, detached, where `listen` says,
 /// told to finish the copy into domain `opts.new_name` on `uri` and exit then; wait until
 /// it listens. A TCP port that is taken moves on to the next of the range.
@@ -663,7 +690,10 @@ fn start_server(
         }
         ServeListen::Tcp(tcp) => tcp,
     };
-    let name = tcp.address.clone().unwrap_or_else(this_host);
+    let name = tcp
+        .address
+        .clone()
+        .unwrap_or_else(crate::libvirt::this_host);
     // An address is listened on as it is; a name on every address of this host.
     let bind = match name.parse::<std::net::IpAddr>() {
         Ok(std::net::IpAddr::V6(a)) => format!("[{a}]"),

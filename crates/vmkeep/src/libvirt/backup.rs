@@ -617,17 +617,13 @@ pub(crate) fn tls_setup_missing(message: &str) -> bool {
 
 impl std::fmt::Debug for dyn AroundBegin + '_ {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.describe())
+        f.write_str("AroundBegin")
     }
 }
 
 /// What runs around the instant a backup job begins (its point in time): the guest
 /// agent's freeze before and thaw after ([`crate::engine::quiesce`]).
 pub trait AroundBegin {
-    /// What it is, for `Debug` output of a plan.
-    fn describe(&self) -> &'static str {
-        "around-begin"
-    }
     /// Right before the job begins; an error stops the backup before it.
     fn before(&self) -> Result<()>;
     /// Right after, whether the job began or not.

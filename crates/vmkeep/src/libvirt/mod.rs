@@ -83,6 +83,15 @@ pub use domain::{DiskInfo, Domain, DomainInfo, DomainState, Hypervisor, Started}
 pub use volume::Volume;
 pub use xml::{dirty_bitmap_context, CheckpointInfo, CopySpec, DiskDevice, DiskSource, NewDisk};
 
+/// This host's name (`uname -n`): what a remote hypervisor reaches it by unless told
+/// otherwise, and what vmkeep's live marks name as their host.
+pub fn this_host() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// The connection used when none is given.
 pub const DEFAULT_URI: &str = "qemu:///system";
 
