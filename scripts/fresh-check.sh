@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prove the README's two commands on a machine in the state a fresh image has, without a
 # new machine: put this machine back into that state (the backport qemu-utils installed;
-# qemu-system, libvirt and nbdkit absent; no vmkeep installed), clone the committed HEAD
+# qemu-system, libvirt, nbdkit, sshd and the test guest's packages absent; no vmkeep
+# installed, no cached test guest), clone the committed HEAD
 # afresh, run ./scripts/demo.sh and then ./scripts/test.sh there with no step by hand in
 # between, and fail unless both exit 0.
 #
@@ -15,8 +16,11 @@ as_root
 [ "${1:-}" = "--yes" ] || die "this purges qemu-system, libvirt and nbdkit from this machine; run it with --yes"
 
 WORK=$(mktemp -d /var/tmp/vmkeep-fresh.XXXXXX)
+# Absent from the image too, installed by the project's scripts: the test guest's packages
+# and sshd (the image has openssh-client; it has neither cpio nor kmod).
 STATE_PACKAGES=(qemu-system-x86 qemu-system-common qemu-system-data qemu-system-gui qemu-block-extra
-    libvirt-daemon-system libvirt-daemon libvirt-clients libvirt-dev libvirt0 nbdkit libnbd-bin libnbd0 gnutls-bin)
+    libvirt-daemon-system libvirt-daemon libvirt-clients libvirt-dev libvirt0 nbdkit libnbd-bin libnbd0 gnutls-bin
+    openssh-server openssh-sftp-server qemu-guest-agent busybox-static cpio kmod ovmf)
 
 log "1/4 back to the fresh-image state"
 for d in $(virsh -q list --all --name 2>/dev/null); do
@@ -36,6 +40,7 @@ if [ ${#installed[@]} -gt 0 ]; then
         { tail -20 "$WORK/purge.log" >&2; die "apt-get purge failed"; }
 fi
 rm -f /usr/local/bin/vmkeep
+rm -rf /var/cache/vmkeep-test-guest
 
 codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
 mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null)

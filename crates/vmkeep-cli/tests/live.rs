@@ -464,37 +464,6 @@ fn restore_as_a_new_vm() {
     assert!(e.contains("already exists"), "{e}");
 }
 
-/// The pid of the instant-recovery server a `restore --as-vm --instant` printed.
-fn server_pid(out: &str) -> u32 {
-    out.split("(pid ")
-        .nth(1)
-        .and_then(|s| s.split(')').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no server pid in: {out}"))
-}
-
-/// Ends an instant-recovery server the test started, whatever happens.
-struct KillServer(u32);
-
-impl Drop for KillServer {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on the server this test started.
-        unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
-    }
-}
-
-/// Wait (at most `secs`) until process `pid` has ended.
-fn wait_gone(pid: u32, secs: u64, what: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    while alive(pid) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: server {pid} still runs after {secs} s"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-}
-
 #[test]
 fn instant_recovery_boots_from_the_archive_and_finishes_by_itself() {
     let _shared = shared();

@@ -323,25 +323,29 @@ fn instant_recovery_onto_a_remote_host_over_tls_finishes_by_itself() {
     let pool = format!("vmkeep-test-ipool-{}", std::process::id());
     let _pool = lv::PoolGuard::create(&pool, &pool_dir);
 
+    let instant = |name: &str| {
+        blind(
+            &env,
+            &hidden,
+            &[
+                "restore",
+                &vm.name,
+                "--as-vm",
+                name,
+                "--instant",
+                "--pool",
+                &pool,
+                "--start",
+            ],
+        )
+    };
+
     // A server certificate of another CA: QEMU refuses it, the start fails, nothing stays.
     let other = pki::make_pki(tmp.path(), "other-server");
     serve_config(&other.server);
     let bad = format!("{}-bad", vm.name);
     let _bad = lv::Undefine(bad.clone());
-    let out = blind(
-        &env,
-        &hidden,
-        &[
-            "restore",
-            &vm.name,
-            "--as-vm",
-            &bad,
-            "--instant",
-            "--pool",
-            &pool,
-            "--start",
-        ],
-    );
+    let out = instant(&bad);
     let e = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{e}");
     assert_eq!(e.lines().filter(|l| l.contains("error")).count(), 1, "{e}");
@@ -358,51 +362,19 @@ fn instant_recovery_onto_a_remote_host_over_tls_finishes_by_itself() {
     serve_config(&pki.server);
     let new = format!("{}-instant", vm.name);
     let _new = lv::Undefine(new.clone());
-    let out = blind(
-        &env,
-        &hidden,
-        &[
-            "restore",
-            &vm.name,
-            "--as-vm",
-            &new,
-            "--instant",
-            "--pool",
-            &pool,
-            "--start",
-        ],
-    );
+    let out = instant(&new);
     succeeded(&out, "instant: ");
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         said.contains("NBD server 127.0.0.1:1087") && said.contains("(TLS)"),
         "{said}"
     );
-    let pid: u32 = said
-        .split("(pid ")
-        .nth(1)
-        .and_then(|s| s.split(')').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("{said}"));
-    struct Kill(u32);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            // SAFETY: kill(2) on the server this test started.
-            unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
-        }
-    }
-    let _server = Kill(pid);
+    let pid = server_pid(&said);
+    let _server = KillServer(pid);
     assert!(virsh(&["domstate", &new]).contains("running"));
     // (The pull of so small a disk may be complete already: the overlay was uploaded
     // empty, so what it holds at the end came through the TLS export.)
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while alive(pid) {
-        assert!(
-            Instant::now() < deadline,
-            "the server still runs after 180 s"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_gone(pid, 180, "instant recovery onto the remote host");
     let status = env.status(&vm.name);
     assert_eq!(status["instant"][0]["phase"], "finished", "{status}");
     assert_eq!(status["instant"][0]["disks"][0]["pulled"], true, "{status}");

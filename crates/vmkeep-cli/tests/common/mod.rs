@@ -462,3 +462,34 @@ pub fn alive(pid: u32) -> bool {
             .starts_with('Z')
     })
 }
+
+/// The pid of the instant-recovery server a `restore --as-vm --instant` printed.
+pub fn server_pid(out: &str) -> u32 {
+    out.split("(pid ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no server pid in: {out}"))
+}
+
+/// Ends an instant-recovery server the test started, whatever happens.
+pub struct KillServer(pub u32);
+
+impl Drop for KillServer {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the server this test started.
+        unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
+    }
+}
+
+/// Wait (at most `secs`) until process `pid` has ended.
+pub fn wait_gone(pid: u32, secs: u64, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while alive(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: server {pid} still runs after {secs} s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
