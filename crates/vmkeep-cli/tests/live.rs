@@ -713,13 +713,15 @@ fn free_port(range: std::ops::RangeInclusive<u16>) -> u16 {
         .expect("a free port")
 }
 
-/// Every host path in a domain's XML but the QEMU binary, and its graphics ports.
+/// Every host path (absolute attribute value) in a domain's XML, and its graphics ports.
 fn paths_and_ports(xml: &str) -> (std::collections::BTreeSet<String>, Vec<String>) {
-    let mut paths = vmkeep::libvirt::xml::host_paths(xml).unwrap();
     let doc = roxmltree::Document::parse(xml).unwrap();
-    for emulator in doc.descendants().filter(|n| n.has_tag_name("emulator")) {
-        paths.remove(emulator.text().unwrap_or("").trim());
-    }
+    let paths = doc
+        .descendants()
+        .flat_map(|n| n.attributes())
+        .map(|a| a.value().to_string())
+        .filter(|v| v.starts_with('/'))
+        .collect();
     let ports = doc
         .descendants()
         .filter(|n| n.has_tag_name("graphics"))

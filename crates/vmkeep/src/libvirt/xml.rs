@@ -920,22 +920,6 @@ fn copy_interface(
     Ok(())
 }
 
-/// Every host path a domain definition names: each absolute attribute value and element
-/// text (`<source file=…>`, `<log file=…>`, `<nvram>`…).
-pub fn host_paths(xml: &str) -> Result<BTreeSet<String>> {
-    Ok(doc_host_paths(&parse_doc(xml, "domain")?))
-}
-
-fn doc_host_paths(doc: &Document<'_>) -> BTreeSet<String> {
-    doc.descendants()
-        .flat_map(|n| n.attributes())
-        .map(|a| a.value().trim())
-        .chain(doc.descendants().filter_map(|n| n.text()).map(str::trim))
-        .filter(|v| v.starts_with('/'))
-        .map(str::to_string)
-        .collect()
-}
-
 /// The fresh per-domain names of a copy: host files (chardev files and sockets, `<log>`
 /// files) and shared-memory names. A path stays in its folder; in its file name the old
 /// domain name becomes the new one, or, when the file name does not contain the old name,
@@ -956,7 +940,14 @@ impl Fresh {
     fn new(doc: &Document<'_>, spec: &CopySpec) -> Result<Fresh> {
         let old_name = child_text(doc.root_element(), "name")
             .ok_or_else(|| Error::source("libvirt XML", "domain without <name>"))?;
-        let taken = doc_host_paths(doc);
+        let taken = doc
+            .descendants()
+            .flat_map(|n| n.attributes())
+            .map(|a| a.value().trim())
+            .chain(doc.descendants().filter_map(|n| n.text()).map(str::trim))
+            .filter(|v| v.starts_with('/'))
+            .map(str::to_string)
+            .collect();
         Ok(Fresh {
             old_name,
             new_name: spec.new_name.clone(),
@@ -1596,6 +1587,18 @@ mod tests {
         copy_domain_xml(&xml, &spec, &[], &mut macs())
     }
 
+    /// Every host path (absolute attribute value) a definition names.
+    fn host_paths(xml: &str) -> BTreeSet<String> {
+        let doc = Document::parse(xml).unwrap();
+        let paths = doc
+            .descendants()
+            .flat_map(|n| n.attributes())
+            .map(|a| a.value().to_string())
+            .filter(|v| v.starts_with('/'))
+            .collect();
+        paths
+    }
+
     /// The attribute `attr` of every element `tag`, in document order.
     fn attrs(xml: &str, tag: &str, attr: &str) -> Vec<Option<String>> {
         let doc = Document::parse(xml).unwrap();
@@ -1646,8 +1649,7 @@ mod tests {
         );
         // Only the pty, which libvirt allocates anew, is in both.
         let shared: Vec<_> = host_paths(&original)
-            .unwrap()
-            .intersection(&host_paths(&out).unwrap())
+            .intersection(&host_paths(&out))
             .cloned()
             .collect();
         assert_eq!(shared, ["/dev/pts/4"]);
@@ -1779,7 +1781,7 @@ mod tests {
             doc.descendants().all(|n| !n.has_tag_name("source")),
             "{out}"
         );
-        assert!(host_paths(&out).unwrap().is_empty(), "{out}");
+        assert!(host_paths(&out).is_empty(), "{out}");
         assert_eq!(parse_domain(&out).unwrap().uuid, None);
         assert!(
             out.contains("<active_pcr_banks><sha256/></active_pcr_banks>"),
