@@ -20,7 +20,7 @@ WORK=$(mktemp -d /var/tmp/vmkeep-fresh.XXXXXX)
 # and sshd (the image has openssh-client; it has neither cpio nor kmod).
 STATE_PACKAGES=(qemu-system-x86 qemu-system-common qemu-system-data qemu-system-gui qemu-block-extra
     libvirt-daemon-system libvirt-daemon libvirt-clients libvirt-dev libvirt0 nbdkit libnbd-bin libnbd0 gnutls-bin
-    openssh-server openssh-sftp-server qemu-guest-agent busybox-static cpio kmod ovmf)
+    openssh-server openssh-sftp-server qemu-guest-agent busybox-static cpio kmod ovmf swtpm swtpm-tools)
 
 log "1/4 back to the fresh-image state"
 for d in $(virsh -q list --all --name 2>/dev/null); do

@@ -17,14 +17,15 @@ as_root() {
 # prove each package works once installed.
 # The test guest's packages (scripts/guest-image.sh) are among them: busybox, qemu-ga and
 # the libraries it needs go into its initramfs, modinfo resolves the kernel modules, cpio
-# packs it, e2fsprogs makes and reads its ext4 data disks, and ovmf is its UEFI firmware.
-GUEST_PACKAGES=(busybox-static qemu-guest-agent kmod cpio e2fsprogs ovmf)
+# packs it, e2fsprogs makes and reads its ext4 data disks, ovmf is its UEFI firmware, and
+# swtpm (with swtpm_setup from swtpm-tools) is the TPM emulator libvirt starts for a <tpm>.
+GUEST_PACKAGES=(busybox-static qemu-guest-agent kmod cpio e2fsprogs ovmf swtpm swtpm-tools)
 # openssh-server and -client: the remote tests reach libvirt over qemu+ssh through an sshd
 # they start themselves (on a free port, with keys of their own).
 BASE_PACKAGES=(pkg-config qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev nbdkit libnbd-bin gnutls-bin
     openssh-server openssh-client "${GUEST_PACKAGES[@]}")
 BASE_COMMANDS=(qemu-img qemu-nbd qemu-io qemu-system-x86_64 virsh libvirtd nbdkit nbdcopy nbdinfo pkg-config certtool
-    qemu-ga modinfo cpio)
+    qemu-ga modinfo cpio swtpm swtpm_setup)
 
 # The test guest's kernel is only downloaded (`apt-get download`) and unpacked into the
 # guest's cache folder, never installed: installing a linux-image package runs the host's

@@ -1564,3 +1564,96 @@ fn a_running_disk_shrunk_and_grown_back_restores_as_the_guest_sees_it() {
     assert!(restored(&env, &vm.name, "1", "vda") == gen0);
     env.ok(&["check", &vm.name, "--deep"]);
 }
+
+// ---------------------------------------------------------------------------------------
+// Firmware and TPM state
+
+/// libvirt's swtpm state folder of the domain with UUID `uuid`.
+fn swtpm_dir(uuid: &str) -> std::path::PathBuf {
+    std::path::Path::new("/var/lib/libvirt/swtpm").join(uuid)
+}
+
+fn domuuid(name: &str) -> String {
+    virsh(&["domuuid", name]).trim().to_string()
+}
+
+/// An emulated TPM's state is saved whole with the generation (a symbolic link the swtpm
+/// user planted in its folder is named and never followed), shown by `status`, proven by
+/// `check`, and given to a `restore --as-vm` copy in the state folder of its new UUID,
+/// where the copy's swtpm starts from it. A flipped byte in the saved file, or a state
+/// file the profile does not list, is damage that `check` names and a restore refuses.
+#[test]
+fn a_tpm_state_is_saved_checked_and_given_to_the_copy() {
+    let _shared = shared();
+    let tpm = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>";
+    let vm = TestVm::define("tpm", &[("vda", "qcow2", 32)], tpm);
+    virsh(&["start", &vm.name]);
+    let folder = swtpm_dir(&domuuid(&vm.name));
+    let permall = folder.join("tpm2/tpm2-00.permall");
+    wait_until(30, "swtpm's state file", || permall.exists());
+    std::os::unix::fs::symlink("/etc/shadow", folder.join("tpm2/planted")).unwrap();
+    vm.guest_write(0, 0x11, "0", "1M");
+    let env = Env::live();
+    let said = backup_says(&env, &vm);
+    assert!(
+        said.contains("tpm2/planted is a symbolic link; not saved"),
+        "{said}"
+    );
+    let id = env.generations(&vm.name).pop().unwrap();
+    let gen = env.repo().join(&vm.name).join(&id);
+    let saved = std::fs::read(gen.join("state.tpm.0")).unwrap();
+    assert_eq!(saved, std::fs::read(&permall).unwrap(), "the state file, whole");
+    assert!(!gen.join("state.tpm.1").exists(), "nothing through the link");
+    let st = env.status(&vm.name);
+    assert_eq!(st["vms"][0]["generations"][0]["state"], serde_json::json!(["tpm"]));
+    assert!(env.ok(&["status", &vm.name]).contains("tpm"));
+    env.ok(&["check", &vm.name, "--deep"]);
+
+    let new = format!("{}-copy", vm.name);
+    let _guard = lv::Undefine(new.clone());
+    let dir = env.disk_dir();
+    let out = env.ok(&restore_as_vm(&vm.name, &new, &dir));
+    let copy_folder = swtpm_dir(&domuuid(&new));
+    assert_ne!(copy_folder, folder);
+    assert!(
+        out.contains(&format!("TPM state of the generation restored to {}", copy_folder.display())),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read(copy_folder.join("tpm2/tpm2-00.permall")).unwrap(),
+        saved,
+        "the copy's TPM state is the saved one"
+    );
+    assert!(!copy_folder.join("tpm2/planted").exists());
+    virsh(&["start", &new]);
+    assert!(virsh(&["domstate", &new]).contains("running"), "swtpm took the state");
+    virsh(&["destroy", &new]);
+
+    // One byte of the saved state flipped: check names the file; a restore refuses.
+    flip_byte(&gen.join("state.tpm.0"), 100);
+    let e = env.fails(&["check", &vm.name], 3);
+    assert!(
+        e.contains("state.tpm.0") && e.contains("does not match its digest"),
+        "{e}"
+    );
+    let other = format!("{}-copy2", vm.name);
+    let _guard2 = lv::Undefine(other.clone());
+    let e = env.fails(&restore_as_vm(&vm.name, &other, &dir), 1);
+    assert!(
+        e.contains("state.tpm.0: corrupt: TPM state file does not match its digest"),
+        "{e}"
+    );
+    assert!(
+        !lv::virsh_quiet(&["dominfo", &other]),
+        "nothing defined from damaged state"
+    );
+    flip_byte(&gen.join("state.tpm.0"), 100);
+    env.ok(&["check", &vm.name]);
+    // A state file put into the folder that the profile does not list.
+    std::fs::write(gen.join("state.tpm.1"), &saved).unwrap();
+    let e = env.fails(&["check", &vm.name], 3);
+    assert!(
+        e.contains("state.tpm.1") && e.contains("does not list"),
+        "{e}"
+    );
+}

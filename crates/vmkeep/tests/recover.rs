@@ -58,6 +58,7 @@ fn restore_as_vm_writes_every_disk_and_defines_the_copy() {
         events.push(match e {
             AsVmEvent::DiskRestored { disk, path, .. } => format!("{disk} {}", path.display()),
             AsVmEvent::Defined { generation, .. } => format!("defined {generation}"),
+            AsVmEvent::StateRestored { what, .. } => what.to_string(),
             AsVmEvent::Started => "started".into(),
         })
     })

@@ -547,6 +547,7 @@ impl Settings {
             checkpoint: None,
             checkpoint_xml: None,
             consistency: None,
+            state: Vec::new(),
             prune_after,
         };
         let disks: Vec<(String, String)> = if !a.disks.is_empty() {

@@ -127,6 +127,10 @@ fn as_vm(ctx: &Ctx, repo: &vmkeep::archive::Repository, a: &RestoreArgs) -> Resu
             a.vm
         )),
         AsVmEvent::Defined { uuid, .. } => ctx.say(format!("VM {new_name} defined (UUID {uuid})")),
+        AsVmEvent::StateRestored { what, path } => ctx.say(format!(
+            "VM {new_name}: {what} of the generation restored to {}",
+            path.display()
+        )),
         AsVmEvent::Started => ctx.say(format!("VM {new_name} started")),
     })?;
     if let Some(server) = &report.server {

@@ -198,6 +198,7 @@ pub fn table(vm: &VmStatus) -> String {
             ]
             .into_iter()
             .flatten()
+            .chain(g.state.iter().map(|k| k.as_str()))
             .collect::<Vec<_>>()
             .join(",")
         ));

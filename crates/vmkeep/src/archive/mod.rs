@@ -23,6 +23,7 @@ pub mod pin;
 pub mod profile;
 pub mod rdiff;
 pub mod retention;
+pub mod state;
 pub mod txn;
 pub mod view;
 

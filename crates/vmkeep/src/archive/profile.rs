@@ -193,6 +193,10 @@ pub struct GenerationProfile {
     /// One `[[disk]]` table per disk the generation holds.
     #[serde(default, rename = "disk")]
     pub disks: Vec<DiskRecord>,
+    /// One `[[state]]` table per firmware or TPM state file saved whole with the
+    /// generation (libvirt VMs with an `<nvram>` or an emulated `<tpm>`; none otherwise).
+    #[serde(default, rename = "state", skip_serializing_if = "Vec::is_empty")]
+    pub state: Vec<super::state::StateRecord>,
 }
 
 /// How consistent a libvirt generation's disks are (`consistency` in `generation.toml`).

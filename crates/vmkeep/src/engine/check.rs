@@ -262,6 +262,7 @@ pub fn check(
     }
     for g in &gens {
         c.check_disk_files(g);
+        c.check_state_files(g);
     }
     for j in 0..gens.len().saturating_sub(1) {
         c.check_rdiffs(&gens, j, deep);
@@ -383,6 +384,33 @@ impl Checker<'_> {
                 "file of a disk the generation's profile does not list (it lists: {})",
                 listed.join(", ")
             );
+            let p = self.vm_problem(detail).generation(&g.id);
+            self.found(p.file(self.rel(&g.dir.join(name))));
+        }
+    }
+
+    /// The firmware and TPM state files of a generation: each one whole, against its
+    /// length and digest (they are small, so also without `--deep`); and no state file
+    /// in the folder that the profile does not list.
+    fn check_state_files(&mut self, g: &Generation) {
+        for rec in &g.profile.state {
+            if let Err(e) = crate::archive::state::read_verified(&g.dir, rec) {
+                let p = self.vm_problem(strip_path(&e)).generation(&g.id);
+                self.found(p.file(self.rel(&rec.saved_path(&g.dir))));
+            }
+        }
+        let Ok(entries) = std::fs::read_dir(&g.dir) else {
+            return;
+        };
+        let mut stray: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| crate::archive::state::is_state_file_name(n))
+            .filter(|n| !g.profile.state.iter().any(|r| &r.file == n))
+            .collect();
+        stray.sort();
+        for name in stray {
+            let detail = "firmware or TPM state file the generation's profile does not list";
             let p = self.vm_problem(detail).generation(&g.id);
             self.found(p.file(self.rel(&g.dir.join(name))));
         }

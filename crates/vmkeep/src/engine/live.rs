@@ -607,6 +607,8 @@ fn backup_running(
     )
     .map_err(explain)?;
     let mut opts = opts.clone();
+    // At the backup point too (the job has begun): the firmware and TPM state.
+    opts.state = read_state(dom, hv.is_local(), progress)?;
     opts.checkpoint = job
         .borrow()
         .as_ref()
@@ -813,6 +815,8 @@ fn backup_shut_off(
             Err(e) => progress.warn(&format!("VM {}: cannot create checkpoint {new_checkpoint} ({e}); the next run will be a diff", dom.name())),
         }
     }
+    // The VM is off: its firmware and TPM state are as they will be restored.
+    opts.state = read_state(dom, true, progress)?;
     let mut inputs = Vec::new();
     let mut held = Vec::new();
     for d in disks {
@@ -867,6 +871,32 @@ fn backup_shut_off(
         Ok(())
     };
     run.execute_with(inputs, &opts, progress, &mut confirm)
+}
+
+/// The firmware and TPM state of `dom` (see [`crate::engine::firmware`]), read now when
+/// its host is this one (`local`); what is not saved is said in one line each. A remote
+/// host's state files are not reachable from here: one line says that they are not saved.
+fn read_state(
+    dom: &Domain,
+    local: bool,
+    progress: &dyn Progress,
+) -> Result<Vec<crate::archive::state::StateFile>> {
+    let fw = crate::libvirt::xml::firmware_state(&dom.xml()?)?;
+    if fw.nvram.is_none() && fw.tpm.is_none() {
+        return Ok(Vec::new());
+    }
+    if !local {
+        progress.warn(&format!(
+            "VM {}: its UEFI variables and TPM state are files of the remote host; not saved (docs/libvirt.md)",
+            dom.name()
+        ));
+        return Ok(Vec::new());
+    }
+    let captured = crate::engine::firmware::capture(&fw, &dom.uuid()?);
+    for note in &captured.notes {
+        progress.warn(&format!("VM {}: {note}", dom.name()));
+    }
+    Ok(captured.files)
 }
 
 /// The locks QEMU itself takes on an image file (block/file-posix.c), held by vmkeep while

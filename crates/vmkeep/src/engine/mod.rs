@@ -5,6 +5,8 @@ pub mod check;
 #[cfg(feature = "libvirt")]
 pub mod finish;
 #[cfg(feature = "libvirt")]
+pub mod firmware;
+#[cfg(feature = "libvirt")]
 pub mod inventory;
 #[cfg(feature = "libvirt")]
 pub mod live;

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::archive::state::{StateFile, StateKind};
 use crate::archive::{GenerationId, Repository};
+use crate::engine::firmware;
 use crate::engine::restore::{restore_to, RestoreReport};
 use crate::engine::serve::group_id;
 use crate::error::{Error, Result};
@@ -147,6 +149,13 @@ pub enum AsVmEvent<'a> {
         /// Its UUID.
         uuid: &'a str,
     },
+    /// Saved firmware or TPM state was written for the new VM.
+    StateRestored {
+        /// What: "UEFI variables" or "TPM state".
+        what: &'a str,
+        /// Where (the variable store, or the TPM state folder).
+        path: &'a Path,
+    },
     /// The new VM was started.
     Started,
 }
@@ -275,6 +284,7 @@ pub fn restore_as_vm(
         disks,
         networks: opts.networks.clone(),
         replace: opts.replace,
+        nvram: None,
     };
     // Refuse before writing gigabytes: the name, the networks, the disk mapping.
     if let Ok(existing) = hv.domain(new_name) {
@@ -300,6 +310,10 @@ pub fn restore_as_vm(
     for d in &gen.profile.disks {
         views.push(chosen.view_checked(&d.name, opts.ignore_damage && !opts.instant)?);
     }
+    // The firmware and TPM state too, and the copy's NVRAM path checked, before anything
+    // is written.
+    let state = CopyState::load(gen, opts, &hv, progress)?;
+    state.name_nvram(&mut spec, opts.replace)?;
     let names: Vec<String> = gen.profile.disks.iter().map(|d| d.name.clone()).collect();
     if opts.instant {
         let sizes: Vec<u64> = views.iter().map(|(v, _)| v.size).collect();
@@ -314,6 +328,7 @@ pub fn restore_as_vm(
             &saved,
             &hv,
             pool.as_deref(),
+            &state,
             on_event,
         )?;
         return Ok(AsVmReport {
@@ -327,7 +342,9 @@ pub fn restore_as_vm(
         let damaged = to_pool(
             &hv, pool, &views, &mut spec, opts, format, &id, progress, on_event,
         )?;
-        return define_and_start(&hv, &saved, &spec, opts, id, names, damaged, on_event);
+        return define_and_start(
+            &hv, &saved, &spec, &state, opts, id, names, damaged, on_event,
+        );
     }
     for name in &names {
         let path = &spec.disks[name].path;
@@ -359,7 +376,9 @@ pub fn restore_as_vm(
         });
         damaged |= !report.damaged.is_empty();
     }
-    define_and_start(&hv, &saved, &spec, opts, id, names, damaged, on_event)
+    define_and_start(
+        &hv, &saved, &spec, &state, opts, id, names, damaged, on_event,
+    )
 }
 
 /// Define the copy, start it when asked; the report.
@@ -368,17 +387,14 @@ fn define_and_start(
     hv: &Hypervisor,
     saved: &str,
     spec: &CopySpec,
+    state: &CopyState,
     opts: &AsVmOptions,
     id: GenerationId,
     names: Vec<String>,
     damaged: bool,
     on_event: &mut dyn FnMut(AsVmEvent<'_>),
 ) -> Result<AsVmReport> {
-    let dom = hv.define_copy(saved, spec)?;
-    on_event(AsVmEvent::Defined {
-        generation: &id,
-        uuid: &dom.uuid()?,
-    });
+    let dom = state.define(hv, saved, spec, &id, on_event)?;
     if opts.start {
         dom.start()?;
         on_event(AsVmEvent::Started);
@@ -389,6 +405,130 @@ fn define_and_start(
         damaged,
         server: None,
     })
+}
+
+/// A generation's firmware and TPM state (`[[state]]`), proven, as a copy gets it: on
+/// this host its UEFI variables go to a store of its own ([`firmware::nvram_path_for`])
+/// that its definition names, and its TPM state into the state folder of its new UUID.
+/// A remote host's files are not reachable from here: the copy starts with the
+/// firmware's empty variables and a new TPM, and one line says so.
+struct CopyState {
+    nvram: Option<StateFile>,
+    tpm: Vec<StateFile>,
+}
+
+impl CopyState {
+    /// The state of generation `gen`, every file proven against its digest (a damaged one
+    /// is an error, or with `ignore_damage` left out with one line).
+    fn load(
+        gen: &crate::archive::Generation,
+        opts: &AsVmOptions,
+        hv: &Hypervisor,
+        progress: &dyn Progress,
+    ) -> Result<CopyState> {
+        let mut out = CopyState {
+            nvram: None,
+            tpm: Vec::new(),
+        };
+        if gen.profile.state.is_empty() {
+            return Ok(out);
+        }
+        if !hv.is_local() {
+            progress.warn(&format!(
+                "generation {} of VM {}: its UEFI variables and TPM state are not restored onto a remote host (the copy starts with empty ones; docs/libvirt.md)",
+                gen.id, opts.vm
+            ));
+            return Ok(out);
+        }
+        let mut tpm_damaged = false;
+        for rec in &gen.profile.state {
+            let bytes = match crate::archive::state::read_verified(&gen.dir, rec) {
+                Ok(b) => b,
+                Err(e) if opts.ignore_damage => {
+                    progress.warn(&format!("{e}; not restored (--ignore-damage)"));
+                    tpm_damaged |= rec.kind == StateKind::Tpm;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let file = StateFile {
+                record: rec.clone(),
+                bytes,
+            };
+            match rec.kind {
+                StateKind::Nvram => out.nvram = Some(file),
+                StateKind::Tpm => out.tpm.push(file),
+            }
+        }
+        if tpm_damaged && !out.tpm.is_empty() {
+            // Part of a TPM's state is no TPM: the copy gets a new one.
+            progress.warn("the rest of the TPM state is not restored either: the copy starts with a new TPM");
+            out.tpm.clear();
+        }
+        Ok(out)
+    }
+
+    /// Name the copy's variable store in `spec` (when there is one to restore), refusing
+    /// an existing file unless `replace`.
+    fn name_nvram(&self, spec: &mut CopySpec, replace: bool) -> Result<()> {
+        if self.nvram.is_some() {
+            let path = firmware::nvram_path_for(&spec.new_name);
+            if !replace && std::fs::symlink_metadata(&path).is_ok() {
+                return Err(Error::usage(format!(
+                    "{} exists (remove it, or use --replace)",
+                    path.display()
+                )));
+            }
+            spec.nvram = Some(path);
+        }
+        Ok(())
+    }
+
+    /// Define the copy, then write its state; a failure to write it undefines the copy
+    /// again (and removes what was written).
+    fn define(
+        &self,
+        hv: &Hypervisor,
+        saved: &str,
+        spec: &CopySpec,
+        id: &str,
+        on_event: &mut dyn FnMut(AsVmEvent<'_>),
+    ) -> Result<crate::libvirt::Domain> {
+        let dom = hv.define_copy(saved, spec)?;
+        let uuid = dom.uuid()?;
+        on_event(AsVmEvent::Defined {
+            generation: id,
+            uuid: &uuid,
+        });
+        let mut tpm_dir = None;
+        let written = (|| -> Result<()> {
+            if let (Some(file), Some(path)) = (&self.nvram, &spec.nvram) {
+                firmware::write_nvram(path, file, spec.replace)?;
+                on_event(AsVmEvent::StateRestored {
+                    what: "UEFI variables",
+                    path,
+                });
+            }
+            if !self.tpm.is_empty() {
+                let dir = firmware::write_tpm(&uuid, &self.tpm)?;
+                on_event(AsVmEvent::StateRestored {
+                    what: "TPM state",
+                    path: &dir,
+                });
+                tpm_dir = Some(dir);
+            }
+            Ok(())
+        })();
+        if let Err(e) = written {
+            // libvirt removes the variable store with the definition.
+            let _ = dom.undefine();
+            if let Some(dir) = tpm_dir {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            return Err(e);
+        }
+        Ok(dom)
+    }
 }
 
 /// Every disk restored (proven, as `restore --to`) into a staged image here, then uploaded
@@ -529,6 +669,7 @@ fn instant(
     saved: &str,
     hv: &Hypervisor,
     pool: Option<&str>,
+    state: &CopyState,
     on_event: &mut dyn FnMut(AsVmEvent<'_>),
 ) -> Result<InstantServer> {
     let listen = if hv.is_local() {
@@ -566,11 +707,7 @@ fn instant(
                 new.backing = Some(backing);
             }
         }
-        let dom = hv.define_copy(saved, spec)?;
-        on_event(AsVmEvent::Defined {
-            generation: id,
-            uuid: &dom.uuid()?,
-        });
+        let dom = state.define(hv, saved, spec, id, on_event)?;
         if opts.start {
             if let Err(e) = dom.start() {
                 // Its disks read from a server that ends now: the definition goes too.

@@ -45,6 +45,9 @@ pub struct GenerationStatus {
     pub consistency: Option<crate::archive::profile::Consistency>,
     /// Its disks, in the profile's order.
     pub disks: Vec<DiskStatus>,
+    /// The firmware and TPM state saved with it: `nvram`, `tpm` (each once, in that order).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub state: Vec<crate::archive::state::StateKind>,
 }
 
 /// One VM as `status` shows it; [`vm_status`] builds it. `status --json` prints a list of
@@ -125,6 +128,13 @@ pub fn vm_status_seen(repo: &Repository, name: &str, hosts: &Hosts) -> Result<Vm
             protected: g.profile.protected,
             checkpoint: g.profile.checkpoint,
             consistency: g.profile.consistency,
+            state: {
+                use crate::archive::state::StateKind;
+                [StateKind::Nvram, StateKind::Tpm]
+                    .into_iter()
+                    .filter(|k| g.profile.state.iter().any(|r| r.kind == *k))
+                    .collect()
+            },
             disks: g
                 .profile
                 .disks

@@ -681,6 +681,55 @@ pub struct CopySpec {
     pub networks: BTreeMap<String, String>,
     /// Redefine an existing shut-off domain of that name (never a running one).
     pub replace: bool,
+    /// The copy's own UEFI variable store, already written there: its `<nvram>` names
+    /// it (keeping the template). `None`: the `<nvram>` is dropped and libvirt makes the
+    /// copy a fresh store from the firmware's template.
+    pub nvram: Option<PathBuf>,
+}
+
+/// Where a domain keeps firmware and TPM state on its host, as its definition says.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FirmwareState {
+    /// The UEFI variable store (`<os><nvram>`), a file on the host.
+    pub nvram: Option<PathBuf>,
+    /// The domain has an emulated TPM (`<tpm><backend type='emulator'>`); its state
+    /// folder, when the definition names one (`<source type='dir' path=…>`); else
+    /// libvirt's folder of the domain's UUID.
+    pub tpm: Option<Option<PathBuf>>,
+}
+
+/// The firmware and TPM state `xml` (a domain definition) names.
+pub fn firmware_state(xml: &str) -> Result<FirmwareState> {
+    let doc = parse_doc(xml, "domain")?;
+    let root = doc.root_element();
+    let mut out = FirmwareState::default();
+    if let Some(nvram) = child(root, "os").and_then(|os| child(os, "nvram")) {
+        // `<nvram>PATH</nvram>`, or (libvirt 8.5 and later) `<nvram type='file'><source
+        // file=PATH/></nvram>`; a network-backed store is not a file here.
+        let path = match nvram.attribute("type") {
+            None | Some("file") => child(nvram, "source")
+                .and_then(|s| s.attribute("file"))
+                .map(str::to_string)
+                .or_else(|| nvram.text().map(|t| t.trim().to_string())),
+            Some(_) => None,
+        };
+        out.nvram = path.filter(|p| p.starts_with('/')).map(PathBuf::from);
+    }
+    if let Some(devices) = child(root, "devices") {
+        for tpm in devices.children().filter(|c| c.has_tag_name("tpm")) {
+            let Some(backend) = child(tpm, "backend") else {
+                continue;
+            };
+            if backend.attribute("type") == Some("emulator") {
+                let dir = child(backend, "source")
+                    .filter(|s| s.attribute("type") == Some("dir"))
+                    .and_then(|s| s.attribute("path"))
+                    .map(PathBuf::from);
+                out.tpm = Some(dir);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Replacements of byte ranges of the original text.
@@ -777,7 +826,22 @@ pub fn copy_domain_xml(
         splice.remove(uuid);
     }
     if let Some(nvram) = child(root, "os").and_then(|os| child(os, "nvram")) {
-        splice.remove(nvram);
+        match &spec.nvram {
+            None => splice.remove(nvram),
+            Some(path) => {
+                let path = path.to_str().ok_or_else(|| {
+                    Error::usage(format!("NVRAM path {} is not UTF-8", path.display()))
+                })?;
+                let template = nvram
+                    .attribute("template")
+                    .map(|t| format!(" template='{}'", escape(t)))
+                    .unwrap_or_default();
+                splice.replace(
+                    nvram.range(),
+                    format!("<nvram{template}>{}</nvram>", escape(path)),
+                );
+            }
+        }
     }
     let mut used_disks = BTreeSet::new();
     let mut fresh = Fresh::new(&doc, spec)?;
@@ -1769,6 +1833,52 @@ mod tests {
 
     /// An emulated TPM keeps its state in libvirt's folder of the domain's UUID, which the
     /// copy does not have; a state path the XML names is dropped; a host TPM is refused.
+    /// The firmware state a definition names: the variable store in either of libvirt's
+    /// forms, an emulated TPM with or without a named folder; none for a passed-through TPM.
+    #[test]
+    fn firmware_state_names_the_nvram_file_and_the_tpm() {
+        let fw = firmware_state(DOMAIN).unwrap();
+        assert_eq!(
+            fw.nvram.as_deref(),
+            Some(Path::new("/var/lib/libvirt/qemu/nvram/web1_VARS.fd"))
+        );
+        assert_eq!(fw.tpm, None);
+        let xml = "<domain><os><nvram type='file' template='/t.fd'><source file='/n/a.fd'/></nvram></os>\
+                   <devices><tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm></devices></domain>";
+        let fw = firmware_state(xml).unwrap();
+        assert_eq!(fw.nvram.as_deref(), Some(Path::new("/n/a.fd")));
+        assert_eq!(fw.tpm, Some(None));
+        let xml = "<domain><os><nvram type='network'><source protocol='nbd' name='x'/></nvram></os>\
+                   <devices><tpm><backend type='emulator'><source type='dir' path='/s/t'/></backend></tpm></devices></domain>";
+        let fw = firmware_state(xml).unwrap();
+        assert_eq!(fw.nvram, None);
+        assert_eq!(fw.tpm, Some(Some(PathBuf::from("/s/t"))));
+        let xml = "<domain><devices><tpm><backend type='passthrough'><device path='/dev/tpm0'/></backend></tpm></devices></domain>";
+        assert_eq!(firmware_state(xml).unwrap(), FirmwareState::default());
+    }
+
+    /// A copy given its own variable store names it, keeping the firmware's template.
+    #[test]
+    fn copy_names_its_own_nvram_when_given_one() {
+        let xml = DOMAIN.replace(
+            "<nvram>/var/lib/libvirt/qemu/nvram/web1_VARS.fd</nvram>",
+            "<nvram template='/usr/share/OVMF/OVMF_VARS.fd'>/var/lib/libvirt/qemu/nvram/web1_VARS.fd</nvram>",
+        );
+        let mut spec = spec();
+        spec.nvram = Some("/var/lib/libvirt/qemu/nvram/web1-restored_VARS.fd".into());
+        let out = copy_domain_xml(&xml, &spec, &["default".into()], &mut macs()).unwrap();
+        assert!(
+            out.contains("<nvram template='/usr/share/OVMF/OVMF_VARS.fd'>/var/lib/libvirt/qemu/nvram/web1-restored_VARS.fd</nvram>"),
+            "{out}"
+        );
+        assert!(!out.contains("web1_VARS"), "{out}");
+        assert_eq!(
+            firmware_state(&out).unwrap().nvram,
+            spec.nvram,
+            "what the copy names is what firmware_state reads"
+        );
+    }
+
     #[test]
     fn copy_tpm_names_none_of_the_originals_state() {
         let devices =

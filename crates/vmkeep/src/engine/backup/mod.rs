@@ -181,6 +181,8 @@ pub struct BackupOptions {
     pub checkpoint_xml: Option<String>,
     /// How consistent the disks are (libvirt VMs).
     pub consistency: Option<crate::archive::profile::Consistency>,
+    /// Firmware and TPM state files, saved whole with the generation (libvirt VMs).
+    pub state: Vec<crate::archive::state::StateFile>,
     /// Prune as it goes (config `prune = "after-backup"`): once the generation is
     /// committed, apply this retention schedule in the same run and lock. A failed
     /// backup prunes nothing.
@@ -199,6 +201,7 @@ impl Default for BackupOptions {
             checkpoint: None,
             checkpoint_xml: None,
             consistency: None,
+            state: Vec::new(),
             prune_after: None,
         }
     }
@@ -495,6 +498,7 @@ impl BackupRun {
                 fsutil::sync_all(&f, &p)?;
             }
         }
+        crate::archive::state::save(new_dir, &opts.state)?;
         let gp = GenerationProfile {
             format: PROFILE_VERSION,
             id: self.gen_id.clone(),
@@ -508,6 +512,7 @@ impl BackupRun {
             checkpoint: opts.checkpoint.clone(),
             consistency: opts.consistency,
             disks: records,
+            state: opts.state.iter().map(|f| f.record.clone()).collect(),
         };
         Ok((gp, warnings))
     }
