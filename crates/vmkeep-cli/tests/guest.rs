@@ -274,3 +274,106 @@ fn a_guest_left_frozen_by_a_killed_run_is_thawed_by_the_next_one() {
     std::fs::write(&raw, env.restored(&g.name, "latest", Some("vda"))).unwrap();
     assert_image_holds(&raw, &[("/hello.txt", HELLO)]);
 }
+
+// ---------------------------------------------------------------------------------------
+// Firmware state restored with a copy
+
+/// The `restore --as-vm` copy `name` (defined, not started) as a [`Guest`] to talk to:
+/// its disk `disk`, the console log its definition names (a path of its own) and its
+/// variable store; undefined on drop.
+fn copy_guest(name: &str, disk: std::path::PathBuf) -> Guest {
+    let xml = virsh(&["dumpxml", name]);
+    let attr_after = |anchor: &str, attr: &str| -> Option<String> {
+        let at = xml.find(anchor)?;
+        let rest = &xml[at..];
+        let v = rest.split(&format!("{attr}='")).nth(1)?;
+        Some(v.split('\'').next()?.to_string())
+    };
+    let console = attr_after("<serial type='file'>", "path").expect("a file console");
+    let nvram = xml
+        .split("<nvram")
+        .nth(1)
+        .and_then(|s| s.split('>').nth(1))
+        .and_then(|s| s.split('<').next())
+        .map(std::path::PathBuf::from);
+    Guest {
+        name: name.to_string(),
+        dir: tempfile::tempdir().unwrap(),
+        disk,
+        console: console.into(),
+        nvram,
+        boot_time: std::time::Duration::ZERO,
+    }
+}
+
+/// A UEFI guest sets a variable; a backup of it running saves its variable store; the
+/// copy restored from that generation gets a store of its own (not the original's file)
+/// holding the variable, boots by UEFI and reads the variable and its files back.
+#[test]
+fn a_uefi_copy_boots_with_the_variables_of_its_generation() {
+    let Some(g) = Guest::boot_with("uefivars", &[("hello.txt", HELLO)], Firmware::Uefi) else {
+        return;
+    };
+    let name = "VmkeepTest-6c1f3b2a-8d4e-4f5a-9b7c-0e2d1a3f4b5c";
+    let path = format!("/sys/firmware/efi/efivars/{name}");
+    let mut var = vec![7, 0, 0, 0];
+    var.extend_from_slice(b"saved with the generation");
+    let of = format!("of={path}");
+    let dd = g.exec_with_input("/bin/dd", &[&of, "bs=4096"], &var);
+    assert_eq!(dd.code, 0, "{}", String::from_utf8_lossy(&dd.err));
+
+    let env = common::Env::live();
+    let out = env.run(&["backup", &g.name]);
+    let said = common::succeeded(&out, "backup");
+    assert!(!said.contains("not saved"), "{said}");
+    let id = env.generations(&g.name).pop().unwrap();
+    let saved = std::fs::read(env.repo().join(&g.name).join(&id).join("state.nvram")).unwrap();
+    assert_eq!(
+        saved,
+        std::fs::read(g.nvram.as_ref().unwrap()).unwrap(),
+        "the variable store, whole"
+    );
+    let utf16: Vec<u8> = "VmkeepTest"
+        .encode_utf16()
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    assert!(
+        contains(&saved, &utf16),
+        "the variable is in the saved store"
+    );
+    let st = env.status(&g.name);
+    assert_eq!(st["vms"][0]["generations"][0]["state"], json!(["nvram"]));
+    env.ok(&["check", &g.name]);
+
+    let new = format!("{}-copy", g.name);
+    let _guard = lv::Undefine(new.clone());
+    let dir = env.disk_dir();
+    let out = env.ok(&common::restore_as_vm(&g.name, &new, &dir));
+    let mut copy = copy_guest(&new, dir.join(format!("{new}-vda.qcow2")));
+    let copy_nvram = copy.nvram.clone().expect("the copy names a variable store");
+    assert_ne!(Some(&copy_nvram), g.nvram.as_ref(), "a store of its own");
+    assert!(
+        out.contains(&format!(
+            "UEFI variables of the generation restored to {}",
+            copy_nvram.display()
+        )),
+        "{out}"
+    );
+    assert_eq!(std::fs::read(&copy_nvram).unwrap(), saved);
+    // A variable the original sets after the backup is not the copy's.
+    let later = "/sys/firmware/efi/efivars/VmkeepLater-6c1f3b2a-8d4e-4f5a-9b7c-0e2d1a3f4b5c";
+    let of_later = format!("of={later}");
+    let dd = g.exec_with_input("/bin/dd", &[&of_later, "bs=4096"], &[7, 0, 0, 0, 1]);
+    assert_eq!(dd.code, 0, "{}", String::from_utf8_lossy(&dd.err));
+    copy.start();
+    let log = copy.console_log();
+    assert!(log.contains("efi: EFI v"), "the copy boots by UEFI:\n{log}");
+    assert_eq!(
+        copy.read_file(&path),
+        var,
+        "the copy has the generation's variable"
+    );
+    assert_eq!(copy.read_file("/data/hello.txt"), HELLO);
+    assert_ne!(copy.exec("/bin/cat", &[later]).0, 0, "nor a later one");
+    assert_eq!(g.read_file(later), [7, 0, 0, 0, 1]);
+}

@@ -1602,10 +1602,20 @@ fn a_tpm_state_is_saved_checked_and_given_to_the_copy() {
     let id = env.generations(&vm.name).pop().unwrap();
     let gen = env.repo().join(&vm.name).join(&id);
     let saved = std::fs::read(gen.join("state.tpm.0")).unwrap();
-    assert_eq!(saved, std::fs::read(&permall).unwrap(), "the state file, whole");
-    assert!(!gen.join("state.tpm.1").exists(), "nothing through the link");
+    assert_eq!(
+        saved,
+        std::fs::read(&permall).unwrap(),
+        "the state file, whole"
+    );
+    assert!(
+        !gen.join("state.tpm.1").exists(),
+        "nothing through the link"
+    );
     let st = env.status(&vm.name);
-    assert_eq!(st["vms"][0]["generations"][0]["state"], serde_json::json!(["tpm"]));
+    assert_eq!(
+        st["vms"][0]["generations"][0]["state"],
+        serde_json::json!(["tpm"])
+    );
     assert!(env.ok(&["status", &vm.name]).contains("tpm"));
     env.ok(&["check", &vm.name, "--deep"]);
 
@@ -1616,7 +1626,10 @@ fn a_tpm_state_is_saved_checked_and_given_to_the_copy() {
     let copy_folder = swtpm_dir(&domuuid(&new));
     assert_ne!(copy_folder, folder);
     assert!(
-        out.contains(&format!("TPM state of the generation restored to {}", copy_folder.display())),
+        out.contains(&format!(
+            "TPM state of the generation restored to {}",
+            copy_folder.display()
+        )),
         "{out}"
     );
     assert_eq!(
@@ -1626,7 +1639,10 @@ fn a_tpm_state_is_saved_checked_and_given_to_the_copy() {
     );
     assert!(!copy_folder.join("tpm2/planted").exists());
     virsh(&["start", &new]);
-    assert!(virsh(&["domstate", &new]).contains("running"), "swtpm took the state");
+    assert!(
+        virsh(&["domstate", &new]).contains("running"),
+        "swtpm took the state"
+    );
     virsh(&["destroy", &new]);
 
     // One byte of the saved state flipped: check names the file; a restore refuses.

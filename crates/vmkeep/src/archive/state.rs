@@ -85,9 +85,7 @@ impl StateRecord {
                 .file
                 .strip_prefix(&format!("{FILE_PREFIX}tpm."))
                 .and_then(|n| n.parse::<usize>().ok())
-                .is_some_and(|n| {
-                    n < MAX_TPM_FILES && self.file == format!("{FILE_PREFIX}tpm.{n}")
-                }),
+                .is_some_and(|n| n < MAX_TPM_FILES && self.file == format!("{FILE_PREFIX}tpm.{n}")),
         };
         if !file_ok {
             return Err(format!(
@@ -129,14 +127,15 @@ pub fn tpm_path_ok(path: &str) -> std::result::Result<(), String> {
                 && *n != "."
                 && *n != ".."
                 && n.len() <= 255
-                && n
-                    .bytes()
+                && n.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         });
     if good {
         Ok(())
     } else {
-        Err(format!("TPM state path {path:?} is not a plain relative path"))
+        Err(format!(
+            "TPM state path {path:?} is not a plain relative path"
+        ))
     }
 }
 
@@ -258,13 +257,19 @@ mod tests {
 
     #[test]
     fn records_vmkeep_writes_are_valid() {
-        rec(StateKind::Nvram, "state.nvram", "/var/lib/libvirt/qemu/nvram/a_VARS.fd")
-            .validate()
-            .unwrap();
+        rec(
+            StateKind::Nvram,
+            "state.nvram",
+            "/var/lib/libvirt/qemu/nvram/a_VARS.fd",
+        )
+        .validate()
+        .unwrap();
         rec(StateKind::Tpm, "state.tpm.0", "tpm2/tpm2-00.permall")
             .validate()
             .unwrap();
-        rec(StateKind::Tpm, "state.tpm.63", "tpm2/x").validate().unwrap();
+        rec(StateKind::Tpm, "state.tpm.63", "tpm2/x")
+            .validate()
+            .unwrap();
     }
 
     /// A profile naming a file outside the generation's folder, or a TPM path that
@@ -310,7 +315,10 @@ mod tests {
         // Same length, one byte changed.
         std::fs::write(dir.path().join("state.tpm.0"), b"permanent stato").unwrap();
         let err = read_verified(dir.path(), &f.record).unwrap_err();
-        assert!(err.to_string().contains("does not match its digest"), "{err}");
+        assert!(
+            err.to_string().contains("does not match its digest"),
+            "{err}"
+        );
         assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
         // Another length.
         std::fs::write(dir.path().join("state.tpm.0"), b"short").unwrap();

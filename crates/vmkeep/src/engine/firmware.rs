@@ -392,7 +392,10 @@ mod tests {
         assert_eq!(files[0].record.file, "state.tpm.0");
         assert_eq!(files[1].record.file, "state.tpm.1");
         let all = notes.join("\n");
-        assert!(all.contains("tpm2-00.volatilestate is a symbolic link"), "{all}");
+        assert!(
+            all.contains("tpm2-00.volatilestate is a symbolic link"),
+            "{all}"
+        );
         assert!(all.contains("etc is a symbolic link"), "{all}");
         assert!(all.contains("fifo is not a regular file"), "{all}");
         // A missing folder is no state, not an error.

@@ -462,7 +462,9 @@ impl CopyState {
         }
         if tpm_damaged && !out.tpm.is_empty() {
             // Part of a TPM's state is no TPM: the copy gets a new one.
-            progress.warn("the rest of the TPM state is not restored either: the copy starts with a new TPM");
+            progress.warn(
+                "the rest of the TPM state is not restored either: the copy starts with a new TPM",
+            );
             out.tpm.clear();
         }
         Ok(out)
