@@ -17,6 +17,7 @@ pub mod interrupt;
 #[cfg(feature = "libvirt")]
 pub mod libvirt;
 pub mod nbd;
+pub mod offsite;
 pub mod progress;
 pub mod source;
 pub mod target;

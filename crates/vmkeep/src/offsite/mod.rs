@@ -1,0 +1,5 @@
+//! Offsite copies: a repository's finished generations copied, encrypted and
+//! authenticated, into object storage (an S3-compatible bucket or a folder), and read back
+//! from there (see `docs/offsite.md`; the layout is in `docs/FORMAT.md`, "Offsite layout").
+
+pub mod store;
