@@ -548,6 +548,7 @@ impl Settings {
             checkpoint_xml: None,
             consistency: None,
             state: Vec::new(),
+            expect_roots: Vec::new(),
             prune_after,
         };
         let disks: Vec<(String, String)> = if !a.disks.is_empty() {

@@ -19,6 +19,7 @@ pub mod prune;
 pub mod quiesce;
 #[cfg(feature = "libvirt")]
 pub mod recover;
+pub mod replicate;
 pub mod restore;
 pub mod serve;
 pub mod status;

@@ -1,6 +1,7 @@
 //! Where backups read disks from. Every kind of source sits behind [`BlockSource`]; the
 //! engine never knows whether the bytes come from a file, an NBD server or libvirt.
 
+pub mod archived;
 pub mod bitmap;
 pub mod changed;
 pub(crate) mod children;

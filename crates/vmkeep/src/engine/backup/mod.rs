@@ -183,6 +183,9 @@ pub struct BackupOptions {
     pub consistency: Option<crate::archive::profile::Consistency>,
     /// Firmware and TPM state files, saved whole with the generation (libvirt VMs).
     pub state: Vec<crate::archive::state::StateFile>,
+    /// The digest root each disk must end with (a replica's generation copies a source
+    /// generation: any other root fails the run before it commits).
+    pub expect_roots: Vec<(String, String)>,
     /// Prune as it goes (config `prune = "after-backup"`): once the generation is
     /// committed, apply this retention schedule in the same run and lock. A failed
     /// backup prunes nothing.
@@ -202,6 +205,7 @@ impl Default for BackupOptions {
             checkpoint_xml: None,
             consistency: None,
             state: Vec::new(),
+            expect_roots: Vec::new(),
             prune_after: None,
         }
     }
@@ -255,6 +259,26 @@ pub struct BackupRun {
 impl BackupRun {
     /// Lock the VM, recover what an interrupted run left, and pick the new generation id.
     pub fn begin(repo: &Repository, vm: &str) -> Result<BackupRun> {
+        BackupRun::begin_with(repo, vm, None)
+    }
+
+    /// [`BackupRun::begin`] for a copy of generation `id` of another repository, made at
+    /// `time` (RFC 3339): the new generation gets that id and time. `id` must sort after
+    /// every generation the VM has here, else the run does not begin (a usage error).
+    pub fn begin_as(
+        repo: &Repository,
+        vm: &str,
+        id: &GenerationId,
+        time: &str,
+    ) -> Result<BackupRun> {
+        BackupRun::begin_with(repo, vm, Some((id, time)))
+    }
+
+    fn begin_with(
+        repo: &Repository,
+        vm: &str,
+        given: Option<(&GenerationId, &str)>,
+    ) -> Result<BackupRun> {
         let vm_dir = repo.vm_dir(vm)?;
         fsutil::create_dir(&vm_dir)?;
         let lock = VmLock::acquire(&vm_dir, vm, "backup")?;
@@ -271,7 +295,21 @@ impl BackupRun {
             },
             None => None,
         };
-        let gen_id = archive::new_generation_id(prev.as_ref().map(|g| &g.id));
+        let (gen_id, start_time) = match given {
+            None => (
+                archive::new_generation_id(prev.as_ref().map(|g| &g.id)),
+                profile::now_rfc3339(),
+            ),
+            Some((id, time)) => {
+                if let Some(p) = prev.as_ref().filter(|p| p.id >= *id) {
+                    return Err(Error::usage(format!(
+                        "VM {vm}: generation {id} does not sort after the newest one here ({})",
+                        p.id
+                    )));
+                }
+                (id.clone(), time.to_string())
+            }
+        };
         Ok(BackupRun {
             vm: vm.to_string(),
             vm_dir,
@@ -280,7 +318,7 @@ impl BackupRun {
             gen_id,
             recovered,
             started: Instant::now(),
-            start_time: profile::now_rfc3339(),
+            start_time,
             lock,
         })
     }
@@ -373,6 +411,9 @@ impl BackupRun {
         let new_dir = names::partial_dir(&self.vm_dir, &self.gen_id);
         let result = self
             .write_generation(&new_dir, disks, block_size, opts, progress)
+            .and_then(|written| {
+                expect_roots(&written.0, &opts.expect_roots, &new_dir).map(|()| written)
+            })
             .and_then(|written| before_commit().map(|()| written))
             .and_then(|(gp, warnings)| {
                 self.commit(txn, &new_dir, gp, block_size)
@@ -547,6 +588,30 @@ impl BackupRun {
         Txn::clear(&self.vm_dir)?;
         Ok(gp)
     }
+}
+
+/// Every disk of `expected` ended with its digest root in `gp`, and `gp` has no other
+/// disk (nothing when `expected` is empty).
+fn expect_roots(gp: &GenerationProfile, expected: &[(String, String)], dir: &Path) -> Result<()> {
+    if expected.is_empty() {
+        return Ok(());
+    }
+    let got: Vec<(&str, &str)> = gp
+        .disks
+        .iter()
+        .map(|d| (d.name.as_str(), d.digest_root.as_str()))
+        .collect();
+    let want: Vec<(&str, &str)> = expected
+        .iter()
+        .map(|(n, r)| (n.as_str(), r.as_str()))
+        .collect();
+    if got != want {
+        return Err(Error::corrupt(
+            dir,
+            format!("the copy of generation {} does not have the digest roots of its source (nothing committed)", gp.id),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
