@@ -2,9 +2,13 @@
 //! which then restores and checks on its own, bit for bit the same as the local one.
 
 mod support;
+#[path = "support/fuzz.rs"]
+#[allow(dead_code)]
+mod fuzz;
 
 use std::path::Path;
 
+use fuzz::noise;
 use support::archive::{deep_check_ok, restore_view};
 use vmkeep::archive::Repository;
 use vmkeep::engine::backup::{BackupOptions, BackupRun, DiskInput};
@@ -14,19 +18,6 @@ use vmkeep::source::file::FileSource;
 use vmkeep::ErrorKind;
 
 const BS: u32 = 4096;
-
-/// Deterministic bytes.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 /// One generation of VM `vm` with disks `vda` and `vdb` holding `a` and `b`.
 fn backup(repo: &Repository, dir: &Path, vm: &str, a: &[u8], b: &[u8]) {
