@@ -3,7 +3,6 @@
 
 mod support;
 #[path = "support/fuzz.rs"]
-#[allow(dead_code)]
 mod fuzz;
 
 use std::path::Path;
