@@ -2,6 +2,7 @@
 //! engine never knows whether the bytes come from a file, an NBD server or libvirt.
 
 pub mod bitmap;
+pub mod chain;
 pub mod changed;
 pub(crate) mod children;
 pub mod file;
