@@ -1673,3 +1673,374 @@ fn a_tpm_state_is_saved_checked_and_given_to_the_copy() {
         "{e}"
     );
 }
+
+/// The image disk `target` of `vm` reads from now, as libvirt's definition names it
+/// (`virsh domblklist`: the top of its backing chain).
+fn top_image(vm: &TestVm, target: &str) -> std::path::PathBuf {
+    virsh(&["domblklist", &vm.name])
+        .lines()
+        .filter_map(|l| {
+            let mut cols = l.split_whitespace();
+            Some((cols.next()?, cols.next()?))
+        })
+        .find(|(t, _)| *t == target)
+        .map(|(_, p)| std::path::PathBuf::from(p))
+        .unwrap_or_else(|| panic!("no disk {target} in {}", vm.name))
+}
+
+/// `virsh snapshot-create-as VM NAME --disk-only --atomic` (with `--no-metadata` unless
+/// `metadata`): libvirt puts a new qcow2 overlay over disk vda (`IMAGE.NAME` beside it),
+/// and the test's disk becomes that overlay. Returns the run's output: whether it
+/// succeeded and what it said.
+fn external_snapshot(vm: &mut TestVm, name: &str, metadata: bool) -> (bool, String) {
+    let mut args = vec![
+        "-c",
+        lv::URI,
+        "snapshot-create-as",
+        &vm.name,
+        name,
+        "--disk-only",
+        "--atomic",
+    ];
+    if !metadata {
+        args.push("--no-metadata");
+    }
+    let out = std::process::Command::new("virsh")
+        .args(&args)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let top = top_image(vm, "vda");
+    if out.status.success() {
+        assert!(
+            top.to_str().unwrap().ends_with(&format!(".{name}")),
+            "the overlay is the disk now: {top:?}"
+        );
+    }
+    vm.disks[0].path = top;
+    (out.status.success(), said)
+}
+
+/// Write `len` bytes of `pattern` at `offset` into the qcow2 image `image` of a shut-off
+/// VM (`qemu-io`, which updates the image's enabled persistent bitmaps as QEMU would).
+fn offline_write(image: &std::path::Path, pattern: u8, offset: &str, len: &str) {
+    lv::run(
+        std::process::Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-c",
+                &format!("write -P {pattern:#x} {offset} {len}"),
+            ])
+            .arg(image),
+    );
+}
+
+/// The persistent bitmaps stored in the qcow2 image `image` (its own layer only).
+fn stored_bitmaps(image: &std::path::Path) -> Vec<String> {
+    let out = lv::run(
+        std::process::Command::new("qemu-img")
+            .args(["info", "-U", "--output=json"])
+            .arg(image),
+    );
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    info.pointer("/format-specific/data/bitmaps")
+        .and_then(|b| b.as_array())
+        .map(|bs| {
+            bs.iter()
+                .filter_map(|b| b["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Generations `0..` (newest first) of disk vda restore to `expected` (the disk as each
+/// generation read it, newest first).
+fn assert_generations(env: &Env, vm: &TestVm, expected: &[&Vec<u8>]) {
+    assert_eq!(env.generations(&vm.name).len(), expected.len());
+    for (back, disk) in expected.iter().enumerate() {
+        assert!(
+            restored(env, &vm.name, &back.to_string(), "vda") == **disk,
+            "generation -g {back} differs from the disk it read"
+        );
+    }
+}
+
+/// External snapshots of a running VM (`snapshot-create-as --disk-only`, without and with
+/// libvirt's snapshot metadata) between backups: libvirt re-creates the checkpoint's bitmap
+/// in each new overlay and its backup job merges the bitmaps of the chain, so every run is
+/// incremental and reads exactly what was written — before the snapshot (in the base),
+/// after it (in the overlay), and the same block in both — and each generation restores to
+/// the disk it read; the newest also as a new VM, whose definition names none of the chain.
+#[test]
+fn external_snapshots_of_a_running_vm_stay_incremental() {
+    let _shared = shared();
+    let mut vm = TestVm::start("snaprun", &[("vda", "qcow2", 32)]);
+    let env = Env::live();
+    let base = vm.disk("vda").path.clone();
+    vm.guest_write(0, 0x11, "0", "2M");
+    assert_eq!(backup(&env, &vm).0, "full");
+    let gen0 = disk_now(&vm, "vda");
+    // Before the snapshot (into the base), one of them overwritten after it.
+    vm.guest_write(0, 0x22, "4M", "64k");
+    vm.guest_write(0, 0x23, "6M", "64k");
+    let (made, said) = external_snapshot(&mut vm, "s1", false);
+    assert!(made, "{said}");
+    vm.guest_write(0, 0x33, "8M", "64k");
+    vm.guest_write(0, 0x34, "6M", "64k");
+    assert_eq!(
+        backup(&env, &vm),
+        ("incr".to_string(), 3 * 65536),
+        "incremental across the chain: 4M and 6M (base) and 8M (overlay)"
+    );
+    assert_latest_is_disk(&env, &vm, "vda");
+    let gen1 = disk_now(&vm, "vda");
+    assert!(gen1[4 << 20..(4 << 20) + 65536].iter().all(|&b| b == 0x22));
+    assert!(gen1[6 << 20..(6 << 20) + 65536].iter().all(|&b| b == 0x34));
+
+    // A third run after a write into the overlay only.
+    vm.guest_write(0, 0x44, "10M", "64k");
+    assert_eq!(backup(&env, &vm), ("incr".to_string(), 65536));
+    assert_latest_is_disk(&env, &vm, "vda");
+    let gen2 = disk_now(&vm, "vda");
+
+    // A second snapshot, with libvirt's snapshot metadata: a chain of three.
+    vm.guest_write(0, 0x55, "12M", "64k");
+    let (made, said) = external_snapshot(&mut vm, "s2", true);
+    assert!(made, "{said}");
+    vm.guest_write(0, 0x56, "14M", "64k");
+    assert_eq!(backup(&env, &vm), ("incr".to_string(), 2 * 65536));
+    assert_latest_is_disk(&env, &vm, "vda");
+    let gen3 = disk_now(&vm, "vda");
+    assert_generations(&env, &vm, &[&gen3, &gen2, &gen1, &gen0]);
+    env.ok(&["check", &vm.name, "--deep"]);
+
+    // The saved definition names the chain; a new VM from it gets one flat image.
+    let saved =
+        std::fs::read_to_string(env.repo().join(&vm.name).join("latest/domain.xml")).unwrap();
+    assert!(saved.contains("<backingStore"), "{saved}");
+    let new = format!("{}-copy", vm.name);
+    let _guard = lv::Undefine(new.clone());
+    let dir = env.disk_dir();
+    let mut args = restore_as_vm(&vm.name, &new, &dir);
+    args.push("--start");
+    env.ok(&args);
+    assert!(virsh(&["domstate", &new]).contains("running"));
+    let xml = virsh(&["dumpxml", "--inactive", &new]);
+    let (paths, _) = paths_and_ports(&xml);
+    for layer in [&base, &vm.disk("vda").path] {
+        assert!(
+            !paths.contains(layer.to_str().unwrap()),
+            "the copy names {layer:?}:\n{xml}"
+        );
+    }
+    assert!(
+        !xml.contains("<backingStore type"),
+        "no backing chain:\n{xml}"
+    );
+    let copy = lv::read_all(
+        dir.join(format!("{new}-vda.qcow2")).to_str().unwrap(),
+        "qcow2",
+        &vm.path("copy.raw"),
+    );
+    assert!(copy == gen3, "the new VM's disk is the generation");
+}
+
+/// A running VM backed up (full, its checkpoint's bitmap in the base), written to, given an
+/// external snapshot, written to again (one block in both layers), shut off cleanly (QEMU
+/// saves the bitmaps into both layers), and written to in the overlay while off: base
+/// 4M and 6M, overlay 6M, 8M and 12M. Returns the VM (its disk: the overlay), its
+/// environment, the base image and the disk as the first generation read it.
+fn chained_then_shut_off(tag: &str) -> (TestVm, Env, std::path::PathBuf, Vec<u8>) {
+    let mut vm = TestVm::start(tag, &[("vda", "qcow2", 32)]);
+    let env = Env::live();
+    let base = vm.disk("vda").path.clone();
+    vm.guest_write(0, 0x11, "0", "2M");
+    assert_eq!(backup(&env, &vm).0, "full");
+    let gen0 = disk_now(&vm, "vda");
+    vm.guest_write(0, 0x22, "4M", "64k");
+    vm.guest_write(0, 0x23, "6M", "64k");
+    let (made, said) = external_snapshot(&mut vm, "s1", false);
+    assert!(made, "{said}");
+    vm.guest_write(0, 0x33, "8M", "64k");
+    vm.guest_write(0, 0x34, "6M", "64k");
+    virsh(&["destroy", &vm.name, "--graceful"]);
+    let cp = vmkeep_checkpoints(&vm);
+    assert_eq!(cp.len(), 1, "{cp:?}");
+    // libvirt re-created the checkpoint's bitmap in the overlay; both layers hold it.
+    assert_eq!(stored_bitmaps(&base), cp, "base");
+    assert_eq!(stored_bitmaps(&vm.disk("vda").path), cp, "overlay");
+    offline_write(&vm.disk("vda").path, 0x44, "12M", "64k");
+    (vm, env, base, gen0)
+}
+
+/// A shut-off VM whose disk got an external snapshot since its last backup, read through
+/// a backup job (`--offline-read start`, the default): libvirt merges the bitmaps of both
+/// layers, so the run is incremental, reads every block written before and after the
+/// snapshot, and restores as the disk. libvirt 9.0 refuses an external snapshot of a
+/// shut-off VM that has checkpoints; should a later one make it, the run must still equal
+/// the disk.
+#[test]
+fn a_shut_off_vm_with_an_external_snapshot_started_for_its_backup() {
+    let _shared = shared();
+    let (mut vm, env, _base, gen0) = chained_then_shut_off("snapstart");
+    let (made, said) = external_snapshot(&mut vm, "off1", false);
+    if made {
+        offline_write(&vm.disk("vda").path, 0x45, "14M", "64k");
+    } else {
+        assert!(said.contains("checkpoint exists"), "{said}");
+    }
+    let (mode, read) = backup(&env, &vm);
+    assert_eq!(domstate(&vm), "shut off", "shut off again after the backup");
+    assert_latest_is_disk(&env, &vm, "vda");
+    if !made {
+        assert_eq!(
+            (mode.as_str(), read),
+            ("incr", 4 * 65536),
+            "4M, 6M, 8M and 12M"
+        );
+    }
+    let gen1 = disk_now(&vm, "vda");
+    // And the next run, from the checkpoint the backup job made in the overlay.
+    offline_write(&vm.disk("vda").path, 0x46, "16M", "64k");
+    assert_eq!(backup(&env, &vm), ("incr".to_string(), 65536));
+    assert_latest_is_disk(&env, &vm, "vda");
+    let gen2 = disk_now(&vm, "vda");
+    assert_generations(&env, &vm, &[&gen2, &gen1, &gen0]);
+    env.ok(&["check", &vm.name, "--deep"]);
+}
+
+/// The same chain read from its files (`--offline-read files`, vmkeep's own qemu-nbd):
+/// the checkpoint's bitmap is in both layers, so the changes are the union of both
+/// bitmaps — the writes before the snapshot are only in the base's. The run is incremental
+/// and reads every block written before and after the snapshot; none is missed. Then,
+/// with no checkpoint left (libvirt cannot make one for a shut-off VM), an external
+/// snapshot of the shut-off VM (which libvirt then allows) and a write into it: a diff,
+/// the disk again.
+#[test]
+fn a_shut_off_vm_with_an_external_snapshot_read_from_its_files() {
+    let _shared = shared();
+    let (mut vm, env, base, gen0) = chained_then_shut_off("snapfiles");
+    let cp = vmkeep_checkpoints(&vm);
+    env.ok(&["backup", &vm.name, "--offline-read", "files"]);
+    assert_eq!(
+        newest(&env, &vm.name, "vda"),
+        ("incr".to_string(), 4 * 65536),
+        "the union of both layers' bitmaps: 4M, 6M, 8M and 12M"
+    );
+    assert_latest_is_disk(&env, &vm, "vda");
+    let gen1 = disk_now(&vm, "vda");
+    // The old checkpoint is gone, with its bitmap in every layer.
+    assert!(vmkeep_checkpoints(&vm).is_empty());
+    for layer in [&base, &vm.disk("vda").path] {
+        let left: Vec<_> = stored_bitmaps(layer)
+            .into_iter()
+            .filter(|b| cp.contains(b))
+            .collect();
+        assert!(left.is_empty(), "{layer:?} keeps {left:?}");
+    }
+
+    let (made, said) = external_snapshot(&mut vm, "off1", false);
+    assert!(made, "no checkpoint, so libvirt makes it: {said}");
+    assert!(stored_bitmaps(&vm.disk("vda").path).is_empty());
+    offline_write(&vm.disk("vda").path, 0x55, "14M", "64k");
+    env.ok(&["backup", &vm.name, "--offline-read", "files"]);
+    assert_newest(&env, &vm, "diff");
+    let gen2 = disk_now(&vm, "vda");
+    assert_generations(&env, &vm, &[&gen2, &gen1, &gen0]);
+    env.ok(&["check", &vm.name, "--deep"]);
+}
+
+/// A chain whose base lost the checkpoint's bitmap (`qemu-img bitmap --remove`) while
+/// the overlay keeps it: by libvirt's rules the chain is valid (only the top holds the
+/// bitmap), but the newest generation read the base, and the writes made there before
+/// the snapshot are in no bitmap now. Read from the files and through a backup job, the
+/// run is a diff saying why, never incremental from the overlay's bitmap alone, and its
+/// newest image is the disk.
+#[test]
+fn a_chain_whose_base_lost_its_bitmap_is_read_in_full() {
+    let _shared = shared();
+    for how in ["files", "start"] {
+        let (vm, env, base, _) = chained_then_shut_off(&format!("snaplost{how}"));
+        for b in vmkeep_checkpoints(&vm) {
+            lv::run(
+                std::process::Command::new("qemu-img")
+                    .args(["bitmap", "--remove"])
+                    .arg(&base)
+                    .arg(&b),
+            );
+        }
+        let out = env.run(&[
+            "backup",
+            &vm.name,
+            "--offline-read",
+            how,
+            "--quiesce",
+            "off",
+        ]);
+        let err = succeeded(&out, how);
+        assert_newest(&env, &vm, "diff");
+        let why: Vec<_> = err
+            .lines()
+            .filter(|l| l.contains("incr not possible"))
+            .collect();
+        assert_eq!(why.len(), 1, "{how}: said once: {err}");
+        assert!(why[0].contains(base.to_str().unwrap()), "{how}: {err}");
+        assert_latest_is_disk(&env, &vm, "vda");
+    }
+}
+
+/// Adversarial: an overlay made outside libvirt (`qemu-img create -b`) while the VM is
+/// shut off, and the definition pointed at it: the overlay holds no bitmap, the base's
+/// checkpoint bitmap stopped seeing writes. Read from the files and, after a backup job
+/// made a fresh checkpoint, through a backup job over a second such overlay: each run is
+/// a diff saying why, never incremental from the stale bitmap, and its newest image is
+/// the disk.
+#[test]
+fn an_overlay_made_outside_libvirt_is_read_in_full() {
+    let _shared = shared();
+    let (mut vm, env) = backed_up_with("snapout", ("vda", "qcow2", 32), "2M");
+    vm.guest_write(0, 0x22, "4M", "64k");
+    virsh(&["destroy", &vm.name, "--graceful"]);
+    let overlay = |vm: &mut TestVm, name: &str| {
+        let below = vm.disk("vda").path.clone();
+        let top = vm.path(name);
+        lv::run(
+            std::process::Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+                .arg(&below)
+                .arg(&top),
+        );
+        let xml = virsh(&["dumpxml", "--inactive", "--security-info", &vm.name]);
+        let xml = xml.replace(below.to_str().unwrap(), top.to_str().unwrap());
+        let file = vm.path("domain.xml");
+        std::fs::write(&file, xml).unwrap();
+        virsh(&["define", file.to_str().unwrap()]);
+        assert_eq!(top_image(vm, "vda"), top);
+        vm.disks[0].path = top;
+    };
+    overlay(&mut vm, "out1.qcow2");
+    offline_write(&vm.disk("vda").path, 0x33, "8M", "64k");
+    let err = succeeded(
+        &env.run(&["backup", &vm.name, "--offline-read", "files"]),
+        "files",
+    );
+    assert_newest(&env, &vm, "diff");
+    assert!(err.contains("incr not possible"), "{err}");
+    // A backup job makes a checkpoint (its bitmap in out1), then another outside overlay.
+    offline_write(&vm.disk("vda").path, 0x44, "10M", "64k");
+    env.ok(&["backup", &vm.name, "--offline-read", "start"]);
+    assert_latest_is_disk(&env, &vm, "vda");
+    assert_eq!(vmkeep_checkpoints(&vm).len(), 1);
+    overlay(&mut vm, "out2.qcow2");
+    offline_write(&vm.disk("vda").path, 0x55, "12M", "64k");
+    let err = backup_says(&env, &vm);
+    assert_newest(&env, &vm, "diff");
+    assert!(err.contains("is broken"), "{err}");
+    assert_eq!(domstate(&vm), "shut off");
+    env.ok(&["check", &vm.name, "--deep"]);
+}

@@ -1,9 +1,9 @@
 //! `sync --to PATH` (engine::replicate): generations appended to a second repository,
 //! which then restores and checks on its own, bit for bit the same as the local one.
 
-mod support;
 #[path = "support/fuzz.rs"]
 mod fuzz;
+mod support;
 
 use std::path::Path;
 

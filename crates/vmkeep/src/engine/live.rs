@@ -30,7 +30,7 @@ use crate::libvirt::{
 use crate::nbd::proto::META_DIRTY_BITMAP_PREFIX;
 use crate::progress::Progress;
 use crate::source::nbd::NbdSource;
-use crate::source::{file::FileSource, qemu, BlockSource, Labelled};
+use crate::source::{chain, file::FileSource, qemu, BlockSource, Labelled};
 
 /// Where live backups put their sockets and scratch files.
 #[derive(Debug, Clone)]
@@ -604,6 +604,7 @@ fn backup_running(
         basis,
         broken_cp.as_deref(),
         &live.remote.tls_dir,
+        hv.is_local(),
     )
     .map_err(explain)?;
     let mut opts = opts.clone();
@@ -762,12 +763,14 @@ fn job_failed(dom: &Domain, detail: String) -> Error {
 }
 
 /// Connect to every export of the job; incremental where it exports a dirty bitmap.
+/// `local`: the host is this one, and the disks' files can be read.
 fn open_exports(
     job: &crate::libvirt::PullBackup,
     disks: &[DiskInfo],
     basis: Option<&str>,
     broken: Option<&str>,
     tls_dir: &std::path::Path,
+    local: bool,
 ) -> Result<Vec<DiskInput>> {
     let mut inputs = Vec::new();
     for d in job.disks() {
@@ -784,6 +787,11 @@ fn open_exports(
         );
         if bitmap.is_some() {
             input.changed = input.source.changed_extents()?;
+            // The job merged the checkpoint's bitmaps of the layers external snapshots put
+            // the disk over since; which those are is read from the files (local hosts).
+            if let (true, Some(cp)) = (local, basis) {
+                input.earlier_origins = merged_layers(disks, &d.target, cp);
+            }
         } else {
             input.untracked_reason = Some(untracked_reason(disks, &d.target, basis, broken));
         }
@@ -830,9 +838,11 @@ fn backup_shut_off(
             }
         };
         let format = d.format.clone().unwrap_or_else(|| "raw".into());
-        // The checkpoint's bitmap must be in the image and consistent: a VM killed without
-        // shutting down leaves it marked in-use, and then only a full read is safe.
-        let tracked = basis.filter(|cp| format == "qcow2" && bitmap_usable(&path, cp));
+        // The checkpoint's bitmap must be in the image and consistent (a VM killed without
+        // shutting down leaves it marked in-use, and then only a full read is safe), and
+        // in every layer an external snapshot has put over it since, which all count.
+        let tracking = chain::ChainTracking::of(&path, &format, basis);
+        let tracked = tracking.bitmap();
         // QEMU's own locks keep the VM from starting while vmkeep reads (qemu-nbd without
         // --force-share takes them for other formats); see docs/libvirt.md.
         let lock = ImageLock::take(&path, dom.name())?;
@@ -845,9 +855,16 @@ fn backup_shut_off(
         held.push(lock);
         let mut input = DiskInput::new(&d.target, source);
         if tracked.is_some() {
-            input.changed = input.source.changed_extents()?;
+            input.changed = tracking.changes(input.source.as_ref())?;
+            input.earlier_origins = tracking.earlier_origins();
         } else {
-            input.untracked_reason = Some(untracked_reason(disks, &d.target, basis, None));
+            // A chain that says why is said in one line (the disk was tracked until now).
+            input.expects_tracking = tracking.reason.is_some();
+            input.untracked_reason = Some(
+                tracking
+                    .reason
+                    .unwrap_or_else(|| untracked_reason(disks, &d.target, basis, None)),
+            );
         }
         inputs.push(input);
     }
@@ -1052,9 +1069,17 @@ fn ofd_lock(
     Ok(fl.l_type as libc::c_int)
 }
 
-fn bitmap_usable(path: &std::path::Path, name: &str) -> bool {
-    crate::source::bitmap::list(path)
-        .is_ok_and(|bs| bs.iter().any(|b| b.name == name && b.consistent()))
+/// The layers below disk `target`'s top image whose bitmaps of checkpoint `cp` a backup job
+/// merged (see [`chain::merged_below`]); none for a disk that is no qcow2 file.
+fn merged_layers(disks: &[DiskInfo], target: &str, cp: &str) -> Vec<String> {
+    match disks.iter().find(|d| d.target == target) {
+        Some(DiskInfo {
+            source: DiskSource::File(path),
+            format: Some(format),
+            ..
+        }) if format == "qcow2" => chain::merged_below(path, format, cp),
+        _ => Vec::new(),
+    }
 }
 
 fn disk_label(disks: &[DiskInfo], target: &str) -> String {

@@ -189,8 +189,17 @@ impl Domain {
         if offline {
             let config = xml::parse_domain(&self.xml()?)?;
             for (target, bitmap) in bitmaps {
-                if let Some(path) = config.disk(&target).and_then(|d| d.source.path()) {
+                let Some(disk) = config.disk(&target) else {
+                    continue;
+                };
+                if let Some(path) = disk.source.path() {
                     remove_qcow2_bitmap(path, &bitmap).map_err(|e| self.err(e))?;
+                    // As libvirt does for a running VM: also from the layers below, where an
+                    // external snapshot left the bitmap (see `source::chain`).
+                    let format = disk.format.as_deref().unwrap_or("qcow2");
+                    for layer in lower_layers_holding(path, format, &bitmap) {
+                        remove_qcow2_bitmap(&layer, &bitmap).map_err(|e| self.err(e))?;
+                    }
                 }
             }
         }
@@ -206,6 +215,20 @@ pub struct CheckpointDelete {
     pub metadata_only: bool,
     /// Delete its descendants too (`VIR_DOMAIN_CHECKPOINT_DELETE_CHILDREN`).
     pub children: bool,
+}
+
+/// The images below the top `path` (in `format`) of a backing chain that hold bitmap
+/// `bitmap`; none when the chain cannot be read (the top's is removed all the same).
+fn lower_layers_holding(path: &Path, format: &str, bitmap: &str) -> Vec<std::path::PathBuf> {
+    let Ok(layers) = crate::source::chain::layers(path, format) else {
+        return Vec::new();
+    };
+    layers
+        .into_iter()
+        .skip(1)
+        .filter(|l| l.bitmap(bitmap).is_some())
+        .map(|l| l.path)
+        .collect()
 }
 
 fn remove_qcow2_bitmap(image: &Path, bitmap: &str) -> std::result::Result<(), String> {

@@ -101,15 +101,37 @@ pub fn info(path: &Path, format: Option<&str>) -> Result<serde_json::Value> {
         .map_err(|e| Error::source(path.display(), format!("qemu-img info: {e}")))
 }
 
+/// `qemu-img info --backing-chain` of an image in `format`: a list of every image of its
+/// backing chain, top first (read with shared locks, so a running VM may hold them).
+pub fn info_chain(path: &Path, format: &str) -> Result<serde_json::Value> {
+    let fmt = format!("--format={format}");
+    let args = [
+        "info",
+        "-U",
+        "--backing-chain",
+        "--output=json",
+        fmt.as_str(),
+    ];
+    let out = qemu_img(path, &args, &[])?;
+    serde_json::from_slice(&out)
+        .map_err(|e| Error::source(path.display(), format!("qemu-img info: {e}")))
+}
+
 /// The persistent bitmaps of a qcow2 image.
 pub fn list(path: &Path) -> Result<Vec<BitmapInfo>> {
-    let v = info(path, None)?;
-    let bitmaps = v
+    Ok(parse_bitmaps(&info(path, None)?))
+}
+
+/// The persistent bitmaps in one image's `qemu-img info` (its own, not its backing
+/// file's).
+pub fn parse_bitmaps(info: &serde_json::Value) -> Vec<BitmapInfo> {
+    let Some(bitmaps) = info
         .pointer("/format-specific/data/bitmaps")
         .and_then(|b| b.as_array())
-        .cloned()
-        .unwrap_or_default();
-    Ok(bitmaps
+    else {
+        return Vec::new();
+    };
+    bitmaps
         .iter()
         .filter_map(|b| {
             Some(BitmapInfo {
@@ -126,7 +148,7 @@ pub fn list(path: &Path) -> Result<Vec<BitmapInfo>> {
                     .unwrap_or_default(),
             })
         })
-        .collect())
+        .collect()
 }
 
 /// Add bitmap `name` to the image (enabled, persistent), with `granularity` bytes per bit

@@ -3,6 +3,7 @@
 
 pub mod archived;
 pub mod bitmap;
+pub mod chain;
 pub mod changed;
 pub(crate) mod children;
 pub mod file;

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use super::examine::{old_record, Done, Examiner};
 use super::plan::{block_ranges, hint, prefetch_ranges, Job, Planner};
 use super::sink::{Sink, SinkTarget};
-use super::{source_changed, DiskInput};
+use super::{read_earlier_layer, source_changed, DiskInput};
 use crate::archive::digest::{Digest, DigestHeader, DigestReader, DigestWriter, ZERO_DIGEST};
 use crate::archive::format::{valid_disk_size, DIGEST_LEN};
 use crate::archive::profile::{DiskRecord, GenerationMode};
@@ -195,7 +195,13 @@ impl RunCtx<'_> {
         let mut say_why = input.expects_tracking;
         let recorded = self.prev.and_then(|p| p.profile.disk(&input.name));
         if let (Some(rec), Some(_), Some(_)) = (recorded, &old, &changed) {
-            if let Some(why) = source_changed(rec, identity, describe, !input.user_list) {
+            // A layer an external snapshot has put the source over since.
+            let earlier = read_earlier_layer(rec, &input.earlier_origins);
+            let changed_source = match earlier {
+                true => None,
+                false => source_changed(rec, identity, describe, !input.user_list),
+            };
+            if let Some(why) = changed_source {
                 changed = None;
                 untracked = Some(why);
                 say_why = true;

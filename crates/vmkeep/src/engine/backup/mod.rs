@@ -63,6 +63,11 @@ pub struct DiskInput {
     /// The source has a tracker of its own (a qcow2 bitmap): when it cannot be used, an
     /// auto run says why too, not only an incr one.
     pub expects_tracking: bool,
+    /// The images below the source in its backing chain whose trackers `changed` also
+    /// holds (the layers an external snapshot put the source over, each with the
+    /// checkpoint's bitmap): the newest generation may have read one of them, when the
+    /// snapshot came after it, and is then still the same disk (see [`read_earlier_layer`]).
+    pub earlier_origins: Vec<String>,
 }
 
 impl DiskInput {
@@ -78,6 +83,7 @@ impl DiskInput {
             identity: None,
             user_list: false,
             expects_tracking: false,
+            earlier_origins: Vec::new(),
         }
     }
 }
@@ -121,6 +127,16 @@ pub fn source_changed(
         ));
     }
     None
+}
+
+/// Whether the newest generation (`rec`) read one of the `earlier` layers below this
+/// run's source (the caller proved that the tracker covers every layer from the source down
+/// to them): the disk got an external snapshot since, and it is still the disk that
+/// generation read.
+pub fn read_earlier_layer(rec: &DiskRecord, earlier: &[String]) -> bool {
+    rec.origin
+        .as_deref()
+        .is_some_and(|o| earlier.iter().any(|e| e == o))
 }
 
 /// The zstd level of reverse diffs when none is given.
@@ -707,5 +723,24 @@ mod tests {
             None
         );
         assert!(source_changed(&record(None, None), &now, "e.qcow2", false).is_some());
+    }
+
+    #[test]
+    fn an_earlier_layer_is_the_same_disk_only_by_its_recorded_origin() {
+        let below = ["/i/a.qcow2".to_string(), "/i/base.qcow2".to_string()];
+        assert!(read_earlier_layer(
+            &record(Some("/i/base.qcow2"), None),
+            &below
+        ));
+        assert!(!read_earlier_layer(
+            &record(Some("/i/other.qcow2"), None),
+            &below
+        ));
+        assert!(!read_earlier_layer(
+            &record(Some("/i/base.qcow2"), None),
+            &[]
+        ));
+        // A profile from before origins proves nothing about the chain.
+        assert!(!read_earlier_layer(&record(None, None), &below));
     }
 }
