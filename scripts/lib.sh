@@ -24,8 +24,11 @@ GUEST_PACKAGES=(busybox-static qemu-guest-agent kmod cpio e2fsprogs ovmf swtpm s
 # they start themselves (on a free port, with keys of their own).
 BASE_PACKAGES=(pkg-config qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev nbdkit libnbd-bin gnutls-bin
     openssh-server openssh-client "${GUEST_PACKAGES[@]}")
+# nbdfuse (libnbd-bin) exposes a served generation as a file for file-level restore
+# (docs/recovery.md, tests/guest.rs); as root it mounts without fusermount3, and `umount`
+# ends it, so fuse3 is not needed.
 BASE_COMMANDS=(qemu-img qemu-nbd qemu-io qemu-system-x86_64 virsh libvirtd nbdkit nbdcopy nbdinfo pkg-config certtool
-    qemu-ga modinfo cpio swtpm swtpm_setup)
+    qemu-ga modinfo cpio swtpm swtpm_setup nbdfuse)
 
 # The test guest's kernel is only downloaded (`apt-get download`) and unpacked into the
 # guest's cache folder, never installed: installing a linux-image package runs the host's

@@ -2,8 +2,11 @@
 //! TCG, its agent answers, it reads the known files of its data disk and writes new ones,
 //! `virsh domfsfreeze`/`domfsthaw` freeze and thaw its file system, and what it wrote is
 //! on the disk image once it is shut down; booted by UEFI firmware (OVMF), a variable it
-//! sets is kept in its `<nvram>` file across a restart. Skipped only when
-//! VMKEEP_TEST_GUEST is unset.
+//! sets is kept in its `<nvram>` file across a restart. Backed up frozen (and killed while
+//! frozen), it restores: copies made with `restore --as-vm --start` boot and read their
+//! generation's files through their agent, and one file of an older generation is read
+//! through `serve` + nbdfuse as docs/recovery.md shows it (a crash-consistent one through
+//! a qcow2 overlay that replays its journal). Skipped only when VMKEEP_TEST_GUEST is unset.
 
 #![cfg(feature = "libvirt")]
 
@@ -278,32 +281,14 @@ fn a_guest_left_frozen_by_a_killed_run_is_thawed_by_the_next_one() {
 // ---------------------------------------------------------------------------------------
 // Firmware state restored with a copy
 
-/// The `restore --as-vm` copy `name` (defined, not started) as a [`Guest`] to talk to:
-/// its disk `disk`, the console log its definition names (a path of its own) and its
-/// variable store; undefined on drop.
-fn copy_guest(name: &str, disk: std::path::PathBuf) -> Guest {
-    let xml = virsh(&["dumpxml", name]);
-    let attr_after = |anchor: &str, attr: &str| -> Option<String> {
-        let at = xml.find(anchor)?;
-        let rest = &xml[at..];
-        let v = rest.split(&format!("{attr}='")).nth(1)?;
-        Some(v.split('\'').next()?.to_string())
-    };
-    let console = attr_after("<serial type='file'>", "path").expect("a file console");
-    let nvram = xml
+/// The variable store the definition of domain `name` names (`<nvram>PATH</nvram>`).
+fn nvram_of(name: &str) -> Option<std::path::PathBuf> {
+    virsh(&["dumpxml", name])
         .split("<nvram")
         .nth(1)
         .and_then(|s| s.split('>').nth(1))
         .and_then(|s| s.split('<').next())
-        .map(std::path::PathBuf::from);
-    Guest {
-        name: name.to_string(),
-        dir: tempfile::tempdir().unwrap(),
-        disk,
-        console: console.into(),
-        nvram,
-        boot_time: std::time::Duration::ZERO,
-    }
+        .map(std::path::PathBuf::from)
 }
 
 /// A UEFI guest sets a variable; a backup of it running saves its variable store; the
@@ -345,12 +330,13 @@ fn a_uefi_copy_boots_with_the_variables_of_its_generation() {
     assert_eq!(st["vms"][0]["generations"][0]["state"], json!(["nvram"]));
     env.ok(&["check", &g.name]);
 
-    let new = format!("{}-copy", g.name);
-    let _guard = lv::Undefine(new.clone());
-    let dir = env.disk_dir();
-    let out = env.ok(&common::restore_as_vm(&g.name, &new, &dir));
-    let mut copy = copy_guest(&new, dir.join(format!("{new}-vda.qcow2")));
-    let copy_nvram = copy.nvram.clone().expect("the copy names a variable store");
+    let (new, copy_dir) = lv::new_domain("guest-uefi-copy");
+    let disk = copy_dir.path().join(format!("{new}-vda.qcow2"));
+    let console = g.dir.path().join(format!("{new}-console.log"));
+    let disk_dir = copy_dir.path().to_path_buf();
+    let mut copy = Guest::adopt(&new, copy_dir, disk, console);
+    let out = env.ok(&common::restore_as_vm(&g.name, &new, &disk_dir));
+    let copy_nvram = nvram_of(&new).expect("the copy names a variable store");
     assert_ne!(Some(&copy_nvram), g.nvram.as_ref(), "a store of its own");
     assert!(
         out.contains(&format!(
@@ -376,4 +362,464 @@ fn a_uefi_copy_boots_with_the_variables_of_its_generation() {
     assert_eq!(copy.read_file("/data/hello.txt"), HELLO);
     assert_ne!(copy.exec("/bin/cat", &[later]).0, 0, "nor a later one");
     assert_eq!(g.read_file(later), [7, 0, 0, 0, 1]);
+}
+
+// The guest restored: as a VM that boots, and one file of an older generation
+
+/// `vmkeep backup VM --quiesce require` of the running guest `g`: it must succeed and the
+/// new generation be frozen, which the run's summary line says at its end.
+fn frozen_backup(env: &common::Env, g: &Guest) {
+    let out = env.run(&["backup", &g.name, "--quiesce", "require"]);
+    let e = common::succeeded(&out, "backup: ");
+    assert!(!e.contains("crash-consistent"), "{e}");
+    assert_eq!(newest_consistency(env, &g.name), "frozen");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.trim_end().ends_with("s, frozen"), "{said}");
+}
+
+/// `vmkeep restore VM -g GEN --as-vm COPY --disk-dir DIR --start` of the guest `g`, the
+/// copy adopted (undefined on drop, before anything else can fail) and booted until its
+/// agent answers. The copy's disk is in its own folder and its console log beside the
+/// original's, with the copy's name in front (docs/libvirt.md), which its definition must
+/// name.
+fn restored_copy(env: &common::Env, g: &Guest, gen: &str) -> Guest {
+    let (name, dir) = lv::new_domain("guest-copy");
+    let disk = dir.path().join(format!("{name}-vda.qcow2"));
+    let console = g.dir.path().join(format!("{name}-console.log"));
+    let disk_dir = dir.path().to_path_buf();
+    let mut copy = Guest::adopt(&name, dir, disk, console);
+    let t0 = std::time::Instant::now();
+    let mut args = common::restore_as_vm(&g.name, &name, &disk_dir);
+    args.extend(["-g", gen, "--start"]);
+    common::succeeded(&env.run(&args), "restore --as-vm: ");
+    copy.wait_for_agent(t0);
+    eprintln!(
+        "copy {name} of generation {gen}: agent answered {:.1} s after the restore began",
+        copy.boot_time.as_secs_f64()
+    );
+    let xml = virsh(&["dumpxml", &name]);
+    for path in [&copy.disk, &copy.console] {
+        assert!(
+            xml.contains(&format!("'{}'", path.display())),
+            "the copy's definition does not name {}:\n{xml}",
+            path.display()
+        );
+    }
+    assert!(
+        !xml.contains(&format!("'{}'", g.disk.display()))
+            && !xml.contains(&format!("'{}'", g.console.display())),
+        "the copy names the original's disk or console:\n{xml}"
+    );
+    let log = copy.console_log();
+    assert!(log.contains(READY), "{log}");
+    assert!(
+        log.contains("vmkeep-guest: data disk /dev/vda mounted at /data"),
+        "{log}"
+    );
+    copy
+}
+
+/// The guest's file `path` does not exist (cat fails, saying so).
+fn assert_missing(g: &Guest, path: &str) {
+    let e = g.exec_with_input("/bin/cat", &[path], &[]);
+    assert_ne!(e.code, 0, "{path} exists in {}", g.name);
+    let err = String::from_utf8_lossy(&e.err);
+    assert!(err.contains("No such file"), "{err}");
+}
+
+/// Two frozen backups of the guest, then the original changes its file once more: the
+/// newest generation and the older one (`-g 1`), each restored as a new VM and started,
+/// boot the real guest, which reads the files of its own generation back through its
+/// agent — neither the other generation's nor what the original holds now. A copy's writes
+/// stay on its own disk.
+#[test]
+fn restored_copies_of_the_guest_boot_and_read_the_files_of_their_generation() {
+    let first = noise(11, 100 * 1024 + 5);
+    let second = noise(12, 120 * 1024 + 3);
+    let now: &[u8] = b"written by the original after the last backup\n";
+    let Some(g) = Guest::boot("restore", &[("hello.txt", HELLO)]) else {
+        return;
+    };
+    let env = common::Env::live();
+    g.write_file("/data/state.bin", &first);
+    g.sync();
+    frozen_backup(&env, &g);
+    g.write_file("/data/state.bin", &second);
+    g.write_file("/data/only-in-2.txt", b"the second generation only\n");
+    g.sync();
+    frozen_backup(&env, &g);
+    g.write_file("/data/state.bin", now);
+    g.sync();
+    assert_eq!(env.generations(&g.name).len(), 2);
+
+    {
+        let copy = restored_copy(&env, &g, "latest");
+        assert!(
+            copy.read_file("/data/state.bin") == second,
+            "latest: state.bin"
+        );
+        assert_eq!(
+            copy.read_file("/data/only-in-2.txt"),
+            b"the second generation only\n"
+        );
+        assert_eq!(copy.read_file("/data/hello.txt"), HELLO);
+        // The copy writes to its own disk: the original still reads its own content.
+        copy.write_file("/data/state.bin", b"written by the copy\n");
+        copy.sync();
+        assert_eq!(copy.read_file("/data/state.bin"), b"written by the copy\n");
+        assert_eq!(g.read_file("/data/state.bin"), now);
+    }
+    {
+        let copy = restored_copy(&env, &g, "1");
+        assert!(
+            copy.read_file("/data/state.bin") == first,
+            "-g 1: state.bin"
+        );
+        assert_missing(&copy, "/data/only-in-2.txt");
+        assert_eq!(copy.read_file("/data/hello.txt"), HELLO);
+    }
+    assert_eq!(g.read_file("/data/state.bin"), now);
+}
+
+/// Wait (up to 10 s) for `child` to end: its exit status, or `None` after killing it.
+fn ended_within_10s(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// `vmkeep serve` run by a test: stopped on drop (SIGTERM, killed when it does not end
+/// within 10 s), also when the test panics.
+struct Serving(Option<std::process::Child>);
+
+impl Serving {
+    /// SIGTERM (what `kill %1` sends): the server's exit status, `None` when it had to be
+    /// killed after 10 s.
+    fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.0.take()?;
+        // SAFETY: kill(2) on the child this test started and has not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        ended_within_10s(&mut child)
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A mount of the test's, released on drop, also when the test panics: unmounted
+/// (`umount`, lazily when busy), its loop device detached, the nbdfuse process that
+/// serves it waited for (it ends once unmounted) and killed after 10 s.
+struct Mounted {
+    /// The mount point.
+    at: std::path::PathBuf,
+    /// nbdfuse, when it serves the mount.
+    fuse: Option<std::process::Child>,
+    /// The loop device whose file system is mounted at `at`.
+    loop_dev: Option<String>,
+}
+
+impl Mounted {
+    /// Unmount, detach and wait as on drop: nbdfuse's exit status (`None` when there is
+    /// none or it had to be killed).
+    fn release(&mut self) -> Option<std::process::ExitStatus> {
+        let umount = |lazy: bool| {
+            let mut c = std::process::Command::new("umount");
+            if lazy {
+                c.arg("-l");
+            }
+            c.arg(&self.at).output().is_ok_and(|o| o.status.success())
+        };
+        if mounted(&self.at) && !umount(false) {
+            umount(true);
+        }
+        if let Some(dev) = self.loop_dev.take() {
+            let _ = std::process::Command::new("losetup")
+                .args(["-d", &dev])
+                .output();
+        }
+        let mut child = self.fuse.take()?;
+        ended_within_10s(&mut child)
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Whether something is mounted at `at` (`/proc/self/mountinfo`).
+fn mounted(at: &std::path::Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let at = at.to_str().unwrap();
+    info.lines()
+        .any(|l| l.split(' ').nth(4).is_some_and(|p| p == at))
+}
+
+/// `vmkeep serve VM --generation GEN --socket DIR/serve.sock` in the background, once it
+/// printed the URI of the disk `vda` on that socket (which it must): the server and that
+/// URI. Its log is `DIR/serve.log`.
+fn serve(env: &common::Env, vm: &str, gen: &str) -> (Serving, String) {
+    let sock = env.path("serve.sock");
+    let mut cmd = env.std_cmd(&["serve", vm, "--generation", gen, "--socket"]);
+    cmd.arg(&sock);
+    let log = env.path("serve.log");
+    let (child, line) = common::spawn_first_line(&mut cmd, &log);
+    let server = Serving(Some(child));
+    let uri = format!("nbd+unix:///vda?socket={}", sock.display());
+    assert!(
+        line.split_whitespace().any(|w| w == uri),
+        "serve printed {line:?}, not {uri}: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    (server, uri)
+}
+
+/// `mkdir -p AT; nbdfuse AT SERVER… &`, once `AT/nbd` exists: the mount, and that file.
+fn nbdfuse(at: &std::path::Path, server: &[&str]) -> (Mounted, std::path::PathBuf) {
+    std::fs::create_dir_all(at).unwrap();
+    let child = std::process::Command::new("nbdfuse")
+        .arg(at)
+        .args(server)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("cannot run nbdfuse (libnbd-bin)");
+    let mount = Mounted {
+        at: at.to_path_buf(),
+        fuse: Some(child),
+        loop_dev: None,
+    };
+    let file = at.join("nbd");
+    common::wait_until(30, "nbdfuse did not mount its file", || file.exists());
+    (mount, file)
+}
+
+/// `losetup [-r] -P -f --show FILE`, then `mount -o OPTIONS /dev/loopN AT`: the mount
+/// (the loop device detached on release), or mount's complaint (the device detached).
+fn loop_mount(
+    file: &std::path::Path,
+    read_only: bool,
+    options: &str,
+    at: &std::path::Path,
+) -> Result<Mounted, String> {
+    let mut losetup = std::process::Command::new("losetup");
+    if read_only {
+        losetup.arg("-r");
+    }
+    let out = losetup
+        .args(["-P", "-f", "--show"])
+        .arg(file)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "losetup {}: {e}", file.display());
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    std::fs::create_dir_all(at).unwrap();
+    let mut mount = Mounted {
+        at: at.to_path_buf(),
+        fuse: None,
+        loop_dev: Some(dev.clone()),
+    };
+    let out = std::process::Command::new("mount")
+        .args(["-o", options, &dev])
+        .arg(at)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(mount)
+    } else {
+        mount.release();
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// The pins of the VM `vm`: the file names in `REPO/VM/pins`.
+fn pins(env: &common::Env, vm: &str) -> Vec<String> {
+    std::fs::read_dir(env.repo().join(vm).join("pins"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// File-level restore as docs/recovery.md section 3 shows it: an older generation (`-g 1`)
+/// of the guest's data disk (a whole ext4 file system) served on a unix socket, exposed as
+/// a file by nbdfuse, read with `debugfs -R 'cat …'` and through a read-only loop mount:
+/// the file as the guest wrote it then, not the newest generation's content nor the
+/// original's now. Unmounting ends nbdfuse; the server, which pins the generation while it
+/// serves, stops on SIGTERM and leaves neither its socket nor the pin.
+#[test]
+fn one_file_of_an_older_generation_is_read_through_serve_and_nbdfuse() {
+    let first = noise(21, 90 * 1024 + 11);
+    let second = noise(22, 90 * 1024 + 11);
+    let Some(g) = Guest::boot("filelevel", &[("hello.txt", HELLO)]) else {
+        return;
+    };
+    let env = common::Env::live();
+    g.write_file("/data/notes.bin", &first);
+    g.sync();
+    frozen_backup(&env, &g);
+    g.write_file("/data/notes.bin", &second);
+    g.sync();
+    frozen_backup(&env, &g);
+    g.write_file("/data/notes.bin", b"now\n");
+    g.sync();
+    let gens = env.generations(&g.name);
+    assert_eq!(gens.len(), 2);
+
+    // vmkeep serve VM --generation 1 --socket SOCK &
+    let (mut server, uri) = serve(&env, &g.name, "1");
+    let pin = format!("{}-{}", server.0.as_ref().unwrap().id(), gens[0]);
+    let held = pins(&env, &g.name);
+    assert!(
+        held.iter().any(|p| p.starts_with(&pin)),
+        "no pin {pin}: {held:?}"
+    );
+
+    // mkdir -p MNT; nbdfuse MNT URI &
+    let (mut fused, file) = nbdfuse(&env.path("fuse"), &[&uri]);
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().len(),
+        std::fs::metadata(g.disk_raw()).unwrap().len()
+    );
+
+    // debugfs -R 'cat /notes.bin' MNT/nbd
+    let got = debugfs_cat(&file, "/notes.bin").unwrap();
+    assert!(
+        got == first,
+        "generation 1's notes.bin: {} bytes",
+        got.len()
+    );
+    assert!(got != second, "the newest generation's content was served");
+    assert_eq!(debugfs_cat(&file, "/hello.txt").unwrap(), HELLO);
+    e2fsck_clean(&file).unwrap();
+    // The newest generation and the original hold the other contents.
+    let latest = env.path("latest.raw");
+    std::fs::write(&latest, env.restored(&g.name, "latest", Some("vda"))).unwrap();
+    assert!(debugfs_cat(&latest, "/notes.bin").unwrap() == second);
+    assert_eq!(g.read_file("/data/notes.bin"), b"now\n");
+
+    // losetup -r -P -f --show MNT/nbd; mount -o ro /dev/loopN MNT2 (no partition table)
+    let mnt = env.path("mnt");
+    let mut looped = loop_mount(&file, true, "ro", &mnt).unwrap();
+    assert!(std::fs::read(mnt.join("notes.bin")).unwrap() == first);
+    assert_eq!(std::fs::read(mnt.join("hello.txt")).unwrap(), HELLO);
+    looped.release();
+    assert!(!mounted(&mnt), "{} still mounted", mnt.display());
+
+    // umount MNT: nbdfuse ends by itself, successfully.
+    let fuse_exit = fused.release();
+    assert!(!mounted(&fused.at), "{} still mounted", fused.at.display());
+    assert!(
+        fuse_exit.is_some_and(|st| st.success()),
+        "nbdfuse after the unmount: {fuse_exit:?}"
+    );
+    // kill %1: the server ends cleanly, without its socket and its pin.
+    let served = server.stop();
+    assert!(
+        served.is_some_and(|st| st.success()),
+        "serve after SIGTERM: {served:?}: {}",
+        std::fs::read_to_string(env.path("serve.log")).unwrap_or_default()
+    );
+    assert!(
+        !env.path("serve.sock").exists(),
+        "the server left its socket"
+    );
+    let held = pins(&env, &g.name);
+    assert!(held.is_empty(), "pins left: {held:?}");
+}
+
+/// Whether the ext4 image `raw` records a journal to replay (`dumpe2fs -h`).
+fn needs_recovery(raw: &std::path::Path) -> bool {
+    let out = lv::run(std::process::Command::new("dumpe2fs").arg("-h").arg(raw));
+    let features = out
+        .lines()
+        .find(|l| l.starts_with("Filesystem features:"))
+        .unwrap_or_else(|| panic!("no features in dumpe2fs -h {}:\n{out}", raw.display()));
+    features.split_whitespace().any(|f| f == "needs_recovery")
+}
+
+/// A crash-consistent generation (`--quiesce off`) of the running guest holds an ext4 file
+/// system whose journal is still to be replayed: mounted read-only straight from the
+/// served export it is refused (the kernel cannot replay onto a read-only device), and
+/// mounts with `noload` (the journal skipped). Through
+/// a qcow2 overlay whose backing store is the export (docs/recovery.md), the mount
+/// replays the journal into the overlay and the file the guest synced before the backup
+/// reads back; the archive is not changed by it.
+#[test]
+fn a_crash_consistent_generation_mounts_through_an_overlay_that_replays_its_journal() {
+    let synced = noise(31, 80 * 1024 + 7);
+    let Some(g) = Guest::boot("crashmount", &[("hello.txt", HELLO)]) else {
+        return;
+    };
+    let env = common::Env::live();
+    g.write_file("/data/synced.bin", &synced);
+    g.sync();
+    let out = env.run(&["backup", &g.name, "--quiesce", "off"]);
+    common::succeeded(&out, "backup: ");
+    assert_eq!(newest_consistency(&env, &g.name), "crash");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.trim_end().ends_with("s, crash"), "{said}");
+    let before = env.restored(&g.name, "latest", Some("vda"));
+    let raw = env.path("restored.raw");
+    std::fs::write(&raw, &before).unwrap();
+    assert!(
+        needs_recovery(&raw),
+        "the mounted guest's file system needs no replay"
+    );
+
+    let (_server, uri) = serve(&env, &g.name, "latest");
+    {
+        let (_fused, file) = nbdfuse(&env.path("fuse"), &[&uri]);
+        let refused = loop_mount(&file, true, "ro", &env.path("mnt"));
+        assert!(
+            refused.is_err(),
+            "a journal to replay mounted from a read-only device"
+        );
+        // The journal is what stops it: skipped (noload), the same device mounts.
+        let noload = loop_mount(&file, true, "ro,noload", &env.path("mnt"));
+        assert!(noload.is_ok(), "ro,noload: {:?}", noload.err());
+    }
+
+    // qemu-img create -f qcow2 -b URI -F raw OVERLAY
+    // nbdfuse MNT [ qemu-nbd -f qcow2 OVERLAY ] &
+    // losetup -P -f --show MNT/nbd; mount -o ro /dev/loopN MNT2
+    let overlay = env.path("overlay.qcow2");
+    lv::run(
+        std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-b", &uri, "-F", "raw"])
+            .arg(&overlay),
+    );
+    let overlay_s = overlay.to_str().unwrap();
+    let (mut fused, file) = nbdfuse(
+        &env.path("fuse-overlay"),
+        &["[", "qemu-nbd", "-f", "qcow2", overlay_s, "]"],
+    );
+    let mnt = env.path("mnt-overlay");
+    let mut looped = loop_mount(&file, false, "ro", &mnt).unwrap();
+    assert!(std::fs::read(mnt.join("synced.bin")).unwrap() == synced);
+    assert_eq!(std::fs::read(mnt.join("hello.txt")).unwrap(), HELLO);
+    looped.release();
+    let fuse_exit = fused.release();
+    assert!(
+        fuse_exit.is_some_and(|st| st.success()),
+        "nbdfuse after the unmount: {fuse_exit:?}"
+    );
+    // The replay went into the overlay; the generation is as it was.
+    assert!(env.restored(&g.name, "latest", Some("vda")) == before);
+    let table = env.ok(&["status", &g.name]);
+    assert!(table.contains("crash"), "{table}");
 }

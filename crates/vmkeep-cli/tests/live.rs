@@ -594,7 +594,8 @@ fn instant_recovery_server_ends_with_its_domain_and_status_shows_a_dead_one() {
 
 /// A guest without an agent: `--quiesce auto` (the default) backs it up crash-consistent
 /// and says so in one line, `require` fails the VM with nothing made, `off` says nothing;
-/// the generation records it. A shut-off VM started paused is recorded offline.
+/// the generation records it, and the run's line for the VM ends with it. A shut-off VM
+/// started paused is recorded offline.
 #[test]
 fn without_a_guest_agent_backups_are_crash_consistent_and_say_so() {
     let _shared = shared();
@@ -620,6 +621,8 @@ fn without_a_guest_agent_backups_are_crash_consistent_and_say_so() {
             .to_string()
     };
     assert_eq!(consistency(&env), "crash");
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(line.trim_end().ends_with("s, crash"), "{line}");
     let e = env.fails(&["backup", &vm.name, "--quiesce", "require"], 1);
     assert!(e.contains("--quiesce require"), "{e}");
     assert_eq!(env.generations(&vm.name).len(), 1, "nothing made");
@@ -637,8 +640,9 @@ fn without_a_guest_agent_backups_are_crash_consistent_and_say_so() {
     assert_eq!(consistency(&env), "crash");
     vm.flush(0);
     virsh(&["destroy", &vm.name, "--graceful"]);
-    env.ok(&["backup", &vm.name, "--quiesce", "require"]);
+    let line = env.ok(&["backup", &vm.name, "--quiesce", "require"]);
     assert_eq!(consistency(&env), "offline");
+    assert!(line.trim_end().ends_with("s, offline"), "{line}");
 }
 
 /// The domain undefined and defined again between two backups (libvirt loses the

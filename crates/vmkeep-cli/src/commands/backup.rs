@@ -478,9 +478,11 @@ fn backup_domain(
     .into())
 }
 
+/// The run's line for one VM's new generation; a libvirt VM's ends with how consistent it
+/// is (`, frozen`, `, crash` or `, offline`, as `status` shows it).
 fn summary(r: &BackupReport) -> String {
     let g = &r.generation;
-    format!(
+    let line = format!(
         "{}: generation {} {} read {} changed {} stored {} in {:.1}s",
         r.vm,
         g.id,
@@ -489,7 +491,11 @@ fn summary(r: &BackupReport) -> String {
         bytes(r.changed_bytes()),
         bytes(r.stored_bytes()),
         g.duration_secs
-    )
+    );
+    match g.consistency {
+        Some(c) => format!("{line}, {}", c.as_str()),
+        None => line,
+    }
 }
 
 /// `vmkeep backup`'s settings for one VM, resolved once: the flags over the VM's config

@@ -240,11 +240,36 @@ impl Guest {
         }
     }
 
+    /// Take charge of the domain `name` that someone else defined from this image (a
+    /// `vmkeep restore --as-vm` copy of a guest), whose data disk is `disk` and whose
+    /// serial console writes `console`: like any [`Guest`] it is destroyed and undefined
+    /// on drop, and then `dir` (the folder of its disks) is removed. Nothing is started or
+    /// checked; the domain need not exist yet, so the guard can be in place before the
+    /// command that defines it runs.
+    pub fn adopt(name: &str, dir: tempfile::TempDir, disk: PathBuf, console: PathBuf) -> Guest {
+        Guest {
+            name: name.to_string(),
+            dir,
+            disk,
+            console,
+            nvram: None,
+            boot_time: Duration::ZERO,
+        }
+    }
+
     /// Start the domain and wait (up to 120 s) until its agent answers `guest-ping`;
     /// records how long that took in [`Guest::boot_time`].
     pub fn start(&mut self) {
         let t0 = Instant::now();
         virsh(&["start", &self.name]);
+        self.wait_for_agent(t0);
+    }
+
+    /// Wait until the agent of the running domain answers `guest-ping`, up to 120 s from
+    /// `t0` (when it was started); records how long that took from `t0` in
+    /// [`Guest::boot_time`]. Panics with the domain's state and console log when the
+    /// domain stops running or the time is up.
+    pub fn wait_for_agent(&mut self, t0: Instant) {
         let deadline = t0 + Duration::from_secs(BOOT_SECS);
         loop {
             if self.agent_try(&json!({"execute": "guest-ping"})).is_ok() {
