@@ -481,9 +481,9 @@ fn restored_copies_of_the_guest_boot_and_read_the_files_of_their_generation() {
     assert_eq!(g.read_file("/data/state.bin"), now);
 }
 
-/// Wait (up to 10 s) for `child` to end: its exit status, or `None` after killing it.
-fn ended_within_10s(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+/// Wait (up to 30 s) for `child` to end: its exit status, or `None` after killing it.
+fn ended_within_30s(child: &mut std::process::Child) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         if let Ok(Some(st)) = child.try_wait() {
             return Some(st);
@@ -498,17 +498,17 @@ fn ended_within_10s(child: &mut std::process::Child) -> Option<std::process::Exi
 }
 
 /// `vmkeep serve` run by a test: stopped on drop (SIGTERM, killed when it does not end
-/// within 10 s), also when the test panics.
+/// within 30 s), also when the test panics.
 struct Serving(Option<std::process::Child>);
 
 impl Serving {
     /// SIGTERM (what `kill %1` sends): the server's exit status, `None` when it had to be
-    /// killed after 10 s.
+    /// killed after 30 s.
     fn stop(&mut self) -> Option<std::process::ExitStatus> {
         let mut child = self.0.take()?;
         // SAFETY: kill(2) on the child this test started and has not reaped.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        ended_within_10s(&mut child)
+        ended_within_30s(&mut child)
     }
 }
 
@@ -520,7 +520,7 @@ impl Drop for Serving {
 
 /// A mount of the test's, released on drop, also when the test panics: unmounted
 /// (`umount`, lazily when busy), its loop device detached, the nbdfuse process that
-/// serves it waited for (it ends once unmounted) and killed after 10 s.
+/// serves it waited for (it ends once unmounted) and killed after 30 s.
 struct Mounted {
     /// The mount point.
     at: std::path::PathBuf,
@@ -550,7 +550,7 @@ impl Mounted {
                 .output();
         }
         let mut child = self.fuse.take()?;
-        ended_within_10s(&mut child)
+        ended_within_30s(&mut child)
     }
 }
 
@@ -720,6 +720,16 @@ fn one_file_of_an_older_generation_is_read_through_serve_and_nbdfuse() {
     looped.release();
     assert!(!mounted(&mnt), "{} still mounted", mnt.display());
 
+    // The kernel lets go of a detached loop device's file in the background: until then
+    // the FUSE file is busy and its unmount only lazy.
+    common::wait_until(60, "the loop device to let go of the FUSE file", || {
+        let out = std::process::Command::new("losetup")
+            .arg("-j")
+            .arg(&file)
+            .output()
+            .unwrap();
+        out.stdout.is_empty()
+    });
     // umount MNT: nbdfuse ends by itself, successfully.
     let fuse_exit = fused.release();
     assert!(!mounted(&fused.at), "{} still mounted", fused.at.display());
