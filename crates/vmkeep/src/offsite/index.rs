@@ -23,6 +23,10 @@ pub const INDEX_PREFIX: &str = "index/";
 /// MiB at most; prune's consolidated one lists every block of the target).
 pub const MAX_INDEX_LEN: u64 = 4 << 30;
 
+/// A prune that finds more index objects than this merges them into one (it always
+/// does when it removes packs).
+pub const MERGE_AT: usize = 64;
+
 /// The object key of the `n`-th index of run `run`.
 pub fn index_key(run: &str, n: u32) -> String {
     format!("{INDEX_PREFIX}{run}-{n}")

@@ -6,4 +6,8 @@ pub mod index;
 pub mod key;
 pub mod manifest;
 pub mod pack;
+pub mod prune;
+pub mod read;
 pub mod store;
+pub mod sync;
+pub mod target;
