@@ -217,7 +217,7 @@ pub fn prune_from(
                     Err(why) => progress.warn(&format!("index object {} {why}; dropped", o.key)),
                 }
             }
-            entries.sort_by(|a, b| a.block.cmp(&b.block));
+            entries.sort_by_key(|l| l.block);
             entries.dedup_by(|a, b| a.block == b.block);
             let new_key = index::index_key(&run, 0);
             store.put(&new_key, &index::encode(key, &new_key, &entries)?)?;

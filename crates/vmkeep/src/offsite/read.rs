@@ -329,6 +329,9 @@ pub fn restore_disk_from(
     }
 }
 
+/// Why blocks could not be read: the object, and what failed.
+type Failed = (String, String);
+
 /// Read the blocks `wanted` (block, location) of disk `map` of `m`: adjacent blobs of a
 /// pack in one ranged read, each opened as its block and checked against its digest and
 /// length. The error names the object and what failed.
@@ -339,7 +342,7 @@ fn fetch_blocks(
     map: &DiskMap,
     wanted: &[(u64, Location)],
     size: u64,
-) -> std::result::Result<Vec<(u64, Vec<u8>)>, (String, String)> {
+) -> std::result::Result<Vec<(u64, Vec<u8>)>, Failed> {
     let mut out = Vec::with_capacity(wanted.len());
     let mut i = 0;
     while i < wanted.len() {
