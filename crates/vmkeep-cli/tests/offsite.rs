@@ -452,6 +452,18 @@ fn check_from_finds_a_flipped_byte_in_a_pack_a_deleted_pack_and_a_forged_manifes
             .any(|l| l.starts_with("DAMAGE:") && l.contains(&pack0) && l.contains("missing")),
         "{out}"
     );
+    // The repair docs/offsite.md gives: delete the manifests that need the pack, sync
+    // again; the generations come back whole.
+    for l in out.lines().filter(|l| l.starts_with("DAMAGE:")) {
+        let m = l.split("; ").nth(1).unwrap().split(' ').next().unwrap();
+        assert!(m.starts_with("manifests/"), "{l}");
+        let _ = std::fs::remove_file(off.folder().join(m));
+    }
+    let r = off.sync(&[VM]);
+    assert!(r["generations_synced"].as_u64().unwrap() >= 1, "{r}");
+    let (code, out) = off.check(true);
+    assert_eq!(code, 0, "{out}");
+    assert_target_restores_like_local(&off, VM, &gens);
     reset();
 
     // A forged manifest: random bytes under a manifest's name, and another key's
