@@ -300,6 +300,50 @@ fn two_vms_cloned_from_one_image_share_their_blocks() {
 }
 
 #[test]
+fn limit_rate_bounds_the_upload_rate() {
+    let off = Off::new();
+    let img = off.env.disk("vda.raw", 3 << 20);
+    write_at(&img, 0, &noise(11, 3 << 20));
+    off.env.backup(VM, &img, &[]);
+    let t = std::time::Instant::now();
+    let r = off.sync(&[
+        VM,
+        "--limit-rate",
+        "1M",
+        "--pack-size",
+        "64K",
+        "--jobs",
+        "4",
+    ]);
+    let took = t.elapsed().as_secs_f64();
+    let up = r["bytes_uploaded"].as_u64().unwrap() as f64;
+    // A token bucket of one object: 3 MiB at 1 MiB/s takes at least 2 s.
+    assert!(up > 3.0 * 1048576.0, "{r}");
+    assert!(
+        took >= (up - 200_000.0) / 1048576.0,
+        "{up} bytes in {took} s"
+    );
+    assert_eq!(
+        off.restore_from(VM, "0", "vda").unwrap(),
+        std::fs::read(&img).unwrap()
+    );
+    let e = off.env.fails(
+        &[
+            "sync",
+            VM,
+            "--to",
+            &off.target,
+            "--key",
+            off.key(),
+            "--limit-rate",
+            "0",
+        ],
+        2,
+    );
+    assert!(e.contains("--limit-rate"), "{e}");
+}
+
+#[test]
 fn without_the_key_or_with_a_wrong_key_one_clear_error_and_nothing_is_read() {
     let off = Off::new();
     let gens = ten_generations(&off.env, VM);
