@@ -90,6 +90,14 @@ pub enum Command {
         after_help = "Examples:\n  vmkeep serve web1 --socket /run/vmkeep/web1.sock\n  vmkeep serve web1 --generation 3 --listen 127.0.0.1:10809 --tls-dir /etc/pki/vmkeep\n  nbdcopy 'nbd+unix:///vda?socket=/run/vmkeep/web1.sock' vda.raw\n  nbdcopy 'nbds://127.0.0.1:10809/vda?tls-certificates=/etc/pki/vmkeep-client' vda.raw\n\nThe served generation is pinned: prune keeps it until the server stops.\nStops on SIGINT or SIGTERM."
     )]
     Serve(ServeArgs),
+    /// Copy finished generations to an offsite target, encrypted and authenticated
+    #[command(
+        after_help = "Examples:\n  vmkeep key create /root/vmkeep-offsite.key\n  vmkeep sync --all --to file:///mnt/offsite/vmkeep --key /root/vmkeep-offsite.key\n  vmkeep restore web1 --from file:///mnt/offsite/vmkeep --key /root/vmkeep-offsite.key -g 0 --disk vda --to /tmp/vda.raw\n\nOnly what the target lacks is uploaded; an interrupted sync is resumed by the next one.\nSee docs/offsite.md."
+    )]
+    Sync(SyncArgs),
+    /// Offsite keys: create one
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Print shell completions
     #[command(after_help = "Example:\n  vmkeep completions bash > /etc/bash_completion.d/vmkeep")]
     Completions(CompletionsArgs),
@@ -116,6 +124,49 @@ impl Targets {
     pub fn is_all(&self) -> bool {
         self.all || self.group.as_deref() == Some("all")
     }
+}
+
+/// `--from TARGET --key FILE`: read an offsite copy instead of the repository.
+#[derive(Debug, Args, Clone)]
+pub struct FromArgs {
+    /// Read the offsite copy at TARGET (file:///PATH or dir:PATH) instead of the repository
+    #[arg(long, value_name = "TARGET")]
+    pub from: Option<String>,
+    /// The offsite key file (made by `vmkeep key create`)
+    #[arg(long, value_name = "FILE", env = "VMKEEP_KEY")]
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Make a new offsite key file (mode 0600, never over an existing file); keep a copy
+    /// elsewhere: without it the offsite copies cannot be read
+    #[command(after_help = "Example:\n  vmkeep key create /root/vmkeep-offsite.key")]
+    Create {
+        /// The new key file
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    pub targets: Targets,
+    /// The offsite target: file:///PATH or dir:PATH (a folder of encrypted objects)
+    #[arg(long, value_name = "TARGET")]
+    pub to: String,
+    /// The offsite key file (made by `vmkeep key create`)
+    #[arg(long, value_name = "FILE", env = "VMKEEP_KEY")]
+    pub key: PathBuf,
+    /// Uploads at once
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub jobs: u32,
+    /// Upload at most RATE bytes per second on average (K, M or G suffixes: 20M)
+    #[arg(long, value_name = "RATE")]
+    pub limit_rate: Option<String>,
+    /// Close packs at this size (K, M or G suffixes)
+    #[arg(long, value_name = "SIZE", default_value = "8M", hide = true)]
+    pub pack_size: String,
 }
 
 #[derive(Debug, Args)]
@@ -185,6 +236,8 @@ pub struct StatusArgs {
     /// Write metrics for node_exporter's textfile collector to FILE
     #[arg(long, value_name = "FILE")]
     pub prometheus: Option<PathBuf>,
+    #[command(flatten)]
+    pub offsite: FromArgs,
 }
 
 #[derive(Debug, Args)]
@@ -236,6 +289,8 @@ pub struct RestoreArgs {
     /// Write what can be read where blocks are damaged, and list the ranges
     #[arg(long)]
     pub ignore_damage: bool,
+    #[command(flatten)]
+    pub offsite: FromArgs,
 }
 
 #[derive(Debug, Args)]
@@ -298,9 +353,12 @@ pub struct CheckArgs {
     /// Generations a deep check reconstructs: REV or all
     #[arg(long, short = 'g', value_name = "REV", default_value = "all")]
     pub generation: String,
-    /// Reconstruct generations and prove their digest roots
+    /// Reconstruct generations and prove their digest roots (with --from: read and prove
+    /// every block of every pack)
     #[arg(long)]
     pub deep: bool,
+    #[command(flatten)]
+    pub offsite: FromArgs,
 }
 
 #[derive(Debug, Args)]
@@ -322,6 +380,12 @@ pub struct PruneArgs {
     /// Print what would be removed, remove nothing
     #[arg(long)]
     pub dry_run: bool,
+    #[command(flatten)]
+    pub offsite: FromArgs,
+    /// With --from: keep unreferenced packs younger than this (a sync in flight uploads
+    /// its packs before its manifest): 30m, 12h, 1d
+    #[arg(long, value_name = "DURATION", default_value = "1d")]
+    pub grace: String,
 }
 
 #[derive(Debug, Args)]

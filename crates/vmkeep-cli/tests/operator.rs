@@ -196,7 +196,7 @@ fn completions_and_help() {
         assert!(out.contains("vmkeep") && out.contains("backup"), "{shell}");
     }
     for cmd in [
-        "backup", "restore", "check", "prune", "status", "merge", "print", "init",
+        "backup", "restore", "check", "prune", "status", "merge", "print", "init", "sync",
     ] {
         let out = env.ok(&[cmd, "--help"]);
         assert!(out.contains("Example"), "{cmd} --help has no example");

@@ -9,6 +9,9 @@ use crate::cli::CheckArgs;
 use crate::output::{bytes, EXIT_DAMAGE, EXIT_FAILURE};
 
 pub fn run(ctx: &Ctx, a: CheckArgs) -> Result<i32> {
+    if super::from_target(&a.offsite) {
+        return super::offsite::check(ctx, &a);
+    }
     let repo = ctx.open_repo()?;
     let vms = ctx.archived_targets(&repo, &a.targets)?;
     let select = if a.generation == "all" {

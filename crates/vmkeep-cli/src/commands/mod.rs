@@ -6,6 +6,7 @@ mod checkpoints;
 mod init;
 mod manpages;
 mod merge;
+mod offsite;
 mod print;
 mod protect;
 mod prune;
@@ -125,6 +126,11 @@ impl Ctx {
     }
 }
 
+/// Whether `--from TARGET` was given (the command reads an offsite copy).
+pub fn from_target(f: &crate::cli::FromArgs) -> bool {
+    f.from.is_some()
+}
+
 /// Run the parsed command line; returns the exit status.
 pub fn run(cli: Cli) -> Result<i32> {
     if let Command::Completions(a) = &cli.command {
@@ -154,6 +160,8 @@ pub fn run(cli: Cli) -> Result<i32> {
         Command::Checkpoints(a) => checkpoints::run(&ctx, a),
         Command::Protect(a) => protect::run(&ctx, a),
         Command::Serve(a) => serve::run(&ctx, a),
+        Command::Sync(a) => offsite::sync_cmd(&ctx, a),
+        Command::Key(k) => offsite::key(&ctx, k),
         Command::Manpages(a) => manpages::run(a),
         Command::Completions(_) => unreachable!("handled above"),
     }

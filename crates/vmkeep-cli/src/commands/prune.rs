@@ -9,8 +9,6 @@ use crate::cli::PruneArgs;
 use crate::output::EXIT_FAILURE;
 
 pub fn run(ctx: &Ctx, a: PruneArgs) -> Result<i32> {
-    let repo = ctx.open_repo()?;
-    let vms = ctx.archived_targets(&repo, &a.targets)?;
     let flags = Schedule {
         keep_last: a.keep_last,
         keep_hourly: a.keep_hourly,
@@ -19,6 +17,11 @@ pub fn run(ctx: &Ctx, a: PruneArgs) -> Result<i32> {
         keep_monthly: a.keep_monthly,
         keep_yearly: a.keep_yearly,
     };
+    if super::from_target(&a.offsite) {
+        return super::offsite::prune(ctx, &a, &flags);
+    }
+    let repo = ctx.open_repo()?;
+    let vms = ctx.archived_targets(&repo, &a.targets)?;
     let single = vms.len() == 1;
     let mut reports = Vec::new();
     let mut failed = 0;

@@ -11,6 +11,9 @@ use crate::cli::RestoreArgs;
 use crate::output::bytes;
 
 pub fn run(ctx: &Ctx, a: RestoreArgs) -> Result<i32> {
+    if super::from_target(&a.offsite) {
+        return super::offsite::restore(ctx, &a);
+    }
     let repo = ctx.open_repo()?;
     if a.as_vm.is_some() {
         #[cfg(feature = "libvirt")]

@@ -11,6 +11,9 @@ use crate::cli::StatusArgs;
 use crate::output::bytes;
 
 pub fn run(ctx: &Ctx, a: StatusArgs) -> Result<i32> {
+    if super::from_target(&a.offsite) {
+        return super::offsite::status(ctx, &a);
+    }
     let repo = ctx.open_repo()?;
     let names = if a.vms.is_empty() {
         repo.vm_names()?
