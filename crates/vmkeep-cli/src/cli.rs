@@ -152,12 +152,13 @@ pub enum KeyCommand {
 pub struct SyncArgs {
     #[command(flatten)]
     pub targets: Targets,
-    /// The offsite target: file:///PATH or dir:PATH (a folder of encrypted objects)
+    /// Where to: file:///PATH or dir:PATH (a folder of encrypted objects), or a plain
+    /// PATH (another vmkeep repository, made if missing: a replica)
     #[arg(long, value_name = "TARGET")]
     pub to: String,
-    /// The offsite key file (made by `vmkeep key create`)
+    /// The offsite key file (made by `vmkeep key create`; not for a replica PATH)
     #[arg(long, value_name = "FILE", env = "VMKEEP_KEY")]
-    pub key: PathBuf,
+    pub key: Option<PathBuf>,
     /// Uploads at once
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub jobs: u32,

@@ -703,3 +703,38 @@ fn a_sync_killed_halfway_resumes_and_uploads_little_twice() {
         assert_target_restores_like_local(&off, VM, &gens);
     }
 }
+
+/// `sync --to PATH` (a plain path): a replica repository, made by the first sync, that
+/// restores every generation bit for bit like the local one and passes a deep check on
+/// its own; a second sync copies nothing; no key is needed (it is not encrypted).
+#[test]
+fn a_sync_to_a_second_repository_path_makes_a_replica_that_stands_on_its_own() {
+    let env = Env::new();
+    let gens = ten_generations(&env, VM);
+    let replica = env.path("second-disk/replica");
+    let out = env.ok(&["sync", VM, "--to", replica.to_str().unwrap()]);
+    assert!(out.contains("10 generations copied"), "{out}");
+    let run_there = |args: &[&str]| env.run_at(&replica, args, &[]);
+    let deep = run_there(&["check", VM, "--deep"]);
+    assert!(deep.status.success(), "{}", stderr(&deep));
+    for g in &gens {
+        for d in ["vda", "vdb"] {
+            let local = env.restored(VM, g, Some(d));
+            let there = env
+                .restored_at(&replica, VM, g, Some(d))
+                .unwrap_or_else(|e| panic!("restore {g} {d} from the replica: {e}"));
+            assert!(local == there, "generation {g} disk {d} differs");
+        }
+    }
+    // Its newest image is the plain raw image of the newest generation.
+    let latest = std::fs::read(replica.join(VM).join("latest/vda.raw")).unwrap();
+    assert!(latest == env.restored(VM, "latest", Some("vda")));
+    let again = env.ok(&["sync", VM, "--to", replica.to_str().unwrap()]);
+    assert!(
+        again.contains("0 generations copied") && again.contains("10 already there"),
+        "{again}"
+    );
+    // The repository itself is refused as its own replica.
+    let e = env.fails(&["sync", VM, "--to", env.repo().to_str().unwrap()], 2);
+    assert!(e.contains("is the repository itself"), "{e}");
+}

@@ -59,7 +59,10 @@ fn open_from(f: &FromArgs) -> Result<(Box<dyn ObjectStore>, OffsiteKey)> {
 pub fn sync_cmd(ctx: &Ctx, a: SyncArgs) -> Result<i32> {
     let repo = ctx.open_repo()?;
     let vms = ctx.archived_targets(&repo, &a.targets)?;
-    let key = load_key(Some(&a.key))?;
+    if !a.to.contains("://") && !a.to.starts_with("dir:") {
+        return replica(ctx, &repo, &vms, Path::new(&a.to));
+    }
+    let key = load_key(a.key.as_deref())?;
     let pack_size = crate::config::parse_size(&a.pack_size)?;
     if !(1 << 16..=1 << 30).contains(&pack_size) {
         return Err(Error::usage("--pack-size must be from 64K to 1G").into());
@@ -110,6 +113,47 @@ pub fn sync_cmd(ctx: &Ctx, a: SyncArgs) -> Result<i32> {
         bytes(r.bytes_uploaded)
     ));
     Ok(0)
+}
+
+/// `vmkeep sync VM… --to PATH`: the VMs' generations appended to the repository at PATH
+/// (a plain replica, made if missing), each VM in turn; a VM that fails gets its error line
+/// and the others are still copied; the last failure is the command's.
+fn replica(
+    ctx: &Ctx,
+    repo: &vmkeep::archive::Repository,
+    vms: &[String],
+    path: &Path,
+) -> Result<i32> {
+    use vmkeep::engine::replicate::{open_replica, replicate_vm};
+    let dst = open_replica(repo, path)?;
+    let mut failed: Option<anyhow::Error> = None;
+    for vm in vms {
+        match replicate_vm(repo, &dst, vm, &ctx.progress) {
+            Ok(r) => {
+                ctx.say(format!(
+                    "{vm}: {} generations copied to {}, {} already there ({} read, {} stored)",
+                    r.copied.len(),
+                    path.display(),
+                    r.present,
+                    bytes(r.read_bytes),
+                    bytes(r.stored_bytes)
+                ));
+                for (id, why) in &r.skipped {
+                    ctx.say(format!("{vm}: generation {id} not copied: {why}"));
+                }
+            }
+            Err(e) => {
+                if let Some(earlier) = failed.take() {
+                    crate::output::error_line(&earlier);
+                }
+                failed = Some(anyhow::Error::from(e).context(format!("VM {vm}")));
+            }
+        }
+    }
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(0),
+    }
 }
 
 /// `vmkeep restore --from TARGET VM -g REV --to DEST`.
