@@ -2,4 +2,5 @@
 //! authenticated, into object storage (an S3-compatible bucket or a folder), and read back
 //! from there (see `docs/offsite.md`; the layout is in `docs/FORMAT.md`, "Offsite layout").
 
+pub mod s3;
 pub mod store;

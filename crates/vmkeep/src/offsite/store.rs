@@ -45,14 +45,18 @@ pub fn check_key(key: &str) -> Result<()> {
         && key.len() <= 512
         && !key.starts_with('/')
         && !key.ends_with('/')
-        && key.split('/').all(|n| !n.is_empty() && n != "." && n != "..")
+        && key
+            .split('/')
+            .all(|n| !n.is_empty() && n != "." && n != "..")
         && key
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"./-".contains(&b));
     if ok {
         Ok(())
     } else {
-        Err(Error::usage(format!("not an object key vmkeep makes: {key:?}")))
+        Err(Error::usage(format!(
+            "not an object key vmkeep makes: {key:?}"
+        )))
     }
 }
 
@@ -106,7 +110,10 @@ impl ObjectStore for DirStore {
         if start.checked_add(len).is_none_or(|end| end > size) {
             return Err(Error::corrupt(
                 &path,
-                format!("object is {size} bytes; bytes {start}..{} asked", start + len),
+                format!(
+                    "object is {size} bytes; bytes {start}..{} asked",
+                    start + len
+                ),
             ));
         }
         let mut buf = vec![0u8; len as usize];
@@ -188,7 +195,17 @@ mod tests {
 
     #[test]
     fn keys_that_could_leave_the_store_are_refused() {
-        for k in ["", "/etc/passwd", "../x", "a/../b", "a//b", "a/", "A", "a b", "a\\b"] {
+        for k in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../b",
+            "a//b",
+            "a/",
+            "A",
+            "a b",
+            "a\\b",
+        ] {
             assert!(check_key(k).is_err(), "{k:?}");
         }
         check_key("manifests/0123abcd/89ef").unwrap();
