@@ -615,9 +615,18 @@ fn content_md5(data: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(Md5::digest(data))
 }
 
-/// `bytes FIRST-LAST/TOTAL` of a `Content-Range` header (TOTAL `None` for `*`); also the
-/// `bytes */TOTAL` of a refused range, as `(None, total)`.
-fn parse_content_range(v: &str) -> Option<(Option<(u64, u64)>, Option<u64>)> {
+/// A `Content-Range` header: `bytes FIRST-LAST/TOTAL`, or `bytes */TOTAL` for a refused
+/// range; TOTAL may be `*` (unknown).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ContentRange {
+    /// FIRST and LAST (inclusive), unless the range was refused.
+    range: Option<(u64, u64)>,
+    /// The object's size, when the server tells it.
+    total: Option<u64>,
+}
+
+/// The [`ContentRange`] of header value `v`.
+fn parse_content_range(v: &str) -> Option<ContentRange> {
     let rest = v.trim().strip_prefix("bytes ")?;
     let (range, total) = rest.split_once('/')?;
     let total = match total {
@@ -631,7 +640,7 @@ fn parse_content_range(v: &str) -> Option<(Option<(u64, u64)>, Option<u64>)> {
             Some((a.parse().ok()?, b.parse().ok()?))
         }
     };
-    Some((range, total))
+    Some(ContentRange { range, total })
 }
 
 /// `LastModified` of a listing (`2024-05-01T12:00:00.000Z`).
@@ -710,7 +719,11 @@ impl ObjectStore for S3Store {
         let range = a.content_range.as_deref().and_then(parse_content_range);
         match a.status {
             206 => {
-                let Some((Some((first, last)), total)) = range else {
+                let Some(ContentRange {
+                    range: Some((first, last)),
+                    total,
+                }) = range
+                else {
                     return Err(self.failure(&what, "206 without a usable Content-Range"));
                 };
                 if first != start || a.body.len() as u64 != last.saturating_sub(first) + 1 {
@@ -738,7 +751,7 @@ impl ObjectStore for S3Store {
             }
             416 => {
                 let size = range
-                    .and_then(|(_, total)| total)
+                    .and_then(|r| r.total)
                     .map_or("fewer".to_string(), |t| t.to_string());
                 Err(corrupt(format!("the object has {size} bytes")))
             }
@@ -1017,15 +1030,13 @@ mod tests {
 
     #[test]
     fn content_ranges_and_md5_are_read_and_written_right() {
+        let cr = |range, total| Some(ContentRange { range, total });
         assert_eq!(
             parse_content_range("bytes 2-4/10"),
-            Some((Some((2, 4)), Some(10)))
+            cr(Some((2, 4)), Some(10))
         );
-        assert_eq!(parse_content_range("bytes */10"), Some((None, Some(10))));
-        assert_eq!(
-            parse_content_range("bytes 0-0/*"),
-            Some((Some((0, 0)), None))
-        );
+        assert_eq!(parse_content_range("bytes */10"), cr(None, Some(10)));
+        assert_eq!(parse_content_range("bytes 0-0/*"), cr(Some((0, 0)), None));
         assert_eq!(parse_content_range("items 0-1/2"), None);
         // RFC 1864's example digest of the empty string.
         assert_eq!(content_md5(b""), "1B2M2Y8AsgTpgAmY7PhCfg==");
