@@ -2,7 +2,7 @@
 # Prove the README's two commands on a machine in the state a fresh image has, without a
 # new machine: put this machine back into that state (the backport qemu-utils installed;
 # qemu-system, libvirt, nbdkit, sshd and the test guest's packages absent; no vmkeep
-# installed, no cached test guest), clone the committed HEAD
+# installed, no cached test guest or Garage build), clone the committed HEAD
 # afresh, run ./scripts/demo.sh and then ./scripts/test.sh there with no step by hand in
 # between, and fail unless both exit 0.
 #
@@ -41,6 +41,8 @@ if [ ${#installed[@]} -gt 0 ]; then
 fi
 rm -f /usr/local/bin/vmkeep
 rm -rf /var/cache/vmkeep-test-guest
+# Garage's build cache goes too, as the test guest's does: test.sh must build it from nothing.
+rm -rf /var/cache/vmkeep-garage
 
 codename=$(. /etc/os-release && echo "$VERSION_CODENAME")
 mirror=$(awk '/^URIs:/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null)

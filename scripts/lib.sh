@@ -130,6 +130,38 @@ ensure_libvirtd() {
     exit 1
 }
 
+# Garage, the S3-compatible server the offsite tests start (crates/vmkeep/tests/support/
+# garage.rs, which finds it through VMKEEP_TEST_GARAGE): no Debian package has it, so it
+# is built from crates.io with its own lock file, pinned, into a build cache that
+# survives between runs like the test guest's (docs/testing.md says how long a cold build
+# takes). Rebuilt only when the binary is missing or reports another version.
+GARAGE_VERSION=2.5.0
+GARAGE_ROOT=/var/cache/vmkeep-garage
+GARAGE_BIN=$GARAGE_ROOT/bin/garage
+
+# The version the cached binary reports ("garage v2.5.0 [features: ...]"), or nothing.
+garage_version() {
+    [ -x "$GARAGE_BIN" ] || return 0
+    "$GARAGE_BIN" --version 2>/dev/null | awk 'NR == 1 { sub(/^v/, "", $2); print $2 }'
+}
+
+ensure_garage() {
+    if [ "$(garage_version)" != "$GARAGE_VERSION" ]; then
+        log "building garage $GARAGE_VERSION into $GARAGE_ROOT (once; log /tmp/vmkeep-garage-build.log)"
+        local start=$SECONDS
+        cargo install garage --version "=$GARAGE_VERSION" --locked --force --root "$GARAGE_ROOT" \
+            >/tmp/vmkeep-garage-build.log 2>&1 || {
+            tail -20 /tmp/vmkeep-garage-build.log >&2
+            die "cargo install garage $GARAGE_VERSION failed (log: /tmp/vmkeep-garage-build.log)"
+        }
+        log "garage $GARAGE_VERSION built in $((SECONDS - start)) s"
+    fi
+    "$GARAGE_BIN" --version >/dev/null 2>&1 || die "$GARAGE_BIN does not run ($GARAGE_BIN --version failed)"
+    [ "$(garage_version)" = "$GARAGE_VERSION" ] ||
+        die "$GARAGE_BIN reports version '$(garage_version)', not $GARAGE_VERSION"
+    log "$("$GARAGE_BIN" --version | head -1)"
+}
+
 # Install the binary, its shell completions and man pages.
 install_vmkeep() {
     install -m 0755 "$1" /usr/local/bin/vmkeep

@@ -66,7 +66,8 @@ fn bad_file(path: &Path, why: impl std::fmt::Display) -> Error {
     Error::usage(format!("TLS: {}: {why}", path.display()))
 }
 
-fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+/// The certificates of PEM file `path` (at least one).
+pub(crate) fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| bad_file(path, pem_error(e)))?
         .collect::<std::result::Result<Vec<_>, _>>()

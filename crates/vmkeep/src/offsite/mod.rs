@@ -8,6 +8,7 @@ pub mod manifest;
 pub mod pack;
 pub mod prune;
 pub mod read;
+pub mod s3;
 pub mod store;
 pub mod sync;
 pub mod target;

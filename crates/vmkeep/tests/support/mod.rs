@@ -2,4 +2,5 @@
 #![allow(dead_code)]
 
 pub mod archive;
+pub mod garage;
 pub mod libvirt;
