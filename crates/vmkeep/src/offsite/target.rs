@@ -17,9 +17,10 @@ pub const LOCK_PREFIX: &str = "locks/";
 /// Version of the offsite layout (`format` of `config`).
 pub const LAYOUT_FORMAT: u32 = 1;
 
-/// Open TARGET `target`: `file:///PATH` or `dir:PATH` (an encrypted copy in a local
-/// folder). `create`: the folder may be made (sync); else it must exist (restore, check,
-/// status, prune).
+/// Open TARGET `target`: `s3://BUCKET/PREFIX` (an existing bucket; endpoint, region and
+/// credentials from the `AWS_*` environment, see [`super::s3::S3Settings::from_target`]),
+/// or `file:///PATH` or `dir:PATH` (an encrypted copy in a local folder). `create`: the
+/// folder may be made (sync); else it must exist (restore, check, status, prune).
 pub fn open(target: &str, create: bool) -> Result<Box<dyn ObjectStore>> {
     let path = if let Some(p) = target.strip_prefix("file://") {
         if !p.starts_with('/') {
@@ -31,12 +32,13 @@ pub fn open(target: &str, create: bool) -> Result<Box<dyn ObjectStore>> {
     } else if let Some(p) = target.strip_prefix("dir:") {
         p
     } else if target.starts_with("s3://") {
-        return Err(Error::usage(format!(
-            "{target}: S3 targets are not available in this build yet (use file:///PATH)"
-        )));
+        // The bucket must exist (vmkeep never makes one); endpoint, region and
+        // credentials come from the usual AWS environment.
+        let settings = super::s3::S3Settings::from_target(target, &Default::default())?;
+        return Ok(Box::new(super::s3::S3Store::open(&settings)?));
     } else {
         return Err(Error::usage(format!(
-            "{target:?} is not an offsite target: give file:///PATH or dir:PATH"
+            "{target:?} is not an offsite target: give s3://BUCKET/PREFIX, file:///PATH or dir:PATH"
         )));
     };
     if path.is_empty() {
