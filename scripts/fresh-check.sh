@@ -6,7 +6,8 @@
 # afresh, run ./scripts/demo.sh and then ./scripts/test.sh there with no step by hand in
 # between, and fail unless both exit 0.
 #
-#   ./scripts/fresh-check.sh --yes      as root; purges and reinstalls packages (~25 min)
+#   ./scripts/fresh-check.sh --yes      as root; purges and reinstalls packages, builds
+#                                       Garage from nothing (~25 min plus Garage's cold build)
 #
 # The fresh image got its qemu-utils from the distribution's -backports suite, which the
 # machine's sources do not list: the .deb is fetched through a temporary sources list on

@@ -139,10 +139,11 @@ GARAGE_VERSION=2.5.0
 GARAGE_ROOT=/var/cache/vmkeep-garage
 GARAGE_BIN=$GARAGE_ROOT/bin/garage
 
-# The version the cached binary reports ("garage v2.5.0 [features: ...]"), or nothing.
+# The version the cached binary reports, or nothing: a crates.io build says
+# "garage cargo:2.5.0 [features: ...]", a git build "garage v2.5.0 ...".
 garage_version() {
     [ -x "$GARAGE_BIN" ] || return 0
-    "$GARAGE_BIN" --version 2>/dev/null | awk 'NR == 1 { sub(/^v/, "", $2); print $2 }'
+    "$GARAGE_BIN" --version 2>/dev/null | awk 'NR == 1 { v = $2; sub(/^.*:/, "", v); sub(/^v/, "", v); print v }'
 }
 
 ensure_garage() {

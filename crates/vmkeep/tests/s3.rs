@@ -76,6 +76,7 @@ fn conformance(s: &dyn ObjectStore) {
     assert_eq!(mid, &pack[1_000_003..3_000_003]);
     for (start, len) in [(8, 3), (10, 1), (11, 1), (1000, 5)] {
         let e = s.get_range("packs/ab/ab02", start, len).unwrap_err();
+        eprintln!("{e}");
         assert_eq!(e.kind(), ErrorKind::Corrupt, "{start}+{len}: {e}");
         assert!(e.to_string().contains("packs/ab/ab02"), "{e}");
     }
@@ -263,6 +264,7 @@ fn a_wrong_secret_is_one_clear_error_that_shows_no_secret() {
         );
     }
     let e = s.put("packs/ab/ab01", b"x").unwrap_err().to_string();
+    eprintln!("{e}");
     assert!(e.contains(": put packs/ab/ab01: 403 "), "{e}");
     assert!(
         store(&g, "p").list("").unwrap().is_empty(),
@@ -457,6 +459,7 @@ fn a_server_that_keeps_slowing_down_is_one_error_after_the_last_attempt() {
     let front = Flaky::start(&g.endpoint, usize::MAX);
     let s = through(&g, &front, 3);
     let e = s.put("packs/ab/ab01", b"x").unwrap_err();
+    eprintln!("{e}");
     assert_eq!(front.seen(), 3);
     assert_eq!(e.kind(), ErrorKind::Source);
     assert!(

@@ -704,9 +704,7 @@ impl ObjectStore for S3Store {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let corrupt = |why: String| {
-            Error::corrupt(format!("{}/{key}", self.describe), format!("{what}: {why}"))
-        };
+        let corrupt = |why: String| Error::corrupt(&self.describe, format!("{what}: {why}"));
         let a = self.exchange(
             &what,
             || {
