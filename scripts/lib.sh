@@ -18,7 +18,8 @@ as_root() {
 # The test guest's packages (scripts/guest-image.sh) are among them: busybox, qemu-ga and
 # the libraries it needs go into its initramfs, modinfo resolves the kernel modules, cpio
 # packs it, e2fsprogs makes and reads its ext4 data disks, ovmf is its UEFI firmware, and
-# swtpm (with swtpm_setup from swtpm-tools) is the TPM emulator libvirt starts for a <tpm>.
+# swtpm (with swtpm_setup from swtpm-tools) is the TPM emulator libvirt starts for a <tpm>
+# (only swtpm is proven by --version: swtpm_setup 0.7.1 prints its version and exits 1).
 GUEST_PACKAGES=(busybox-static qemu-guest-agent kmod cpio e2fsprogs ovmf swtpm swtpm-tools)
 # openssh-server and -client: the remote tests reach libvirt over qemu+ssh through an sshd
 # they start themselves (on a free port, with keys of their own).
@@ -28,7 +29,7 @@ BASE_PACKAGES=(pkg-config qemu-system-x86 qemu-utils libvirt-daemon-system libvi
 # (docs/recovery.md, tests/guest.rs); as root it mounts without fusermount3, and `umount`
 # ends it, so fuse3 is not needed.
 BASE_COMMANDS=(qemu-img qemu-nbd qemu-io qemu-system-x86_64 virsh libvirtd nbdkit nbdcopy nbdinfo pkg-config certtool
-    qemu-ga modinfo cpio swtpm swtpm_setup nbdfuse)
+    qemu-ga modinfo cpio swtpm nbdfuse)
 
 # The test guest's kernel is only downloaded (`apt-get download`) and unpacked into the
 # guest's cache folder, never installed: installing a linux-image package runs the host's
