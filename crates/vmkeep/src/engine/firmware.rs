@@ -141,6 +141,9 @@ fn read_capped(file: &std::fs::File, path: &Path) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// A regular file a walk found: (path in the state folder, content, permission bits).
+type Found = (String, Vec<u8>, u32);
+
 /// The regular files of the TPM state folder `dir`, walked without following links,
 /// numbered in path order; nothing when the folder does not exist.
 fn tpm_files(dir: &Path, notes: &mut Vec<String>) -> Result<Vec<StateFile>> {
@@ -152,7 +155,8 @@ fn tpm_files(dir: &Path, notes: &mut Vec<String>) -> Result<Vec<StateFile>> {
         Err(e) => return Err(e),
     };
     // Read the whole folder until two walks agree (swtpm replaces its files by rename).
-    let walk = || -> Result<Vec<(String, Vec<u8>, u32)>> {
+    // (files in path order, lines about what was skipped), which must agree between two walks.
+    let walk = || -> Result<(Vec<Found>, Vec<String>)> {
         let mut found = Vec::new();
         let mut skipped = Vec::new();
         walk_dir(root.as_fd(), dir, "", &mut found, &mut skipped)?;
@@ -163,18 +167,12 @@ fn tpm_files(dir: &Path, notes: &mut Vec<String>) -> Result<Vec<StateFile>> {
                 dir.display()
             )));
         }
-        if !skipped.is_empty() {
-            skipped.sort();
-            skipped.dedup();
-            found.push((skipped.join("\n"), Vec::new(), u32::MAX));
-        }
-        Ok(found)
+        skipped.sort();
+        skipped.dedup();
+        Ok((found, skipped))
     };
-    let mut all = stable(walk, dir)?;
-    if all.last().is_some_and(|f| f.2 == u32::MAX) {
-        let skipped = all.pop().expect("just seen");
-        notes.extend(skipped.0.lines().map(str::to_string));
-    }
+    let (all, skipped) = stable(walk, dir)?;
+    notes.extend(skipped);
     Ok(all
         .into_iter()
         .enumerate()
@@ -197,7 +195,7 @@ fn walk_dir(
     fd: rustix::fd::BorrowedFd<'_>,
     root: &Path,
     rel: &str,
-    found: &mut Vec<(String, Vec<u8>, u32)>,
+    found: &mut Vec<Found>,
     skipped: &mut Vec<String>,
 ) -> Result<()> {
     let shown = |name: &str| root.join(rel).join(name);

@@ -497,13 +497,12 @@ impl CopyState {
         on_event: &mut dyn FnMut(AsVmEvent<'_>),
     ) -> Result<crate::libvirt::Domain> {
         let dom = hv.define_copy(saved, spec)?;
-        let uuid = dom.uuid()?;
-        on_event(AsVmEvent::Defined {
-            generation: id,
-            uuid: &uuid,
-        });
-        let mut tpm_dir = None;
         let written = (|| -> Result<()> {
+            let uuid = dom.uuid()?;
+            on_event(AsVmEvent::Defined {
+                generation: id,
+                uuid: &uuid,
+            });
             if let (Some(file), Some(path)) = (&self.nvram, &spec.nvram) {
                 firmware::write_nvram(path, file, spec.replace)?;
                 on_event(AsVmEvent::StateRestored {
@@ -512,21 +511,18 @@ impl CopyState {
                 });
             }
             if !self.tpm.is_empty() {
+                // A failed write removes the folder it made.
                 let dir = firmware::write_tpm(&uuid, &self.tpm)?;
                 on_event(AsVmEvent::StateRestored {
                     what: "TPM state",
                     path: &dir,
                 });
-                tpm_dir = Some(dir);
             }
             Ok(())
         })();
         if let Err(e) = written {
             // libvirt removes the variable store with the definition.
             let _ = dom.undefine();
-            if let Some(dir) = tpm_dir {
-                let _ = std::fs::remove_dir_all(dir);
-            }
             return Err(e);
         }
         Ok(dom)

@@ -216,8 +216,7 @@ pub fn restore_disk_from(
             r += 1;
         }
     }
-    let target = crate::target::open(to, size)?;
-    let mut target = target;
+    let mut target = crate::target::open(to, size)?;
     let task = progress.task(disk, size);
     let mut report = RestoreReport {
         size,
