@@ -154,14 +154,15 @@ pub struct SyncArgs {
     pub targets: Targets,
     /// Where to: file:///PATH or dir:PATH (a folder of encrypted objects), or a plain
     /// PATH (another vmkeep repository, made if missing: a replica)
+    /// [default: the config's [offsite] to]
     #[arg(long, value_name = "TARGET")]
-    pub to: String,
+    pub to: Option<String>,
     /// The offsite key file (made by `vmkeep key create`; not for a replica PATH)
     #[arg(long, value_name = "FILE", env = "VMKEEP_KEY")]
     pub key: Option<PathBuf>,
-    /// Uploads at once
-    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub jobs: u32,
+    /// Uploads at once [default: the config's [offsite] jobs, else 4]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub jobs: Option<u32>,
     /// Upload at most RATE bytes per second on average (K, M or G suffixes: 20M)
     #[arg(long, value_name = "RATE")]
     pub limit_rate: Option<String>,

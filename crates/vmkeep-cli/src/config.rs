@@ -63,6 +63,8 @@ pub struct Config {
     #[serde(default)]
     pub serve: ServeConfig,
     #[serde(default)]
+    pub offsite: OffsiteConfig,
+    #[serde(default)]
     pub groups: BTreeMap<String, GroupConfig>,
     #[serde(default)]
     pub vm: BTreeMap<String, VmConfig>,
@@ -217,6 +219,59 @@ pub struct ServeConfig {
     pub tls_ca: Option<PathBuf>,
 }
 
+/// `[offsite]`: what `sync` and the `--from` forms take when their flags are not given,
+/// and `[offsite.s3]`, the S3 connection (each key wins over its `AWS_*` variable).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OffsiteConfig {
+    /// `sync --to`'s default target.
+    pub to: Option<String>,
+    /// The key file of `--key` (after `--key` and `VMKEEP_KEY`).
+    pub key: Option<PathBuf>,
+    /// `sync --jobs`.
+    pub jobs: Option<u32>,
+    /// `sync --limit-rate`.
+    pub limit_rate: Option<SizeValue>,
+    #[serde(default)]
+    pub s3: S3Config,
+}
+
+/// `[offsite.s3]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    /// A file holding the secret access key (a secret never stands in the config file,
+    /// which is usually readable by all).
+    pub secret_access_key_file: Option<PathBuf>,
+    pub path_style: Option<bool>,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl S3Config {
+    /// The overrides of the S3 settings: these keys, the secret read from its file.
+    pub fn overrides(&self) -> Result<vmkeep::offsite::s3::S3Overrides, Error> {
+        let secret_access_key = match &self.secret_access_key_file {
+            Some(p) => Some(
+                vmkeep::offsite::s3::read_secret_file(p)
+                    .map_err(|e| Error::usage(format!("offsite.s3.secret_access_key_file: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(vmkeep::offsite::s3::S3Overrides {
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            access_key_id: self.access_key_id.clone(),
+            secret_access_key,
+            session_token: None,
+            path_style: self.path_style,
+            ca_file: self.ca_file.clone(),
+        })
+    }
+}
+
 /// A size given as a number of bytes or a string with a K/M/G suffix.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -362,6 +417,17 @@ impl Config {
         }
         if let Some(j) = self.jobs.filter(|j| !(1..=256).contains(j)) {
             return Err(bad(format!("jobs = {j}: must be 1 to 256")));
+        }
+        if let Some(j) = self.offsite.jobs.filter(|j| !(1..=64).contains(j)) {
+            return Err(bad(format!("offsite.jobs = {j}: must be 1 to 64")));
+        }
+        if let Some(r) = &self.offsite.limit_rate {
+            if r.bytes()
+                .map_err(|e| bad(format!("offsite.limit_rate: {e}")))?
+                == 0
+            {
+                return Err(bad("offsite.limit_rate must be more than 0".into()));
+            }
         }
         // Which group's connect a VM takes: at most one group with a connect may hold it.
         let mut group_of: BTreeMap<&str, (&str, &str)> = BTreeMap::new();
@@ -569,6 +635,47 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("c.toml:3") && err.contains("colour"), "{err}");
+    }
+
+    #[test]
+    fn the_offsite_table_gives_sync_defaults_and_the_s3_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("s3-secret");
+        std::fs::write(&secret, "s3cr3t\n").unwrap();
+        let text = format!(
+            "[offsite]\nto = \"s3://b/hv1\"\nkey = \"/etc/vmkeep/offsite.key\"\njobs = 8\nlimit_rate = \"20M\"\n[offsite.s3]\nendpoint = \"http://127.0.0.1:3900\"\nregion = \"garage\"\naccess_key_id = \"GK1\"\nsecret_access_key_file = \"{}\"\npath_style = true\n",
+            secret.display()
+        );
+        let c = load_text(&text).unwrap();
+        assert_eq!(c.offsite.to.as_deref(), Some("s3://b/hv1"));
+        assert_eq!(c.offsite.jobs, Some(8));
+        assert_eq!(c.offsite.limit_rate.unwrap().bytes().unwrap(), 20 << 20);
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let o = c.offsite.s3.overrides().unwrap();
+        assert_eq!(o.secret_access_key.as_deref(), Some("s3cr3t"));
+        assert_eq!(o.access_key_id.as_deref(), Some("GK1"));
+        assert_eq!(o.endpoint.as_deref(), Some("http://127.0.0.1:3900"));
+        // A secret others can read, a link to it, an empty one: refused, named.
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = c.offsite.s3.overrides().unwrap_err().to_string();
+        assert!(e.contains("chmod 600") && e.contains("s3-secret"), "{e}");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        let mut via_link = c.offsite.s3.clone();
+        via_link.secret_access_key_file = Some(link);
+        assert!(via_link.overrides().is_err());
+        std::fs::write(&secret, "\n").unwrap();
+        let e = c.offsite.s3.overrides().unwrap_err().to_string();
+        assert!(e.contains("empty"), "{e}");
+        // Unknown keys and bad values are errors of the config file.
+        assert!(load_text("[offsite.s3]\nsecret_access_key = \"x\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown key"));
+        assert!(load_text("[offsite]\njobs = 0\n").is_err());
+        assert!(load_text("[offsite]\nlimit_rate = 0\n").is_err());
     }
 
     #[test]

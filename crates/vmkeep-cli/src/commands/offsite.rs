@@ -39,19 +39,33 @@ pub fn key(ctx: &Ctx, k: KeyCommand) -> Result<i32> {
     }
 }
 
-/// The key file named by `--key` (or `VMKEEP_KEY`), loaded.
-fn load_key(path: Option<&Path>) -> Result<OffsiteKey> {
-    let path = path.ok_or_else(|| {
-        Error::usage("an offsite target needs its key: give --key FILE (or VMKEEP_KEY)")
+/// The key file named by `--key` (or `VMKEEP_KEY`, else the config's `[offsite] key`),
+/// loaded.
+fn load_key(ctx: &Ctx, path: Option<&Path>) -> Result<OffsiteKey> {
+    let path = path.or(ctx.config.offsite.key.as_deref()).ok_or_else(|| {
+        Error::usage(
+            "an offsite target needs its key: give --key FILE (or VMKEEP_KEY, or [offsite] key in the config)",
+        )
     })?;
     Ok(OffsiteKey::load(path)?)
 }
 
+/// Open offsite target `target` with the config's S3 settings (read only for an `s3://`
+/// target: its secret file is not needed for a folder).
+fn open_target(ctx: &Ctx, target: &str, create: bool) -> Result<Box<dyn ObjectStore>> {
+    let s3 = if target.starts_with("s3://") {
+        ctx.config.offsite.s3.overrides()?
+    } else {
+        Default::default()
+    };
+    Ok(vmkeep::offsite::target::open(target, create, &s3)?)
+}
+
 /// The store and key of `--from TARGET --key FILE`.
-fn open_from(f: &FromArgs) -> Result<(Box<dyn ObjectStore>, OffsiteKey)> {
+fn open_from(ctx: &Ctx, f: &FromArgs) -> Result<(Box<dyn ObjectStore>, OffsiteKey)> {
     let target = f.from.as_deref().expect("--from given");
-    let key = load_key(f.key.as_deref())?;
-    let store = vmkeep::offsite::target::open(target, false)?;
+    let key = load_key(ctx, f.key.as_deref())?;
+    let store = open_target(ctx, target, false)?;
     Ok((store, key))
 }
 
@@ -59,27 +73,32 @@ fn open_from(f: &FromArgs) -> Result<(Box<dyn ObjectStore>, OffsiteKey)> {
 pub fn sync_cmd(ctx: &Ctx, a: SyncArgs) -> Result<i32> {
     let repo = ctx.open_repo()?;
     let vms = ctx.archived_targets(&repo, &a.targets)?;
-    if !a.to.contains("://") && !a.to.starts_with("dir:") {
-        return replica(ctx, &repo, &vms, Path::new(&a.to));
+    let to =
+        a.to.as_deref()
+            .or(ctx.config.offsite.to.as_deref())
+            .ok_or_else(|| Error::usage("give --to TARGET (or [offsite] to in the config)"))?;
+    if !to.contains("://") && !to.starts_with("dir:") {
+        return replica(ctx, &repo, &vms, Path::new(to));
     }
-    let key = load_key(a.key.as_deref())?;
+    let key = load_key(ctx, a.key.as_deref())?;
     let pack_size = crate::config::parse_size(&a.pack_size)?;
     if !(1 << 16..=1 << 30).contains(&pack_size) {
         return Err(Error::usage("--pack-size must be from 64K to 1G").into());
     }
+    let limit_rate = match (&a.limit_rate, &ctx.config.offsite.limit_rate) {
+        (Some(r), _) => Some(crate::config::parse_size(r)?),
+        (None, Some(r)) => Some(r.bytes()?),
+        (None, None) => None,
+    };
     let opts = SyncOptions {
-        jobs: a.jobs as usize,
-        limit_rate: a
-            .limit_rate
-            .as_deref()
-            .map(crate::config::parse_size)
-            .transpose()?,
+        jobs: a.jobs.or(ctx.config.offsite.jobs).unwrap_or(4) as usize,
+        limit_rate,
         pack_size: pack_size as usize,
     };
     if opts.limit_rate == Some(0) {
         return Err(Error::usage("--limit-rate must be more than 0").into());
     }
-    let store = vmkeep::offsite::target::open(&a.to, true)?;
+    let store = open_target(ctx, to, true)?;
     let r = sync(&repo, &vms, store.as_ref(), &key, &opts, &ctx.progress)?;
     if ctx.json {
         crate::output::json(&r);
@@ -170,7 +189,7 @@ pub fn restore(ctx: &Ctx, a: &RestoreArgs) -> Result<i32> {
     let Some(to) = a.to.as_deref() else {
         return Err(Error::usage("give --to TARGET").into());
     };
-    let (store, key) = open_from(&a.offsite)?;
+    let (store, key) = open_from(ctx, &a.offsite)?;
     let opts = RestoreFromOptions {
         vm: a.vm.clone(),
         rev: a.generation.clone(),
@@ -190,7 +209,7 @@ pub fn restore(ctx: &Ctx, a: &RestoreArgs) -> Result<i32> {
 
 /// `vmkeep check --from TARGET [--deep] [VM…]`.
 pub fn check(ctx: &Ctx, a: &CheckArgs) -> Result<i32> {
-    let (store, key) = open_from(&a.offsite)?;
+    let (store, key) = open_from(ctx, &a.offsite)?;
     let r = check_from(store.as_ref(), &key, &a.targets.vms, a.deep, &ctx.progress)?;
     if ctx.json {
         crate::output::json(&serde_json::json!({ "ok": r.ok(), "offsite": r }));
@@ -238,7 +257,7 @@ pub fn status(ctx: &Ctx, a: &StatusArgs) -> Result<i32> {
         )
         .into());
     }
-    let (store, key) = open_from(&a.offsite)?;
+    let (store, key) = open_from(ctx, &a.offsite)?;
     let mut s = status_from(store.as_ref(), &key)?;
     if !a.vms.is_empty() {
         s.vms.retain(|v| a.vms.contains(&v.name));
@@ -307,7 +326,7 @@ pub fn prune(ctx: &Ctx, a: &PruneArgs, flags: &Schedule) -> Result<i32> {
         return Err(Error::usage("name at least one VM, or use --all").into());
     }
     let grace = Duration::from_secs(crate::config::parse_duration(&a.grace)?);
-    let (store, key) = open_from(&a.offsite)?;
+    let (store, key) = open_from(ctx, &a.offsite)?;
     let opts = PruneFromOptions {
         vms: a.targets.vms.clone(),
         dry_run: a.dry_run,

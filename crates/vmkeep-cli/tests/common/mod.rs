@@ -16,12 +16,16 @@ use assert_cmd::Command;
 
 pub struct Env {
     pub dir: tempfile::TempDir,
+    /// Environment variables every `vmkeep` this environment runs gets (see
+    /// [`Env::set_var`]).
+    vars: std::cell::RefCell<Vec<(String, String)>>,
 }
 
 impl Env {
     pub fn new() -> Env {
         let env = Env {
             dir: tempfile::tempdir().unwrap(),
+            vars: Default::default(),
         };
         std::fs::write(env.path("no-config.toml"), "").unwrap();
         env.ok(&["init"]);
@@ -62,6 +66,14 @@ impl Env {
         .unwrap();
     }
 
+    /// Give every `vmkeep` this environment runs from now on the variable `name=value`
+    /// (not the test process: tests run side by side).
+    pub fn set_var(&self, name: &str, value: &str) {
+        self.vars
+            .borrow_mut()
+            .push((name.to_string(), value.to_string()));
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -83,7 +95,8 @@ impl Env {
         let mut c = Command::cargo_bin("vmkeep").unwrap();
         c.env_remove("VMKEEP_REPO")
             .env_remove("RUST_LOG")
-            .env("VMKEEP_CONFIG", self.path("no-config.toml"));
+            .env("VMKEEP_CONFIG", self.path("no-config.toml"))
+            .envs(self.vars.borrow().iter().map(|(k, v)| (k, v)));
         c.arg("--repo").arg(self.repo()).args(args);
         c.write_stdin("");
         c
@@ -102,7 +115,8 @@ impl Env {
             .env_remove("RUST_LOG")
             .env_remove("VMKEEP_FAULT")
             .env_remove("VMKEEP_FAULT_LOG")
-            .env("VMKEEP_CONFIG", self.path("no-config.toml"));
+            .env("VMKEEP_CONFIG", self.path("no-config.toml"))
+            .envs(self.vars.borrow().iter().map(|(k, v)| (k, v)));
         c.arg("--repo").arg(repo).args(args).stdin(Stdio::null());
         c
     }

@@ -15,7 +15,7 @@
 //! and message; they never contain the secret key or a signed URL.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -95,6 +95,39 @@ pub struct S3Overrides {
     pub path_style: Option<bool>,
     /// A PEM file of CA certificates (default: Mozilla's roots).
     pub ca_file: Option<PathBuf>,
+}
+
+/// The secret in file `path`: its first line, trimmed. The file must be a regular file
+/// (not reached through a symbolic link) that neither its group nor others may read.
+pub fn read_secret_file(path: &Path) -> Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let what = |e: String| Error::usage(format!("{}: {e}", path.display()));
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(path)
+        .map_err(|e| what(e.to_string()))?;
+    let meta = f.metadata().map_err(|e| what(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(what("not a regular file".into()));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(what(format!(
+            "readable by others (mode {:04o}): chmod 600 it",
+            meta.mode() & 0o7777
+        )));
+    }
+    let mut text = String::new();
+    f.by_ref()
+        .take(64 << 10)
+        .read_to_string(&mut text)
+        .map_err(|e| what(e.to_string()))?;
+    let secret = text.lines().next().unwrap_or("").trim().to_string();
+    if secret.is_empty() {
+        return Err(what("empty".into()));
+    }
+    Ok(secret)
 }
 
 impl fmt::Debug for S3Overrides {

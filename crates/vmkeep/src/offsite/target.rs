@@ -18,10 +18,15 @@ pub const LOCK_PREFIX: &str = "locks/";
 pub const LAYOUT_FORMAT: u32 = 1;
 
 /// Open TARGET `target`: `s3://BUCKET/PREFIX` (an existing bucket; endpoint, region and
-/// credentials from the `AWS_*` environment, see [`super::s3::S3Settings::from_target`]),
-/// or `file:///PATH` or `dir:PATH` (an encrypted copy in a local folder). `create`: the
-/// folder may be made (sync); else it must exist (restore, check, status, prune).
-pub fn open(target: &str, create: bool) -> Result<Box<dyn ObjectStore>> {
+/// credentials from `s3` and else the `AWS_*` environment, see
+/// [`super::s3::S3Settings::from_target`]), or `file:///PATH` or `dir:PATH` (an encrypted
+/// copy in a local folder). `create`: the folder may be made (sync); else it must exist
+/// (restore, check, status, prune).
+pub fn open(
+    target: &str,
+    create: bool,
+    s3: &super::s3::S3Overrides,
+) -> Result<Box<dyn ObjectStore>> {
     let path = if let Some(p) = target.strip_prefix("file://") {
         if !p.starts_with('/') {
             return Err(Error::usage(format!(
@@ -32,9 +37,8 @@ pub fn open(target: &str, create: bool) -> Result<Box<dyn ObjectStore>> {
     } else if let Some(p) = target.strip_prefix("dir:") {
         p
     } else if target.starts_with("s3://") {
-        // The bucket must exist (vmkeep never makes one); endpoint, region and
-        // credentials come from the usual AWS environment.
-        let settings = super::s3::S3Settings::from_target(target, &Default::default())?;
+        // The bucket must exist (vmkeep never makes one).
+        let settings = super::s3::S3Settings::from_target(target, s3)?;
         return Ok(Box::new(super::s3::S3Store::open(&settings)?));
     } else {
         return Err(Error::usage(format!(
@@ -255,13 +259,17 @@ mod tests {
 
     #[test]
     fn targets_parse_and_a_config_names_its_key() {
+        let none = crate::offsite::s3::S3Overrides::default();
         let dir = tempfile::tempdir().unwrap();
         let k = OffsiteKey::create(&dir.path().join("k")).unwrap();
         let other = OffsiteKey::create(&dir.path().join("o")).unwrap();
         let t = dir.path().join("t");
         let url = format!("file://{}", t.display());
-        assert!(open(&url, false).is_err(), "missing folder, not made");
-        let s = open(&url, true).unwrap();
+        assert!(
+            open(&url, false, &none).is_err(),
+            "missing folder, not made"
+        );
+        let s = open(&url, true, &none).unwrap();
         assert!(
             check_config(s.as_ref(), &k, false).is_err(),
             "no config yet"
@@ -272,10 +280,10 @@ mod tests {
         let e = check_config(s.as_ref(), &other, true).unwrap_err();
         let want = format!("(id {}) is not this target's key (id {})", other.id, k.id);
         assert!(e.to_string().contains(&want), "{e}");
-        assert!(open(&format!("dir:{}", t.display()), false).is_ok());
-        assert!(open("s3://bucket/prefix", true).is_err());
-        assert!(open("/plain/path", true).is_err());
-        assert!(open("file://relative", true).is_err());
+        assert!(open(&format!("dir:{}", t.display()), false, &none).is_ok());
+        assert!(open("s3://bucket/prefix", true, &none).is_err());
+        assert!(open("/plain/path", true, &none).is_err());
+        assert!(open("file://relative", true, &none).is_err());
     }
 
     #[test]
