@@ -71,6 +71,15 @@ pub enum Error {
         /// What failed, for the message.
         detail: String,
     },
+    /// An offsite target's server (an S3 endpoint) failed or refused a request; its
+    /// kind is [`ErrorKind::Source`] (the other end, not this archive).
+    #[error("offsite target {target_name}: {detail}")]
+    Target {
+        /// The target as the user named it, with the server it was reached at.
+        target_name: String,
+        /// What failed, for the message.
+        detail: String,
+    },
     /// Another process holds the VM's lock in the repository.
     #[error("VM {vm} is busy: {holder}")]
     Busy {
@@ -118,7 +127,7 @@ impl Error {
             Error::Usage(_) => ErrorKind::Usage,
             Error::Corrupt { .. } => ErrorKind::Corrupt,
             Error::Io { .. } | Error::NoSpace { .. } => ErrorKind::Io,
-            Error::Source { .. } => ErrorKind::Source,
+            Error::Source { .. } | Error::Target { .. } => ErrorKind::Source,
             Error::Busy { .. } => ErrorKind::Busy,
             Error::Damage { .. } => ErrorKind::Damage,
             Error::Format { .. } => ErrorKind::Format,
@@ -130,7 +139,7 @@ impl Error {
     /// line that already names the source); the whole message for the other kinds.
     pub fn detail(&self) -> String {
         match self {
-            Error::Source { detail, .. } => detail.clone(),
+            Error::Source { detail, .. } | Error::Target { detail, .. } => detail.clone(),
             e => e.to_string(),
         }
     }
@@ -160,6 +169,14 @@ impl Error {
     pub fn source(name: impl fmt::Display, detail: impl fmt::Display) -> Self {
         Error::Source {
             source_name: name.to_string(),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// A [`Error::Target`]: offsite target `name` failed as `detail` says.
+    pub fn target(name: impl fmt::Display, detail: impl fmt::Display) -> Self {
+        Error::Target {
+            target_name: name.to_string(),
             detail: detail.to_string(),
         }
     }

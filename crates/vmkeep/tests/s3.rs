@@ -2,6 +2,8 @@
 //! message only when `VMKEEP_TEST_GARAGE` is unset), and the same conformance body run
 //! against the folder store, so both stores behave alike.
 
+#[path = "nbd_support/pki.rs"]
+mod pki;
 mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -384,8 +386,8 @@ impl Flaky {
 
 /// Read one request from `conn`; answer 503 SlowDown, or send it to `backend` (asking it
 /// to close the connection afterwards) and pass its whole answer back.
-fn relay(conn: TcpStream, backend: &str, fail: bool) -> std::io::Result<()> {
-    let mut reader = BufReader::new(conn.try_clone()?);
+fn relay<S: Read + Write>(conn: S, backend: &str, fail: bool) -> std::io::Result<()> {
+    let mut reader = BufReader::new(conn);
     let mut head = Vec::new();
     let mut length = 0usize;
     loop {
@@ -406,7 +408,7 @@ fn relay(conn: TcpStream, backend: &str, fail: bool) -> std::io::Result<()> {
     }
     let mut body = vec![0u8; length];
     reader.read_exact(&mut body)?;
-    let mut conn = conn;
+    let conn = reader.get_mut();
     if fail {
         let doc = "<?xml version=\"1.0\"?><Error><Code>SlowDown</Code>\
                    <Message>Please reduce your request rate.</Message></Error>";
@@ -424,7 +426,8 @@ fn relay(conn: TcpStream, backend: &str, fail: bool) -> std::io::Result<()> {
     up.write_all(&body)?;
     let mut answer = Vec::new();
     up.read_to_end(&mut answer)?;
-    conn.write_all(&answer)
+    conn.write_all(&answer)?;
+    conn.flush()
 }
 
 fn through(g: &Garage, front: &Flaky, attempts: u32) -> S3Store {
@@ -480,4 +483,118 @@ fn client_errors_are_not_retried() {
     let e = s.get("config").unwrap_err();
     assert!(e.to_string().contains(": get config: 403 "), "{e}");
     assert_eq!(front.seen(), 1, "a 403 is final");
+}
+
+/// An HTTPS front for a real server (what a TLS-terminating proxy before Garage or MinIO
+/// is): TLS with the server credentials of a certtool CA, one request per connection,
+/// passed on in plain HTTP.
+struct TlsFront {
+    port: u16,
+}
+
+impl TlsFront {
+    fn start(backend: &str, server_dir: &std::path::Path) -> TlsFront {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_file_iter(server_dir.join("server-cert.pem"))
+                .unwrap()
+                .map(|c| c.unwrap())
+                .collect();
+        let key = PrivateKeyDer::from_pem_file(server_dir.join("server-key.pem")).unwrap();
+        let config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap(),
+        );
+        let backend = backend.trim_start_matches("http://").to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let (config, backend) = (Arc::clone(&config), backend.clone());
+                std::thread::spawn(move || {
+                    let tls = rustls::ServerConnection::new(config).unwrap();
+                    let mut stream = rustls::StreamOwned::new(tls, conn);
+                    if relay(&mut stream, &backend, false).is_ok() {
+                        stream.conn.send_close_notify();
+                        let _ = stream.flush();
+                    }
+                });
+            }
+        });
+        TlsFront { port }
+    }
+}
+
+/// HTTPS to a server whose certificate chains to a private CA: with that CA as `ca_file`
+/// every operation works (a 3 MiB object comes back whole, listings, deletes); without it
+/// (Mozilla's roots) or with another CA's file, one error line naming the certificate
+/// problem and no secret, and nothing is sent in plain.
+#[test]
+fn https_with_a_private_ca_works_and_a_certificate_of_another_ca_is_refused() {
+    let Some(g) = Garage::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let ours = pki::make_pki(dir.path(), "s3ca");
+    let theirs = pki::make_pki(dir.path(), "otherca");
+    let front = TlsFront::start(&g.endpoint, &ours.server);
+    let with_ca = |host: &str, ca: Option<std::path::PathBuf>| {
+        let mut s = settings(&g, &format!("s3://{}/tls", g.bucket));
+        s.endpoint = format!("https://{host}:{}", front.port);
+        s.ca_file = ca;
+        S3Store::open(&s).unwrap()
+    };
+    for host in ["localhost", "127.0.0.1"] {
+        let s = with_ca(host, Some(ours.server.join("ca-cert.pem")));
+        let big = pattern(3 << 20, 9);
+        s.put(&format!("{host}/big"), &big).unwrap();
+        assert!(s.get(&format!("{host}/big")).unwrap().unwrap() == big);
+        assert_eq!(
+            s.get_range(&format!("{host}/big"), 1 << 20, 10).unwrap(),
+            big[1 << 20..(1 << 20) + 10].to_vec()
+        );
+        assert_eq!(keys(&s, &format!("{host}/")), vec![format!("{host}/big")]);
+        s.delete(&format!("{host}/big")).unwrap();
+        assert!(s.get(&format!("{host}/big")).unwrap().is_none());
+    }
+    // The bytes went through the TLS front into the bucket: plain HTTP sees them.
+    let plain = store(&g, "tls");
+    plain.put("seen", b"via http").unwrap();
+    assert_eq!(
+        with_ca("localhost", Some(ours.server.join("ca-cert.pem")))
+            .get("seen")
+            .unwrap()
+            .unwrap(),
+        b"via http"
+    );
+    for ca in [None, Some(theirs.server.join("ca-cert.pem"))] {
+        let e = with_ca("localhost", ca.clone())
+            .put("refused", b"x")
+            .unwrap_err();
+        let e = e.to_string();
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(
+            e.to_ascii_lowercase().contains("certificate") || e.contains("issuer"),
+            "{ca:?}: {e}"
+        );
+        assert!(!e.contains(&g.secret_access_key), "{e}");
+        assert!(
+            e.starts_with("offsite target s3://"),
+            "names the target: {e}"
+        );
+        assert!(
+            !e.contains("attempts"),
+            "a refused certificate is not retried: {e}"
+        );
+    }
+    assert!(
+        plain.get("refused").unwrap().is_none(),
+        "nothing was stored"
+    );
 }

@@ -423,9 +423,9 @@ impl S3Store {
         Ok(format!("{}{key}", self.key_prefix))
     }
 
-    /// A [`Error::Source`] naming this store, `what` (operation and key) and `why`.
+    /// A [`Error::Target`] naming this store, `what` (operation and key) and `why`.
     fn failure(&self, what: &str, why: impl fmt::Display) -> Error {
-        Error::source(&self.describe, format!("{what}: {why}"))
+        Error::target(&self.describe, format!("{what}: {why}"))
     }
 
     /// Send the request `sign` makes (signed anew for every attempt) with `body`, retrying
@@ -621,6 +621,16 @@ fn unescape(s: &str) -> String {
 /// Whether another attempt may succeed where `e` failed: network trouble, not a refused
 /// certificate or a malformed request.
 fn transient(e: &ureq::Error) -> bool {
+    if let ureq::Error::Io(io) = e {
+        // A TLS refusal (an unknown issuer, a wrong name) arrives as an I/O error that
+        // carries rustls' error: the next attempt would be refused the same way.
+        if io
+            .get_ref()
+            .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+        {
+            return false;
+        }
+    }
     matches!(
         e,
         ureq::Error::Io(_)
