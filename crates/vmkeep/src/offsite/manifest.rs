@@ -487,8 +487,8 @@ fn prove(
     Ok(())
 }
 
-/// The profile carried is the head's generation, disk for disk, and each digest list
-/// hashes to the disk's digest root.
+/// The profile carried is the head's generation, disk for disk and state file for state
+/// file, and each digest list hashes to the disk's digest root.
 fn check_profile(
     head: &Head,
     p: &GenerationProfile,
@@ -499,6 +499,9 @@ fn check_profile(
     }
     if p.disks.len() != head.disks.len() {
         return Err("its generation profile lists other disks".into());
+    }
+    if p.state != head.state {
+        return Err("its generation profile lists other firmware or TPM state".into());
     }
     for ((rec, d), map) in p.disks.iter().zip(&head.disks).zip(disks) {
         if rec.name != d.name || rec.size != d.size || rec.digest_root != d.digest_root {
