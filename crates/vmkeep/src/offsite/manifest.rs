@@ -727,4 +727,35 @@ mod tests {
         head.disks[0].size = 1 << 50;
         assert!(seal(head, &disks, &locs, &key).is_err());
     }
+
+    /// A state file the head lists (its bytes in the body, its digest right) that the
+    /// generation profile it carries does not list is refused: a copy restored from the
+    /// manifest gets only the state its profile records.
+    #[test]
+    fn a_manifest_whose_state_is_not_its_profiles_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = OffsiteKey::create(&dir.path().join("k")).unwrap();
+        let (mut head, disks, locs, key) = parts(&k);
+        let file = crate::archive::state::StateFile::new(
+            crate::archive::state::StateKind::Tpm,
+            "state.tpm.0".into(),
+            "tpm2/tpm2-00.permall".into(),
+            0o600,
+            b"a TPM the profile does not list".to_vec(),
+        );
+        head.state = vec![file.record.clone()];
+        let data = encode(
+            &k,
+            &key,
+            ManifestParts {
+                head,
+                state: &[file.bytes],
+                disks: &disks,
+                locations: &locs,
+            },
+        )
+        .unwrap();
+        let e = decode(&k, &key, &data).unwrap_err();
+        assert!(e.contains("firmware or TPM state"), "{e}");
+    }
 }
