@@ -4,7 +4,8 @@
 //! on the disk image once it is shut down; booted by UEFI firmware (OVMF), a variable it
 //! sets is kept in its `<nvram>` file across a restart. Backed up frozen (and killed while
 //! frozen), it restores: copies made with `restore --as-vm --start` boot and read their
-//! generation's files through their agent, and one file of an older generation is read
+//! generation's files through their agent (also one made from an offsite target after the
+//! repository was deleted), and one file of an older generation is read
 //! through `serve` + nbdfuse as docs/recovery.md shows it (a crash-consistent one through
 //! a qcow2 overlay that replays its journal). Skipped only when VMKEEP_TEST_GUEST is unset.
 
