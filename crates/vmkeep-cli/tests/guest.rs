@@ -4,7 +4,8 @@
 //! on the disk image once it is shut down; booted by UEFI firmware (OVMF), a variable it
 //! sets is kept in its `<nvram>` file across a restart. Backed up frozen (and killed while
 //! frozen), it restores: copies made with `restore --as-vm --start` boot and read their
-//! generation's files through their agent, and one file of an older generation is read
+//! generation's files through their agent (also one made from an offsite target after the
+//! repository was deleted), and one file of an older generation is read
 //! through `serve` + nbdfuse as docs/recovery.md shows it (a crash-consistent one through
 //! a qcow2 overlay that replays its journal). Skipped only when VMKEEP_TEST_GUEST is unset.
 
@@ -383,6 +384,11 @@ fn frozen_backup(env: &common::Env, g: &Guest) {
 /// original's, with the copy's name in front (docs/libvirt.md), which its definition must
 /// name.
 fn restored_copy(env: &common::Env, g: &Guest, gen: &str) -> Guest {
+    restored_copy_with(env, g, gen, &[])
+}
+
+/// [`restored_copy`] with more arguments for the restore (`--from TARGET --key FILE`).
+fn restored_copy_with(env: &common::Env, g: &Guest, gen: &str, more: &[&str]) -> Guest {
     let (name, dir) = lv::new_domain("guest-copy");
     let disk = dir.path().join(format!("{name}-vda.qcow2"));
     let console = g.dir.path().join(format!("{name}-console.log"));
@@ -391,6 +397,7 @@ fn restored_copy(env: &common::Env, g: &Guest, gen: &str) -> Guest {
     let t0 = std::time::Instant::now();
     let mut args = common::restore_as_vm(&g.name, &name, &disk_dir);
     args.extend(["-g", gen, "--start"]);
+    args.extend_from_slice(more);
     common::succeeded(&env.run(&args), "restore --as-vm: ");
     copy.wait_for_agent(t0);
     eprintln!(
@@ -479,6 +486,52 @@ fn restored_copies_of_the_guest_boot_and_read_the_files_of_their_generation() {
         assert_eq!(copy.read_file("/data/hello.txt"), HELLO);
     }
     assert_eq!(g.read_file("/data/state.bin"), now);
+}
+
+/// A UEFI guest sets a variable and is backed up twice (frozen), its file changed in
+/// between; the generations are synced to a folder target and the repository deleted.
+/// The older generation, restored from the target alone as a new VM and started, boots by
+/// UEFI with the variable (its store came from the manifest) and reads that generation's
+/// files: not the newer one's.
+#[test]
+fn a_copy_made_from_an_offsite_target_alone_boots_with_its_generation() {
+    let first = noise(21, 90 * 1024 + 7);
+    let Some(g) = Guest::boot_with("offsite", &[("hello.txt", HELLO)], Firmware::Uefi) else {
+        return;
+    };
+    let var_path = "/sys/firmware/efi/efivars/VmkeepOffsite-6c1f3b2a-8d4e-4f5a-9b7c-0e2d1a3f4b5c";
+    let mut var = vec![7, 0, 0, 0];
+    var.extend_from_slice(b"synced with the generation");
+    let of = format!("of={var_path}");
+    let dd = g.exec_with_input("/bin/dd", &[&of, "bs=4096"], &var);
+    assert_eq!(dd.code, 0, "{}", String::from_utf8_lossy(&dd.err));
+    let env = common::Env::live();
+    g.write_file("/data/state.bin", &first);
+    g.sync();
+    frozen_backup(&env, &g);
+    g.write_file("/data/state.bin", b"the second generation\n");
+    g.write_file("/data/only-in-2.txt", b"the second generation only\n");
+    g.sync();
+    frozen_backup(&env, &g);
+    let older = env.generations(&g.name)[0].clone();
+    let key = env.path("offsite.key");
+    let key = key.to_str().unwrap();
+    env.ok(&["key", "create", key]);
+    let target = format!("file://{}", env.path("target").display());
+    env.ok(&["sync", &g.name, "--to", &target, "--key", key]);
+    std::fs::remove_dir_all(env.repo()).unwrap();
+
+    let copy = restored_copy_with(&env, &g, &older, &["--from", &target, "--key", key]);
+    assert!(
+        copy.console_log().contains("efi: EFI v"),
+        "the copy boots by UEFI:\n{}",
+        copy.console_log()
+    );
+    assert_ne!(nvram_of(&copy.name), g.nvram, "a variable store of its own");
+    assert_eq!(copy.read_file(var_path), var, "the generation's variable");
+    assert!(copy.read_file("/data/state.bin") == first, "state.bin");
+    assert_missing(&copy, "/data/only-in-2.txt");
+    assert_eq!(copy.read_file("/data/hello.txt"), HELLO);
 }
 
 /// Wait (up to 30 s) for `child` to end: its exit status, or `None` after killing it.

@@ -464,6 +464,184 @@ fn restore_as_a_new_vm() {
     assert!(e.contains("already exists"), "{e}");
 }
 
+/// Every file under `dir` (recursively), as paths relative to it, sorted.
+fn files_under(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A two-disk VM with a TPM, backed up twice (different content each time), synced to a
+/// folder target, and then its local repository deleted: `restore --from TARGET -g OLDER
+/// --as-vm` makes a VM whose disks are the older generation's bytes (as restored from the
+/// repository before it went) and whose TPM state is the one saved with it, and it starts.
+/// `--instant` is refused (it needs a local repository); a wrong key is one error and
+/// defines nothing; a flipped byte in a pack of the second disk fails the restore with
+/// exit 3 naming the pack, defines nothing, and leaves no disk file (not even the first,
+/// complete, disk's).
+#[test]
+fn restore_from_a_target_as_a_new_vm_without_the_repository() {
+    let _shared = shared();
+    let tpm = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>";
+    let vm = TestVm::define("offvm", &[("vda", "qcow2", 16), ("vdb", "raw", 4)], tpm);
+    // vdb: 1 MiB of noise, so that its blocks are the large blobs of the target.
+    write_at(&vm.disk("vdb").path, 0, &noise(7, 1 << 20));
+    virsh(&["start", &vm.name]);
+    let permall = swtpm_dir(&domuuid(&vm.name)).join("tpm2/tpm2-00.permall");
+    wait_until(30, "swtpm's state file", || permall.exists());
+    let env = Env::live();
+    vm.guest_write(0, 0x11, "0", "1M");
+    vm.guest_write(1, 0x33, "2M", "256k");
+    env.ok(&["backup", &vm.name, "--quiesce", "off"]);
+    vm.guest_write(0, 0x22, "512k", "64k");
+    vm.guest_write(1, 0x44, "2M", "64k");
+    env.ok(&["backup", &vm.name, "--quiesce", "off"]);
+    let gens = env.generations(&vm.name);
+    assert_eq!(gens.len(), 2);
+    let older = &gens[0];
+    let want: Vec<(&str, Vec<u8>)> = ["vda", "vdb"]
+        .into_iter()
+        .map(|d| (d, env.restored(&vm.name, older, Some(d))))
+        .collect();
+    for (d, bytes) in &want {
+        assert!(
+            *bytes != env.restored(&vm.name, &gens[1], Some(d)),
+            "the generations differ on {d}"
+        );
+    }
+    let saved_tpm = std::fs::read(env.repo().join(&vm.name).join(older).join("state.tpm.0"))
+        .expect("the TPM state saved with the older generation");
+
+    let key = env.path("offsite.key");
+    let key = key.to_str().unwrap();
+    env.ok(&["key", "create", key]);
+    let folder = env.path("target");
+    let target = format!("file://{}", folder.display());
+    // Small packs, one upload at a time: vdb's noise blocks are packs of their own.
+    env.ok(&[
+        "sync",
+        &vm.name,
+        "--to",
+        &target,
+        "--key",
+        key,
+        "--pack-size",
+        "64K",
+        "--jobs",
+        "1",
+    ]);
+    std::fs::remove_dir_all(env.repo()).unwrap();
+
+    let from = |new: &str, dir: &std::path::Path, key: &str| -> Vec<String> {
+        let mut a: Vec<String> = restore_as_vm(&vm.name, new, dir)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        a.extend(["-g", older, "--from", &target, "--key", key].map(str::to_string));
+        a
+    };
+    let run = |a: Vec<String>, code: i32| -> String {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        if code == 0 {
+            env.ok(&a)
+        } else {
+            env.fails(&a, code)
+        }
+    };
+
+    let new = format!("{}-off", vm.name);
+    let _guard = lv::Undefine(new.clone());
+    let dir = env.disk_dir();
+    let mut args = from(&new, &dir, key);
+    args.push("--start".into());
+    let out = run(args, 0);
+    assert!(out.contains(&format!("VM {new} started")), "{out}");
+    assert!(virsh(&["domstate", &new]).contains("running"));
+    let xml = virsh(&["dumpxml", &new]);
+    assert!(
+        xml.contains(dir.to_str().unwrap()),
+        "disks in --disk-dir: {xml}"
+    );
+    assert_ne!(domuuid(&new), domuuid(&vm.name), "a new UUID");
+    for (d, bytes) in &want {
+        let file = dir.join(format!("{new}-{d}.qcow2"));
+        let got = lv::read_all(file.to_str().unwrap(), "qcow2", &vm.path("got.raw"));
+        assert!(
+            got == *bytes,
+            "disk {d} of the copy is the older generation's"
+        );
+    }
+    assert_eq!(
+        std::fs::read(swtpm_dir(&domuuid(&new)).join("tpm2/tpm2-00.permall")).unwrap(),
+        saved_tpm,
+        "the copy's TPM state is the one saved with the generation"
+    );
+
+    // Instant recovery serves from a repository: refused, one usage line.
+    let other = format!("{}-off2", vm.name);
+    let _guard2 = lv::Undefine(other.clone());
+    let bad_dir = env.path("disks-bad");
+    std::fs::create_dir(&bad_dir).unwrap();
+    set_mode(&bad_dir, 0o755);
+    let mut args = from(&other, &bad_dir, key);
+    args.push("--instant".into());
+    let e = run(args, 2);
+    assert!(
+        e.contains("needs a local repository") && e.contains("restore it first"),
+        "{e}"
+    );
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+
+    // Another key: one clear error, nothing defined.
+    let wrong = env.path("wrong.key");
+    env.ok(&["key", "create", wrong.to_str().unwrap()]);
+    let e = run(from(&other, &bad_dir, wrong.to_str().unwrap()), 2);
+    assert!(e.contains("is not this target's key"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    assert!(!lv::virsh_quiet(&["dominfo", &other]), "nothing defined");
+    assert!(files_under(&bad_dir).is_empty());
+
+    // One byte flipped in a pack of vdb's noise (the largest packs): vda is written, then
+    // vdb fails at that block; both go, and nothing is defined.
+    let mut packs: Vec<(u64, String)> = files_under(&folder.join("packs"))
+        .into_iter()
+        .map(|p| {
+            (
+                std::fs::metadata(folder.join("packs").join(&p))
+                    .unwrap()
+                    .len(),
+                p,
+            )
+        })
+        .collect();
+    packs.sort();
+    let (size, pack) = packs.pop().unwrap();
+    assert!(size > 32 << 10, "a pack of noise: {packs:?}");
+    flip_byte(&folder.join("packs").join(&pack), 1000);
+    let e = run(from(&other, &bad_dir, key), 3);
+    assert!(e.contains(&format!("packs/{pack}")), "names the pack: {e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    assert!(!lv::virsh_quiet(&["dominfo", &other]), "nothing defined");
+    assert!(
+        files_under(&bad_dir).is_empty(),
+        "no disk file left: {:?}",
+        files_under(&bad_dir)
+    );
+    // The copy made before the damage is untouched.
+    assert!(virsh(&["domstate", &new]).contains("running"));
+}
+
 #[test]
 fn instant_recovery_boots_from_the_archive_and_finishes_by_itself() {
     let _shared = shared();

@@ -175,16 +175,26 @@ fn replica(
     }
 }
 
-/// `vmkeep restore --from TARGET VM -g REV --to DEST`.
+/// `vmkeep restore --from TARGET VM -g REV --to DEST | --as-vm NEWNAME`.
 pub fn restore(ctx: &Ctx, a: &RestoreArgs) -> Result<i32> {
-    if a.as_vm.is_some() {
-        return Err(Error::usage(
-            "restore --from does not make VMs yet (--as-vm); restore each disk with --disk NAME --to FILE",
-        )
-        .into());
-    }
     if a.ignore_damage {
         return Err(Error::usage("restore --from does not take --ignore-damage").into());
+    }
+    if a.as_vm.is_some() {
+        #[cfg(feature = "libvirt")]
+        {
+            if a.instant {
+                return Err(Error::usage(vmkeep::engine::recover::INSTANT_NEEDS_REPOSITORY).into());
+            }
+            let (store, key) = open_from(&a.offsite)?;
+            let source = vmkeep::engine::recover::AsVmSource::Offsite {
+                store: store.as_ref(),
+                key: &key,
+            };
+            return super::restore::as_vm(ctx, source, a);
+        }
+        #[cfg(not(feature = "libvirt"))]
+        return Err(super::no_libvirt().into());
     }
     let Some(to) = a.to.as_deref() else {
         return Err(Error::usage("give --to TARGET").into());

@@ -17,7 +17,7 @@ pub fn run(ctx: &Ctx, a: RestoreArgs) -> Result<i32> {
     let repo = ctx.open_repo()?;
     if a.as_vm.is_some() {
         #[cfg(feature = "libvirt")]
-        return as_vm(ctx, &repo, &a);
+        return as_vm(ctx, (&repo).into(), &a);
         #[cfg(not(feature = "libvirt"))]
         return Err(super::no_libvirt().into());
     }
@@ -67,10 +67,15 @@ pub fn print_restore(ctx: &Ctx, opts: &RestoreOptions, done: &DiskRestore) -> i3
     }
 }
 
-/// `restore --as-vm` (and `--instant`): the options from flags and config, the library's
-/// workflow, each step printed as it is done.
+/// `restore --as-vm` (and `--instant`) from `source` (the repository, or with `--from` an
+/// offsite target): the options from flags and config, the library's workflow, each step
+/// printed as it is done.
 #[cfg(feature = "libvirt")]
-fn as_vm(ctx: &Ctx, repo: &vmkeep::archive::Repository, a: &RestoreArgs) -> Result<i32> {
+pub(super) fn as_vm(
+    ctx: &Ctx,
+    source: vmkeep::engine::recover::AsVmSource<'_>,
+    a: &RestoreArgs,
+) -> Result<i32> {
     use vmkeep::engine::recover::{restore_as_vm, AsVmEvent, AsVmOptions};
 
     let new_name = a.as_vm.as_deref().unwrap_or_default();
@@ -109,7 +114,7 @@ fn as_vm(ctx: &Ctx, repo: &vmkeep::archive::Repository, a: &RestoreArgs) -> Resu
         let (old, new) = super::name_value(n, "--network")?;
         opts.networks.insert(old.to_string(), new.to_string());
     }
-    let report = restore_as_vm(repo, &opts, &ctx.progress, &mut |event| match event {
+    let report = restore_as_vm(source, &opts, &ctx.progress, &mut |event| match event {
         AsVmEvent::DiskRestored {
             generation,
             disk,

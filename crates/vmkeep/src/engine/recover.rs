@@ -1,6 +1,8 @@
 //! `restore --as-vm`: a generation back as a new libvirt VM, either copied (every disk
 //! written under a folder, then the domain defined) or instant (the domain boots at once
-//! from qcow2 overlays over an NBD export of the archive).
+//! from qcow2 overlays over an NBD export of the archive). A copy is made from a local
+//! repository or from an offsite target ([`AsVmSource`]), with the same proofs and the
+//! same steps.
 //!
 //! Instant recovery needs a server that outlives the command that set it up (the VM reads
 //! from it until every `virsh blockpull` has finished): [`restore_as_vm`] starts the
@@ -13,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::archive::state::{StateFile, StateKind};
+use crate::archive::state::{StateFile, StateKind, StateRecord};
+use crate::archive::view::{DiskView, Selected};
 use crate::archive::{GenerationId, Repository};
 use crate::engine::firmware;
 use crate::engine::restore::{restore_to, RestoreReport};
@@ -21,6 +24,10 @@ use crate::engine::serve::group_id;
 use crate::error::{Error, Result};
 use crate::fsutil::Share;
 use crate::libvirt::{xml, CopySpec, Hypervisor, NewDisk};
+use crate::offsite::key::OffsiteKey;
+use crate::offsite::manifest::Manifest;
+use crate::offsite::read::{open_generation, restore_disk_from};
+use crate::offsite::store::ObjectStore;
 use crate::progress::Progress;
 use crate::target::{Destination, ImageFormat};
 
@@ -214,19 +221,49 @@ impl InstantServer {
     }
 }
 
+/// Where the generation of `restore --as-vm` is read from.
+#[derive(Clone, Copy)]
+pub enum AsVmSource<'a> {
+    /// A local repository: the generation's folder, every disk through its proven view.
+    Repository(&'a Repository),
+    /// An offsite target in the encrypted object layout, and its key: the generation's
+    /// manifest (proven as it opens: its digest lists hash to the digest roots of the
+    /// profile it carries, its state files to their digests) and every block from its pack,
+    /// each proven before it is written ([`crate::offsite::read`]). Copies only: serving an
+    /// instant recovery needs a local repository.
+    Offsite {
+        /// The target.
+        store: &'a dyn ObjectStore,
+        /// Its key.
+        key: &'a OffsiteKey,
+    },
+}
+
+/// Why an instant recovery from an offsite target is refused: its server serves the
+/// generation from a local repository.
+pub const INSTANT_NEEDS_REPOSITORY: &str = "restore --from cannot --instant: serving a generation needs a local repository; restore it first (--as-vm without --instant)";
+
+impl<'a> From<&'a Repository> for AsVmSource<'a> {
+    fn from(repo: &'a Repository) -> Self {
+        AsVmSource::Repository(repo)
+    }
+}
+
 /// `restore --as-vm`: every disk of the generation written under the disk folder (or, with
 /// `instant`, a qcow2 overlay over a served export of it), and a new libvirt VM defined
-/// from the saved XML with a new name, UUID and MACs. Every disk's digests are proven and
-/// every name checked before the first byte is written or served. `on_event` hears of
-/// each step as it is done.
-pub fn restore_as_vm(
-    repo: &Repository,
+/// from the saved XML with a new name, UUID and MACs. The generation is read from
+/// `source`: a local repository (`&Repository`) or an offsite target
+/// ([`AsVmSource::Offsite`], copies only). Every disk's digests are proven and every name
+/// checked before the first byte is written or served; a copy that fails removes the disks
+/// it wrote (and the definition, once made, when its state cannot be written). `on_event`
+/// hears of each step as it is done.
+pub fn restore_as_vm<'a>(
+    source: impl Into<AsVmSource<'a>>,
     opts: &AsVmOptions,
     progress: &dyn Progress,
     on_event: &mut dyn FnMut(AsVmEvent<'_>),
 ) -> Result<AsVmReport> {
-    let new_name = opts.new_name.as_str();
-    crate::archive::names::check_vm(new_name)?;
+    crate::archive::names::check_vm(&opts.new_name)?;
     // libvirt's XML names each disk by a UTF-8 path: a folder whose path is not UTF-8
     // could not be named in the new domain (its disks would be written and never found).
     if opts.disk_dir.to_str().is_none() {
@@ -235,16 +272,241 @@ pub fn restore_as_vm(
             opts.disk_dir.display()
         )));
     }
-    let archive = repo.vm(&opts.vm)?;
-    let chosen = archive.select(&opts.rev)?;
-    let gen = chosen.generation();
-    let id = gen.id.clone();
-    let saved = std::fs::read_to_string(gen.domain_xml_path()).map_err(|_| {
+    match source.into() {
+        AsVmSource::Repository(repo) => {
+            let archive = repo.vm(&opts.vm)?;
+            let chosen = archive.select(&opts.rev)?;
+            let mut src = LocalGeneration {
+                repo,
+                chosen,
+                views: Vec::new(),
+            };
+            make_vm(&mut src, opts, progress, on_event)
+        }
+        AsVmSource::Offsite { store, key } => {
+            if opts.instant {
+                return Err(Error::usage(INSTANT_NEEDS_REPOSITORY));
+            }
+            if opts.ignore_damage {
+                return Err(Error::usage("restore --from does not take --ignore-damage"));
+            }
+            let (_, manifest) = open_generation(store, key, &opts.vm, &opts.rev, progress)?;
+            let mut src = OffsiteGeneration {
+                store,
+                key,
+                manifest,
+            };
+            make_vm(&mut src, opts, progress, on_event)
+        }
+    }
+}
+
+/// A generation as a copy is made from it, wherever it is read from: its definition,
+/// disks and state, and the proven restore of each disk.
+trait CopySource {
+    /// The generation's id.
+    fn id(&self) -> GenerationId;
+    /// The saved libvirt domain XML, if the generation has one.
+    fn domain_xml(&self) -> Option<String>;
+    /// The disks, (name, size) in the profile's order.
+    fn disks(&self) -> Vec<(String, u64)>;
+    /// Prove every disk's digests against the profile's digest roots before anything is
+    /// written or served; with `ignore_damage` a disk that fails is kept with its error,
+    /// for its restore to warn of and check block by block.
+    fn prove(&mut self, ignore_damage: bool) -> Result<()>;
+    /// Let go of what [`CopySource::prove`] holds open (an instant recovery's server opens
+    /// the generation itself).
+    fn release(&mut self);
+    /// The generation's firmware and TPM state records.
+    fn state_records(&self) -> &[StateRecord];
+    /// The bytes of state file `rec`, proven against its digest.
+    fn read_state(&self, rec: &StateRecord) -> Result<Vec<u8>>;
+    /// Write disk `disk` (proven by [`CopySource::prove`]) to `to`, every block checked
+    /// against its digest on the way: what was written, and whether the disk was unproven
+    /// (only with `ignore_damage`).
+    fn write_disk(
+        &self,
+        disk: &str,
+        to: &Destination,
+        ignore_damage: bool,
+        progress: &dyn Progress,
+    ) -> Result<(RestoreReport, bool)>;
+    /// The repository an instant recovery serves the generation from; `None`: it cannot.
+    fn repository(&self) -> Option<&Repository>;
+}
+
+/// A generation of a local repository.
+struct LocalGeneration<'a> {
+    repo: &'a Repository,
+    chosen: Selected<'a>,
+    views: Vec<(DiskView, Option<Error>)>,
+}
+
+impl CopySource for LocalGeneration<'_> {
+    fn id(&self) -> GenerationId {
+        self.chosen.generation().id.clone()
+    }
+
+    fn domain_xml(&self) -> Option<String> {
+        std::fs::read_to_string(self.chosen.generation().domain_xml_path()).ok()
+    }
+
+    fn disks(&self) -> Vec<(String, u64)> {
+        let gen = self.chosen.generation();
+        gen.profile
+            .disks
+            .iter()
+            .map(|d| (d.name.clone(), d.size))
+            .collect()
+    }
+
+    fn prove(&mut self, ignore_damage: bool) -> Result<()> {
+        self.views.clear();
+        for d in &self.chosen.generation().profile.disks {
+            self.views
+                .push(self.chosen.view_checked(&d.name, ignore_damage)?);
+        }
+        Ok(())
+    }
+
+    fn release(&mut self) {
+        self.views.clear();
+    }
+
+    fn state_records(&self) -> &[StateRecord] {
+        &self.chosen.generation().profile.state
+    }
+
+    fn read_state(&self, rec: &StateRecord) -> Result<Vec<u8>> {
+        crate::archive::state::read_verified(&self.chosen.generation().dir, rec)
+    }
+
+    fn write_disk(
+        &self,
+        disk: &str,
+        to: &Destination,
+        ignore_damage: bool,
+        progress: &dyn Progress,
+    ) -> Result<(RestoreReport, bool)> {
+        let Some((view, problem)) = self.views.iter().find(|(v, _)| v.disk == disk) else {
+            return Err(Error::usage(format!("disk {disk} was not proven")));
+        };
+        // A failed proof is warned about (by restore_to), and every block read and
+        // checked against its own digest.
+        let report = restore_to(view, to, ignore_damage, problem.as_ref(), progress)?;
+        Ok((report, problem.is_some()))
+    }
+
+    fn repository(&self) -> Option<&Repository> {
+        Some(self.repo)
+    }
+}
+
+/// A generation on an offsite target: its manifest, opened and proven.
+struct OffsiteGeneration<'a> {
+    store: &'a dyn ObjectStore,
+    key: &'a OffsiteKey,
+    manifest: Manifest,
+}
+
+impl CopySource for OffsiteGeneration<'_> {
+    fn id(&self) -> GenerationId {
+        self.manifest.head.generation.clone()
+    }
+
+    fn domain_xml(&self) -> Option<String> {
+        self.manifest.head.domain_xml.clone()
+    }
+
+    fn disks(&self) -> Vec<(String, u64)> {
+        self.manifest
+            .head
+            .disks
+            .iter()
+            .map(|d| (d.name.clone(), d.size))
+            .collect()
+    }
+
+    fn prove(&mut self, _ignore_damage: bool) -> Result<()> {
+        // Proven as the manifest opened: each disk's digest list hashes to the digest root
+        // of the profile it carries, and every block's location is that block's.
+        Ok(())
+    }
+
+    fn release(&mut self) {}
+
+    fn state_records(&self) -> &[StateRecord] {
+        &self.manifest.head.state
+    }
+
+    fn read_state(&self, rec: &StateRecord) -> Result<Vec<u8>> {
+        // Proven against its digest as the manifest opened.
+        let i = self
+            .manifest
+            .head
+            .state
+            .iter()
+            .position(|r| r == rec)
+            .ok_or_else(|| {
+                Error::usage(format!("state file {} is not the manifest's", rec.file))
+            })?;
+        Ok(self.manifest.state[i].clone())
+    }
+
+    fn write_disk(
+        &self,
+        disk: &str,
+        to: &Destination,
+        _ignore_damage: bool,
+        progress: &dyn Progress,
+    ) -> Result<(RestoreReport, bool)> {
+        let report = restore_disk_from(self.store, self.key, &self.manifest, disk, to, progress)?;
+        Ok((report, false))
+    }
+
+    fn repository(&self) -> Option<&Repository> {
+        None
+    }
+}
+
+/// What a copy has written so far: removed again when it fails.
+enum Written<'a> {
+    /// Disk files under the disk folder.
+    Files(Vec<PathBuf>),
+    /// Volumes in a pool.
+    Volumes(PoolUpload<'a>),
+}
+
+impl Written<'_> {
+    /// Remove everything written.
+    fn discard(self) {
+        match self {
+            Written::Files(files) => {
+                for f in files {
+                    let _ = std::fs::remove_file(f);
+                }
+            }
+            Written::Volumes(volumes) => volumes.discard(),
+        }
+    }
+}
+
+/// [`restore_as_vm`] from `src`, once the names are checked.
+fn make_vm(
+    src: &mut dyn CopySource,
+    opts: &AsVmOptions,
+    progress: &dyn Progress,
+    on_event: &mut dyn FnMut(AsVmEvent<'_>),
+) -> Result<AsVmReport> {
+    let new_name = opts.new_name.as_str();
+    let id = src.id();
+    let saved = src.domain_xml().ok_or_else(|| {
         Error::usage(format!(
             "generation {id} of VM {} has no saved libvirt XML (it was not backed up from libvirt)",
             opts.vm
         ))
     })?;
+    let disk_list = src.disks();
     let hv = Hypervisor::connect(Some(&opts.connect))?;
     // A remote host's files are not here: its disks go into a storage pool.
     let pool = opts
@@ -263,10 +525,10 @@ pub fn restore_as_vm(
         opts.format
     }
     .as_str();
-    for d in &gen.profile.disks {
-        let file = format!("{new_name}-{}.{format}", d.name);
+    for (name, _) in &disk_list {
+        let file = format!("{new_name}-{name}.{format}");
         disks.insert(
-            d.name.clone(),
+            name.clone(),
             NewDisk {
                 // In a pool: a stand-in until the volume exists (its path is the host's).
                 path: match &pool {
@@ -306,18 +568,20 @@ pub fn restore_as_vm(
     })?;
     // Every disk's digests are proven before the first byte is written or served (an
     // instant recovery's server proves them again; this makes a failure exit 3 here).
-    let mut views = Vec::new();
-    for d in &gen.profile.disks {
-        views.push(chosen.view_checked(&d.name, opts.ignore_damage && !opts.instant)?);
-    }
+    src.prove(opts.ignore_damage && !opts.instant)?;
     // The firmware and TPM state too, and the copy's NVRAM path checked, before anything
     // is written.
-    let state = CopyState::load(gen, opts, &hv, progress)?;
+    let state = CopyState::load(&*src, &id, opts, &hv, progress)?;
     state.name_nvram(&mut spec, opts.replace)?;
-    let names: Vec<String> = gen.profile.disks.iter().map(|d| d.name.clone()).collect();
+    let names: Vec<String> = disk_list.iter().map(|d| d.0.clone()).collect();
     if opts.instant {
-        let sizes: Vec<u64> = views.iter().map(|(v, _)| v.size).collect();
-        drop(views);
+        let sizes: Vec<u64> = disk_list.iter().map(|d| d.1).collect();
+        src.release();
+        let Some(repo) = src.repository() else {
+            return Err(Error::usage(
+                "an instant recovery needs a local repository to serve the generation from",
+            ));
+        };
         let server = instant(
             repo,
             opts,
@@ -339,11 +603,20 @@ pub fn restore_as_vm(
         });
     }
     if let Some(pool) = &pool {
-        let damaged = to_pool(
-            &hv, pool, &views, &mut spec, opts, format, &id, progress, on_event,
+        let (damaged, volumes) = to_pool(
+            &hv, pool, &*src, &disk_list, &mut spec, opts, format, &id, progress, on_event,
         )?;
         return define_and_start(
-            &hv, &saved, &spec, &state, opts, id, names, damaged, on_event,
+            &hv,
+            &saved,
+            &spec,
+            &state,
+            opts,
+            id,
+            names,
+            damaged,
+            Written::Volumes(volumes),
+            on_event,
         );
     }
     for name in &names {
@@ -355,33 +628,53 @@ pub fn restore_as_vm(
             )));
         }
     }
-    let mut damaged = false;
-    for (view, problem) in &views {
-        let path = &spec.disks[&view.disk].path;
-        // A failed proof is warned about (by restore_to), and every block read and
-        // checked against its own digest.
-        damaged |= problem.is_some();
-        let report = restore_to(
-            view,
-            &Destination::from(path.as_path()),
-            opts.ignore_damage,
-            problem.as_ref(),
-            progress,
-        )?;
-        on_event(AsVmEvent::DiskRestored {
-            generation: &id,
-            disk: &view.disk,
-            path,
-            report: &report,
-        });
-        damaged |= !report.damaged.is_empty();
-    }
+    let mut written = Vec::new();
+    let copied = (|| -> Result<bool> {
+        let mut damaged = false;
+        for name in &names {
+            let path = &spec.disks[name].path;
+            let (report, unproven) = src.write_disk(
+                name,
+                &Destination::from(path.as_path()),
+                opts.ignore_damage,
+                progress,
+            )?;
+            written.push(path.clone());
+            on_event(AsVmEvent::DiskRestored {
+                generation: &id,
+                disk: name,
+                path,
+                report: &report,
+            });
+            damaged |= unproven || !report.damaged.is_empty();
+        }
+        Ok(damaged)
+    })();
+    let damaged = match copied {
+        Ok(d) => d,
+        Err(e) => {
+            // A failed disk removed its own partial file; the ones before it go too.
+            Written::Files(written).discard();
+            return Err(e);
+        }
+    };
     define_and_start(
-        &hv, &saved, &spec, &state, opts, id, names, damaged, on_event,
+        &hv,
+        &saved,
+        &spec,
+        &state,
+        opts,
+        id,
+        names,
+        damaged,
+        Written::Files(written),
+        on_event,
     )
 }
 
-/// Define the copy, start it when asked; the report.
+/// Define the copy (a failure removes what `written` names), start it when asked; the
+/// report. A copy that is defined but does not start stays defined with its disks (the
+/// error says why it did not start).
 #[allow(clippy::too_many_arguments)]
 fn define_and_start(
     hv: &Hypervisor,
@@ -392,9 +685,16 @@ fn define_and_start(
     id: GenerationId,
     names: Vec<String>,
     damaged: bool,
+    written: Written<'_>,
     on_event: &mut dyn FnMut(AsVmEvent<'_>),
 ) -> Result<AsVmReport> {
-    let dom = state.define(hv, saved, spec, &id, on_event)?;
+    let dom = match state.define(hv, saved, spec, &id, on_event) {
+        Ok(dom) => dom,
+        Err(e) => {
+            written.discard();
+            return Err(e);
+        }
+    };
     if opts.start {
         dom.start()?;
         on_event(AsVmEvent::Started);
@@ -418,10 +718,11 @@ struct CopyState {
 }
 
 impl CopyState {
-    /// The state of generation `gen`, every file proven against its digest (a damaged one
-    /// is an error, or with `ignore_damage` left out with one line).
+    /// The state of generation `id` from `src`, every file proven against its digest (a
+    /// damaged one is an error, or with `ignore_damage` left out with one line).
     fn load(
-        gen: &crate::archive::Generation,
+        src: &dyn CopySource,
+        id: &GenerationId,
         opts: &AsVmOptions,
         hv: &Hypervisor,
         progress: &dyn Progress,
@@ -430,19 +731,20 @@ impl CopyState {
             nvram: None,
             tpm: Vec::new(),
         };
-        if gen.profile.state.is_empty() {
+        let records = src.state_records();
+        if records.is_empty() {
             return Ok(out);
         }
         if !hv.is_local() {
             progress.warn(&format!(
-                "generation {} of VM {}: its UEFI variables and TPM state are not restored onto a remote host (the copy starts with empty ones; docs/libvirt.md)",
-                gen.id, opts.vm
+                "generation {id} of VM {}: its UEFI variables and TPM state are not restored onto a remote host (the copy starts with empty ones; docs/libvirt.md)",
+                opts.vm
             ));
             return Ok(out);
         }
         let mut tpm_damaged = false;
-        for rec in &gen.profile.state {
-            let bytes = match crate::archive::state::read_verified(&gen.dir, rec) {
+        for rec in records {
+            let bytes = match src.read_state(rec) {
                 Ok(b) => b,
                 Err(e) if opts.ignore_damage => {
                     progress.warn(&format!("{e}; not restored (--ignore-damage)"));
@@ -529,47 +831,47 @@ impl CopyState {
     }
 }
 
-/// Every disk restored (proven, as `restore --to`) into a staged image here, then uploaded
-/// into a new volume of `pool` through the libvirt connection; `spec`'s disks then name
-/// the volumes. Volumes of a failed run are deleted. Returns whether a disk was damaged.
+/// Every disk of `disks` (name, size) restored from `src` (proven, as `restore --to`) into
+/// a staged image here, then uploaded into a new volume of `pool` through the libvirt
+/// connection; `spec`'s disks then name the volumes. Volumes of a failed run are deleted.
+/// Returns whether a disk was damaged, and the volumes made.
 #[allow(clippy::too_many_arguments)]
-fn to_pool(
-    hv: &Hypervisor,
-    pool: &str,
-    views: &[(crate::archive::view::DiskView, Option<Error>)],
+fn to_pool<'h>(
+    hv: &'h Hypervisor,
+    pool: &'h str,
+    src: &dyn CopySource,
+    disks: &[(String, u64)],
     spec: &mut CopySpec,
     opts: &AsVmOptions,
     format: &str,
     id: &GenerationId,
     progress: &dyn Progress,
     on_event: &mut dyn FnMut(AsVmEvent<'_>),
-) -> Result<bool> {
+) -> Result<(bool, PoolUpload<'h>)> {
     let volume_name = |disk: &str| format!("{}-{disk}.{format}", opts.new_name);
-    let names: Vec<String> = views.iter().map(|(v, _)| volume_name(&v.disk)).collect();
+    let names: Vec<String> = disks.iter().map(|(d, _)| volume_name(d)).collect();
     let mut volumes = PoolUpload::new(hv, pool, &names, opts.replace)?;
     let staging = crate::fsutil::private_dir(&opts.staging_dir, "vmkeep-upload-", Share::Nobody)?;
     let _cleanup = RemoveDir(staging.path.clone());
     let mut damaged = false;
     let result = (|| -> Result<()> {
-        for (view, problem) in views {
-            let name = volume_name(&view.disk);
+        for (disk, size) in disks {
+            let name = volume_name(disk);
             let staged = staging.path.join(&name);
-            damaged |= problem.is_some();
-            let report = restore_to(
-                view,
+            let (report, unproven) = src.write_disk(
+                disk,
                 &Destination::from(staged.as_path()),
                 opts.ignore_damage,
-                problem.as_ref(),
                 progress,
             )?;
-            damaged |= !report.damaged.is_empty();
-            let vol = volumes.upload(&name, format, view.size, &staged)?;
-            if let Some(d) = spec.disks.get_mut(&view.disk) {
+            damaged |= unproven || !report.damaged.is_empty();
+            let vol = volumes.upload(&name, format, *size, &staged)?;
+            if let Some(d) = spec.disks.get_mut(disk) {
                 d.path = vol.path().to_path_buf();
             }
             on_event(AsVmEvent::DiskRestored {
                 generation: id,
-                disk: &view.disk,
+                disk,
                 path: vol.path(),
                 report: &report,
             });
@@ -580,7 +882,7 @@ fn to_pool(
         volumes.discard();
         return Err(e);
     }
-    Ok(damaged)
+    Ok((damaged, volumes))
 }
 
 /// The volumes a restore makes in a pool: an existing one of the names is refused before

@@ -487,8 +487,8 @@ fn prove(
     Ok(())
 }
 
-/// The profile carried is the head's generation, disk for disk, and each digest list
-/// hashes to the disk's digest root.
+/// The profile carried is the head's generation, disk for disk and state file for state
+/// file, and each digest list hashes to the disk's digest root.
 fn check_profile(
     head: &Head,
     p: &GenerationProfile,
@@ -499,6 +499,9 @@ fn check_profile(
     }
     if p.disks.len() != head.disks.len() {
         return Err("its generation profile lists other disks".into());
+    }
+    if p.state != head.state {
+        return Err("its generation profile lists other firmware or TPM state".into());
     }
     for ((rec, d), map) in p.disks.iter().zip(&head.disks).zip(disks) {
         if rec.name != d.name || rec.size != d.size || rec.digest_root != d.digest_root {
@@ -723,5 +726,36 @@ mod tests {
         let (mut head, disks, locs, key) = parts(&k);
         head.disks[0].size = 1 << 50;
         assert!(seal(head, &disks, &locs, &key).is_err());
+    }
+
+    /// A state file the head lists (its bytes in the body, its digest right) that the
+    /// generation profile it carries does not list is refused: a copy restored from the
+    /// manifest gets only the state its profile records.
+    #[test]
+    fn a_manifest_whose_state_is_not_its_profiles_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = OffsiteKey::create(&dir.path().join("k")).unwrap();
+        let (mut head, disks, locs, key) = parts(&k);
+        let file = crate::archive::state::StateFile::new(
+            crate::archive::state::StateKind::Tpm,
+            "state.tpm.0".into(),
+            "tpm2/tpm2-00.permall".into(),
+            0o600,
+            b"a TPM the profile does not list".to_vec(),
+        );
+        head.state = vec![file.record.clone()];
+        let data = encode(
+            &k,
+            &key,
+            ManifestParts {
+                head,
+                state: &[file.bytes],
+                disks: &disks,
+                locations: &locs,
+            },
+        )
+        .unwrap();
+        let e = decode(&k, &key, &data).unwrap_err();
+        assert!(e.contains("firmware or TPM state"), "{e}");
     }
 }
