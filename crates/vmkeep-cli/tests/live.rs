@@ -6,6 +6,9 @@
 #![cfg(feature = "libvirt")]
 
 mod common;
+#[path = "../../vmkeep/tests/support/garage.rs"]
+#[allow(dead_code)]
+mod garage;
 #[path = "../../vmkeep/tests/support/libvirt.rs"]
 #[allow(dead_code)]
 mod lv;
@@ -541,6 +544,30 @@ fn restore_from_a_target_as_a_new_vm_without_the_repository() {
         "--jobs",
         "1",
     ]);
+    // The same generations in a real bucket, when the tests have Garage: its connection
+    // from the config file.
+    let bucket = garage::Garage::start();
+    let s3_target = bucket.as_ref().map(|g| {
+        let secret = env.path("s3-secret");
+        std::fs::write(&secret, &g.secret_access_key).unwrap();
+        set_mode(&secret, 0o600);
+        let cfg = env.path("no-config.toml");
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        std::fs::write(
+            &cfg,
+            format!(
+                "{text}[offsite.s3]\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key_file = \"{}\"\n",
+                g.endpoint,
+                g.region,
+                g.access_key_id,
+                secret.display()
+            ),
+        )
+        .unwrap();
+        let t = format!("s3://{}/asvm", g.bucket);
+        env.ok(&["sync", &vm.name, "--to", &t, "--key", key]);
+        t
+    });
     std::fs::remove_dir_all(env.repo()).unwrap();
 
     let from = |new: &str, dir: &std::path::Path, key: &str| -> Vec<String> {
@@ -587,6 +614,30 @@ fn restore_from_a_target_as_a_new_vm_without_the_repository() {
         saved_tpm,
         "the copy's TPM state is the one saved with the generation"
     );
+
+    // From the bucket: the same older generation, disk for disk.
+    if let Some(t) = &s3_target {
+        let from_s3 = format!("{}-s3", vm.name);
+        let _guard_s3 = lv::Undefine(from_s3.clone());
+        let s3_dir = env.path("disks-s3");
+        std::fs::create_dir(&s3_dir).unwrap();
+        set_mode(&s3_dir, 0o755);
+        let mut a: Vec<String> = restore_as_vm(&vm.name, &from_s3, &s3_dir)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        a.extend(["-g", older, "--from", t, "--key", key].map(str::to_string));
+        run(a, 0);
+        assert!(lv::virsh_quiet(&["dominfo", &from_s3]), "defined");
+        for (d, bytes) in &want {
+            let file = s3_dir.join(format!("{from_s3}-{d}.qcow2"));
+            let got = lv::read_all(file.to_str().unwrap(), "qcow2", &vm.path("got.raw"));
+            assert!(
+                got == *bytes,
+                "disk {d} of the copy from the bucket is the older generation's"
+            );
+        }
+    }
 
     // Instant recovery serves from a repository: refused, one usage line.
     let other = format!("{}-off2", vm.name);

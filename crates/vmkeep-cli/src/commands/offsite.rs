@@ -186,7 +186,7 @@ pub fn restore(ctx: &Ctx, a: &RestoreArgs) -> Result<i32> {
             if a.instant {
                 return Err(Error::usage(vmkeep::engine::recover::INSTANT_NEEDS_REPOSITORY).into());
             }
-            let (store, key) = open_from(&a.offsite)?;
+            let (store, key) = open_from(ctx, &a.offsite)?;
             let source = vmkeep::engine::recover::AsVmSource::Offsite {
                 store: store.as_ref(),
                 key: &key,
