@@ -548,22 +548,10 @@ fn restore_from_a_target_as_a_new_vm_without_the_repository() {
     // from the config file.
     let bucket = garage::Garage::start();
     let s3_target = bucket.as_ref().map(|g| {
-        let secret = env.path("s3-secret");
-        std::fs::write(&secret, &g.secret_access_key).unwrap();
-        set_mode(&secret, 0o600);
         let cfg = env.path("no-config.toml");
         let text = std::fs::read_to_string(&cfg).unwrap();
-        std::fs::write(
-            &cfg,
-            format!(
-                "{text}[offsite.s3]\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key_file = \"{}\"\n",
-                g.endpoint,
-                g.region,
-                g.access_key_id,
-                secret.display()
-            ),
-        )
-        .unwrap();
+        let s3 = g.offsite_config(&env.path("s3-secret"));
+        std::fs::write(&cfg, format!("{text}{s3}")).unwrap();
         let t = format!("s3://{}/asvm", g.bucket);
         env.ok(&["sync", &vm.name, "--to", &t, "--key", key]);
         t

@@ -164,16 +164,7 @@ fn the_aws_environment_reaches_a_bucket_sync_restore_and_damage_is_found() {
     assert!(e.contains("key"), "{e}");
 
     // A pack deleted from the bucket: check names it (exit 3).
-    let explicit = vmkeep::offsite::s3::S3Overrides {
-        endpoint: Some(g.endpoint.clone()),
-        region: Some(g.region.clone()),
-        access_key_id: Some(g.access_key_id.clone()),
-        secret_access_key: Some(g.secret_access_key.clone()),
-        ..Default::default()
-    };
-    let settings =
-        vmkeep::offsite::s3::S3Settings::from_target_with(&target, &explicit, |_| None).unwrap();
-    let store = vmkeep::offsite::s3::S3Store::open(&settings).unwrap();
+    let store = g.store(&target);
     use vmkeep::offsite::store::ObjectStore;
     let packs = store.list("packs/").unwrap();
     assert!(!packs.is_empty());

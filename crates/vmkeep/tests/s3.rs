@@ -20,14 +20,7 @@ use vmkeep::ErrorKind;
 /// Settings for `target` on server `g` (its key, region and endpoint given explicitly,
 /// so the environment of the test process plays no part).
 fn settings(g: &Garage, target: &str) -> S3Settings {
-    let explicit = S3Overrides {
-        endpoint: Some(g.endpoint.clone()),
-        region: Some(g.region.clone()),
-        access_key_id: Some(g.access_key_id.clone()),
-        secret_access_key: Some(g.secret_access_key.clone()),
-        ..S3Overrides::default()
-    };
-    S3Settings::from_target_with(target, &explicit, |_| None).unwrap()
+    g.settings(target)
 }
 
 fn store(g: &Garage, prefix: &str) -> S3Store {

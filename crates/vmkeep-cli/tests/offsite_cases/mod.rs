@@ -48,20 +48,8 @@ impl Off {
         let key = env.path("offsite.key");
         env.ok(&["key", "create", key.to_str().unwrap()]);
         if let Backend::S3(g) = backend {
-            let secret = env.path("s3-secret");
-            std::fs::write(&secret, format!("{}\n", g.secret_access_key)).unwrap();
-            set_mode(&secret, 0o600);
-            std::fs::write(
-                env.path("no-config.toml"),
-                format!(
-                    "[offsite.s3]\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key_file = \"{}\"\n",
-                    g.endpoint,
-                    g.region,
-                    g.access_key_id,
-                    secret.display()
-                ),
-            )
-            .unwrap();
+            let config = g.offsite_config(&env.path("s3-secret"));
+            std::fs::write(env.path("no-config.toml"), config).unwrap();
         }
         let (target, store) = Off::place(&env, backend, "target");
         Off {
@@ -89,17 +77,7 @@ impl Off {
             Backend::S3(g) => {
                 let n = PREFIXES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let target = format!("s3://{}/{name}-{n}", g.bucket);
-                let explicit = vmkeep::offsite::s3::S3Overrides {
-                    endpoint: Some(g.endpoint.clone()),
-                    region: Some(g.region.clone()),
-                    access_key_id: Some(g.access_key_id.clone()),
-                    secret_access_key: Some(g.secret_access_key.clone()),
-                    ..Default::default()
-                };
-                let settings =
-                    vmkeep::offsite::s3::S3Settings::from_target_with(&target, &explicit, |_| None)
-                        .unwrap();
-                let store = vmkeep::offsite::s3::S3Store::open(&settings).unwrap();
+                let store = g.store(&target);
                 (target, Box::new(store))
             }
         }

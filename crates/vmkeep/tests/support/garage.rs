@@ -170,6 +170,39 @@ admin_token = "{token}"
         c
     }
 
+    /// The S3 settings of `target` (`s3://BUCKET/PREFIX`) on this server, its key,
+    /// region and endpoint given explicitly: the environment plays no part.
+    pub fn settings(&self, target: &str) -> vmkeep::offsite::s3::S3Settings {
+        let explicit = vmkeep::offsite::s3::S3Overrides {
+            endpoint: Some(self.endpoint.clone()),
+            region: Some(self.region.clone()),
+            access_key_id: Some(self.access_key_id.clone()),
+            secret_access_key: Some(self.secret_access_key.clone()),
+            ..Default::default()
+        };
+        vmkeep::offsite::s3::S3Settings::from_target_with(target, &explicit, |_| None).unwrap()
+    }
+
+    /// The store of `target` on this server (see [`Garage::settings`]).
+    pub fn store(&self, target: &str) -> vmkeep::offsite::s3::S3Store {
+        vmkeep::offsite::s3::S3Store::open(&self.settings(target)).unwrap()
+    }
+
+    /// vmkeep's `[offsite.s3]` table for this server, its secret written to `secret`
+    /// (mode 0600).
+    pub fn offsite_config(&self, secret: &Path) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(secret, format!("{}\n", self.secret_access_key)).unwrap();
+        std::fs::set_permissions(secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        format!(
+            "[offsite.s3]\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key_file = \"{}\"\n",
+            self.endpoint,
+            self.region,
+            self.access_key_id,
+            secret.display()
+        )
+    }
+
     /// Run `garage ARGS…` against this server; its stdout, or an error with its output.
     pub fn garage(&self, args: &[&str]) -> Result<String, String> {
         let out = self
