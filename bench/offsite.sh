@@ -63,6 +63,15 @@ export VMKEEP_CONFIG=/dev/null
 
 rm -rf "$w"; mkdir -p "$w"
 : >"$tsv"; : >"$logf"
+# The disk (70 % allocated), the repository, two pack folders, Garage's copies (REPS of
+# vmkeep, REPS of rclone, about 0.4 × SIZE each) and the restored disk: about
+# (3 + REPS) × SIZE GiB, on the file systems of bench/out and /var/tmp (often the same).
+need_kib=$(((3 + reps) * size_gib * 1048576))
+for d in "$w" /var/tmp; do
+    free_kib=$(df -Pk "$d" | awk 'NR == 2 { print $4 }')
+    [ "$free_kib" -ge "$need_kib" ] ||
+        { echo "$d: $((free_kib >> 20)) GiB free, the run needs about $((need_kib >> 20)) GiB" >&2; exit 2; }
+done
 t_start=$EPOCHREALTIME
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 
