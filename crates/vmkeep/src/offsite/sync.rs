@@ -42,6 +42,9 @@ pub const INDEX_EVERY: usize = 16;
 const CHUNK: u64 = 4 << 20;
 /// Digests planned at once.
 const DIGEST_WINDOW: u64 = 1 << 14;
+/// Bytes of planned reads announced to the kernel ahead of the job handed out (the view
+/// turns the kernel's own readahead off: the planner says what it will read).
+const READ_AHEAD: u64 = 32 << 20;
 /// The most a saved domain or checkpoint XML may be to be copied.
 const MAX_XML: u64 = 16 << 20;
 
@@ -518,6 +521,9 @@ impl Run<'_, '_> {
             current: None,
             digests: Vec::with_capacity(view.blocks() as usize * DIGEST_LEN),
             queue: VecDeque::new(),
+            prefetched: 0,
+            ahead: 0,
+            planned: false,
             per_chunk: (CHUNK / view.block_size as u64).max(1),
             task: task.as_ref(),
         };
@@ -716,20 +722,53 @@ struct Planner<'a, 'c> {
     current: Option<(Segment, u64)>,
     digests: Vec<u8>,
     queue: VecDeque<Job>,
+    /// The jobs at the front of `queue` whose reads were announced ([`READ_AHEAD`]).
+    prefetched: usize,
+    /// Their bytes.
+    ahead: u64,
+    /// Whether every segment is planned.
+    planned: bool,
     per_chunk: u64,
     task: &'a dyn crate::progress::Task,
 }
 
 impl Planner<'_, '_> {
     fn next(&mut self) -> Result<Option<Job>> {
-        loop {
-            if let Some(j) = self.queue.pop_front() {
-                return Ok(Some(j));
-            }
-            if !self.plan_more()? {
-                return Ok(None);
+        while self.ahead < READ_AHEAD {
+            if let Some(job) = self.queue.get(self.prefetched) {
+                self.ahead += self.prefetch(job);
+                self.prefetched += 1;
+            } else if self.planned || !self.plan_more()? {
+                self.planned = true;
+                break;
             }
         }
+        let job = self.queue.pop_front();
+        if let Some(j) = &job {
+            if self.prefetched > 0 {
+                self.prefetched -= 1;
+                self.ahead -= self.job_bytes(j);
+            }
+        }
+        Ok(job)
+    }
+
+    /// The bytes `job` reads, about (a whole last block).
+    fn job_bytes(&self, job: &Job) -> u64 {
+        let bs = self.view.block_size as u64;
+        match *job {
+            Job::Image { start, end, .. } => (end - start) * bs,
+            Job::Record { .. } => bs,
+        }
+    }
+
+    /// Tell the kernel `job` will be read soon; its bytes.
+    fn prefetch(&self, job: &Job) -> u64 {
+        match *job {
+            Job::Image { start, end, .. } => self.view.prefetch_image(start, end),
+            Job::Record { chain, rec, .. } => self.view.prefetch_record(chain, rec),
+        }
+        self.job_bytes(job)
     }
 
     /// Whether `digest` is a block to upload (and mark it so); counts the rest.
