@@ -173,6 +173,12 @@ fn the_aws_environment_reaches_a_bucket_sync_restore_and_damage_is_found() {
     assert_eq!(o.status.code(), Some(3));
     let said = format!("{}{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
     assert!(said.contains(&packs[0].key), "{said}");
+    // AWS_CA_BUNDLE is read as the AWS tools read it: a bundle that is not there is one
+    // line naming it, before any request.
+    env.set_var("AWS_CA_BUNDLE", "/nonexistent/vmkeep-ca.pem");
+    let e = env.fails(&["status", "--from", &target, "--key", key], 2);
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    assert!(e.contains("/nonexistent/vmkeep-ca.pem"), "{e}");
 }
 
 /// A cron line needs no flags: `[offsite] to` and `key` in the config name the bucket and

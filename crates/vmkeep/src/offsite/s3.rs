@@ -52,7 +52,7 @@ pub struct S3Settings {
     /// virtual-host style (`BUCKET.HOST/KEY`).
     pub path_style: bool,
     /// A PEM file of the CA certificates that the server's certificate must chain to,
-    /// instead of Mozilla's roots.
+    /// instead of Mozilla's roots (`ca_file` of the config, else `AWS_CA_BUNDLE`).
     pub ca_file: Option<PathBuf>,
 }
 
@@ -204,7 +204,10 @@ impl S3Settings {
             secret_access_key,
             session_token,
             path_style: explicit.path_style.unwrap_or(true),
-            ca_file: explicit.ca_file.clone(),
+            ca_file: explicit
+                .ca_file
+                .clone()
+                .or_else(|| env("AWS_CA_BUNDLE").map(PathBuf::from)),
         })
     }
 
@@ -938,9 +941,11 @@ mod tests {
             ("AWS_DEFAULT_REGION", "us-west-2"),
             ("AWS_ENDPOINT_URL", "http://generic:9000"),
             ("AWS_ENDPOINT_URL_S3", "http://s3only:9000"),
+            ("AWS_CA_BUNDLE", "/etc/env-ca.pem"),
         ];
         let s = S3Settings::from_target_with("s3://b-1/p", &S3Overrides::default(), env_of(&env))
             .unwrap();
+        assert_eq!(s.ca_file.as_deref(), Some(Path::new("/etc/env-ca.pem")));
         assert_eq!(s.endpoint, "http://s3only:9000");
         assert_eq!(s.region, "eu-west-3");
         assert_eq!(s.access_key_id, "ENVID");
@@ -955,9 +960,14 @@ mod tests {
             access_key_id: Some("GK1".into()),
             secret_access_key: Some("s1".into()),
             path_style: Some(false),
+            ca_file: Some("/etc/vmkeep/s3-ca.pem".into()),
             ..S3Overrides::default()
         };
         let s = S3Settings::from_target_with("s3://b-1", &explicit, env_of(&env)).unwrap();
+        assert_eq!(
+            s.ca_file.as_deref(),
+            Some(Path::new("/etc/vmkeep/s3-ca.pem"))
+        );
         assert_eq!(s.endpoint, "https://minio.example:9000");
         assert_eq!(s.region, "garage");
         assert_eq!(
